@@ -1,0 +1,10 @@
+//! Baton's shared contract: the generated gRPC API, the workstream spec and the pure
+//! state machines and policies that the controller applies.
+
+pub mod proto;
+pub mod spec;
+pub mod state;
+pub mod time;
+pub mod tools;
+
+pub use proto::v1 as pb;

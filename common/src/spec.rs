@@ -1,0 +1,563 @@
+//! The workstream spec: parsing (YAML or JSON) and validation into a [`Workstream`].
+//!
+//! Validation collects every problem it finds, each naming the source, the step and,
+//! where known, the line, so one `baton validate` shows everything that is wrong.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::time::parse_duration;
+use crate::tools;
+
+/// A validated workstream: a DAG of steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Workstream {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Steps in spec order; `needs` only name steps that exist, with no cycle.
+    pub steps: Vec<StepSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepSpec {
+    pub id: String,
+    #[serde(default)]
+    pub needs: Vec<String>,
+    /// The tool to run; `None` when the router resolves it from `kind`.
+    pub tool: Option<String>,
+    pub kind: Option<String>,
+    /// Tool input, always a JSON object.
+    #[serde(default)]
+    pub with: Map<String, Value>,
+    /// Per-attempt time limit; `None` means none.
+    pub timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// One thing wrong with a spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub step: Option<String>,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+/// Everything wrong with a spec, naming where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct SpecError {
+    pub origin: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}", self.origin)?;
+            if let Some(line) = p.line {
+                write!(f, ":{line}")?;
+                if let Some(col) = p.column {
+                    write!(f, ":{col}")?;
+                }
+            }
+            write!(f, ": ")?;
+            if let Some(step) = &p.step {
+                write!(f, "step {step:?}: ")?;
+            }
+            write!(f, "{}", p.message)?;
+        }
+        Ok(())
+    }
+}
+
+/// Longest step id accepted.
+pub const MAX_ID_LEN: usize = 128;
+
+/// The spec as written, before validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkstream {
+    name: Option<String>,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    defaults: RawDefaults,
+    steps: Option<Vec<RawStep>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    timeout: Option<Value>,
+    #[serde(default)]
+    env: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    id: Option<String>,
+    #[serde(default)]
+    needs: Needs,
+    tool: Option<String>,
+    kind: Option<String>,
+    #[serde(default, rename = "with")]
+    with: Option<Value>,
+    timeout: Option<Value>,
+    #[serde(default)]
+    env: BTreeMap<String, Value>,
+}
+
+/// `needs: a` or `needs: [a, b]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(untagged)]
+enum Needs {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Needs {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Needs::None => Vec::new(),
+            Needs::One(s) => vec![s],
+            Needs::Many(v) => v,
+        }
+    }
+}
+
+/// Parses and validates a spec. `source` names it in errors (a file path, say).
+pub fn parse(source: &str, text: &str) -> Result<Workstream, SpecError> {
+    let raw = parse_raw(source, text)?;
+    validate(source, text, raw)
+}
+
+fn parse_raw(source: &str, text: &str) -> Result<RawWorkstream, SpecError> {
+    let fail = |line, column, message: String| SpecError {
+        origin: source.to_string(),
+        problems: vec![Problem { step: None, line, column, message }],
+    };
+    if text.trim().is_empty() {
+        return Err(fail(None, None, "the spec is empty".into()));
+    }
+    if text.trim_start().starts_with('{') {
+        return serde_json::from_str(text).map_err(|e| {
+            fail(Some(e.line()), Some(e.column()), format!("invalid JSON: {}", strip_position(&e.to_string())))
+        });
+    }
+    serde_norway::from_str(text).map_err(|e| {
+        let (line, column) = e
+            .location()
+            .map(|l| (Some(l.line()), Some(l.column())))
+            .unwrap_or((None, None));
+        fail(line, column, format!("invalid YAML: {}", strip_position(&e.to_string())))
+    })
+}
+
+/// Drops the " at line X column Y" suffix that the position fields already carry.
+fn strip_position(msg: &str) -> String {
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+struct Collector<'a> {
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Collector<'_> {
+    fn push(&mut self, step: Option<&str>, message: impl Into<String>) {
+        let line = step.and_then(|s| find_step_line(self.text, s));
+        self.problems.push(Problem {
+            step: step.map(str::to_string),
+            line,
+            column: None,
+            message: message.into(),
+        });
+    }
+}
+
+/// The line (1-based) where step `id` is declared, found by text search: serde gives no
+/// positions for values, and pointing at the step beats pointing nowhere.
+fn find_step_line(text: &str, id: &str) -> Option<usize> {
+    text.lines().position(|line| {
+        let t = line.trim_start().trim_start_matches('-').trim_start();
+        let t = t.trim_start_matches('{').trim_start();
+        let t = t.strip_prefix("\"id\"").or_else(|| t.strip_prefix("id"));
+        let Some(rest) = t else { return false };
+        let Some(rest) = rest.trim_start().strip_prefix(':') else { return false };
+        let v = rest.split([',', '}', '#']).next().unwrap_or("").trim();
+        let v = v.trim_matches('"').trim_matches('\'');
+        v == id
+    }).map(|i| i + 1)
+}
+
+fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, SpecError> {
+    let mut c = Collector { text, problems: Vec::new() };
+    let name = raw.name.unwrap_or_default();
+    if name.trim().is_empty() {
+        c.push(None, "the workstream needs a non-empty name");
+    }
+    let default_timeout = match &raw.defaults.timeout {
+        None => None,
+        Some(v) => match duration_value(v) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                c.push(None, format!("defaults.timeout: {e}"));
+                None
+            }
+        },
+    };
+    let default_env = env_map(&raw.defaults.env).unwrap_or_else(|e| {
+        c.push(None, format!("defaults.env: {e}"));
+        BTreeMap::new()
+    });
+
+    let raw_steps = raw.steps.unwrap_or_default();
+    if raw_steps.is_empty() {
+        c.push(None, "the workstream has no steps");
+    }
+
+    let mut steps = Vec::with_capacity(raw_steps.len());
+    let mut seen: HashSet<String> = HashSet::new();
+    for (i, rs) in raw_steps.into_iter().enumerate() {
+        let id = rs.id.unwrap_or_default();
+        if id.trim().is_empty() {
+            c.push(None, format!("steps[{i}]: the step needs a non-empty id"));
+            continue;
+        }
+        let here = Some(id.as_str());
+        if id.len() > MAX_ID_LEN {
+            c.push(here, format!("id is {} bytes long; the limit is {MAX_ID_LEN}", id.len()));
+        } else if !id.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {
+            c.push(here, "id may only hold letters, digits, '-', '_' and '.'");
+        }
+        if !seen.insert(id.clone()) {
+            c.push(here, "duplicate step id");
+            continue;
+        }
+        let with = match rs.with {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(m)) => m,
+            Some(_) => {
+                c.push(here, "with must be a mapping of tool inputs");
+                Map::new()
+            }
+        };
+        match (&rs.tool, &rs.kind) {
+            (None, None) => c.push(here, "the step needs a tool or a kind"),
+            (Some(t), _) if !tools::is_known(t) => c.push(
+                here,
+                format!("unknown tool {t:?} (known tools: {})", tools::KNOWN_TOOLS.join(", ")),
+            ),
+            (Some(t), _) => {
+                if let Err(e) = tools::check_input(t, &with) {
+                    c.push(here, e);
+                }
+            }
+            (None, Some(k)) if k.trim().is_empty() => c.push(here, "kind must not be empty"),
+            (None, Some(_)) => {}
+        }
+        let timeout_ms = match &rs.timeout {
+            None => default_timeout,
+            Some(v) => match duration_value(v) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    c.push(here, format!("timeout: {e}"));
+                    None
+                }
+            },
+        };
+        let mut env = default_env.clone();
+        match env_map(&rs.env) {
+            Ok(e) => env.extend(e),
+            Err(e) => c.push(here, format!("env: {e}")),
+        }
+        let mut needs: Vec<String> = Vec::new();
+        for n in rs.needs.into_vec() {
+            if !needs.contains(&n) {
+                needs.push(n);
+            }
+        }
+        steps.push(StepSpec { id, needs, tool: rs.tool, kind: rs.kind, with, timeout_ms, env });
+    }
+
+    let ids: HashSet<&str> = steps.iter().map(|s| s.id.as_str()).collect();
+    let mut graph_ok = true;
+    for s in &steps {
+        for n in &s.needs {
+            if !ids.contains(n.as_str()) {
+                graph_ok = false;
+                c.push(Some(&s.id), format!("depends on unknown step {n:?}"));
+            }
+        }
+    }
+    if graph_ok {
+        for cycle in find_cycles(&steps) {
+            let first = cycle[0].clone();
+            c.push(Some(&first), format!("dependency cycle: {}", cycle.join(" -> ")));
+        }
+    }
+
+    if c.problems.is_empty() {
+        Ok(Workstream { name, description: raw.description, steps })
+    } else {
+        Err(SpecError { origin: source.to_string(), problems: c.problems })
+    }
+}
+
+fn duration_value(v: &Value) -> Result<u64, String> {
+    match v {
+        Value::String(s) => parse_duration(s).map(|d| d.as_millis() as u64),
+        other => Err(format!("expected a duration such as \"30s\" or \"5m\", got {other}")),
+    }
+}
+
+fn env_map(raw: &BTreeMap<String, Value>) -> Result<BTreeMap<String, String>, String> {
+    raw.iter()
+        .map(|(k, v)| {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(format!("invalid variable name {k:?}"));
+            }
+            let s = match v {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                Value::Bool(b) => b.to_string(),
+                _ => return Err(format!("{k} must be a string, number or boolean")),
+            };
+            Ok((k.clone(), s))
+        })
+        .collect()
+}
+
+/// Every dependency cycle, each as a path that starts and ends at the same step.
+/// Found by depth-first search; each cycle is reported once.
+fn find_cycles(steps: &[StepSpec]) -> Vec<Vec<String>> {
+    let index: HashMap<&str, usize> =
+        steps.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
+    // 0 = unvisited, 1 = on the current path, 2 = done.
+    let mut color = vec![0u8; steps.len()];
+    let mut cycles = Vec::new();
+    for start in 0..steps.len() {
+        if color[start] != 0 {
+            continue;
+        }
+        let mut path: Vec<usize> = vec![start];
+        let mut iters: Vec<usize> = vec![0];
+        color[start] = 1;
+        while let Some(&node) = path.last() {
+            let next_i = iters.last().copied().unwrap_or(0);
+            let needs = &steps[node].needs;
+            if next_i < needs.len() {
+                if let Some(last) = iters.last_mut() {
+                    *last += 1;
+                }
+                let Some(&dep) = index.get(needs[next_i].as_str()) else { continue };
+                match color[dep] {
+                    0 => {
+                        color[dep] = 1;
+                        path.push(dep);
+                        iters.push(0);
+                    }
+                    1 => {
+                        let from = path.iter().position(|&p| p == dep).unwrap_or(0);
+                        // `needs` point upstream; print the cycle in execution order,
+                        // starting from the step that comes first in the spec.
+                        let mut members: Vec<usize> = path[from..].iter().rev().copied().collect();
+                        let first = (0..members.len()).min_by_key(|&i| members[i]).unwrap_or(0);
+                        members.rotate_left(first);
+                        let mut cyc: Vec<String> =
+                            members.iter().map(|&p| steps[p].id.clone()).collect();
+                        cyc.push(cyc[0].clone());
+                        cycles.push(cyc);
+                    }
+                    _ => {}
+                }
+            } else {
+                color[node] = 2;
+                path.pop();
+                iters.pop();
+            }
+        }
+    }
+    cycles
+}
+
+impl Workstream {
+    /// Position of each step id in `steps`.
+    pub fn index(&self) -> HashMap<&str, usize> {
+        self.steps.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        parse("ws.yaml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn parses_yaml_with_fan_out_and_join() {
+        let ws = parse(
+            "ws.yaml",
+            r#"
+name: demo
+description: a small dag
+defaults:
+  timeout: 1m
+  env: {LEVEL: 1}
+steps:
+  - id: a
+    tool: shell
+    with: {run: "echo a"}
+  - id: b
+    needs: a
+    tool: shell
+    with: {argv: ["echo", "b"]}
+    timeout: 5s
+    env: {X: "y"}
+  - id: c
+    needs: [a, b, a]
+    tool: noop
+"#,
+        )
+        .unwrap();
+        assert_eq!(ws.name, "demo");
+        assert_eq!(ws.steps.len(), 3);
+        assert_eq!(ws.steps[0].timeout_ms, Some(60_000));
+        assert_eq!(ws.steps[1].timeout_ms, Some(5_000));
+        assert_eq!(ws.steps[1].needs, vec!["a"]);
+        assert_eq!(ws.steps[2].needs, vec!["a", "b"]);
+        assert_eq!(ws.steps[1].env.get("LEVEL").map(String::as_str), Some("1"));
+        assert_eq!(ws.steps[1].env.get("X").map(String::as_str), Some("y"));
+    }
+
+    #[test]
+    fn parses_json() {
+        let ws = parse(
+            "ws.json",
+            r#"{"name": "j", "steps": [{"id": "a", "tool": "shell", "with": {"run": "true"}}]}"#,
+        )
+        .unwrap();
+        assert_eq!(ws.steps[0].id, "a");
+    }
+
+    #[test]
+    fn rejects_cycle_naming_it() {
+        let e = err(r#"
+name: c
+steps:
+  - {id: a, tool: noop, needs: c}
+  - {id: b, tool: noop, needs: a}
+  - {id: c, tool: noop, needs: b}
+  - {id: d, tool: noop}
+"#);
+        assert!(e.contains("dependency cycle: "), "{e}");
+        assert!(e.contains("dependency cycle: a -> b -> c -> a"), "{e}");
+        assert!(e.starts_with("ws.yaml:4: step \"a\""), "{e}");
+        assert_eq!(e.lines().count(), 1, "one cycle, reported once: {e}");
+    }
+
+    #[test]
+    fn rejects_self_dependency() {
+        let e = err("name: c\nsteps:\n  - {id: a, tool: noop, needs: a}\n");
+        assert!(e.contains("dependency cycle: a -> a"), "{e}");
+    }
+
+    #[test]
+    fn rejects_unknown_dependency() {
+        let e = err("name: u\nsteps:\n  - id: build\n    tool: noop\n    needs: [compile]\n");
+        assert_eq!(e, "ws.yaml:3: step \"build\": depends on unknown step \"compile\"");
+    }
+
+    #[test]
+    fn rejects_duplicate_and_empty_ids() {
+        let e = err("name: d\nsteps:\n  - {id: a, tool: noop}\n  - {id: a, tool: noop}\n  - {id: '', tool: noop}\n  - {tool: noop}\n");
+        assert!(e.contains("step \"a\": duplicate step id"), "{e}");
+        assert!(e.contains("steps[2]: the step needs a non-empty id"), "{e}");
+        assert!(e.contains("steps[3]: the step needs a non-empty id"), "{e}");
+    }
+
+    #[test]
+    fn rejects_unknown_tool() {
+        let e = err("name: t\nsteps:\n  - id: x\n    tool: hammer\n");
+        assert!(e.starts_with("ws.yaml:3: step \"x\": unknown tool \"hammer\""), "{e}");
+    }
+
+    #[test]
+    fn rejects_missing_tool_and_bad_input() {
+        let e = err("name: t\nsteps:\n  - id: x\n  - id: y\n    tool: shell\n  - id: z\n    tool: shell\n    with: {run: a, argv: [b]}\n");
+        assert!(e.contains("step \"x\": the step needs a tool or a kind"), "{e}");
+        assert!(e.contains("step \"y\": shell needs with.run"), "{e}");
+        assert!(e.contains("step \"z\": shell takes either"), "{e}");
+    }
+
+    #[test]
+    fn rejects_bad_durations() {
+        let e = err("name: t\ndefaults: {timeout: soon}\nsteps:\n  - id: x\n    tool: noop\n    timeout: 10 parsecs\n  - id: y\n    tool: noop\n    timeout: 30\n");
+        assert!(e.contains("ws.yaml: defaults.timeout: bad duration \"soon\""), "{e}");
+        assert!(e.contains("step \"x\": timeout: bad duration \"10 parsecs\""), "{e}");
+        assert!(e.contains("step \"y\": timeout: expected a duration such as \"30s\""), "{e}");
+    }
+
+    #[test]
+    fn rejects_malformed_yaml_with_line() {
+        let e = err("name: t\nsteps:\n  - id: x\n    tool: noop\n   bad: [\n");
+        assert!(e.starts_with("ws.yaml:5:"), "{e}");
+        assert!(e.contains("invalid YAML"), "{e}");
+    }
+
+    #[test]
+    fn rejects_unknown_field_with_line() {
+        let e = err("name: t\nsteps:\n  - id: x\n    tool: noop\n    need: [a]\n");
+        assert!(e.starts_with("ws.yaml:5:"), "{e}");
+        assert!(e.contains("unknown field `need`"), "{e}");
+    }
+
+    #[test]
+    fn rejects_malformed_json_with_line() {
+        let e = err("{\"name\": \"j\",\n \"steps\": [\n}");
+        assert!(e.starts_with("ws.yaml:3:"), "{e}");
+        assert!(e.contains("invalid JSON"), "{e}");
+    }
+
+    #[test]
+    fn rejects_empty_spec_and_no_steps() {
+        assert!(err("").contains("the spec is empty"));
+        let e = err("name: x\nsteps: []\n");
+        assert!(e.contains("the workstream has no steps"), "{e}");
+        let e = err("steps: [{id: a, tool: noop}]\n");
+        assert!(e.contains("non-empty name"), "{e}");
+    }
+
+    #[test]
+    fn rejects_bad_ids_and_env() {
+        let long = "x".repeat(MAX_ID_LEN + 1);
+        let e = err(&format!("name: t\nsteps:\n  - id: 'a b'\n    tool: noop\n  - id: {long}\n    tool: noop\n    env: {{A: [1]}}\n"));
+        assert!(e.contains("step \"a b\": id may only hold"), "{e}");
+        assert!(e.contains("the limit is 128"), "{e}");
+        assert!(e.contains("env: A must be a string"), "{e}");
+    }
+
+    #[test]
+    fn validated_spec_round_trips_through_json() {
+        let ws = parse("x", "name: r\nsteps:\n  - {id: a, kind: build}\n  - {id: b, tool: sleep, with: {duration: 1s}, needs: a}\n").unwrap();
+        let json = serde_json::to_string(&ws).unwrap();
+        let back: Workstream = serde_json::from_str(&json).unwrap();
+        assert_eq!(ws, back);
+    }
+}

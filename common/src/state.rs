@@ -1,0 +1,322 @@
+//! The run, step and attempt state machines as pure transition functions.
+//!
+//! Every state change in the engine goes through `transition`, so an illegal change is
+//! an error instead of a silent overwrite.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// An attempted state change that the state machine does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("illegal {machine} transition {from} -> {to}")]
+pub struct TransitionError {
+    pub machine: &'static str,
+    pub from: &'static str,
+    pub to: &'static str,
+}
+
+/// A state name that is not one of the machine's states.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("unknown {machine} state {name:?}")]
+pub struct UnknownState {
+    pub machine: &'static str,
+    pub name: String,
+}
+
+macro_rules! state_enum {
+    ($(#[$meta:meta])* $name:ident, $machine:literal, { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            /// Moves to `to` when the machine allows it.
+            pub fn transition(self, to: $name) -> Result<$name, TransitionError> {
+                if self.can_become(to) {
+                    Ok(to)
+                } else {
+                    Err(TransitionError { machine: $machine, from: self.as_str(), to: to.as_str() })
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownState;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(UnknownState { machine: $machine, name: s.to_string() }),
+                }
+            }
+        }
+    };
+}
+
+state_enum!(
+    /// `pending → running → succeeded | failed | quarantined | canceled`;
+    /// `quarantined → running` (release) or `→ canceled`.
+    RunState, "run", {
+        Pending => "pending",
+        Running => "running",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        Quarantined => "quarantined",
+        Canceled => "canceled",
+    }
+);
+
+impl RunState {
+    /// Final: nothing changes a run in this state any more.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Canceled)
+    }
+
+    fn can_become(self, to: Self) -> bool {
+        use RunState::*;
+        matches!(
+            (self, to),
+            (Pending, Running | Failed | Quarantined | Canceled)
+                | (Running, Succeeded | Failed | Quarantined | Canceled)
+                | (Quarantined, Running | Canceled)
+        )
+    }
+}
+
+state_enum!(
+    /// `waiting → ready → running → succeeded`; on failure `running → retry_wait → ready`
+    /// or `→ failed`; `skipped` when an upstream step failed; `canceled`.
+    /// `failed → ready` only when an operator releases a quarantined run.
+    StepState, "step", {
+        Waiting => "waiting",
+        Ready => "ready",
+        Running => "running",
+        RetryWait => "retry_wait",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        Skipped => "skipped",
+        Canceled => "canceled",
+    }
+);
+
+impl StepState {
+    /// Final for the run as it stands (a release may still revive `failed`).
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Skipped | Self::Canceled)
+    }
+
+    fn can_become(self, to: Self) -> bool {
+        use StepState::*;
+        matches!(
+            (self, to),
+            (Waiting, Ready | Skipped | Canceled)
+                | (Ready, Running | Failed | Skipped | Canceled)
+                | (Running, Succeeded | RetryWait | Failed | Canceled)
+                | (RetryWait, Ready | Failed | Canceled)
+                | (Failed, Ready)
+        )
+    }
+}
+
+state_enum!(
+    /// One execution of a step on one agent:
+    /// `assigned → running → succeeded | failed | timed_out | canceled | lost`.
+    /// A result may arrive without a start report (the start was lost with a stream),
+    /// so every final state is also reachable from `assigned`.
+    AttemptState, "attempt", {
+        Assigned => "assigned",
+        Running => "running",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        TimedOut => "timed_out",
+        Canceled => "canceled",
+        Lost => "lost",
+    }
+);
+
+impl AttemptState {
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Self::Assigned | Self::Running)
+    }
+
+    fn can_become(self, to: Self) -> bool {
+        use AttemptState::*;
+        matches!(
+            (self, to),
+            (Assigned, Running) | (Assigned | Running, Succeeded | Failed | TimedOut | Canceled | Lost)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn run_legal_transitions() {
+        use RunState::*;
+        for (a, b) in [
+            (Pending, Running),
+            (Pending, Canceled),
+            (Pending, Failed),
+            (Pending, Quarantined),
+            (Running, Succeeded),
+            (Running, Failed),
+            (Running, Quarantined),
+            (Running, Canceled),
+            (Quarantined, Running),
+            (Quarantined, Canceled),
+        ] {
+            assert_eq!(a.transition(b), Ok(b), "{a} -> {b}");
+        }
+    }
+
+    #[test]
+    fn run_illegal_transitions() {
+        use RunState::*;
+        for (a, b) in [
+            (Pending, Succeeded),
+            (Running, Pending),
+            (Running, Running),
+            (Quarantined, Succeeded),
+            (Quarantined, Failed),
+            (Succeeded, Running),
+            (Failed, Running),
+            (Canceled, Running),
+        ] {
+            let err = a.transition(b).unwrap_err();
+            assert_eq!(err.to_string(), format!("illegal run transition {a} -> {b}"));
+        }
+        for t in [Succeeded, Failed, Canceled] {
+            for &to in RunState::ALL {
+                assert!(t.transition(to).is_err(), "{t} is terminal but became {to}");
+            }
+        }
+    }
+
+    #[test]
+    fn step_legal_transitions() {
+        use StepState::*;
+        for (a, b) in [
+            (Waiting, Ready),
+            (Waiting, Skipped),
+            (Waiting, Canceled),
+            (Ready, Running),
+            (Ready, Failed),
+            (Ready, Skipped),
+            (Ready, Canceled),
+            (Running, Succeeded),
+            (Running, RetryWait),
+            (Running, Failed),
+            (Running, Canceled),
+            (RetryWait, Ready),
+            (RetryWait, Failed),
+            (RetryWait, Canceled),
+            (Failed, Ready),
+        ] {
+            assert_eq!(a.transition(b), Ok(b), "{a} -> {b}");
+        }
+    }
+
+    #[test]
+    fn step_illegal_transitions() {
+        use StepState::*;
+        for (a, b) in [
+            (Waiting, Running),
+            (Waiting, Succeeded),
+            (Ready, Succeeded),
+            (Running, Ready),
+            (Running, Waiting),
+            (RetryWait, Running),
+            (Succeeded, Ready),
+            (Succeeded, Failed),
+            (Canceled, Ready),
+            (Skipped, Ready),
+            (Failed, Succeeded),
+        ] {
+            assert!(a.transition(b).is_err(), "{a} -> {b} must be rejected");
+        }
+        for &to in StepState::ALL {
+            assert!(Succeeded.transition(to).is_err());
+            assert!(Canceled.transition(to).is_err());
+        }
+    }
+
+    #[test]
+    fn attempt_transitions() {
+        use AttemptState::*;
+        assert_eq!(Assigned.transition(Running), Ok(Running));
+        for end in [Succeeded, Failed, TimedOut, Canceled, Lost] {
+            assert_eq!(Assigned.transition(end), Ok(end));
+            assert_eq!(Running.transition(end), Ok(end));
+            assert!(end.is_terminal());
+            for &to in AttemptState::ALL {
+                assert!(end.transition(to).is_err(), "{end} -> {to} must be rejected");
+            }
+        }
+        assert!(Running.transition(Assigned).is_err());
+        assert!(Running.transition(Running).is_err());
+        assert!(Assigned.transition(Assigned).is_err());
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for &s in RunState::ALL {
+            assert_eq!(s.as_str().parse::<RunState>(), Ok(s));
+        }
+        for &s in StepState::ALL {
+            assert_eq!(s.as_str().parse::<StepState>(), Ok(s));
+        }
+        for &s in AttemptState::ALL {
+            assert_eq!(s.as_str().parse::<AttemptState>(), Ok(s));
+        }
+        assert!("bogus".parse::<RunState>().is_err());
+    }
+
+    proptest! {
+        /// Over random sequences of requested changes, a final attempt state never moves
+        /// again and every accepted change is one the machine lists.
+        #[test]
+        fn attempt_final_states_absorb(seq in proptest::collection::vec(0usize..7, 1..40)) {
+            let mut s = AttemptState::Assigned;
+            for i in seq {
+                let to = AttemptState::ALL[i];
+                match s.transition(to) {
+                    Ok(next) => { prop_assert!(!s.is_terminal()); s = next; }
+                    Err(_) => {}
+                }
+            }
+        }
+
+        /// A run reaches at most one final state and never leaves it.
+        #[test]
+        fn run_final_states_absorb(seq in proptest::collection::vec(0usize..6, 1..40)) {
+            let mut s = RunState::Pending;
+            let mut finals = 0;
+            for i in seq {
+                if let Ok(next) = s.transition(RunState::ALL[i]) {
+                    prop_assert!(!s.is_terminal());
+                    if next.is_terminal() { finals += 1; }
+                    s = next;
+                }
+            }
+            prop_assert!(finals <= 1);
+        }
+    }
+}
