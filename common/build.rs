@@ -19,7 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure()
         .build_transport(false)
-        .type_attribute(".baton.v1", "#[derive(serde::Serialize)]")
+        .type_attribute(".baton.v1", "#[derive(serde::Serialize, serde::Deserialize)]")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -1,0 +1,565 @@
+//! Baton's agent: connects to a controller, runs the attempts it is assigned with the
+//! tool adapters of this machine, and reports their progress and results.
+//!
+//! Attempts live independently of the controller stream: a broken stream loses no
+//! running tool and no result. Results are kept until the controller acknowledges them
+//! and are re-sent in the next Hello.
+
+pub mod adapters;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use baton_common::pb;
+use baton_common::pb::agent_message::Msg as Out;
+use baton_common::pb::controller_message::Msg as In;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use adapters::{Adapter, AttemptContext, Output};
+
+/// Everything an agent needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Controller URLs (`http://host:port`), tried in turn.
+    pub controllers: Vec<String>,
+    pub name: String,
+    /// Attempts run at once.
+    pub slots: u32,
+    /// Holds the agent id and the attempts' working directories.
+    pub work_dir: PathBuf,
+    pub labels: BTreeMap<String, String>,
+    /// Advertise only these tools (of those that work here); `None` for all.
+    pub tools: Option<Vec<String>>,
+    /// Kill running tools when no controller was reachable for this long, so that a
+    /// step the controller re-assigned elsewhere does not run twice.
+    pub stop_after: Option<Duration>,
+    /// Reconnect backoff bounds (exponential, jittered).
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+impl Config {
+    pub fn new(controller: impl Into<String>, name: impl Into<String>, work_dir: impl Into<PathBuf>) -> Config {
+        Config {
+            controllers: vec![controller.into()],
+            name: name.into(),
+            slots: 1,
+            work_dir: work_dir.into(),
+            labels: BTreeMap::new(),
+            tools: None,
+            stop_after: None,
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("bad configuration: {0}")]
+    Config(String),
+}
+
+/// Why the agent stopped a tool; decides the reported outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    Timeout,
+    Canceled,
+    /// The controller no longer wants the attempt; its result is dropped.
+    Abandoned,
+    Shutdown,
+    Unreachable,
+}
+
+enum Event {
+    Finished(pb::AttemptFinished),
+}
+
+struct Running {
+    attempt: pb::AttemptRef,
+    stop: CancellationToken,
+    reason: Arc<OnceLock<StopReason>>,
+}
+
+impl Running {
+    fn stop(&self, why: StopReason) {
+        let _ = self.reason.set(why);
+        self.stop.cancel();
+    }
+}
+
+struct Agent {
+    cfg: Config,
+    id: String,
+    tools: Vec<pb::Tool>,
+    adapters: HashMap<String, Arc<dyn Adapter>>,
+    running: HashMap<String, Running>,
+    /// Finished results not acknowledged yet, oldest first.
+    unacked: Vec<pb::AttemptFinished>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events_rx: mpsc::UnboundedReceiver<Event>,
+    draining: bool,
+}
+
+/// How a session ended.
+enum SessionEnd {
+    Shutdown,
+    Broken(String),
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentError> {
+    if cfg.controllers.is_empty() {
+        return Err(AgentError::Config("no controller address given".into()));
+    }
+    if cfg.slots == 0 {
+        return Err(AgentError::Config("slots must be at least 1".into()));
+    }
+    let attempts_dir = cfg.work_dir.join("attempts");
+    std::fs::create_dir_all(&attempts_dir).map_err(|e| AgentError::Io { path: attempts_dir.clone(), source: e })?;
+    let id = agent_id(&cfg.work_dir)?;
+    let (adapters, tools) = probe_tools(cfg.tools.as_deref())?;
+    info!(agent = %cfg.name, agent_id = %id, tools = ?tools.iter().map(|t| &t.name).collect::<Vec<_>>(), "agent starting");
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let mut agent = Agent {
+        cfg,
+        id,
+        tools,
+        adapters,
+        running: HashMap::new(),
+        unacked: Vec::new(),
+        events_tx,
+        events_rx,
+        draining: false,
+    };
+    agent.main_loop(shutdown).await;
+    Ok(())
+}
+
+/// The agent's stable id, created in the work dir on first start.
+fn agent_id(work_dir: &Path) -> Result<String, AgentError> {
+    let path = work_dir.join("agent-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        Ok(_) | Err(_) => {
+            let id = uuid::Uuid::new_v4().to_string();
+            std::fs::write(&path, format!("{id}\n")).map_err(|e| AgentError::Io { path, source: e })?;
+            Ok(id)
+        }
+    }
+}
+
+type Adapters = HashMap<String, Arc<dyn Adapter>>;
+
+/// The adapters whose tools work on this machine, narrowed to `only` when given.
+fn probe_tools(only: Option<&[String]>) -> Result<(Adapters, Vec<pb::Tool>), AgentError> {
+    let all = adapters::all();
+    if let Some(only) = only {
+        for name in only {
+            if !all.iter().any(|a| a.name() == name) {
+                let known: Vec<&str> = all.iter().map(|a| a.name()).collect();
+                return Err(AgentError::Config(format!("unknown tool {name:?} in --tools (known: {})", known.join(", "))));
+            }
+        }
+    }
+    let mut map = HashMap::new();
+    let mut tools = Vec::new();
+    for a in all {
+        if only.is_some_and(|o| !o.iter().any(|n| n == a.name())) {
+            continue;
+        }
+        match a.probe() {
+            Some(version) => {
+                tools.push(pb::Tool { name: a.name().to_string(), version });
+                map.insert(a.name().to_string(), a);
+            }
+            None => info!(tool = a.name(), "tool not available on this machine"),
+        }
+    }
+    Ok((map, tools))
+}
+
+impl Agent {
+    async fn main_loop(&mut self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max);
+        let mut disconnected_since = Instant::now();
+        let mut target = 0usize;
+        loop {
+            let url = self.cfg.controllers[target % self.cfg.controllers.len()].clone();
+            target += 1;
+            match self.session(&url, &shutdown, &mut backoff).await {
+                SessionEnd::Shutdown => break,
+                SessionEnd::Broken(why) => {
+                    debug!(controller = %url, %why, "no session");
+                }
+            }
+            if backoff.attempts() == 0 {
+                // The session had been up; the outage starts now.
+                disconnected_since = Instant::now();
+            }
+            let delay = backoff.next();
+            let wake = tokio::time::Instant::now() + delay;
+            loop {
+                if let Some(limit) = self.cfg.stop_after
+                    && !self.running.is_empty()
+                    && disconnected_since.elapsed() >= limit
+                {
+                    warn!(unreachable_for = ?disconnected_since.elapsed(), "no controller reachable; stopping running tools");
+                    for r in self.running.values() {
+                        r.stop(StopReason::Unreachable);
+                    }
+                }
+                let stop_check = self
+                    .cfg
+                    .stop_after
+                    .map(|l| tokio::time::Instant::from_std(disconnected_since + l))
+                    .filter(|t| *t > tokio::time::Instant::now() && !self.running.is_empty())
+                    .unwrap_or(wake);
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        self.stop_all(StopReason::Shutdown).await;
+                        return;
+                    }
+                    _ = tokio::time::sleep_until(wake.min(stop_check)) => {
+                        if tokio::time::Instant::now() >= wake {
+                            break;
+                        }
+                    }
+                    Some(ev) = self.events_rx.recv() => {
+                        self.on_event(ev, None);
+                    }
+                }
+            }
+        }
+        self.stop_all(StopReason::Shutdown).await;
+    }
+
+    /// One connection to a controller, from Hello to its end.
+    async fn session(&mut self, url: &str, shutdown: &CancellationToken, backoff: &mut Backoff) -> SessionEnd {
+        let endpoint = match tonic::transport::Endpoint::from_shared(url.to_string()) {
+            Ok(e) => e
+                .connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(20)),
+            Err(e) => return SessionEnd::Broken(format!("bad controller url {url:?}: {e}")),
+        };
+        let channel = tokio::select! {
+            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+            c = endpoint.connect() => match c {
+                Ok(c) => c,
+                Err(e) => return SessionEnd::Broken(format!("connect {url}: {e}")),
+            }
+        };
+        let mut client = pb::agent_service_client::AgentServiceClient::new(channel)
+            .max_decoding_message_size(64 * 1024 * 1024);
+        let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(4096);
+        let hello = pb::Hello {
+            agent_id: self.id.clone(),
+            name: self.cfg.name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            labels: self.cfg.labels.clone().into_iter().collect(),
+            tools: self.tools.clone(),
+            slots: self.cfg.slots,
+            running: self.running.values().map(|r| r.attempt.clone()).collect(),
+            unacked: self.unacked.clone(),
+        };
+        let _ = out_tx.try_send(msg(Out::Hello(hello)));
+        let mut inbound = tokio::select! {
+            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+            r = client.connect(ReceiverStream::new(out_rx)) => match r {
+                Ok(r) => r.into_inner(),
+                Err(e) => return SessionEnd::Broken(format!("connect stream: {e}")),
+            }
+        };
+        let welcome = match inbound.message().await {
+            Ok(Some(pb::ControllerMessage { msg: Some(In::Welcome(w)) })) => w,
+            Ok(_) => return SessionEnd::Broken("the controller did not welcome us".into()),
+            Err(e) => return SessionEnd::Broken(format!("welcome: {e}")),
+        };
+        backoff.reset();
+        info!(controller = %url, session = %welcome.session_id, adopted = welcome.adopted.len(), abandoned = welcome.abandon.len(), "connected");
+        for id in &welcome.abandon {
+            if let Some(r) = self.running.get(id) {
+                warn!(attempt_id = %id, "controller abandoned attempt; stopping it");
+                r.stop(StopReason::Abandoned);
+            }
+            self.unacked.retain(|f| f.attempt.as_ref().is_none_or(|a| &a.attempt_id != id));
+        }
+        let hb_every = Duration::from_millis(welcome.heartbeat_interval_ms.max(50) as u64);
+        let mut heartbeat = tokio::time::interval(hb_every);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        heartbeat.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    self.stop_all(StopReason::Shutdown).await;
+                    // Last results go out before the stream closes, best effort.
+                    while let Ok(ev) = self.events_rx.try_recv() {
+                        self.on_event(ev, Some(&out_tx));
+                    }
+                    return SessionEnd::Shutdown;
+                }
+                m = inbound.message() => match m {
+                    Ok(Some(pb::ControllerMessage { msg: Some(m) })) => {
+                        if let Err(e) = self.on_controller(m, &out_tx) {
+                            return SessionEnd::Broken(e);
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => return SessionEnd::Broken("the controller closed the stream".into()),
+                    Err(e) => return SessionEnd::Broken(format!("stream: {e}")),
+                },
+                Some(ev) = self.events_rx.recv() => {
+                    if !self.on_event(ev, Some(&out_tx)) {
+                        return SessionEnd::Broken("outbound stream is stuck".into());
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let hb = pb::Heartbeat {
+                        running: self.running.values().map(|r| r.attempt.clone()).collect(),
+                        free_slots: self.cfg.slots.saturating_sub(self.running.len() as u32),
+                    };
+                    if out_tx.try_send(msg(Out::Heartbeat(hb))).is_err() {
+                        return SessionEnd::Broken("outbound stream is stuck".into());
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_controller(&mut self, m: In, out: &mpsc::Sender<pb::AgentMessage>) -> Result<(), String> {
+        match m {
+            In::Assign(a) => self.start_attempt(a, out),
+            In::Cancel(c) => {
+                if let Some(r) = self.running.get(&c.attempt_id) {
+                    info!(attempt_id = %c.attempt_id, reason = %c.reason, "cancel");
+                    r.stop(StopReason::Canceled);
+                }
+                Ok(())
+            }
+            In::Ack(a) => {
+                self.unacked.retain(|f| f.attempt.as_ref().is_none_or(|r| r.attempt_id != a.attempt_id));
+                if !a.accepted {
+                    warn!(attempt_id = %a.attempt_id, "controller rejected our result (stale lease)");
+                }
+                Ok(())
+            }
+            In::Drain(_) => {
+                info!("draining: no new work will be accepted");
+                self.draining = true;
+                Ok(())
+            }
+            In::Welcome(_) => Ok(()),
+        }
+    }
+
+    fn start_attempt(&mut self, a: pb::Assign, out: &mpsc::Sender<pb::AgentMessage>) -> Result<(), String> {
+        let (Some(r), Some(req)) = (a.attempt, a.request) else {
+            return Err("assign without attempt or request".into());
+        };
+        if self.running.contains_key(&r.attempt_id) {
+            return Ok(());
+        }
+        let span = info_span!("attempt", run_id = %r.run_id, step_id = %r.step_id, attempt_id = %r.attempt_id);
+        let _enter = span.enter();
+        let started = pb::AttemptStarted { attempt: Some(r.clone()), pid: 0 };
+        if out.try_send(msg(Out::Started(started))).is_err() {
+            return Err("outbound stream is stuck".into());
+        }
+        let stop = CancellationToken::new();
+        let reason: Arc<OnceLock<StopReason>> = Arc::new(OnceLock::new());
+        let running = Running { attempt: r.clone(), stop: stop.clone(), reason: reason.clone() };
+        let adapter = self.adapters.get(&req.tool).cloned();
+        let input = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&req.input_json);
+        let dir = self.cfg.work_dir.join("attempts").join(&r.attempt_id);
+        let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms as u64));
+        if let Some(t) = timeout {
+            let (stop, reason) = (stop.clone(), reason.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tokio::time::sleep(t) => {
+                        let _ = reason.set(StopReason::Timeout);
+                        stop.cancel();
+                    }
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+        let events = self.events_tx.clone();
+        let output = Output::default();
+        info!(tool = %req.tool, number = a.number, "attempt assigned");
+        let task = async move {
+            let t0 = Instant::now();
+            let outcome = match (adapter, input) {
+                (None, _) => adapters::Outcome::failure("tool_error", format!("tool {:?} is not available on this agent", req.tool)),
+                (_, Err(e)) => adapters::Outcome::failure("tool_error", format!("bad tool input: {e}")),
+                (Some(adapter), Ok(input)) => match std::fs::create_dir_all(&dir) {
+                    Err(e) => adapters::Outcome::failure("tool_error", format!("cannot create {}: {e}", dir.display())),
+                    Ok(()) => {
+                        let ctx = AttemptContext {
+                            attempt_id: r.attempt_id.clone(),
+                            run_id: r.run_id.clone(),
+                            step_id: r.step_id.clone(),
+                            number: a.number,
+                            input,
+                            env: req.env.clone().into_iter().collect(),
+                            dir: dir.clone(),
+                            stop,
+                            kill_grace: Duration::from_millis(req.kill_grace_ms.max(0) as u64),
+                            output: output.clone(),
+                        };
+                        adapter.run(ctx).await
+                    }
+                },
+            };
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
+            let (state, class, error) = match reason.get() {
+                Some(StopReason::Timeout) => (
+                    "timed_out",
+                    "timeout".to_string(),
+                    format!("timed out after {}", baton_common::time::format_duration(timeout.unwrap_or_default())),
+                ),
+                Some(why) => ("canceled", "canceled".to_string(), format!("stopped: {why:?}").to_lowercase()),
+                None if outcome.succeeded => ("succeeded", String::new(), String::new()),
+                None => ("failed", outcome.error_class.clone(), outcome.error.clone()),
+            };
+            info!(outcome = state, %error, "attempt finished");
+            let finished = pb::AttemptFinished {
+                attempt: Some(r),
+                outcome: state.to_string(),
+                exit_code: outcome.exit_code,
+                error_class: class,
+                error,
+                result_json: outcome.result.unwrap_or_default(),
+                output_tail: output.tail(),
+                duration_ms: t0.elapsed().as_millis() as i64,
+            };
+            let _ = events.send(Event::Finished(finished));
+        };
+        tokio::spawn(task.instrument(span.clone()));
+        self.running.insert(running.attempt.attempt_id.clone(), running);
+        Ok(())
+    }
+
+    /// Handles an attempt event; with a stream, reports it. False when the stream is
+    /// stuck.
+    fn on_event(&mut self, ev: Event, out: Option<&mpsc::Sender<pb::AgentMessage>>) -> bool {
+        match ev {
+            Event::Finished(f) => {
+                let id = f.attempt.as_ref().map(|a| a.attempt_id.clone()).unwrap_or_default();
+                let abandoned = self
+                    .running
+                    .remove(&id)
+                    .is_some_and(|r| r.reason.get() == Some(&StopReason::Abandoned));
+                if abandoned {
+                    return true;
+                }
+                self.unacked.push(f.clone());
+                match out {
+                    Some(out) => out.try_send(msg(Out::Finished(f))).is_ok(),
+                    None => true,
+                }
+            }
+        }
+    }
+
+    /// Stops every running tool and waits (bounded) for them to end.
+    async fn stop_all(&mut self, why: StopReason) {
+        if self.running.is_empty() {
+            return;
+        }
+        for r in self.running.values() {
+            r.stop(why);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while !self.running.is_empty() {
+            match tokio::time::timeout_at(deadline, self.events_rx.recv()).await {
+                Ok(Some(ev)) => {
+                    self.on_event(ev, None);
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+fn msg(m: Out) -> pb::AgentMessage {
+    pb::AgentMessage { msg: Some(m) }
+}
+
+/// Exponential backoff with jitter: each delay is drawn from [base/2, base], and base
+/// doubles up to the maximum, so a fleet does not reconnect in lock-step.
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff { min, max: max.max(min), attempt: 0 }
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
+
+    pub fn next(&mut self) -> Duration {
+        let base = self.min.saturating_mul(1u32 << self.attempt.min(20)).min(self.max);
+        self.attempt += 1;
+        let half = base / 2;
+        half + Duration::from_nanos(rand::random_range(0..=half.as_nanos().max(1) as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_jittered_and_capped() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let first = b.next();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100), "{first:?}");
+        let mut last = Duration::ZERO;
+        for _ in 0..10 {
+            last = b.next();
+            assert!(last <= Duration::from_secs(2));
+        }
+        assert!(last >= Duration::from_secs(1), "capped base is 2s, jittered down to at least 1s: {last:?}");
+        let draws: std::collections::HashSet<_> = (0..20).map(|_| b.next()).collect();
+        assert!(draws.len() > 1, "delays are jittered");
+        b.reset();
+        assert!(b.next() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn agent_id_is_stable_across_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent_id(dir.path()).unwrap();
+        let b = agent_id(dir.path()).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.len(), 36);
+    }
+
+    #[test]
+    fn unknown_tool_filter_is_refused() {
+        let err = probe_tools(Some(&["hammer".to_string()])).err().unwrap();
+        assert!(err.to_string().contains("unknown tool \"hammer\" in --tools"), "{err}");
+        let (_, tools) = probe_tools(Some(&["noop".to_string()])).unwrap();
+        assert_eq!(tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), vec!["noop"]);
+    }
+}

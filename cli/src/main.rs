@@ -1,1 +1,294 @@
-fn main(){}
+//! `baton`: the command-line client of a Baton controller, and `baton dev`, which runs
+//! a controller and agents in one process.
+//!
+//! Exit codes: 0 success; 1 a run that did not succeed, or an error; 2 bad input
+//! (an invalid spec or bad arguments).
+
+mod client;
+mod dev;
+mod output;
+mod watch;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use baton_common::pb;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use output::Format;
+
+#[derive(Debug, Parser)]
+#[command(name = "baton", version, about = "Baton: run workstreams of tools across machines")]
+struct Cli {
+    /// Controller URL.
+    #[arg(long, global = true, env = "BATON_CONTROLLER", default_value = "http://127.0.0.1:7070")]
+    controller: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a run of a workstream spec (YAML or JSON).
+    Submit {
+        file: PathBuf,
+        /// Wait for the run to end, showing progress; exit 0 only if it succeeded.
+        #[arg(long)]
+        watch: bool,
+        /// Run parameter KEY=VALUE; repeatable.
+        #[arg(long = "param", value_parser = key_value)]
+        params: Vec<(String, String)>,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Inspect and control runs.
+    #[command(subcommand)]
+    Runs(RunsCommand),
+    /// Inspect agents.
+    #[command(subcommand)]
+    Agents(AgentsCommand),
+    /// Check a spec without running it; exit 2 when it is invalid.
+    Validate {
+        file: PathBuf,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Run a workstream locally: a controller on SQLite and local agents in this
+    /// process.
+    Dev {
+        file: PathBuf,
+        /// Local agents to start.
+        #[arg(long, default_value_t = 2)]
+        agents: u32,
+        /// Slots of each agent.
+        #[arg(long, default_value_t = 2)]
+        slots: u32,
+        /// SQLite file to keep the run in (default: a temporary one).
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// Run parameter KEY=VALUE; repeatable.
+        #[arg(long = "param", value_parser = key_value)]
+        params: Vec<(String, String)>,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RunsCommand {
+    /// List runs, newest first.
+    List {
+        /// Only runs in this state.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Show a run with its steps and attempts.
+    Show {
+        run: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Follow a run's events until it ends; exit 0 only if it succeeded.
+    Watch {
+        run: String,
+        /// Start from this event sequence number.
+        #[arg(long, default_value_t = 1)]
+        from_seq: i64,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Cancel a run: running tools are stopped, nothing new starts.
+    Cancel {
+        run: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentsCommand {
+    /// List agents with their tools, labels and slots.
+    List {
+        #[command(flatten)]
+        out: OutputArg,
+    },
+}
+
+#[derive(Debug, Args)]
+struct OutputArg {
+    /// Output format: text for people, json (one document) or jsonl (one object per
+    /// line) for programs.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+    output: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
+    Jsonl,
+}
+
+impl OutputArg {
+    fn format(&self) -> Format {
+        match self.output {
+            OutputFormat::Text => Format::Text,
+            OutputFormat::Json => Format::Json,
+            OutputFormat::Jsonl => Format::Jsonl,
+        }
+    }
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("{s:?} must look like KEY=VALUE")),
+    }
+}
+
+/// An error that decides the exit code.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad input: exit 2.
+    Invalid(String),
+    /// Anything else: exit 1.
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Other(e)
+    }
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(s: tonic::Status) -> Self {
+        match s.code() {
+            tonic::Code::InvalidArgument => Failure::Invalid(s.message().to_string()),
+            _ => Failure::Other(client::status_error(s)),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(Failure::Invalid(msg)) => {
+            eprintln!("{msg}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<u8, Failure> {
+    match cli.command {
+        Command::Validate { file, out } => validate(&file, out.format()),
+        Command::Submit { file, watch, params, out } => {
+            let (source, text) = read_spec(&file)?;
+            let mut c = client::connect(&cli.controller).await?;
+            let req = pb::SubmitRunRequest { spec: text, source, params: params.into_iter().collect() };
+            let run_id = c.submit_run(req).await?.into_inner().run_id;
+            if watch {
+                if out.format() == Format::Text {
+                    eprintln!("run {run_id} submitted");
+                }
+                return watch::watch(&mut c, &run_id, 1, out.format()).await;
+            }
+            match out.format() {
+                Format::Text => println!("{run_id}"),
+                f => output::print_json(f, &serde_json::json!({ "run_id": run_id })),
+            }
+            Ok(0)
+        }
+        Command::Runs(cmd) => runs(&cli.controller, cmd).await,
+        Command::Agents(AgentsCommand::List { out }) => {
+            let mut c = client::connect(&cli.controller).await?;
+            let agents = c.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents;
+            output::agents(out.format(), &agents);
+            Ok(0)
+        }
+        Command::Dev { file, agents, slots, db, params, out } => {
+            let params: BTreeMap<String, String> = params.into_iter().collect();
+            dev::run(&file, agents, slots, db, params, out.format()).await
+        }
+    }
+}
+
+async fn runs(controller: &str, cmd: RunsCommand) -> Result<u8, Failure> {
+    let mut c = client::connect(controller).await?;
+    match cmd {
+        RunsCommand::List { state, limit, out } => {
+            let req = pb::ListRunsRequest { state: state.unwrap_or_default(), limit };
+            let runs = c.list_runs(req).await?.into_inner().runs;
+            output::runs(out.format(), &runs);
+        }
+        RunsCommand::Show { run, out } => {
+            let run = c.get_run(pb::GetRunRequest { run_id: run }).await?.into_inner().run;
+            if let Some(run) = run {
+                output::run(out.format(), &run);
+            }
+        }
+        RunsCommand::Watch { run, from_seq, out } => {
+            let id = c.get_run(pb::GetRunRequest { run_id: run }).await?.into_inner().run.map(|r| r.id);
+            return watch::watch(&mut c, &id.unwrap_or_default(), from_seq, out.format()).await;
+        }
+        RunsCommand::Cancel { run, reason, out } => {
+            let resp = c.cancel_run(pb::CancelRunRequest { run_id: run, reason }).await?.into_inner();
+            match out.format() {
+                Format::Text => println!("run {} {}", resp.run_id, resp.state),
+                f => output::print_json(f, &resp),
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn read_spec(file: &Path) -> Result<(String, String), Failure> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read {}", file.display()))
+        .map_err(|e| Failure::Invalid(format!("{e:#}")))?;
+    Ok((file.display().to_string(), text))
+}
+
+fn validate(file: &Path, format: Format) -> Result<u8, Failure> {
+    let (source, text) = read_spec(file)?;
+    match baton_common::spec::parse(&source, &text) {
+        Ok(ws) => {
+            match format {
+                Format::Text => println!("{source}: ok, workstream {:?} with {} steps", ws.name, ws.steps.len()),
+                f => output::print_json(
+                    f,
+                    &serde_json::json!({"file": source, "valid": true, "workstream": ws.name, "steps": ws.steps.len()}),
+                ),
+            }
+            Ok(0)
+        }
+        Err(e) => {
+            if format != Format::Text {
+                let problems: Vec<String> = e.to_string().lines().map(str::to_string).collect();
+                output::print_json(format, &serde_json::json!({"file": source, "valid": false, "problems": problems}));
+            }
+            Err(Failure::Invalid(e.to_string()))
+        }
+    }
+}

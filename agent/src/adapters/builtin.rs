@@ -1,0 +1,87 @@
+//! Built-in tools that run inside the agent without a process: `noop`, `echo`,
+//! `sleep` and `fail` (for tests and drills).
+
+use serde_json::Value;
+
+use super::{Adapter, AttemptContext, BoxFuture, Outcome};
+
+fn version() -> Option<String> {
+    Some(env!("CARGO_PKG_VERSION").to_string())
+}
+
+/// Succeeds at once.
+pub struct Noop;
+
+impl Adapter for Noop {
+    fn name(&self) -> &'static str {
+        "noop"
+    }
+    fn probe(&self) -> Option<String> {
+        version()
+    }
+    fn run(&self, _ctx: AttemptContext) -> BoxFuture<Outcome> {
+        Box::pin(async { Outcome::success(None) })
+    }
+}
+
+/// Returns its input as the step's result.
+pub struct Echo;
+
+impl Adapter for Echo {
+    fn name(&self) -> &'static str {
+        "echo"
+    }
+    fn probe(&self) -> Option<String> {
+        version()
+    }
+    fn run(&self, ctx: AttemptContext) -> BoxFuture<Outcome> {
+        let result = Value::Object(ctx.input).to_string();
+        Box::pin(async move { Outcome::success(Some(result)) })
+    }
+}
+
+/// Sleeps for `with.duration`, or until stopped.
+pub struct Sleep;
+
+impl Adapter for Sleep {
+    fn name(&self) -> &'static str {
+        "sleep"
+    }
+    fn probe(&self) -> Option<String> {
+        version()
+    }
+    fn run(&self, ctx: AttemptContext) -> BoxFuture<Outcome> {
+        Box::pin(async move {
+            let text = ctx.input.get("duration").and_then(Value::as_str).unwrap_or("");
+            let d = match baton_common::time::parse_duration(text) {
+                Ok(d) => d,
+                Err(e) => return Outcome::failure("tool_error", format!("with.duration: {e}")),
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(d) => Outcome::success(None),
+                _ = ctx.stop.cancelled() => Outcome::failure("tool_error", "stopped"),
+            }
+        })
+    }
+}
+
+/// Fails with `with.class` (default `tool_error`), `with.message` and `with.exit_code`.
+pub struct Fail;
+
+impl Adapter for Fail {
+    fn name(&self) -> &'static str {
+        "fail"
+    }
+    fn probe(&self) -> Option<String> {
+        version()
+    }
+    fn run(&self, ctx: AttemptContext) -> BoxFuture<Outcome> {
+        let class = ctx.input.get("class").and_then(Value::as_str).unwrap_or("tool_error").to_string();
+        let message = ctx.input.get("message").and_then(Value::as_str).unwrap_or("failed on purpose").to_string();
+        let exit_code = ctx.input.get("exit_code").and_then(Value::as_i64).map(|c| c as i32);
+        Box::pin(async move {
+            ctx.output.write(format!("{message}\n").as_bytes());
+            Outcome { exit_code, ..Outcome::failure(&class, message) }
+        })
+    }
+}

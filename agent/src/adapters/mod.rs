@@ -1,0 +1,141 @@
+//! Tool adapters: one per tool, behind one trait. An adapter runs one attempt and stops
+//! it (the whole process group, TERM then KILL) when told to.
+
+mod builtin;
+mod shell;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+
+pub use builtin::{Echo, Fail, Noop, Sleep};
+pub use shell::Shell;
+
+/// What an adapter gets to run one attempt.
+pub struct AttemptContext {
+    pub attempt_id: String,
+    pub run_id: String,
+    pub step_id: String,
+    pub number: u32,
+    pub input: Map<String, Value>,
+    pub env: BTreeMap<String, String>,
+    /// The attempt's own working directory, created before the adapter runs.
+    pub dir: PathBuf,
+    /// Cancelled when the tool must stop (timeout, cancel, agent shutdown).
+    pub stop: CancellationToken,
+    /// Time between SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
+    pub output: Output,
+}
+
+/// How an attempt ended, before the agent maps stops to `timed_out` / `canceled`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub succeeded: bool,
+    pub exit_code: Option<i32>,
+    /// Failure class when it did not succeed: `nonzero_exit` or `tool_error`.
+    pub error_class: String,
+    pub error: String,
+    /// JSON result of the step, if it produced one.
+    pub result: Option<String>,
+}
+
+impl Outcome {
+    pub fn success(result: Option<String>) -> Outcome {
+        Outcome { succeeded: true, exit_code: None, error_class: String::new(), error: String::new(), result }
+    }
+
+    pub fn failure(class: &str, error: impl Into<String>) -> Outcome {
+        Outcome {
+            succeeded: false,
+            exit_code: None,
+            error_class: class.to_string(),
+            error: error.into(),
+            result: None,
+        }
+    }
+}
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+pub trait Adapter: Send + Sync {
+    /// The tool name steps use.
+    fn name(&self) -> &'static str;
+    /// The tool's version when it works on this machine; `None` keeps it unadvertised.
+    fn probe(&self) -> Option<String>;
+    /// Runs one attempt to its end; returns promptly after `ctx.stop` is cancelled.
+    fn run(&self, ctx: AttemptContext) -> BoxFuture<Outcome>;
+}
+
+/// Every adapter this agent build has.
+pub fn all() -> Vec<Arc<dyn Adapter>> {
+    vec![Arc::new(Shell), Arc::new(Noop), Arc::new(Echo), Arc::new(Sleep), Arc::new(Fail)]
+}
+
+/// Bytes of output kept per attempt for the result report.
+pub const TAIL_BYTES: usize = 64 * 1024;
+
+/// An attempt's combined stdout and stderr: keeps a bounded tail.
+#[derive(Clone, Default)]
+pub struct Output {
+    inner: Arc<Mutex<Tail>>,
+}
+
+#[derive(Default)]
+struct Tail {
+    buf: std::collections::VecDeque<u8>,
+    total: u64,
+}
+
+impl Output {
+    pub fn write(&self, data: &[u8]) {
+        let Ok(mut t) = self.inner.lock() else { return };
+        t.total += data.len() as u64;
+        let data = if data.len() > TAIL_BYTES { &data[data.len() - TAIL_BYTES..] } else { data };
+        let overflow = (t.buf.len() + data.len()).saturating_sub(TAIL_BYTES);
+        t.buf.drain(..overflow);
+        t.buf.extend(data);
+    }
+
+    /// The kept tail as text, with a marker when earlier output was dropped.
+    pub fn tail(&self) -> String {
+        let Ok(t) = self.inner.lock() else { return String::new() };
+        let bytes: Vec<u8> = t.buf.iter().copied().collect();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let dropped = t.total - bytes.len() as u64;
+        if dropped > 0 {
+            format!("[... {dropped} earlier bytes truncated ...]\n{text}")
+        } else {
+            text
+        }
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.inner.lock().map(|t| t.total).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_keeps_a_bounded_tail_with_marker() {
+        let out = Output::default();
+        out.write(b"hello\n");
+        assert_eq!(out.tail(), "hello\n");
+        let big = vec![b'x'; TAIL_BYTES];
+        out.write(&big);
+        out.write(b"end\n");
+        let tail = out.tail();
+        assert!(tail.starts_with("[... 10 earlier bytes truncated ...]\n"), "{}", &tail[..60]);
+        assert!(tail.ends_with("xend\n"));
+        assert_eq!(out.total_bytes(), (6 + TAIL_BYTES + 4) as u64);
+    }
+}

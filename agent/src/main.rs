@@ -1,0 +1,102 @@
+//! `baton-agent`: parses flags, sets up logging, runs the agent.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use baton_agent::Config;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// Baton's agent: runs the steps a controller assigns on this machine.
+#[derive(Debug, Parser)]
+#[command(name = "baton-agent", version)]
+struct Args {
+    /// Controller URL; a comma-separated list is tried in turn.
+    #[arg(long, env = "BATON_CONTROLLER", default_value = "http://127.0.0.1:7070", value_delimiter = ',')]
+    controller: Vec<String>,
+    /// Name shown in `baton agents list` (default: the host name).
+    #[arg(long, env = "BATON_AGENT_NAME")]
+    name: Option<String>,
+    /// Attempts run at once.
+    #[arg(long, env = "BATON_SLOTS", default_value_t = 4)]
+    slots: u32,
+    /// Directory for the agent id and the attempts' working directories.
+    #[arg(long, env = "BATON_WORK_DIR", default_value = "baton-agent")]
+    work_dir: PathBuf,
+    /// Labels for routing, as KEY=VALUE; repeat or comma-separate.
+    #[arg(long = "label", env = "BATON_LABELS", value_delimiter = ',', value_parser = label)]
+    labels: Vec<(String, String)>,
+    /// Advertise only these tools (comma-separated).
+    #[arg(long, env = "BATON_TOOLS", value_delimiter = ',')]
+    tools: Option<Vec<String>>,
+    /// Kill running tools after this long without a controller (keep it below the
+    /// controller's --lost-after).
+    #[arg(long, env = "BATON_STOP_AFTER", value_parser = duration)]
+    stop_after: Option<Duration>,
+    /// Log format: text or json. RUST_LOG sets the filter (default info).
+    #[arg(long, env = "BATON_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    baton_common::time::parse_duration(s)
+}
+
+fn label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(format!("label {s:?} must look like KEY=VALUE")),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(&args.log_format)?;
+    let name = args.name.unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "agent".to_string())
+    });
+    let cfg = Config {
+        controllers: args.controller,
+        name,
+        slots: args.slots,
+        work_dir: args.work_dir,
+        labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
+        tools: args.tools,
+        stop_after: args.stop_after,
+        ..Config::new("", "", "")
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    baton_agent::run(cfg, shutdown).await?;
+    Ok(())
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}
+
+fn init_tracing(format: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        "text" => builder.init(),
+        "json" => builder.json().init(),
+        other => anyhow::bail!("--log-format must be text or json, not {other:?}"),
+    }
+    Ok(())
+}

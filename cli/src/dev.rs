@@ -1,0 +1,96 @@
+//! `baton dev`: a controller on SQLite and local agents in this process, running one
+//! workstream and exiting like `submit --watch`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use baton_common::pb;
+use tokio_util::sync::CancellationToken;
+
+use crate::output::Format;
+use crate::{Failure, client, read_spec, watch};
+
+pub async fn run(
+    file: &Path,
+    agents: u32,
+    slots: u32,
+    db: Option<PathBuf>,
+    params: BTreeMap<String, String>,
+    format: Format,
+) -> Result<u8, Failure> {
+    if agents == 0 || slots == 0 {
+        return Err(Failure::Invalid("--agents and --slots must be at least 1".into()));
+    }
+    init_tracing();
+    // Validate before starting anything, with the same messages as `baton validate`.
+    let (source, text) = read_spec(file)?;
+    baton_common::spec::parse(&source, &text).map_err(|e| Failure::Invalid(e.to_string()))?;
+
+    let tmp = tempfile::Builder::new().prefix("baton-dev-").tempdir().context("cannot create a temporary directory")?;
+    let db_path = db.unwrap_or_else(|| tmp.path().join("baton.db"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot listen on 127.0.0.1")?;
+    let addr = listener.local_addr().context("no local address")?;
+    let url = format!("http://{addr}");
+    let shutdown = CancellationToken::new();
+    let config = baton_controller::Config {
+        db: format!("sqlite://{}", db_path.display()),
+        engine: baton_controller::EngineConfig {
+            heartbeat_interval: Duration::from_millis(500),
+            lost_after: Duration::from_secs(5),
+            failover_grace: Duration::from_secs(10),
+            kill_grace: Duration::from_secs(5),
+            ..Default::default()
+        },
+    };
+    let controller = tokio::spawn(baton_controller::run(listener, config, shutdown.clone()));
+    let mut tasks = Vec::new();
+    for i in 1..=agents {
+        let mut cfg = baton_agent::Config::new(url.clone(), format!("dev-{i}"), tmp.path().join(format!("agent-{i}")));
+        cfg.slots = slots;
+        tasks.push(tokio::spawn(baton_agent::run(cfg, shutdown.clone())));
+    }
+    let result = drive(&url, source, text, params, agents, format).await;
+    shutdown.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    match controller.await {
+        Ok(Err(e)) => eprintln!("warning: controller: {e}"),
+        Err(e) => eprintln!("warning: controller task: {e}"),
+        Ok(Ok(())) => {}
+    }
+    result
+}
+
+async fn drive(
+    url: &str,
+    source: String,
+    text: String,
+    params: BTreeMap<String, String>,
+    agents: u32,
+    format: Format,
+) -> Result<u8, Failure> {
+    let mut c = client::connect(url).await?;
+    // Wait (briefly) for the agents so the first steps do not queue for nothing.
+    for _ in 0..100 {
+        let n = c.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents.len();
+        if n as u32 >= agents {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let req = pb::SubmitRunRequest { spec: text, source, params: params.into_iter().collect() };
+    let run_id = c.submit_run(req).await?.into_inner().run_id;
+    if format == Format::Text {
+        eprintln!("run {run_id} started on {agents} local agents");
+    }
+    watch::watch(&mut c, &run_id, 1, format).await
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

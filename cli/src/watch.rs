@@ -1,0 +1,192 @@
+//! Following a run: a live progress view on a terminal, one line per event otherwise,
+//! one JSON object per event with `-o json|jsonl`. Survives controller restarts by
+//! resuming from the last event seen.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use baton_common::pb;
+use baton_common::state::StepState;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::client::Client;
+use crate::output::{self, Format};
+use crate::Failure;
+
+/// How long a watch keeps trying to reach a controller that went away.
+const RECONNECT_FOR: Duration = Duration::from_secs(120);
+
+/// Follows `run_id` from `from_seq` until the run ends. Exit code 0 when it succeeded.
+pub async fn watch(c: &mut Client, run_id: &str, from_seq: i64, format: Format) -> Result<u8, Failure> {
+    let run = get(c, run_id).await?;
+    let mut view = View::new(format, &run);
+    let mut next = from_seq.max(1);
+    let mut down_since: Option<std::time::Instant> = None;
+    loop {
+        let req = pb::WatchRunRequest { run_id: run_id.to_string(), from_seq: next };
+        let result = match c.watch_run(req).await {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(ev)) => {
+                            down_since = None;
+                            next = ev.seq + 1;
+                            view.event(&ev);
+                        }
+                        Ok(None) => break Ok(()),
+                        Err(s) => break Err(s),
+                    }
+                }
+            }
+            Err(s) => Err(s),
+        };
+        match result {
+            Ok(()) => break,
+            Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal) => {
+                let since = *down_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > RECONNECT_FOR {
+                    view.clear();
+                    return Err(s.into());
+                }
+                view.note(&format!("lost the controller ({}); reconnecting", s.message()));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(s) => {
+                view.clear();
+                return Err(s.into());
+            }
+        }
+    }
+    let run = get(c, run_id).await?;
+    view.finish(&run);
+    Ok(if run.state == "succeeded" { 0 } else { 1 })
+}
+
+async fn get(c: &mut Client, run_id: &str) -> Result<pb::Run, Failure> {
+    let run = c.get_run(pb::GetRunRequest { run_id: run_id.to_string() }).await?.into_inner().run;
+    run.ok_or_else(|| Failure::Other(anyhow::anyhow!("run {run_id} not found")))
+}
+
+struct View {
+    format: Format,
+    bar: Option<ProgressBar>,
+    states: HashMap<String, String>,
+    total: u64,
+}
+
+impl View {
+    fn new(format: Format, run: &pb::Run) -> View {
+        let states: HashMap<String, String> = run.steps.iter().map(|s| (s.id.clone(), s.state.clone())).collect();
+        let total = run.steps.len() as u64;
+        let bar = (format == Format::Text && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::new(total);
+            let style = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
+            bar.set_style(style);
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        let mut v = View { format, bar, states, total };
+        v.refresh();
+        v
+    }
+
+    fn event(&mut self, ev: &pb::RunEvent) {
+        if !ev.step_id.is_empty() && !ev.step_state.is_empty() {
+            self.states.insert(ev.step_id.clone(), ev.step_state.clone());
+        }
+        match self.format {
+            Format::Json | Format::Jsonl => output::print_json(Format::Jsonl, ev),
+            Format::Text => {
+                let line = line(ev);
+                match &self.bar {
+                    Some(bar) => bar.println(line),
+                    None => println!("{line}"),
+                }
+                self.refresh();
+            }
+        }
+    }
+
+    fn refresh(&mut self) {
+        let Some(bar) = &self.bar else { return };
+        let done = self
+            .states
+            .values()
+            .filter(|s| s.parse::<StepState>().is_ok_and(StepState::is_terminal))
+            .count() as u64;
+        bar.set_length(self.total);
+        bar.set_position(done);
+        let mut running: Vec<&str> = self
+            .states
+            .iter()
+            .filter(|(_, s)| s.as_str() == "running")
+            .map(|(id, _)| id.as_str())
+            .collect();
+        running.sort();
+        let shown: Vec<&str> = running.iter().take(4).copied().collect();
+        let more = running.len().saturating_sub(shown.len());
+        let mut msg = if shown.is_empty() { String::new() } else { format!("running: {}", shown.join(", ")) };
+        if more > 0 {
+            msg.push_str(&format!(" +{more}"));
+        }
+        bar.set_message(msg);
+    }
+
+    fn note(&self, msg: &str) {
+        match (&self.bar, self.format) {
+            (Some(bar), _) => bar.println(msg),
+            (None, Format::Text) => println!("{msg}"),
+            _ => eprintln!("{msg}"),
+        }
+    }
+
+    fn clear(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+
+    /// The final per-step summary (text only; JSON watchers get events alone).
+    fn finish(&mut self, run: &pb::Run) {
+        self.clear();
+        if self.format != Format::Text {
+            return;
+        }
+        println!();
+        output::steps(&run.steps);
+        let elapsed = run.progress.as_ref().map(|p| p.elapsed_ms).unwrap_or(0);
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for s in &run.steps {
+            *counts.entry(s.state.as_str()).or_default() += 1;
+        }
+        let counts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+        println!();
+        print!("run {} {} in {} ({})", run.id, run.state, output::span(elapsed), counts.join(", "));
+        if !run.reason.is_empty() && run.state != "succeeded" {
+            print!(": {}", run.reason);
+        }
+        println!();
+    }
+}
+
+/// One event as a line of text.
+fn line(ev: &pb::RunEvent) -> String {
+    let t = output::time(ev.at_ms);
+    let clock = t.get(11..19).unwrap_or(&t);
+    let mut s = format!("{clock}  #{:<4} {:<16}", ev.seq, ev.kind);
+    if !ev.step_id.is_empty() {
+        s.push_str(&format!(" {}", ev.step_id));
+        if !ev.step_state.is_empty() {
+            s.push_str(&format!(" [{}]", ev.step_state));
+        }
+    } else if !ev.run_state.is_empty() {
+        s.push_str(&format!(" run [{}]", ev.run_state));
+    }
+    if !ev.message.is_empty() {
+        s.push_str(&format!("  {}", ev.message));
+    }
+    s
+}

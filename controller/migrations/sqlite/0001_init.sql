@@ -1,0 +1,79 @@
+-- Baton's run state. Times are Unix milliseconds; JSON is stored as TEXT.
+
+CREATE TABLE runs (
+    id          TEXT PRIMARY KEY,
+    workstream  TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    spec        TEXT NOT NULL,
+    params      TEXT NOT NULL,
+    reason      TEXT NOT NULL DEFAULT '',
+    created_at  INTEGER NOT NULL,
+    started_at  INTEGER,
+    finished_at INTEGER
+);
+CREATE INDEX runs_state ON runs (state);
+CREATE INDEX runs_created ON runs (created_at);
+
+CREATE TABLE steps (
+    run_id          TEXT NOT NULL REFERENCES runs (id),
+    step_id         TEXT NOT NULL,
+    idx             INTEGER NOT NULL,
+    state           TEXT NOT NULL,
+    tool            TEXT NOT NULL,
+    attempts        INTEGER NOT NULL,
+    lost_count      INTEGER NOT NULL,
+    next_attempt_at INTEGER,
+    started_at      INTEGER,
+    finished_at     INTEGER,
+    reason          TEXT NOT NULL,
+    result          TEXT,
+    PRIMARY KEY (run_id, step_id)
+);
+
+CREATE TABLE step_attempts (
+    id          TEXT PRIMARY KEY,
+    run_id      TEXT NOT NULL REFERENCES runs (id),
+    step_id     TEXT NOT NULL,
+    number      INTEGER NOT NULL,
+    agent_id    TEXT NOT NULL,
+    agent_name  TEXT NOT NULL,
+    lease_token TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    exit_code   INTEGER,
+    error_class TEXT NOT NULL,
+    error       TEXT NOT NULL,
+    result      TEXT,
+    output_tail TEXT NOT NULL,
+    assigned_at INTEGER NOT NULL,
+    started_at  INTEGER,
+    finished_at INTEGER,
+    deadline_at INTEGER
+);
+CREATE INDEX step_attempts_run ON step_attempts (run_id, step_id, number);
+
+-- Append-only audit trail; seq is gapless per run.
+CREATE TABLE run_events (
+    run_id        TEXT NOT NULL REFERENCES runs (id),
+    seq           INTEGER NOT NULL,
+    at            INTEGER NOT NULL,
+    kind          TEXT NOT NULL,
+    step_id       TEXT NOT NULL,
+    attempt_id    TEXT NOT NULL,
+    run_state     TEXT NOT NULL,
+    step_state    TEXT NOT NULL,
+    attempt_state TEXT NOT NULL,
+    message       TEXT NOT NULL,
+    PRIMARY KEY (run_id, seq)
+);
+
+CREATE TABLE agents (
+    id           TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    version      TEXT NOT NULL,
+    labels       TEXT NOT NULL,
+    tools        TEXT NOT NULL,
+    slots        INTEGER NOT NULL,
+    state        TEXT NOT NULL,
+    connected_at INTEGER NOT NULL,
+    last_seen_at INTEGER NOT NULL
+);

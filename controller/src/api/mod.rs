@@ -1,0 +1,57 @@
+//! The gRPC surface: thin services that read the store and send the engine messages.
+
+mod agents;
+mod convert;
+mod runs;
+
+use baton_common::pb;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::engine::{EngineError, EngineHandle};
+use crate::store::{Store, StoreError};
+
+pub use agents::AgentApi;
+pub use runs::RunApi;
+
+/// Largest gRPC message accepted, and largest spec.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The services of the API port.
+pub fn services(
+    engine: EngineHandle,
+    store: Store,
+    shutdown: CancellationToken,
+) -> (
+    pb::baton_service_server::BatonServiceServer<RunApi>,
+    pb::agent_service_server::AgentServiceServer<AgentApi>,
+) {
+    let runs = pb::baton_service_server::BatonServiceServer::new(RunApi::new(engine.clone(), store, shutdown.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let agents = pb::agent_service_server::AgentServiceServer::new(AgentApi::new(engine, shutdown))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    (runs, agents)
+}
+
+/// The one place where errors become gRPC status codes.
+impl From<EngineError> for Status {
+    fn from(e: EngineError) -> Status {
+        match e {
+            EngineError::Invalid(m) => Status::invalid_argument(m),
+            EngineError::RunNotFound(_) => Status::not_found(e.to_string()),
+            EngineError::Conflict(m) => Status::failed_precondition(m),
+            EngineError::Unavailable => Status::unavailable(e.to_string()),
+            EngineError::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Status {
+        match e {
+            StoreError::RunNotFound(_) => Status::not_found(e.to_string()),
+            StoreError::AmbiguousRun { .. } => Status::invalid_argument(e.to_string()),
+            _ => Status::internal(e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! `baton.v1.BatonService`: submit, inspect, watch and cancel runs; list agents.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+
+use baton_common::pb;
+use baton_common::spec;
+use baton_common::state::RunState;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::{MAX_MESSAGE_BYTES, convert};
+use crate::engine::{EngineError, EngineHandle};
+use crate::store::Store;
+
+pub struct RunApi {
+    engine: EngineHandle,
+    store: Store,
+    shutdown: CancellationToken,
+}
+
+impl RunApi {
+    pub fn new(engine: EngineHandle, store: Store, shutdown: CancellationToken) -> RunApi {
+        RunApi { engine, store, shutdown }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RunEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::baton_service_server::BatonService for RunApi {
+    async fn submit_run(
+        &self,
+        req: Request<pb::SubmitRunRequest>,
+    ) -> Result<Response<pb::SubmitRunResponse>, Status> {
+        let req = req.into_inner();
+        let source = if req.source.is_empty() { "<request>" } else { req.source.as_str() };
+        if req.spec.len() > MAX_MESSAGE_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "{source}: spec is {} bytes; the limit is {MAX_MESSAGE_BYTES}",
+                req.spec.len()
+            )));
+        }
+        let ws = spec::parse(source, &req.spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let params: BTreeMap<String, String> = req.params.into_iter().collect();
+        let run_id = self.engine.submit(ws, params).await.map_err(|e| match e {
+            EngineError::Invalid(m) => Status::invalid_argument(format!("{source}: {m}")),
+            other => other.into(),
+        })?;
+        Ok(Response::new(pb::SubmitRunResponse { run_id }))
+    }
+
+    async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Result<Response<pb::GetRunResponse>, Status> {
+        let id = self.store.resolve_run_id(&req.into_inner().run_id).await?;
+        let rec = self.store.get_run(&id).await?;
+        Ok(Response::new(pb::GetRunResponse { run: Some(convert::run(rec)) }))
+    }
+
+    async fn list_runs(&self, req: Request<pb::ListRunsRequest>) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let req = req.into_inner();
+        let state = if req.state.is_empty() {
+            None
+        } else {
+            req.state
+                .parse::<RunState>()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            Some(req.state.as_str())
+        };
+        let limit = if req.limit == 0 { 50 } else { req.limit };
+        let runs = self.store.list_runs(state, limit).await?;
+        let runs = runs.iter().map(|(r, c)| convert::summary(r, c)).collect();
+        Ok(Response::new(pb::ListRunsResponse { runs }))
+    }
+
+    async fn cancel_run(&self, req: Request<pb::CancelRunRequest>) -> Result<Response<pb::CancelRunResponse>, Status> {
+        let req = req.into_inner();
+        let id = self.store.resolve_run_id(&req.run_id).await?;
+        match self.engine.cancel(id.clone(), req.reason).await {
+            Ok(state) => Ok(Response::new(pb::CancelRunResponse { run_id: id, state: state.to_string() })),
+            // Not in the engine: the run is final already.
+            Err(EngineError::RunNotFound(_)) => {
+                let rec = self.store.get_run(&id).await?;
+                if rec.run.state == RunState::Canceled.as_str() {
+                    Ok(Response::new(pb::CancelRunResponse { run_id: id, state: rec.run.state }))
+                } else {
+                    Err(Status::failed_precondition(format!("run {id} already {}", rec.run.state)))
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    type WatchRunStream = EventStream;
+
+    async fn watch_run(&self, req: Request<pb::WatchRunRequest>) -> Result<Response<Self::WatchRunStream>, Status> {
+        let req = req.into_inner();
+        // Subscribe before reading the store, so no event falls between the two.
+        let live = self.engine.subscribe();
+        let id = self.store.resolve_run_id(&req.run_id).await?;
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(watch(self.store.clone(), id, req.from_seq.max(1), live, tx, self.shutdown.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_agents(&self, _req: Request<pb::ListAgentsRequest>) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        let agents = self.engine.list_agents().await?;
+        Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+}
+
+/// Sends a run's events from `next` on: first from the store, then live; falls back to
+/// the store whenever the live feed skips (lag), so the client sees every event once.
+async fn watch(
+    store: Store,
+    run_id: String,
+    mut next: i64,
+    mut live: broadcast::Receiver<std::sync::Arc<crate::store::EventRow>>,
+    tx: mpsc::Sender<Result<pb::RunEvent, Status>>,
+    shutdown: CancellationToken,
+) {
+    const PAGE: i64 = 1000;
+    loop {
+        // Catch up from the store.
+        loop {
+            let events = match store.events(&run_id, next, PAGE).await {
+                Ok(e) => e,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
+            let n = events.len() as i64;
+            for e in &events {
+                if tx.send(Ok(convert::event(e))).await.is_err() {
+                    return;
+                }
+                next = e.seq + 1;
+                if is_final(e) {
+                    return;
+                }
+            }
+            if n < PAGE {
+                break;
+            }
+        }
+        // Follow live until the feed skips something.
+        loop {
+            let e = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = tx.send(Err(Status::unavailable("the controller is shutting down"))).await;
+                    return;
+                }
+                _ = tx.closed() => return,
+                e = live.recv() => e,
+            };
+            match e {
+                Ok(e) if e.run_id != run_id || e.seq < next => continue,
+                Ok(e) if e.seq > next => break,
+                Ok(e) => {
+                    if tx.send(Ok(convert::event(&e))).await.is_err() {
+                        return;
+                    }
+                    next += 1;
+                    if is_final(&e) {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => break,
+                Err(broadcast::error::RecvError::Closed) => {
+                    let _ = tx.send(Err(Status::unavailable("the controller is shutting down"))).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The event that ends a run's log.
+fn is_final(e: &crate::store::EventRow) -> bool {
+    e.kind.starts_with("run_") && e.run_state.parse::<RunState>().is_ok_and(RunState::is_terminal)
+}

@@ -1,0 +1,363 @@
+//! Agent sessions and the attempts they run: hello and re-adoption, heartbeats,
+//! start and finish reports fenced by lease token, loss, deadlines.
+
+use std::collections::{BTreeMap, HashSet};
+
+use baton_common::pb;
+use baton_common::pb::controller_message::Msg as Out;
+use baton_common::state::AttemptState;
+use baton_common::time::{ms, now_ms};
+use tracing::{info, warn};
+
+use super::model::{Agent, AgentState, AgentTx, Session};
+use super::{Engine, EngineError};
+
+impl Engine {
+    /// A new agent session: record the agent, adopt the attempts it still runs, abandon
+    /// the ones it should not, lose the ones it no longer has, apply unacked results.
+    pub(super) fn connect(&mut self, hello: pb::Hello, tx: AgentTx) -> Result<u64, EngineError> {
+        if hello.agent_id.trim().is_empty() {
+            return Err(EngineError::Invalid("hello: agent_id is empty".into()));
+        }
+        if hello.name.trim().is_empty() {
+            return Err(EngineError::Invalid("hello: name is empty".into()));
+        }
+        if hello.slots == 0 {
+            return Err(EngineError::Invalid("hello: slots must be at least 1".into()));
+        }
+        let now = now_ms();
+        let session_id = self.next_session;
+        self.next_session += 1;
+        let lost_after = ms(self.cfg.lost_after);
+        let agent = self.agents.entry(hello.agent_id.clone()).or_insert_with(|| Agent {
+            id: hello.agent_id.clone(),
+            name: String::new(),
+            version: String::new(),
+            labels: BTreeMap::new(),
+            tools: Vec::new(),
+            slots: 0,
+            state: AgentState::Disconnected,
+            session: None,
+            connected_at: now,
+            last_seen: now,
+            lost_at: now + lost_after,
+            running: HashSet::new(),
+        });
+        agent.name = hello.name.clone();
+        agent.version = hello.version.clone();
+        agent.labels = hello.labels.clone().into_iter().collect();
+        agent.tools = hello.tools.clone();
+        agent.slots = hello.slots;
+        agent.state = AgentState::Connected;
+        // Replacing the session drops the old sender, which ends the old stream.
+        agent.session = Some(Session { id: session_id, tx: tx.clone() });
+        agent.connected_at = now;
+        agent.last_seen = now;
+        agent.lost_at = now + lost_after;
+        let agent_name = agent.name.clone();
+        let held: Vec<String> = agent.running.iter().cloned().collect();
+        self.pending.agents.insert(hello.agent_id.clone());
+        info!(agent = %agent_name, agent_id = %hello.agent_id, session = session_id, "agent connected");
+
+        let mut reported: HashSet<&str> = HashSet::new();
+        let mut adopted = Vec::new();
+        let mut abandon = Vec::new();
+        for r in &hello.running {
+            reported.insert(&r.attempt_id);
+            if self.owns_live(&hello.agent_id, r) {
+                adopted.push(r.attempt_id.clone());
+                if let Some(a) = self.attempts.get(&r.attempt_id) {
+                    let a = a.clone();
+                    if let Some(run) = self.runs.get_mut(&a.run_id) {
+                        self.pending.event(run, "attempt_adopted", Some(a.step_idx), Some(&a), format!("agent {agent_name} reconnected"));
+                    }
+                }
+            } else {
+                abandon.push(r.attempt_id.clone());
+                self.reject(&hello.agent_id, r, "running attempt reported on reconnect");
+            }
+        }
+        for f in &hello.unacked {
+            if let Some(r) = &f.attempt {
+                reported.insert(&r.attempt_id);
+            }
+        }
+        // What the controller thought the agent held but the agent does not report is
+        // gone (an Assign lost with the old stream, or a crash of the agent).
+        let missing: Vec<String> = held.into_iter().filter(|id| !reported.contains(id.as_str())).collect();
+        for id in missing {
+            self.lose_attempt(&id, &format!("agent {agent_name} reconnected without it"));
+        }
+        self.pending.send(
+            &tx,
+            Out::Welcome(pb::Welcome {
+                session_id: session_id.to_string(),
+                heartbeat_interval_ms: ms(self.cfg.heartbeat_interval),
+                lease_timeout_ms: lost_after,
+                adopted,
+                abandon,
+            }),
+        );
+        for f in hello.unacked {
+            self.finished(&hello.agent_id, f);
+        }
+        Ok(session_id)
+    }
+
+    pub(super) fn agent_message(&mut self, agent_id: &str, msg: pb::agent_message::Msg) {
+        let now = now_ms();
+        let lost_after = ms(self.cfg.lost_after);
+        let Some(agent) = self.agents.get_mut(agent_id) else { return };
+        if agent.state == AgentState::Lost {
+            // Declared lost: it must say Hello again. Its reports are stale meanwhile.
+            if let pb::agent_message::Msg::Finished(f) = &msg
+                && let (Some(r), Some(s)) = (&f.attempt, &agent.session)
+            {
+                let tx = s.tx.clone();
+                self.pending.send(&tx, Out::Ack(pb::Ack { attempt_id: r.attempt_id.clone(), accepted: false }));
+            }
+            return;
+        }
+        agent.last_seen = now;
+        agent.lost_at = now + lost_after;
+        match msg {
+            pb::agent_message::Msg::Hello(_) => warn!(agent_id, "hello in the middle of a session ignored"),
+            pb::agent_message::Msg::Heartbeat(hb) => self.heartbeat(agent_id, hb),
+            pb::agent_message::Msg::Started(s) => self.started(agent_id, s),
+            pb::agent_message::Msg::Output(o) => {
+                if let Some(r) = o.attempt
+                    && !self.owns_live(agent_id, &r)
+                {
+                    self.reject(agent_id, &r, "output");
+                }
+            }
+            pb::agent_message::Msg::Finished(f) => self.finished(agent_id, f),
+        }
+    }
+
+    /// Whether `r` names a live attempt of `agent_id` under its current lease.
+    fn owns_live(&self, agent_id: &str, r: &pb::AttemptRef) -> bool {
+        self.attempts.get(&r.attempt_id).is_some_and(|a| {
+            !a.state.is_terminal() && a.lease_token == r.lease_token && a.agent_id == agent_id
+        })
+    }
+
+    fn heartbeat(&mut self, agent_id: &str, hb: pb::Heartbeat) {
+        for r in &hb.running {
+            if !self.owns_live(agent_id, r) {
+                self.reject(agent_id, r, "heartbeat");
+            }
+        }
+    }
+
+    fn started(&mut self, agent_id: &str, s: pb::AttemptStarted) {
+        let Some(r) = s.attempt else { return };
+        if !self.owns_live(agent_id, &r) {
+            self.reject(agent_id, &r, "start");
+            return;
+        }
+        let Some(a) = self.attempts.get_mut(&r.attempt_id) else { return };
+        if a.state != AttemptState::Assigned {
+            return;
+        }
+        a.state = AttemptState::Running;
+        a.started_at = Some(now_ms());
+        self.pending.attempts.insert(a.id.clone());
+        let a = a.clone();
+        if let Some(run) = self.runs.get_mut(&a.run_id) {
+            self.pending.event(run, "attempt_started", Some(a.step_idx), Some(&a), format!("on agent {}", a.agent_name));
+        }
+    }
+
+    /// A result report: applied once under the current lease, acknowledged again when
+    /// re-sent, rejected when the lease is stale.
+    pub(super) fn finished(&mut self, agent_id: &str, f: pb::AttemptFinished) {
+        let Some(r) = f.attempt.clone() else { return };
+        let tx = self.agents.get(agent_id).and_then(|a| a.session.as_ref()).map(|s| s.tx.clone());
+        let outcome = outcome_state(&f.outcome);
+        let accepted = match self.attempts.get(&r.attempt_id) {
+            Some(a) if a.lease_token != r.lease_token || a.agent_id != agent_id => {
+                self.reject(agent_id, &r, "result");
+                false
+            }
+            Some(a) if a.state.is_terminal() => {
+                if a.state == outcome {
+                    true
+                } else {
+                    self.reject(agent_id, &r, "result");
+                    false
+                }
+            }
+            Some(_) => {
+                self.apply_result(&r.attempt_id, outcome, f);
+                true
+            }
+            None => match self.recent.states.get(&r.attempt_id) {
+                Some(&s) if s == outcome => true,
+                _ => {
+                    self.reject(agent_id, &r, "result");
+                    false
+                }
+            },
+        };
+        if let Some(tx) = tx {
+            self.pending.send(&tx, Out::Ack(pb::Ack { attempt_id: r.attempt_id, accepted }));
+        }
+    }
+
+    fn apply_result(&mut self, attempt_id: &str, outcome: AttemptState, f: pb::AttemptFinished) {
+        let class = if outcome == AttemptState::Succeeded {
+            String::new()
+        } else if f.error_class.is_empty() {
+            match outcome {
+                AttemptState::TimedOut => "timeout".to_string(),
+                AttemptState::Canceled => "canceled".to_string(),
+                _ => "tool_error".to_string(),
+            }
+        } else {
+            f.error_class.clone()
+        };
+        let Some(a) = self.attempts.get_mut(attempt_id) else { return };
+        a.exit_code = f.exit_code;
+        a.result = (!f.result_json.is_empty()).then(|| f.result_json.clone());
+        a.output_tail = f.output_tail.clone();
+        let (run_id, idx) = (a.run_id.clone(), a.step_idx);
+        let result = a.result.clone();
+        self.close_attempt(attempt_id, outcome, &class, &f.error, false);
+        match outcome {
+            AttemptState::Succeeded => self.step_succeeded(&run_id, idx, result),
+            // The controller asked for it (run or step cancel) and has moved on already.
+            AttemptState::Canceled => self.attempt_failed(&run_id, idx, &class, "canceled on the agent"),
+            _ => {
+                let error = if f.error.is_empty() { class.clone() } else { f.error.clone() };
+                self.attempt_failed(&run_id, idx, &class, &error)
+            }
+        }
+    }
+
+    /// Ends a live attempt: its agent slot is freed and its step has no live attempt.
+    /// With `kill`, the agent is told to stop the tool.
+    pub(super) fn close_attempt(&mut self, attempt_id: &str, to: AttemptState, class: &str, error: &str, kill: bool) {
+        let Some(a) = self.attempts.get_mut(attempt_id) else { return };
+        let Ok(to) = a.state.transition(to) else {
+            warn!(attempt_id, from = %a.state, %to, "illegal attempt transition ignored");
+            debug_assert!(false, "illegal attempt transition {} -> {to}", a.state);
+            return;
+        };
+        a.state = to;
+        a.finished_at = Some(now_ms());
+        a.error_class = class.to_string();
+        a.error = error.to_string();
+        self.pending.attempts.insert(a.id.clone());
+        if let Some(agent) = self.agents.get_mut(&a.agent_id) {
+            agent.running.remove(attempt_id);
+            if kill && let Some(s) = &agent.session {
+                let tx = s.tx.clone();
+                self.pending.send(&tx, Out::Cancel(pb::Cancel { attempt_id: attempt_id.to_string(), reason: error.to_string() }));
+            }
+        }
+        if let Some(run) = self.runs.get_mut(&a.run_id)
+            && run.steps[a.step_idx].current.as_deref() == Some(attempt_id)
+        {
+            run.steps[a.step_idx].current = None;
+        }
+    }
+
+    /// An attempt is gone with its agent: lost, and retried per the step's policy.
+    fn lose_attempt(&mut self, attempt_id: &str, why: &str) {
+        let Some(a) = self.attempts.get(attempt_id) else { return };
+        if a.state.is_terminal() {
+            return;
+        }
+        let (run_id, idx) = (a.run_id.clone(), a.step_idx);
+        self.close_attempt(attempt_id, AttemptState::Lost, "agent_lost", why, true);
+        if let Some(run) = self.runs.get_mut(&run_id) {
+            run.steps[idx].lost_count += 1;
+        }
+        self.attempt_failed(&run_id, idx, "agent_lost", why);
+    }
+
+    /// A report under a lease that is no longer current: recorded, counted, and the
+    /// agent is told to stop that tool.
+    fn reject(&mut self, agent_id: &str, r: &pb::AttemptRef, what: &str) {
+        self.fenced += 1;
+        let state = self.attempts.get(&r.attempt_id).map(|a| a.state.as_str());
+        let why = match state {
+            Some(s) => format!("{what} for attempt in state {s} rejected: lease is not current"),
+            None => format!("{what} for unknown attempt rejected"),
+        };
+        warn!(agent_id, attempt_id = %r.attempt_id, run_id = %r.run_id, "{why}");
+        let tx = self.agents.get(agent_id).and_then(|a| a.session.as_ref()).map(|s| s.tx.clone());
+        if let Some(tx) = tx
+            && what != "result"
+        {
+            self.pending.send(&tx, Out::Cancel(pb::Cancel { attempt_id: r.attempt_id.clone(), reason: why.clone() }));
+        }
+        if let Some(run) = self.runs.get_mut(&r.run_id)
+            && !run.state.is_terminal()
+        {
+            let idx = run.spec.steps.iter().position(|s| s.id == r.step_id);
+            let agent = self.agents.get(agent_id).map(|a| a.name.as_str()).unwrap_or(agent_id);
+            let msg = format!("{why} (agent {agent}, attempt {})", r.attempt_id);
+            self.pending.event(run, "report_rejected", idx, None, msg);
+        }
+    }
+
+    pub(super) fn disconnect(&mut self, agent_id: &str, session: u64) {
+        let Some(agent) = self.agents.get_mut(agent_id) else { return };
+        if agent.session.as_ref().is_some_and(|s| s.id == session) {
+            agent.session = None;
+            if agent.state == AgentState::Connected {
+                agent.state = AgentState::Disconnected;
+            }
+            self.pending.agents.insert(agent_id.to_string());
+            info!(agent = %agent.name, agent_id, "agent disconnected");
+        }
+    }
+
+    /// Declares agents lost whose lease ran out, and loses their attempts.
+    pub(super) fn sweep_agents(&mut self) {
+        let now = now_ms();
+        let expired: Vec<String> = self
+            .agents
+            .values()
+            .filter(|a| a.state != AgentState::Lost && a.lost_at <= now)
+            .map(|a| a.id.clone())
+            .collect();
+        for id in expired {
+            let Some(agent) = self.agents.get_mut(&id) else { continue };
+            let silent = (now - agent.last_seen).max(0);
+            warn!(agent = %agent.name, agent_id = %id, silent_ms = silent, "agent lost");
+            agent.state = AgentState::Lost;
+            agent.session = None;
+            let why = format!("agent {} lost: silent for {}", agent.name, baton_common::time::format_duration(std::time::Duration::from_millis(silent as u64)));
+            let attempts: Vec<String> = agent.running.iter().cloned().collect();
+            self.pending.agents.insert(id.clone());
+            for a in attempts {
+                self.lose_attempt(&a, &why);
+            }
+        }
+    }
+
+    /// An attempt's deadline plus grace passed without a result: it timed out, whatever
+    /// its agent says later.
+    pub(super) fn deadline_due(&mut self, attempt_id: &str, now: i64) {
+        let Some(a) = self.attempts.get(attempt_id) else { return };
+        if a.state.is_terminal() || a.deadline_at.is_none_or(|d| d > now) {
+            return;
+        }
+        let (run_id, idx) = (a.run_id.clone(), a.step_idx);
+        let why = "no result by the step timeout plus kill grace";
+        self.close_attempt(attempt_id, AttemptState::TimedOut, "timeout", why, true);
+        self.attempt_failed(&run_id, idx, "timeout", why);
+    }
+}
+
+fn outcome_state(outcome: &str) -> AttemptState {
+    match outcome {
+        "succeeded" => AttemptState::Succeeded,
+        "timed_out" => AttemptState::TimedOut,
+        "canceled" => AttemptState::Canceled,
+        _ => AttemptState::Failed,
+    }
+}

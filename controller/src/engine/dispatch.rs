@@ -1,0 +1,130 @@
+//! Dispatch: ready steps to free agent slots, as Assign messages after commit.
+
+use std::cmp::Reverse;
+
+use baton_common::pb;
+use baton_common::state::{AttemptState, RunState, StepState};
+use baton_common::time::{ms, now_ms};
+use tracing::debug;
+
+use super::model::{Agent, Attempt};
+use super::runs::{set_run, set_step};
+use super::{Engine, Timer};
+
+impl Engine {
+    /// Queues a ready step for dispatch.
+    pub(super) fn enqueue(&mut self, run_id: &str, idx: usize) {
+        let Some(run) = self.runs.get(run_id) else { return };
+        let tool = run.steps[idx].tool.clone();
+        self.ready.entry(tool).or_default().push_back((run_id.to_string(), idx));
+    }
+
+    /// Assigns ready steps to agents with free slots, oldest first per tool.
+    pub(super) fn dispatch(&mut self) {
+        let mut ready = std::mem::take(&mut self.ready);
+        for (tool, queue) in ready.iter_mut() {
+            while let Some((run_id, idx)) = queue.front() {
+                let dispatchable = self.runs.get(run_id).is_some_and(|r| {
+                    r.steps[*idx].state == StepState::Ready
+                        && r.failing.is_none()
+                        && matches!(r.state, RunState::Pending | RunState::Running)
+                });
+                if !dispatchable {
+                    queue.pop_front();
+                    continue;
+                }
+                let Some(agent_id) = pick_agent(self.agents.values(), tool) else { break };
+                let Some((run_id, idx)) = queue.pop_front() else { break };
+                self.assign(&run_id, idx, &agent_id);
+            }
+        }
+        ready.retain(|_, q| !q.is_empty());
+        // Steps queued while dispatching (none today) go after the older ones.
+        for (tool, mut q) in std::mem::take(&mut self.ready) {
+            ready.entry(tool).or_default().append(&mut q);
+        }
+        self.ready = ready;
+    }
+
+    /// Creates attempt N+1 of a ready step on `agent_id` and queues its Assign.
+    fn assign(&mut self, run_id: &str, idx: usize, agent_id: &str) {
+        let now = now_ms();
+        let (Some(run), Some(agent)) = (self.runs.get_mut(run_id), self.agents.get_mut(agent_id)) else {
+            return;
+        };
+        let Some(session) = agent.session.as_ref() else { return };
+        let p = &mut self.pending;
+        if !set_step(p, run, idx, StepState::Running) {
+            return;
+        }
+        if run.state == RunState::Pending && set_run(p, run, RunState::Running) {
+            run.started_at = Some(now);
+            p.event(run, "run_started", None, None, "");
+        }
+        let spec = &run.spec.steps[idx];
+        let step = &mut run.steps[idx];
+        step.attempts += 1;
+        step.started_at.get_or_insert(now);
+        step.reason.clear();
+        let deadline_at = spec.timeout_ms.map(|t| now + t as i64 + ms(self.cfg.kill_grace));
+        let attempt = Attempt {
+            id: uuid::Uuid::new_v4().to_string(),
+            run_id: run_id.to_string(),
+            step_idx: idx,
+            step_id: spec.id.clone(),
+            number: step.attempts,
+            agent_id: agent.id.clone(),
+            agent_name: agent.name.clone(),
+            lease_token: lease_token(),
+            state: AttemptState::Assigned,
+            exit_code: None,
+            error_class: String::new(),
+            error: String::new(),
+            result: None,
+            output_tail: String::new(),
+            assigned_at: now,
+            started_at: None,
+            finished_at: None,
+            deadline_at,
+        };
+        step.attempt_ids.push(attempt.id.clone());
+        step.current = Some(attempt.id.clone());
+        let request = pb::ExecutionRequest {
+            tool: step.tool.clone(),
+            input_json: serde_json::Value::Object(spec.with.clone()).to_string(),
+            env: spec.env.clone().into_iter().collect(),
+            timeout_ms: spec.timeout_ms.map(|t| t as i64).unwrap_or(0),
+            kill_grace_ms: ms(self.cfg.kill_grace),
+        };
+        p.send(
+            &session.tx,
+            pb::controller_message::Msg::Assign(pb::Assign {
+                attempt: Some(attempt.attempt_ref()),
+                number: attempt.number,
+                request: Some(request),
+            }),
+        );
+        let msg = format!("attempt {} on agent {}", attempt.number, agent.name);
+        p.event(run, "attempt_assigned", Some(idx), Some(&attempt), msg);
+        p.attempts.insert(attempt.id.clone());
+        agent.running.insert(attempt.id.clone());
+        if let Some(d) = deadline_at {
+            self.timers.push(Reverse((d, Timer::Deadline(attempt.id.clone()))));
+        }
+        debug!(run_id, step_id = %attempt.step_id, attempt_id = %attempt.id, agent = %agent.name, "assigned");
+        self.attempts.insert(attempt.id.clone(), attempt);
+    }
+}
+
+/// The eligible agent with the most free slots (ties: by name, for stable placement).
+fn pick_agent<'a>(agents: impl Iterator<Item = &'a Agent>, tool: &str) -> Option<String> {
+    agents
+        .filter(|a| a.can_take(tool))
+        .max_by(|a, b| a.free_slots().cmp(&b.free_slots()).then_with(|| b.name.cmp(&a.name)))
+        .map(|a| a.id.clone())
+}
+
+/// A fresh unguessable lease token.
+fn lease_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}

@@ -1,0 +1,568 @@
+//! The scheduler: one task that owns all run state and is driven by messages.
+//!
+//! For each batch of messages the engine applies them to its in-memory state, commits
+//! the resulting row changes and events in one transaction, and only then performs the
+//! effects (messages to agents, replies to callers, events to watchers). So nothing is
+//! dispatched or acknowledged that is not durable, and the store alone rebuilds the
+//! engine after a crash.
+
+mod agents;
+mod dispatch;
+mod model;
+mod runs;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_common::pb;
+use baton_common::spec::Workstream;
+use baton_common::state::{AttemptState, RunState, StepState};
+use baton_common::time::now_ms;
+use thiserror::Error;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, warn};
+
+use crate::store::{Batch, EventRow, Snapshot, Store, StoreError};
+use model::{Agent, AgentState, AgentTx, Attempt, Run, Step};
+
+/// Timing knobs of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// How often agents send heartbeats.
+    pub heartbeat_interval: Duration,
+    /// An agent not heard from for this long is lost, and its attempts with it.
+    pub lost_after: Duration,
+    /// After a start, how long agents get to reconnect before they count as lost.
+    pub failover_grace: Duration,
+    /// Time between SIGTERM and SIGKILL when a tool is stopped; the controller also
+    /// waits this long past an attempt's timeout before it gives up on the agent.
+    pub kill_grace: Duration,
+    /// Most messages applied in one transaction.
+    pub max_batch: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            heartbeat_interval: Duration::from_secs(2),
+            lost_after: Duration::from_secs(15),
+            failover_grace: Duration::from_secs(30),
+            kill_grace: Duration::from_secs(10),
+            max_batch: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("run {0:?} not found")]
+    RunNotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the controller is shutting down")]
+    Unavailable,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+/// A message into the engine.
+pub(crate) enum Msg {
+    Submit {
+        spec: Workstream,
+        params: BTreeMap<String, String>,
+        reply: Reply<String>,
+    },
+    Cancel {
+        run_id: String,
+        reason: String,
+        reply: Reply<RunState>,
+    },
+    Connect {
+        hello: pb::Hello,
+        tx: AgentTx,
+        reply: Reply<u64>,
+    },
+    Agent {
+        agent_id: String,
+        msg: pb::agent_message::Msg,
+    },
+    Disconnect {
+        agent_id: String,
+        session: u64,
+    },
+    ListAgents {
+        reply: oneshot::Sender<Vec<pb::Agent>>,
+    },
+}
+
+/// The handle the API uses to talk to the engine; cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Msg>,
+    events: broadcast::Sender<Arc<EventRow>>,
+}
+
+impl EngineHandle {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Msg) -> Result<T, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| EngineError::Unavailable)?;
+        rx.await.map_err(|_| EngineError::Unavailable)?
+    }
+
+    /// Starts a run of a validated workstream; returns its id once it is durable.
+    pub async fn submit(
+        &self,
+        spec: Workstream,
+        params: BTreeMap<String, String>,
+    ) -> Result<String, EngineError> {
+        self.call(|reply| Msg::Submit { spec, params, reply }).await
+    }
+
+    pub async fn cancel(&self, run_id: String, reason: String) -> Result<RunState, EngineError> {
+        self.call(|reply| Msg::Cancel { run_id, reason, reply }).await
+    }
+
+    /// Registers an agent session; the engine sends Welcome on `tx`.
+    pub(crate) async fn connect(&self, hello: pb::Hello, tx: AgentTx) -> Result<u64, EngineError> {
+        self.call(|reply| Msg::Connect { hello, tx, reply }).await
+    }
+
+    pub(crate) async fn agent_message(&self, agent_id: String, msg: pb::agent_message::Msg) -> bool {
+        self.tx.send(Msg::Agent { agent_id, msg }).await.is_ok()
+    }
+
+    pub(crate) async fn disconnect(&self, agent_id: String, session: u64) {
+        let _ = self.tx.send(Msg::Disconnect { agent_id, session }).await;
+    }
+
+    pub async fn list_agents(&self) -> Result<Vec<pb::Agent>, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::ListAgents { reply }).await.map_err(|_| EngineError::Unavailable)?;
+        rx.await.map_err(|_| EngineError::Unavailable)
+    }
+
+    /// Committed events of all runs, as they are committed.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<EventRow>> {
+        self.events.subscribe()
+    }
+}
+
+/// Something to do once the current batch is durable.
+enum Effect {
+    Send(AgentTx, pb::ControllerMessage),
+    Reply(Box<dyn FnOnce() + Send>),
+}
+
+/// Changes made while handling the current batch, not yet committed.
+#[derive(Default)]
+struct Pending {
+    runs: HashSet<String>,
+    steps: HashSet<(String, usize)>,
+    attempts: HashSet<String>,
+    agents: HashSet<String>,
+    events: Vec<EventRow>,
+    effects: Vec<Effect>,
+    finished_runs: Vec<String>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+            && self.steps.is_empty()
+            && self.attempts.is_empty()
+            && self.agents.is_empty()
+            && self.events.is_empty()
+            && self.effects.is_empty()
+    }
+
+    fn send(&mut self, tx: &AgentTx, msg: pb::controller_message::Msg) {
+        self.effects.push(Effect::Send(tx.clone(), pb::ControllerMessage { msg: Some(msg) }));
+    }
+
+    fn reply<T: Send + 'static>(&mut self, reply: Reply<T>, value: Result<T, EngineError>) {
+        self.effects.push(Effect::Reply(Box::new(move || {
+            let _ = reply.send(value);
+        })));
+    }
+
+    /// Appends an event to `run`'s log, stamped with the current run, step and attempt
+    /// states.
+    fn event(
+        &mut self,
+        run: &mut Run,
+        kind: &str,
+        step: Option<usize>,
+        attempt: Option<&Attempt>,
+        message: impl Into<String>,
+    ) {
+        let seq = run.next_seq;
+        run.next_seq += 1;
+        self.events.push(EventRow {
+            run_id: run.id.clone(),
+            seq,
+            at: now_ms(),
+            kind: kind.to_string(),
+            step_id: step.map(|i| run.step_id(i).to_string()).unwrap_or_default(),
+            attempt_id: attempt.map(|a| a.id.clone()).unwrap_or_default(),
+            run_state: run.state.as_str().to_string(),
+            step_state: step.map(|i| run.steps[i].state.as_str().to_string()).unwrap_or_default(),
+            attempt_state: attempt.map(|a| a.state.as_str().to_string()).unwrap_or_default(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Timed work, fired when its time has come if it still applies.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    /// A step in `retry_wait` becomes ready.
+    Retry(String, usize),
+    /// An attempt past its deadline plus grace times out.
+    Deadline(String),
+}
+
+/// Final states of attempts of runs that are no longer in memory, so a result re-sent
+/// after the run ended is still recognised as a duplicate.
+struct RecentAttempts {
+    states: HashMap<String, AttemptState>,
+    order: VecDeque<String>,
+}
+
+impl RecentAttempts {
+    const CAP: usize = 100_000;
+
+    fn insert(&mut self, id: String, state: AttemptState) {
+        if self.states.insert(id.clone(), state).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > Self::CAP {
+            if let Some(old) = self.order.pop_front() {
+                self.states.remove(&old);
+            }
+        }
+    }
+}
+
+pub(crate) struct Engine {
+    cfg: EngineConfig,
+    store: Store,
+    runs: HashMap<String, Run>,
+    /// Every attempt of every run in `runs`.
+    attempts: HashMap<String, Attempt>,
+    recent: RecentAttempts,
+    agents: HashMap<String, Agent>,
+    /// Ready steps per tool, in the order they became ready.
+    ready: BTreeMap<String, VecDeque<(String, usize)>>,
+    timers: BinaryHeap<Reverse<(i64, Timer)>>,
+    pending: Pending,
+    events: broadcast::Sender<Arc<EventRow>>,
+    next_session: u64,
+    /// Stale reports rejected since start (fencing at work).
+    pub(crate) fenced: u64,
+}
+
+/// Loads the engine's state from the store and starts its task. The task ends when
+/// `shutdown` is cancelled, or with an error when the store fails for good.
+pub async fn start(
+    store: Store,
+    cfg: EngineConfig,
+    shutdown: CancellationToken,
+) -> Result<(EngineHandle, tokio::task::JoinHandle<Result<(), StoreError>>), StoreError> {
+    let snapshot = store.load_active().await?;
+    let (events, _) = broadcast::channel(16_384);
+    let mut engine = Engine {
+        cfg,
+        store,
+        runs: HashMap::new(),
+        attempts: HashMap::new(),
+        recent: RecentAttempts { states: HashMap::new(), order: VecDeque::new() },
+        agents: HashMap::new(),
+        ready: BTreeMap::new(),
+        timers: BinaryHeap::new(),
+        pending: Pending::default(),
+        events: events.clone(),
+        next_session: 1,
+        fenced: 0,
+    };
+    engine.load(snapshot)?;
+    let (tx, rx) = mpsc::channel(4096);
+    let handle = EngineHandle { tx, events };
+    let task = tokio::spawn(engine.run(rx, shutdown));
+    Ok((handle, task))
+}
+
+impl Engine {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>, shutdown: CancellationToken) -> Result<(), StoreError> {
+        // Repairs found while loading are committed before anything else happens.
+        self.dispatch();
+        self.flush().await?;
+        let sweep_every = (self.cfg.lost_after / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+        let mut sweep = tokio::time::interval(sweep_every);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut buf = Vec::with_capacity(self.cfg.max_batch);
+        loop {
+            let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
+            let sleep_for = next_timer
+                .map(|at| Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64))
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                n = rx.recv_many(&mut buf, self.cfg.max_batch) => {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                _ = sweep.tick() => self.sweep_agents(),
+                _ = tokio::time::sleep(sleep_for) => {}
+            }
+            for msg in buf.drain(..) {
+                self.handle(msg);
+            }
+            self.fire_timers();
+            self.dispatch();
+            self.flush().await?;
+        }
+        debug!("engine stopped");
+        Ok(())
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Submit { spec, params, reply } => {
+                let result = self.submit(spec, params);
+                self.pending.reply(reply, result);
+            }
+            Msg::Cancel { run_id, reason, reply } => {
+                let result = self.cancel_run(&run_id, &reason);
+                self.pending.reply(reply, result);
+            }
+            Msg::Connect { hello, tx, reply } => {
+                let result = self.connect(hello, tx);
+                self.pending.reply(reply, result);
+            }
+            Msg::Agent { agent_id, msg } => self.agent_message(&agent_id, msg),
+            Msg::Disconnect { agent_id, session } => self.disconnect(&agent_id, session),
+            Msg::ListAgents { reply } => {
+                let mut list: Vec<pb::Agent> = self.agents.values().map(Agent::to_pb).collect();
+                list.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+                let _ = reply.send(list);
+            }
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = now_ms();
+        while let Some(Reverse((at, _))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((_, timer))) = self.timers.pop() else { break };
+            match timer {
+                Timer::Retry(run_id, idx) => self.retry_due(&run_id, idx, now),
+                Timer::Deadline(attempt_id) => self.deadline_due(&attempt_id, now),
+            }
+        }
+    }
+
+    /// Commits what the current batch changed, then performs its effects.
+    async fn flush(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let batch = self.build_batch(&pending);
+        let mut delay = Duration::from_millis(50);
+        let mut tries = 0;
+        while let Err(e) = self.store.commit(&batch).await {
+            tries += 1;
+            if tries >= 6 {
+                error!(error = %e, "store commit failed for good; stopping the engine");
+                return Err(e);
+            }
+            warn!(error = %e, tries, "store commit failed; retrying");
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+        for effect in pending.effects {
+            match effect {
+                // A closed session just drops the message: the agent re-syncs on Hello.
+                Effect::Send(tx, msg) => {
+                    let _ = tx.send(Ok(msg));
+                }
+                Effect::Reply(f) => f(),
+            }
+        }
+        for event in batch.events {
+            let _ = self.events.send(Arc::new(event));
+        }
+        for run_id in pending.finished_runs {
+            self.evict(&run_id);
+        }
+        Ok(())
+    }
+
+    fn build_batch(&self, p: &Pending) -> Batch {
+        let mut b = Batch::default();
+        for id in &p.runs {
+            if let Some(run) = self.runs.get(id) {
+                b.runs.push(run.to_row());
+            }
+        }
+        // Steps and attempts reference their run, so the run rows go first.
+        for (run_id, idx) in &p.steps {
+            if let Some(run) = self.runs.get(run_id) {
+                b.steps.push(run.step_row(*idx));
+            }
+        }
+        for id in &p.attempts {
+            if let Some(a) = self.attempts.get(id) {
+                b.attempts.push(a.to_row());
+            }
+        }
+        for id in &p.agents {
+            if let Some(a) = self.agents.get(id) {
+                b.agents.push(a.to_row());
+            }
+        }
+        b.events = p.events.clone();
+        b
+    }
+
+    /// Forgets a final run; the store keeps it.
+    fn evict(&mut self, run_id: &str) {
+        if let Some(run) = self.runs.remove(run_id) {
+            for step in &run.steps {
+                for id in &step.attempt_ids {
+                    if let Some(a) = self.attempts.remove(id) {
+                        self.recent.insert(a.id, a.state);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Rebuilds in-memory state from the store after a start.
+    fn load(&mut self, snap: Snapshot) -> Result<(), StoreError> {
+        let now = now_ms();
+        let grace = baton_common::time::ms(self.cfg.failover_grace);
+        for row in &snap.agents {
+            let state = if row.state == "lost" { AgentState::Lost } else { AgentState::Disconnected };
+            let agent = Agent {
+                id: row.id.clone(),
+                name: row.name.clone(),
+                version: row.version.clone(),
+                labels: serde_json::from_str(&row.labels).unwrap_or_default(),
+                tools: serde_json::from_str(&row.tools).unwrap_or_default(),
+                slots: row.slots as u32,
+                state,
+                session: None,
+                connected_at: row.connected_at,
+                last_seen: row.last_seen_at,
+                // Agents get the failover grace to come back to a restarted controller.
+                lost_at: now + grace,
+                running: HashSet::new(),
+            };
+            self.agents.insert(agent.id.clone(), agent);
+        }
+        let mut steps_by_run: HashMap<&str, Vec<&crate::store::StepRow>> = HashMap::new();
+        for s in &snap.steps {
+            steps_by_run.entry(s.run_id.as_str()).or_default().push(s);
+        }
+        for row in &snap.runs {
+            let spec: Workstream = serde_json::from_str(&row.spec)
+                .map_err(|e| StoreError::Corrupt(format!("run {}: bad spec: {e}", row.id)))?;
+            let rows = steps_by_run.remove(row.id.as_str()).unwrap_or_default();
+            if rows.len() != spec.steps.len() {
+                return Err(StoreError::Corrupt(format!(
+                    "run {} has {} step rows for {} steps",
+                    row.id,
+                    rows.len(),
+                    spec.steps.len()
+                )));
+            }
+            let mut steps = Vec::with_capacity(rows.len());
+            for (i, r) in rows.iter().enumerate() {
+                if r.idx != i as i64 {
+                    return Err(StoreError::Corrupt(format!("run {} step {} out of order", row.id, r.step_id)));
+                }
+                steps.push(Step::from_row(r)?);
+            }
+            let index = spec.index();
+            for (i, s) in spec.steps.iter().enumerate() {
+                steps[i].waiting_on = s
+                    .needs
+                    .iter()
+                    .filter(|n| index.get(n.as_str()).is_some_and(|&j| steps[j].state != StepState::Succeeded))
+                    .count() as u32;
+            }
+            let dependents = model::dependents_of(&spec);
+            let failing = steps
+                .iter()
+                .zip(&spec.steps)
+                .find(|(s, _)| s.state == StepState::Failed)
+                .map(|(_, sp)| format!("step {:?} failed", sp.id));
+            let open = steps.iter().filter(|s| !s.state.is_terminal()).count();
+            let run = Run {
+                open,
+                id: row.id.clone(),
+                spec: Arc::new(spec),
+                spec_json: row.spec.clone(),
+                params_json: row.params.clone(),
+                state: crate::store::parse_state(&row.state)?,
+                reason: row.reason.clone(),
+                created_at: row.created_at,
+                started_at: row.started_at,
+                finished_at: row.finished_at,
+                steps,
+                dependents,
+                next_seq: snap.last_seq.get(&row.id).copied().unwrap_or(0) + 1,
+                failing,
+            };
+            self.runs.insert(run.id.clone(), run);
+        }
+        for row in &snap.attempts {
+            let Some(run) = self.runs.get_mut(&row.run_id) else { continue };
+            let Some(idx) = run.spec.steps.iter().position(|s| s.id == row.step_id) else {
+                return Err(StoreError::Corrupt(format!("attempt {} of unknown step {}", row.id, row.step_id)));
+            };
+            let attempt = Attempt::from_row(row, idx)?;
+            run.steps[idx].attempt_ids.push(attempt.id.clone());
+            if !attempt.state.is_terminal() {
+                run.steps[idx].current = Some(attempt.id.clone());
+                let agent = self.agents.entry(attempt.agent_id.clone()).or_insert_with(|| Agent {
+                    id: attempt.agent_id.clone(),
+                    name: attempt.agent_name.clone(),
+                    version: String::new(),
+                    labels: BTreeMap::new(),
+                    tools: Vec::new(),
+                    slots: 0,
+                    state: AgentState::Disconnected,
+                    session: None,
+                    connected_at: 0,
+                    last_seen: 0,
+                    lost_at: now + grace,
+                    running: HashSet::new(),
+                });
+                agent.running.insert(attempt.id.clone());
+                if let Some(d) = attempt.deadline_at {
+                    self.timers.push(Reverse((d, Timer::Deadline(attempt.id.clone()))));
+                }
+            }
+            self.attempts.insert(attempt.id.clone(), attempt);
+        }
+        let mut run_ids: Vec<(i64, String)> = self.runs.values().map(|r| (r.created_at, r.id.clone())).collect();
+        run_ids.sort();
+        for (_, run_id) in run_ids {
+            self.resume_run(&run_id);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,99 @@
+//! `baton-controller`: parses flags, sets up logging, runs the controller.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use baton_controller::{Config, EngineConfig};
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// Baton's controller: holds run state and schedules steps onto agents.
+#[derive(Debug, Parser)]
+#[command(name = "baton-controller", version)]
+struct Args {
+    /// Address of the gRPC API (clients and agents).
+    #[arg(long, env = "BATON_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Database: sqlite://PATH (created when missing) or postgres://USER@HOST/DB.
+    #[arg(long, env = "BATON_DB", default_value = "sqlite://baton.db")]
+    db: String,
+    /// How often agents send heartbeats.
+    #[arg(long, env = "BATON_HEARTBEAT_INTERVAL", default_value = "2s", value_parser = duration)]
+    heartbeat_interval: Duration,
+    /// An agent silent this long is lost, and its attempts are retried elsewhere.
+    #[arg(long, env = "BATON_LOST_AFTER", default_value = "15s", value_parser = duration)]
+    lost_after: Duration,
+    /// After a start, how long agents have to reconnect before they count as lost.
+    #[arg(long, env = "BATON_FAILOVER_GRACE", default_value = "30s", value_parser = duration)]
+    failover_grace: Duration,
+    /// Time between SIGTERM and SIGKILL when a tool is stopped.
+    #[arg(long, env = "BATON_KILL_GRACE", default_value = "10s", value_parser = duration)]
+    kill_grace: Duration,
+    /// Log format: text or json. RUST_LOG sets the filter (default info).
+    #[arg(long, env = "BATON_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    baton_common::time::parse_duration(s)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(&args.log_format)?;
+    if args.failover_grace <= args.lost_after {
+        anyhow::bail!(
+            "--failover-grace ({}) must be longer than --lost-after ({})",
+            humantime(args.failover_grace),
+            humantime(args.lost_after)
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let config = Config {
+        db: args.db,
+        engine: EngineConfig {
+            heartbeat_interval: args.heartbeat_interval,
+            lost_after: args.lost_after,
+            failover_grace: args.failover_grace,
+            kill_grace: args.kill_grace,
+            ..EngineConfig::default()
+        },
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    baton_controller::run(listener, config, shutdown).await?;
+    Ok(())
+}
+
+fn humantime(d: Duration) -> String {
+    baton_common::time::format_duration(d)
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}
+
+fn init_tracing(format: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        "text" => builder.init(),
+        "json" => builder.json().init(),
+        other => anyhow::bail!("--log-format must be text or json, not {other:?}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,433 @@
+//! Persistence of run state through sqlx's `Any` driver, so one set of SQL statements
+//! serves SQLite (embedded default) and Postgres; only the DDL differs per backend.
+//!
+//! The engine writes through [`Store::commit`]: one [`Batch`] of row upserts and event
+//! inserts in one transaction. Everything else here is a read.
+
+mod rows;
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyArguments, AnyPoolOptions, AnyRow};
+use sqlx::query::Query;
+use sqlx::{Any, AnyPool, AssertSqlSafe, Row};
+use thiserror::Error;
+
+pub use rows::{AgentRow, AttemptRow, EventRow, RunRow, StepRow};
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported database url {0:?}: use sqlite://PATH or postgres://...")]
+    BadUrl(String),
+    #[error("run {0:?} not found")]
+    RunNotFound(String),
+    #[error("run id prefix {prefix:?} is ambiguous: it matches {}", matches.join(", "))]
+    AmbiguousRun { prefix: String, matches: Vec<String> },
+    #[error("stored data is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+/// Which SQL dialect the pool speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Everything the engine changed while handling one batch of messages.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub runs: Vec<RunRow>,
+    pub steps: Vec<StepRow>,
+    pub attempts: Vec<AttemptRow>,
+    pub events: Vec<EventRow>,
+    pub agents: Vec<AgentRow>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+            && self.steps.is_empty()
+            && self.attempts.is_empty()
+            && self.events.is_empty()
+            && self.agents.is_empty()
+    }
+
+    pub fn clear(&mut self) {
+        self.runs.clear();
+        self.steps.clear();
+        self.attempts.clear();
+        self.events.clear();
+        self.agents.clear();
+    }
+}
+
+/// The non-final part of the store, from which the engine rebuilds after a restart.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub runs: Vec<RunRow>,
+    pub steps: Vec<StepRow>,
+    pub attempts: Vec<AttemptRow>,
+    pub last_seq: HashMap<String, i64>,
+    pub agents: Vec<AgentRow>,
+}
+
+/// A run as read back for the API: the run row, its steps and all their attempts.
+#[derive(Debug)]
+pub struct RunRecord {
+    pub run: RunRow,
+    pub steps: Vec<StepRow>,
+    pub attempts: Vec<AttemptRow>,
+    pub last_seq: i64,
+}
+
+/// Step counts by state for one run.
+pub type StateCounts = HashMap<String, u32>;
+
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+const ACTIVE: &str = "('pending', 'running', 'quarantined')";
+
+impl Store {
+    /// Opens (creating if needed) and migrates the database at `url`.
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(StoreError::BadUrl(url.to_string()));
+        };
+        let pool = match backend {
+            Backend::Sqlite => {
+                let url = sqlite_url(url);
+                AnyPoolOptions::new()
+                    .max_connections(8)
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            // WAL lets API reads run beside the engine's writes; FULL keeps
+                            // every commit durable; the busy timeout covers readers that
+                            // race a checkpoint.
+                            sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
+                            sqlx::query("PRAGMA synchronous = FULL").execute(&mut *conn).await?;
+                            sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
+                            sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(&url)
+                    .await?
+            }
+            Backend::Postgres => {
+                AnyPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect(url)
+                    .await?
+            }
+        };
+        let store = Store { pool, backend };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        match self.backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&self.pool).await?,
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&self.pool).await?,
+        }
+        Ok(())
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Writes a batch in one transaction: all of it or none of it.
+    pub async fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // SQLite: take the write lock up front, so a transaction never fails half-way
+        // with "database is locked" when it upgrades from a read lock.
+        let mut tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
+        write_rows(&mut tx, &batch.runs).await?;
+        write_rows(&mut tx, &batch.steps).await?;
+        write_rows(&mut tx, &batch.attempts).await?;
+        write_rows(&mut tx, &batch.events).await?;
+        write_rows(&mut tx, &batch.agents).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Everything the engine needs to resume: non-final runs with their steps, attempts
+    /// and last event numbers, and the known agents.
+    pub async fn load_active(&self) -> Result<Snapshot, StoreError> {
+        let runs = fetch(&self.pool, &format!("SELECT {} FROM runs WHERE state IN {ACTIVE} ORDER BY created_at, id", RunRow::COLUMNS)).await?;
+        let steps = fetch(&self.pool, &format!(
+            "SELECT {} FROM steps WHERE run_id IN (SELECT id FROM runs WHERE state IN {ACTIVE}) ORDER BY run_id, idx",
+            StepRow::COLUMNS
+        ))
+        .await?;
+        let attempts = fetch(&self.pool, &format!(
+            "SELECT {} FROM step_attempts WHERE run_id IN (SELECT id FROM runs WHERE state IN {ACTIVE}) ORDER BY run_id, step_id, number",
+            AttemptRow::COLUMNS
+        ))
+        .await?;
+        let seq_rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT run_id, MAX(seq) AS seq FROM run_events WHERE run_id IN (SELECT id FROM runs WHERE state IN {ACTIVE}) GROUP BY run_id"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut last_seq = HashMap::new();
+        for r in seq_rows {
+            last_seq.insert(r.try_get::<String, _>("run_id")?, r.try_get::<i64, _>("seq")?);
+        }
+        let agents = fetch(&self.pool, &format!("SELECT {} FROM agents", AgentRow::COLUMNS)).await?;
+        Ok(Snapshot { runs, steps, attempts, last_seq, agents })
+    }
+
+    /// The full id of the run whose id is `prefix` or starts with it.
+    pub async fn resolve_run_id(&self, prefix: &str) -> Result<String, StoreError> {
+        let prefix = prefix.trim().to_ascii_lowercase();
+        let prefix = prefix.as_str();
+        // Ids are lowercase hex and '-', so a prefix of those needs no LIKE escaping.
+        if prefix.is_empty() || !prefix.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            return Err(StoreError::RunNotFound(prefix.to_string()));
+        }
+        let rows = sqlx::query("SELECT id FROM runs WHERE id LIKE $1 ORDER BY id LIMIT 6")
+            .bind(format!("{prefix}%"))
+            .fetch_all(&self.pool)
+            .await?;
+        let ids: Vec<String> = rows.iter().map(|r| r.try_get("id")).collect::<Result<_, _>>()?;
+        match ids.len() {
+            0 => Err(StoreError::RunNotFound(prefix.to_string())),
+            1 => Ok(ids.into_iter().next().unwrap_or_default()),
+            _ if ids.iter().any(|id| id == prefix) => Ok(prefix.to_string()),
+            _ => Err(StoreError::AmbiguousRun { prefix: prefix.to_string(), matches: ids }),
+        }
+    }
+
+    pub async fn get_run(&self, run_id: &str) -> Result<RunRecord, StoreError> {
+        let mut runs: Vec<RunRow> = fetch_bound(
+            &self.pool,
+            &format!("SELECT {} FROM runs WHERE id = $1", RunRow::COLUMNS),
+            run_id,
+        )
+        .await?;
+        let run = runs.pop().ok_or_else(|| StoreError::RunNotFound(run_id.to_string()))?;
+        let steps = fetch_bound(
+            &self.pool,
+            &format!("SELECT {} FROM steps WHERE run_id = $1 ORDER BY idx", StepRow::COLUMNS),
+            run_id,
+        )
+        .await?;
+        let attempts = fetch_bound(
+            &self.pool,
+            &format!(
+                "SELECT {} FROM step_attempts WHERE run_id = $1 ORDER BY step_id, number",
+                AttemptRow::COLUMNS
+            ),
+            run_id,
+        )
+        .await?;
+        let last_seq = self.last_seq(run_id).await?;
+        Ok(RunRecord { run, steps, attempts, last_seq })
+    }
+
+    pub async fn last_seq(&self, run_id: &str) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS seq FROM run_events WHERE run_id = $1")
+            .bind(run_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>("seq")?)
+    }
+
+    /// The newest runs first, optionally only those in `state`, with step counts.
+    pub async fn list_runs(
+        &self,
+        state: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(RunRow, StateCounts)>, StoreError> {
+        let limit = i64::from(limit.clamp(1, 10_000));
+        let runs: Vec<RunRow> = match state {
+            Some(s) => {
+                let q = sqlx::query(AssertSqlSafe(format!(
+                    "SELECT {} FROM runs WHERE state = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
+                    RunRow::COLUMNS
+                )))
+                .bind(s)
+                .bind(limit);
+                decode_all(q.fetch_all(&self.pool).await?)?
+            }
+            None => {
+                let q = sqlx::query(AssertSqlSafe(format!(
+                    "SELECT {} FROM runs ORDER BY created_at DESC, id DESC LIMIT $1",
+                    RunRow::COLUMNS
+                )))
+                .bind(limit);
+                decode_all(q.fetch_all(&self.pool).await?)?
+            }
+        };
+        let mut out = Vec::with_capacity(runs.len());
+        for run in runs {
+            let counts = self.step_counts(&run.id).await?;
+            out.push((run, counts));
+        }
+        Ok(out)
+    }
+
+    pub async fn step_counts(&self, run_id: &str) -> Result<StateCounts, StoreError> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM steps WHERE run_id = $1 GROUP BY state")
+            .bind(run_id)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut counts = StateCounts::new();
+        for r in rows {
+            counts.insert(r.try_get("state")?, r.try_get::<i64, _>("n")? as u32);
+        }
+        Ok(counts)
+    }
+
+    /// Events of a run with `seq >= from_seq`, in order, at most `limit`.
+    pub async fn events(
+        &self,
+        run_id: &str,
+        from_seq: i64,
+        limit: i64,
+    ) -> Result<Vec<EventRow>, StoreError> {
+        let q = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {} FROM run_events WHERE run_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
+            EventRow::COLUMNS
+        )))
+        .bind(run_id)
+        .bind(from_seq)
+        .bind(limit);
+        decode_all(q.fetch_all(&self.pool).await?)
+    }
+
+    pub async fn agents(&self) -> Result<Vec<AgentRow>, StoreError> {
+        fetch(&self.pool, &format!("SELECT {} FROM agents ORDER BY name, id", AgentRow::COLUMNS)).await
+    }
+}
+
+/// `sqlite://PATH` with the file created when missing.
+fn sqlite_url(url: &str) -> String {
+    if url.contains("mode=") {
+        url.to_string()
+    } else if url.contains('?') {
+        format!("{url}&mode=rwc")
+    } else {
+        format!("{url}?mode=rwc")
+    }
+}
+
+type AnyQuery<'q> = Query<'q, Any, AnyArguments>;
+
+/// A row type with a fixed column list that can be bulk-upserted and decoded.
+pub(crate) trait Record: Sized {
+    const TABLE: &'static str;
+    const COLUMNS: &'static str;
+    /// Primary key columns.
+    const KEY: &'static str;
+    /// Whether a row with an existing key replaces it (state rows) or is kept as it was
+    /// (append-only rows, where a retried commit must not fail on its own earlier write).
+    const UPSERT: bool = true;
+    fn bind<'q>(&'q self, q: AnyQuery<'q>) -> AnyQuery<'q>;
+    fn decode(row: &AnyRow) -> Result<Self, sqlx::Error>;
+}
+
+/// Multi-row upsert in chunks of a few fixed sizes, so that the driver's statement cache
+/// holds a handful of statements per table however many rows a batch has.
+async fn write_rows<R: Record>(
+    tx: &mut sqlx::Transaction<'static, Any>,
+    rows: &[R],
+) -> Result<(), StoreError> {
+    const CHUNKS: [usize; 4] = [64, 16, 4, 1];
+    let mut rest = rows;
+    while !rest.is_empty() {
+        let n = CHUNKS.iter().copied().find(|&c| c <= rest.len()).unwrap_or(1);
+        let (chunk, tail) = rest.split_at(n);
+        let mut q = sqlx::query(AssertSqlSafe(insert_sql::<R>(n)));
+        for r in chunk {
+            q = r.bind(q);
+        }
+        q.execute(&mut **tx).await?;
+        rest = tail;
+    }
+    Ok(())
+}
+
+fn insert_sql<R: Record>(rows: usize) -> String {
+    let cols: Vec<&str> = R::COLUMNS.split(',').map(str::trim).collect();
+    let mut sql = format!("INSERT INTO {} ({}) VALUES ", R::TABLE, R::COLUMNS);
+    let mut n = 0;
+    for r in 0..rows {
+        if r > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for c in 0..cols.len() {
+            if c > 0 {
+                sql.push(',');
+            }
+            n += 1;
+            sql.push('$');
+            sql.push_str(&n.to_string());
+        }
+        sql.push(')');
+    }
+    if R::UPSERT {
+        let keys: Vec<&str> = R::KEY.split(',').map(str::trim).collect();
+        let sets: Vec<String> = cols
+            .iter()
+            .filter(|c| !keys.contains(c))
+            .map(|c| format!("{c} = excluded.{c}"))
+            .collect();
+        sql.push_str(&format!(" ON CONFLICT ({}) DO UPDATE SET {}", R::KEY, sets.join(", ")));
+    } else {
+        sql.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", R::KEY));
+    }
+    sql
+}
+
+async fn fetch<R: Record>(pool: &AnyPool, sql: &str) -> Result<Vec<R>, StoreError> {
+    decode_all(sqlx::query(AssertSqlSafe(sql.to_string())).fetch_all(pool).await?)
+}
+
+async fn fetch_bound<R: Record>(pool: &AnyPool, sql: &str, arg: &str) -> Result<Vec<R>, StoreError> {
+    decode_all(sqlx::query(AssertSqlSafe(sql.to_string())).bind(arg).fetch_all(pool).await?)
+}
+
+fn decode_all<R: Record>(rows: Vec<AnyRow>) -> Result<Vec<R>, StoreError> {
+    rows.iter().map(|r| R::decode(r).map_err(StoreError::from)).collect()
+}
+
+/// Parses a stored state name, turning a bad one into a `Corrupt` error.
+pub(crate) fn parse_state<T: FromStr>(s: &str) -> Result<T, StoreError>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse().map_err(|e: T::Err| StoreError::Corrupt(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests;

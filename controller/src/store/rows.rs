@@ -1,0 +1,274 @@
+//! Row types of the store's tables and their column mappings.
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::{AnyQuery, Record};
+
+/// A run row. `spec` is the validated workstream as JSON; `params` a JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRow {
+    pub id: String,
+    pub workstream: String,
+    pub state: String,
+    pub spec: String,
+    pub params: String,
+    pub reason: String,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+impl Record for RunRow {
+    const TABLE: &'static str = "runs";
+    const COLUMNS: &'static str =
+        "id, workstream, state, spec, params, reason, created_at, started_at, finished_at";
+    const KEY: &'static str = "id";
+
+    fn bind<'q>(&'q self, q: AnyQuery<'q>) -> AnyQuery<'q> {
+        q.bind(self.id.as_str())
+            .bind(self.workstream.as_str())
+            .bind(self.state.as_str())
+            .bind(self.spec.as_str())
+            .bind(self.params.as_str())
+            .bind(self.reason.as_str())
+            .bind(self.created_at)
+            .bind(self.started_at)
+            .bind(self.finished_at)
+    }
+
+    fn decode(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(RunRow {
+            id: r.try_get("id")?,
+            workstream: r.try_get("workstream")?,
+            state: r.try_get("state")?,
+            spec: r.try_get("spec")?,
+            params: r.try_get("params")?,
+            reason: r.try_get("reason")?,
+            created_at: r.try_get("created_at")?,
+            started_at: r.try_get("started_at")?,
+            finished_at: r.try_get("finished_at")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRow {
+    pub run_id: String,
+    pub step_id: String,
+    pub idx: i64,
+    pub state: String,
+    pub tool: String,
+    pub attempts: i64,
+    pub lost_count: i64,
+    pub next_attempt_at: Option<i64>,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub reason: String,
+    pub result: Option<String>,
+}
+
+impl Record for StepRow {
+    const TABLE: &'static str = "steps";
+    const COLUMNS: &'static str = "run_id, step_id, idx, state, tool, attempts, lost_count, next_attempt_at, started_at, finished_at, reason, result";
+    const KEY: &'static str = "run_id, step_id";
+
+    fn bind<'q>(&'q self, q: AnyQuery<'q>) -> AnyQuery<'q> {
+        q.bind(self.run_id.as_str())
+            .bind(self.step_id.as_str())
+            .bind(self.idx)
+            .bind(self.state.as_str())
+            .bind(self.tool.as_str())
+            .bind(self.attempts)
+            .bind(self.lost_count)
+            .bind(self.next_attempt_at)
+            .bind(self.started_at)
+            .bind(self.finished_at)
+            .bind(self.reason.as_str())
+            .bind(self.result.as_deref())
+    }
+
+    fn decode(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(StepRow {
+            run_id: r.try_get("run_id")?,
+            step_id: r.try_get("step_id")?,
+            idx: r.try_get("idx")?,
+            state: r.try_get("state")?,
+            tool: r.try_get("tool")?,
+            attempts: r.try_get("attempts")?,
+            lost_count: r.try_get("lost_count")?,
+            next_attempt_at: r.try_get("next_attempt_at")?,
+            started_at: r.try_get("started_at")?,
+            finished_at: r.try_get("finished_at")?,
+            reason: r.try_get("reason")?,
+            result: r.try_get("result")?,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptRow {
+    pub id: String,
+    pub run_id: String,
+    pub step_id: String,
+    pub number: i64,
+    pub agent_id: String,
+    pub agent_name: String,
+    pub lease_token: String,
+    pub state: String,
+    pub exit_code: Option<i64>,
+    pub error_class: String,
+    pub error: String,
+    pub result: Option<String>,
+    pub output_tail: String,
+    pub assigned_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub deadline_at: Option<i64>,
+}
+
+impl Record for AttemptRow {
+    const TABLE: &'static str = "step_attempts";
+    const COLUMNS: &'static str = "id, run_id, step_id, number, agent_id, agent_name, lease_token, state, exit_code, error_class, error, result, output_tail, assigned_at, started_at, finished_at, deadline_at";
+    const KEY: &'static str = "id";
+
+    fn bind<'q>(&'q self, q: AnyQuery<'q>) -> AnyQuery<'q> {
+        q.bind(self.id.as_str())
+            .bind(self.run_id.as_str())
+            .bind(self.step_id.as_str())
+            .bind(self.number)
+            .bind(self.agent_id.as_str())
+            .bind(self.agent_name.as_str())
+            .bind(self.lease_token.as_str())
+            .bind(self.state.as_str())
+            .bind(self.exit_code)
+            .bind(self.error_class.as_str())
+            .bind(self.error.as_str())
+            .bind(self.result.as_deref())
+            .bind(self.output_tail.as_str())
+            .bind(self.assigned_at)
+            .bind(self.started_at)
+            .bind(self.finished_at)
+            .bind(self.deadline_at)
+    }
+
+    fn decode(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(AttemptRow {
+            id: r.try_get("id")?,
+            run_id: r.try_get("run_id")?,
+            step_id: r.try_get("step_id")?,
+            number: r.try_get("number")?,
+            agent_id: r.try_get("agent_id")?,
+            agent_name: r.try_get("agent_name")?,
+            lease_token: r.try_get("lease_token")?,
+            state: r.try_get("state")?,
+            exit_code: r.try_get("exit_code")?,
+            error_class: r.try_get("error_class")?,
+            error: r.try_get("error")?,
+            result: r.try_get("result")?,
+            output_tail: r.try_get("output_tail")?,
+            assigned_at: r.try_get("assigned_at")?,
+            started_at: r.try_get("started_at")?,
+            finished_at: r.try_get("finished_at")?,
+            deadline_at: r.try_get("deadline_at")?,
+        })
+    }
+}
+
+/// One run event. Empty strings stand for "not applicable".
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct EventRow {
+    pub run_id: String,
+    pub seq: i64,
+    pub at: i64,
+    pub kind: String,
+    pub step_id: String,
+    pub attempt_id: String,
+    pub run_state: String,
+    pub step_state: String,
+    pub attempt_state: String,
+    pub message: String,
+}
+
+impl Record for EventRow {
+    const TABLE: &'static str = "run_events";
+    const COLUMNS: &'static str = "run_id, seq, at, kind, step_id, attempt_id, run_state, step_state, attempt_state, message";
+    const KEY: &'static str = "run_id, seq";
+    const UPSERT: bool = false;
+
+    fn bind<'q>(&'q self, q: AnyQuery<'q>) -> AnyQuery<'q> {
+        q.bind(self.run_id.as_str())
+            .bind(self.seq)
+            .bind(self.at)
+            .bind(self.kind.as_str())
+            .bind(self.step_id.as_str())
+            .bind(self.attempt_id.as_str())
+            .bind(self.run_state.as_str())
+            .bind(self.step_state.as_str())
+            .bind(self.attempt_state.as_str())
+            .bind(self.message.as_str())
+    }
+
+    fn decode(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(EventRow {
+            run_id: r.try_get("run_id")?,
+            seq: r.try_get("seq")?,
+            at: r.try_get("at")?,
+            kind: r.try_get("kind")?,
+            step_id: r.try_get("step_id")?,
+            attempt_id: r.try_get("attempt_id")?,
+            run_state: r.try_get("run_state")?,
+            step_state: r.try_get("step_state")?,
+            attempt_state: r.try_get("attempt_state")?,
+            message: r.try_get("message")?,
+        })
+    }
+}
+
+/// An agent as last seen. `labels` is a JSON object, `tools` a JSON list of
+/// `{name, version}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentRow {
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    pub labels: String,
+    pub tools: String,
+    pub slots: i64,
+    pub state: String,
+    pub connected_at: i64,
+    pub last_seen_at: i64,
+}
+
+impl Record for AgentRow {
+    const TABLE: &'static str = "agents";
+    const COLUMNS: &'static str =
+        "id, name, version, labels, tools, slots, state, connected_at, last_seen_at";
+    const KEY: &'static str = "id";
+
+    fn bind<'q>(&'q self, q: AnyQuery<'q>) -> AnyQuery<'q> {
+        q.bind(self.id.as_str())
+            .bind(self.name.as_str())
+            .bind(self.version.as_str())
+            .bind(self.labels.as_str())
+            .bind(self.tools.as_str())
+            .bind(self.slots)
+            .bind(self.state.as_str())
+            .bind(self.connected_at)
+            .bind(self.last_seen_at)
+    }
+
+    fn decode(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(AgentRow {
+            id: r.try_get("id")?,
+            name: r.try_get("name")?,
+            version: r.try_get("version")?,
+            labels: r.try_get("labels")?,
+            tools: r.try_get("tools")?,
+            slots: r.try_get("slots")?,
+            state: r.try_get("state")?,
+            connected_at: r.try_get("connected_at")?,
+            last_seen_at: r.try_get("last_seen_at")?,
+        })
+    }
+}
