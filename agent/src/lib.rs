@@ -45,7 +45,11 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn new(controller: impl Into<String>, name: impl Into<String>, work_dir: impl Into<PathBuf>) -> Config {
+    pub fn new(
+        controller: impl Into<String>,
+        name: impl Into<String>,
+        work_dir: impl Into<PathBuf>,
+    ) -> Config {
         Config {
             controllers: vec![controller.into()],
             name: name.into(),
@@ -124,7 +128,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         return Err(AgentError::Config("slots must be at least 1".into()));
     }
     let attempts_dir = cfg.work_dir.join("attempts");
-    std::fs::create_dir_all(&attempts_dir).map_err(|e| AgentError::Io { path: attempts_dir.clone(), source: e })?;
+    std::fs::create_dir_all(&attempts_dir).map_err(|e| AgentError::Io {
+        path: attempts_dir.clone(),
+        source: e,
+    })?;
     let id = agent_id(&cfg.work_dir)?;
     let (adapters, tools) = probe_tools(cfg.tools.as_deref())?;
     info!(agent = %cfg.name, agent_id = %id, tools = ?tools.iter().map(|t| &t.name).collect::<Vec<_>>(), "agent starting");
@@ -166,7 +173,10 @@ fn probe_tools(only: Option<&[String]>) -> Result<(Adapters, Vec<pb::Tool>), Age
         for name in only {
             if !all.iter().any(|a| a.name() == name) {
                 let known: Vec<&str> = all.iter().map(|a| a.name()).collect();
-                return Err(AgentError::Config(format!("unknown tool {name:?} in --tools (known: {})", known.join(", "))));
+                return Err(AgentError::Config(format!(
+                    "unknown tool {name:?} in --tools (known: {})",
+                    known.join(", ")
+                )));
             }
         }
     }
@@ -178,7 +188,10 @@ fn probe_tools(only: Option<&[String]>) -> Result<(Adapters, Vec<pb::Tool>), Age
         }
         match a.probe() {
             Some(version) => {
-                tools.push(pb::Tool { name: a.name().to_string(), version });
+                tools.push(pb::Tool {
+                    name: a.name().to_string(),
+                    version,
+                });
                 map.insert(a.name().to_string(), a);
             }
             None => info!(tool = a.name(), "tool not available on this machine"),
@@ -205,7 +218,7 @@ impl Agent {
                 // The session had been up; the outage starts now.
                 disconnected_since = Instant::now();
             }
-            let delay = backoff.next();
+            let delay = backoff.next_delay();
             let wake = tokio::time::Instant::now() + delay;
             loop {
                 if let Some(limit) = self.cfg.stop_after
@@ -243,7 +256,12 @@ impl Agent {
     }
 
     /// One connection to a controller, from Hello to its end.
-    async fn session(&mut self, url: &str, shutdown: &CancellationToken, backoff: &mut Backoff) -> SessionEnd {
+    async fn session(
+        &mut self,
+        url: &str,
+        shutdown: &CancellationToken,
+        backoff: &mut Backoff,
+    ) -> SessionEnd {
         let endpoint = match tonic::transport::Endpoint::from_shared(url.to_string()) {
             Ok(e) => e
                 .connect_timeout(Duration::from_secs(5))
@@ -281,7 +299,9 @@ impl Agent {
             }
         };
         let welcome = match inbound.message().await {
-            Ok(Some(pb::ControllerMessage { msg: Some(In::Welcome(w)) })) => w,
+            Ok(Some(pb::ControllerMessage {
+                msg: Some(In::Welcome(w)),
+            })) => w,
             Ok(_) => return SessionEnd::Broken("the controller did not welcome us".into()),
             Err(e) => return SessionEnd::Broken(format!("welcome: {e}")),
         };
@@ -292,7 +312,8 @@ impl Agent {
                 warn!(attempt_id = %id, "controller abandoned attempt; stopping it");
                 r.stop(StopReason::Abandoned);
             }
-            self.unacked.retain(|f| f.attempt.as_ref().is_none_or(|a| &a.attempt_id != id));
+            self.unacked
+                .retain(|f| f.attempt.as_ref().is_none_or(|a| &a.attempt_id != id));
         }
         let hb_every = Duration::from_millis(welcome.heartbeat_interval_ms.max(50) as u64);
         let mut heartbeat = tokio::time::interval(hb_every);
@@ -347,7 +368,8 @@ impl Agent {
                 Ok(())
             }
             In::Ack(a) => {
-                self.unacked.retain(|f| f.attempt.as_ref().is_none_or(|r| r.attempt_id != a.attempt_id));
+                self.unacked
+                    .retain(|f| f.attempt.as_ref().is_none_or(|r| r.attempt_id != a.attempt_id));
                 if !a.accepted {
                     warn!(attempt_id = %a.attempt_id, "controller rejected our result (stale lease)");
                 }
@@ -369,15 +391,23 @@ impl Agent {
         if self.running.contains_key(&r.attempt_id) {
             return Ok(());
         }
-        let span = info_span!("attempt", run_id = %r.run_id, step_id = %r.step_id, attempt_id = %r.attempt_id);
+        let span =
+            info_span!("attempt", run_id = %r.run_id, step_id = %r.step_id, attempt_id = %r.attempt_id);
         let _enter = span.enter();
-        let started = pb::AttemptStarted { attempt: Some(r.clone()), pid: 0 };
+        let started = pb::AttemptStarted {
+            attempt: Some(r.clone()),
+            pid: 0,
+        };
         if out.try_send(msg(Out::Started(started))).is_err() {
             return Err("outbound stream is stuck".into());
         }
         let stop = CancellationToken::new();
         let reason: Arc<OnceLock<StopReason>> = Arc::new(OnceLock::new());
-        let running = Running { attempt: r.clone(), stop: stop.clone(), reason: reason.clone() };
+        let running = Running {
+            attempt: r.clone(),
+            stop: stop.clone(),
+            reason: reason.clone(),
+        };
         let adapter = self.adapters.get(&req.tool).cloned();
         let input = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&req.input_json);
         let dir = self.cfg.work_dir.join("attempts").join(&r.attempt_id);
@@ -400,10 +430,16 @@ impl Agent {
         let task = async move {
             let t0 = Instant::now();
             let outcome = match (adapter, input) {
-                (None, _) => adapters::Outcome::failure("tool_error", format!("tool {:?} is not available on this agent", req.tool)),
+                (None, _) => adapters::Outcome::failure(
+                    "tool_error",
+                    format!("tool {:?} is not available on this agent", req.tool),
+                ),
                 (_, Err(e)) => adapters::Outcome::failure("tool_error", format!("bad tool input: {e}")),
                 (Some(adapter), Ok(input)) => match std::fs::create_dir_all(&dir) {
-                    Err(e) => adapters::Outcome::failure("tool_error", format!("cannot create {}: {e}", dir.display())),
+                    Err(e) => adapters::Outcome::failure(
+                        "tool_error",
+                        format!("cannot create {}: {e}", dir.display()),
+                    ),
                     Ok(()) => {
                         let ctx = AttemptContext {
                             attempt_id: r.attempt_id.clone(),
@@ -426,9 +462,16 @@ impl Agent {
                 Some(StopReason::Timeout) => (
                     "timed_out",
                     "timeout".to_string(),
-                    format!("timed out after {}", baton_common::time::format_duration(timeout.unwrap_or_default())),
+                    format!(
+                        "timed out after {}",
+                        baton_common::time::format_duration(timeout.unwrap_or_default())
+                    ),
                 ),
-                Some(why) => ("canceled", "canceled".to_string(), format!("stopped: {why:?}").to_lowercase()),
+                Some(why) => (
+                    "canceled",
+                    "canceled".to_string(),
+                    format!("stopped: {why:?}").to_lowercase(),
+                ),
                 None if outcome.succeeded => ("succeeded", String::new(), String::new()),
                 None => ("failed", outcome.error_class.clone(), outcome.error.clone()),
             };
@@ -455,7 +498,11 @@ impl Agent {
     fn on_event(&mut self, ev: Event, out: Option<&mpsc::Sender<pb::AgentMessage>>) -> bool {
         match ev {
             Event::Finished(f) => {
-                let id = f.attempt.as_ref().map(|a| a.attempt_id.clone()).unwrap_or_default();
+                let id = f
+                    .attempt
+                    .as_ref()
+                    .map(|a| a.attempt_id.clone())
+                    .unwrap_or_default();
                 let abandoned = self
                     .running
                     .remove(&id)
@@ -506,7 +553,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff { min, max: max.max(min), attempt: 0 }
+        Backoff {
+            min,
+            max: max.max(min),
+            attempt: 0,
+        }
     }
 
     pub fn reset(&mut self) {
@@ -517,8 +568,11 @@ impl Backoff {
         self.attempt
     }
 
-    pub fn next(&mut self) -> Duration {
-        let base = self.min.saturating_mul(1u32 << self.attempt.min(20)).min(self.max);
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self
+            .min
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
         self.attempt += 1;
         let half = base / 2;
         half + Duration::from_nanos(rand::random_range(0..=half.as_nanos().max(1) as u64))
@@ -532,18 +586,24 @@ mod tests {
     #[test]
     fn backoff_grows_is_jittered_and_capped() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let first = b.next();
-        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100), "{first:?}");
+        let first = b.next_delay();
+        assert!(
+            first >= Duration::from_millis(50) && first <= Duration::from_millis(100),
+            "{first:?}"
+        );
         let mut last = Duration::ZERO;
         for _ in 0..10 {
-            last = b.next();
+            last = b.next_delay();
             assert!(last <= Duration::from_secs(2));
         }
-        assert!(last >= Duration::from_secs(1), "capped base is 2s, jittered down to at least 1s: {last:?}");
-        let draws: std::collections::HashSet<_> = (0..20).map(|_| b.next()).collect();
+        assert!(
+            last >= Duration::from_secs(1),
+            "capped base is 2s, jittered down to at least 1s: {last:?}"
+        );
+        let draws: std::collections::HashSet<_> = (0..20).map(|_| b.next_delay()).collect();
         assert!(draws.len() > 1, "delays are jittered");
         b.reset();
-        assert!(b.next() <= Duration::from_millis(100));
+        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 
     #[test]
@@ -558,8 +618,14 @@ mod tests {
     #[test]
     fn unknown_tool_filter_is_refused() {
         let err = probe_tools(Some(&["hammer".to_string()])).err().unwrap();
-        assert!(err.to_string().contains("unknown tool \"hammer\" in --tools"), "{err}");
+        assert!(
+            err.to_string().contains("unknown tool \"hammer\" in --tools"),
+            "{err}"
+        );
         let (_, tools) = probe_tools(Some(&["noop".to_string()])).unwrap();
-        assert_eq!(tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), vec!["noop"]);
+        assert_eq!(
+            tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+            vec!["noop"]
+        );
     }
 }

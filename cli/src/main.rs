@@ -20,10 +20,19 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use output::Format;
 
 #[derive(Debug, Parser)]
-#[command(name = "baton", version, about = "Baton: run workstreams of tools across machines")]
+#[command(
+    name = "baton",
+    version,
+    about = "Baton: run workstreams of tools across machines"
+)]
 struct Cli {
     /// Controller URL.
-    #[arg(long, global = true, env = "BATON_CONTROLLER", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "BATON_CONTROLLER",
+        default_value = "http://127.0.0.1:7070"
+    )]
     controller: String,
     #[command(subcommand)]
     command: Command,
@@ -203,10 +212,19 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<u8, Failure> {
     match cli.command {
         Command::Validate { file, out } => validate(&file, out.format()),
-        Command::Submit { file, watch, params, out } => {
+        Command::Submit {
+            file,
+            watch,
+            params,
+            out,
+        } => {
             let (source, text) = read_spec(&file)?;
             let mut c = client::connect(&cli.controller).await?;
-            let req = pb::SubmitRunRequest { spec: text, source, params: params.into_iter().collect() };
+            let req = pb::SubmitRunRequest {
+                spec: text,
+                source,
+                params: params.into_iter().collect(),
+            };
             let run_id = c.submit_run(req).await?.into_inner().run_id;
             if watch {
                 if out.format() == Format::Text {
@@ -227,7 +245,14 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             output::agents(out.format(), &agents);
             Ok(0)
         }
-        Command::Dev { file, agents, slots, db, params, out } => {
+        Command::Dev {
+            file,
+            agents,
+            slots,
+            db,
+            params,
+            out,
+        } => {
             let params: BTreeMap<String, String> = params.into_iter().collect();
             dev::run(&file, agents, slots, db, params, out.format()).await
         }
@@ -238,22 +263,37 @@ async fn runs(controller: &str, cmd: RunsCommand) -> Result<u8, Failure> {
     let mut c = client::connect(controller).await?;
     match cmd {
         RunsCommand::List { state, limit, out } => {
-            let req = pb::ListRunsRequest { state: state.unwrap_or_default(), limit };
+            let req = pb::ListRunsRequest {
+                state: state.unwrap_or_default(),
+                limit,
+            };
             let runs = c.list_runs(req).await?.into_inner().runs;
             output::runs(out.format(), &runs);
         }
         RunsCommand::Show { run, out } => {
-            let run = c.get_run(pb::GetRunRequest { run_id: run }).await?.into_inner().run;
+            let run = c
+                .get_run(pb::GetRunRequest { run_id: run })
+                .await?
+                .into_inner()
+                .run;
             if let Some(run) = run {
                 output::run(out.format(), &run);
             }
         }
         RunsCommand::Watch { run, from_seq, out } => {
-            let id = c.get_run(pb::GetRunRequest { run_id: run }).await?.into_inner().run.map(|r| r.id);
+            let id = c
+                .get_run(pb::GetRunRequest { run_id: run })
+                .await?
+                .into_inner()
+                .run
+                .map(|r| r.id);
             return watch::watch(&mut c, &id.unwrap_or_default(), from_seq, out.format()).await;
         }
         RunsCommand::Cancel { run, reason, out } => {
-            let resp = c.cancel_run(pb::CancelRunRequest { run_id: run, reason }).await?.into_inner();
+            let resp = c
+                .cancel_run(pb::CancelRunRequest { run_id: run, reason })
+                .await?
+                .into_inner();
             match out.format() {
                 Format::Text => println!("run {} {}", resp.run_id, resp.state),
                 f => output::print_json(f, &resp),
@@ -275,7 +315,11 @@ fn validate(file: &Path, format: Format) -> Result<u8, Failure> {
     match baton_common::spec::parse(&source, &text) {
         Ok(ws) => {
             match format {
-                Format::Text => println!("{source}: ok, workstream {:?} with {} steps", ws.name, ws.steps.len()),
+                Format::Text => println!(
+                    "{source}: ok, workstream {:?} with {} steps",
+                    ws.name,
+                    ws.steps.len()
+                ),
                 f => output::print_json(
                     f,
                     &serde_json::json!({"file": source, "valid": true, "workstream": ws.name, "steps": ws.steps.len()}),
@@ -286,7 +330,10 @@ fn validate(file: &Path, format: Format) -> Result<u8, Failure> {
         Err(e) => {
             if format != Format::Text {
                 let problems: Vec<String> = e.to_string().lines().map(str::to_string).collect();
-                output::print_json(format, &serde_json::json!({"file": source, "valid": false, "problems": problems}));
+                output::print_json(
+                    format,
+                    &serde_json::json!({"file": source, "valid": false, "problems": problems}),
+                );
             }
             Err(Failure::Invalid(e.to_string()))
         }

@@ -69,7 +69,13 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
         let parts: Vec<String> = cells
             .into_iter()
             .enumerate()
-            .map(|(i, c)| if i == last { c } else { format!("{c:<w$}", w = widths[i]) })
+            .map(|(i, c)| {
+                if i == last {
+                    c
+                } else {
+                    format!("{c:<w$}", w = widths[i])
+                }
+            })
             .collect();
         println!("{}", parts.join("  ").trim_end());
     };
@@ -98,7 +104,18 @@ pub fn runs(format: Format, runs: &[pb::RunSummary]) {
             ]
         })
         .collect();
-    table(&["ID", "WORKSTREAM", "STATE", "STEPS", "CREATED", "ELAPSED", "REASON"], rows);
+    table(
+        &[
+            "ID",
+            "WORKSTREAM",
+            "STATE",
+            "STEPS",
+            "CREATED",
+            "ELAPSED",
+            "REASON",
+        ],
+        rows,
+    );
 }
 
 pub fn run(format: Format, run: &pb::Run) {
@@ -114,7 +131,10 @@ pub fn run(format: Format, run: &pb::Run) {
     }
     println!("Created:    {}", time(run.created_at_ms));
     println!("Elapsed:    {}", span(p.elapsed_ms));
-    println!("Progress:   {}/{} steps done ({:.0}%)", p.done, p.total, p.percent);
+    println!(
+        "Progress:   {}/{} steps done ({:.0}%)",
+        p.done, p.total, p.percent
+    );
     println!();
     steps(&run.steps);
 }
@@ -129,7 +149,11 @@ pub fn steps(steps: &[pb::Step]) {
             } else {
                 "-".into()
             };
-            let agent = s.attempts.last().map(|a| a.agent_name.clone()).unwrap_or_default();
+            let agent = s
+                .attempts
+                .last()
+                .map(|a| a.agent_name.clone())
+                .unwrap_or_default();
             let exit = s
                 .attempts
                 .last()
@@ -148,7 +172,12 @@ pub fn steps(steps: &[pb::Step]) {
             ]
         })
         .collect();
-    table(&["STEP", "TOOL", "STATE", "ATTEMPTS", "DURATION", "AGENT", "EXIT", "REASON"], rows);
+    table(
+        &[
+            "STEP", "TOOL", "STATE", "ATTEMPTS", "DURATION", "AGENT", "EXIT", "REASON",
+        ],
+        rows,
+    );
 }
 
 pub fn agents(format: Format, agents: &[pb::Agent]) {
@@ -159,7 +188,11 @@ pub fn agents(format: Format, agents: &[pb::Agent]) {
     let rows = agents
         .iter()
         .map(|a| {
-            let tools: Vec<String> = a.tools.iter().map(|t| format!("{}@{}", t.name, t.version)).collect();
+            let tools: Vec<String> = a
+                .tools
+                .iter()
+                .map(|t| format!("{}@{}", t.name, t.version))
+                .collect();
             let mut labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             labels.sort();
             vec![
@@ -168,12 +201,19 @@ pub fn agents(format: Format, agents: &[pb::Agent]) {
                 format!("{}/{}", a.slots_used, a.slots),
                 format!("{} ago", span(now - a.last_seen_ms)),
                 tools.join(","),
-                if labels.is_empty() { "-".into() } else { labels.join(",") },
+                if labels.is_empty() {
+                    "-".into()
+                } else {
+                    labels.join(",")
+                },
                 a.id.clone(),
             ]
         })
         .collect();
-    table(&["NAME", "STATE", "SLOTS", "LAST SEEN", "TOOLS", "LABELS", "ID"], rows);
+    table(
+        &["NAME", "STATE", "SLOTS", "LAST SEEN", "TOOLS", "LABELS", "ID"],
+        rows,
+    );
 }
 
 #[cfg(test)]

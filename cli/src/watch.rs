@@ -10,9 +10,9 @@ use baton_common::pb;
 use baton_common::state::StepState;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::Failure;
 use crate::client::Client;
 use crate::output::{self, Format};
-use crate::Failure;
 
 /// How long a watch keeps trying to reach a controller that went away.
 const RECONNECT_FOR: Duration = Duration::from_secs(120);
@@ -24,7 +24,10 @@ pub async fn watch(c: &mut Client, run_id: &str, from_seq: i64, format: Format) 
     let mut next = from_seq.max(1);
     let mut down_since: Option<std::time::Instant> = None;
     loop {
-        let req = pb::WatchRunRequest { run_id: run_id.to_string(), from_seq: next };
+        let req = pb::WatchRunRequest {
+            run_id: run_id.to_string(),
+            from_seq: next,
+        };
         let result = match c.watch_run(req).await {
             Ok(stream) => {
                 let mut stream = stream.into_inner();
@@ -44,7 +47,12 @@ pub async fn watch(c: &mut Client, run_id: &str, from_seq: i64, format: Format) 
         };
         match result {
             Ok(()) => break,
-            Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal) => {
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+                ) =>
+            {
                 let since = *down_since.get_or_insert_with(std::time::Instant::now);
                 if since.elapsed() > RECONNECT_FOR {
                     view.clear();
@@ -65,7 +73,13 @@ pub async fn watch(c: &mut Client, run_id: &str, from_seq: i64, format: Format) 
 }
 
 async fn get(c: &mut Client, run_id: &str) -> Result<pb::Run, Failure> {
-    let run = c.get_run(pb::GetRunRequest { run_id: run_id.to_string() }).await?.into_inner().run;
+    let run = c
+        .get_run(pb::GetRunRequest {
+            run_id: run_id.to_string(),
+        })
+        .await?
+        .into_inner()
+        .run;
     run.ok_or_else(|| Failure::Other(anyhow::anyhow!("run {run_id} not found")))
 }
 
@@ -78,17 +92,28 @@ struct View {
 
 impl View {
     fn new(format: Format, run: &pb::Run) -> View {
-        let states: HashMap<String, String> = run.steps.iter().map(|s| (s.id.clone(), s.state.clone())).collect();
+        let states: HashMap<String, String> = run
+            .steps
+            .iter()
+            .map(|s| (s.id.clone(), s.state.clone()))
+            .collect();
         let total = run.steps.len() as u64;
         let bar = (format == Format::Text && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::new(total);
-            let style = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar());
+            let style = ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar());
             bar.set_style(style);
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
         });
-        let mut v = View { format, bar, states, total };
+        let mut v = View {
+            format,
+            bar,
+            states,
+            total,
+        };
         v.refresh();
         v
     }
@@ -128,7 +153,11 @@ impl View {
         running.sort();
         let shown: Vec<&str> = running.iter().take(4).copied().collect();
         let more = running.len().saturating_sub(shown.len());
-        let mut msg = if shown.is_empty() { String::new() } else { format!("running: {}", shown.join(", ")) };
+        let mut msg = if shown.is_empty() {
+            String::new()
+        } else {
+            format!("running: {}", shown.join(", "))
+        };
         if more > 0 {
             msg.push_str(&format!(" +{more}"));
         }
@@ -164,7 +193,13 @@ impl View {
         }
         let counts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
         println!();
-        print!("run {} {} in {} ({})", run.id, run.state, output::span(elapsed), counts.join(", "));
+        print!(
+            "run {} {} in {} ({})",
+            run.id,
+            run.state,
+            output::span(elapsed),
+            counts.join(", ")
+        );
         if !run.reason.is_empty() && run.state != "succeeded" {
             print!(": {}", run.reason);
         }

@@ -145,14 +145,23 @@ pub fn parse(source: &str, text: &str) -> Result<Workstream, SpecError> {
 fn parse_raw(source: &str, text: &str) -> Result<RawWorkstream, SpecError> {
     let fail = |line, column, message: String| SpecError {
         origin: source.to_string(),
-        problems: vec![Problem { step: None, line, column, message }],
+        problems: vec![Problem {
+            step: None,
+            line,
+            column,
+            message,
+        }],
     };
     if text.trim().is_empty() {
         return Err(fail(None, None, "the spec is empty".into()));
     }
     if text.trim_start().starts_with('{') {
         return serde_json::from_str(text).map_err(|e| {
-            fail(Some(e.line()), Some(e.column()), format!("invalid JSON: {}", strip_position(&e.to_string())))
+            fail(
+                Some(e.line()),
+                Some(e.column()),
+                format!("invalid JSON: {}", strip_position(&e.to_string())),
+            )
         });
     }
     serde_norway::from_str(text).map_err(|e| {
@@ -160,7 +169,11 @@ fn parse_raw(source: &str, text: &str) -> Result<RawWorkstream, SpecError> {
             .location()
             .map(|l| (Some(l.line()), Some(l.column())))
             .unwrap_or((None, None));
-        fail(line, column, format!("invalid YAML: {}", strip_position(&e.to_string())))
+        fail(
+            line,
+            column,
+            format!("invalid YAML: {}", strip_position(&e.to_string())),
+        )
     })
 }
 
@@ -192,20 +205,27 @@ impl Collector<'_> {
 /// The line (1-based) where step `id` is declared, found by text search: serde gives no
 /// positions for values, and pointing at the step beats pointing nowhere.
 fn find_step_line(text: &str, id: &str) -> Option<usize> {
-    text.lines().position(|line| {
-        let t = line.trim_start().trim_start_matches('-').trim_start();
-        let t = t.trim_start_matches('{').trim_start();
-        let t = t.strip_prefix("\"id\"").or_else(|| t.strip_prefix("id"));
-        let Some(rest) = t else { return false };
-        let Some(rest) = rest.trim_start().strip_prefix(':') else { return false };
-        let v = rest.split([',', '}', '#']).next().unwrap_or("").trim();
-        let v = v.trim_matches('"').trim_matches('\'');
-        v == id
-    }).map(|i| i + 1)
+    text.lines()
+        .position(|line| {
+            let t = line.trim_start().trim_start_matches('-').trim_start();
+            let t = t.trim_start_matches('{').trim_start();
+            let t = t.strip_prefix("\"id\"").or_else(|| t.strip_prefix("id"));
+            let Some(rest) = t else { return false };
+            let Some(rest) = rest.trim_start().strip_prefix(':') else {
+                return false;
+            };
+            let v = rest.split([',', '}', '#']).next().unwrap_or("").trim();
+            let v = v.trim_matches('"').trim_matches('\'');
+            v == id
+        })
+        .map(|i| i + 1)
 }
 
 fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, SpecError> {
-    let mut c = Collector { text, problems: Vec::new() };
+    let mut c = Collector {
+        text,
+        problems: Vec::new(),
+    };
     let name = raw.name.unwrap_or_default();
     if name.trim().is_empty() {
         c.push(None, "the workstream needs a non-empty name");
@@ -240,8 +260,14 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
         }
         let here = Some(id.as_str());
         if id.len() > MAX_ID_LEN {
-            c.push(here, format!("id is {} bytes long; the limit is {MAX_ID_LEN}", id.len()));
-        } else if !id.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {
+            c.push(
+                here,
+                format!("id is {} bytes long; the limit is {MAX_ID_LEN}", id.len()),
+            );
+        } else if !id
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+        {
             c.push(here, "id may only hold letters, digits, '-', '_' and '.'");
         }
         if !seen.insert(id.clone()) {
@@ -260,7 +286,10 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
             (None, None) => c.push(here, "the step needs a tool or a kind"),
             (Some(t), _) if !tools::is_known(t) => c.push(
                 here,
-                format!("unknown tool {t:?} (known tools: {})", tools::KNOWN_TOOLS.join(", ")),
+                format!(
+                    "unknown tool {t:?} (known tools: {})",
+                    tools::KNOWN_TOOLS.join(", ")
+                ),
             ),
             (Some(t), _) => {
                 if let Err(e) = tools::check_input(t, &with) {
@@ -291,7 +320,15 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
                 needs.push(n);
             }
         }
-        steps.push(StepSpec { id, needs, tool: rs.tool, kind: rs.kind, with, timeout_ms, env });
+        steps.push(StepSpec {
+            id,
+            needs,
+            tool: rs.tool,
+            kind: rs.kind,
+            with,
+            timeout_ms,
+            env,
+        });
     }
 
     let ids: HashSet<&str> = steps.iter().map(|s| s.id.as_str()).collect();
@@ -312,16 +349,25 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
     }
 
     if c.problems.is_empty() {
-        Ok(Workstream { name, description: raw.description, steps })
+        Ok(Workstream {
+            name,
+            description: raw.description,
+            steps,
+        })
     } else {
-        Err(SpecError { origin: source.to_string(), problems: c.problems })
+        Err(SpecError {
+            origin: source.to_string(),
+            problems: c.problems,
+        })
     }
 }
 
 fn duration_value(v: &Value) -> Result<u64, String> {
     match v {
         Value::String(s) => parse_duration(s).map(|d| d.as_millis() as u64),
-        other => Err(format!("expected a duration such as \"30s\" or \"5m\", got {other}")),
+        other => Err(format!(
+            "expected a duration such as \"30s\" or \"5m\", got {other}"
+        )),
     }
 }
 
@@ -345,8 +391,11 @@ fn env_map(raw: &BTreeMap<String, Value>) -> Result<BTreeMap<String, String>, St
 /// Every dependency cycle, each as a path that starts and ends at the same step.
 /// Found by depth-first search; each cycle is reported once.
 fn find_cycles(steps: &[StepSpec]) -> Vec<Vec<String>> {
-    let index: HashMap<&str, usize> =
-        steps.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
+    let index: HashMap<&str, usize> = steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.id.as_str(), i))
+        .collect();
     // 0 = unvisited, 1 = on the current path, 2 = done.
     let mut color = vec![0u8; steps.len()];
     let mut cycles = Vec::new();
@@ -364,7 +413,9 @@ fn find_cycles(steps: &[StepSpec]) -> Vec<Vec<String>> {
                 if let Some(last) = iters.last_mut() {
                     *last += 1;
                 }
-                let Some(&dep) = index.get(needs[next_i].as_str()) else { continue };
+                let Some(&dep) = index.get(needs[next_i].as_str()) else {
+                    continue;
+                };
                 match color[dep] {
                     0 => {
                         color[dep] = 1;
@@ -378,8 +429,7 @@ fn find_cycles(steps: &[StepSpec]) -> Vec<Vec<String>> {
                         let mut members: Vec<usize> = path[from..].iter().rev().copied().collect();
                         let first = (0..members.len()).min_by_key(|&i| members[i]).unwrap_or(0);
                         members.rotate_left(first);
-                        let mut cyc: Vec<String> =
-                            members.iter().map(|&p| steps[p].id.clone()).collect();
+                        let mut cyc: Vec<String> = members.iter().map(|&p| steps[p].id.clone()).collect();
                         cyc.push(cyc[0].clone());
                         cycles.push(cyc);
                     }
@@ -398,7 +448,11 @@ fn find_cycles(steps: &[StepSpec]) -> Vec<Vec<String>> {
 impl Workstream {
     /// Position of each step id in `steps`.
     pub fn index(&self) -> HashMap<&str, usize> {
-        self.steps.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect()
+        self.steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id.as_str(), i))
+            .collect()
     }
 }
 
@@ -481,12 +535,17 @@ steps:
     #[test]
     fn rejects_unknown_dependency() {
         let e = err("name: u\nsteps:\n  - id: build\n    tool: noop\n    needs: [compile]\n");
-        assert_eq!(e, "ws.yaml:3: step \"build\": depends on unknown step \"compile\"");
+        assert_eq!(
+            e,
+            "ws.yaml:3: step \"build\": depends on unknown step \"compile\""
+        );
     }
 
     #[test]
     fn rejects_duplicate_and_empty_ids() {
-        let e = err("name: d\nsteps:\n  - {id: a, tool: noop}\n  - {id: a, tool: noop}\n  - {id: '', tool: noop}\n  - {tool: noop}\n");
+        let e = err(
+            "name: d\nsteps:\n  - {id: a, tool: noop}\n  - {id: a, tool: noop}\n  - {id: '', tool: noop}\n  - {tool: noop}\n",
+        );
         assert!(e.contains("step \"a\": duplicate step id"), "{e}");
         assert!(e.contains("steps[2]: the step needs a non-empty id"), "{e}");
         assert!(e.contains("steps[3]: the step needs a non-empty id"), "{e}");
@@ -495,12 +554,17 @@ steps:
     #[test]
     fn rejects_unknown_tool() {
         let e = err("name: t\nsteps:\n  - id: x\n    tool: hammer\n");
-        assert!(e.starts_with("ws.yaml:3: step \"x\": unknown tool \"hammer\""), "{e}");
+        assert!(
+            e.starts_with("ws.yaml:3: step \"x\": unknown tool \"hammer\""),
+            "{e}"
+        );
     }
 
     #[test]
     fn rejects_missing_tool_and_bad_input() {
-        let e = err("name: t\nsteps:\n  - id: x\n  - id: y\n    tool: shell\n  - id: z\n    tool: shell\n    with: {run: a, argv: [b]}\n");
+        let e = err(
+            "name: t\nsteps:\n  - id: x\n  - id: y\n    tool: shell\n  - id: z\n    tool: shell\n    with: {run: a, argv: [b]}\n",
+        );
         assert!(e.contains("step \"x\": the step needs a tool or a kind"), "{e}");
         assert!(e.contains("step \"y\": shell needs with.run"), "{e}");
         assert!(e.contains("step \"z\": shell takes either"), "{e}");
@@ -508,10 +572,21 @@ steps:
 
     #[test]
     fn rejects_bad_durations() {
-        let e = err("name: t\ndefaults: {timeout: soon}\nsteps:\n  - id: x\n    tool: noop\n    timeout: 10 parsecs\n  - id: y\n    tool: noop\n    timeout: 30\n");
-        assert!(e.contains("ws.yaml: defaults.timeout: bad duration \"soon\""), "{e}");
-        assert!(e.contains("step \"x\": timeout: bad duration \"10 parsecs\""), "{e}");
-        assert!(e.contains("step \"y\": timeout: expected a duration such as \"30s\""), "{e}");
+        let e = err(
+            "name: t\ndefaults: {timeout: soon}\nsteps:\n  - id: x\n    tool: noop\n    timeout: 10 parsecs\n  - id: y\n    tool: noop\n    timeout: 30\n",
+        );
+        assert!(
+            e.contains("ws.yaml: defaults.timeout: bad duration \"soon\""),
+            "{e}"
+        );
+        assert!(
+            e.contains("step \"x\": timeout: bad duration \"10 parsecs\""),
+            "{e}"
+        );
+        assert!(
+            e.contains("step \"y\": timeout: expected a duration such as \"30s\""),
+            "{e}"
+        );
     }
 
     #[test]
@@ -547,7 +622,9 @@ steps:
     #[test]
     fn rejects_bad_ids_and_env() {
         let long = "x".repeat(MAX_ID_LEN + 1);
-        let e = err(&format!("name: t\nsteps:\n  - id: 'a b'\n    tool: noop\n  - id: {long}\n    tool: noop\n    env: {{A: [1]}}\n"));
+        let e = err(&format!(
+            "name: t\nsteps:\n  - id: 'a b'\n    tool: noop\n  - id: {long}\n    tool: noop\n    env: {{A: [1]}}\n"
+        ));
         assert!(e.contains("step \"a b\": id may only hold"), "{e}");
         assert!(e.contains("the limit is 128"), "{e}");
         assert!(e.contains("env: A must be a string"), "{e}");

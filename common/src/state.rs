@@ -117,7 +117,10 @@ state_enum!(
 impl StepState {
     /// Final for the run as it stands (a release may still revive `failed`).
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Failed | Self::Skipped | Self::Canceled)
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::Skipped | Self::Canceled
+        )
     }
 
     fn can_become(self, to: Self) -> bool {
@@ -158,7 +161,11 @@ impl AttemptState {
         use AttemptState::*;
         matches!(
             (self, to),
-            (Assigned, Running) | (Assigned | Running, Succeeded | Failed | TimedOut | Canceled | Lost)
+            (Assigned, Running)
+                | (
+                    Assigned | Running,
+                    Succeeded | Failed | TimedOut | Canceled | Lost
+                )
         )
     }
 }
@@ -297,9 +304,9 @@ mod tests {
             let mut s = AttemptState::Assigned;
             for i in seq {
                 let to = AttemptState::ALL[i];
-                match s.transition(to) {
-                    Ok(next) => { prop_assert!(!s.is_terminal()); s = next; }
-                    Err(_) => {}
+                if let Ok(next) = s.transition(to) {
+                    prop_assert!(!s.is_terminal());
+                    s = next;
                 }
             }
         }

@@ -56,11 +56,7 @@ fn check_shell(with: &Map<String, Value>) -> Result<(), String> {
         (None, None) => Err("shell needs with.run (a script) or with.argv (a command)".into()),
         (Some(Value::String(s)), None) if !s.trim().is_empty() => Ok(()),
         (Some(_), None) => Err("with.run must be a non-empty string".into()),
-        (None, Some(Value::Array(a)))
-            if !a.is_empty() && a.iter().all(|v| v.is_string()) =>
-        {
-            Ok(())
-        }
+        (None, Some(Value::Array(a))) if !a.is_empty() && a.iter().all(|v| v.is_string()) => Ok(()),
         (None, Some(_)) => Err("with.argv must be a non-empty list of strings".into()),
     }
 }

@@ -35,7 +35,11 @@ pub enum ControllerError {
 
 /// Serves the controller on `listener` until `shutdown` is cancelled. Returns an error
 /// when the store cannot be opened or fails for good while running.
-pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) -> Result<(), ControllerError> {
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), ControllerError> {
     let addr = listener.local_addr().ok();
     let store = store::Store::open(&config.db).await?;
     // `stop` ends everything: a shutdown request, or the engine failing.

@@ -1,0 +1,420 @@
+//! A sandbox for end-to-end tests: a controller and agents on ephemeral loopback
+//! ports in a temporary directory, either in this process or as real processes, with
+//! helpers that await events and states with a deadline instead of sleeping.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use baton_common::pb;
+use baton_common::pb::baton_service_client::BatonServiceClient;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub use baton_common::pb as proto;
+
+pub type Client = BatonServiceClient<Channel>;
+
+/// Engine timings short enough for tests.
+pub fn fast_engine() -> baton_controller::EngineConfig {
+    baton_controller::EngineConfig {
+        heartbeat_interval: Duration::from_millis(200),
+        lost_after: Duration::from_secs(2),
+        failover_grace: Duration::from_secs(4),
+        kill_grace: Duration::from_millis(500),
+        ..Default::default()
+    }
+}
+
+/// Logs of the code under test, when `RUST_LOG` asks for them.
+pub fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .try_init();
+    }
+}
+
+pub struct SandboxBuilder {
+    agents: u32,
+    slots: u32,
+    engine: baton_controller::EngineConfig,
+}
+
+impl SandboxBuilder {
+    pub fn agents(mut self, n: u32) -> Self {
+        self.agents = n;
+        self
+    }
+
+    pub fn slots(mut self, n: u32) -> Self {
+        self.slots = n;
+        self
+    }
+
+    pub fn engine(mut self, cfg: baton_controller::EngineConfig) -> Self {
+        self.engine = cfg;
+        self
+    }
+
+    /// Starts an in-process controller and the agents, and waits until all agents are
+    /// connected.
+    pub async fn build(self) -> Sandbox {
+        init_logs();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let db = format!("sqlite://{}", dir.path().join("baton.db").display());
+        let mut sb = Sandbox {
+            dir,
+            addr,
+            db,
+            engine: self.engine,
+            controller: None,
+            agents: Vec::new(),
+        };
+        sb.start_controller_on(listener);
+        for i in 1..=self.agents {
+            sb.add_agent(&format!("agent-{i}"), self.slots);
+        }
+        sb.wait_agents(self.agents as usize).await;
+        sb
+    }
+}
+
+struct InProcess {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    pub db: String,
+    pub engine: baton_controller::EngineConfig,
+    controller: Option<InProcess>,
+    agents: Vec<(String, InProcess)>,
+}
+
+impl Sandbox {
+    pub fn builder() -> SandboxBuilder {
+        SandboxBuilder {
+            agents: 2,
+            slots: 2,
+            engine: fast_engine(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn start_controller_on(&mut self, listener: tokio::net::TcpListener) {
+        let stop = CancellationToken::new();
+        let cfg = baton_controller::Config {
+            db: self.db.clone(),
+            engine: self.engine.clone(),
+        };
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = baton_controller::run(listener, cfg, s).await {
+                eprintln!("controller ended with error: {e}");
+            }
+        });
+        self.controller = Some(InProcess { stop, task });
+    }
+
+    /// Stops the in-process controller (gracefully) and waits for it.
+    pub async fn stop_controller(&mut self) {
+        if let Some(c) = self.controller.take() {
+            c.stop.cancel();
+            let _ = c.task.await;
+        }
+    }
+
+    /// Starts the in-process controller again on the same address and database.
+    pub async fn restart_controller(&mut self) {
+        self.stop_controller().await;
+        let listener = tokio::net::TcpListener::bind(self.addr).await.expect("rebind");
+        self.start_controller_on(listener);
+    }
+
+    pub fn agent_config(&self, name: &str, slots: u32) -> baton_agent::Config {
+        let mut cfg = baton_agent::Config::new(self.url(), name, self.dir.path().join(name));
+        cfg.slots = slots;
+        cfg.reconnect_min = Duration::from_millis(20);
+        cfg.reconnect_max = Duration::from_millis(300);
+        cfg
+    }
+
+    pub fn add_agent(&mut self, name: &str, slots: u32) {
+        let cfg = self.agent_config(name, slots);
+        self.add_agent_with(cfg);
+    }
+
+    pub fn add_agent_with(&mut self, cfg: baton_agent::Config) {
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let name = cfg.name.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = baton_agent::run(cfg, s).await {
+                eprintln!("agent ended with error: {e}");
+            }
+        });
+        self.agents.push((name, InProcess { stop, task }));
+    }
+
+    /// Stops an in-process agent (it kills its tools) and waits for it.
+    pub async fn stop_agent(&mut self, name: &str) {
+        if let Some(i) = self.agents.iter().position(|(n, _)| n == name) {
+            let (_, a) = self.agents.remove(i);
+            a.stop.cancel();
+            let _ = a.task.await;
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.url()).await
+    }
+
+    /// Waits until at least `n` agents are connected.
+    pub async fn wait_agents(&self, n: usize) {
+        let c = self.client().await;
+        eventually(Duration::from_secs(20), "agents to connect", || {
+            let mut c = c.clone();
+            async move {
+                let agents = c
+                    .list_agents(pb::ListAgentsRequest {})
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .agents;
+                (agents.iter().filter(|a| a.state == "connected").count() >= n).then_some(())
+            }
+        })
+        .await;
+    }
+
+    pub async fn submit(&self, spec: &str) -> String {
+        submit(&mut self.client().await, spec).await
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for (_, a) in &self.agents {
+            a.stop.cancel();
+        }
+        if let Some(c) = &self.controller {
+            c.stop.cancel();
+        }
+    }
+}
+
+/// A client that retries the connection until the controller answers.
+pub async fn connect(url: &str) -> Client {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string()).expect("url");
+    for _ in 0..200 {
+        if let Ok(ch) = endpoint.connect().await {
+            return BatonServiceClient::new(ch);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("controller at {url} never answered");
+}
+
+pub async fn submit(c: &mut Client, spec: &str) -> String {
+    c.submit_run(pb::SubmitRunRequest {
+        spec: spec.to_string(),
+        source: "test.yaml".into(),
+        params: Default::default(),
+    })
+    .await
+    .expect("submit")
+    .into_inner()
+    .run_id
+}
+
+pub async fn get_run(c: &mut Client, run_id: &str) -> pb::Run {
+    c.get_run(pb::GetRunRequest {
+        run_id: run_id.to_string(),
+    })
+    .await
+    .expect("get run")
+    .into_inner()
+    .run
+    .expect("run")
+}
+
+/// Follows the run's events (resuming across controller restarts) until the first
+/// one that `pred` accepts, and returns it. Panics after `within`.
+pub async fn wait_event(
+    c: &mut Client,
+    run_id: &str,
+    within: Duration,
+    mut pred: impl FnMut(&pb::RunEvent) -> bool,
+) -> pb::RunEvent {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut next = 1;
+    loop {
+        let attempt = async {
+            let mut s = c
+                .watch_run(pb::WatchRunRequest {
+                    run_id: run_id.to_string(),
+                    from_seq: next,
+                })
+                .await?
+                .into_inner();
+            while let Some(ev) = s.message().await? {
+                next = ev.seq + 1;
+                if pred(&ev) {
+                    return Ok(Some(ev));
+                }
+            }
+            Ok::<_, tonic::Status>(None)
+        };
+        match tokio::time::timeout_at(deadline, attempt).await {
+            Ok(Ok(Some(ev))) => return ev,
+            Ok(Ok(None)) => panic!("run {run_id} ended without the awaited event"),
+            // The controller went away: follow it to its next life.
+            Ok(Err(_)) => {
+                if tokio::time::Instant::now() >= deadline {
+                    panic!("timed out waiting for an event of run {run_id}");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(_) => panic!("timed out after {within:?} waiting for an event of run {run_id}"),
+        }
+    }
+}
+
+/// Waits until the run is final and returns it.
+pub async fn wait_run(c: &mut Client, run_id: &str, within: Duration) -> pb::Run {
+    wait_event(c, run_id, within, |e| {
+        e.kind.starts_with("run_") && matches!(e.run_state.as_str(), "succeeded" | "failed" | "canceled")
+    })
+    .await;
+    get_run(c, run_id).await
+}
+
+/// Polls `check` until it yields a value. For conditions with no event to await
+/// (a process exiting, an agent list changing).
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// All events of a final run, in order.
+pub async fn all_events(c: &mut Client, run_id: &str) -> Vec<pb::RunEvent> {
+    let mut s = c
+        .watch_run(pb::WatchRunRequest {
+            run_id: run_id.to_string(),
+            from_seq: 1,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut out = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.message()).await {
+            Ok(Ok(Some(ev))) => out.push(ev),
+            Ok(Ok(None)) => return out,
+            Ok(Err(e)) => panic!("watch of {run_id} failed: {e}"),
+            Err(_) => panic!("watch of {run_id} did not end: is the run final?"),
+        }
+    }
+}
+
+/// Path of a binary of this workspace, built by `cargo test --workspace` /
+/// `cargo nextest run --workspace` (each binary's own crate has an integration test, so
+/// cargo builds it before any test runs).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        path.display()
+    );
+    path
+}
+
+/// A real process whose output goes to files in the sandbox dir, killed on drop.
+pub struct Process {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Process {
+    pub fn spawn(bin: &str, args: &[String], log: PathBuf, envs: &[(&str, &str)]) -> Process {
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let mut cmd = Command::new(binary(bin));
+        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn");
+        Process { child, log }
+    }
+
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(self.pid(), sig);
+    }
+
+    /// kill -9, and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port (bound, then released) for processes that need a fixed address.
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// Whether a process with this pid exists (and is not a zombie).
+pub fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}

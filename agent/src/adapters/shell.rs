@@ -56,8 +56,14 @@ async fn run(ctx: AttemptContext) -> Outcome {
     };
     let pgid = child.id().map(|p| Pid::from_raw(p as i32));
     let readers = [
-        child.stdout.take().map(|s| tokio::spawn(pump(s, ctx.output.clone()))),
-        child.stderr.take().map(|s| tokio::spawn(pump(s, ctx.output.clone()))),
+        child
+            .stdout
+            .take()
+            .map(|s| tokio::spawn(pump(s, ctx.output.clone()))),
+        child
+            .stderr
+            .take()
+            .map(|s| tokio::spawn(pump(s, ctx.output.clone()))),
     ];
     let status = tokio::select! {
         s = child.wait() => s,
@@ -73,7 +79,10 @@ async fn run(ctx: AttemptContext) -> Outcome {
         let _ = tokio::time::timeout(DRAIN, r).await;
     }
     match status {
-        Ok(s) if s.success() => Outcome { exit_code: Some(0), ..Outcome::success(None) },
+        Ok(s) if s.success() => Outcome {
+            exit_code: Some(0),
+            ..Outcome::success(None)
+        },
         Ok(s) => match s.code() {
             Some(code) => Outcome {
                 exit_code: Some(code),

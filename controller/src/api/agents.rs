@@ -40,7 +40,11 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .map_err(|_| Status::deadline_exceeded("no hello within 10s"))??;
         let hello = match first.and_then(|m| m.msg) {
             Some(pb::agent_message::Msg::Hello(h)) => h,
-            _ => return Err(Status::invalid_argument("the first message of a session must be hello")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be hello",
+                ));
+            }
         };
         let agent_id = hello.agent_id.clone();
         let (tx, rx) = mpsc::unbounded_channel();

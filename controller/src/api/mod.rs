@@ -26,8 +26,12 @@ pub fn services(
     pb::baton_service_server::BatonServiceServer<RunApi>,
     pb::agent_service_server::AgentServiceServer<AgentApi>,
 ) {
-    let runs = pb::baton_service_server::BatonServiceServer::new(RunApi::new(engine.clone(), store, shutdown.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let runs = pb::baton_service_server::BatonServiceServer::new(RunApi::new(
+        engine.clone(),
+        store,
+        shutdown.clone(),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let agents = pb::agent_service_server::AgentServiceServer::new(AgentApi::new(engine, shutdown))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     (runs, agents)

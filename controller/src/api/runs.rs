@@ -24,7 +24,11 @@ pub struct RunApi {
 
 impl RunApi {
     pub fn new(engine: EngineHandle, store: Store, shutdown: CancellationToken) -> RunApi {
-        RunApi { engine, store, shutdown }
+        RunApi {
+            engine,
+            store,
+            shutdown,
+        }
     }
 }
 
@@ -37,7 +41,11 @@ impl pb::baton_service_server::BatonService for RunApi {
         req: Request<pb::SubmitRunRequest>,
     ) -> Result<Response<pb::SubmitRunResponse>, Status> {
         let req = req.into_inner();
-        let source = if req.source.is_empty() { "<request>" } else { req.source.as_str() };
+        let source = if req.source.is_empty() {
+            "<request>"
+        } else {
+            req.source.as_str()
+        };
         if req.spec.len() > MAX_MESSAGE_BYTES {
             return Err(Status::invalid_argument(format!(
                 "{source}: spec is {} bytes; the limit is {MAX_MESSAGE_BYTES}",
@@ -56,10 +64,15 @@ impl pb::baton_service_server::BatonService for RunApi {
     async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Result<Response<pb::GetRunResponse>, Status> {
         let id = self.store.resolve_run_id(&req.into_inner().run_id).await?;
         let rec = self.store.get_run(&id).await?;
-        Ok(Response::new(pb::GetRunResponse { run: Some(convert::run(rec)) }))
+        Ok(Response::new(pb::GetRunResponse {
+            run: Some(convert::run(rec)),
+        }))
     }
 
-    async fn list_runs(&self, req: Request<pb::ListRunsRequest>) -> Result<Response<pb::ListRunsResponse>, Status> {
+    async fn list_runs(
+        &self,
+        req: Request<pb::ListRunsRequest>,
+    ) -> Result<Response<pb::ListRunsResponse>, Status> {
         let req = req.into_inner();
         let state = if req.state.is_empty() {
             None
@@ -75,18 +88,30 @@ impl pb::baton_service_server::BatonService for RunApi {
         Ok(Response::new(pb::ListRunsResponse { runs }))
     }
 
-    async fn cancel_run(&self, req: Request<pb::CancelRunRequest>) -> Result<Response<pb::CancelRunResponse>, Status> {
+    async fn cancel_run(
+        &self,
+        req: Request<pb::CancelRunRequest>,
+    ) -> Result<Response<pb::CancelRunResponse>, Status> {
         let req = req.into_inner();
         let id = self.store.resolve_run_id(&req.run_id).await?;
         match self.engine.cancel(id.clone(), req.reason).await {
-            Ok(state) => Ok(Response::new(pb::CancelRunResponse { run_id: id, state: state.to_string() })),
+            Ok(state) => Ok(Response::new(pb::CancelRunResponse {
+                run_id: id,
+                state: state.to_string(),
+            })),
             // Not in the engine: the run is final already.
             Err(EngineError::RunNotFound(_)) => {
                 let rec = self.store.get_run(&id).await?;
                 if rec.run.state == RunState::Canceled.as_str() {
-                    Ok(Response::new(pb::CancelRunResponse { run_id: id, state: rec.run.state }))
+                    Ok(Response::new(pb::CancelRunResponse {
+                        run_id: id,
+                        state: rec.run.state,
+                    }))
                 } else {
-                    Err(Status::failed_precondition(format!("run {id} already {}", rec.run.state)))
+                    Err(Status::failed_precondition(format!(
+                        "run {id} already {}",
+                        rec.run.state
+                    )))
                 }
             }
             Err(e) => Err(e.into()),
@@ -95,17 +120,30 @@ impl pb::baton_service_server::BatonService for RunApi {
 
     type WatchRunStream = EventStream;
 
-    async fn watch_run(&self, req: Request<pb::WatchRunRequest>) -> Result<Response<Self::WatchRunStream>, Status> {
+    async fn watch_run(
+        &self,
+        req: Request<pb::WatchRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
         let req = req.into_inner();
         // Subscribe before reading the store, so no event falls between the two.
         let live = self.engine.subscribe();
         let id = self.store.resolve_run_id(&req.run_id).await?;
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(watch(self.store.clone(), id, req.from_seq.max(1), live, tx, self.shutdown.clone()));
+        tokio::spawn(watch(
+            self.store.clone(),
+            id,
+            req.from_seq.max(1),
+            live,
+            tx,
+            self.shutdown.clone(),
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn list_agents(&self, _req: Request<pb::ListAgentsRequest>) -> Result<Response<pb::ListAgentsResponse>, Status> {
+    async fn list_agents(
+        &self,
+        _req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
         let agents = self.engine.list_agents().await?;
         Ok(Response::new(pb::ListAgentsResponse { agents }))
     }
@@ -170,7 +208,9 @@ async fn watch(
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => break,
                 Err(broadcast::error::RecvError::Closed) => {
-                    let _ = tx.send(Err(Status::unavailable("the controller is shutting down"))).await;
+                    let _ = tx
+                        .send(Err(Status::unavailable("the controller is shutting down")))
+                        .await;
                     return;
                 }
             }

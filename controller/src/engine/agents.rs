@@ -29,20 +29,23 @@ impl Engine {
         let session_id = self.next_session;
         self.next_session += 1;
         let lost_after = ms(self.cfg.lost_after);
-        let agent = self.agents.entry(hello.agent_id.clone()).or_insert_with(|| Agent {
-            id: hello.agent_id.clone(),
-            name: String::new(),
-            version: String::new(),
-            labels: BTreeMap::new(),
-            tools: Vec::new(),
-            slots: 0,
-            state: AgentState::Disconnected,
-            session: None,
-            connected_at: now,
-            last_seen: now,
-            lost_at: now + lost_after,
-            running: HashSet::new(),
-        });
+        let agent = self
+            .agents
+            .entry(hello.agent_id.clone())
+            .or_insert_with(|| Agent {
+                id: hello.agent_id.clone(),
+                name: String::new(),
+                version: String::new(),
+                labels: BTreeMap::new(),
+                tools: Vec::new(),
+                slots: 0,
+                state: AgentState::Disconnected,
+                session: None,
+                connected_at: now,
+                last_seen: now,
+                lost_at: now + lost_after,
+                running: HashSet::new(),
+            });
         agent.name = hello.name.clone();
         agent.version = hello.version.clone();
         agent.labels = hello.labels.clone().into_iter().collect();
@@ -50,7 +53,10 @@ impl Engine {
         agent.slots = hello.slots;
         agent.state = AgentState::Connected;
         // Replacing the session drops the old sender, which ends the old stream.
-        agent.session = Some(Session { id: session_id, tx: tx.clone() });
+        agent.session = Some(Session {
+            id: session_id,
+            tx: tx.clone(),
+        });
         agent.connected_at = now;
         agent.last_seen = now;
         agent.lost_at = now + lost_after;
@@ -69,7 +75,13 @@ impl Engine {
                 if let Some(a) = self.attempts.get(&r.attempt_id) {
                     let a = a.clone();
                     if let Some(run) = self.runs.get_mut(&a.run_id) {
-                        self.pending.event(run, "attempt_adopted", Some(a.step_idx), Some(&a), format!("agent {agent_name} reconnected"));
+                        self.pending.event(
+                            run,
+                            "attempt_adopted",
+                            Some(a.step_idx),
+                            Some(&a),
+                            format!("agent {agent_name} reconnected"),
+                        );
                     }
                 }
             } else {
@@ -84,7 +96,10 @@ impl Engine {
         }
         // What the controller thought the agent held but the agent does not report is
         // gone (an Assign lost with the old stream, or a crash of the agent).
-        let missing: Vec<String> = held.into_iter().filter(|id| !reported.contains(id.as_str())).collect();
+        let missing: Vec<String> = held
+            .into_iter()
+            .filter(|id| !reported.contains(id.as_str()))
+            .collect();
         for id in missing {
             self.lose_attempt(&id, &format!("agent {agent_name} reconnected without it"));
         }
@@ -107,14 +122,22 @@ impl Engine {
     pub(super) fn agent_message(&mut self, agent_id: &str, msg: pb::agent_message::Msg) {
         let now = now_ms();
         let lost_after = ms(self.cfg.lost_after);
-        let Some(agent) = self.agents.get_mut(agent_id) else { return };
+        let Some(agent) = self.agents.get_mut(agent_id) else {
+            return;
+        };
         if agent.state == AgentState::Lost {
             // Declared lost: it must say Hello again. Its reports are stale meanwhile.
             if let pb::agent_message::Msg::Finished(f) = &msg
                 && let (Some(r), Some(s)) = (&f.attempt, &agent.session)
             {
                 let tx = s.tx.clone();
-                self.pending.send(&tx, Out::Ack(pb::Ack { attempt_id: r.attempt_id.clone(), accepted: false }));
+                self.pending.send(
+                    &tx,
+                    Out::Ack(pb::Ack {
+                        attempt_id: r.attempt_id.clone(),
+                        accepted: false,
+                    }),
+                );
             }
             return;
         }
@@ -156,7 +179,9 @@ impl Engine {
             self.reject(agent_id, &r, "start");
             return;
         }
-        let Some(a) = self.attempts.get_mut(&r.attempt_id) else { return };
+        let Some(a) = self.attempts.get_mut(&r.attempt_id) else {
+            return;
+        };
         if a.state != AttemptState::Assigned {
             return;
         }
@@ -165,7 +190,13 @@ impl Engine {
         self.pending.attempts.insert(a.id.clone());
         let a = a.clone();
         if let Some(run) = self.runs.get_mut(&a.run_id) {
-            self.pending.event(run, "attempt_started", Some(a.step_idx), Some(&a), format!("on agent {}", a.agent_name));
+            self.pending.event(
+                run,
+                "attempt_started",
+                Some(a.step_idx),
+                Some(&a),
+                format!("on agent {}", a.agent_name),
+            );
         }
     }
 
@@ -173,7 +204,11 @@ impl Engine {
     /// re-sent, rejected when the lease is stale.
     pub(super) fn finished(&mut self, agent_id: &str, f: pb::AttemptFinished) {
         let Some(r) = f.attempt.clone() else { return };
-        let tx = self.agents.get(agent_id).and_then(|a| a.session.as_ref()).map(|s| s.tx.clone());
+        let tx = self
+            .agents
+            .get(agent_id)
+            .and_then(|a| a.session.as_ref())
+            .map(|s| s.tx.clone());
         let outcome = outcome_state(&f.outcome);
         let accepted = match self.attempts.get(&r.attempt_id) {
             Some(a) if a.lease_token != r.lease_token || a.agent_id != agent_id => {
@@ -201,7 +236,13 @@ impl Engine {
             },
         };
         if let Some(tx) = tx {
-            self.pending.send(&tx, Out::Ack(pb::Ack { attempt_id: r.attempt_id, accepted }));
+            self.pending.send(
+                &tx,
+                Out::Ack(pb::Ack {
+                    attempt_id: r.attempt_id,
+                    accepted,
+                }),
+            );
         }
     }
 
@@ -217,7 +258,9 @@ impl Engine {
         } else {
             f.error_class.clone()
         };
-        let Some(a) = self.attempts.get_mut(attempt_id) else { return };
+        let Some(a) = self.attempts.get_mut(attempt_id) else {
+            return;
+        };
         a.exit_code = f.exit_code;
         a.result = (!f.result_json.is_empty()).then(|| f.result_json.clone());
         a.output_tail = f.output_tail.clone();
@@ -229,7 +272,11 @@ impl Engine {
             // The controller asked for it (run or step cancel) and has moved on already.
             AttemptState::Canceled => self.attempt_failed(&run_id, idx, &class, "canceled on the agent"),
             _ => {
-                let error = if f.error.is_empty() { class.clone() } else { f.error.clone() };
+                let error = if f.error.is_empty() {
+                    class.clone()
+                } else {
+                    f.error.clone()
+                };
                 self.attempt_failed(&run_id, idx, &class, &error)
             }
         }
@@ -237,8 +284,17 @@ impl Engine {
 
     /// Ends a live attempt: its agent slot is freed and its step has no live attempt.
     /// With `kill`, the agent is told to stop the tool.
-    pub(super) fn close_attempt(&mut self, attempt_id: &str, to: AttemptState, class: &str, error: &str, kill: bool) {
-        let Some(a) = self.attempts.get_mut(attempt_id) else { return };
+    pub(super) fn close_attempt(
+        &mut self,
+        attempt_id: &str,
+        to: AttemptState,
+        class: &str,
+        error: &str,
+        kill: bool,
+    ) {
+        let Some(a) = self.attempts.get_mut(attempt_id) else {
+            return;
+        };
         let Ok(to) = a.state.transition(to) else {
             warn!(attempt_id, from = %a.state, %to, "illegal attempt transition ignored");
             debug_assert!(false, "illegal attempt transition {} -> {to}", a.state);
@@ -253,7 +309,13 @@ impl Engine {
             agent.running.remove(attempt_id);
             if kill && let Some(s) = &agent.session {
                 let tx = s.tx.clone();
-                self.pending.send(&tx, Out::Cancel(pb::Cancel { attempt_id: attempt_id.to_string(), reason: error.to_string() }));
+                self.pending.send(
+                    &tx,
+                    Out::Cancel(pb::Cancel {
+                        attempt_id: attempt_id.to_string(),
+                        reason: error.to_string(),
+                    }),
+                );
             }
         }
         if let Some(run) = self.runs.get_mut(&a.run_id)
@@ -265,7 +327,9 @@ impl Engine {
 
     /// An attempt is gone with its agent: lost, and retried per the step's policy.
     fn lose_attempt(&mut self, attempt_id: &str, why: &str) {
-        let Some(a) = self.attempts.get(attempt_id) else { return };
+        let Some(a) = self.attempts.get(attempt_id) else {
+            return;
+        };
         if a.state.is_terminal() {
             return;
         }
@@ -287,24 +351,40 @@ impl Engine {
             None => format!("{what} for unknown attempt rejected"),
         };
         warn!(agent_id, attempt_id = %r.attempt_id, run_id = %r.run_id, "{why}");
-        let tx = self.agents.get(agent_id).and_then(|a| a.session.as_ref()).map(|s| s.tx.clone());
+        let tx = self
+            .agents
+            .get(agent_id)
+            .and_then(|a| a.session.as_ref())
+            .map(|s| s.tx.clone());
         if let Some(tx) = tx
             && what != "result"
         {
-            self.pending.send(&tx, Out::Cancel(pb::Cancel { attempt_id: r.attempt_id.clone(), reason: why.clone() }));
+            self.pending.send(
+                &tx,
+                Out::Cancel(pb::Cancel {
+                    attempt_id: r.attempt_id.clone(),
+                    reason: why.clone(),
+                }),
+            );
         }
         if let Some(run) = self.runs.get_mut(&r.run_id)
             && !run.state.is_terminal()
         {
             let idx = run.spec.steps.iter().position(|s| s.id == r.step_id);
-            let agent = self.agents.get(agent_id).map(|a| a.name.as_str()).unwrap_or(agent_id);
+            let agent = self
+                .agents
+                .get(agent_id)
+                .map(|a| a.name.as_str())
+                .unwrap_or(agent_id);
             let msg = format!("{why} (agent {agent}, attempt {})", r.attempt_id);
             self.pending.event(run, "report_rejected", idx, None, msg);
         }
     }
 
     pub(super) fn disconnect(&mut self, agent_id: &str, session: u64) {
-        let Some(agent) = self.agents.get_mut(agent_id) else { return };
+        let Some(agent) = self.agents.get_mut(agent_id) else {
+            return;
+        };
         if agent.session.as_ref().is_some_and(|s| s.id == session) {
             agent.session = None;
             if agent.state == AgentState::Connected {
@@ -325,12 +405,18 @@ impl Engine {
             .map(|a| a.id.clone())
             .collect();
         for id in expired {
-            let Some(agent) = self.agents.get_mut(&id) else { continue };
+            let Some(agent) = self.agents.get_mut(&id) else {
+                continue;
+            };
             let silent = (now - agent.last_seen).max(0);
             warn!(agent = %agent.name, agent_id = %id, silent_ms = silent, "agent lost");
             agent.state = AgentState::Lost;
             agent.session = None;
-            let why = format!("agent {} lost: silent for {}", agent.name, baton_common::time::format_duration(std::time::Duration::from_millis(silent as u64)));
+            let why = format!(
+                "agent {} lost: silent for {}",
+                agent.name,
+                baton_common::time::format_duration(std::time::Duration::from_millis(silent as u64))
+            );
             let attempts: Vec<String> = agent.running.iter().cloned().collect();
             self.pending.agents.insert(id.clone());
             for a in attempts {
@@ -342,7 +428,9 @@ impl Engine {
     /// An attempt's deadline plus grace passed without a result: it timed out, whatever
     /// its agent says later.
     pub(super) fn deadline_due(&mut self, attempt_id: &str, now: i64) {
-        let Some(a) = self.attempts.get(attempt_id) else { return };
+        let Some(a) = self.attempts.get(attempt_id) else {
+            return;
+        };
         if a.state.is_terminal() || a.deadline_at.is_none_or(|d| d > now) {
             return;
         }

@@ -16,7 +16,10 @@ impl Engine {
     pub(super) fn enqueue(&mut self, run_id: &str, idx: usize) {
         let Some(run) = self.runs.get(run_id) else { return };
         let tool = run.steps[idx].tool.clone();
-        self.ready.entry(tool).or_default().push_back((run_id.to_string(), idx));
+        self.ready
+            .entry(tool)
+            .or_default()
+            .push_back((run_id.to_string(), idx));
     }
 
     /// Assigns ready steps to agents with free slots, oldest first per tool.
@@ -33,8 +36,12 @@ impl Engine {
                     queue.pop_front();
                     continue;
                 }
-                let Some(agent_id) = pick_agent(self.agents.values(), tool) else { break };
-                let Some((run_id, idx)) = queue.pop_front() else { break };
+                let Some(agent_id) = pick_agent(self.agents.values(), tool) else {
+                    break;
+                };
+                let Some((run_id, idx)) = queue.pop_front() else {
+                    break;
+                };
                 self.assign(&run_id, idx, &agent_id);
             }
         }
@@ -52,7 +59,9 @@ impl Engine {
         let (Some(run), Some(agent)) = (self.runs.get_mut(run_id), self.agents.get_mut(agent_id)) else {
             return;
         };
-        let Some(session) = agent.session.as_ref() else { return };
+        let Some(session) = agent.session.as_ref() else {
+            return;
+        };
         let p = &mut self.pending;
         if !set_step(p, run, idx, StepState::Running) {
             return;
@@ -109,7 +118,8 @@ impl Engine {
         p.attempts.insert(attempt.id.clone());
         agent.running.insert(attempt.id.clone());
         if let Some(d) = deadline_at {
-            self.timers.push(Reverse((d, Timer::Deadline(attempt.id.clone()))));
+            self.timers
+                .push(Reverse((d, Timer::Deadline(attempt.id.clone()))));
         }
         debug!(run_id, step_id = %attempt.step_id, attempt_id = %attempt.id, agent = %agent.name, "assigned");
         self.attempts.insert(attempt.id.clone(), attempt);
@@ -120,7 +130,11 @@ impl Engine {
 fn pick_agent<'a>(agents: impl Iterator<Item = &'a Agent>, tool: &str) -> Option<String> {
     agents
         .filter(|a| a.can_take(tool))
-        .max_by(|a, b| a.free_slots().cmp(&b.free_slots()).then_with(|| b.name.cmp(&a.name)))
+        .max_by(|a, b| {
+            a.free_slots()
+                .cmp(&b.free_slots())
+                .then_with(|| b.name.cmp(&a.name))
+        })
         .map(|a| a.id.clone())
 }
 

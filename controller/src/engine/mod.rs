@@ -112,7 +112,10 @@ pub struct EngineHandle {
 impl EngineHandle {
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Msg) -> Result<T, EngineError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| EngineError::Unavailable)?;
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| EngineError::Unavailable)?;
         rx.await.map_err(|_| EngineError::Unavailable)?
     }
 
@@ -126,7 +129,12 @@ impl EngineHandle {
     }
 
     pub async fn cancel(&self, run_id: String, reason: String) -> Result<RunState, EngineError> {
-        self.call(|reply| Msg::Cancel { run_id, reason, reply }).await
+        self.call(|reply| Msg::Cancel {
+            run_id,
+            reason,
+            reply,
+        })
+        .await
     }
 
     /// Registers an agent session; the engine sends Welcome on `tx`.
@@ -144,7 +152,10 @@ impl EngineHandle {
 
     pub async fn list_agents(&self) -> Result<Vec<pb::Agent>, EngineError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Msg::ListAgents { reply }).await.map_err(|_| EngineError::Unavailable)?;
+        self.tx
+            .send(Msg::ListAgents { reply })
+            .await
+            .map_err(|_| EngineError::Unavailable)?;
         rx.await.map_err(|_| EngineError::Unavailable)
     }
 
@@ -156,7 +167,7 @@ impl EngineHandle {
 
 /// Something to do once the current batch is durable.
 enum Effect {
-    Send(AgentTx, pb::ControllerMessage),
+    Send(AgentTx, Box<pb::ControllerMessage>),
     Reply(Box<dyn FnOnce() + Send>),
 }
 
@@ -183,7 +194,10 @@ impl Pending {
     }
 
     fn send(&mut self, tx: &AgentTx, msg: pb::controller_message::Msg) {
-        self.effects.push(Effect::Send(tx.clone(), pb::ControllerMessage { msg: Some(msg) }));
+        self.effects.push(Effect::Send(
+            tx.clone(),
+            Box::new(pb::ControllerMessage { msg: Some(msg) }),
+        ));
     }
 
     fn reply<T: Send + 'static>(&mut self, reply: Reply<T>, value: Result<T, EngineError>) {
@@ -212,7 +226,9 @@ impl Pending {
             step_id: step.map(|i| run.step_id(i).to_string()).unwrap_or_default(),
             attempt_id: attempt.map(|a| a.id.clone()).unwrap_or_default(),
             run_state: run.state.as_str().to_string(),
-            step_state: step.map(|i| run.steps[i].state.as_str().to_string()).unwrap_or_default(),
+            step_state: step
+                .map(|i| run.steps[i].state.as_str().to_string())
+                .unwrap_or_default(),
             attempt_state: attempt.map(|a| a.state.as_str().to_string()).unwrap_or_default(),
             message: message.into(),
         });
@@ -282,7 +298,10 @@ pub async fn start(
         store,
         runs: HashMap::new(),
         attempts: HashMap::new(),
-        recent: RecentAttempts { states: HashMap::new(), order: VecDeque::new() },
+        recent: RecentAttempts {
+            states: HashMap::new(),
+            order: VecDeque::new(),
+        },
         agents: HashMap::new(),
         ready: BTreeMap::new(),
         timers: BinaryHeap::new(),
@@ -299,7 +318,11 @@ pub async fn start(
 }
 
 impl Engine {
-    async fn run(mut self, mut rx: mpsc::Receiver<Msg>, shutdown: CancellationToken) -> Result<(), StoreError> {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Msg>,
+        shutdown: CancellationToken,
+    ) -> Result<(), StoreError> {
         // Repairs found while loading are committed before anything else happens.
         self.dispatch();
         self.flush().await?;
@@ -340,7 +363,11 @@ impl Engine {
                 let result = self.submit(spec, params);
                 self.pending.reply(reply, result);
             }
-            Msg::Cancel { run_id, reason, reply } => {
+            Msg::Cancel {
+                run_id,
+                reason,
+                reply,
+            } => {
                 let result = self.cancel_run(&run_id, &reason);
                 self.pending.reply(reply, result);
             }
@@ -364,7 +391,9 @@ impl Engine {
             if *at > now {
                 break;
             }
-            let Some(Reverse((_, timer))) = self.timers.pop() else { break };
+            let Some(Reverse((_, timer))) = self.timers.pop() else {
+                break;
+            };
             match timer {
                 Timer::Retry(run_id, idx) => self.retry_due(&run_id, idx, now),
                 Timer::Deadline(attempt_id) => self.deadline_due(&attempt_id, now),
@@ -395,7 +424,7 @@ impl Engine {
             match effect {
                 // A closed session just drops the message: the agent re-syncs on Hello.
                 Effect::Send(tx, msg) => {
-                    let _ = tx.send(Ok(msg));
+                    let _ = tx.send(Ok(*msg));
                 }
                 Effect::Reply(f) => f(),
             }
@@ -454,7 +483,11 @@ impl Engine {
         let now = now_ms();
         let grace = baton_common::time::ms(self.cfg.failover_grace);
         for row in &snap.agents {
-            let state = if row.state == "lost" { AgentState::Lost } else { AgentState::Disconnected };
+            let state = if row.state == "lost" {
+                AgentState::Lost
+            } else {
+                AgentState::Disconnected
+            };
             let agent = Agent {
                 id: row.id.clone(),
                 name: row.name.clone(),
@@ -491,7 +524,10 @@ impl Engine {
             let mut steps = Vec::with_capacity(rows.len());
             for (i, r) in rows.iter().enumerate() {
                 if r.idx != i as i64 {
-                    return Err(StoreError::Corrupt(format!("run {} step {} out of order", row.id, r.step_id)));
+                    return Err(StoreError::Corrupt(format!(
+                        "run {} step {} out of order",
+                        row.id, r.step_id
+                    )));
                 }
                 steps.push(Step::from_row(r)?);
             }
@@ -500,7 +536,11 @@ impl Engine {
                 steps[i].waiting_on = s
                     .needs
                     .iter()
-                    .filter(|n| index.get(n.as_str()).is_some_and(|&j| steps[j].state != StepState::Succeeded))
+                    .filter(|n| {
+                        index
+                            .get(n.as_str())
+                            .is_some_and(|&j| steps[j].state != StepState::Succeeded)
+                    })
                     .count() as u32;
             }
             let dependents = model::dependents_of(&spec);
@@ -529,36 +569,46 @@ impl Engine {
             self.runs.insert(run.id.clone(), run);
         }
         for row in &snap.attempts {
-            let Some(run) = self.runs.get_mut(&row.run_id) else { continue };
+            let Some(run) = self.runs.get_mut(&row.run_id) else {
+                continue;
+            };
             let Some(idx) = run.spec.steps.iter().position(|s| s.id == row.step_id) else {
-                return Err(StoreError::Corrupt(format!("attempt {} of unknown step {}", row.id, row.step_id)));
+                return Err(StoreError::Corrupt(format!(
+                    "attempt {} of unknown step {}",
+                    row.id, row.step_id
+                )));
             };
             let attempt = Attempt::from_row(row, idx)?;
             run.steps[idx].attempt_ids.push(attempt.id.clone());
             if !attempt.state.is_terminal() {
                 run.steps[idx].current = Some(attempt.id.clone());
-                let agent = self.agents.entry(attempt.agent_id.clone()).or_insert_with(|| Agent {
-                    id: attempt.agent_id.clone(),
-                    name: attempt.agent_name.clone(),
-                    version: String::new(),
-                    labels: BTreeMap::new(),
-                    tools: Vec::new(),
-                    slots: 0,
-                    state: AgentState::Disconnected,
-                    session: None,
-                    connected_at: 0,
-                    last_seen: 0,
-                    lost_at: now + grace,
-                    running: HashSet::new(),
-                });
+                let agent = self
+                    .agents
+                    .entry(attempt.agent_id.clone())
+                    .or_insert_with(|| Agent {
+                        id: attempt.agent_id.clone(),
+                        name: attempt.agent_name.clone(),
+                        version: String::new(),
+                        labels: BTreeMap::new(),
+                        tools: Vec::new(),
+                        slots: 0,
+                        state: AgentState::Disconnected,
+                        session: None,
+                        connected_at: 0,
+                        last_seen: 0,
+                        lost_at: now + grace,
+                        running: HashSet::new(),
+                    });
                 agent.running.insert(attempt.id.clone());
                 if let Some(d) = attempt.deadline_at {
-                    self.timers.push(Reverse((d, Timer::Deadline(attempt.id.clone()))));
+                    self.timers
+                        .push(Reverse((d, Timer::Deadline(attempt.id.clone()))));
                 }
             }
             self.attempts.insert(attempt.id.clone(), attempt);
         }
-        let mut run_ids: Vec<(i64, String)> = self.runs.values().map(|r| (r.created_at, r.id.clone())).collect();
+        let mut run_ids: Vec<(i64, String)> =
+            self.runs.values().map(|r| (r.created_at, r.id.clone())).collect();
         run_ids.sort();
         for (_, run_id) in run_ids {
             self.resume_run(&run_id);

@@ -110,7 +110,11 @@ pub(crate) struct Step {
 impl Step {
     pub fn new(tool: String, waiting_on: u32) -> Step {
         Step {
-            state: if waiting_on == 0 { StepState::Ready } else { StepState::Waiting },
+            state: if waiting_on == 0 {
+                StepState::Ready
+            } else {
+                StepState::Waiting
+            },
             tool,
             attempts: 0,
             lost_count: 0,

@@ -107,7 +107,9 @@ impl Engine {
         let msg = format!("workstream {:?} with {n} steps", run.spec.name);
         p.event(&mut run, "run_submitted", None, None, msg);
         info!(run_id = %id, workstream = %run.spec.name, steps = n, "run submitted");
-        let ready: Vec<usize> = (0..n).filter(|&i| run.steps[i].state == StepState::Ready).collect();
+        let ready: Vec<usize> = (0..n)
+            .filter(|&i| run.steps[i].state == StepState::Ready)
+            .collect();
         self.runs.insert(id.clone(), run);
         for i in ready {
             self.enqueue(&id, i);
@@ -123,12 +125,18 @@ impl Engine {
         if run.state.is_terminal() {
             return Ok(run.state);
         }
-        let reason = if reason.is_empty() { "canceled by request".to_string() } else { reason.to_string() };
+        let reason = if reason.is_empty() {
+            "canceled by request".to_string()
+        } else {
+            reason.to_string()
+        };
         let live: Vec<String> = run.steps.iter().filter_map(|s| s.current.clone()).collect();
         for attempt_id in live {
             self.close_attempt(&attempt_id, AttemptState::Canceled, "canceled", &reason, true);
         }
-        let Some(run) = self.runs.get_mut(run_id) else { return Err(EngineError::RunNotFound(run_id.to_string())) };
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return Err(EngineError::RunNotFound(run_id.to_string()));
+        };
         let p = &mut self.pending;
         for idx in 0..run.steps.len() {
             if !run.steps[idx].state.is_terminal() && set_step(p, run, idx, StepState::Canceled) {
@@ -147,7 +155,9 @@ impl Engine {
 
     /// Step `idx` succeeded: its dependents may become ready, the run may be done.
     pub(super) fn step_succeeded(&mut self, run_id: &str, idx: usize, result: Option<String>) {
-        let Some(run) = self.runs.get_mut(run_id) else { return };
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
         let p = &mut self.pending;
         if !set_step(p, run, idx, StepState::Succeeded) {
             return;
@@ -163,7 +173,8 @@ impl Engine {
             for d in run.dependents[idx].clone() {
                 let s = &mut run.steps[d];
                 s.waiting_on = s.waiting_on.saturating_sub(1);
-                if s.waiting_on == 0 && s.state == StepState::Waiting && set_step(p, run, d, StepState::Ready) {
+                if s.waiting_on == 0 && s.state == StepState::Waiting && set_step(p, run, d, StepState::Ready)
+                {
                     p.event(run, "step_ready", Some(d), None, "");
                     ready.push(d);
                 }
@@ -178,7 +189,9 @@ impl Engine {
     /// An attempt of step `idx` failed with `class`: retry it, or fail the step.
     pub(super) fn attempt_failed(&mut self, run_id: &str, idx: usize, class: &str, error: &str) {
         let now = now_ms();
-        let Some(run) = self.runs.get_mut(run_id) else { return };
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
         let p = &mut self.pending;
         let step = &run.steps[idx];
         let attempt = step.attempt_ids.last().and_then(|id| self.attempts.get(id));
@@ -191,7 +204,8 @@ impl Engine {
                 run.steps[idx].next_attempt_at = Some(now);
                 let msg = format!("attempt failed ({class}): {error}; retrying");
                 p.event(run, "step_retry_wait", Some(idx), attempt, msg);
-                self.timers.push(std::cmp::Reverse((now, Timer::Retry(run_id.to_string(), idx))));
+                self.timers
+                    .push(std::cmp::Reverse((now, Timer::Retry(run_id.to_string(), idx))));
             }
             return;
         }
@@ -207,7 +221,9 @@ impl Engine {
 
     /// The retry time of a step in `retry_wait` has come.
     pub(super) fn retry_due(&mut self, run_id: &str, idx: usize, now: i64) {
-        let Some(run) = self.runs.get_mut(run_id) else { return };
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
         let step = &run.steps[idx];
         if step.state != StepState::RetryWait || step.next_attempt_at.is_some_and(|t| t > now) {
             return;
@@ -222,7 +238,9 @@ impl Engine {
 
     /// After a load: re-queue ready steps, re-arm retry timers, repair what a crash left.
     pub(super) fn resume_run(&mut self, run_id: &str) {
-        let Some(run) = self.runs.get_mut(run_id) else { return };
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return;
+        };
         let mut ready = Vec::new();
         for idx in 0..run.steps.len() {
             let step = &run.steps[idx];
@@ -230,7 +248,8 @@ impl Engine {
                 StepState::Ready => ready.push(idx),
                 StepState::RetryWait => {
                     let at = step.next_attempt_at.unwrap_or(0);
-                    self.timers.push(std::cmp::Reverse((at, Timer::Retry(run_id.to_string(), idx))));
+                    self.timers
+                        .push(std::cmp::Reverse((at, Timer::Retry(run_id.to_string(), idx))));
                 }
                 _ => {}
             }
@@ -251,22 +270,30 @@ fn step_failed_for_good(p: &mut Pending, run: &mut Run, idx: usize) {
         run.failing = Some(format!("step {failed_id:?} failed"));
     }
     let downstream = downstream_of(run, idx);
-    for i in 0..run.steps.len() {
+    for (i, &is_downstream) in downstream.iter().enumerate() {
         let (to, why) = match run.steps[i].state {
-            StepState::Waiting | StepState::Ready if downstream[i] => {
+            StepState::Waiting | StepState::Ready if is_downstream => {
                 (StepState::Skipped, format!("upstream step {failed_id:?} failed"))
             }
-            StepState::Waiting | StepState::Ready => {
-                (StepState::Skipped, format!("run stopped: step {failed_id:?} failed"))
-            }
-            StepState::RetryWait => (StepState::Canceled, format!("run stopped: step {failed_id:?} failed")),
+            StepState::Waiting | StepState::Ready => (
+                StepState::Skipped,
+                format!("run stopped: step {failed_id:?} failed"),
+            ),
+            StepState::RetryWait => (
+                StepState::Canceled,
+                format!("run stopped: step {failed_id:?} failed"),
+            ),
             _ => continue,
         };
         if set_step(p, run, i, to) {
             run.steps[i].reason = why.clone();
             run.steps[i].finished_at = Some(now_ms());
             run.steps[i].next_attempt_at = None;
-            let kind = if to == StepState::Skipped { "step_skipped" } else { "step_canceled" };
+            let kind = if to == StepState::Skipped {
+                "step_skipped"
+            } else {
+                "step_canceled"
+            };
             p.event(run, kind, Some(i), None, why);
         }
     }

@@ -119,10 +119,18 @@ impl Store {
                             // WAL lets API reads run beside the engine's writes; FULL keeps
                             // every commit durable; the busy timeout covers readers that
                             // race a checkpoint.
-                            sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
-                            sqlx::query("PRAGMA synchronous = FULL").execute(&mut *conn).await?;
-                            sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
-                            sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
+                            sqlx::query("PRAGMA journal_mode = WAL")
+                                .execute(&mut *conn)
+                                .await?;
+                            sqlx::query("PRAGMA synchronous = FULL")
+                                .execute(&mut *conn)
+                                .await?;
+                            sqlx::query("PRAGMA busy_timeout = 10000")
+                                .execute(&mut *conn)
+                                .await?;
+                            sqlx::query("PRAGMA foreign_keys = ON")
+                                .execute(&mut *conn)
+                                .await?;
                             Ok(())
                         })
                     })
@@ -181,7 +189,14 @@ impl Store {
     /// Everything the engine needs to resume: non-final runs with their steps, attempts
     /// and last event numbers, and the known agents.
     pub async fn load_active(&self) -> Result<Snapshot, StoreError> {
-        let runs = fetch(&self.pool, &format!("SELECT {} FROM runs WHERE state IN {ACTIVE} ORDER BY created_at, id", RunRow::COLUMNS)).await?;
+        let runs = fetch(
+            &self.pool,
+            &format!(
+                "SELECT {} FROM runs WHERE state IN {ACTIVE} ORDER BY created_at, id",
+                RunRow::COLUMNS
+            ),
+        )
+        .await?;
         let steps = fetch(&self.pool, &format!(
             "SELECT {} FROM steps WHERE run_id IN (SELECT id FROM runs WHERE state IN {ACTIVE}) ORDER BY run_id, idx",
             StepRow::COLUMNS
@@ -202,7 +217,13 @@ impl Store {
             last_seq.insert(r.try_get::<String, _>("run_id")?, r.try_get::<i64, _>("seq")?);
         }
         let agents = fetch(&self.pool, &format!("SELECT {} FROM agents", AgentRow::COLUMNS)).await?;
-        Ok(Snapshot { runs, steps, attempts, last_seq, agents })
+        Ok(Snapshot {
+            runs,
+            steps,
+            attempts,
+            last_seq,
+            agents,
+        })
     }
 
     /// The full id of the run whose id is `prefix` or starts with it.
@@ -222,7 +243,10 @@ impl Store {
             0 => Err(StoreError::RunNotFound(prefix.to_string())),
             1 => Ok(ids.into_iter().next().unwrap_or_default()),
             _ if ids.iter().any(|id| id == prefix) => Ok(prefix.to_string()),
-            _ => Err(StoreError::AmbiguousRun { prefix: prefix.to_string(), matches: ids }),
+            _ => Err(StoreError::AmbiguousRun {
+                prefix: prefix.to_string(),
+                matches: ids,
+            }),
         }
     }
 
@@ -233,10 +257,15 @@ impl Store {
             run_id,
         )
         .await?;
-        let run = runs.pop().ok_or_else(|| StoreError::RunNotFound(run_id.to_string()))?;
+        let run = runs
+            .pop()
+            .ok_or_else(|| StoreError::RunNotFound(run_id.to_string()))?;
         let steps = fetch_bound(
             &self.pool,
-            &format!("SELECT {} FROM steps WHERE run_id = $1 ORDER BY idx", StepRow::COLUMNS),
+            &format!(
+                "SELECT {} FROM steps WHERE run_id = $1 ORDER BY idx",
+                StepRow::COLUMNS
+            ),
             run_id,
         )
         .await?;
@@ -250,7 +279,12 @@ impl Store {
         )
         .await?;
         let last_seq = self.last_seq(run_id).await?;
-        Ok(RunRecord { run, steps, attempts, last_seq })
+        Ok(RunRecord {
+            run,
+            steps,
+            attempts,
+            last_seq,
+        })
     }
 
     pub async fn last_seq(&self, run_id: &str) -> Result<i64, StoreError> {
@@ -308,12 +342,7 @@ impl Store {
     }
 
     /// Events of a run with `seq >= from_seq`, in order, at most `limit`.
-    pub async fn events(
-        &self,
-        run_id: &str,
-        from_seq: i64,
-        limit: i64,
-    ) -> Result<Vec<EventRow>, StoreError> {
+    pub async fn events(&self, run_id: &str, from_seq: i64, limit: i64) -> Result<Vec<EventRow>, StoreError> {
         let q = sqlx::query(AssertSqlSafe(format!(
             "SELECT {} FROM run_events WHERE run_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
             EventRow::COLUMNS
@@ -325,7 +354,11 @@ impl Store {
     }
 
     pub async fn agents(&self) -> Result<Vec<AgentRow>, StoreError> {
-        fetch(&self.pool, &format!("SELECT {} FROM agents ORDER BY name, id", AgentRow::COLUMNS)).await
+        fetch(
+            &self.pool,
+            &format!("SELECT {} FROM agents ORDER BY name, id", AgentRow::COLUMNS),
+        )
+        .await
     }
 }
 
@@ -402,7 +435,11 @@ fn insert_sql<R: Record>(rows: usize) -> String {
             .filter(|c| !keys.contains(c))
             .map(|c| format!("{c} = excluded.{c}"))
             .collect();
-        sql.push_str(&format!(" ON CONFLICT ({}) DO UPDATE SET {}", R::KEY, sets.join(", ")));
+        sql.push_str(&format!(
+            " ON CONFLICT ({}) DO UPDATE SET {}",
+            R::KEY,
+            sets.join(", ")
+        ));
     } else {
         sql.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", R::KEY));
     }
@@ -410,15 +447,26 @@ fn insert_sql<R: Record>(rows: usize) -> String {
 }
 
 async fn fetch<R: Record>(pool: &AnyPool, sql: &str) -> Result<Vec<R>, StoreError> {
-    decode_all(sqlx::query(AssertSqlSafe(sql.to_string())).fetch_all(pool).await?)
+    decode_all(
+        sqlx::query(AssertSqlSafe(sql.to_string()))
+            .fetch_all(pool)
+            .await?,
+    )
 }
 
 async fn fetch_bound<R: Record>(pool: &AnyPool, sql: &str, arg: &str) -> Result<Vec<R>, StoreError> {
-    decode_all(sqlx::query(AssertSqlSafe(sql.to_string())).bind(arg).fetch_all(pool).await?)
+    decode_all(
+        sqlx::query(AssertSqlSafe(sql.to_string()))
+            .bind(arg)
+            .fetch_all(pool)
+            .await?,
+    )
 }
 
 fn decode_all<R: Record>(rows: Vec<AnyRow>) -> Result<Vec<R>, StoreError> {
-    rows.iter().map(|r| R::decode(r).map_err(StoreError::from)).collect()
+    rows.iter()
+        .map(|r| R::decode(r).map_err(StoreError::from))
+        .collect()
 }
 
 /// Parses a stored state name, turning a bad one into a `Corrupt` error.

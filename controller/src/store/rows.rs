@@ -192,7 +192,8 @@ pub struct EventRow {
 
 impl Record for EventRow {
     const TABLE: &'static str = "run_events";
-    const COLUMNS: &'static str = "run_id, seq, at, kind, step_id, attempt_id, run_state, step_state, attempt_state, message";
+    const COLUMNS: &'static str =
+        "run_id, seq, at, kind, step_id, attempt_id, run_state, step_state, attempt_state, message";
     const KEY: &'static str = "run_id, seq";
     const UPSERT: bool = false;
 

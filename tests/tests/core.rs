@@ -1,0 +1,249 @@
+//! The core promises end to end: a real controller and real agents on loopback.
+
+use std::time::Duration;
+
+use baton_tests::*;
+
+const HELLO: &str = include_str!("../../examples/hello.yaml");
+
+fn step<'a>(run: &'a proto::Run, id: &str) -> &'a proto::Step {
+    run.steps
+        .iter()
+        .find(|s| s.id == id)
+        .unwrap_or_else(|| panic!("no step {id}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_and_join_runs_in_dependency_order_across_agents() {
+    let sb = Sandbox::builder().agents(2).slots(2).build().await;
+    let mut c = sb.client().await;
+    let id = sb.submit(HELLO).await;
+    let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
+    assert_eq!(run.state, "succeeded", "{run:#?}");
+    assert_eq!(run.steps.len(), 8);
+    let progress = run.progress.clone().unwrap();
+    assert_eq!((progress.done, progress.total), (8, 8));
+    for s in &run.steps {
+        assert_eq!(s.state, "succeeded", "step {}", s.id);
+        assert_eq!(s.attempts.len(), 1, "step {} ran once", s.id);
+        assert_eq!(s.attempts[0].exit_code, Some(0));
+        // A step starts only after every step it needs has finished.
+        for n in &s.needs {
+            let up = step(&run, n);
+            assert!(
+                s.attempts[0].assigned_at_ms >= up.finished_at_ms,
+                "{} started before {} finished",
+                s.id,
+                n
+            );
+        }
+    }
+    assert!(
+        step(&run, "fetch").attempts[0]
+            .output_tail
+            .contains("hello from fetch")
+    );
+    assert!(
+        step(&run, "report").attempts[0]
+            .output_tail
+            .contains("report: all green")
+    );
+    // The three builds ran side by side (each sleeps 300ms) on both agents.
+    let builds: Vec<&proto::Attempt> = ["build-linux", "build-mac", "build-windows"]
+        .iter()
+        .map(|b| &step(&run, b).attempts[0])
+        .collect();
+    let first_end = builds.iter().map(|a| a.finished_at_ms).min().unwrap();
+    let last_start = builds.iter().map(|a| a.started_at_ms).max().unwrap();
+    assert!(last_start < first_end, "builds did not overlap");
+    let agents: std::collections::HashSet<&str> = run
+        .steps
+        .iter()
+        .map(|s| s.attempts[0].agent_name.as_str())
+        .collect();
+    assert_eq!(agents.len(), 2, "both agents took work: {agents:?}");
+
+    // The event log is gapless, ends with the run's end, and every step transition is in it.
+    let events = all_events(&mut c, &id).await;
+    let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=events.len() as i64).collect::<Vec<_>>());
+    assert_eq!(events.first().unwrap().kind, "run_submitted");
+    assert_eq!(events.last().unwrap().kind, "run_succeeded");
+    assert_eq!(events.iter().filter(|e| e.kind == "step_succeeded").count(), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_step_skips_its_dependents_and_fails_the_run() {
+    let sb = Sandbox::builder().agents(2).build().await;
+    let mut c = sb.client().await;
+    let id = sb
+        .submit(
+            r#"
+name: failing
+steps:
+  - {id: prepare, tool: shell, with: {run: "true"}}
+  - {id: compile, needs: prepare, tool: shell, with: {run: "echo broken >&2; exit 3"}}
+  - {id: test, needs: compile, tool: shell, with: {run: "true"}}
+  - {id: publish, needs: test, tool: shell, with: {run: "true"}}
+"#,
+        )
+        .await;
+    let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
+    assert_eq!(run.state, "failed");
+    assert_eq!(run.reason, "step \"compile\" failed");
+    assert_eq!(step(&run, "prepare").state, "succeeded");
+    let compile = step(&run, "compile");
+    assert_eq!(compile.state, "failed");
+    assert_eq!(compile.attempts[0].exit_code, Some(3));
+    assert_eq!(compile.attempts[0].error_class, "nonzero_exit");
+    assert!(compile.attempts[0].output_tail.contains("broken"));
+    assert!(compile.reason.contains("exit code 3"), "{}", compile.reason);
+    for s in ["test", "publish"] {
+        let st = step(&run, s);
+        assert_eq!(st.state, "skipped", "{s}");
+        assert!(st.attempts.is_empty(), "{s} never ran");
+        assert_eq!(st.reason, "upstream step \"compile\" failed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canceling_a_run_kills_its_process_and_starts_nothing_more() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let mut c = sb.client().await;
+    let pidfile = sb.dir.path().join("sleeper.pid");
+    let spec = format!(
+        r#"
+name: cancel-me
+steps:
+  - id: long
+    tool: shell
+    with: {{run: "echo $$ > {pid}; exec sleep 60"}}
+  - {{id: after, needs: long, tool: shell, with: {{run: "true"}}}}
+"#,
+        pid = pidfile.display()
+    );
+    let id = sb.submit(&spec).await;
+    wait_event(&mut c, &id, Duration::from_secs(20), |e| {
+        e.kind == "attempt_started" && e.step_id == "long"
+    })
+    .await;
+    let pid: i32 = eventually(Duration::from_secs(10), "the pid file", || {
+        let p = pidfile.clone();
+        async move { std::fs::read_to_string(p).ok()?.trim().parse().ok() }
+    })
+    .await;
+    assert!(process_alive(pid));
+
+    let resp = c
+        .cancel_run(proto::CancelRunRequest {
+            run_id: id.clone(),
+            reason: "test says stop".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.state, "canceled");
+    eventually(Duration::from_secs(3), "the tool to be killed", || async move {
+        (!process_alive(pid)).then_some(())
+    })
+    .await;
+    let run = get_run(&mut c, &id).await;
+    assert_eq!(run.state, "canceled");
+    assert_eq!(run.reason, "test says stop");
+    assert_eq!(step(&run, "long").state, "canceled");
+    assert_eq!(step(&run, "long").attempts[0].state, "canceled");
+    assert_eq!(step(&run, "after").state, "canceled");
+    assert!(step(&run, "after").attempts.is_empty());
+    // Canceling again is harmless; the run stays canceled.
+    let again = c
+        .cancel_run(proto::CancelRunRequest {
+            run_id: id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(again.into_inner().state, "canceled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_specs_are_rejected_over_grpc_and_nothing_is_stored() {
+    let sb = Sandbox::builder().agents(0).build().await;
+    let mut c = sb.client().await;
+    let cases = [
+        (
+            "name: x\nsteps:\n  - {id: a, tool: noop, needs: b}\n  - {id: b, tool: noop, needs: a}\n",
+            "dependency cycle: a -> b -> a",
+        ),
+        (
+            "name: x\nsteps:\n  - {id: a, tool: noop, needs: zz}\n",
+            "depends on unknown step \"zz\"",
+        ),
+        (
+            "name: x\nsteps:\n  - {id: a, tool: noop}\n  - {id: a, tool: noop}\n",
+            "duplicate step id",
+        ),
+        ("name: x\nsteps:\n  - {id: '', tool: noop}\n", "non-empty id"),
+        (
+            "name: x\nsteps:\n  - {id: a, tool: hammer}\n",
+            "unknown tool \"hammer\"",
+        ),
+        (
+            "name: x\nsteps:\n  - {id: a, tool: noop, timeout: 5 fortnights}\n",
+            "bad duration",
+        ),
+        (
+            "name: x\nsteps:\n  - id: a\n    tool: noop\n   bad: [\n",
+            "test.yaml:5:",
+        ),
+        (
+            "name: x\nsteps:\n  - {id: a, kind: build}\n",
+            "no router rule maps kind \"build\"",
+        ),
+    ];
+    for (spec, want) in cases {
+        let err = c
+            .submit_run(proto::SubmitRunRequest {
+                spec: spec.into(),
+                source: "test.yaml".into(),
+                params: Default::default(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{spec}");
+        assert!(err.message().contains(want), "{spec}: {}", err.message());
+        assert!(
+            err.message().starts_with("test.yaml"),
+            "names the source: {}",
+            err.message()
+        );
+    }
+    let runs = c
+        .list_runs(proto::ListRunsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    assert!(runs.is_empty(), "nothing stored: {runs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_runs_are_not_found() {
+    let sb = Sandbox::builder().agents(0).build().await;
+    let mut c = sb.client().await;
+    let err = c
+        .get_run(proto::GetRunRequest {
+            run_id: "deadbeef".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains("\"deadbeef\""), "{}", err.message());
+    let err = c
+        .cancel_run(proto::CancelRunRequest {
+            run_id: "nope!".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
