@@ -70,6 +70,21 @@ async fn fan_out_and_join_runs_in_dependency_order_across_agents() {
     assert_eq!(events.first().unwrap().kind, "run_submitted");
     assert_eq!(events.last().unwrap().kind, "run_succeeded");
     assert_eq!(events.iter().filter(|e| e.kind == "step_succeeded").count(), 8);
+
+    // Watching resumes from any sequence number, without repeats.
+    let mut s = c
+        .watch_run(proto::WatchRunRequest {
+            run_id: id.clone(),
+            from_seq: 5,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut resumed = Vec::new();
+    while let Some(ev) = s.message().await.unwrap() {
+        resumed.push(ev.seq);
+    }
+    assert_eq!(resumed, (5..=events.len() as i64).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -145,3 +145,113 @@ async fn pump(mut src: impl AsyncRead + Unpin, out: Output) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use serde_json::json;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    fn ctx(dir: &std::path::Path, input: serde_json::Value) -> AttemptContext {
+        AttemptContext {
+            attempt_id: "att-1".into(),
+            run_id: "run-1".into(),
+            step_id: "step-1".into(),
+            number: 2,
+            input: input.as_object().cloned().unwrap_or_default(),
+            env: BTreeMap::from([("GREETING".to_string(), "hi there".to_string())]),
+            dir: dir.to_path_buf(),
+            stop: CancellationToken::new(),
+            kill_grace: Duration::from_millis(300),
+            output: Output::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_script_runs_in_its_dir_with_env_and_captures_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ctx(
+            dir.path(),
+            json!({"run": "pwd; echo \"$GREETING $BATON_STEP_ID $BATON_ATTEMPT\"; echo oops >&2; touch made"}),
+        );
+        let out = c.output.clone();
+        let o = run(c).await;
+        assert!(o.succeeded, "{o:?}");
+        assert_eq!(o.exit_code, Some(0));
+        let tail = out.tail();
+        assert!(tail.contains(&dir.path().display().to_string()), "{tail}");
+        assert!(tail.contains("hi there step-1 2"), "{tail}");
+        assert!(tail.contains("oops"), "stderr is captured too: {tail}");
+        assert!(dir.path().join("made").exists());
+    }
+
+    #[tokio::test]
+    async fn argv_runs_without_a_shell() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = ctx(dir.path(), json!({"argv": ["echo", "$GREETING", "a;b"]}));
+        let out = c.output.clone();
+        assert!(run(c).await.succeeded);
+        assert_eq!(out.tail(), "$GREETING a;b\n");
+    }
+
+    #[tokio::test]
+    async fn exit_codes_and_missing_programs_are_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = run(ctx(dir.path(), json!({"run": "exit 7"}))).await;
+        assert_eq!(
+            (o.succeeded, o.exit_code, o.error_class.as_str()),
+            (false, Some(7), "nonzero_exit")
+        );
+        assert_eq!(o.error, "exit code 7");
+        let o = run(ctx(dir.path(), json!({"argv": ["/no/such/program"]}))).await;
+        assert_eq!(o.error_class, "tool_error");
+        assert!(
+            o.error.contains("cannot start \"/no/such/program\""),
+            "{}",
+            o.error
+        );
+        let o = run(ctx(dir.path(), json!({}))).await;
+        assert_eq!(o.error_class, "tool_error");
+    }
+
+    #[tokio::test]
+    async fn stopping_kills_the_whole_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("bg.pid");
+        // The script forks a background sleep, then waits; stopping must take both.
+        let script = format!("sleep 60 & echo $! > {}; wait", pidfile.display());
+        let c = ctx(dir.path(), json!({"run": script}));
+        let stop = c.stop.clone();
+        let task = tokio::spawn(run(c));
+        let mut bg = None;
+        for _ in 0..200 {
+            if let Ok(s) = std::fs::read_to_string(&pidfile)
+                && let Ok(p) = s.trim().parse::<i32>()
+            {
+                bg = Some(p);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let bg = bg.expect("background pid");
+        stop.cancel();
+        let o = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!o.succeeded);
+        // SIGKILL is delivered asynchronously: the child is gone (or a zombie) shortly.
+        let gone = || std::fs::read_to_string(format!("/proc/{bg}/stat")).map_or(true, |s| s.contains(") Z"));
+        for _ in 0..100 {
+            if gone() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(gone(), "background child {bg} survived");
+    }
+}
