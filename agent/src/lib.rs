@@ -128,10 +128,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         return Err(AgentError::Config("slots must be at least 1".into()));
     }
     let attempts_dir = cfg.work_dir.join("attempts");
-    std::fs::create_dir_all(&attempts_dir).map_err(|e| AgentError::Io {
-        path: attempts_dir.clone(),
-        source: e,
-    })?;
+    std::fs::create_dir_all(&attempts_dir)
+        .map_err(|e| AgentError::Io { path: attempts_dir.clone(), source: e })?;
     let id = agent_id(&cfg.work_dir)?;
     let (adapters, tools) = probe_tools(cfg.tools.as_deref())?;
     info!(agent = %cfg.name, agent_id = %id, tools = ?tools.iter().map(|t| &t.name).collect::<Vec<_>>(), "agent starting");
@@ -188,10 +186,7 @@ fn probe_tools(only: Option<&[String]>) -> Result<(Adapters, Vec<pb::Tool>), Age
         }
         match a.probe() {
             Some(version) => {
-                tools.push(pb::Tool {
-                    name: a.name().to_string(),
-                    version,
-                });
+                tools.push(pb::Tool { name: a.name().to_string(), version });
                 map.insert(a.name().to_string(), a);
             }
             None => info!(tool = a.name(), "tool not available on this machine"),
@@ -299,9 +294,7 @@ impl Agent {
             }
         };
         let welcome = match inbound.message().await {
-            Ok(Some(pb::ControllerMessage {
-                msg: Some(In::Welcome(w)),
-            })) => w,
+            Ok(Some(pb::ControllerMessage { msg: Some(In::Welcome(w)) })) => w,
             Ok(_) => return SessionEnd::Broken("the controller did not welcome us".into()),
             Err(e) => return SessionEnd::Broken(format!("welcome: {e}")),
         };
@@ -312,8 +305,7 @@ impl Agent {
                 warn!(attempt_id = %id, "controller abandoned attempt; stopping it");
                 r.stop(StopReason::Abandoned);
             }
-            self.unacked
-                .retain(|f| f.attempt.as_ref().is_none_or(|a| &a.attempt_id != id));
+            self.unacked.retain(|f| f.attempt.as_ref().is_none_or(|a| &a.attempt_id != id));
         }
         let hb_every = Duration::from_millis(welcome.heartbeat_interval_ms.max(50) as u64);
         let mut heartbeat = tokio::time::interval(hb_every);
@@ -368,8 +360,7 @@ impl Agent {
                 Ok(())
             }
             In::Ack(a) => {
-                self.unacked
-                    .retain(|f| f.attempt.as_ref().is_none_or(|r| r.attempt_id != a.attempt_id));
+                self.unacked.retain(|f| f.attempt.as_ref().is_none_or(|r| r.attempt_id != a.attempt_id));
                 if !a.accepted {
                     warn!(attempt_id = %a.attempt_id, "controller rejected our result (stale lease)");
                 }
@@ -394,20 +385,13 @@ impl Agent {
         let span =
             info_span!("attempt", run_id = %r.run_id, step_id = %r.step_id, attempt_id = %r.attempt_id);
         let _enter = span.enter();
-        let started = pb::AttemptStarted {
-            attempt: Some(r.clone()),
-            pid: 0,
-        };
+        let started = pb::AttemptStarted { attempt: Some(r.clone()), pid: 0 };
         if out.try_send(msg(Out::Started(started))).is_err() {
             return Err("outbound stream is stuck".into());
         }
         let stop = CancellationToken::new();
         let reason: Arc<OnceLock<StopReason>> = Arc::new(OnceLock::new());
-        let running = Running {
-            attempt: r.clone(),
-            stop: stop.clone(),
-            reason: reason.clone(),
-        };
+        let running = Running { attempt: r.clone(), stop: stop.clone(), reason: reason.clone() };
         let adapter = self.adapters.get(&req.tool).cloned();
         let input = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&req.input_json);
         let dir = self.cfg.work_dir.join("attempts").join(&r.attempt_id);
@@ -467,11 +451,7 @@ impl Agent {
                         baton_common::time::format_duration(timeout.unwrap_or_default())
                     ),
                 ),
-                Some(why) => (
-                    "canceled",
-                    "canceled".to_string(),
-                    format!("stopped: {why:?}").to_lowercase(),
-                ),
+                Some(why) => ("canceled", "canceled".to_string(), format!("stopped: {why:?}").to_lowercase()),
                 None if outcome.succeeded => ("succeeded", String::new(), String::new()),
                 None => ("failed", outcome.error_class.clone(), outcome.error.clone()),
             };
@@ -498,15 +478,9 @@ impl Agent {
     fn on_event(&mut self, ev: Event, out: Option<&mpsc::Sender<pb::AgentMessage>>) -> bool {
         match ev {
             Event::Finished(f) => {
-                let id = f
-                    .attempt
-                    .as_ref()
-                    .map(|a| a.attempt_id.clone())
-                    .unwrap_or_default();
-                let abandoned = self
-                    .running
-                    .remove(&id)
-                    .is_some_and(|r| r.reason.get() == Some(&StopReason::Abandoned));
+                let id = f.attempt.as_ref().map(|a| a.attempt_id.clone()).unwrap_or_default();
+                let abandoned =
+                    self.running.remove(&id).is_some_and(|r| r.reason.get() == Some(&StopReason::Abandoned));
                 if abandoned {
                     return true;
                 }
@@ -553,11 +527,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff {
-            min,
-            max: max.max(min),
-            attempt: 0,
-        }
+        Backoff { min, max: max.max(min), attempt: 0 }
     }
 
     pub fn reset(&mut self) {
@@ -569,10 +539,7 @@ impl Backoff {
     }
 
     pub fn next_delay(&mut self) -> Duration {
-        let base = self
-            .min
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.max);
+        let base = self.min.saturating_mul(1u32 << self.attempt.min(20)).min(self.max);
         self.attempt += 1;
         let half = base / 2;
         half + Duration::from_nanos(rand::random_range(0..=half.as_nanos().max(1) as u64))
@@ -587,19 +554,13 @@ mod tests {
     fn backoff_grows_is_jittered_and_capped() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let first = b.next_delay();
-        assert!(
-            first >= Duration::from_millis(50) && first <= Duration::from_millis(100),
-            "{first:?}"
-        );
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100), "{first:?}");
         let mut last = Duration::ZERO;
         for _ in 0..10 {
             last = b.next_delay();
             assert!(last <= Duration::from_secs(2));
         }
-        assert!(
-            last >= Duration::from_secs(1),
-            "capped base is 2s, jittered down to at least 1s: {last:?}"
-        );
+        assert!(last >= Duration::from_secs(1), "capped base is 2s, jittered down to at least 1s: {last:?}");
         let draws: std::collections::HashSet<_> = (0..20).map(|_| b.next_delay()).collect();
         assert!(draws.len() > 1, "delays are jittered");
         b.reset();
@@ -618,14 +579,8 @@ mod tests {
     #[test]
     fn unknown_tool_filter_is_refused() {
         let err = probe_tools(Some(&["hammer".to_string()])).err().unwrap();
-        assert!(
-            err.to_string().contains("unknown tool \"hammer\" in --tools"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("unknown tool \"hammer\" in --tools"), "{err}");
         let (_, tools) = probe_tools(Some(&["noop".to_string()])).unwrap();
-        assert_eq!(
-            tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
-            vec!["noop"]
-        );
+        assert_eq!(tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), vec!["noop"]);
     }
 }

@@ -13,12 +13,7 @@ use tokio_util::sync::CancellationToken;
 #[command(name = "baton-agent", version)]
 struct Args {
     /// Controller URL; a comma-separated list is tried in turn.
-    #[arg(
-        long,
-        env = "BATON_CONTROLLER",
-        default_value = "http://127.0.0.1:7070",
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "BATON_CONTROLLER", default_value = "http://127.0.0.1:7070", value_delimiter = ',')]
     controller: Vec<String>,
     /// Name shown in `baton agents list` (default: the host name).
     #[arg(long, env = "BATON_AGENT_NAME")]
@@ -98,9 +93,7 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 fn init_tracing(format: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         "text" => builder.init(),
         "json" => builder.json().init(),

@@ -33,9 +33,8 @@ pub async fn run(
         .tempdir()
         .context("cannot create a temporary directory")?;
     let db_path = db.unwrap_or_else(|| tmp.path().join("baton.db"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("cannot listen on 127.0.0.1")?;
+    let listener =
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot listen on 127.0.0.1")?;
     let addr = listener.local_addr().context("no local address")?;
     let url = format!("http://{addr}");
     let shutdown = CancellationToken::new();
@@ -52,11 +51,8 @@ pub async fn run(
     let controller = tokio::spawn(baton_controller::run(listener, config, shutdown.clone()));
     let mut tasks = Vec::new();
     for i in 1..=agents {
-        let mut cfg = baton_agent::Config::new(
-            url.clone(),
-            format!("dev-{i}"),
-            tmp.path().join(format!("agent-{i}")),
-        );
+        let mut cfg =
+            baton_agent::Config::new(url.clone(), format!("dev-{i}"), tmp.path().join(format!("agent-{i}")));
         cfg.slots = slots;
         tasks.push(tokio::spawn(baton_agent::run(cfg, shutdown.clone())));
     }
@@ -84,22 +80,13 @@ async fn drive(
     let mut c = client::connect(url).await?;
     // Wait (briefly) for the agents so the first steps do not queue for nothing.
     for _ in 0..100 {
-        let n = c
-            .list_agents(pb::ListAgentsRequest {})
-            .await?
-            .into_inner()
-            .agents
-            .len();
+        let n = c.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents.len();
         if n as u32 >= agents {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let req = pb::SubmitRunRequest {
-        spec: text,
-        source,
-        params: params.into_iter().collect(),
-    };
+    let req = pb::SubmitRunRequest { spec: text, source, params: params.into_iter().collect() };
     let run_id = c.submit_run(req).await?.into_inner().run_id;
     if format == Format::Text {
         eprintln!("run {run_id} started on {agents} local agents");
@@ -110,8 +97,5 @@ async fn drive(
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }

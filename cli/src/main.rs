@@ -2,7 +2,7 @@
 //! a controller and agents in one process.
 //!
 //! Exit codes: 0 success; 1 a run that did not succeed, or an error; 2 bad input
-//! (an invalid spec or bad arguments).
+//! (an invalid spec or bad arguments); 3 a watched run was quarantined.
 
 mod client;
 mod dev;
@@ -20,19 +20,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use output::Format;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "baton",
-    version,
-    about = "Baton: run workstreams of tools across machines"
-)]
+#[command(name = "baton", version, about = "Baton: run workstreams of tools across machines")]
 struct Cli {
     /// Controller URL.
-    #[arg(
-        long,
-        global = true,
-        env = "BATON_CONTROLLER",
-        default_value = "http://127.0.0.1:7070"
-    )]
+    #[arg(long, global = true, env = "BATON_CONTROLLER", default_value = "http://127.0.0.1:7070")]
     controller: String,
     #[command(subcommand)]
     command: Command,
@@ -58,6 +49,9 @@ enum Command {
     /// Inspect agents.
     #[command(subcommand)]
     Agents(AgentsCommand),
+    /// Inspect and reset circuit breakers.
+    #[command(subcommand)]
+    Breakers(BreakersCommand),
     /// Check a spec without running it; exit 2 when it is invalid.
     Validate {
         file: PathBuf,
@@ -112,11 +106,38 @@ enum RunsCommand {
         #[command(flatten)]
         out: OutputArg,
     },
-    /// Cancel a run: running tools are stopped, nothing new starts.
+    /// Cancel a run (or one step): running tools are stopped, nothing new starts.
     Cancel {
         run: String,
+        /// Cancel only this step; the steps that need it are skipped.
+        #[arg(long)]
+        step: Option<String>,
         #[arg(long, default_value = "")]
         reason: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Resume a quarantined run; its failed steps get a fresh retry budget.
+    Release {
+        run: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BreakersCommand {
+    /// List circuit breakers and their states.
+    List {
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Close a tool's breaker, or its breaker on one agent.
+    Reset {
+        tool: String,
+        /// Agent name (or id).
+        #[arg(long)]
+        agent: Option<String>,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -212,19 +233,10 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<u8, Failure> {
     match cli.command {
         Command::Validate { file, out } => validate(&file, out.format()),
-        Command::Submit {
-            file,
-            watch,
-            params,
-            out,
-        } => {
+        Command::Submit { file, watch, params, out } => {
             let (source, text) = read_spec(&file)?;
             let mut c = client::connect(&cli.controller).await?;
-            let req = pb::SubmitRunRequest {
-                spec: text,
-                source,
-                params: params.into_iter().collect(),
-            };
+            let req = pb::SubmitRunRequest { spec: text, source, params: params.into_iter().collect() };
             let run_id = c.submit_run(req).await?.into_inner().run_id;
             if watch {
                 if out.format() == Format::Text {
@@ -245,14 +257,21 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             output::agents(out.format(), &agents);
             Ok(0)
         }
-        Command::Dev {
-            file,
-            agents,
-            slots,
-            db,
-            params,
-            out,
-        } => {
+        Command::Breakers(cmd) => {
+            let mut c = client::connect(&cli.controller).await?;
+            let (breakers, out) = match cmd {
+                BreakersCommand::List { out } => {
+                    (c.list_breakers(pb::ListBreakersRequest {}).await?.into_inner().breakers, out)
+                }
+                BreakersCommand::Reset { tool, agent, out } => {
+                    let req = pb::ResetBreakerRequest { tool, agent: agent.unwrap_or_default() };
+                    (c.reset_breaker(req).await?.into_inner().breakers, out)
+                }
+            };
+            output::breakers(out.format(), &breakers);
+            Ok(0)
+        }
+        Command::Dev { file, agents, slots, db, params, out } => {
             let params: BTreeMap<String, String> = params.into_iter().collect();
             dev::run(&file, agents, slots, db, params, out.format()).await
         }
@@ -263,39 +282,35 @@ async fn runs(controller: &str, cmd: RunsCommand) -> Result<u8, Failure> {
     let mut c = client::connect(controller).await?;
     match cmd {
         RunsCommand::List { state, limit, out } => {
-            let req = pb::ListRunsRequest {
-                state: state.unwrap_or_default(),
-                limit,
-            };
+            let req = pb::ListRunsRequest { state: state.unwrap_or_default(), limit };
             let runs = c.list_runs(req).await?.into_inner().runs;
             output::runs(out.format(), &runs);
         }
         RunsCommand::Show { run, out } => {
-            let run = c
-                .get_run(pb::GetRunRequest { run_id: run })
-                .await?
-                .into_inner()
-                .run;
+            let run = c.get_run(pb::GetRunRequest { run_id: run }).await?.into_inner().run;
             if let Some(run) = run {
                 output::run(out.format(), &run);
             }
         }
         RunsCommand::Watch { run, from_seq, out } => {
-            let id = c
-                .get_run(pb::GetRunRequest { run_id: run })
-                .await?
-                .into_inner()
-                .run
-                .map(|r| r.id);
+            let id = c.get_run(pb::GetRunRequest { run_id: run }).await?.into_inner().run.map(|r| r.id);
             return watch::watch(&mut c, &id.unwrap_or_default(), from_seq, out.format()).await;
         }
-        RunsCommand::Cancel { run, reason, out } => {
-            let resp = c
-                .cancel_run(pb::CancelRunRequest { run_id: run, reason })
-                .await?
-                .into_inner();
+        RunsCommand::Cancel { run, step, reason, out } => {
+            let req = pb::CancelRunRequest { run_id: run, reason, step_id: step.clone().unwrap_or_default() };
+            let resp = c.cancel_run(req).await?.into_inner();
+            match (out.format(), step) {
+                (Format::Text, None) => println!("run {} {}", resp.run_id, resp.state),
+                (Format::Text, Some(s)) => {
+                    println!("step {s} of run {} canceled; the run is {}", resp.run_id, resp.state)
+                }
+                (f, _) => output::print_json(f, &resp),
+            }
+        }
+        RunsCommand::Release { run, out } => {
+            let resp = c.release_run(pb::ReleaseRunRequest { run_id: run }).await?.into_inner();
             match out.format() {
-                Format::Text => println!("run {} {}", resp.run_id, resp.state),
+                Format::Text => println!("run {} released; it is {}", resp.run_id, resp.state),
                 f => output::print_json(f, &resp),
             }
         }
@@ -315,11 +330,9 @@ fn validate(file: &Path, format: Format) -> Result<u8, Failure> {
     match baton_common::spec::parse(&source, &text) {
         Ok(ws) => {
             match format {
-                Format::Text => println!(
-                    "{source}: ok, workstream {:?} with {} steps",
-                    ws.name,
-                    ws.steps.len()
-                ),
+                Format::Text => {
+                    println!("{source}: ok, workstream {:?} with {} steps", ws.name, ws.steps.len())
+                }
                 f => output::print_json(
                     f,
                     &serde_json::json!({"file": source, "valid": true, "workstream": ws.name, "steps": ws.steps.len()}),

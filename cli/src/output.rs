@@ -69,13 +69,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
         let parts: Vec<String> = cells
             .into_iter()
             .enumerate()
-            .map(|(i, c)| {
-                if i == last {
-                    c
-                } else {
-                    format!("{c:<w$}", w = widths[i])
-                }
-            })
+            .map(|(i, c)| if i == last { c } else { format!("{c:<w$}", w = widths[i]) })
             .collect();
         println!("{}", parts.join("  ").trim_end());
     };
@@ -104,18 +98,7 @@ pub fn runs(format: Format, runs: &[pb::RunSummary]) {
             ]
         })
         .collect();
-    table(
-        &[
-            "ID",
-            "WORKSTREAM",
-            "STATE",
-            "STEPS",
-            "CREATED",
-            "ELAPSED",
-            "REASON",
-        ],
-        rows,
-    );
+    table(&["ID", "WORKSTREAM", "STATE", "STEPS", "CREATED", "ELAPSED", "REASON"], rows);
 }
 
 pub fn run(format: Format, run: &pb::Run) {
@@ -131,10 +114,7 @@ pub fn run(format: Format, run: &pb::Run) {
     }
     println!("Created:    {}", time(run.created_at_ms));
     println!("Elapsed:    {}", span(p.elapsed_ms));
-    println!(
-        "Progress:   {}/{} steps done ({:.0}%)",
-        p.done, p.total, p.percent
-    );
+    println!("Progress:   {}/{} steps done ({:.0}%)", p.done, p.total, p.percent);
     println!();
     steps(&run.steps);
 }
@@ -149,11 +129,7 @@ pub fn steps(steps: &[pb::Step]) {
             } else {
                 "-".into()
             };
-            let agent = s
-                .attempts
-                .last()
-                .map(|a| a.agent_name.clone())
-                .unwrap_or_default();
+            let agent = s.attempts.last().map(|a| a.agent_name.clone()).unwrap_or_default();
             let exit = s
                 .attempts
                 .last()
@@ -172,12 +148,27 @@ pub fn steps(steps: &[pb::Step]) {
             ]
         })
         .collect();
-    table(
-        &[
-            "STEP", "TOOL", "STATE", "ATTEMPTS", "DURATION", "AGENT", "EXIT", "REASON",
-        ],
-        rows,
-    );
+    table(&["STEP", "TOOL", "STATE", "ATTEMPTS", "DURATION", "AGENT", "EXIT", "REASON"], rows);
+}
+
+pub fn breakers(format: Format, breakers: &[pb::Breaker]) {
+    if format != Format::Text {
+        return print_list(format, breakers);
+    }
+    let rows = breakers
+        .iter()
+        .map(|b| {
+            vec![
+                b.tool.clone(),
+                if b.agent_name.is_empty() { "(all agents)".into() } else { b.agent_name.clone() },
+                b.state.clone(),
+                b.consecutive_failures.to_string(),
+                time(b.opened_at_ms),
+                time(b.half_open_at_ms),
+            ]
+        })
+        .collect();
+    table(&["TOOL", "AGENT", "STATE", "FAILURES IN A ROW", "OPENED", "PROBES FROM"], rows);
 }
 
 pub fn agents(format: Format, agents: &[pb::Agent]) {
@@ -188,11 +179,7 @@ pub fn agents(format: Format, agents: &[pb::Agent]) {
     let rows = agents
         .iter()
         .map(|a| {
-            let tools: Vec<String> = a
-                .tools
-                .iter()
-                .map(|t| format!("{}@{}", t.name, t.version))
-                .collect();
+            let tools: Vec<String> = a.tools.iter().map(|t| format!("{}@{}", t.name, t.version)).collect();
             let mut labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             labels.sort();
             vec![
@@ -201,19 +188,12 @@ pub fn agents(format: Format, agents: &[pb::Agent]) {
                 format!("{}/{}", a.slots_used, a.slots),
                 format!("{} ago", span(now - a.last_seen_ms)),
                 tools.join(","),
-                if labels.is_empty() {
-                    "-".into()
-                } else {
-                    labels.join(",")
-                },
+                if labels.is_empty() { "-".into() } else { labels.join(",") },
                 a.id.clone(),
             ]
         })
         .collect();
-    table(
-        &["NAME", "STATE", "SLOTS", "LAST SEEN", "TOOLS", "LABELS", "ID"],
-        rows,
-    );
+    table(&["NAME", "STATE", "SLOTS", "LAST SEEN", "TOOLS", "LABELS", "ID"], rows);
 }
 
 #[cfg(test)]

@@ -24,10 +24,7 @@ pub async fn watch(c: &mut Client, run_id: &str, from_seq: i64, format: Format) 
     let mut next = from_seq.max(1);
     let mut down_since: Option<std::time::Instant> = None;
     loop {
-        let req = pb::WatchRunRequest {
-            run_id: run_id.to_string(),
-            from_seq: next,
-        };
+        let req = pb::WatchRunRequest { run_id: run_id.to_string(), from_seq: next };
         let result = match c.watch_run(req).await {
             Ok(stream) => {
                 let mut stream = stream.into_inner();
@@ -37,6 +34,16 @@ pub async fn watch(c: &mut Client, run_id: &str, from_seq: i64, format: Format) 
                             down_since = None;
                             next = ev.seq + 1;
                             view.event(&ev);
+                            // A held run waits for an operator: stop watching, say how.
+                            if ev.kind == "run_quarantined" {
+                                let run = get(c, run_id).await?;
+                                view.finish(&run);
+                                eprintln!(
+                                    "run {run_id} is quarantined: {}\nrelease it with `baton runs release {run_id}` or cancel it with `baton runs cancel {run_id}`",
+                                    ev.message
+                                );
+                                return Ok(3);
+                            }
                         }
                         Ok(None) => break Ok(()),
                         Err(s) => break Err(s),
@@ -73,13 +80,7 @@ pub async fn watch(c: &mut Client, run_id: &str, from_seq: i64, format: Format) 
 }
 
 async fn get(c: &mut Client, run_id: &str) -> Result<pb::Run, Failure> {
-    let run = c
-        .get_run(pb::GetRunRequest {
-            run_id: run_id.to_string(),
-        })
-        .await?
-        .into_inner()
-        .run;
+    let run = c.get_run(pb::GetRunRequest { run_id: run_id.to_string() }).await?.into_inner().run;
     run.ok_or_else(|| Failure::Other(anyhow::anyhow!("run {run_id} not found")))
 }
 
@@ -92,11 +93,8 @@ struct View {
 
 impl View {
     fn new(format: Format, run: &pb::Run) -> View {
-        let states: HashMap<String, String> = run
-            .steps
-            .iter()
-            .map(|s| (s.id.clone(), s.state.clone()))
-            .collect();
+        let states: HashMap<String, String> =
+            run.steps.iter().map(|s| (s.id.clone(), s.state.clone())).collect();
         let total = run.steps.len() as u64;
         let bar = (format == Format::Text && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::new(total);
@@ -108,12 +106,7 @@ impl View {
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
         });
-        let mut v = View {
-            format,
-            bar,
-            states,
-            total,
-        };
+        let mut v = View { format, bar, states, total };
         v.refresh();
         v
     }
@@ -137,27 +130,17 @@ impl View {
 
     fn refresh(&mut self) {
         let Some(bar) = &self.bar else { return };
-        let done = self
-            .states
-            .values()
-            .filter(|s| s.parse::<StepState>().is_ok_and(StepState::is_terminal))
-            .count() as u64;
+        let done =
+            self.states.values().filter(|s| s.parse::<StepState>().is_ok_and(StepState::is_terminal)).count()
+                as u64;
         bar.set_length(self.total);
         bar.set_position(done);
-        let mut running: Vec<&str> = self
-            .states
-            .iter()
-            .filter(|(_, s)| s.as_str() == "running")
-            .map(|(id, _)| id.as_str())
-            .collect();
+        let mut running: Vec<&str> =
+            self.states.iter().filter(|(_, s)| s.as_str() == "running").map(|(id, _)| id.as_str()).collect();
         running.sort();
         let shown: Vec<&str> = running.iter().take(4).copied().collect();
         let more = running.len().saturating_sub(shown.len());
-        let mut msg = if shown.is_empty() {
-            String::new()
-        } else {
-            format!("running: {}", shown.join(", "))
-        };
+        let mut msg = if shown.is_empty() { String::new() } else { format!("running: {}", shown.join(", ")) };
         if more > 0 {
             msg.push_str(&format!(" +{more}"));
         }
@@ -193,13 +176,7 @@ impl View {
         }
         let counts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
         println!();
-        print!(
-            "run {} {} in {} ({})",
-            run.id,
-            run.state,
-            output::span(elapsed),
-            counts.join(", ")
-        );
+        print!("run {} {} in {} ({})", run.id, run.state, output::span(elapsed), counts.join(", "));
         if !run.reason.is_empty() && run.state != "succeeded" {
             print!(": {}", run.reason);
         }

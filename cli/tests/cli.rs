@@ -40,11 +40,7 @@ fn example(name: &str) -> String {
 async fn validate_accepts_the_examples_and_rejects_bad_specs_with_exit_2() {
     let ok = baton("http://127.0.0.1:9", &["validate", &example("hello.yaml")]).await;
     assert_eq!(ok.code, 0, "{}", ok.stderr);
-    assert!(
-        ok.stdout.contains("ok, workstream \"hello\" with 8 steps"),
-        "{}",
-        ok.stdout
-    );
+    assert!(ok.stdout.contains("ok, workstream \"hello\" with 8 steps"), "{}", ok.stdout);
 
     let dir = tempfile::tempdir().unwrap();
     let bad = write(
@@ -54,16 +50,9 @@ async fn validate_accepts_the_examples_and_rejects_bad_specs_with_exit_2() {
     );
     let out = baton("http://127.0.0.1:9", &["validate", &bad]).await;
     assert_eq!(out.code, 2);
-    assert_eq!(
-        out.stderr.trim(),
-        format!("{bad}:3: step \"build\": depends on unknown step \"compile\"")
-    );
+    assert_eq!(out.stderr.trim(), format!("{bad}:3: step \"build\": depends on unknown step \"compile\""));
 
-    let yaml = write(
-        dir.path(),
-        "broken.yaml",
-        "name: b\nsteps:\n  - id: a\n    tool: noop\n   oops: [\n",
-    );
+    let yaml = write(dir.path(), "broken.yaml", "name: b\nsteps:\n  - id: a\n    tool: noop\n   oops: [\n");
     let out = baton("http://127.0.0.1:9", &["validate", &yaml]).await;
     assert_eq!(out.code, 2);
     assert!(out.stderr.starts_with(&format!("{yaml}:5:")), "{}", out.stderr);
@@ -75,11 +64,7 @@ async fn validate_accepts_the_examples_and_rejects_bad_specs_with_exit_2() {
 
     let missing = baton("http://127.0.0.1:9", &["validate", "/no/such/file.yaml"]).await;
     assert_eq!(missing.code, 2);
-    assert!(
-        missing.stderr.contains("cannot read /no/such/file.yaml"),
-        "{}",
-        missing.stderr
-    );
+    assert!(missing.stderr.contains("cannot read /no/such/file.yaml"), "{}", missing.stderr);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,36 +83,22 @@ async fn submit_watch_show_list_and_cancel() {
     let watch = baton(&url, &["runs", "watch", &run_id[..8]]).await;
     assert_eq!(watch.code, 0, "{}{}", watch.stdout, watch.stderr);
     assert!(watch.stdout.contains("run_succeeded"), "{}", watch.stdout);
-    assert!(
-        watch.stdout.contains(&format!("run {run_id} succeeded")),
-        "{}",
-        watch.stdout
-    );
+    assert!(watch.stdout.contains(&format!("run {run_id} succeeded")), "{}", watch.stdout);
 
     let show = baton(&url, &["runs", "show", &run_id, "-o", "json"]).await;
     let run: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
     assert_eq!(run["state"], "succeeded");
     assert_eq!(run["steps"].as_array().unwrap().len(), 8);
     let text = baton(&url, &["runs", "show", &run_id]).await;
-    assert!(
-        text.stdout.contains("build-windows") && text.stdout.contains("succeeded"),
-        "{}",
-        text.stdout
-    );
+    assert!(text.stdout.contains("build-windows") && text.stdout.contains("succeeded"), "{}", text.stdout);
 
     // submit --watch exits 1 for a run that fails; -o jsonl gives one event per line.
-    let failing = write(
-        dir.path(),
-        "fail.yaml",
-        "name: f\nsteps:\n  - {id: a, tool: shell, with: {run: 'exit 4'}}\n",
-    );
+    let failing =
+        write(dir.path(), "fail.yaml", "name: f\nsteps:\n  - {id: a, tool: shell, with: {run: 'exit 4'}}\n");
     let out = baton(&url, &["submit", &failing, "--watch", "-o", "jsonl"]).await;
     assert_eq!(out.code, 1, "{}", out.stderr);
-    let events: Vec<serde_json::Value> = out
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events: Vec<serde_json::Value> =
+        out.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(events.last().unwrap()["kind"], "run_failed");
 
     let list = baton(&url, &["runs", "list", "-o", "jsonl"]).await;
@@ -139,26 +110,14 @@ async fn submit_watch_show_list_and_cancel() {
     let agents = baton(&url, &["agents", "list", "-o", "json"]).await;
     let agents: serde_json::Value = serde_json::from_str(&agents.stdout).unwrap();
     assert_eq!(agents.as_array().unwrap().len(), 2);
-    assert!(
-        agents[0]["tools"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|t| t["name"] == "shell")
-    );
+    assert!(agents[0]["tools"].as_array().unwrap().iter().any(|t| t["name"] == "shell"));
 
     // Cancel a long run by id prefix.
-    let long = write(
-        dir.path(),
-        "long.yaml",
-        "name: l\nsteps:\n  - {id: a, tool: sleep, with: {duration: 60s}}\n",
-    );
+    let long =
+        write(dir.path(), "long.yaml", "name: l\nsteps:\n  - {id: a, tool: sleep, with: {duration: 60s}}\n");
     let id = baton(&url, &["submit", &long]).await.stdout.trim().to_string();
     let mut c = sb.client().await;
-    wait_event(&mut c, &id, Duration::from_secs(10), |e| {
-        e.kind == "attempt_started"
-    })
-    .await;
+    wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "attempt_started").await;
     let cancel = baton(&url, &["runs", "cancel", &id[..10]]).await;
     assert_eq!(cancel.code, 0, "{}", cancel.stderr);
     assert_eq!(cancel.stdout.trim(), format!("run {id} canceled"));
@@ -166,44 +125,24 @@ async fn submit_watch_show_list_and_cancel() {
     assert_eq!(watch.code, 1);
 
     // Bad input from the controller side is exit 2 as well.
-    let kind = write(
-        dir.path(),
-        "kind.yaml",
-        "name: k\nsteps:\n  - {id: a, kind: build}\n",
-    );
+    let kind = write(dir.path(), "kind.yaml", "name: k\nsteps:\n  - {id: a, kind: build}\n");
     let out = baton(&url, &["submit", &kind]).await;
     assert_eq!(out.code, 2);
-    assert!(
-        out.stderr.contains("no router rule maps kind \"build\""),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("no router rule maps kind \"build\""), "{}", out.stderr);
 }
 
 #[tokio::test]
 async fn an_unreachable_controller_is_a_clear_error() {
     let out = baton("http://127.0.0.1:9", &["runs", "list"]).await;
     assert_eq!(out.code, 1);
-    assert!(
-        out.stderr
-            .contains("cannot reach the controller at http://127.0.0.1:9"),
-        "{}",
-        out.stderr
-    );
+    assert!(out.stderr.contains("cannot reach the controller at http://127.0.0.1:9"), "{}", out.stderr);
 }
 
 #[tokio::test]
 async fn dev_runs_the_example_and_prints_a_summary() {
     let out = baton("http://127.0.0.1:9", &["dev", &example("hello.yaml")]).await;
     assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
-    for step in [
-        "fetch",
-        "build-linux",
-        "build-mac",
-        "build-windows",
-        "test-linux",
-        "report",
-    ] {
+    for step in ["fetch", "build-linux", "build-mac", "build-windows", "test-linux", "report"] {
         let line = out
             .stdout
             .lines()
@@ -220,11 +159,8 @@ async fn dev_runs_the_example_and_prints_a_summary() {
         "name: f\nsteps:\n  - {id: a, tool: fail}\n  - {id: b, needs: a, tool: noop}\n",
     );
     let db = dir.path().join("dev.db");
-    let out = baton(
-        "http://127.0.0.1:9",
-        &["dev", &failing, "--agents", "1", "--db", db.to_str().unwrap()],
-    )
-    .await;
+    let out =
+        baton("http://127.0.0.1:9", &["dev", &failing, "--agents", "1", "--db", db.to_str().unwrap()]).await;
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(out.stdout.contains("skipped"), "{}", out.stdout);
     assert!(db.exists(), "--db keeps the database");

@@ -9,6 +9,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::retry::RetryPolicy;
 use crate::time::parse_duration;
 use crate::tools;
 
@@ -18,8 +19,37 @@ pub struct Workstream {
     pub name: String,
     #[serde(default)]
     pub description: String,
+    /// What a step that fails for good does to the run.
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    /// The run fails when it is still going this long after it was submitted.
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
     /// Steps in spec order; `needs` only name steps that exist, with no cycle.
     pub steps: Vec<StepSpec>,
+}
+
+/// What a step that failed for good does to its run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Nothing new starts; steps not started are skipped; the run fails.
+    #[default]
+    Fail,
+    /// The run stops where it is for an operator to release or cancel it.
+    Quarantine,
+    /// Only the failed step's dependents are skipped; the rest runs; the run fails.
+    Continue,
+}
+
+impl OnFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::Fail => "fail",
+            OnFailure::Quarantine => "quarantine",
+            OnFailure::Continue => "continue",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,7 +67,20 @@ pub struct StepSpec {
     pub timeout_ms: Option<u64>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// How long the step may wait for an agent while every candidate's circuit breaker
+    /// is open, before its run is quarantined.
+    #[serde(default = "default_max_wait")]
+    pub max_wait_ms: u64,
 }
+
+fn default_max_wait() -> u64 {
+    DEFAULT_MAX_WAIT_MS
+}
+
+/// Default of `max_wait`: 30 minutes.
+pub const DEFAULT_MAX_WAIT_MS: u64 = 30 * 60 * 1000;
 
 /// One thing wrong with a spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +123,16 @@ impl fmt::Display for SpecError {
 
 /// Longest step id accepted.
 pub const MAX_ID_LEN: usize = 128;
+/// Largest spec accepted, in bytes.
+pub const MAX_SPEC_BYTES: usize = 4 * 1024 * 1024;
+/// Most steps in one workstream.
+pub const MAX_STEPS: usize = 50_000;
+/// Longest chain of dependencies.
+pub const MAX_DEPTH: usize = 5_000;
+/// Largest `with` of one step, as JSON.
+pub const MAX_WITH_BYTES: usize = 64 * 1024;
+/// Most attempts a retry policy may ask for.
+pub const MAX_ATTEMPTS: u32 = 100;
 
 /// The spec as written, before validation.
 #[derive(Debug, Deserialize)]
@@ -90,6 +143,8 @@ struct RawWorkstream {
     description: String,
     #[serde(default)]
     defaults: RawDefaults,
+    on_failure: Option<OnFailure>,
+    deadline: Option<Value>,
     steps: Option<Vec<RawStep>>,
 }
 
@@ -99,6 +154,28 @@ struct RawDefaults {
     timeout: Option<Value>,
     #[serde(default)]
     env: BTreeMap<String, Value>,
+    retry: Option<RawRetry>,
+    max_wait: Option<Value>,
+}
+
+/// `retry:` as written; every field optional, merged over the defaults.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    max_attempts: Option<u32>,
+    backoff: Option<RawBackoff>,
+    retry_on: Option<Vec<String>>,
+    fail_fast_exit_codes: Option<Vec<i32>>,
+    max_agent_lost: Option<u32>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackoff {
+    initial: Option<Value>,
+    max: Option<Value>,
+    multiplier: Option<f64>,
+    jitter: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +191,8 @@ struct RawStep {
     timeout: Option<Value>,
     #[serde(default)]
     env: BTreeMap<String, Value>,
+    retry: Option<RawRetry>,
+    max_wait: Option<Value>,
 }
 
 /// `needs: a` or `needs: [a, b]`.
@@ -145,15 +224,17 @@ pub fn parse(source: &str, text: &str) -> Result<Workstream, SpecError> {
 fn parse_raw(source: &str, text: &str) -> Result<RawWorkstream, SpecError> {
     let fail = |line, column, message: String| SpecError {
         origin: source.to_string(),
-        problems: vec![Problem {
-            step: None,
-            line,
-            column,
-            message,
-        }],
+        problems: vec![Problem { step: None, line, column, message }],
     };
     if text.trim().is_empty() {
         return Err(fail(None, None, "the spec is empty".into()));
+    }
+    if text.len() > MAX_SPEC_BYTES {
+        return Err(fail(
+            None,
+            None,
+            format!("the spec is {} bytes; the limit is {MAX_SPEC_BYTES}", text.len()),
+        ));
     }
     if text.trim_start().starts_with('{') {
         return serde_json::from_str(text).map_err(|e| {
@@ -165,15 +246,8 @@ fn parse_raw(source: &str, text: &str) -> Result<RawWorkstream, SpecError> {
         });
     }
     serde_norway::from_str(text).map_err(|e| {
-        let (line, column) = e
-            .location()
-            .map(|l| (Some(l.line()), Some(l.column())))
-            .unwrap_or((None, None));
-        fail(
-            line,
-            column,
-            format!("invalid YAML: {}", strip_position(&e.to_string())),
-        )
+        let (line, column) = e.location().map(|l| (Some(l.line()), Some(l.column()))).unwrap_or((None, None));
+        fail(line, column, format!("invalid YAML: {}", strip_position(&e.to_string())))
     })
 }
 
@@ -222,10 +296,7 @@ fn find_step_line(text: &str, id: &str) -> Option<usize> {
 }
 
 fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, SpecError> {
-    let mut c = Collector {
-        text,
-        problems: Vec::new(),
-    };
+    let mut c = Collector { text, problems: Vec::new() };
     let name = raw.name.unwrap_or_default();
     if name.trim().is_empty() {
         c.push(None, "the workstream needs a non-empty name");
@@ -244,10 +315,38 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
         c.push(None, format!("defaults.env: {e}"));
         BTreeMap::new()
     });
+    let default_retry = match &raw.defaults.retry {
+        None => RetryPolicy::default(),
+        Some(r) => retry_policy(&RetryPolicy::default(), r).unwrap_or_else(|e| {
+            c.push(None, format!("defaults.retry: {e}"));
+            RetryPolicy::default()
+        }),
+    };
+    let default_max_wait = match &raw.defaults.max_wait {
+        None => DEFAULT_MAX_WAIT_MS,
+        Some(v) => duration_value(v).unwrap_or_else(|e| {
+            c.push(None, format!("defaults.max_wait: {e}"));
+            DEFAULT_MAX_WAIT_MS
+        }),
+    };
+    let deadline_ms = match &raw.deadline {
+        None => None,
+        Some(v) => match duration_value(v) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                c.push(None, format!("deadline: {e}"));
+                None
+            }
+        },
+    };
 
     let raw_steps = raw.steps.unwrap_or_default();
     if raw_steps.is_empty() {
         c.push(None, "the workstream has no steps");
+    }
+    if raw_steps.len() > MAX_STEPS {
+        c.push(None, format!("the workstream has {} steps; the limit is {MAX_STEPS}", raw_steps.len()));
+        return Err(SpecError { origin: source.to_string(), problems: c.problems });
     }
 
     let mut steps = Vec::with_capacity(raw_steps.len());
@@ -260,14 +359,8 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
         }
         let here = Some(id.as_str());
         if id.len() > MAX_ID_LEN {
-            c.push(
-                here,
-                format!("id is {} bytes long; the limit is {MAX_ID_LEN}", id.len()),
-            );
-        } else if !id
-            .chars()
-            .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
-        {
+            c.push(here, format!("id is {} bytes long; the limit is {MAX_ID_LEN}", id.len()));
+        } else if !id.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {
             c.push(here, "id may only hold letters, digits, '-', '_' and '.'");
         }
         if !seen.insert(id.clone()) {
@@ -282,15 +375,29 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
                 Map::new()
             }
         };
+        let with_len = Value::Object(with.clone()).to_string().len();
+        if with_len > MAX_WITH_BYTES {
+            c.push(here, format!("with is {with_len} bytes as JSON; the limit is {MAX_WITH_BYTES}"));
+        }
+        let retry = match &rs.retry {
+            None => default_retry.clone(),
+            Some(r) => retry_policy(&default_retry, r).unwrap_or_else(|e| {
+                c.push(here, format!("retry: {e}"));
+                default_retry.clone()
+            }),
+        };
+        let max_wait_ms = match &rs.max_wait {
+            None => default_max_wait,
+            Some(v) => duration_value(v).unwrap_or_else(|e| {
+                c.push(here, format!("max_wait: {e}"));
+                default_max_wait
+            }),
+        };
         match (&rs.tool, &rs.kind) {
             (None, None) => c.push(here, "the step needs a tool or a kind"),
-            (Some(t), _) if !tools::is_known(t) => c.push(
-                here,
-                format!(
-                    "unknown tool {t:?} (known tools: {})",
-                    tools::KNOWN_TOOLS.join(", ")
-                ),
-            ),
+            (Some(t), _) if !tools::is_known(t) => {
+                c.push(here, format!("unknown tool {t:?} (known tools: {})", tools::KNOWN_TOOLS.join(", ")))
+            }
             (Some(t), _) => {
                 if let Err(e) = tools::check_input(t, &with) {
                     c.push(here, e);
@@ -328,6 +435,8 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
             with,
             timeout_ms,
             env,
+            retry,
+            max_wait_ms,
         });
     }
 
@@ -342,9 +451,16 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
         }
     }
     if graph_ok {
-        for cycle in find_cycles(&steps) {
+        let cycles = find_cycles(&steps);
+        for cycle in &cycles {
             let first = cycle[0].clone();
             c.push(Some(&first), format!("dependency cycle: {}", cycle.join(" -> ")));
+        }
+        if cycles.is_empty()
+            && let Some((depth, step)) = deepest(&steps)
+            && depth > MAX_DEPTH
+        {
+            c.push(Some(&step), format!("dependency chain is {depth} steps deep; the limit is {MAX_DEPTH}"));
         }
     }
 
@@ -352,23 +468,100 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
         Ok(Workstream {
             name,
             description: raw.description,
+            on_failure: raw.on_failure.unwrap_or_default(),
+            deadline_ms,
             steps,
         })
     } else {
-        Err(SpecError {
-            origin: source.to_string(),
-            problems: c.problems,
-        })
+        Err(SpecError { origin: source.to_string(), problems: c.problems })
     }
 }
 
 fn duration_value(v: &Value) -> Result<u64, String> {
     match v {
         Value::String(s) => parse_duration(s).map(|d| d.as_millis() as u64),
-        other => Err(format!(
-            "expected a duration such as \"30s\" or \"5m\", got {other}"
-        )),
+        other => Err(format!("expected a duration such as \"30s\" or \"5m\", got {other}")),
     }
+}
+
+/// `raw` merged over `base`, checked.
+fn retry_policy(base: &RetryPolicy, raw: &RawRetry) -> Result<RetryPolicy, String> {
+    let mut p = base.clone();
+    if let Some(n) = raw.max_attempts {
+        if n == 0 || n > MAX_ATTEMPTS {
+            return Err(format!("max_attempts must be within 1..={MAX_ATTEMPTS}, not {n}"));
+        }
+        p.max_attempts = n;
+    }
+    if let Some(b) = &raw.backoff {
+        if let Some(v) = &b.initial {
+            p.initial_ms = duration_value(v).map_err(|e| format!("backoff.initial: {e}"))?;
+        }
+        if let Some(v) = &b.max {
+            p.max_ms = duration_value(v).map_err(|e| format!("backoff.max: {e}"))?;
+        }
+        if let Some(m) = b.multiplier {
+            if !(1.0..=100.0).contains(&m) {
+                return Err(format!("backoff.multiplier must be within 1..=100, not {m}"));
+            }
+            p.multiplier = m;
+        }
+        if let Some(j) = b.jitter {
+            if !(0.0..=1.0).contains(&j) {
+                return Err(format!("backoff.jitter must be within 0..=1, not {j}"));
+            }
+            p.jitter = j;
+        }
+        if p.initial_ms > p.max_ms {
+            return Err("backoff.initial is longer than backoff.max".into());
+        }
+    }
+    if let Some(classes) = &raw.retry_on {
+        for class in classes {
+            if !tools::FAILURE_CLASSES.contains(&class.as_str()) {
+                return Err(format!(
+                    "retry_on: unknown failure class {class:?} (known: {})",
+                    tools::FAILURE_CLASSES.join(", ")
+                ));
+            }
+        }
+        p.retry_on = classes.clone();
+    }
+    if let Some(codes) = &raw.fail_fast_exit_codes {
+        p.fail_fast_exit_codes = codes.clone();
+    }
+    if let Some(n) = raw.max_agent_lost {
+        p.max_agent_lost = n;
+    }
+    Ok(p)
+}
+
+/// The longest chain of dependencies (in steps) and the step at its end. Needs a DAG.
+fn deepest(steps: &[StepSpec]) -> Option<(usize, String)> {
+    let index: HashMap<&str, usize> = steps.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
+    let mut depth: Vec<usize> = vec![0; steps.len()];
+    // Iterative post-order DFS, so long chains do not overflow the stack.
+    for start in 0..steps.len() {
+        if depth[start] != 0 {
+            continue;
+        }
+        let mut stack = vec![(start, false)];
+        while let Some((node, expanded)) = stack.pop() {
+            if depth[node] != 0 {
+                continue;
+            }
+            let ups: Vec<usize> =
+                steps[node].needs.iter().filter_map(|n| index.get(n.as_str()).copied()).collect();
+            if expanded || ups.iter().all(|&u| depth[u] != 0) {
+                depth[node] = 1 + ups.iter().map(|&u| depth[u]).max().unwrap_or(0);
+            } else {
+                stack.push((node, true));
+                stack.extend(ups.into_iter().filter(|&u| depth[u] == 0).map(|u| (u, false)));
+            }
+        }
+    }
+    let (i, d) = depth.iter().enumerate().max_by_key(|(_, d)| **d)?;
+    Some((*d, steps[i].id.clone()))
 }
 
 fn env_map(raw: &BTreeMap<String, Value>) -> Result<BTreeMap<String, String>, String> {
@@ -391,11 +584,7 @@ fn env_map(raw: &BTreeMap<String, Value>) -> Result<BTreeMap<String, String>, St
 /// Every dependency cycle, each as a path that starts and ends at the same step.
 /// Found by depth-first search; each cycle is reported once.
 fn find_cycles(steps: &[StepSpec]) -> Vec<Vec<String>> {
-    let index: HashMap<&str, usize> = steps
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.id.as_str(), i))
-        .collect();
+    let index: HashMap<&str, usize> = steps.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
     // 0 = unvisited, 1 = on the current path, 2 = done.
     let mut color = vec![0u8; steps.len()];
     let mut cycles = Vec::new();
@@ -448,11 +637,7 @@ fn find_cycles(steps: &[StepSpec]) -> Vec<Vec<String>> {
 impl Workstream {
     /// Position of each step id in `steps`.
     pub fn index(&self) -> HashMap<&str, usize> {
-        self.steps
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.id.as_str(), i))
-            .collect()
+        self.steps.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect()
     }
 }
 
@@ -535,10 +720,7 @@ steps:
     #[test]
     fn rejects_unknown_dependency() {
         let e = err("name: u\nsteps:\n  - id: build\n    tool: noop\n    needs: [compile]\n");
-        assert_eq!(
-            e,
-            "ws.yaml:3: step \"build\": depends on unknown step \"compile\""
-        );
+        assert_eq!(e, "ws.yaml:3: step \"build\": depends on unknown step \"compile\"");
     }
 
     #[test]
@@ -554,10 +736,7 @@ steps:
     #[test]
     fn rejects_unknown_tool() {
         let e = err("name: t\nsteps:\n  - id: x\n    tool: hammer\n");
-        assert!(
-            e.starts_with("ws.yaml:3: step \"x\": unknown tool \"hammer\""),
-            "{e}"
-        );
+        assert!(e.starts_with("ws.yaml:3: step \"x\": unknown tool \"hammer\""), "{e}");
     }
 
     #[test]
@@ -575,18 +754,9 @@ steps:
         let e = err(
             "name: t\ndefaults: {timeout: soon}\nsteps:\n  - id: x\n    tool: noop\n    timeout: 10 parsecs\n  - id: y\n    tool: noop\n    timeout: 30\n",
         );
-        assert!(
-            e.contains("ws.yaml: defaults.timeout: bad duration \"soon\""),
-            "{e}"
-        );
-        assert!(
-            e.contains("step \"x\": timeout: bad duration \"10 parsecs\""),
-            "{e}"
-        );
-        assert!(
-            e.contains("step \"y\": timeout: expected a duration such as \"30s\""),
-            "{e}"
-        );
+        assert!(e.contains("ws.yaml: defaults.timeout: bad duration \"soon\""), "{e}");
+        assert!(e.contains("step \"x\": timeout: bad duration \"10 parsecs\""), "{e}");
+        assert!(e.contains("step \"y\": timeout: expected a duration such as \"30s\""), "{e}");
     }
 
     #[test]
@@ -636,5 +806,84 @@ steps:
         let json = serde_json::to_string(&ws).unwrap();
         let back: Workstream = serde_json::from_str(&json).unwrap();
         assert_eq!(ws, back);
+    }
+
+    #[test]
+    fn retry_defaults_merge_into_steps() {
+        let ws = parse(
+            "r.yaml",
+            r#"
+name: r
+on_failure: quarantine
+deadline: 1h
+defaults:
+  retry: {max_attempts: 3, backoff: {initial: 2s, max: 1m, multiplier: 3, jitter: 0.1}}
+  max_wait: 5m
+steps:
+  - {id: a, tool: noop}
+  - id: b
+    tool: noop
+    retry: {max_attempts: 5, retry_on: [timeout], fail_fast_exit_codes: [2, 3], max_agent_lost: 1}
+    max_wait: 10s
+"#,
+        )
+        .unwrap();
+        assert_eq!(ws.on_failure, OnFailure::Quarantine);
+        assert_eq!(ws.deadline_ms, Some(3_600_000));
+        let a = &ws.steps[0];
+        assert_eq!((a.retry.max_attempts, a.retry.initial_ms, a.retry.max_ms), (3, 2_000, 60_000));
+        assert_eq!(a.retry.multiplier, 3.0);
+        assert_eq!(a.max_wait_ms, 300_000);
+        let b = &ws.steps[1];
+        assert_eq!(b.retry.max_attempts, 5);
+        assert_eq!(b.retry.initial_ms, 2_000, "unset fields come from the defaults");
+        assert_eq!(b.retry.retry_on, vec!["timeout"]);
+        assert_eq!(b.retry.fail_fast_exit_codes, vec![2, 3]);
+        assert_eq!(b.retry.max_agent_lost, 1);
+        assert_eq!(b.max_wait_ms, 10_000);
+        let plain = parse("p", "name: p\nsteps: [{id: a, tool: noop}]\n").unwrap();
+        assert_eq!(plain.steps[0].retry, RetryPolicy::default());
+        assert_eq!(plain.on_failure, OnFailure::Fail);
+    }
+
+    #[test]
+    fn rejects_bad_retry_policies() {
+        let e = err(
+            "name: r\ndefaults: {retry: {max_attempts: 0}}\nsteps:\n  - {id: a, tool: noop, retry: {retry_on: [gremlins]}}\n  - {id: b, tool: noop, retry: {backoff: {initial: 1m, max: 1s}}}\n  - {id: c, tool: noop, retry: {backoff: {jitter: 2}}}\n",
+        );
+        assert!(e.contains("defaults.retry: max_attempts must be within 1..=100, not 0"), "{e}");
+        assert!(e.contains("step \"a\": retry: retry_on: unknown failure class \"gremlins\""), "{e}");
+        assert!(e.contains("step \"b\": retry: backoff.initial is longer than backoff.max"), "{e}");
+        assert!(e.contains("step \"c\": retry: backoff.jitter must be within 0..=1"), "{e}");
+        let e = err("name: r\non_failure: explode\nsteps: [{id: a, tool: noop}]\n");
+        assert!(e.contains("unknown variant `explode`"), "{e}");
+        let e = err("name: r\ndeadline: tomorrow\nsteps: [{id: a, tool: noop}]\n");
+        assert!(e.contains("deadline: bad duration"), "{e}");
+    }
+
+    #[test]
+    fn enforces_size_limits() {
+        let big = format!(
+            "name: b\nsteps:\n  - id: a\n    tool: echo\n    with: {{blob: \"{}\"}}\n",
+            "x".repeat(MAX_WITH_BYTES)
+        );
+        assert!(
+            err(&big).contains("step \"a\": with is 65547 bytes as JSON; the limit is 65536"),
+            "{}",
+            err(&big)
+        );
+        let huge = "#".repeat(MAX_SPEC_BYTES + 1);
+        assert!(err(&huge).contains("the limit is 4194304"));
+        let mut many = String::from("name: m\nsteps:\n");
+        for i in 0..=MAX_STEPS {
+            many.push_str(&format!("  - {{id: s{i}, tool: noop}}\n"));
+        }
+        assert!(err(&many).contains("the workstream has 50001 steps; the limit is 50000"));
+        let mut deep = String::from("name: d\nsteps:\n  - {id: s0, tool: noop}\n");
+        for i in 1..=MAX_DEPTH {
+            deep.push_str(&format!("  - {{id: s{i}, tool: noop, needs: s{}}}\n", i - 1));
+        }
+        let e = err(&deep);
+        assert!(e.contains(&format!("step \"s{MAX_DEPTH}\": dependency chain is 5001 steps deep")), "{e}");
     }
 }

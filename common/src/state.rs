@@ -117,10 +117,7 @@ state_enum!(
 impl StepState {
     /// Final for the run as it stands (a release may still revive `failed`).
     pub fn is_terminal(self) -> bool {
-        matches!(
-            self,
-            Self::Succeeded | Self::Failed | Self::Skipped | Self::Canceled
-        )
+        matches!(self, Self::Succeeded | Self::Failed | Self::Skipped | Self::Canceled)
     }
 
     fn can_become(self, to: Self) -> bool {
@@ -161,11 +158,7 @@ impl AttemptState {
         use AttemptState::*;
         matches!(
             (self, to),
-            (Assigned, Running)
-                | (
-                    Assigned | Running,
-                    Succeeded | Failed | TimedOut | Canceled | Lost
-                )
+            (Assigned, Running) | (Assigned | Running, Succeeded | Failed | TimedOut | Canceled | Lost)
         )
     }
 }

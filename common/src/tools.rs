@@ -25,9 +25,9 @@ pub fn check_input(tool: &str, with: &Map<String, Value>) -> Result<(), String> 
         "sleep" => {
             only_keys(with, &["duration"])?;
             match with.get("duration") {
-                Some(Value::String(d)) => crate::time::parse_duration(d)
-                    .map(|_| ())
-                    .map_err(|e| format!("with.duration: {e}")),
+                Some(Value::String(d)) => {
+                    crate::time::parse_duration(d).map(|_| ()).map_err(|e| format!("with.duration: {e}"))
+                }
                 Some(_) => Err("with.duration must be a string such as \"2s\"".into()),
                 None => Err("sleep needs with.duration".into()),
             }
@@ -37,10 +37,7 @@ pub fn check_input(tool: &str, with: &Map<String, Value>) -> Result<(), String> 
             if let Some(c) = with.get("class") {
                 let ok = c.as_str().is_some_and(|c| FAILURE_CLASSES.contains(&c));
                 if !ok {
-                    return Err(format!(
-                        "with.class must be one of {}",
-                        FAILURE_CLASSES.join(", ")
-                    ));
+                    return Err(format!("with.class must be one of {}", FAILURE_CLASSES.join(", ")));
                 }
             }
             Ok(())

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
+use baton_controller::engine::BreakerConfig;
 use baton_controller::{Config, EngineConfig};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +31,12 @@ struct Args {
     /// Time between SIGTERM and SIGKILL when a tool is stopped.
     #[arg(long, env = "BATON_KILL_GRACE", default_value = "10s", value_parser = duration)]
     kill_grace: Duration,
+    /// Quarantine a run whose step was lost with its agent this many times in a row.
+    #[arg(long, env = "BATON_POISON_AFTER", default_value_t = 3)]
+    poison_after: u32,
+    /// Circuit breaker policies (JSON): {"default": {...}, "tools": {"shell": {...}}}.
+    #[arg(long, env = "BATON_BREAKERS")]
+    breakers: Option<std::path::PathBuf>,
     /// Log format: text or json. RUST_LOG sets the filter (default info).
     #[arg(long, env = "BATON_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -50,6 +57,14 @@ async fn main() -> anyhow::Result<()> {
             humantime(args.lost_after)
         );
     }
+    let breakers = match &args.breakers {
+        None => BreakerConfig::default(),
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            BreakerConfig::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -60,6 +75,8 @@ async fn main() -> anyhow::Result<()> {
             lost_after: args.lost_after,
             failover_grace: args.failover_grace,
             kill_grace: args.kill_grace,
+            poison_after: args.poison_after,
+            breakers,
             ..EngineConfig::default()
         },
     };
@@ -90,9 +107,7 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 fn init_tracing(format: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         "text" => builder.init(),
         "json" => builder.json().init(),

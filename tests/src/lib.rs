@@ -68,14 +68,7 @@ impl SandboxBuilder {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let db = format!("sqlite://{}", dir.path().join("baton.db").display());
-        let mut sb = Sandbox {
-            dir,
-            addr,
-            db,
-            engine: self.engine,
-            controller: None,
-            agents: Vec::new(),
-        };
+        let mut sb = Sandbox { dir, addr, db, engine: self.engine, controller: None, agents: Vec::new() };
         sb.start_controller_on(listener);
         for i in 1..=self.agents {
             sb.add_agent(&format!("agent-{i}"), self.slots);
@@ -101,11 +94,7 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub fn builder() -> SandboxBuilder {
-        SandboxBuilder {
-            agents: 2,
-            slots: 2,
-            engine: fast_engine(),
-        }
+        SandboxBuilder { agents: 2, slots: 2, engine: fast_engine() }
     }
 
     pub fn url(&self) -> String {
@@ -114,10 +103,7 @@ impl Sandbox {
 
     fn start_controller_on(&mut self, listener: tokio::net::TcpListener) {
         let stop = CancellationToken::new();
-        let cfg = baton_controller::Config {
-            db: self.db.clone(),
-            engine: self.engine.clone(),
-        };
+        let cfg = baton_controller::Config { db: self.db.clone(), engine: self.engine.clone() };
         let s = stop.clone();
         let task = tokio::spawn(async move {
             if let Err(e) = baton_controller::run(listener, cfg, s).await {
@@ -186,12 +172,7 @@ impl Sandbox {
         eventually(Duration::from_secs(20), "agents to connect", || {
             let mut c = c.clone();
             async move {
-                let agents = c
-                    .list_agents(pb::ListAgentsRequest {})
-                    .await
-                    .ok()?
-                    .into_inner()
-                    .agents;
+                let agents = c.list_agents(pb::ListAgentsRequest {}).await.ok()?.into_inner().agents;
                 (agents.iter().filter(|a| a.state == "connected").count() >= n).then_some(())
             }
         })
@@ -239,14 +220,12 @@ pub async fn submit(c: &mut Client, spec: &str) -> String {
 }
 
 pub async fn get_run(c: &mut Client, run_id: &str) -> pb::Run {
-    c.get_run(pb::GetRunRequest {
-        run_id: run_id.to_string(),
-    })
-    .await
-    .expect("get run")
-    .into_inner()
-    .run
-    .expect("run")
+    c.get_run(pb::GetRunRequest { run_id: run_id.to_string() })
+        .await
+        .expect("get run")
+        .into_inner()
+        .run
+        .expect("run")
 }
 
 /// Follows the run's events (resuming across controller restarts) until the first
@@ -262,10 +241,7 @@ pub async fn wait_event(
     loop {
         let attempt = async {
             let mut s = c
-                .watch_run(pb::WatchRunRequest {
-                    run_id: run_id.to_string(),
-                    from_seq: next,
-                })
+                .watch_run(pb::WatchRunRequest { run_id: run_id.to_string(), from_seq: next })
                 .await?
                 .into_inner();
             while let Some(ev) = s.message().await? {
@@ -322,10 +298,7 @@ where
 /// All events of a final run, in order.
 pub async fn all_events(c: &mut Client, run_id: &str) -> Vec<pb::RunEvent> {
     let mut s = c
-        .watch_run(pb::WatchRunRequest {
-            run_id: run_id.to_string(),
-            from_seq: 1,
-        })
+        .watch_run(pb::WatchRunRequest { run_id: run_id.to_string(), from_seq: 1 })
         .await
         .expect("watch")
         .into_inner();
@@ -409,12 +382,7 @@ pub fn free_addr() -> SocketAddr {
 /// Whether a process with this pid exists (and is not a zombie).
 pub fn process_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
         Err(_) => false,
     }
 }

@@ -7,10 +7,7 @@ use baton_tests::*;
 const HELLO: &str = include_str!("../../examples/hello.yaml");
 
 fn step<'a>(run: &'a proto::Run, id: &str) -> &'a proto::Step {
-    run.steps
-        .iter()
-        .find(|s| s.id == id)
-        .unwrap_or_else(|| panic!("no step {id}"))
+    run.steps.iter().find(|s| s.id == id).unwrap_or_else(|| panic!("no step {id}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,29 +35,16 @@ async fn fan_out_and_join_runs_in_dependency_order_across_agents() {
             );
         }
     }
-    assert!(
-        step(&run, "fetch").attempts[0]
-            .output_tail
-            .contains("hello from fetch")
-    );
-    assert!(
-        step(&run, "report").attempts[0]
-            .output_tail
-            .contains("report: all green")
-    );
+    assert!(step(&run, "fetch").attempts[0].output_tail.contains("hello from fetch"));
+    assert!(step(&run, "report").attempts[0].output_tail.contains("report: all green"));
     // The three builds ran side by side (each sleeps 300ms) on both agents.
-    let builds: Vec<&proto::Attempt> = ["build-linux", "build-mac", "build-windows"]
-        .iter()
-        .map(|b| &step(&run, b).attempts[0])
-        .collect();
+    let builds: Vec<&proto::Attempt> =
+        ["build-linux", "build-mac", "build-windows"].iter().map(|b| &step(&run, b).attempts[0]).collect();
     let first_end = builds.iter().map(|a| a.finished_at_ms).min().unwrap();
     let last_start = builds.iter().map(|a| a.started_at_ms).max().unwrap();
     assert!(last_start < first_end, "builds did not overlap");
-    let agents: std::collections::HashSet<&str> = run
-        .steps
-        .iter()
-        .map(|s| s.attempts[0].agent_name.as_str())
-        .collect();
+    let agents: std::collections::HashSet<&str> =
+        run.steps.iter().map(|s| s.attempts[0].agent_name.as_str()).collect();
     assert_eq!(agents.len(), 2, "both agents took work: {agents:?}");
 
     // The event log is gapless, ends with the run's end, and every step transition is in it.
@@ -72,14 +56,8 @@ async fn fan_out_and_join_runs_in_dependency_order_across_agents() {
     assert_eq!(events.iter().filter(|e| e.kind == "step_succeeded").count(), 8);
 
     // Watching resumes from any sequence number, without repeats.
-    let mut s = c
-        .watch_run(proto::WatchRunRequest {
-            run_id: id.clone(),
-            from_seq: 5,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut s =
+        c.watch_run(proto::WatchRunRequest { run_id: id.clone(), from_seq: 5 }).await.unwrap().into_inner();
     let mut resumed = Vec::new();
     while let Some(ev) = s.message().await.unwrap() {
         resumed.push(ev.seq);
@@ -138,10 +116,8 @@ steps:
         pid = pidfile.display()
     );
     let id = sb.submit(&spec).await;
-    wait_event(&mut c, &id, Duration::from_secs(20), |e| {
-        e.kind == "attempt_started" && e.step_id == "long"
-    })
-    .await;
+    wait_event(&mut c, &id, Duration::from_secs(20), |e| e.kind == "attempt_started" && e.step_id == "long")
+        .await;
     let pid: i32 = eventually(Duration::from_secs(10), "the pid file", || {
         let p = pidfile.clone();
         async move { std::fs::read_to_string(p).ok()?.trim().parse().ok() }
@@ -153,6 +129,7 @@ steps:
         .cancel_run(proto::CancelRunRequest {
             run_id: id.clone(),
             reason: "test says stop".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -170,13 +147,8 @@ steps:
     assert_eq!(step(&run, "after").state, "canceled");
     assert!(step(&run, "after").attempts.is_empty());
     // Canceling again is harmless; the run stays canceled.
-    let again = c
-        .cancel_run(proto::CancelRunRequest {
-            run_id: id.clone(),
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    let again =
+        c.cancel_run(proto::CancelRunRequest { run_id: id.clone(), ..Default::default() }).await.unwrap();
     assert_eq!(again.into_inner().state, "canceled");
 }
 
@@ -189,31 +161,13 @@ async fn invalid_specs_are_rejected_over_grpc_and_nothing_is_stored() {
             "name: x\nsteps:\n  - {id: a, tool: noop, needs: b}\n  - {id: b, tool: noop, needs: a}\n",
             "dependency cycle: a -> b -> a",
         ),
-        (
-            "name: x\nsteps:\n  - {id: a, tool: noop, needs: zz}\n",
-            "depends on unknown step \"zz\"",
-        ),
-        (
-            "name: x\nsteps:\n  - {id: a, tool: noop}\n  - {id: a, tool: noop}\n",
-            "duplicate step id",
-        ),
+        ("name: x\nsteps:\n  - {id: a, tool: noop, needs: zz}\n", "depends on unknown step \"zz\""),
+        ("name: x\nsteps:\n  - {id: a, tool: noop}\n  - {id: a, tool: noop}\n", "duplicate step id"),
         ("name: x\nsteps:\n  - {id: '', tool: noop}\n", "non-empty id"),
-        (
-            "name: x\nsteps:\n  - {id: a, tool: hammer}\n",
-            "unknown tool \"hammer\"",
-        ),
-        (
-            "name: x\nsteps:\n  - {id: a, tool: noop, timeout: 5 fortnights}\n",
-            "bad duration",
-        ),
-        (
-            "name: x\nsteps:\n  - id: a\n    tool: noop\n   bad: [\n",
-            "test.yaml:5:",
-        ),
-        (
-            "name: x\nsteps:\n  - {id: a, kind: build}\n",
-            "no router rule maps kind \"build\"",
-        ),
+        ("name: x\nsteps:\n  - {id: a, tool: hammer}\n", "unknown tool \"hammer\""),
+        ("name: x\nsteps:\n  - {id: a, tool: noop, timeout: 5 fortnights}\n", "bad duration"),
+        ("name: x\nsteps:\n  - id: a\n    tool: noop\n   bad: [\n", "test.yaml:5:"),
+        ("name: x\nsteps:\n  - {id: a, kind: build}\n", "no router rule maps kind \"build\""),
     ];
     for (spec, want) in cases {
         let err = c
@@ -226,18 +180,9 @@ async fn invalid_specs_are_rejected_over_grpc_and_nothing_is_stored() {
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{spec}");
         assert!(err.message().contains(want), "{spec}: {}", err.message());
-        assert!(
-            err.message().starts_with("test.yaml"),
-            "names the source: {}",
-            err.message()
-        );
+        assert!(err.message().starts_with("test.yaml"), "names the source: {}", err.message());
     }
-    let runs = c
-        .list_runs(proto::ListRunsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .runs;
+    let runs = c.list_runs(proto::ListRunsRequest::default()).await.unwrap().into_inner().runs;
     assert!(runs.is_empty(), "nothing stored: {runs:?}");
 }
 
@@ -245,19 +190,11 @@ async fn invalid_specs_are_rejected_over_grpc_and_nothing_is_stored() {
 async fn unknown_runs_are_not_found() {
     let sb = Sandbox::builder().agents(0).build().await;
     let mut c = sb.client().await;
-    let err = c
-        .get_run(proto::GetRunRequest {
-            run_id: "deadbeef".into(),
-        })
-        .await
-        .unwrap_err();
+    let err = c.get_run(proto::GetRunRequest { run_id: "deadbeef".into() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
     assert!(err.message().contains("\"deadbeef\""), "{}", err.message());
     let err = c
-        .cancel_run(proto::CancelRunRequest {
-            run_id: "nope!".into(),
-            reason: String::new(),
-        })
+        .cancel_run(proto::CancelRunRequest { run_id: "nope!".into(), ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);

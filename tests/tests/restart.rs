@@ -31,12 +31,8 @@ async fn a_killed_controller_restarts_and_the_run_completes_without_gaps() {
     let addr = free_addr();
     let url = format!("http://{addr}");
     let db = format!("sqlite://{}", dir.path().join("baton.db").display());
-    let mut controller = Process::spawn(
-        "baton-controller",
-        &controller_args(addr, &db),
-        dir.path().join("c1.log"),
-        &[],
-    );
+    let mut controller =
+        Process::spawn("baton-controller", &controller_args(addr, &db), dir.path().join("c1.log"), &[]);
 
     let stop = tokio_util::sync::CancellationToken::new();
     let mut agents = Vec::new();
@@ -66,19 +62,13 @@ steps:
     );
     let mut c = connect(&url).await;
     let id = submit(&mut c, &spec).await;
-    wait_event(&mut c, &id, Duration::from_secs(20), |e| {
-        e.kind == "attempt_started" && e.step_id == "slow"
-    })
-    .await;
+    wait_event(&mut c, &id, Duration::from_secs(20), |e| e.kind == "attempt_started" && e.step_id == "slow")
+        .await;
 
     controller.kill9();
     // Same address, same database: the run goes on from where it was.
-    let _controller = Process::spawn(
-        "baton-controller",
-        &controller_args(addr, &db),
-        dir.path().join("c2.log"),
-        &[],
-    );
+    let _controller =
+        Process::spawn("baton-controller", &controller_args(addr, &db), dir.path().join("c2.log"), &[]);
     let mut c = connect(&url).await;
     let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
     assert_eq!(run.state, "succeeded", "{run:#?}\n{}", controller.logs());
@@ -92,16 +82,8 @@ steps:
 
     let events = all_events(&mut c, &id).await;
     let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
-    assert_eq!(
-        seqs,
-        (1..=events.len() as i64).collect::<Vec<_>>(),
-        "no gap, no duplicate"
-    );
-    assert!(
-        events
-            .iter()
-            .any(|e| e.kind == "attempt_adopted" && e.step_id == "slow")
-    );
+    assert_eq!(seqs, (1..=events.len() as i64).collect::<Vec<_>>(), "no gap, no duplicate");
+    assert!(events.iter().any(|e| e.kind == "attempt_adopted" && e.step_id == "slow"));
     assert_eq!(events.iter().filter(|e| e.kind == "run_succeeded").count(), 1);
     stop.cancel();
     for a in agents {

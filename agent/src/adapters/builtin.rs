@@ -76,29 +76,13 @@ impl Adapter for Fail {
         version()
     }
     fn run(&self, ctx: AttemptContext) -> BoxFuture<Outcome> {
-        let class = ctx
-            .input
-            .get("class")
-            .and_then(Value::as_str)
-            .unwrap_or("tool_error")
-            .to_string();
-        let message = ctx
-            .input
-            .get("message")
-            .and_then(Value::as_str)
-            .unwrap_or("failed on purpose")
-            .to_string();
-        let exit_code = ctx
-            .input
-            .get("exit_code")
-            .and_then(Value::as_i64)
-            .map(|c| c as i32);
+        let class = ctx.input.get("class").and_then(Value::as_str).unwrap_or("tool_error").to_string();
+        let message =
+            ctx.input.get("message").and_then(Value::as_str).unwrap_or("failed on purpose").to_string();
+        let exit_code = ctx.input.get("exit_code").and_then(Value::as_i64).map(|c| c as i32);
         Box::pin(async move {
             ctx.output.write(format!("{message}\n").as_bytes());
-            Outcome {
-                exit_code,
-                ..Outcome::failure(&class, message)
-            }
+            Outcome { exit_code, ..Outcome::failure(&class, message) }
         })
     }
 }

@@ -48,13 +48,7 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn success(result: Option<String>) -> Outcome {
-        Outcome {
-            succeeded: true,
-            exit_code: None,
-            error_class: String::new(),
-            error: String::new(),
-            result,
-        }
+        Outcome { succeeded: true, exit_code: None, error_class: String::new(), error: String::new(), result }
     }
 
     pub fn failure(class: &str, error: impl Into<String>) -> Outcome {
@@ -81,13 +75,7 @@ pub trait Adapter: Send + Sync {
 
 /// Every adapter this agent build has.
 pub fn all() -> Vec<Arc<dyn Adapter>> {
-    vec![
-        Arc::new(Shell),
-        Arc::new(Noop),
-        Arc::new(Echo),
-        Arc::new(Sleep),
-        Arc::new(Fail),
-    ]
+    vec![Arc::new(Shell), Arc::new(Noop), Arc::new(Echo), Arc::new(Sleep), Arc::new(Fail)]
 }
 
 /// Bytes of output kept per attempt for the result report.
@@ -109,11 +97,7 @@ impl Output {
     pub fn write(&self, data: &[u8]) {
         let Ok(mut t) = self.inner.lock() else { return };
         t.total += data.len() as u64;
-        let data = if data.len() > TAIL_BYTES {
-            &data[data.len() - TAIL_BYTES..]
-        } else {
-            data
-        };
+        let data = if data.len() > TAIL_BYTES { &data[data.len() - TAIL_BYTES..] } else { data };
         let overflow = (t.buf.len() + data.len()).saturating_sub(TAIL_BYTES);
         t.buf.drain(..overflow);
         t.buf.extend(data);
@@ -127,11 +111,7 @@ impl Output {
         let bytes: Vec<u8> = t.buf.iter().copied().collect();
         let text = String::from_utf8_lossy(&bytes).into_owned();
         let dropped = t.total - bytes.len() as u64;
-        if dropped > 0 {
-            format!("[... {dropped} earlier bytes truncated ...]\n{text}")
-        } else {
-            text
-        }
+        if dropped > 0 { format!("[... {dropped} earlier bytes truncated ...]\n{text}") } else { text }
     }
 
     pub fn total_bytes(&self) -> u64 {
@@ -152,11 +132,7 @@ mod tests {
         out.write(&big);
         out.write(b"end\n");
         let tail = out.tail();
-        assert!(
-            tail.starts_with("[... 10 earlier bytes truncated ...]\n"),
-            "{}",
-            &tail[..60]
-        );
+        assert!(tail.starts_with("[... 10 earlier bytes truncated ...]\n"), "{}", &tail[..60]);
         assert!(tail.ends_with("xend\n"));
         assert_eq!(out.total_bytes(), (6 + TAIL_BYTES + 4) as u64);
     }

@@ -56,14 +56,8 @@ async fn run(ctx: AttemptContext) -> Outcome {
     };
     let pgid = child.id().map(|p| Pid::from_raw(p as i32));
     let readers = [
-        child
-            .stdout
-            .take()
-            .map(|s| tokio::spawn(pump(s, ctx.output.clone()))),
-        child
-            .stderr
-            .take()
-            .map(|s| tokio::spawn(pump(s, ctx.output.clone()))),
+        child.stdout.take().map(|s| tokio::spawn(pump(s, ctx.output.clone()))),
+        child.stderr.take().map(|s| tokio::spawn(pump(s, ctx.output.clone()))),
     ];
     let status = tokio::select! {
         s = child.wait() => s,
@@ -79,10 +73,7 @@ async fn run(ctx: AttemptContext) -> Outcome {
         let _ = tokio::time::timeout(DRAIN, r).await;
     }
     match status {
-        Ok(s) if s.success() => Outcome {
-            exit_code: Some(0),
-            ..Outcome::success(None)
-        },
+        Ok(s) if s.success() => Outcome { exit_code: Some(0), ..Outcome::success(None) },
         Ok(s) => match s.code() {
             Some(code) => Outcome {
                 exit_code: Some(code),
@@ -202,18 +193,11 @@ mod tests {
     async fn exit_codes_and_missing_programs_are_failures() {
         let dir = tempfile::tempdir().unwrap();
         let o = run(ctx(dir.path(), json!({"run": "exit 7"}))).await;
-        assert_eq!(
-            (o.succeeded, o.exit_code, o.error_class.as_str()),
-            (false, Some(7), "nonzero_exit")
-        );
+        assert_eq!((o.succeeded, o.exit_code, o.error_class.as_str()), (false, Some(7), "nonzero_exit"));
         assert_eq!(o.error, "exit code 7");
         let o = run(ctx(dir.path(), json!({"argv": ["/no/such/program"]}))).await;
         assert_eq!(o.error_class, "tool_error");
-        assert!(
-            o.error.contains("cannot start \"/no/such/program\""),
-            "{}",
-            o.error
-        );
+        assert!(o.error.contains("cannot start \"/no/such/program\""), "{}", o.error);
         let o = run(ctx(dir.path(), json!({}))).await;
         assert_eq!(o.error_class, "tool_error");
     }
@@ -239,10 +223,7 @@ mod tests {
         }
         let bg = bg.expect("background pid");
         stop.cancel();
-        let o = tokio::time::timeout(Duration::from_secs(5), task)
-            .await
-            .unwrap()
-            .unwrap();
+        let o = tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
         assert!(!o.succeeded);
         // SIGKILL is delivered asynchronously: the child is gone (or a zombie) shortly.
         let gone = || std::fs::read_to_string(format!("/proc/{bg}/stat")).map_or(true, |s| s.contains(") Z"));

@@ -41,9 +41,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let hello = match first.and_then(|m| m.msg) {
             Some(pb::agent_message::Msg::Hello(h)) => h,
             _ => {
-                return Err(Status::invalid_argument(
-                    "the first message of a session must be hello",
-                ));
+                return Err(Status::invalid_argument("the first message of a session must be hello"));
             }
         };
         let agent_id = hello.agent_id.clone();

@@ -97,11 +97,7 @@ pub fn progress(run: &RunRow, counts: &StateCounts) -> pb::Progress {
         total,
         done,
         steps_by_state: counts.clone(),
-        percent: if total == 0 {
-            0.0
-        } else {
-            f64::from(done) * 100.0 / f64::from(total)
-        },
+        percent: if total == 0 { 0.0 } else { f64::from(done) * 100.0 / f64::from(total) },
         elapsed_ms: (end - start).max(0),
     }
 }

@@ -24,11 +24,7 @@ pub struct RunApi {
 
 impl RunApi {
     pub fn new(engine: EngineHandle, store: Store, shutdown: CancellationToken) -> RunApi {
-        RunApi {
-            engine,
-            store,
-            shutdown,
-        }
+        RunApi { engine, store, shutdown }
     }
 }
 
@@ -41,11 +37,7 @@ impl pb::baton_service_server::BatonService for RunApi {
         req: Request<pb::SubmitRunRequest>,
     ) -> Result<Response<pb::SubmitRunResponse>, Status> {
         let req = req.into_inner();
-        let source = if req.source.is_empty() {
-            "<request>"
-        } else {
-            req.source.as_str()
-        };
+        let source = if req.source.is_empty() { "<request>" } else { req.source.as_str() };
         if req.spec.len() > MAX_MESSAGE_BYTES {
             return Err(Status::invalid_argument(format!(
                 "{source}: spec is {} bytes; the limit is {MAX_MESSAGE_BYTES}",
@@ -63,10 +55,18 @@ impl pb::baton_service_server::BatonService for RunApi {
 
     async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Result<Response<pb::GetRunResponse>, Status> {
         let id = self.store.resolve_run_id(&req.into_inner().run_id).await?;
+        // Ask the engine first: a reason read after the rows could describe a later state.
+        let reasons = self.engine.wait_reasons(id.clone()).await?;
         let rec = self.store.get_run(&id).await?;
-        Ok(Response::new(pb::GetRunResponse {
-            run: Some(convert::run(rec)),
-        }))
+        let mut run = convert::run(rec);
+        for step in &mut run.steps {
+            if step.reason.is_empty()
+                && let Some(why) = reasons.get(&step.id)
+            {
+                step.reason = why.clone();
+            }
+        }
+        Ok(Response::new(pb::GetRunResponse { run: Some(run) }))
     }
 
     async fn list_runs(
@@ -77,9 +77,7 @@ impl pb::baton_service_server::BatonService for RunApi {
         let state = if req.state.is_empty() {
             None
         } else {
-            req.state
-                .parse::<RunState>()
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            req.state.parse::<RunState>().map_err(|e| Status::invalid_argument(e.to_string()))?;
             Some(req.state.as_str())
         };
         let limit = if req.limit == 0 { 50 } else { req.limit };
@@ -94,28 +92,50 @@ impl pb::baton_service_server::BatonService for RunApi {
     ) -> Result<Response<pb::CancelRunResponse>, Status> {
         let req = req.into_inner();
         let id = self.store.resolve_run_id(&req.run_id).await?;
-        match self.engine.cancel(id.clone(), req.reason).await {
-            Ok(state) => Ok(Response::new(pb::CancelRunResponse {
-                run_id: id,
-                state: state.to_string(),
-            })),
+        let step = (!req.step_id.is_empty()).then_some(req.step_id);
+        let whole_run = step.is_none();
+        match self.engine.cancel(id.clone(), step, req.reason).await {
+            Ok(state) => Ok(Response::new(pb::CancelRunResponse { run_id: id, state: state.to_string() })),
             // Not in the engine: the run is final already.
-            Err(EngineError::RunNotFound(_)) => {
+            Err(EngineError::RunNotFound(_)) if whole_run => {
                 let rec = self.store.get_run(&id).await?;
                 if rec.run.state == RunState::Canceled.as_str() {
-                    Ok(Response::new(pb::CancelRunResponse {
-                        run_id: id,
-                        state: rec.run.state,
-                    }))
+                    Ok(Response::new(pb::CancelRunResponse { run_id: id, state: rec.run.state }))
                 } else {
-                    Err(Status::failed_precondition(format!(
-                        "run {id} already {}",
-                        rec.run.state
-                    )))
+                    Err(Status::failed_precondition(format!("run {id} already {}", rec.run.state)))
                 }
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    async fn release_run(
+        &self,
+        req: Request<pb::ReleaseRunRequest>,
+    ) -> Result<Response<pb::ReleaseRunResponse>, Status> {
+        let id = self.store.resolve_run_id(&req.into_inner().run_id).await?;
+        let state = self.engine.release(id.clone()).await?;
+        Ok(Response::new(pb::ReleaseRunResponse { run_id: id, state: state.to_string() }))
+    }
+
+    async fn list_breakers(
+        &self,
+        _req: Request<pb::ListBreakersRequest>,
+    ) -> Result<Response<pb::ListBreakersResponse>, Status> {
+        let breakers = self.engine.list_breakers().await?;
+        Ok(Response::new(pb::ListBreakersResponse { breakers }))
+    }
+
+    async fn reset_breaker(
+        &self,
+        req: Request<pb::ResetBreakerRequest>,
+    ) -> Result<Response<pb::ListBreakersResponse>, Status> {
+        let req = req.into_inner();
+        if req.tool.is_empty() {
+            return Err(Status::invalid_argument("reset breaker: tool is empty"));
+        }
+        let breakers = self.engine.reset_breaker(req.tool, req.agent).await?;
+        Ok(Response::new(pb::ListBreakersResponse { breakers }))
     }
 
     type WatchRunStream = EventStream;
@@ -129,14 +149,7 @@ impl pb::baton_service_server::BatonService for RunApi {
         let live = self.engine.subscribe();
         let id = self.store.resolve_run_id(&req.run_id).await?;
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(watch(
-            self.store.clone(),
-            id,
-            req.from_seq.max(1),
-            live,
-            tx,
-            self.shutdown.clone(),
-        ));
+        tokio::spawn(watch(self.store.clone(), id, req.from_seq.max(1), live, tx, self.shutdown.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -208,9 +221,7 @@ async fn watch(
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => break,
                 Err(broadcast::error::RecvError::Closed) => {
-                    let _ = tx
-                        .send(Err(Status::unavailable("the controller is shutting down")))
-                        .await;
+                    let _ = tx.send(Err(Status::unavailable("the controller is shutting down"))).await;
                     return;
                 }
             }

@@ -29,23 +29,20 @@ impl Engine {
         let session_id = self.next_session;
         self.next_session += 1;
         let lost_after = ms(self.cfg.lost_after);
-        let agent = self
-            .agents
-            .entry(hello.agent_id.clone())
-            .or_insert_with(|| Agent {
-                id: hello.agent_id.clone(),
-                name: String::new(),
-                version: String::new(),
-                labels: BTreeMap::new(),
-                tools: Vec::new(),
-                slots: 0,
-                state: AgentState::Disconnected,
-                session: None,
-                connected_at: now,
-                last_seen: now,
-                lost_at: now + lost_after,
-                running: HashSet::new(),
-            });
+        let agent = self.agents.entry(hello.agent_id.clone()).or_insert_with(|| Agent {
+            id: hello.agent_id.clone(),
+            name: String::new(),
+            version: String::new(),
+            labels: BTreeMap::new(),
+            tools: Vec::new(),
+            slots: 0,
+            state: AgentState::Disconnected,
+            session: None,
+            connected_at: now,
+            last_seen: now,
+            lost_at: now + lost_after,
+            running: HashSet::new(),
+        });
         agent.name = hello.name.clone();
         agent.version = hello.version.clone();
         agent.labels = hello.labels.clone().into_iter().collect();
@@ -53,10 +50,7 @@ impl Engine {
         agent.slots = hello.slots;
         agent.state = AgentState::Connected;
         // Replacing the session drops the old sender, which ends the old stream.
-        agent.session = Some(Session {
-            id: session_id,
-            tx: tx.clone(),
-        });
+        agent.session = Some(Session { id: session_id, tx: tx.clone() });
         agent.connected_at = now;
         agent.last_seen = now;
         agent.lost_at = now + lost_after;
@@ -96,10 +90,7 @@ impl Engine {
         }
         // What the controller thought the agent held but the agent does not report is
         // gone (an Assign lost with the old stream, or a crash of the agent).
-        let missing: Vec<String> = held
-            .into_iter()
-            .filter(|id| !reported.contains(id.as_str()))
-            .collect();
+        let missing: Vec<String> = held.into_iter().filter(|id| !reported.contains(id.as_str())).collect();
         for id in missing {
             self.lose_attempt(&id, &format!("agent {agent_name} reconnected without it"));
         }
@@ -131,13 +122,8 @@ impl Engine {
                 && let (Some(r), Some(s)) = (&f.attempt, &agent.session)
             {
                 let tx = s.tx.clone();
-                self.pending.send(
-                    &tx,
-                    Out::Ack(pb::Ack {
-                        attempt_id: r.attempt_id.clone(),
-                        accepted: false,
-                    }),
-                );
+                self.pending
+                    .send(&tx, Out::Ack(pb::Ack { attempt_id: r.attempt_id.clone(), accepted: false }));
             }
             return;
         }
@@ -170,6 +156,27 @@ impl Engine {
             if !self.owns_live(agent_id, r) {
                 self.reject(agent_id, r, "heartbeat");
             }
+        }
+        // An assignment the agent never took up (lost in transit, or the agent broke
+        // before starting it) must not hold its step forever.
+        let now = now_ms();
+        let patience = ms(self.cfg.lost_after);
+        let Some(agent) = self.agents.get(agent_id) else { return };
+        let reported: HashSet<&str> = hb.running.iter().map(|r| r.attempt_id.as_str()).collect();
+        let stale: Vec<String> = agent
+            .running
+            .iter()
+            .filter(|id| !reported.contains(id.as_str()))
+            .filter(|id| {
+                self.attempts
+                    .get(*id)
+                    .is_some_and(|a| a.state == AttemptState::Assigned && now - a.assigned_at > patience)
+            })
+            .cloned()
+            .collect();
+        let name = agent.name.clone();
+        for id in stale {
+            self.lose_attempt(&id, &format!("agent {name} never started it"));
         }
     }
 
@@ -204,11 +211,7 @@ impl Engine {
     /// re-sent, rejected when the lease is stale.
     pub(super) fn finished(&mut self, agent_id: &str, f: pb::AttemptFinished) {
         let Some(r) = f.attempt.clone() else { return };
-        let tx = self
-            .agents
-            .get(agent_id)
-            .and_then(|a| a.session.as_ref())
-            .map(|s| s.tx.clone());
+        let tx = self.agents.get(agent_id).and_then(|a| a.session.as_ref()).map(|s| s.tx.clone());
         let outcome = outcome_state(&f.outcome);
         let accepted = match self.attempts.get(&r.attempt_id) {
             Some(a) if a.lease_token != r.lease_token || a.agent_id != agent_id => {
@@ -216,7 +219,21 @@ impl Engine {
                 false
             }
             Some(a) if a.state.is_terminal() => {
-                if a.state == outcome {
+                if a.state == outcome || (a.state == AttemptState::Lost && outcome == AttemptState::Canceled)
+                {
+                    // Re-sent after a reconnect: applied once already. (Without
+                    // `reported`, it confirms a stop the controller asked for.)
+                    let a = a.clone();
+                    if a.reported
+                        && let Some(run) = self.runs.get_mut(&a.run_id)
+                        && !run.state.is_terminal()
+                    {
+                        let msg = format!(
+                            "result of attempt {} re-sent by agent {}; applied once already",
+                            a.number, a.agent_name
+                        );
+                        self.pending.event(run, "result_redelivered", Some(a.step_idx), Some(&a), msg);
+                    }
                     true
                 } else {
                     self.reject(agent_id, &r, "result");
@@ -236,49 +253,37 @@ impl Engine {
             },
         };
         if let Some(tx) = tx {
-            self.pending.send(
-                &tx,
-                Out::Ack(pb::Ack {
-                    attempt_id: r.attempt_id,
-                    accepted,
-                }),
-            );
+            self.pending.send(&tx, Out::Ack(pb::Ack { attempt_id: r.attempt_id, accepted }));
         }
     }
 
     fn apply_result(&mut self, attempt_id: &str, outcome: AttemptState, f: pb::AttemptFinished) {
-        let class = if outcome == AttemptState::Succeeded {
-            String::new()
-        } else if f.error_class.is_empty() {
-            match outcome {
-                AttemptState::TimedOut => "timeout".to_string(),
-                AttemptState::Canceled => "canceled".to_string(),
-                _ => "tool_error".to_string(),
-            }
-        } else {
-            f.error_class.clone()
+        // The agent stopped it on its own (shutdown, no controller): an infrastructure
+        // loss, not the step's failure. Cancels the controller asked for never get here:
+        // their attempts are closed already.
+        let (outcome, class) = match outcome {
+            AttemptState::Succeeded => (outcome, String::new()),
+            AttemptState::Canceled => (AttemptState::Lost, "agent_lost".to_string()),
+            AttemptState::TimedOut if f.error_class.is_empty() => (outcome, "timeout".to_string()),
+            _ if f.error_class.is_empty() => (outcome, "tool_error".to_string()),
+            _ => (outcome, f.error_class.clone()),
         };
-        let Some(a) = self.attempts.get_mut(attempt_id) else {
-            return;
-        };
+        let Some(a) = self.attempts.get_mut(attempt_id) else { return };
+        a.reported = true;
         a.exit_code = f.exit_code;
         a.result = (!f.result_json.is_empty()).then(|| f.result_json.clone());
         a.output_tail = f.output_tail.clone();
-        let (run_id, idx) = (a.run_id.clone(), a.step_idx);
+        let (run_id, idx, agent_id) = (a.run_id.clone(), a.step_idx, a.agent_id.clone());
+        let tool = self.runs.get(&run_id).map(|r| r.steps[idx].tool.clone()).unwrap_or_default();
         let result = a.result.clone();
-        self.close_attempt(attempt_id, outcome, &class, &f.error, false);
-        match outcome {
-            AttemptState::Succeeded => self.step_succeeded(&run_id, idx, result),
-            // The controller asked for it (run or step cancel) and has moved on already.
-            AttemptState::Canceled => self.attempt_failed(&run_id, idx, &class, "canceled on the agent"),
-            _ => {
-                let error = if f.error.is_empty() {
-                    class.clone()
-                } else {
-                    f.error.clone()
-                };
-                self.attempt_failed(&run_id, idx, &class, &error)
-            }
+        let error = if f.error.is_empty() { class.clone() } else { f.error.clone() };
+        self.close_attempt(attempt_id, outcome, &class, &error, false);
+        if outcome == AttemptState::Succeeded {
+            self.breakers_on_result(&tool, &agent_id, None, &run_id);
+            self.step_succeeded(&run_id, idx, result);
+        } else {
+            self.breakers_on_result(&tool, &agent_id, Some(&class), &run_id);
+            self.attempt_failed(&run_id, idx, &class, &error, f.exit_code);
         }
     }
 
@@ -311,10 +316,7 @@ impl Engine {
                 let tx = s.tx.clone();
                 self.pending.send(
                     &tx,
-                    Out::Cancel(pb::Cancel {
-                        attempt_id: attempt_id.to_string(),
-                        reason: error.to_string(),
-                    }),
+                    Out::Cancel(pb::Cancel { attempt_id: attempt_id.to_string(), reason: error.to_string() }),
                 );
             }
         }
@@ -333,12 +335,11 @@ impl Engine {
         if a.state.is_terminal() {
             return;
         }
-        let (run_id, idx) = (a.run_id.clone(), a.step_idx);
+        let (run_id, idx, agent_id) = (a.run_id.clone(), a.step_idx, a.agent_id.clone());
         self.close_attempt(attempt_id, AttemptState::Lost, "agent_lost", why, true);
-        if let Some(run) = self.runs.get_mut(&run_id) {
-            run.steps[idx].lost_count += 1;
-        }
-        self.attempt_failed(&run_id, idx, "agent_lost", why);
+        let tool = self.runs.get(&run_id).map(|r| r.steps[idx].tool.clone()).unwrap_or_default();
+        self.breakers_on_result(&tool, &agent_id, Some("agent_lost"), &run_id);
+        self.attempt_failed(&run_id, idx, "agent_lost", why, None);
     }
 
     /// A report under a lease that is no longer current: recorded, counted, and the
@@ -351,31 +352,18 @@ impl Engine {
             None => format!("{what} for unknown attempt rejected"),
         };
         warn!(agent_id, attempt_id = %r.attempt_id, run_id = %r.run_id, "{why}");
-        let tx = self
-            .agents
-            .get(agent_id)
-            .and_then(|a| a.session.as_ref())
-            .map(|s| s.tx.clone());
+        let tx = self.agents.get(agent_id).and_then(|a| a.session.as_ref()).map(|s| s.tx.clone());
         if let Some(tx) = tx
             && what != "result"
         {
-            self.pending.send(
-                &tx,
-                Out::Cancel(pb::Cancel {
-                    attempt_id: r.attempt_id.clone(),
-                    reason: why.clone(),
-                }),
-            );
+            self.pending
+                .send(&tx, Out::Cancel(pb::Cancel { attempt_id: r.attempt_id.clone(), reason: why.clone() }));
         }
         if let Some(run) = self.runs.get_mut(&r.run_id)
             && !run.state.is_terminal()
         {
             let idx = run.spec.steps.iter().position(|s| s.id == r.step_id);
-            let agent = self
-                .agents
-                .get(agent_id)
-                .map(|a| a.name.as_str())
-                .unwrap_or(agent_id);
+            let agent = self.agents.get(agent_id).map(|a| a.name.as_str()).unwrap_or(agent_id);
             let msg = format!("{why} (agent {agent}, attempt {})", r.attempt_id);
             self.pending.event(run, "report_rejected", idx, None, msg);
         }
@@ -434,10 +422,12 @@ impl Engine {
         if a.state.is_terminal() || a.deadline_at.is_none_or(|d| d > now) {
             return;
         }
-        let (run_id, idx) = (a.run_id.clone(), a.step_idx);
+        let (run_id, idx, agent_id) = (a.run_id.clone(), a.step_idx, a.agent_id.clone());
         let why = "no result by the step timeout plus kill grace";
         self.close_attempt(attempt_id, AttemptState::TimedOut, "timeout", why, true);
-        self.attempt_failed(&run_id, idx, "timeout", why);
+        let tool = self.runs.get(&run_id).map(|r| r.steps[idx].tool.clone()).unwrap_or_default();
+        self.breakers_on_result(&tool, &agent_id, Some("timeout"), &run_id);
+        self.attempt_failed(&run_id, idx, "timeout", why, None);
     }
 }
 

@@ -7,9 +7,12 @@
 //! engine after a crash.
 
 mod agents;
+mod breakers;
 mod dispatch;
 mod model;
 mod runs;
+
+pub use breakers::BreakerConfig;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
@@ -17,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_common::pb;
-use baton_common::spec::Workstream;
+use baton_common::spec::{OnFailure, Workstream};
 use baton_common::state::{AttemptState, RunState, StepState};
 use baton_common::time::now_ms;
 use thiserror::Error;
@@ -42,6 +45,10 @@ pub struct EngineConfig {
     pub kill_grace: Duration,
     /// Most messages applied in one transaction.
     pub max_batch: usize,
+    /// A step whose attempts were lost this many times in a row (it keeps killing
+    /// agents) quarantines its run.
+    pub poison_after: u32,
+    pub breakers: BreakerConfig,
 }
 
 impl Default for EngineConfig {
@@ -52,6 +59,8 @@ impl Default for EngineConfig {
             failover_grace: Duration::from_secs(30),
             kill_grace: Duration::from_secs(10),
             max_batch: 1024,
+            poison_after: 3,
+            breakers: BreakerConfig::default(),
         }
     }
 }
@@ -74,32 +83,16 @@ type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
 /// A message into the engine.
 pub(crate) enum Msg {
-    Submit {
-        spec: Workstream,
-        params: BTreeMap<String, String>,
-        reply: Reply<String>,
-    },
-    Cancel {
-        run_id: String,
-        reason: String,
-        reply: Reply<RunState>,
-    },
-    Connect {
-        hello: pb::Hello,
-        tx: AgentTx,
-        reply: Reply<u64>,
-    },
-    Agent {
-        agent_id: String,
-        msg: pb::agent_message::Msg,
-    },
-    Disconnect {
-        agent_id: String,
-        session: u64,
-    },
-    ListAgents {
-        reply: oneshot::Sender<Vec<pb::Agent>>,
-    },
+    Submit { spec: Workstream, params: BTreeMap<String, String>, reply: Reply<String> },
+    Cancel { run_id: String, step_id: Option<String>, reason: String, reply: Reply<RunState> },
+    Release { run_id: String, reply: Reply<RunState> },
+    ListBreakers { reply: oneshot::Sender<Vec<pb::Breaker>> },
+    ResetBreaker { tool: String, agent: String, reply: Reply<Vec<pb::Breaker>> },
+    WaitReasons { run_id: String, reply: oneshot::Sender<HashMap<String, String>> },
+    Connect { hello: pb::Hello, tx: AgentTx, reply: Reply<u64> },
+    Agent { agent_id: String, msg: pb::agent_message::Msg },
+    Disconnect { agent_id: String, session: u64 },
+    ListAgents { reply: oneshot::Sender<Vec<pb::Agent>> },
 }
 
 /// The handle the API uses to talk to the engine; cheap to clone.
@@ -112,10 +105,7 @@ pub struct EngineHandle {
 impl EngineHandle {
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Msg) -> Result<T, EngineError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(make(reply))
-            .await
-            .map_err(|_| EngineError::Unavailable)?;
+        self.tx.send(make(reply)).await.map_err(|_| EngineError::Unavailable)?;
         rx.await.map_err(|_| EngineError::Unavailable)?
     }
 
@@ -128,13 +118,35 @@ impl EngineHandle {
         self.call(|reply| Msg::Submit { spec, params, reply }).await
     }
 
-    pub async fn cancel(&self, run_id: String, reason: String) -> Result<RunState, EngineError> {
-        self.call(|reply| Msg::Cancel {
-            run_id,
-            reason,
-            reply,
-        })
-        .await
+    /// Cancels a run, or one step of it when `step_id` is given.
+    pub async fn cancel(
+        &self,
+        run_id: String,
+        step_id: Option<String>,
+        reason: String,
+    ) -> Result<RunState, EngineError> {
+        self.call(|reply| Msg::Cancel { run_id, step_id, reason, reply }).await
+    }
+
+    pub async fn release(&self, run_id: String) -> Result<RunState, EngineError> {
+        self.call(|reply| Msg::Release { run_id, reply }).await
+    }
+
+    pub async fn list_breakers(&self) -> Result<Vec<pb::Breaker>, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::ListBreakers { reply }).await.map_err(|_| EngineError::Unavailable)?;
+        rx.await.map_err(|_| EngineError::Unavailable)
+    }
+
+    pub async fn reset_breaker(&self, tool: String, agent: String) -> Result<Vec<pb::Breaker>, EngineError> {
+        self.call(|reply| Msg::ResetBreaker { tool, agent, reply }).await
+    }
+
+    /// Why each open step of an active run is not running (empty for final runs).
+    pub async fn wait_reasons(&self, run_id: String) -> Result<HashMap<String, String>, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::WaitReasons { run_id, reply }).await.map_err(|_| EngineError::Unavailable)?;
+        rx.await.map_err(|_| EngineError::Unavailable)
     }
 
     /// Registers an agent session; the engine sends Welcome on `tx`.
@@ -152,10 +164,7 @@ impl EngineHandle {
 
     pub async fn list_agents(&self) -> Result<Vec<pb::Agent>, EngineError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Msg::ListAgents { reply })
-            .await
-            .map_err(|_| EngineError::Unavailable)?;
+        self.tx.send(Msg::ListAgents { reply }).await.map_err(|_| EngineError::Unavailable)?;
         rx.await.map_err(|_| EngineError::Unavailable)
     }
 
@@ -178,6 +187,7 @@ struct Pending {
     steps: HashSet<(String, usize)>,
     attempts: HashSet<String>,
     agents: HashSet<String>,
+    breakers: HashSet<breakers::BreakerKey>,
     events: Vec<EventRow>,
     effects: Vec<Effect>,
     finished_runs: Vec<String>,
@@ -189,15 +199,13 @@ impl Pending {
             && self.steps.is_empty()
             && self.attempts.is_empty()
             && self.agents.is_empty()
+            && self.breakers.is_empty()
             && self.events.is_empty()
             && self.effects.is_empty()
     }
 
     fn send(&mut self, tx: &AgentTx, msg: pb::controller_message::Msg) {
-        self.effects.push(Effect::Send(
-            tx.clone(),
-            Box::new(pb::ControllerMessage { msg: Some(msg) }),
-        ));
+        self.effects.push(Effect::Send(tx.clone(), Box::new(pb::ControllerMessage { msg: Some(msg) })));
     }
 
     fn reply<T: Send + 'static>(&mut self, reply: Reply<T>, value: Result<T, EngineError>) {
@@ -226,9 +234,7 @@ impl Pending {
             step_id: step.map(|i| run.step_id(i).to_string()).unwrap_or_default(),
             attempt_id: attempt.map(|a| a.id.clone()).unwrap_or_default(),
             run_state: run.state.as_str().to_string(),
-            step_state: step
-                .map(|i| run.steps[i].state.as_str().to_string())
-                .unwrap_or_default(),
+            step_state: step.map(|i| run.steps[i].state.as_str().to_string()).unwrap_or_default(),
             attempt_state: attempt.map(|a| a.state.as_str().to_string()).unwrap_or_default(),
             message: message.into(),
         });
@@ -242,6 +248,10 @@ enum Timer {
     Retry(String, usize),
     /// An attempt past its deadline plus grace times out.
     Deadline(String),
+    /// A run reaches its deadline.
+    RunDeadline(String),
+    /// An open breaker's cooldown ends: (tool, agent id).
+    Breaker(String, String),
 }
 
 /// Final states of attempts of runs that are no longer in memory, so a result re-sent
@@ -274,6 +284,7 @@ pub(crate) struct Engine {
     attempts: HashMap<String, Attempt>,
     recent: RecentAttempts,
     agents: HashMap<String, Agent>,
+    breakers: HashMap<breakers::BreakerKey, baton_common::breaker::Breaker>,
     /// Ready steps per tool, in the order they became ready.
     ready: BTreeMap<String, VecDeque<(String, usize)>>,
     timers: BinaryHeap<Reverse<(i64, Timer)>>,
@@ -298,11 +309,9 @@ pub async fn start(
         store,
         runs: HashMap::new(),
         attempts: HashMap::new(),
-        recent: RecentAttempts {
-            states: HashMap::new(),
-            order: VecDeque::new(),
-        },
+        recent: RecentAttempts { states: HashMap::new(), order: VecDeque::new() },
         agents: HashMap::new(),
+        breakers: HashMap::new(),
         ready: BTreeMap::new(),
         timers: BinaryHeap::new(),
         pending: Pending::default(),
@@ -343,7 +352,10 @@ impl Engine {
                         break;
                     }
                 }
-                _ = sweep.tick() => self.sweep_agents(),
+                _ = sweep.tick() => {
+                    self.sweep_agents();
+                    self.check_max_wait(now_ms());
+                }
                 _ = tokio::time::sleep(sleep_for) => {}
             }
             for msg in buf.drain(..) {
@@ -363,13 +375,26 @@ impl Engine {
                 let result = self.submit(spec, params);
                 self.pending.reply(reply, result);
             }
-            Msg::Cancel {
-                run_id,
-                reason,
-                reply,
-            } => {
-                let result = self.cancel_run(&run_id, &reason);
+            Msg::Cancel { run_id, step_id, reason, reply } => {
+                let result = match step_id {
+                    Some(step) => self.cancel_step(&run_id, &step, &reason),
+                    None => self.cancel_run(&run_id, &reason),
+                };
                 self.pending.reply(reply, result);
+            }
+            Msg::Release { run_id, reply } => {
+                let result = self.release(&run_id);
+                self.pending.reply(reply, result);
+            }
+            Msg::ListBreakers { reply } => {
+                let _ = reply.send(self.list_breakers());
+            }
+            Msg::ResetBreaker { tool, agent, reply } => {
+                let result = self.reset_breaker(&tool, &agent);
+                self.pending.reply(reply, result);
+            }
+            Msg::WaitReasons { run_id, reply } => {
+                let _ = reply.send(self.wait_reasons(&run_id));
             }
             Msg::Connect { hello, tx, reply } => {
                 let result = self.connect(hello, tx);
@@ -397,6 +422,8 @@ impl Engine {
             match timer {
                 Timer::Retry(run_id, idx) => self.retry_due(&run_id, idx, now),
                 Timer::Deadline(attempt_id) => self.deadline_due(&attempt_id, now),
+                Timer::RunDeadline(run_id) => self.run_deadline_due(&run_id, now),
+                Timer::Breaker(tool, agent_id) => self.breaker_due((tool, agent_id), now),
             }
         }
     }
@@ -461,6 +488,11 @@ impl Engine {
                 b.agents.push(a.to_row());
             }
         }
+        for key in &p.breakers {
+            if let Some(row) = self.breaker_row(key) {
+                b.breakers.push(row);
+            }
+        }
         b.events = p.events.clone();
         b
     }
@@ -483,11 +515,7 @@ impl Engine {
         let now = now_ms();
         let grace = baton_common::time::ms(self.cfg.failover_grace);
         for row in &snap.agents {
-            let state = if row.state == "lost" {
-                AgentState::Lost
-            } else {
-                AgentState::Disconnected
-            };
+            let state = if row.state == "lost" { AgentState::Lost } else { AgentState::Disconnected };
             let agent = Agent {
                 id: row.id.clone(),
                 name: row.name.clone(),
@@ -537,17 +565,18 @@ impl Engine {
                     .needs
                     .iter()
                     .filter(|n| {
-                        index
-                            .get(n.as_str())
-                            .is_some_and(|&j| steps[j].state != StepState::Succeeded)
+                        index.get(n.as_str()).is_some_and(|&j| steps[j].state != StepState::Succeeded)
                     })
                     .count() as u32;
             }
             let dependents = model::dependents_of(&spec);
+            let deadline_at = spec.deadline_ms.map(|d| row.created_at + d as i64);
+            let state: RunState = crate::store::parse_state(&row.state)?;
             let failing = steps
                 .iter()
                 .zip(&spec.steps)
                 .find(|(s, _)| s.state == StepState::Failed)
+                .filter(|_| spec.on_failure == OnFailure::Fail && state != RunState::Quarantined)
                 .map(|(_, sp)| format!("step {:?} failed", sp.id));
             let open = steps.iter().filter(|s| !s.state.is_terminal()).count();
             let run = Run {
@@ -556,7 +585,7 @@ impl Engine {
                 spec: Arc::new(spec),
                 spec_json: row.spec.clone(),
                 params_json: row.params.clone(),
-                state: crate::store::parse_state(&row.state)?,
+                state,
                 reason: row.reason.clone(),
                 created_at: row.created_at,
                 started_at: row.started_at,
@@ -565,6 +594,7 @@ impl Engine {
                 dependents,
                 next_seq: snap.last_seq.get(&row.id).copied().unwrap_or(0) + 1,
                 failing,
+                deadline_at,
             };
             self.runs.insert(run.id.clone(), run);
         }
@@ -582,31 +612,30 @@ impl Engine {
             run.steps[idx].attempt_ids.push(attempt.id.clone());
             if !attempt.state.is_terminal() {
                 run.steps[idx].current = Some(attempt.id.clone());
-                let agent = self
-                    .agents
-                    .entry(attempt.agent_id.clone())
-                    .or_insert_with(|| Agent {
-                        id: attempt.agent_id.clone(),
-                        name: attempt.agent_name.clone(),
-                        version: String::new(),
-                        labels: BTreeMap::new(),
-                        tools: Vec::new(),
-                        slots: 0,
-                        state: AgentState::Disconnected,
-                        session: None,
-                        connected_at: 0,
-                        last_seen: 0,
-                        lost_at: now + grace,
-                        running: HashSet::new(),
-                    });
+                let agent = self.agents.entry(attempt.agent_id.clone()).or_insert_with(|| Agent {
+                    id: attempt.agent_id.clone(),
+                    name: attempt.agent_name.clone(),
+                    version: String::new(),
+                    labels: BTreeMap::new(),
+                    tools: Vec::new(),
+                    slots: 0,
+                    state: AgentState::Disconnected,
+                    session: None,
+                    connected_at: 0,
+                    last_seen: 0,
+                    lost_at: now + grace,
+                    running: HashSet::new(),
+                });
                 agent.running.insert(attempt.id.clone());
                 if let Some(d) = attempt.deadline_at {
-                    self.timers
-                        .push(Reverse((d, Timer::Deadline(attempt.id.clone()))));
+                    self.timers.push(Reverse((d, Timer::Deadline(attempt.id.clone()))));
                 }
             }
+            let step = &mut run.steps[idx];
+            step.lost_streak = if attempt.state == AttemptState::Lost { step.lost_streak + 1 } else { 0 };
             self.attempts.insert(attempt.id.clone(), attempt);
         }
+        self.load_breakers(&snap.breakers);
         let mut run_ids: Vec<(i64, String)> =
             self.runs.values().map(|r| (r.created_at, r.id.clone())).collect();
         run_ids.sort();

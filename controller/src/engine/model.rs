@@ -32,6 +32,8 @@ pub(crate) struct Run {
     /// Set once a step failed for good under `on_failure: fail`: nothing new starts and
     /// the run fails when its running steps have finished.
     pub failing: Option<String>,
+    /// When the run fails for running too long (`deadline` in the spec).
+    pub deadline_at: Option<i64>,
 }
 
 impl Run {
@@ -62,6 +64,7 @@ impl Run {
             state: s.state.as_str().to_string(),
             tool: s.tool.clone(),
             attempts: i64::from(s.attempts),
+            failures: i64::from(s.failures),
             lost_count: i64::from(s.lost_count),
             next_attempt_at: s.next_attempt_at,
             started_at: s.started_at,
@@ -92,8 +95,14 @@ pub(crate) struct Step {
     pub tool: String,
     /// Attempts started so far, all causes.
     pub attempts: u32,
+    /// Own failures counted against the retry budget (reset by a release).
+    pub failures: u32,
     /// Attempts lost with their agent; these do not spend the step's own retries.
     pub lost_count: u32,
+    /// Losses in a row: a step that keeps losing agents is poison.
+    pub lost_streak: u32,
+    /// When it last became ready (for `max_wait`).
+    pub ready_since: Option<i64>,
     /// Needs that have not succeeded yet.
     pub waiting_on: u32,
     pub next_attempt_at: Option<i64>,
@@ -110,14 +119,13 @@ pub(crate) struct Step {
 impl Step {
     pub fn new(tool: String, waiting_on: u32) -> Step {
         Step {
-            state: if waiting_on == 0 {
-                StepState::Ready
-            } else {
-                StepState::Waiting
-            },
+            state: if waiting_on == 0 { StepState::Ready } else { StepState::Waiting },
             tool,
             attempts: 0,
+            failures: 0,
             lost_count: 0,
+            lost_streak: 0,
+            ready_since: None,
             waiting_on,
             next_attempt_at: None,
             started_at: None,
@@ -134,7 +142,10 @@ impl Step {
             state: parse_state(&row.state)?,
             tool: row.tool.clone(),
             attempts: row.attempts as u32,
+            failures: row.failures as u32,
             lost_count: row.lost_count as u32,
+            lost_streak: 0,
+            ready_since: None,
             waiting_on: 0,
             next_attempt_at: row.next_attempt_at,
             started_at: row.started_at,
@@ -167,6 +178,8 @@ pub(crate) struct Attempt {
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
     pub deadline_at: Option<i64>,
+    /// Its final state came from the agent's own report (not kept across restarts).
+    pub reported: bool,
 }
 
 impl Attempt {
@@ -213,6 +226,7 @@ impl Attempt {
             started_at: row.started_at,
             finished_at: row.finished_at,
             deadline_at: row.deadline_at,
+            reported: false,
         })
     }
 

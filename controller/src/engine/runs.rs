@@ -1,18 +1,18 @@
-//! Runs and steps: submission, step outcomes, failure handling, completion, cancel.
+//! Runs and steps: submission, step outcomes and retries, failure handling
+//! (`fail`, `continue`, `quarantine`), release, deadlines, completion, cancel.
 
+use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use baton_common::spec::Workstream;
+use baton_common::retry::{Decision, Failure};
+use baton_common::spec::{OnFailure, Workstream};
 use baton_common::state::{AttemptState, RunState, StepState};
-use baton_common::time::now_ms;
-use tracing::{error, info};
+use baton_common::time::{format_duration, now_ms};
+use tracing::{error, info, warn};
 
 use super::model::{self, Run, Step};
 use super::{Engine, EngineError, Pending, Timer};
-
-/// Attempts lost with their agent that a step survives before it fails.
-const LOST_BUDGET: u32 = 3;
 
 /// Moves step `idx` of `run` to `to` if the step machine allows it, keeping the run's
 /// count of open steps; an illegal move is a bug, logged and not applied.
@@ -20,7 +20,9 @@ pub(super) fn set_step(p: &mut Pending, run: &mut Run, idx: usize, to: StepState
     let from = run.steps[idx].state;
     match from.transition(to) {
         Ok(to) => {
-            run.steps[idx].state = to;
+            let step = &mut run.steps[idx];
+            step.state = to;
+            step.ready_since = (to == StepState::Ready).then(now_ms);
             match (from.is_terminal(), to.is_terminal()) {
                 (false, true) => run.open -= 1,
                 (true, false) => run.open += 1,
@@ -53,6 +55,17 @@ pub(super) fn set_run(p: &mut Pending, run: &mut Run, to: RunState) -> bool {
     }
 }
 
+/// Ends step `idx` in `to` (failed, skipped, canceled) with `reason` and an event.
+fn end_step(p: &mut Pending, run: &mut Run, idx: usize, to: StepState, kind: &str, reason: &str) {
+    if set_step(p, run, idx, to) {
+        let step = &mut run.steps[idx];
+        step.finished_at = Some(now_ms());
+        step.reason = reason.to_string();
+        step.next_attempt_at = None;
+        p.event(run, kind, Some(idx), None, reason);
+    }
+}
+
 impl Engine {
     pub(super) fn submit(
         &mut self,
@@ -75,14 +88,22 @@ impl Engine {
         let id = uuid::Uuid::new_v4().to_string();
         let spec_json = serde_json::to_string(&spec).map_err(|e| EngineError::Invalid(e.to_string()))?;
         let params_json = serde_json::to_string(&params).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let now = now_ms();
         let steps: Vec<Step> = spec
             .steps
             .iter()
             .zip(tools)
-            .map(|(s, tool)| Step::new(tool, s.needs.len() as u32))
+            .map(|(s, tool)| {
+                let mut step = Step::new(tool, s.needs.len() as u32);
+                if step.state == StepState::Ready {
+                    step.ready_since = Some(now);
+                }
+                step
+            })
             .collect();
         let dependents = model::dependents_of(&spec);
         let n = steps.len();
+        let deadline_at = spec.deadline_ms.map(|d| now + d as i64);
         let mut run = Run {
             id: id.clone(),
             spec: Arc::new(spec),
@@ -90,7 +111,7 @@ impl Engine {
             params_json,
             state: RunState::Pending,
             reason: String::new(),
-            created_at: now_ms(),
+            created_at: now,
             started_at: None,
             finished_at: None,
             steps,
@@ -98,6 +119,7 @@ impl Engine {
             next_seq: 1,
             open: n,
             failing: None,
+            deadline_at,
         };
         let p = &mut self.pending;
         p.runs.insert(id.clone());
@@ -107,9 +129,10 @@ impl Engine {
         let msg = format!("workstream {:?} with {n} steps", run.spec.name);
         p.event(&mut run, "run_submitted", None, None, msg);
         info!(run_id = %id, workstream = %run.spec.name, steps = n, "run submitted");
-        let ready: Vec<usize> = (0..n)
-            .filter(|&i| run.steps[i].state == StepState::Ready)
-            .collect();
+        if let Some(d) = deadline_at {
+            self.timers.push(Reverse((d, Timer::RunDeadline(id.clone()))));
+        }
+        let ready: Vec<usize> = (0..n).filter(|&i| run.steps[i].state == StepState::Ready).collect();
         self.runs.insert(id.clone(), run);
         for i in ready {
             self.enqueue(&id, i);
@@ -119,45 +142,112 @@ impl Engine {
 
     /// Cancels a run: live attempts are told to stop, every open step is canceled.
     pub(super) fn cancel_run(&mut self, run_id: &str, reason: &str) -> Result<RunState, EngineError> {
+        let reason = if reason.is_empty() { "canceled by request" } else { reason };
+        self.stop_run(run_id, RunState::Canceled, reason)
+    }
+
+    /// Ends a run early in `to` (canceled, or failed at its deadline).
+    fn stop_run(&mut self, run_id: &str, to: RunState, reason: &str) -> Result<RunState, EngineError> {
         let Some(run) = self.runs.get(run_id) else {
             return Err(EngineError::RunNotFound(run_id.to_string()));
         };
         if run.state.is_terminal() {
             return Ok(run.state);
         }
-        let reason = if reason.is_empty() {
-            "canceled by request".to_string()
-        } else {
-            reason.to_string()
-        };
         let live: Vec<String> = run.steps.iter().filter_map(|s| s.current.clone()).collect();
         for attempt_id in live {
-            self.close_attempt(&attempt_id, AttemptState::Canceled, "canceled", &reason, true);
+            self.close_attempt(&attempt_id, AttemptState::Canceled, "canceled", reason, true);
         }
         let Some(run) = self.runs.get_mut(run_id) else {
             return Err(EngineError::RunNotFound(run_id.to_string()));
         };
         let p = &mut self.pending;
         for idx in 0..run.steps.len() {
-            if !run.steps[idx].state.is_terminal() && set_step(p, run, idx, StepState::Canceled) {
-                let step = &mut run.steps[idx];
-                step.finished_at = Some(now_ms());
-                step.reason = reason.clone();
-                step.next_attempt_at = None;
-                p.event(run, "step_canceled", Some(idx), None, reason.clone());
+            if !run.steps[idx].state.is_terminal() {
+                end_step(p, run, idx, StepState::Canceled, "step_canceled", reason);
             }
         }
-        run.reason = reason.clone();
-        finish_run(p, run, RunState::Canceled);
-        info!(run_id, %reason, "run canceled");
-        Ok(RunState::Canceled)
+        run.reason = reason.to_string();
+        finish_run(p, run, to);
+        info!(run_id, %reason, state = %to, "run stopped");
+        Ok(to)
+    }
+
+    /// Cancels one step: its live attempt is stopped, what depends on it is skipped,
+    /// the rest of the run goes on.
+    pub(super) fn cancel_step(
+        &mut self,
+        run_id: &str,
+        step_id: &str,
+        reason: &str,
+    ) -> Result<RunState, EngineError> {
+        let Some(run) = self.runs.get(run_id) else {
+            return Err(EngineError::RunNotFound(run_id.to_string()));
+        };
+        let Some(idx) = run.spec.steps.iter().position(|s| s.id == step_id) else {
+            return Err(EngineError::Invalid(format!("run {run_id} has no step {step_id:?}")));
+        };
+        if run.steps[idx].state.is_terminal() {
+            return Err(EngineError::Conflict(format!(
+                "step {step_id:?} is already {}",
+                run.steps[idx].state
+            )));
+        }
+        let reason = if reason.is_empty() {
+            format!("step {step_id:?} canceled by request")
+        } else {
+            reason.to_string()
+        };
+        if let Some(attempt_id) = run.steps[idx].current.clone() {
+            self.close_attempt(&attempt_id, AttemptState::Canceled, "canceled", &reason, true);
+        }
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return Err(EngineError::RunNotFound(run_id.to_string()));
+        };
+        let p = &mut self.pending;
+        end_step(p, run, idx, StepState::Canceled, "step_canceled", &reason);
+        skip_downstream(p, run, idx, &format!("upstream step {step_id:?} was canceled"));
+        check_done(p, run);
+        Ok(run.state)
+    }
+
+    /// Resumes a quarantined run: failed steps get a fresh budget and are ready again.
+    pub(super) fn release(&mut self, run_id: &str) -> Result<RunState, EngineError> {
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return Err(EngineError::Conflict(format!("run {run_id} is not quarantined (it has ended)")));
+        };
+        if run.state != RunState::Quarantined {
+            return Err(EngineError::Conflict(format!("run {run_id} is {}, not quarantined", run.state)));
+        }
+        let p = &mut self.pending;
+        let released = std::mem::take(&mut run.reason);
+        set_run(p, run, RunState::Running);
+        p.event(run, "run_released", None, None, format!("released from quarantine ({released})"));
+        for idx in 0..run.steps.len() {
+            if run.steps[idx].state == StepState::Failed && set_step(p, run, idx, StepState::Ready) {
+                let step = &mut run.steps[idx];
+                step.failures = 0;
+                step.lost_count = 0;
+                step.lost_streak = 0;
+                step.finished_at = None;
+                step.reason.clear();
+                p.event(run, "step_ready", Some(idx), None, "released with a fresh retry budget");
+            }
+        }
+        // Steps that became ready while the run was held wait in no queue.
+        let ready: Vec<usize> =
+            (0..run.steps.len()).filter(|&i| run.steps[i].state == StepState::Ready).collect();
+        check_done(p, run);
+        info!(run_id, "run released");
+        for idx in ready {
+            self.enqueue(run_id, idx);
+        }
+        Ok(RunState::Running)
     }
 
     /// Step `idx` succeeded: its dependents may become ready, the run may be done.
     pub(super) fn step_succeeded(&mut self, run_id: &str, idx: usize, result: Option<String>) {
-        let Some(run) = self.runs.get_mut(run_id) else {
-            return;
-        };
+        let Some(run) = self.runs.get_mut(run_id) else { return };
         let p = &mut self.pending;
         if !set_step(p, run, idx, StepState::Succeeded) {
             return;
@@ -166,6 +256,7 @@ impl Engine {
         step.finished_at = Some(now_ms());
         step.result = result;
         step.reason.clear();
+        step.lost_streak = 0;
         let attempt = step.attempt_ids.last().and_then(|id| self.attempts.get(id));
         p.event(run, "step_succeeded", Some(idx), attempt, "");
         let mut ready = Vec::new();
@@ -186,44 +277,95 @@ impl Engine {
         }
     }
 
-    /// An attempt of step `idx` failed with `class`: retry it, or fail the step.
-    pub(super) fn attempt_failed(&mut self, run_id: &str, idx: usize, class: &str, error: &str) {
+    /// An attempt of step `idx` failed with `class`: retry it per the step's policy, or
+    /// fail the step and apply the run's `on_failure`.
+    pub(super) fn attempt_failed(
+        &mut self,
+        run_id: &str,
+        idx: usize,
+        class: &str,
+        error: &str,
+        exit_code: Option<i32>,
+    ) {
         let now = now_ms();
-        let Some(run) = self.runs.get_mut(run_id) else {
-            return;
-        };
+        let poison_after = self.cfg.poison_after;
+        let Some(run) = self.runs.get_mut(run_id) else { return };
         let p = &mut self.pending;
-        let step = &run.steps[idx];
+        let step = &mut run.steps[idx];
+        if class == "agent_lost" {
+            step.lost_count += 1;
+            step.lost_streak += 1;
+        } else {
+            step.failures += 1;
+            step.lost_streak = 0;
+        }
+        p.steps.insert((run.id.clone(), idx));
         let attempt = step.attempt_ids.last().and_then(|id| self.attempts.get(id));
-        let retry = run.failing.is_none()
-            && run.state == RunState::Running
-            && class == "agent_lost"
-            && step.lost_count <= LOST_BUDGET;
-        if retry {
-            if set_step(p, run, idx, StepState::RetryWait) {
-                run.steps[idx].next_attempt_at = Some(now);
-                let msg = format!("attempt failed ({class}): {error}; retrying");
-                p.event(run, "step_retry_wait", Some(idx), attempt, msg);
-                self.timers
-                    .push(std::cmp::Reverse((now, Timer::Retry(run_id.to_string(), idx))));
-            }
+        let step_id = run.step_id(idx).to_string();
+        if run.state.is_terminal() {
             return;
         }
-        let reason = format!("{class}: {error}");
-        if set_step(p, run, idx, StepState::Failed) {
-            let step = &mut run.steps[idx];
-            step.finished_at = Some(now);
-            step.reason = reason.clone();
-            p.event(run, "step_failed", Some(idx), attempt, reason);
-            step_failed_for_good(p, run, idx);
+        // A step that keeps taking its agents down is poison: hold the run.
+        if class == "agent_lost" && poison_after > 0 && run.steps[idx].lost_streak >= poison_after {
+            let reason = format!(
+                "step {step_id:?} was lost with its agent {} times in a row (poison?)",
+                run.steps[idx].lost_streak
+            );
+            end_step(p, run, idx, StepState::Failed, "step_failed", &reason);
+            quarantine(p, run, &reason);
+            return;
+        }
+        let policy = &run.spec.steps[idx].retry;
+        let facts = Failure {
+            class,
+            exit_code,
+            own_failures: run.steps[idx].failures,
+            lost: run.steps[idx].lost_count,
+        };
+        let mut decision = policy.decide(facts, rand::random::<f64>());
+        if let Decision::Retry { delay_ms } = decision
+            && let Some(deadline) = run.deadline_at
+            && now + delay_ms as i64 >= deadline
+        {
+            decision =
+                Decision::Fail { reason: "the run's deadline leaves no time for another attempt".into() };
+        }
+        let holding = run.failing.is_some() || !matches!(run.state, RunState::Running | RunState::Pending);
+        match decision {
+            Decision::Retry { delay_ms } if !holding || run.state == RunState::Quarantined => {
+                if set_step(p, run, idx, StepState::RetryWait) {
+                    let at = now + delay_ms as i64;
+                    run.steps[idx].next_attempt_at = Some(at);
+                    let msg = format!(
+                        "{class}: {error}; retrying in {}",
+                        format_duration(std::time::Duration::from_millis(delay_ms))
+                    );
+                    p.event(run, "step_retry_wait", Some(idx), attempt, msg);
+                    self.timers.push(Reverse((at, Timer::Retry(run_id.to_string(), idx))));
+                }
+            }
+            Decision::Retry { .. } => {
+                let reason = format!("{class}: {error}; not retried: the run is stopping");
+                end_step(p, run, idx, StepState::Failed, "step_failed", &reason);
+                check_done(p, run);
+            }
+            Decision::Fail { reason: why } => {
+                let reason = format!("{class}: {error} ({why})");
+                if set_step(p, run, idx, StepState::Failed) {
+                    let step = &mut run.steps[idx];
+                    step.finished_at = Some(now);
+                    step.reason = reason.clone();
+                    p.event(run, "step_failed", Some(idx), attempt, reason.clone());
+                    warn!(run_id, step_id = %step_id, %reason, "step failed");
+                    step_failed_for_good(p, run, idx);
+                }
+            }
         }
     }
 
     /// The retry time of a step in `retry_wait` has come.
     pub(super) fn retry_due(&mut self, run_id: &str, idx: usize, now: i64) {
-        let Some(run) = self.runs.get_mut(run_id) else {
-            return;
-        };
+        let Some(run) = self.runs.get_mut(run_id) else { return };
         let step = &run.steps[idx];
         if step.state != StepState::RetryWait || step.next_attempt_at.is_some_and(|t| t > now) {
             return;
@@ -236,25 +378,79 @@ impl Engine {
         }
     }
 
-    /// After a load: re-queue ready steps, re-arm retry timers, repair what a crash left.
-    pub(super) fn resume_run(&mut self, run_id: &str) {
-        let Some(run) = self.runs.get_mut(run_id) else {
+    /// The run's deadline has come: it fails, running tools are stopped.
+    pub(super) fn run_deadline_due(&mut self, run_id: &str, now: i64) {
+        let Some(run) = self.runs.get(run_id) else { return };
+        if run.state.is_terminal()
+            || run.state == RunState::Quarantined
+            || run.deadline_at.is_none_or(|d| d > now)
+        {
             return;
-        };
+        }
+        let limit = run.spec.deadline_ms.unwrap_or(0);
+        let reason =
+            format!("run deadline of {} exceeded", format_duration(std::time::Duration::from_millis(limit)));
+        warn!(run_id, "{reason}");
+        let _ = self.stop_run(run_id, RunState::Failed, &reason);
+    }
+
+    /// Holds a run whose step has waited for an open breaker past its `max_wait`.
+    pub(super) fn check_max_wait(&mut self, now: i64) {
+        let mut blocked: Vec<(String, usize, String)> = Vec::new();
+        for (tool, queue) in &self.ready {
+            let Some(why) = self.breaker_block(tool) else { continue };
+            for (run_id, idx) in queue {
+                let Some(run) = self.runs.get(run_id) else { continue };
+                let step = &run.steps[*idx];
+                let max_wait = run.spec.steps[*idx].max_wait_ms as i64;
+                if step.state == StepState::Ready
+                    && run.state == RunState::Running
+                    && step.ready_since.is_some_and(|t| now - t >= max_wait)
+                {
+                    blocked.push((run_id.clone(), *idx, why.clone()));
+                }
+            }
+        }
+        for (run_id, idx, why) in blocked {
+            let Some(run) = self.runs.get_mut(&run_id) else { continue };
+            if run.state != RunState::Running {
+                continue;
+            }
+            let max_wait = run.spec.steps[idx].max_wait_ms;
+            let reason = format!(
+                "step {:?} waited {} (max_wait) for an agent: {why}",
+                run.step_id(idx),
+                format_duration(std::time::Duration::from_millis(max_wait))
+            );
+            let p = &mut self.pending;
+            end_step(p, run, idx, StepState::Failed, "step_failed", &reason);
+            quarantine(p, run, &reason);
+        }
+    }
+
+    /// After a load: re-queue ready steps, re-arm retry and deadline timers, and end
+    /// what a crash left unfinished.
+    pub(super) fn resume_run(&mut self, run_id: &str) {
+        let Some(run) = self.runs.get_mut(run_id) else { return };
+        let now = now_ms();
         let mut ready = Vec::new();
         for idx in 0..run.steps.len() {
-            let step = &run.steps[idx];
+            let step = &mut run.steps[idx];
             match step.state {
-                StepState::Ready => ready.push(idx),
+                StepState::Ready => {
+                    step.ready_since = Some(now);
+                    ready.push(idx);
+                }
                 StepState::RetryWait => {
                     let at = step.next_attempt_at.unwrap_or(0);
-                    self.timers
-                        .push(std::cmp::Reverse((at, Timer::Retry(run_id.to_string(), idx))));
+                    self.timers.push(Reverse((at, Timer::Retry(run_id.to_string(), idx))));
                 }
                 _ => {}
             }
         }
-        // A run whose last steps ended but whose end was not recorded.
+        if let Some(d) = run.deadline_at {
+            self.timers.push(Reverse((d, Timer::RunDeadline(run_id.to_string()))));
+        }
         check_done(&mut self.pending, run);
         for idx in ready {
             self.enqueue(run_id, idx);
@@ -262,46 +458,42 @@ impl Engine {
     }
 }
 
-/// Step `idx` failed with no retry left: under `fail`, nothing new starts; steps that
-/// have not started are skipped; the run fails once its running steps are done.
+/// Step `idx` failed with no retry left; the run's `on_failure` decides what follows.
 fn step_failed_for_good(p: &mut Pending, run: &mut Run, idx: usize) {
     let failed_id = run.step_id(idx).to_string();
-    if run.failing.is_none() {
-        run.failing = Some(format!("step {failed_id:?} failed"));
-    }
-    let downstream = downstream_of(run, idx);
-    for (i, &is_downstream) in downstream.iter().enumerate() {
-        let (to, why) = match run.steps[i].state {
-            StepState::Waiting | StepState::Ready if is_downstream => {
-                (StepState::Skipped, format!("upstream step {failed_id:?} failed"))
+    match run.spec.on_failure {
+        OnFailure::Quarantine => {
+            let reason = format!("step {failed_id:?} failed: {}", run.steps[idx].reason);
+            quarantine(p, run, &reason);
+            return;
+        }
+        OnFailure::Continue => {
+            skip_downstream(p, run, idx, &format!("upstream step {failed_id:?} failed"));
+        }
+        OnFailure::Fail => {
+            // Nothing new starts: steps that have not started are skipped (or, waiting
+            // for a retry, canceled); running ones finish.
+            if run.failing.is_none() {
+                run.failing = Some(format!("step {failed_id:?} failed"));
             }
-            StepState::Waiting | StepState::Ready => (
-                StepState::Skipped,
-                format!("run stopped: step {failed_id:?} failed"),
-            ),
-            StepState::RetryWait => (
-                StepState::Canceled,
-                format!("run stopped: step {failed_id:?} failed"),
-            ),
-            _ => continue,
-        };
-        if set_step(p, run, i, to) {
-            run.steps[i].reason = why.clone();
-            run.steps[i].finished_at = Some(now_ms());
-            run.steps[i].next_attempt_at = None;
-            let kind = if to == StepState::Skipped {
-                "step_skipped"
-            } else {
-                "step_canceled"
-            };
-            p.event(run, kind, Some(i), None, why);
+            skip_downstream(p, run, idx, &format!("upstream step {failed_id:?} failed"));
+            let why = format!("run stopped: step {failed_id:?} failed");
+            for i in 0..run.steps.len() {
+                match run.steps[i].state {
+                    StepState::Waiting | StepState::Ready => {
+                        end_step(p, run, i, StepState::Skipped, "step_skipped", &why)
+                    }
+                    StepState::RetryWait => end_step(p, run, i, StepState::Canceled, "step_canceled", &why),
+                    _ => {}
+                }
+            }
         }
     }
     check_done(p, run);
 }
 
-/// Which steps depend on step `idx`, directly or not.
-fn downstream_of(run: &Run, idx: usize) -> Vec<bool> {
+/// Skips every not-yet-started step downstream of `idx`.
+fn skip_downstream(p: &mut Pending, run: &mut Run, idx: usize, why: &str) {
     let mut seen = vec![false; run.steps.len()];
     let mut stack = run.dependents[idx].clone();
     while let Some(i) = stack.pop() {
@@ -310,7 +502,23 @@ fn downstream_of(run: &Run, idx: usize) -> Vec<bool> {
             stack.extend(run.dependents[i].iter().copied());
         }
     }
-    seen
+    for (i, &down) in seen.iter().enumerate() {
+        if down && matches!(run.steps[i].state, StepState::Waiting | StepState::Ready) {
+            end_step(p, run, i, StepState::Skipped, "step_skipped", why);
+        }
+    }
+}
+
+/// Holds the run: nothing new is dispatched until an operator releases or cancels it.
+fn quarantine(p: &mut Pending, run: &mut Run, reason: &str) {
+    if !matches!(run.state, RunState::Running | RunState::Pending) {
+        return;
+    }
+    if set_run(p, run, RunState::Quarantined) {
+        run.reason = reason.to_string();
+        p.event(run, "run_quarantined", None, None, reason);
+        warn!(run_id = %run.id, %reason, "run quarantined");
+    }
 }
 
 /// Ends the run when no step is open any more.
@@ -323,9 +531,10 @@ pub(super) fn check_done(p: &mut Pending, run: &mut Run) {
     } else {
         if run.reason.is_empty() {
             run.reason = run.failing.clone().unwrap_or_else(|| {
-                let failed = run.steps.iter().position(|s| s.state == StepState::Failed);
-                match failed {
-                    Some(i) => format!("step {:?} failed", run.step_id(i)),
+                let bad =
+                    run.steps.iter().position(|s| matches!(s.state, StepState::Failed | StepState::Canceled));
+                match bad {
+                    Some(i) => format!("step {:?} {}", run.step_id(i), run.steps[i].state),
                     None => "steps did not succeed".to_string(),
                 }
             });

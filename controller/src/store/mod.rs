@@ -15,7 +15,7 @@ use sqlx::query::Query;
 use sqlx::{Any, AnyPool, AssertSqlSafe, Row};
 use thiserror::Error;
 
-pub use rows::{AgentRow, AttemptRow, EventRow, RunRow, StepRow};
+pub use rows::{AgentRow, AttemptRow, BreakerRow, EventRow, RunRow, StepRow};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -48,6 +48,7 @@ pub struct Batch {
     pub attempts: Vec<AttemptRow>,
     pub events: Vec<EventRow>,
     pub agents: Vec<AgentRow>,
+    pub breakers: Vec<BreakerRow>,
 }
 
 impl Batch {
@@ -57,6 +58,7 @@ impl Batch {
             && self.attempts.is_empty()
             && self.events.is_empty()
             && self.agents.is_empty()
+            && self.breakers.is_empty()
     }
 
     pub fn clear(&mut self) {
@@ -65,6 +67,7 @@ impl Batch {
         self.attempts.clear();
         self.events.clear();
         self.agents.clear();
+        self.breakers.clear();
     }
 }
 
@@ -76,6 +79,7 @@ pub struct Snapshot {
     pub attempts: Vec<AttemptRow>,
     pub last_seq: HashMap<String, i64>,
     pub agents: Vec<AgentRow>,
+    pub breakers: Vec<BreakerRow>,
 }
 
 /// A run as read back for the API: the run row, its steps and all their attempts.
@@ -119,18 +123,10 @@ impl Store {
                             // WAL lets API reads run beside the engine's writes; FULL keeps
                             // every commit durable; the busy timeout covers readers that
                             // race a checkpoint.
-                            sqlx::query("PRAGMA journal_mode = WAL")
-                                .execute(&mut *conn)
-                                .await?;
-                            sqlx::query("PRAGMA synchronous = FULL")
-                                .execute(&mut *conn)
-                                .await?;
-                            sqlx::query("PRAGMA busy_timeout = 10000")
-                                .execute(&mut *conn)
-                                .await?;
-                            sqlx::query("PRAGMA foreign_keys = ON")
-                                .execute(&mut *conn)
-                                .await?;
+                            sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
+                            sqlx::query("PRAGMA synchronous = FULL").execute(&mut *conn).await?;
+                            sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
+                            sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
                             Ok(())
                         })
                     })
@@ -182,6 +178,7 @@ impl Store {
         write_rows(&mut tx, &batch.attempts).await?;
         write_rows(&mut tx, &batch.events).await?;
         write_rows(&mut tx, &batch.agents).await?;
+        write_rows(&mut tx, &batch.breakers).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -191,10 +188,7 @@ impl Store {
     pub async fn load_active(&self) -> Result<Snapshot, StoreError> {
         let runs = fetch(
             &self.pool,
-            &format!(
-                "SELECT {} FROM runs WHERE state IN {ACTIVE} ORDER BY created_at, id",
-                RunRow::COLUMNS
-            ),
+            &format!("SELECT {} FROM runs WHERE state IN {ACTIVE} ORDER BY created_at, id", RunRow::COLUMNS),
         )
         .await?;
         let steps = fetch(&self.pool, &format!(
@@ -217,13 +211,8 @@ impl Store {
             last_seq.insert(r.try_get::<String, _>("run_id")?, r.try_get::<i64, _>("seq")?);
         }
         let agents = fetch(&self.pool, &format!("SELECT {} FROM agents", AgentRow::COLUMNS)).await?;
-        Ok(Snapshot {
-            runs,
-            steps,
-            attempts,
-            last_seq,
-            agents,
-        })
+        let breakers = fetch(&self.pool, &format!("SELECT {} FROM breakers", BreakerRow::COLUMNS)).await?;
+        Ok(Snapshot { runs, steps, attempts, last_seq, agents, breakers })
     }
 
     /// The full id of the run whose id is `prefix` or starts with it.
@@ -243,29 +232,18 @@ impl Store {
             0 => Err(StoreError::RunNotFound(prefix.to_string())),
             1 => Ok(ids.into_iter().next().unwrap_or_default()),
             _ if ids.iter().any(|id| id == prefix) => Ok(prefix.to_string()),
-            _ => Err(StoreError::AmbiguousRun {
-                prefix: prefix.to_string(),
-                matches: ids,
-            }),
+            _ => Err(StoreError::AmbiguousRun { prefix: prefix.to_string(), matches: ids }),
         }
     }
 
     pub async fn get_run(&self, run_id: &str) -> Result<RunRecord, StoreError> {
-        let mut runs: Vec<RunRow> = fetch_bound(
-            &self.pool,
-            &format!("SELECT {} FROM runs WHERE id = $1", RunRow::COLUMNS),
-            run_id,
-        )
-        .await?;
-        let run = runs
-            .pop()
-            .ok_or_else(|| StoreError::RunNotFound(run_id.to_string()))?;
+        let mut runs: Vec<RunRow> =
+            fetch_bound(&self.pool, &format!("SELECT {} FROM runs WHERE id = $1", RunRow::COLUMNS), run_id)
+                .await?;
+        let run = runs.pop().ok_or_else(|| StoreError::RunNotFound(run_id.to_string()))?;
         let steps = fetch_bound(
             &self.pool,
-            &format!(
-                "SELECT {} FROM steps WHERE run_id = $1 ORDER BY idx",
-                StepRow::COLUMNS
-            ),
+            &format!("SELECT {} FROM steps WHERE run_id = $1 ORDER BY idx", StepRow::COLUMNS),
             run_id,
         )
         .await?;
@@ -279,12 +257,7 @@ impl Store {
         )
         .await?;
         let last_seq = self.last_seq(run_id).await?;
-        Ok(RunRecord {
-            run,
-            steps,
-            attempts,
-            last_seq,
-        })
+        Ok(RunRecord { run, steps, attempts, last_seq })
     }
 
     pub async fn last_seq(&self, run_id: &str) -> Result<i64, StoreError> {
@@ -354,11 +327,7 @@ impl Store {
     }
 
     pub async fn agents(&self) -> Result<Vec<AgentRow>, StoreError> {
-        fetch(
-            &self.pool,
-            &format!("SELECT {} FROM agents ORDER BY name, id", AgentRow::COLUMNS),
-        )
-        .await
+        fetch(&self.pool, &format!("SELECT {} FROM agents ORDER BY name, id", AgentRow::COLUMNS)).await
     }
 }
 
@@ -430,16 +399,9 @@ fn insert_sql<R: Record>(rows: usize) -> String {
     }
     if R::UPSERT {
         let keys: Vec<&str> = R::KEY.split(',').map(str::trim).collect();
-        let sets: Vec<String> = cols
-            .iter()
-            .filter(|c| !keys.contains(c))
-            .map(|c| format!("{c} = excluded.{c}"))
-            .collect();
-        sql.push_str(&format!(
-            " ON CONFLICT ({}) DO UPDATE SET {}",
-            R::KEY,
-            sets.join(", ")
-        ));
+        let sets: Vec<String> =
+            cols.iter().filter(|c| !keys.contains(c)).map(|c| format!("{c} = excluded.{c}")).collect();
+        sql.push_str(&format!(" ON CONFLICT ({}) DO UPDATE SET {}", R::KEY, sets.join(", ")));
     } else {
         sql.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", R::KEY));
     }
@@ -447,26 +409,15 @@ fn insert_sql<R: Record>(rows: usize) -> String {
 }
 
 async fn fetch<R: Record>(pool: &AnyPool, sql: &str) -> Result<Vec<R>, StoreError> {
-    decode_all(
-        sqlx::query(AssertSqlSafe(sql.to_string()))
-            .fetch_all(pool)
-            .await?,
-    )
+    decode_all(sqlx::query(AssertSqlSafe(sql.to_string())).fetch_all(pool).await?)
 }
 
 async fn fetch_bound<R: Record>(pool: &AnyPool, sql: &str, arg: &str) -> Result<Vec<R>, StoreError> {
-    decode_all(
-        sqlx::query(AssertSqlSafe(sql.to_string()))
-            .bind(arg)
-            .fetch_all(pool)
-            .await?,
-    )
+    decode_all(sqlx::query(AssertSqlSafe(sql.to_string())).bind(arg).fetch_all(pool).await?)
 }
 
 fn decode_all<R: Record>(rows: Vec<AnyRow>) -> Result<Vec<R>, StoreError> {
-    rows.iter()
-        .map(|r| R::decode(r).map_err(StoreError::from))
-        .collect()
+    rows.iter().map(|r| R::decode(r).map_err(StoreError::from)).collect()
 }
 
 /// Parses a stored state name, turning a bad one into a `Corrupt` error.

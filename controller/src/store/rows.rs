@@ -60,6 +60,7 @@ pub struct StepRow {
     pub state: String,
     pub tool: String,
     pub attempts: i64,
+    pub failures: i64,
     pub lost_count: i64,
     pub next_attempt_at: Option<i64>,
     pub started_at: Option<i64>,
@@ -70,7 +71,7 @@ pub struct StepRow {
 
 impl Record for StepRow {
     const TABLE: &'static str = "steps";
-    const COLUMNS: &'static str = "run_id, step_id, idx, state, tool, attempts, lost_count, next_attempt_at, started_at, finished_at, reason, result";
+    const COLUMNS: &'static str = "run_id, step_id, idx, state, tool, attempts, failures, lost_count, next_attempt_at, started_at, finished_at, reason, result";
     const KEY: &'static str = "run_id, step_id";
 
     fn bind<'q>(&'q self, q: AnyQuery<'q>) -> AnyQuery<'q> {
@@ -80,6 +81,7 @@ impl Record for StepRow {
             .bind(self.state.as_str())
             .bind(self.tool.as_str())
             .bind(self.attempts)
+            .bind(self.failures)
             .bind(self.lost_count)
             .bind(self.next_attempt_at)
             .bind(self.started_at)
@@ -96,6 +98,7 @@ impl Record for StepRow {
             state: r.try_get("state")?,
             tool: r.try_get("tool")?,
             attempts: r.try_get("attempts")?,
+            failures: r.try_get("failures")?,
             lost_count: r.try_get("lost_count")?,
             next_attempt_at: r.try_get("next_attempt_at")?,
             started_at: r.try_get("started_at")?,
@@ -270,6 +273,43 @@ impl Record for AgentRow {
             state: r.try_get("state")?,
             connected_at: r.try_get("connected_at")?,
             last_seen_at: r.try_get("last_seen_at")?,
+        })
+    }
+}
+
+/// A circuit breaker's persisted state; `agent_id` is empty for a tool's own breaker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerRow {
+    pub tool: String,
+    pub agent_id: String,
+    pub state: String,
+    pub consecutive: i64,
+    pub opened_at: i64,
+    pub updated_at: i64,
+}
+
+impl Record for BreakerRow {
+    const TABLE: &'static str = "breakers";
+    const COLUMNS: &'static str = "tool, agent_id, state, consecutive, opened_at, updated_at";
+    const KEY: &'static str = "tool, agent_id";
+
+    fn bind<'q>(&'q self, q: AnyQuery<'q>) -> AnyQuery<'q> {
+        q.bind(self.tool.as_str())
+            .bind(self.agent_id.as_str())
+            .bind(self.state.as_str())
+            .bind(self.consecutive)
+            .bind(self.opened_at)
+            .bind(self.updated_at)
+    }
+
+    fn decode(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(BreakerRow {
+            tool: r.try_get("tool")?,
+            agent_id: r.try_get("agent_id")?,
+            state: r.try_get("state")?,
+            consecutive: r.try_get("consecutive")?,
+            opened_at: r.try_get("opened_at")?,
+            updated_at: r.try_get("updated_at")?,
         })
     }
 }

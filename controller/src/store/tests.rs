@@ -31,6 +31,7 @@ fn step_row(run: &str, id: &str, idx: i64, state: &str) -> StepRow {
         state: state.into(),
         tool: "shell".into(),
         attempts: 0,
+        failures: 0,
         lost_count: 0,
         next_attempt_at: None,
         started_at: None,
@@ -41,13 +42,7 @@ fn step_row(run: &str, id: &str, idx: i64, state: &str) -> StepRow {
 }
 
 fn event(run: &str, seq: i64, kind: &str) -> EventRow {
-    EventRow {
-        run_id: run.into(),
-        seq,
-        at: seq * 10,
-        kind: kind.into(),
-        ..Default::default()
-    }
+    EventRow { run_id: run.into(), seq, at: seq * 10, kind: kind.into(), ..Default::default() }
 }
 
 #[tokio::test]
@@ -98,10 +93,7 @@ async fn run_written_and_read_back() {
     let rec = store.get_run(run_id).await.unwrap();
     assert_eq!(rec.run, r);
     assert_eq!(rec.steps[1], s);
-    assert_eq!(
-        store.step_counts(run_id).await.unwrap().get("succeeded"),
-        Some(&2)
-    );
+    assert_eq!(store.step_counts(run_id).await.unwrap().get("succeeded"), Some(&2));
 
     // Final runs are not part of what the engine reloads.
     assert!(store.load_active().await.unwrap().runs.is_empty());
@@ -119,15 +111,9 @@ async fn events_come_back_in_order_from_any_sequence() {
     }
     store.commit(&batch).await.unwrap();
     let all = store.events(run_id, 1, 1000).await.unwrap();
-    assert_eq!(
-        all.iter().map(|e| e.seq).collect::<Vec<_>>(),
-        (1..=150).collect::<Vec<_>>()
-    );
+    assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=150).collect::<Vec<_>>());
     let tail = store.events(run_id, 140, 5).await.unwrap();
-    assert_eq!(
-        tail.iter().map(|e| e.seq).collect::<Vec<_>>(),
-        vec![140, 141, 142, 143, 144]
-    );
+    assert_eq!(tail.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![140, 141, 142, 143, 144]);
     let snap = store.load_active().await.unwrap();
     assert_eq!(snap.last_seq.get(run_id), Some(&150));
 }
@@ -145,10 +131,7 @@ async fn a_failing_batch_writes_nothing() {
     batch.events.push(event("no-such-run", 1, "bogus"));
     let err = store.commit(&batch).await.unwrap_err();
     assert!(err.to_string().contains("FOREIGN KEY"), "{err}");
-    assert!(matches!(
-        store.get_run(run_id).await,
-        Err(StoreError::RunNotFound(_))
-    ));
+    assert!(matches!(store.get_run(run_id).await, Err(StoreError::RunNotFound(_))));
     assert!(store.events(run_id, 1, 10).await.unwrap().is_empty());
     assert!(store.list_runs(None, 10).await.unwrap().is_empty());
 }
@@ -169,38 +152,16 @@ async fn a_retried_commit_does_not_duplicate_events() {
 async fn run_ids_resolve_by_unique_prefix() {
     let (_d, store) = store().await;
     let mut batch = Batch::default();
-    batch
-        .runs
-        .push(run_row("abc00000-0000-4000-8000-000000000001", "running", 1));
-    batch
-        .runs
-        .push(run_row("abd00000-0000-4000-8000-000000000002", "failed", 2));
+    batch.runs.push(run_row("abc00000-0000-4000-8000-000000000001", "running", 1));
+    batch.runs.push(run_row("abd00000-0000-4000-8000-000000000002", "failed", 2));
     store.commit(&batch).await.unwrap();
-    assert_eq!(
-        store.resolve_run_id("abc").await.unwrap(),
-        "abc00000-0000-4000-8000-000000000001"
-    );
-    assert_eq!(
-        store.resolve_run_id("ABD").await.unwrap(),
-        "abd00000-0000-4000-8000-000000000002"
-    );
-    assert!(matches!(
-        store.resolve_run_id("ab").await,
-        Err(StoreError::AmbiguousRun { .. })
-    ));
-    assert!(matches!(
-        store.resolve_run_id("ff").await,
-        Err(StoreError::RunNotFound(_))
-    ));
-    assert!(matches!(
-        store.resolve_run_id("x%").await,
-        Err(StoreError::RunNotFound(_))
-    ));
+    assert_eq!(store.resolve_run_id("abc").await.unwrap(), "abc00000-0000-4000-8000-000000000001");
+    assert_eq!(store.resolve_run_id("ABD").await.unwrap(), "abd00000-0000-4000-8000-000000000002");
+    assert!(matches!(store.resolve_run_id("ab").await, Err(StoreError::AmbiguousRun { .. })));
+    assert!(matches!(store.resolve_run_id("ff").await, Err(StoreError::RunNotFound(_))));
+    assert!(matches!(store.resolve_run_id("x%").await, Err(StoreError::RunNotFound(_))));
     let listed = store.list_runs(None, 10).await.unwrap();
-    assert_eq!(
-        listed[0].0.id, "abd00000-0000-4000-8000-000000000002",
-        "newest first"
-    );
+    assert_eq!(listed[0].0.id, "abd00000-0000-4000-8000-000000000002", "newest first");
     assert_eq!(store.list_runs(Some("running"), 10).await.unwrap().len(), 1);
 }
 
