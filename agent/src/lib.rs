@@ -84,6 +84,7 @@ enum StopReason {
 }
 
 enum Event {
+    Output(pb::AttemptRef, u64, Vec<u8>),
     Finished(pb::AttemptFinished),
 }
 
@@ -409,7 +410,14 @@ impl Agent {
             });
         }
         let events = self.events_tx.clone();
-        let output = Output::default();
+        let stream_to = self.events_tx.clone();
+        let stream_ref = r.clone();
+        let output = Output::streaming(
+            Arc::new(move |offset, data: &[u8]| {
+                let _ = stream_to.send(Event::Output(stream_ref.clone(), offset, data.to_vec()));
+            }),
+            req.max_output_bytes,
+        );
         info!(tool = %req.tool, number = a.number, "attempt assigned");
         let task = async move {
             let t0 = Instant::now();
@@ -477,6 +485,19 @@ impl Agent {
     /// stuck.
     fn on_event(&mut self, ev: Event, out: Option<&mpsc::Sender<pb::AgentMessage>>) -> bool {
         match ev {
+            // Output goes out while connected; offline it is dropped (the controller
+            // marks the gap, and the tail in the result keeps the end).
+            Event::Output(attempt, offset, data) => match out {
+                Some(out) => {
+                    let _ = out.try_send(msg(Out::Output(pb::AttemptOutput {
+                        attempt: Some(attempt),
+                        offset,
+                        data,
+                    })));
+                    true
+                }
+                None => true,
+            },
             Event::Finished(f) => {
                 let id = f.attempt.as_ref().map(|a| a.attempt_id.clone()).unwrap_or_default();
                 let abandoned =

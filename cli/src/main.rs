@@ -117,6 +117,17 @@ enum RunsCommand {
         #[command(flatten)]
         out: OutputArg,
     },
+    /// Print attempt output: one step's (latest attempt, or --attempt N), or every
+    /// step's, each line prefixed with its step.
+    Logs {
+        run: String,
+        step: Option<String>,
+        #[arg(long, requires = "step")]
+        attempt: Option<u32>,
+        /// Keep printing output as it arrives, until the step (or run) ends.
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
     /// Resume a quarantined run; its failed steps get a fresh retry budget.
     Release {
         run: String,
@@ -306,6 +317,21 @@ async fn runs(controller: &str, cmd: RunsCommand) -> Result<u8, Failure> {
                 }
                 (f, _) => output::print_json(f, &resp),
             }
+        }
+        RunsCommand::Logs { run, step, attempt, follow } => {
+            let whole = step.is_none();
+            let req = pb::GetLogsRequest {
+                run_id: run,
+                step_id: step.unwrap_or_default(),
+                attempt: attempt.unwrap_or(0),
+                follow,
+            };
+            let mut stream = c.get_logs(req).await?.into_inner();
+            let mut printer = output::LogPrinter::new(whole);
+            while let Some(chunk) = stream.message().await? {
+                printer.chunk(&chunk);
+            }
+            printer.finish();
         }
         RunsCommand::Release { run, out } => {
             let resp = c.release_run(pb::ReleaseRunRequest { run_id: run }).await?.into_inner();

@@ -151,6 +151,50 @@ pub fn steps(steps: &[pb::Step]) {
     table(&["STEP", "TOOL", "STATE", "ATTEMPTS", "DURATION", "AGENT", "EXIT", "REASON"], rows);
 }
 
+/// Writes log chunks to stdout: raw for one step, or line by line with a `step | `
+/// prefix when several steps' output is mixed.
+pub struct LogPrinter {
+    prefixed: bool,
+    partial: std::collections::HashMap<String, Vec<u8>>,
+}
+
+impl LogPrinter {
+    pub fn new(prefixed: bool) -> LogPrinter {
+        LogPrinter { prefixed, partial: Default::default() }
+    }
+
+    pub fn chunk(&mut self, c: &pb::LogChunk) {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        if !self.prefixed {
+            let _ = out.write_all(&c.data);
+            let _ = out.flush();
+            return;
+        }
+        let buf = self.partial.entry(c.step_id.clone()).or_default();
+        buf.extend_from_slice(&c.data);
+        while let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let _ = write!(out, "{} | ", c.step_id);
+            let _ = out.write_all(&line);
+        }
+        let _ = out.flush();
+    }
+
+    /// Prints what is left of unterminated lines.
+    pub fn finish(&mut self) {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        for (step, rest) in self.partial.drain() {
+            if !rest.is_empty() {
+                let _ = write!(out, "{step} | ");
+                let _ = out.write_all(&rest);
+                let _ = writeln!(out);
+            }
+        }
+    }
+}
+
 pub fn breakers(format: Format, breakers: &[pb::Breaker]) {
     if format != Format::Text {
         return print_list(format, breakers);

@@ -35,8 +35,11 @@ pub async fn watch(c: &mut Client, run_id: &str, from_seq: i64, format: Format) 
                             next = ev.seq + 1;
                             view.event(&ev);
                             // A held run waits for an operator: stop watching, say how.
-                            if ev.kind == "run_quarantined" {
-                                let run = get(c, run_id).await?;
+                            // (An old quarantine, since released, is just history.)
+                            if ev.kind == "run_quarantined"
+                                && let run = get(c, run_id).await?
+                                && run.state == "quarantined"
+                            {
                                 view.finish(&run);
                                 eprintln!(
                                     "run {run_id} is quarantined: {}\nrelease it with `baton runs release {run_id}` or cancel it with `baton runs cancel {run_id}`",

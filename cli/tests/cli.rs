@@ -165,3 +165,61 @@ async fn dev_runs_the_example_and_prints_a_summary() {
     assert!(out.stdout.contains("skipped"), "{}", out.stdout);
     assert!(db.exists(), "--db keeps the database");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantine_release_logs_step_cancel_and_breakers_from_the_command_line() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let url = sb.url();
+    let dir = tempfile::tempdir().unwrap();
+    let counter = dir.path().join("n");
+    let q = write(
+        dir.path(),
+        "q.yaml",
+        &format!(
+            "name: q\non_failure: quarantine\nsteps:\n  - {{id: x, tool: shell, with: {{run: 'n=$(cat {f} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {f}; echo try $n; test $n -gt 1'}}}}\n",
+            f = counter.display()
+        ),
+    );
+    // A watched run that is quarantined exits 3 and says how to go on.
+    let out = baton(&url, &["submit", &q, "--watch"]).await;
+    assert_eq!(out.code, 3, "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("is quarantined"), "{}", out.stderr);
+    assert!(out.stderr.contains("baton runs release"), "{}", out.stderr);
+    let id = baton(&url, &["runs", "list", "--state", "quarantined", "-o", "json"]).await;
+    let list: serde_json::Value = serde_json::from_str(&id.stdout).unwrap();
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    let rel = baton(&url, &["runs", "release", &id]).await;
+    assert_eq!(rel.code, 0, "{}", rel.stderr);
+    assert_eq!(rel.stdout.trim(), format!("run {id} released; it is running"));
+    assert_eq!(baton(&url, &["runs", "watch", &id]).await.code, 0);
+    let logs = baton(&url, &["runs", "logs", &id, "x"]).await;
+    assert_eq!(logs.stdout, "try 2\n");
+    let first = baton(&url, &["runs", "logs", &id, "x", "--attempt", "1"]).await;
+    assert_eq!(first.stdout, "try 1\n");
+    let all = baton(&url, &["runs", "logs", &id]).await;
+    assert_eq!(all.stdout, "x | try 2\n");
+
+    // Cancel one step of a running run.
+    let sc = write(
+        dir.path(),
+        "sc.yaml",
+        "name: sc\nsteps:\n  - {id: long, tool: sleep, with: {duration: 60s}}\n  - {id: next, needs: long, tool: noop}\n",
+    );
+    let id = baton(&url, &["submit", &sc]).await.stdout.trim().to_string();
+    let mut c = sb.client().await;
+    wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "attempt_started").await;
+    let out = baton(&url, &["runs", "cancel", &id, "--step", "long"]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.starts_with(&format!("step long of run {id} canceled")), "{}", out.stdout);
+    let show = baton(&url, &["runs", "show", &id, "-o", "json"]).await;
+    let run: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    assert_eq!(run["state"], "failed");
+    assert_eq!(run["steps"][1]["state"], "skipped");
+
+    let b = baton(&url, &["breakers", "list"]).await;
+    assert_eq!(b.code, 0);
+    assert!(b.stdout.starts_with("TOOL"), "{}", b.stdout);
+    let r = baton(&url, &["breakers", "reset", "hammer"]).await;
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("no breaker for tool hammer"), "{}", r.stderr);
+}

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod engine;
+pub mod logs;
 pub mod store;
 
 use std::time::Duration;
@@ -44,8 +45,9 @@ pub async fn run(
     let store = store::Store::open(&config.db).await?;
     // `stop` ends everything: a shutdown request, or the engine failing.
     let stop = shutdown.child_token();
-    let (engine, mut task) = engine::start(store.clone(), config.engine, stop.clone()).await?;
-    let (runs, agents) = api::services(engine, store.clone(), stop.clone());
+    let logs = logs::start(store.clone(), config.engine.max_output_bytes, stop.clone());
+    let (engine, mut task) = engine::start(store.clone(), config.engine, logs.clone(), stop.clone()).await?;
+    let (runs, agents) = api::services(engine, store.clone(), logs, stop.clone());
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     info!(?addr, db = %redact(&config.db), "controller listening");
     let server = tonic::transport::Server::builder()

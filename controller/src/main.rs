@@ -37,6 +37,9 @@ struct Args {
     /// Circuit breaker policies (JSON): {"default": {...}, "tools": {"shell": {...}}}.
     #[arg(long, env = "BATON_BREAKERS")]
     breakers: Option<std::path::PathBuf>,
+    /// Output kept per attempt (bytes); the rest is cut with a marker.
+    #[arg(long, env = "BATON_MAX_OUTPUT", default_value_t = 8 * 1024 * 1024)]
+    max_output: u64,
     /// Log format: text or json. RUST_LOG sets the filter (default info).
     #[arg(long, env = "BATON_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -77,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
             kill_grace: args.kill_grace,
             poison_after: args.poison_after,
             breakers,
+            max_output_bytes: args.max_output,
             ..EngineConfig::default()
         },
     };

@@ -386,3 +386,165 @@ pub fn process_alive(pid: i32) -> bool {
         Err(_) => false,
     }
 }
+
+/// A real `baton-agent` process with one slot and fast reconnects.
+pub fn agent_process(url: &str, name: &str, dir: &Path, extra: &[&str]) -> Process {
+    let mut args: Vec<String> = ["--controller", url, "--name", name, "--slots", "1", "--work-dir"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(dir.join(name).display().to_string());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Process::spawn("baton-agent", &args, dir.join(format!("{name}.log")), &[("RUST_LOG", "info")])
+}
+
+/// An agent that speaks the protocol but never runs anything: it says Hello, swallows
+/// whatever it is sent and heartbeats with nothing running. For tests of what the
+/// controller does with a misbehaving agent.
+pub struct FakeAgent {
+    stop: CancellationToken,
+    pub assigned: std::sync::Arc<std::sync::Mutex<Vec<pb::Assign>>>,
+}
+
+impl FakeAgent {
+    pub async fn start(url: &str, name: &str, tools: &[&str]) -> FakeAgent {
+        use pb::agent_message::Msg;
+        let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let hello = pb::Hello {
+            agent_id: format!("fake-{name}"),
+            name: name.to_string(),
+            version: "fake".into(),
+            tools: tools.iter().map(|t| pb::Tool { name: t.to_string(), version: "fake".into() }).collect(),
+            slots: 1,
+            ..Default::default()
+        };
+        tx.send(pb::AgentMessage { msg: Some(Msg::Hello(hello)) }).await.expect("hello");
+        let mut inbound = client
+            .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("stream")
+            .into_inner();
+        let stop = CancellationToken::new();
+        let assigned = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, got) = (stop.clone(), assigned.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    _ = s.cancelled() => break,
+                    m = inbound.message() => match m {
+                        Ok(Some(pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Assign(a)) })) => {
+                            got.lock().expect("lock").push(a);
+                        }
+                        Ok(Some(_)) => {}
+                        _ => break,
+                    },
+                    _ = tick.tick() => {
+                        let hb = pb::Heartbeat { running: vec![], free_slots: 1 };
+                        if tx.send(pb::AgentMessage { msg: Some(Msg::Heartbeat(hb)) }).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        FakeAgent { stop, assigned }
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A TCP proxy for cutting or holding the link between an agent and its controller.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    hold: tokio::sync::watch::Sender<bool>,
+    cut: tokio::sync::watch::Sender<u64>,
+    task: JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (hold, hold_rx) = tokio::sync::watch::channel(false);
+        let (cut, cut_rx) = tokio::sync::watch::channel(0u64);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else { continue };
+                let (hold, mut cut) = (hold_rx.clone(), cut_rx.clone());
+                cut.borrow_and_update();
+                tokio::spawn(async move {
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    // A cut wins over data released at the same time.
+                    tokio::select! {
+                        biased;
+                        _ = cut.changed() => {}
+                        _ = pump(cr, sw, None) => {}
+                        _ = pump(sr, cw, Some(hold)) => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, hold, cut, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// While held, nothing flows from the controller to the agent.
+    pub fn hold_downstream(&self, on: bool) {
+        let _ = self.hold.send(on);
+    }
+
+    /// Closes every connection through the proxy (new ones are accepted).
+    pub fn cut(&self) {
+        self.cut.send_modify(|g| *g += 1);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut hold: Option<tokio::sync::watch::Receiver<bool>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if let Some(h) = hold.as_mut() {
+            while *h.borrow_and_update() {
+                if h.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}

@@ -81,10 +81,15 @@ pub fn all() -> Vec<Arc<dyn Adapter>> {
 /// Bytes of output kept per attempt for the result report.
 pub const TAIL_BYTES: usize = 64 * 1024;
 
-/// An attempt's combined stdout and stderr: keeps a bounded tail.
+/// Receives output as it is written: (offset in the attempt's output, bytes).
+pub type Sink = Arc<dyn Fn(u64, &[u8]) + Send + Sync>;
+
+/// An attempt's combined stdout and stderr: keeps a bounded tail and streams what is
+/// written (up to a cap) to a sink. Never holds more than the tail.
 #[derive(Clone, Default)]
 pub struct Output {
     inner: Arc<Mutex<Tail>>,
+    sink: Option<(Sink, u64)>,
 }
 
 #[derive(Default)]
@@ -94,8 +99,20 @@ struct Tail {
 }
 
 impl Output {
+    /// Output that also goes to `sink`, for its first `cap` bytes.
+    pub fn streaming(sink: Sink, cap: u64) -> Output {
+        Output { inner: Arc::default(), sink: Some((sink, cap)) }
+    }
+
     pub fn write(&self, data: &[u8]) {
         let Ok(mut t) = self.inner.lock() else { return };
+        let offset = t.total;
+        if let Some((sink, cap)) = &self.sink
+            && offset < *cap
+        {
+            let n = data.len().min((*cap - offset) as usize);
+            sink(offset, &data[..n]);
+        }
         t.total += data.len() as u64;
         let data = if data.len() > TAIL_BYTES { &data[data.len() - TAIL_BYTES..] } else { data };
         let overflow = (t.buf.len() + data.len()).saturating_sub(TAIL_BYTES);
@@ -135,5 +152,21 @@ mod tests {
         assert!(tail.starts_with("[... 10 earlier bytes truncated ...]\n"), "{}", &tail[..60]);
         assert!(tail.ends_with("xend\n"));
         assert_eq!(out.total_bytes(), (6 + TAIL_BYTES + 4) as u64);
+    }
+
+    #[test]
+    fn output_streams_up_to_its_cap_with_offsets() {
+        type Seen = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
+        let got: Seen = Arc::default();
+        let g = got.clone();
+        let out = Output::streaming(
+            Arc::new(move |off, data: &[u8]| g.lock().unwrap().push((off, data.to_vec()))),
+            8,
+        );
+        out.write(b"hello");
+        out.write(b"world");
+        out.write(b"!!");
+        assert_eq!(*got.lock().unwrap(), vec![(0, b"hello".to_vec()), (5, b"wor".to_vec())]);
+        assert_eq!(out.tail(), "helloworld!!");
     }
 }

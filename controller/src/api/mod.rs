@@ -2,6 +2,7 @@
 
 mod agents;
 mod convert;
+mod logs;
 mod runs;
 
 use baton_common::pb;
@@ -21,6 +22,7 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 pub fn services(
     engine: EngineHandle,
     store: Store,
+    logs: crate::logs::Logs,
     shutdown: CancellationToken,
 ) -> (
     pb::baton_service_server::BatonServiceServer<RunApi>,
@@ -29,6 +31,7 @@ pub fn services(
     let runs = pb::baton_service_server::BatonServiceServer::new(RunApi::new(
         engine.clone(),
         store,
+        logs,
         shutdown.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);

@@ -19,12 +19,18 @@ use crate::store::Store;
 pub struct RunApi {
     engine: EngineHandle,
     store: Store,
+    logs: crate::logs::Logs,
     shutdown: CancellationToken,
 }
 
 impl RunApi {
-    pub fn new(engine: EngineHandle, store: Store, shutdown: CancellationToken) -> RunApi {
-        RunApi { engine, store, shutdown }
+    pub fn new(
+        engine: EngineHandle,
+        store: Store,
+        logs: crate::logs::Logs,
+        shutdown: CancellationToken,
+    ) -> RunApi {
+        RunApi { engine, store, logs, shutdown }
     }
 }
 
@@ -150,6 +156,36 @@ impl pb::baton_service_server::BatonService for RunApi {
         let id = self.store.resolve_run_id(&req.run_id).await?;
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(watch(self.store.clone(), id, req.from_seq.max(1), live, tx, self.shutdown.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type GetLogsStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send>>;
+
+    async fn get_logs(
+        &self,
+        req: Request<pb::GetLogsRequest>,
+    ) -> Result<Response<Self::GetLogsStream>, Status> {
+        let req = req.into_inner();
+        let live = self.logs.subscribe();
+        let run_id = self.store.resolve_run_id(&req.run_id).await?;
+        let rec = self.store.get_run(&run_id).await?;
+        if !req.step_id.is_empty() && !rec.steps.iter().any(|s| s.step_id == req.step_id) {
+            return Err(Status::not_found(format!("run {run_id} has no step {:?}", req.step_id)));
+        }
+        if req.attempt > 0
+            && !rec.attempts.iter().any(|a| a.step_id == req.step_id && a.number == i64::from(req.attempt))
+        {
+            return Err(Status::not_found(format!("step {:?} has no attempt {}", req.step_id, req.attempt)));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let follow = super::logs::Follow {
+            store: self.store.clone(),
+            run_id,
+            step_id: req.step_id,
+            attempt: req.attempt,
+            follow: req.follow,
+        };
+        tokio::spawn(follow.run(live, tx, self.shutdown.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

@@ -59,51 +59,44 @@ impl Engine {
         self.pending.agents.insert(hello.agent_id.clone());
         info!(agent = %agent_name, agent_id = %hello.agent_id, session = session_id, "agent connected");
 
-        let mut reported: HashSet<&str> = HashSet::new();
-        let mut adopted = Vec::new();
-        let mut abandon = Vec::new();
-        for r in &hello.running {
-            reported.insert(&r.attempt_id);
-            if self.owns_live(&hello.agent_id, r) {
-                adopted.push(r.attempt_id.clone());
-                if let Some(a) = self.attempts.get(&r.attempt_id) {
-                    let a = a.clone();
-                    if let Some(run) = self.runs.get_mut(&a.run_id) {
-                        self.pending.event(
-                            run,
-                            "attempt_adopted",
-                            Some(a.step_idx),
-                            Some(&a),
-                            format!("agent {agent_name} reconnected"),
-                        );
-                    }
-                }
-            } else {
-                abandon.push(r.attempt_id.clone());
-                self.reject(&hello.agent_id, r, "running attempt reported on reconnect");
-            }
-        }
-        for f in &hello.unacked {
-            if let Some(r) = &f.attempt {
-                reported.insert(&r.attempt_id);
-            }
-        }
-        // What the controller thought the agent held but the agent does not report is
-        // gone (an Assign lost with the old stream, or a crash of the agent).
-        let missing: Vec<String> = held.into_iter().filter(|id| !reported.contains(id.as_str())).collect();
-        for id in missing {
-            self.lose_attempt(&id, &format!("agent {agent_name} reconnected without it"));
-        }
+        // Welcome goes first on the new stream, so decide adoption before anything
+        // else is sent.
+        let (adopted, abandon): (Vec<&pb::AttemptRef>, Vec<&pb::AttemptRef>) =
+            hello.running.iter().partition(|r| self.owns_live(&hello.agent_id, r));
         self.pending.send(
             &tx,
             Out::Welcome(pb::Welcome {
                 session_id: session_id.to_string(),
                 heartbeat_interval_ms: ms(self.cfg.heartbeat_interval),
                 lease_timeout_ms: lost_after,
-                adopted,
-                abandon,
+                adopted: adopted.iter().map(|r| r.attempt_id.clone()).collect(),
+                abandon: abandon.iter().map(|r| r.attempt_id.clone()).collect(),
             }),
         );
+        for r in &adopted {
+            if let Some(a) = self.attempts.get(&r.attempt_id) {
+                let a = a.clone();
+                if let Some(run) = self.runs.get_mut(&a.run_id) {
+                    let msg = format!("agent {agent_name} reconnected");
+                    self.pending.event(run, "attempt_adopted", Some(a.step_idx), Some(&a), msg);
+                }
+            }
+        }
+        for r in &abandon {
+            self.reject(&hello.agent_id, r, "running attempt reported on reconnect");
+        }
+        let reported: HashSet<&str> = hello
+            .running
+            .iter()
+            .chain(hello.unacked.iter().filter_map(|f| f.attempt.as_ref()))
+            .map(|r| r.attempt_id.as_str())
+            .collect();
+        // What the controller thought the agent held but the agent does not report is
+        // gone (an Assign lost with the old stream, or a crash of the agent).
+        let missing: Vec<String> = held.into_iter().filter(|id| !reported.contains(id.as_str())).collect();
+        for id in missing {
+            self.lose_attempt(&id, &format!("agent {agent_name} reconnected without it"));
+        }
         for f in hello.unacked {
             self.finished(&hello.agent_id, f);
         }
@@ -134,9 +127,14 @@ impl Engine {
             pb::agent_message::Msg::Heartbeat(hb) => self.heartbeat(agent_id, hb),
             pb::agent_message::Msg::Started(s) => self.started(agent_id, s),
             pb::agent_message::Msg::Output(o) => {
-                if let Some(r) = o.attempt
-                    && !self.owns_live(agent_id, &r)
-                {
+                let Some(r) = o.attempt else { return };
+                if self.owns_live(agent_id, &r) {
+                    self.logs.push(crate::logs::Chunk {
+                        attempt_id: r.attempt_id,
+                        offset: o.offset,
+                        data: o.data,
+                    });
+                } else {
                     self.reject(agent_id, &r, "output");
                 }
             }

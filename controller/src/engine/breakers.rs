@@ -13,50 +13,105 @@ use tracing::{info, warn};
 use super::{Engine, EngineError, Timer};
 use crate::store::BreakerRow;
 
-/// Breaker policies: a default, and per-tool overrides merged over it.
-#[derive(Debug, Clone, Default)]
+/// Breaker policies for the two levels: a tool as a whole (trips on its failure rate
+/// across all agents) and a tool on one agent (trips on failures in a row there), each
+/// with per-tool overrides.
+#[derive(Debug, Clone)]
 pub struct BreakerConfig {
-    pub default: BreakerPolicy,
-    pub tools: HashMap<String, BreakerPolicy>,
+    pub tool: BreakerPolicy,
+    pub agent: BreakerPolicy,
+    /// Per tool: (tool-level, agent-level) policies with the overrides applied.
+    pub tools: HashMap<String, (BreakerPolicy, BreakerPolicy)>,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig { tool: tool_level_default(), agent: BreakerPolicy::default(), tools: HashMap::new() }
+    }
+}
+
+/// A tool as a whole opens on its failure rate only: one bad agent's streak must not
+/// shut a tool out everywhere.
+fn tool_level_default() -> BreakerPolicy {
+    BreakerPolicy { consecutive_failures: 0, min_requests: 20, ..BreakerPolicy::default() }
 }
 
 impl BreakerConfig {
-    /// Reads `{"default": {...}, "tools": {"shell": {...}}}`; each tool's fields
-    /// override the default's. Errors name the entry and the field.
+    /// Reads the breaker settings:
+    ///
+    /// ```json
+    /// {"tool": {...}, "agent": {...},
+    ///  "tools": {"shell": {"count": ["tool_error"], "agent": {"consecutive_failures": 3}}}}
+    /// ```
+    ///
+    /// `tool` and `agent` override the defaults of each level; a tool's own fields apply
+    /// to both levels, its `tool` / `agent` entries to one. Errors name the entry.
     pub fn from_json(text: &str) -> Result<BreakerConfig, String> {
         let v: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
         let Value::Object(top) = v else { return Err("expected a JSON object".into()) };
         for key in top.keys() {
-            if key != "default" && key != "tools" {
-                return Err(format!("unknown key {key:?} (expected default, tools)"));
+            if !["tool", "agent", "tools"].contains(&key.as_str()) {
+                return Err(format!("unknown key {key:?} (expected tool, agent, tools)"));
             }
         }
-        let base = top.get("default").cloned().unwrap_or_else(|| Value::Object(Default::default()));
-        let default: BreakerPolicy =
-            serde_json::from_value(base.clone()).map_err(|e| format!("default: {e}"))?;
-        default.check().map_err(|e| format!("default: {e}"))?;
+        let tool_base = overlay(to_value(&tool_level_default()), top.get("tool"), "tool")?;
+        let agent_base = overlay(to_value(&BreakerPolicy::default()), top.get("agent"), "agent")?;
+        let tool = policy(&tool_base, "tool")?;
+        let agent = policy(&agent_base, "agent")?;
         let mut tools = HashMap::new();
         if let Some(t) = top.get("tools") {
             let Value::Object(t) = t else { return Err("tools: expected an object".into()) };
-            for (tool, over) in t {
-                let mut merged = base.clone();
-                if let (Value::Object(m), Value::Object(o)) = (&mut merged, over) {
-                    m.extend(o.clone());
-                } else {
-                    return Err(format!("tools.{tool}: expected an object"));
-                }
-                let p: BreakerPolicy =
-                    serde_json::from_value(merged).map_err(|e| format!("tools.{tool}: {e}"))?;
-                p.check().map_err(|e| format!("tools.{tool}: {e}"))?;
-                tools.insert(tool.clone(), p);
+            for (name, entry) in t {
+                let Value::Object(entry) = entry else {
+                    return Err(format!("tools.{name}: expected an object"));
+                };
+                let mut common = entry.clone();
+                let tool_only = common.remove("tool");
+                let agent_only = common.remove("agent");
+                let common = Value::Object(common);
+                let at = format!("tools.{name}");
+                let t = overlay(overlay(tool_base.clone(), Some(&common), &at)?, tool_only.as_ref(), &at)?;
+                let a = overlay(overlay(agent_base.clone(), Some(&common), &at)?, agent_only.as_ref(), &at)?;
+                tools.insert(
+                    name.clone(),
+                    (policy(&t, &format!("{at}.tool"))?, policy(&a, &format!("{at}.agent"))?),
+                );
             }
         }
-        Ok(BreakerConfig { default, tools })
+        Ok(BreakerConfig { tool, agent, tools })
     }
 
-    pub fn policy(&self, tool: &str) -> &BreakerPolicy {
-        self.tools.get(tool).unwrap_or(&self.default)
+    /// The policy of `tool`'s own breaker, or of `tool` on one agent.
+    pub fn policy(&self, tool: &str, on_agent: bool) -> &BreakerPolicy {
+        match (self.tools.get(tool), on_agent) {
+            (Some((_, a)), true) => a,
+            (Some((t, _)), false) => t,
+            (None, true) => &self.agent,
+            (None, false) => &self.tool,
+        }
     }
+}
+
+fn to_value(p: &BreakerPolicy) -> Value {
+    serde_json::to_value(p).unwrap_or(Value::Null)
+}
+
+/// `base` with the fields of `over` replacing its own.
+fn overlay(mut base: Value, over: Option<&Value>, at: &str) -> Result<Value, String> {
+    match (over, &mut base) {
+        (None, _) => Ok(base),
+        (Some(Value::Object(o)), Value::Object(b)) => {
+            b.extend(o.clone());
+            Ok(base)
+        }
+        (Some(_), _) => Err(format!("{at}: expected an object")),
+    }
+}
+
+fn policy(v: &Value, at: &str) -> Result<BreakerPolicy, String> {
+    let p: BreakerPolicy = serde_json::from_value(v.clone()).map_err(|e| format!("{at}: {e}"))?;
+    p.check().map_err(|e| format!("{at}: {e}"))?;
+    Ok(p)
 }
 
 /// (tool, agent id); the agent id is empty for the tool's own breaker.
@@ -65,8 +120,10 @@ pub(crate) type BreakerKey = (String, String);
 impl Engine {
     /// Whether the breakers of `tool` and of (`agent_id`, `tool`) let an attempt through.
     pub(super) fn breakers_admit(&self, tool: &str, agent_id: &str) -> bool {
-        let p = self.cfg.breakers.policy(tool);
-        let ok = |k: BreakerKey| self.breakers.get(&k).is_none_or(|b| b.admits(p));
+        let ok = |k: BreakerKey| {
+            let p = self.cfg.breakers.policy(&k.0, !k.1.is_empty());
+            self.breakers.get(&k).is_none_or(|b| b.admits(p))
+        };
         ok((tool.to_string(), String::new())) && ok((tool.to_string(), agent_id.to_string()))
     }
 
@@ -93,7 +150,7 @@ impl Engine {
             keys.push((tool.to_string(), String::new()));
         }
         for key in keys {
-            let p = self.cfg.breakers.policy(tool).clone();
+            let p = self.cfg.breakers.policy(tool, !key.1.is_empty()).clone();
             let b = self.breakers.entry(key.clone()).or_default();
             if let Some(to) = b.on_result(&p, now, failure) {
                 let why = match failure {
@@ -107,7 +164,7 @@ impl Engine {
 
     /// Open breakers whose cooldown is over become half-open.
     pub(super) fn breaker_due(&mut self, key: BreakerKey, now: i64) {
-        let p = self.cfg.breakers.policy(&key.0).clone();
+        let p = self.cfg.breakers.policy(&key.0, !key.1.is_empty()).clone();
         let Some(b) = self.breakers.get_mut(&key) else { return };
         if let Some(to) = b.tick(&p, now) {
             self.breaker_changed(&key, to, "cooldown over; letting probes through", None);
@@ -117,7 +174,7 @@ impl Engine {
     /// Persists a breaker change, arms its timer, and tells the runs it concerns.
     fn breaker_changed(&mut self, key: &BreakerKey, to: BreakerState, why: &str, run_id: Option<&str>) {
         let Some(b) = self.breakers.get(key) else { return };
-        let p = self.cfg.breakers.policy(&key.0);
+        let p = self.cfg.breakers.policy(&key.0, !key.1.is_empty());
         if to == BreakerState::Open {
             self.timers.push(Reverse((b.reopens_at(p), Timer::Breaker(key.0.clone(), key.1.clone()))));
         }
@@ -178,7 +235,7 @@ impl Engine {
             .breakers
             .iter()
             .map(|((tool, agent_id), b)| {
-                let p = self.cfg.breakers.policy(tool);
+                let p = self.cfg.breakers.policy(tool, !agent_id.is_empty());
                 pb::Breaker {
                     tool: tool.clone(),
                     agent_id: agent_id.clone(),
@@ -222,7 +279,7 @@ impl Engine {
             let key = (r.tool.clone(), r.agent_id.clone());
             let b = Breaker::restored(state, r.consecutive as u32, r.opened_at);
             if state == BreakerState::Open {
-                let p = self.cfg.breakers.policy(&r.tool);
+                let p = self.cfg.breakers.policy(&r.tool, !r.agent_id.is_empty());
                 self.timers.push(Reverse((b.reopens_at(p), Timer::Breaker(key.0.clone(), key.1.clone()))));
             }
             self.breakers.insert(key, b);
@@ -235,27 +292,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tool_entries_merge_over_the_default() {
+    fn levels_and_tool_entries_merge_over_the_defaults() {
         let c = BreakerConfig::from_json(
-            r#"{"default": {"consecutive_failures": 2, "cooldown_ms": 100},
-                "tools": {"shell": {"count": ["tool_error", "nonzero_exit"]}}}"#,
+            r#"{"agent": {"consecutive_failures": 2, "cooldown_ms": 100},
+                "tools": {"shell": {"count": ["tool_error", "nonzero_exit"], "tool": {"failure_rate": 0}}}}"#,
         )
         .unwrap();
-        assert_eq!(c.default.consecutive_failures, 2);
-        let shell = c.policy("shell");
-        assert_eq!(shell.consecutive_failures, 2);
-        assert_eq!(shell.cooldown_ms, 100);
-        assert_eq!(shell.count, vec!["tool_error", "nonzero_exit"]);
-        assert_eq!(c.policy("python").count, BreakerPolicy::default().count);
+        assert_eq!(c.agent.consecutive_failures, 2);
+        assert_eq!(c.tool.consecutive_failures, 0, "a tool as a whole trips on its rate only");
+        let on_agent = c.policy("shell", true);
+        assert_eq!((on_agent.consecutive_failures, on_agent.cooldown_ms), (2, 100));
+        assert_eq!(on_agent.count, vec!["tool_error", "nonzero_exit"]);
+        let whole = c.policy("shell", false);
+        assert_eq!(whole.failure_rate, 0.0);
+        assert_eq!(whole.count, vec!["tool_error", "nonzero_exit"]);
+        assert_eq!(c.policy("python", true).count, BreakerPolicy::default().count);
     }
 
     #[test]
     fn bad_configs_name_the_entry() {
         let e = BreakerConfig::from_json(r#"{"tools": {"shell": {"cooldown": 5}}}"#).unwrap_err();
-        assert!(e.starts_with("tools.shell: unknown field `cooldown`"), "{e}");
-        let e = BreakerConfig::from_json(r#"{"default": {"failure_rate": 3}}"#).unwrap_err();
-        assert!(e.starts_with("default: failure_rate must be within 0..1"), "{e}");
-        let e = BreakerConfig::from_json(r#"{"defaults": {}}"#).unwrap_err();
-        assert!(e.contains("unknown key \"defaults\""), "{e}");
+        assert!(e.starts_with("tools.shell.tool: unknown field `cooldown`"), "{e}");
+        let e = BreakerConfig::from_json(r#"{"agent": {"failure_rate": 3}}"#).unwrap_err();
+        assert!(e.starts_with("agent: failure_rate must be within 0..1"), "{e}");
+        let e = BreakerConfig::from_json(r#"{"default": {}}"#).unwrap_err();
+        assert!(e.contains("unknown key \"default\""), "{e}");
     }
 }

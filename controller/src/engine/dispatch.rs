@@ -105,6 +105,9 @@ impl Engine {
             env: spec.env.clone().into_iter().collect(),
             timeout_ms: spec.timeout_ms.map(|t| t as i64).unwrap_or(0),
             kill_grace_ms: ms(self.cfg.kill_grace),
+            // A little past the cap, so the controller sees that there was more and
+            // marks the cut.
+            max_output_bytes: self.cfg.max_output_bytes + 1024,
         };
         p.send(
             &session.tx,
@@ -150,7 +153,7 @@ impl Engine {
         }
         let tool_key = (tool.to_string(), String::new());
         if let Some(b) = self.breakers.get(&tool_key)
-            && !b.admits(self.cfg.breakers.policy(tool))
+            && !b.admits(self.cfg.breakers.policy(tool, false))
         {
             return Some(format!("the breaker of tool {tool} is {}", b.state));
         }

@@ -49,6 +49,8 @@ pub struct EngineConfig {
     /// agents) quarantines its run.
     pub poison_after: u32,
     pub breakers: BreakerConfig,
+    /// Output kept per attempt; the rest is cut with a marker.
+    pub max_output_bytes: u64,
 }
 
 impl Default for EngineConfig {
@@ -61,6 +63,7 @@ impl Default for EngineConfig {
             max_batch: 1024,
             poison_after: 3,
             breakers: BreakerConfig::default(),
+            max_output_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -279,6 +282,7 @@ impl RecentAttempts {
 pub(crate) struct Engine {
     cfg: EngineConfig,
     store: Store,
+    logs: crate::logs::Logs,
     runs: HashMap<String, Run>,
     /// Every attempt of every run in `runs`.
     attempts: HashMap<String, Attempt>,
@@ -300,6 +304,7 @@ pub(crate) struct Engine {
 pub async fn start(
     store: Store,
     cfg: EngineConfig,
+    logs: crate::logs::Logs,
     shutdown: CancellationToken,
 ) -> Result<(EngineHandle, tokio::task::JoinHandle<Result<(), StoreError>>), StoreError> {
     let snapshot = store.load_active().await?;
@@ -307,6 +312,7 @@ pub async fn start(
     let mut engine = Engine {
         cfg,
         store,
+        logs,
         runs: HashMap::new(),
         attempts: HashMap::new(),
         recent: RecentAttempts { states: HashMap::new(), order: VecDeque::new() },

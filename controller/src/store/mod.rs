@@ -15,7 +15,7 @@ use sqlx::query::Query;
 use sqlx::{Any, AnyPool, AssertSqlSafe, Row};
 use thiserror::Error;
 
-pub use rows::{AgentRow, AttemptRow, BreakerRow, EventRow, RunRow, StepRow};
+pub use rows::{AgentRow, AttemptRow, BreakerRow, EventRow, OutputRow, RunRow, StepRow};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -324,6 +324,42 @@ impl Store {
         .bind(from_seq)
         .bind(limit);
         decode_all(q.fetch_all(&self.pool).await?)
+    }
+
+    /// Appends output chunks, in their own transaction (output is not run state).
+    pub async fn write_output(&self, rows: &[OutputRow]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
+        write_rows(&mut tx, rows).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Output chunks of an attempt with `seq >= from_seq`, in order.
+    pub async fn output(&self, attempt_id: &str, from_seq: i64) -> Result<Vec<OutputRow>, StoreError> {
+        let q = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {} FROM attempt_output WHERE attempt_id = $1 AND seq >= $2 ORDER BY seq LIMIT 1000",
+            OutputRow::COLUMNS
+        )))
+        .bind(attempt_id)
+        .bind(from_seq);
+        decode_all(q.fetch_all(&self.pool).await?)
+    }
+
+    /// Bytes stored for an attempt's output and the next chunk number.
+    pub async fn output_size(&self, attempt_id: &str) -> Result<(u64, i64), StoreError> {
+        let row = sqlx::query(
+            "SELECT COALESCE(SUM(LENGTH(data)), 0) AS bytes, COALESCE(MAX(seq), 0) AS seq FROM attempt_output WHERE attempt_id = $1",
+        )
+        .bind(attempt_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((row.try_get::<i64, _>("bytes")? as u64, row.try_get::<i64, _>("seq")? + 1))
     }
 
     pub async fn agents(&self) -> Result<Vec<AgentRow>, StoreError> {

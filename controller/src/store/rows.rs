@@ -313,3 +313,30 @@ impl Record for BreakerRow {
         })
     }
 }
+
+/// A chunk of an attempt's output, in order of `seq`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputRow {
+    pub attempt_id: String,
+    pub seq: i64,
+    pub data: Vec<u8>,
+}
+
+impl Record for OutputRow {
+    const TABLE: &'static str = "attempt_output";
+    const COLUMNS: &'static str = "attempt_id, seq, data";
+    const KEY: &'static str = "attempt_id, seq";
+    const UPSERT: bool = false;
+
+    fn bind<'q>(&'q self, q: AnyQuery<'q>) -> AnyQuery<'q> {
+        q.bind(self.attempt_id.as_str()).bind(self.seq).bind(self.data.as_slice())
+    }
+
+    fn decode(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(OutputRow {
+            attempt_id: r.try_get("attempt_id")?,
+            seq: r.try_get("seq")?,
+            data: r.try_get("data")?,
+        })
+    }
+}

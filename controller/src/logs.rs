@@ -1,0 +1,182 @@
+//! Attempt output: chunks streamed by agents, kept per attempt up to a cap with a
+//! truncation marker, written by one task in batches beside (not inside) the engine's
+//! state transactions. Followers are woken per attempt as output lands.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::store::{OutputRow, Store};
+
+/// A piece of output as an agent sent it: `offset` is its place in the attempt's
+/// combined output.
+#[derive(Debug)]
+pub struct Chunk {
+    pub attempt_id: String,
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+/// Where the engine hands output after checking its lease; cheap to clone.
+#[derive(Clone)]
+pub struct Logs {
+    tx: mpsc::Sender<Chunk>,
+    written: broadcast::Sender<String>,
+}
+
+impl Logs {
+    /// Queues a chunk; drops it (with a warning) if the writer is that far behind, so a
+    /// chatty tool can never stall scheduling.
+    pub fn push(&self, chunk: Chunk) {
+        if let Err(mpsc::error::TrySendError::Full(c)) = self.tx.try_send(chunk) {
+            warn!(attempt_id = %c.attempt_id, bytes = c.data.len(), "output writer behind; chunk dropped");
+        }
+    }
+
+    /// Ids of attempts as their output is written.
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.written.subscribe()
+    }
+}
+
+/// What the writer knows of one attempt's output.
+struct Kept {
+    /// Agent bytes accounted for (written, dropped or cut).
+    received: u64,
+    /// Bytes stored, markers included.
+    stored: u64,
+    next_seq: i64,
+    truncated: bool,
+}
+
+/// Starts the writer; it stops when `shutdown` is cancelled.
+pub fn start(store: Store, max_bytes: u64, shutdown: CancellationToken) -> Logs {
+    let (tx, mut rx) = mpsc::channel::<Chunk>(4096);
+    let (written, _) = broadcast::channel(1024);
+    let logs = Logs { tx, written: written.clone() };
+    tokio::spawn(async move {
+        let mut kept: HashMap<String, Kept> = HashMap::new();
+        let mut buf = Vec::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                n = rx.recv_many(&mut buf, 512) => if n == 0 { break },
+            }
+            let mut rows = Vec::new();
+            for chunk in buf.drain(..) {
+                let k = match kept.get_mut(&chunk.attempt_id) {
+                    Some(k) => k,
+                    None => {
+                        let (stored, next_seq) = store.output_size(&chunk.attempt_id).await.unwrap_or((0, 1));
+                        let k = Kept { received: stored, stored, next_seq, truncated: stored >= max_bytes };
+                        kept.entry(chunk.attempt_id.clone()).or_insert(k)
+                    }
+                };
+                append(k, chunk, max_bytes, &mut rows);
+            }
+            if let Err(e) = store.write_output(&rows).await {
+                warn!(error = %e, chunks = rows.len(), "cannot store attempt output");
+                continue;
+            }
+            let mut ids: Vec<&String> = rows.iter().map(|r| &r.attempt_id).collect();
+            ids.dedup();
+            for id in ids {
+                let _ = written.send(id.clone());
+            }
+            // Forget attempts now and then; their sizes come back from the store.
+            if kept.len() > 10_000 {
+                kept.clear();
+            }
+        }
+    });
+    logs
+}
+
+fn append(k: &mut Kept, chunk: Chunk, max_bytes: u64, rows: &mut Vec<OutputRow>) {
+    let mut push = |k: &mut Kept, data: Vec<u8>| {
+        k.stored += data.len() as u64;
+        rows.push(OutputRow { attempt_id: chunk.attempt_id.clone(), seq: k.next_seq, data });
+        k.next_seq += 1;
+    };
+    if k.truncated {
+        return;
+    }
+    let end = chunk.offset + chunk.data.len() as u64;
+    if end <= k.received {
+        return; // already have it (re-sent)
+    }
+    let mut data = chunk.data;
+    if chunk.offset > k.received {
+        let lost = chunk.offset - k.received;
+        push(k, format!("\n[... {lost} bytes of output lost in transit ...]\n").into_bytes());
+    } else {
+        data.drain(..(k.received - chunk.offset) as usize);
+    }
+    k.received = end;
+    let room = max_bytes.saturating_sub(k.stored) as usize;
+    if data.len() > room {
+        data.truncate(room);
+        push(k, data);
+        push(
+            k,
+            format!("\n[... output truncated: the limit of {max_bytes} bytes per attempt was reached ...]\n")
+                .into_bytes(),
+        );
+        k.truncated = true;
+    } else if !data.is_empty() {
+        push(k, data);
+    }
+}
+
+/// How long a follower waits before it looks again for a change it was not told about.
+pub const FOLLOW_POLL: Duration = Duration::from_millis(500);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kept() -> Kept {
+        Kept { received: 0, stored: 0, next_seq: 1, truncated: false }
+    }
+
+    fn chunk(offset: u64, data: &[u8]) -> Chunk {
+        Chunk { attempt_id: "a".into(), offset, data: data.to_vec() }
+    }
+
+    fn text(rows: &[OutputRow]) -> String {
+        rows.iter().map(|r| String::from_utf8_lossy(&r.data).into_owned()).collect()
+    }
+
+    #[test]
+    fn chunks_append_in_order_and_resends_are_skipped() {
+        let (mut k, mut rows) = (kept(), Vec::new());
+        append(&mut k, chunk(0, b"hello "), 100, &mut rows);
+        append(&mut k, chunk(6, b"world"), 100, &mut rows);
+        append(&mut k, chunk(0, b"hello "), 100, &mut rows);
+        append(&mut k, chunk(3, b"lo world!"), 100, &mut rows);
+        assert_eq!(text(&rows), "hello world!");
+        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn gaps_are_marked() {
+        let (mut k, mut rows) = (kept(), Vec::new());
+        append(&mut k, chunk(0, b"ab"), 100, &mut rows);
+        append(&mut k, chunk(10, b"cd"), 100, &mut rows);
+        assert_eq!(text(&rows), "ab\n[... 8 bytes of output lost in transit ...]\ncd");
+    }
+
+    #[test]
+    fn output_past_the_cap_is_cut_with_a_marker() {
+        let (mut k, mut rows) = (kept(), Vec::new());
+        append(&mut k, chunk(0, b"0123456789"), 16, &mut rows);
+        append(&mut k, chunk(10, b"abcdefghij"), 16, &mut rows);
+        append(&mut k, chunk(20, b"more"), 16, &mut rows);
+        let t = text(&rows);
+        assert!(t.starts_with("0123456789abcdef\n[... output truncated: the limit of 16 bytes"), "{t}");
+        assert!(!t.contains("more"));
+    }
+}

@@ -1,0 +1,95 @@
+//! Attempt output streamed from agents, kept per attempt (capped), read back and
+//! followed live.
+
+use std::time::Duration;
+
+use baton_tests::*;
+
+async fn logs(c: &mut Client, run_id: &str, step: &str, attempt: u32, follow: bool) -> Vec<proto::LogChunk> {
+    let req = proto::GetLogsRequest { run_id: run_id.into(), step_id: step.into(), attempt, follow };
+    let mut s = c.get_logs(req).await.unwrap().into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(20), s.message()).await.unwrap().unwrap()
+    {
+        out.push(chunk);
+    }
+    out
+}
+
+fn text(chunks: &[proto::LogChunk]) -> String {
+    chunks.iter().map(|c| String::from_utf8_lossy(&c.data).into_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_is_kept_per_attempt_and_read_back_by_step_and_attempt() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let mut c = sb.client().await;
+    let counter = sb.dir.path().join("n");
+    let spec = format!(
+        "name: l\nsteps:\n  - id: s\n    tool: shell\n    retry: {{max_attempts: 2, backoff: {{initial: 10ms}}}}\n    with: {{run: 'n=$(cat {f} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {f}; echo out of attempt $n; echo err of attempt $n >&2; test $n -gt 1'}}\n  - {{id: t, needs: s, tool: shell, with: {{run: 'echo from t'}}}}\n",
+        f = counter.display()
+    );
+    let id = sb.submit(&spec).await;
+    wait_run(&mut c, &id, Duration::from_secs(20)).await;
+    let latest = text(&logs(&mut c, &id, "s", 0, false).await);
+    assert!(latest.contains("out of attempt 2") && latest.contains("err of attempt 2"), "{latest}");
+    assert!(!latest.contains("attempt 1"));
+    let first = text(&logs(&mut c, &id, "s", 1, false).await);
+    assert!(first.contains("out of attempt 1"), "{first}");
+    let all = logs(&mut c, &id, "", 0, false).await;
+    assert_eq!(all.iter().map(|c| c.step_id.as_str()).collect::<std::collections::BTreeSet<_>>().len(), 2);
+    assert!(text(&all).contains("from t"));
+    let err = c
+        .get_logs(proto::GetLogsRequest { run_id: id.clone(), step_id: "nope".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_past_the_cap_is_truncated_with_a_marker() {
+    let mut engine = fast_engine();
+    engine.max_output_bytes = 4096;
+    let sb = Sandbox::builder().agents(1).engine(engine).build().await;
+    let mut c = sb.client().await;
+    // 200 KB of output: more than the agent keeps as tail and the controller keeps.
+    let id = sb.submit("name: big\nsteps:\n  - {id: s, tool: shell, with: {run: 'yes 0123456789 | head -c 200000; echo; echo END'}}\n").await;
+    let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
+    assert_eq!(run.state, "succeeded");
+    let kept = text(&logs(&mut c, &id, "s", 0, false).await);
+    assert!(kept.starts_with("0123456789\n0123456789"), "{}", &kept[..40]);
+    assert!(kept.contains("[... output truncated: the limit of 4096 bytes per attempt was reached ...]"));
+    assert!(kept.len() < 4096 + 200, "{} bytes kept", kept.len());
+    // The attempt's tail still ends with the end of the output.
+    let tail = &run.steps[0].attempts[0].output_tail;
+    assert!(tail.trim_end().ends_with("END"));
+    assert!(tail.starts_with("[... "), "the tail says it was cut: {}", &tail[..40]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn following_a_step_streams_output_as_it_is_written() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let mut c = sb.client().await;
+    let gate = sb.dir.path().join("gate");
+    // Prints, then waits for the test to open the gate, then prints again.
+    let spec = format!(
+        "name: f\nsteps:\n  - {{id: s, tool: shell, with: {{run: 'echo before; while [ ! -e {g} ]; do sleep 0.05; done; echo after'}}}}\n",
+        g = gate.display()
+    );
+    let id = sb.submit(&spec).await;
+    let req = proto::GetLogsRequest { run_id: id.clone(), step_id: "s".into(), attempt: 0, follow: true };
+    let mut s = c.get_logs(req).await.unwrap().into_inner();
+    let mut seen = String::new();
+    while !seen.contains("before") {
+        let chunk =
+            tokio::time::timeout(Duration::from_secs(20), s.message()).await.unwrap().unwrap().unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk.data));
+    }
+    assert!(!seen.contains("after"), "the step is still waiting at its gate");
+    std::fs::write(&gate, "").unwrap();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(20), s.message()).await.unwrap().unwrap()
+    {
+        seen.push_str(&String::from_utf8_lossy(&chunk.data));
+    }
+    assert_eq!(seen, "before\nafter\n", "the stream ends after the step did, with everything in it");
+}

@@ -1,0 +1,471 @@
+//! Resilience end to end: retries, timeouts, agent loss and fencing, re-sent results,
+//! restarts, quarantine, cancel and deadlines, with real controllers and agents.
+
+use std::time::Duration;
+
+use baton_tests::*;
+use nix::sys::signal::Signal;
+
+fn step<'a>(run: &'a proto::Run, id: &str) -> &'a proto::Step {
+    run.steps.iter().find(|s| s.id == id).unwrap_or_else(|| panic!("no step {id}"))
+}
+
+/// A shell script that fails until it has run `n` times (counted in `file`).
+fn flaky(file: &std::path::Path, n: u32) -> String {
+    format!(
+        "c=$(cat {f} 2>/dev/null || echo 0); c=$((c+1)); echo $c > {f}; test $c -gt {n}",
+        f = file.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_back_off_exponentially_then_succeed() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let mut c = sb.client().await;
+    let counter = sb.dir.path().join("count");
+    let spec = format!(
+        r#"
+name: flaky
+steps:
+  - id: flaky
+    tool: shell
+    with: {{run: "{}"}}
+    retry: {{max_attempts: 3, backoff: {{initial: 300ms, max: 5s, multiplier: 2, jitter: 0}}}}
+"#,
+        flaky(&counter, 2)
+    );
+    let id = sb.submit(&spec).await;
+    let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
+    assert_eq!(run.state, "succeeded");
+    let s = step(&run, "flaky");
+    assert_eq!(s.attempts.len(), 3);
+    let gap = |i: usize| s.attempts[i].assigned_at_ms - s.attempts[i - 1].finished_at_ms;
+    assert!(gap(1) >= 300, "first retry after >= 300ms, was {}ms", gap(1));
+    assert!(gap(2) >= 600, "second retry after >= 600ms, was {}ms", gap(2));
+    assert_eq!(s.attempts[0].state, "failed");
+    assert_eq!(s.attempts[0].error_class, "nonzero_exit");
+    let events = all_events(&mut c, &id).await;
+    assert_eq!(events.iter().filter(|e| e.kind == "step_retry_wait").count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_fast_codes_retry_on_and_budgets_end_retries() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let mut c = sb.client().await;
+    let id = sb
+        .submit(
+            r#"
+name: budgets
+on_failure: continue
+defaults:
+  retry: {max_attempts: 4, backoff: {initial: 50ms, jitter: 0}}
+steps:
+  - {id: fast, tool: shell, with: {run: "exit 2"}, retry: {fail_fast_exit_codes: [2]}}
+  - {id: not-retried, tool: shell, with: {run: "exit 1"}, retry: {retry_on: [timeout]}}
+  - {id: spent, tool: shell, with: {run: "exit 1"}, retry: {max_attempts: 2}}
+"#,
+        )
+        .await;
+    let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
+    assert_eq!(run.state, "failed");
+    let fast = step(&run, "fast");
+    assert_eq!(fast.attempts.len(), 1);
+    assert!(fast.reason.contains("exit code 2 is in fail_fast_exit_codes"), "{}", fast.reason);
+    let nr = step(&run, "not-retried");
+    assert_eq!(nr.attempts.len(), 1);
+    assert!(nr.reason.contains("nonzero_exit is not retried"), "{}", nr.reason);
+    let spent = step(&run, "spent");
+    assert_eq!(spent.attempts.len(), 2);
+    assert!(spent.reason.contains("no retries left (2 of 2 attempts used)"), "{}", spent.reason);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_retry_survives_a_controller_restart_and_fires_on_time() {
+    let mut sb = Sandbox::builder().agents(1).build().await;
+    let mut c = sb.client().await;
+    let counter = sb.dir.path().join("count");
+    let spec = format!(
+        r#"
+name: durable-retry
+steps:
+  - id: s
+    tool: shell
+    with: {{run: "{}"}}
+    retry: {{max_attempts: 2, backoff: {{initial: 2s, jitter: 0}}}}
+"#,
+        flaky(&counter, 1)
+    );
+    let id = sb.submit(&spec).await;
+    wait_event(&mut c, &id, Duration::from_secs(20), |e| e.kind == "step_retry_wait").await;
+    let due = step(&get_run(&mut c, &id).await, "s").next_attempt_at_ms;
+    assert!(due > 0);
+    sb.restart_controller().await;
+    let mut c = sb.client().await;
+    let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
+    assert_eq!(run.state, "succeeded");
+    let second = &step(&run, "s").attempts[1];
+    assert!(second.assigned_at_ms >= due, "not early: {} < {due}", second.assigned_at_ms);
+    assert!(second.assigned_at_ms < due + 3_000, "not late: {}ms after due", second.assigned_at_ms - due);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_deadline_beats_retries_and_stops_running_tools() {
+    let sb = Sandbox::builder().agents(2).build().await;
+    let mut c = sb.client().await;
+    let id = sb
+        .submit(
+            r#"
+name: deadline
+deadline: 1s
+on_failure: continue
+steps:
+  - {id: doomed, tool: shell, with: {run: "exit 1"}, retry: {max_attempts: 10, backoff: {initial: 5s}}}
+  - {id: slow, tool: sleep, with: {duration: 60s}}
+"#,
+        )
+        .await;
+    let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
+    assert_eq!(run.state, "failed");
+    assert_eq!(run.reason, "run deadline of 1s exceeded");
+    let doomed = step(&run, "doomed");
+    assert_eq!(doomed.attempts.len(), 1, "no retry can finish before the deadline");
+    assert!(doomed.reason.contains("deadline leaves no time"), "{}", doomed.reason);
+    let slow = step(&run, "slow");
+    assert_eq!(slow.state, "canceled");
+    assert!(run.finished_at_ms - run.created_at_ms < 5_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_timeout_kills_the_whole_process_group() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let mut c = sb.client().await;
+    let pidfile = sb.dir.path().join("bg.pid");
+    let spec = format!(
+        r#"
+name: timeout
+steps:
+  - id: hang
+    tool: shell
+    timeout: 700ms
+    with: {{run: "sleep 60 & echo $! > {}; wait"}}
+"#,
+        pidfile.display()
+    );
+    let id = sb.submit(&spec).await;
+    let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
+    assert_eq!(run.state, "failed");
+    let a = &step(&run, "hang").attempts[0];
+    assert_eq!(a.state, "timed_out");
+    assert_eq!(a.error_class, "timeout");
+    assert!(a.error.contains("timed out after 700ms"), "{}", a.error);
+    let bg: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+    eventually(Duration::from_secs(3), "the background child to die", || async move {
+        (!process_alive(bg)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_times_out_an_attempt_whose_agent_is_silent_and_fences_its_late_result() {
+    let mut engine = fast_engine();
+    engine.lost_after = Duration::from_secs(20);
+    engine.failover_grace = Duration::from_secs(30);
+    engine.kill_grace = Duration::from_millis(300);
+    let sb = Sandbox::builder().agents(0).engine(engine).build().await;
+    let mut c = sb.client().await;
+    let agent = agent_process(&sb.url(), "frozen", sb.dir.path(), &[]);
+    sb.wait_agents(1).await;
+    let id = sb
+        .submit(
+            "name: t\nsteps:\n  - {id: s, tool: shell, timeout: 1s, with: {run: 'sleep 0.3; echo late'}}\n",
+        )
+        .await;
+    wait_event(&mut c, &id, Duration::from_secs(20), |e| e.kind == "attempt_started").await;
+    agent.signal(Signal::SIGSTOP);
+    // Deadline (1s) + grace (300ms) pass long before the agent counts as lost (20s).
+    let run = wait_run(&mut c, &id, Duration::from_secs(10)).await;
+    let a = &step(&run, "s").attempts[0];
+    assert_eq!(a.state, "timed_out");
+    assert_eq!(a.error, "no result by the step timeout plus kill grace");
+    agent.signal(Signal::SIGCONT);
+    // Its result (a success, from its point of view) arrives late and changes nothing.
+    let events = all_events(&mut c, &id).await;
+    assert_eq!(events.last().unwrap().kind, "run_failed");
+    let run = get_run(&mut c, &id).await;
+    assert_eq!(step(&run, "s").attempts[0].state, "timed_out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_agent_is_lost_its_step_reruns_elsewhere_and_its_late_reports_are_rejected() {
+    let sb = Sandbox::builder().agents(0).build().await;
+    let mut c = sb.client().await;
+    let agent = agent_process(&sb.url(), "a-frozen", sb.dir.path(), &[]);
+    sb.wait_agents(1).await;
+    // `after` keeps the run going while the frozen agent comes back: rejections are
+    // recorded in the log of a run that is still active.
+    let id = sb
+        .submit("name: f\nsteps:\n  - {id: s, tool: shell, with: {run: 'sleep 1.5; echo done'}}\n  - {id: after, needs: s, tool: sleep, with: {duration: 3s}}\n")
+        .await;
+    wait_event(&mut c, &id, Duration::from_secs(20), |e| e.kind == "attempt_started").await;
+    agent.signal(Signal::SIGSTOP);
+    let mut sb = sb;
+    sb.add_agent("b-healthy", 1);
+    // Lost after 2s of silence; the step runs again on the healthy agent.
+    wait_event(&mut c, &id, Duration::from_secs(20), |e| e.kind == "step_succeeded" && e.step_id == "s")
+        .await;
+    agent.signal(Signal::SIGCONT);
+    // The resumed agent's reports about its old attempt are rejected and recorded.
+    wait_event(&mut c, &id, Duration::from_secs(20), |e| e.kind == "report_rejected").await;
+    let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
+    assert_eq!(run.state, "succeeded");
+    let s = step(&run, "s");
+    assert_eq!(s.attempts.len(), 2);
+    assert_eq!((s.attempts[0].agent_name.as_str(), s.attempts[0].state.as_str()), ("a-frozen", "lost"));
+    assert_eq!(s.attempts[0].error_class, "agent_lost");
+    assert_eq!((s.attempts[1].agent_name.as_str(), s.attempts[1].state.as_str()), ("b-healthy", "succeeded"));
+    assert_eq!(
+        s.attempts.iter().filter(|a| a.state == "succeeded").count(),
+        1,
+        "exactly one accepted success"
+    );
+    let agents = c.list_agents(proto::ListAgentsRequest {}).await.unwrap().into_inner().agents;
+    assert!(agents.iter().any(|a| a.name == "a-frozen"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_cut_off_from_the_controller_stops_its_tools() {
+    let mut sb = Sandbox::builder().agents(0).build().await;
+    let mut cfg = sb.agent_config("cut-off", 1);
+    cfg.stop_after = Some(Duration::from_millis(600));
+    sb.add_agent_with(cfg);
+    sb.wait_agents(1).await;
+    let mut c = sb.client().await;
+    let pidfile = sb.dir.path().join("tool.pid");
+    let marker = sb.dir.path().join("first-done");
+    // The first attempt hangs; a retry (after the agent's own stop) finishes at once.
+    let spec = format!(
+        "name: s\nsteps:\n  - {{id: s, tool: shell, with: {{run: 'if [ -e {m} ]; then exit 0; fi; touch {m}; echo $$ > {p}; exec sleep 60'}}}}\n",
+        m = marker.display(),
+        p = pidfile.display()
+    );
+    let id = sb.submit(&spec).await;
+    wait_event(&mut c, &id, Duration::from_secs(20), |e| e.kind == "attempt_started").await;
+    let pid: i32 = eventually(Duration::from_secs(5), "the pid file", || {
+        let p = pidfile.clone();
+        async move { std::fs::read_to_string(p).ok()?.trim().parse().ok() }
+    })
+    .await;
+    sb.stop_controller().await;
+    // With the controller gone for stop_after, the agent kills its tool by itself.
+    eventually(Duration::from_secs(5), "the agent to stop its tool", || async move {
+        (!process_alive(pid)).then_some(())
+    })
+    .await;
+    sb.restart_controller().await;
+    let mut c = sb.client().await;
+    let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
+    assert_eq!(run.state, "succeeded");
+    let s = step(&run, "s");
+    assert_eq!(s.attempts[0].state, "lost", "{:#?}", s.attempts);
+    assert_eq!(s.attempts.last().unwrap().state, "succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_assignment_never_started_is_lost_and_retried() {
+    let mut sb = Sandbox::builder().agents(0).build().await;
+    let fake = FakeAgent::start(&sb.url(), "zz-fake", &["shell"]).await;
+    sb.wait_agents(1).await;
+    let mut c = sb.client().await;
+    let id = sb.submit("name: n\nsteps:\n  - {id: s, tool: shell, with: {run: 'true'}}\n").await;
+    wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "attempt_assigned").await;
+    assert_eq!(fake.assigned.lock().unwrap().len(), 1);
+    // The step shows why it is not running.
+    let run = get_run(&mut c, &id).await;
+    assert_eq!(step(&run, "s").reason, "assigned to agent zz-fake, not started yet");
+    sb.add_agent("a-real", 1);
+    let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
+    assert_eq!(run.state, "succeeded");
+    let s = step(&run, "s");
+    assert_eq!(s.attempts[0].state, "lost");
+    assert_eq!(s.attempts[0].error, "agent zz-fake never started it");
+    assert_eq!(s.attempts[1].agent_name, "a-real");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_sent_result_is_applied_once() {
+    let mut sb = Sandbox::builder().agents(0).build().await;
+    let proxy = Proxy::start(sb.addr).await;
+    let mut cfg = sb.agent_config("behind-proxy", 1);
+    cfg.controllers = vec![proxy.url()];
+    sb.add_agent_with(cfg);
+    sb.wait_agents(1).await;
+    let mut c = sb.client().await;
+    let id = sb
+        .submit("name: r\nsteps:\n  - {id: a, tool: shell, with: {run: 'sleep 0.3'}}\n  - {id: b, needs: a, tool: noop}\n")
+        .await;
+    wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "attempt_started" && e.step_id == "a")
+        .await;
+    // The result goes up; the Ack never comes down.
+    proxy.hold_downstream(true);
+    wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "step_succeeded" && e.step_id == "a")
+        .await;
+    proxy.cut();
+    proxy.hold_downstream(false);
+    let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
+    assert_eq!(run.state, "succeeded");
+    assert_eq!(step(&run, "a").attempts.len(), 1);
+    let events = all_events(&mut c, &id).await;
+    let succeeded_a = events.iter().filter(|e| e.kind == "step_succeeded" && e.step_id == "a").count();
+    assert_eq!(succeeded_a, 1, "applied once");
+    assert!(
+        events.iter().any(|e| e.kind == "result_redelivered" && e.step_id == "a"),
+        "the agent re-sent its unacknowledged result: {:#?}",
+        events
+            .iter()
+            .map(|e| format!("{} {} {} {}", e.seq, e.kind, e.step_id, e.message))
+            .collect::<Vec<_>>()
+    );
+    assert!(!events.iter().any(|e| e.kind == "report_rejected"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantine_holds_a_run_until_release_gives_a_fresh_budget() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let mut c = sb.client().await;
+    let counter = sb.dir.path().join("count");
+    let spec = format!(
+        r#"
+name: q
+on_failure: quarantine
+steps:
+  - {{id: x, tool: shell, with: {{run: "{}"}}}}
+  - {{id: after, needs: x, tool: noop}}
+"#,
+        flaky(&counter, 1)
+    );
+    let id = sb.submit(&spec).await;
+    let ev = wait_event(&mut c, &id, Duration::from_secs(20), |e| e.kind == "run_quarantined").await;
+    assert!(ev.message.contains("step \"x\" failed"), "{}", ev.message);
+    let run = get_run(&mut c, &id).await;
+    assert_eq!(run.state, "quarantined");
+    assert!(run.reason.contains("step \"x\" failed"));
+    assert_eq!(step(&run, "after").state, "waiting", "kept as it was, not skipped");
+    assert_eq!(step(&run, "after").reason, "waiting for x");
+    // Release: the failed step gets a fresh budget and succeeds on its second attempt.
+    let resp = c.release_run(proto::ReleaseRunRequest { run_id: id.clone() }).await.unwrap().into_inner();
+    assert_eq!(resp.state, "running");
+    let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
+    assert_eq!(run.state, "succeeded");
+    assert_eq!(step(&run, "x").attempts.len(), 2);
+    let err = c.release_run(proto::ReleaseRunRequest { run_id: id.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_failure_continue_runs_independent_branches_to_the_end() {
+    let sb = Sandbox::builder().agents(2).build().await;
+    let mut c = sb.client().await;
+    let id = sb
+        .submit(
+            r#"
+name: c
+on_failure: continue
+steps:
+  - {id: bad, tool: shell, with: {run: "exit 1"}}
+  - {id: bad-child, needs: bad, tool: noop}
+  - {id: slow, tool: sleep, with: {duration: 500ms}}
+  - {id: slow-child, needs: slow, tool: noop}
+"#,
+        )
+        .await;
+    let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
+    assert_eq!(run.state, "failed");
+    assert_eq!(step(&run, "bad-child").state, "skipped");
+    assert_eq!(step(&run, "slow-child").state, "succeeded", "started after the failure");
+    assert!(step(&run, "slow-child").attempts[0].assigned_at_ms > step(&run, "bad").finished_at_ms);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_step_that_keeps_killing_agents_quarantines_its_run() {
+    let mut engine = fast_engine();
+    engine.poison_after = 2;
+    let sb = Sandbox::builder().agents(0).engine(engine).build().await;
+    let mut c = sb.client().await;
+    let _a1 = agent_process(&sb.url(), "victim-1", sb.dir.path(), &[]);
+    let _a2 = agent_process(&sb.url(), "victim-2", sb.dir.path(), &[]);
+    sb.wait_agents(2).await;
+    // The tool kills the agent that runs it.
+    let id = sb
+        .submit("name: p\nsteps:\n  - {id: poison, tool: shell, with: {run: 'kill -9 $PPID; sleep 5'}}\n")
+        .await;
+    let ev = wait_event(&mut c, &id, Duration::from_secs(30), |e| e.kind == "run_quarantined").await;
+    assert!(ev.message.contains("lost with its agent 2 times in a row"), "{}", ev.message);
+    let run = get_run(&mut c, &id).await;
+    assert_eq!(run.state, "quarantined");
+    let s = step(&run, "poison");
+    assert_eq!(s.attempts.len(), 2);
+    assert!(s.attempts.iter().all(|a| a.state == "lost"));
+    let names: std::collections::HashSet<&str> = s.attempts.iter().map(|a| a.agent_name.as_str()).collect();
+    assert_eq!(names.len(), 2, "it took down both agents");
+    // An operator ends it.
+    let resp =
+        c.cancel_run(proto::CancelRunRequest { run_id: id.clone(), ..Default::default() }).await.unwrap();
+    assert_eq!(resp.into_inner().state, "canceled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canceling_one_step_kills_it_skips_its_dependents_and_lets_the_rest_finish() {
+    let sb = Sandbox::builder().agents(2).build().await;
+    let mut c = sb.client().await;
+    let pidfile = sb.dir.path().join("a.pid");
+    let spec = format!(
+        "name: sc\nsteps:\n  - {{id: a, tool: shell, with: {{run: 'echo $$ > {}; exec sleep 60'}}}}\n  - {{id: a-child, needs: a, tool: noop}}\n  - {{id: other, tool: sleep, with: {{duration: 300ms}}}}\n",
+        pidfile.display()
+    );
+    let id = sb.submit(&spec).await;
+    wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "attempt_started" && e.step_id == "a")
+        .await;
+    let pid: i32 = eventually(Duration::from_secs(5), "the pid file", || {
+        let p = pidfile.clone();
+        async move { std::fs::read_to_string(p).ok()?.trim().parse().ok() }
+    })
+    .await;
+    let t0 = std::time::Instant::now();
+    let req = proto::CancelRunRequest { run_id: id.clone(), step_id: "a".into(), reason: String::new() };
+    c.cancel_run(req).await.unwrap();
+    eventually(Duration::from_secs(2), "the step's process to die", || async move {
+        (!process_alive(pid)).then_some(())
+    })
+    .await;
+    assert!(t0.elapsed() < Duration::from_secs(1), "killed within a second: {:?}", t0.elapsed());
+    let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
+    assert_eq!(run.state, "failed");
+    assert_eq!(run.reason, "step \"a\" canceled");
+    assert_eq!(step(&run, "a").state, "canceled");
+    assert_eq!(step(&run, "a-child").state, "skipped");
+    assert!(step(&run, "a-child").attempts.is_empty());
+    assert_eq!(step(&run, "other").state, "succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_are_refused() {
+    let sb = Sandbox::builder().agents(0).build().await;
+    let mut c = sb.client().await;
+    let mut many = String::from("name: m\nsteps:\n");
+    for i in 0..50_001 {
+        many.push_str(&format!("  - {{id: s{i}, tool: noop}}\n"));
+    }
+    let err = c
+        .submit_run(proto::SubmitRunRequest { spec: many, source: "big.yaml".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("50001 steps; the limit is 50000"), "{}", err.message());
+    let huge = "x".repeat(5 * 1024 * 1024);
+    let err = c
+        .submit_run(proto::SubmitRunRequest { spec: huge, source: "huge.yaml".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
+    assert!(c.list_runs(proto::ListRunsRequest::default()).await.unwrap().into_inner().runs.is_empty());
+}
