@@ -469,3 +469,55 @@ async fn oversized_requests_are_refused() {
     assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
     assert!(c.list_runs(proto::ListRunsRequest::default()).await.unwrap().into_inner().runs.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_agents_get_the_failover_grace_not_the_lost_after() {
+    // lost_after 2s, failover_grace 6s: an agent back 3s after the restart is adopted.
+    let mut engine = fast_engine();
+    engine.failover_grace = Duration::from_secs(6);
+    let mut sb = Sandbox::builder().agents(0).engine(engine).build().await;
+    let agent = agent_process(&sb.url(), "slow-to-return", sb.dir.path(), &[]);
+    sb.wait_agents(1).await;
+    let mut c = sb.client().await;
+    let id = sb.submit("name: g\nsteps:\n  - {id: s, tool: shell, with: {run: 'sleep 4'}}\n").await;
+    wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "attempt_started").await;
+    sb.stop_controller().await;
+    agent.signal(Signal::SIGSTOP);
+    sb.restart_controller().await;
+    // Time passing is the scenario here: longer than lost_after, shorter than the grace.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    agent.signal(Signal::SIGCONT);
+    let mut c = sb.client().await;
+    let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
+    assert_eq!(run.state, "succeeded");
+    let s = step(&run, "s");
+    assert_eq!(s.attempts.len(), 1, "adopted, not lost: {:#?}", s.attempts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_without_an_eligible_agent_wait_and_say_why() {
+    let mut sb = Sandbox::builder().agents(0).build().await;
+    let mut cfg = sb.agent_config("shell-only", 1);
+    cfg.tools = Some(vec!["shell".into()]);
+    sb.add_agent_with(cfg);
+    sb.wait_agents(1).await;
+    let mut c = sb.client().await;
+    let id = sb
+        .submit("name: w\nsteps:\n  - {id: e, tool: echo, with: {x: 1}}\n  - {id: s, tool: sleep, with: {duration: 60s}}\n  - {id: after, needs: e, tool: shell, with: {run: 'true'}}\n")
+        .await;
+    wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "run_submitted").await;
+    let run = get_run(&mut c, &id).await;
+    assert_eq!(step(&run, "e").reason, "no agent has tool echo");
+    assert_eq!(step(&run, "after").reason, "waiting for e");
+    // An agent that vanishes leaves its steps waiting, with the reason.
+    sb.add_agent("sleeper", 1);
+    wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "attempt_started" && e.step_id == "s")
+        .await;
+    sb.stop_agent("sleeper").await;
+    wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "step_ready" && e.step_id == "s").await;
+    let run = get_run(&mut c, &id).await;
+    let s = step(&run, "s");
+    assert_eq!(s.attempts[0].state, "lost", "stopped with its agent");
+    assert_eq!(s.reason, "no connected agent has tool sleep (1 known but not connected)");
+    assert_eq!(run.state, "running");
+}
