@@ -17,6 +17,7 @@ pub async fn run(
     agents: u32,
     slots: u32,
     db: Option<PathBuf>,
+    router: Option<PathBuf>,
     params: BTreeMap<String, String>,
     format: Format,
 ) -> Result<u8, Failure> {
@@ -39,6 +40,8 @@ pub async fn run(
     let url = format!("http://{addr}");
     let shutdown = CancellationToken::new();
     let config = baton_controller::Config {
+        router,
+        reload_on_sighup: false,
         db: format!("sqlite://{}", db_path.display()),
         engine: baton_controller::EngineConfig {
             heartbeat_interval: Duration::from_millis(500),
@@ -97,5 +100,11 @@ async fn drive(
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .try_init();
 }

@@ -52,6 +52,9 @@ enum Command {
     /// Inspect and reset circuit breakers.
     #[command(subcommand)]
     Breakers(BreakersCommand),
+    /// Manage the controller's routing rules.
+    #[command(subcommand)]
+    Router(RouterCommand),
     /// Check a spec without running it; exit 2 when it is invalid.
     Validate {
         file: PathBuf,
@@ -71,6 +74,9 @@ enum Command {
         /// SQLite file to keep the run in (default: a temporary one).
         #[arg(long)]
         db: Option<PathBuf>,
+        /// Routing rules for the controller (router_config.json).
+        #[arg(long)]
+        router: Option<PathBuf>,
         /// Run parameter KEY=VALUE; repeatable.
         #[arg(long = "param", value_parser = key_value)]
         params: Vec<(String, String)>,
@@ -161,6 +167,22 @@ enum AgentsCommand {
         #[command(flatten)]
         out: OutputArg,
     },
+    /// Stop new assignments to an agent (what it runs goes on); --undo resumes them.
+    Drain {
+        /// Agent name (or id).
+        agent: String,
+        #[arg(long)]
+        undo: bool,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RouterCommand {
+    /// Re-read the router config file the controller was started with; a bad file is
+    /// refused and the rules in force are kept.
+    Reload,
 }
 
 #[derive(Debug, Args)]
@@ -268,6 +290,22 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             output::agents(out.format(), &agents);
             Ok(0)
         }
+        Command::Agents(AgentsCommand::Drain { agent, undo, out }) => {
+            let mut c = client::connect(&cli.controller).await?;
+            let a = c.drain_agent(pb::DrainAgentRequest { agent, undo }).await?.into_inner();
+            match out.format() {
+                Format::Text if a.draining => println!("agent {} is draining: it takes no new work", a.name),
+                Format::Text => println!("agent {} takes work again", a.name),
+                f => output::print_json(f, &a),
+            }
+            Ok(0)
+        }
+        Command::Router(RouterCommand::Reload) => {
+            let mut c = client::connect(&cli.controller).await?;
+            let r = c.reload_router(pb::ReloadRouterRequest {}).await?.into_inner();
+            println!("router reloaded: {} rules", r.rules);
+            Ok(0)
+        }
         Command::Breakers(cmd) => {
             let mut c = client::connect(&cli.controller).await?;
             let (breakers, out) = match cmd {
@@ -282,9 +320,9 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             output::breakers(out.format(), &breakers);
             Ok(0)
         }
-        Command::Dev { file, agents, slots, db, params, out } => {
+        Command::Dev { file, agents, slots, db, router, params, out } => {
             let params: BTreeMap<String, String> = params.into_iter().collect();
-            dev::run(&file, agents, slots, db, params, out.format()).await
+            dev::run(&file, agents, slots, db, router, params, out.format()).await
         }
     }
 }

@@ -228,7 +228,7 @@ pub fn agents(format: Format, agents: &[pb::Agent]) {
             labels.sort();
             vec![
                 a.name.clone(),
-                a.state.clone(),
+                if a.draining { format!("{} (draining)", a.state) } else { a.state.clone() },
                 format!("{}/{}", a.slots_used, a.slots),
                 format!("{} ago", span(now - a.last_seen_ms)),
                 tools.join(","),

@@ -223,3 +223,21 @@ async fn quarantine_release_logs_step_cancel_and_breakers_from_the_command_line(
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("no breaker for tool hammer"), "{}", r.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_and_router_reload_from_the_command_line() {
+    let sb = Sandbox::builder().agents(1).router(r#"{"rules": []}"#).build().await;
+    let url = sb.url();
+    let out = baton(&url, &["agents", "drain", "agent-1"]).await;
+    assert_eq!(out.stdout.trim(), "agent agent-1 is draining: it takes no new work");
+    let list = baton(&url, &["agents", "list"]).await;
+    assert!(list.stdout.contains("connected (draining)"), "{}", list.stdout);
+    let out = baton(&url, &["agents", "drain", "agent-1", "--undo"]).await;
+    assert_eq!(out.stdout.trim(), "agent agent-1 takes work again");
+    let out = baton(&url, &["router", "reload"]).await;
+    assert_eq!((out.code, out.stdout.trim()), (0, "router reloaded: 0 rules"));
+    std::fs::write(sb.router.as_ref().unwrap(), "{\"rules\": [{\"tool\": \"hammer\"}]}").unwrap();
+    let out = baton(&url, &["router", "reload"]).await;
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.contains("rule 0: unknown tool \"hammer\""), "{}", out.stderr);
+}

@@ -6,6 +6,7 @@ pub mod proto;
 pub mod retry;
 pub mod spec;
 pub mod state;
+pub mod template;
 pub mod time;
 pub mod tools;
 

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::retry::RetryPolicy;
+use crate::template::{self, Ref};
 use crate::time::parse_duration;
 use crate::tools;
 
@@ -25,6 +26,9 @@ pub struct Workstream {
     /// The run fails when it is still going this long after it was submitted.
     #[serde(default)]
     pub deadline_ms: Option<u64>,
+    /// Run parameters the spec declares, with their defaults (`None`: must be given).
+    #[serde(default)]
+    pub params: BTreeMap<String, Option<String>>,
     /// Steps in spec order; `needs` only name steps that exist, with no cycle.
     pub steps: Vec<StepSpec>,
 }
@@ -67,6 +71,9 @@ pub struct StepSpec {
     pub timeout_ms: Option<u64>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Labels the router matches rules on.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub retry: RetryPolicy,
     /// How long the step may wait for an agent while every candidate's circuit breaker
@@ -145,6 +152,7 @@ struct RawWorkstream {
     defaults: RawDefaults,
     on_failure: Option<OnFailure>,
     deadline: Option<Value>,
+    params: Option<BTreeMap<String, Value>>,
     steps: Option<Vec<RawStep>>,
 }
 
@@ -191,6 +199,8 @@ struct RawStep {
     timeout: Option<Value>,
     #[serde(default)]
     env: BTreeMap<String, Value>,
+    #[serde(default)]
+    labels: BTreeMap<String, Value>,
     retry: Option<RawRetry>,
     max_wait: Option<Value>,
 }
@@ -340,6 +350,26 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
         },
     };
 
+    let params: Option<BTreeMap<String, Option<String>>> = raw.params.as_ref().map(|p| {
+        p.iter()
+            .filter_map(|(k, v)| {
+                let ok = !k.is_empty() && k.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_".contains(ch));
+                if !ok {
+                    c.push(None, format!("params: invalid name {k:?}"));
+                    return None;
+                }
+                match v {
+                    Value::Null => Some((k.clone(), None)),
+                    Value::String(s) => Some((k.clone(), Some(s.clone()))),
+                    Value::Number(_) | Value::Bool(_) => Some((k.clone(), Some(v.to_string()))),
+                    _ => {
+                        c.push(None, format!("params.{k}: the default must be a string, number or boolean"));
+                        None
+                    }
+                }
+            })
+            .collect()
+    });
     let raw_steps = raw.steps.unwrap_or_default();
     if raw_steps.is_empty() {
         c.push(None, "the workstream has no steps");
@@ -421,6 +451,10 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
             Ok(e) => env.extend(e),
             Err(e) => c.push(here, format!("env: {e}")),
         }
+        let labels = env_map(&rs.labels).unwrap_or_else(|e| {
+            c.push(here, format!("labels: {e}"));
+            BTreeMap::new()
+        });
         let mut needs: Vec<String> = Vec::new();
         for n in rs.needs.into_vec() {
             if !needs.contains(&n) {
@@ -435,6 +469,7 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
             with,
             timeout_ms,
             env,
+            labels,
             retry,
             max_wait_ms,
         });
@@ -462,6 +497,9 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
         {
             c.push(Some(&step), format!("dependency chain is {depth} steps deep; the limit is {MAX_DEPTH}"));
         }
+        if cycles.is_empty() {
+            check_refs(&mut c, &steps, params.as_ref());
+        }
     }
 
     if c.problems.is_empty() {
@@ -470,11 +508,64 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
             description: raw.description,
             on_failure: raw.on_failure.unwrap_or_default(),
             deadline_ms,
+            params: params.unwrap_or_default(),
             steps,
         })
     } else {
         Err(SpecError { origin: source.to_string(), problems: c.problems })
     }
+}
+
+/// Output references must name an upstream step (an ancestor, so its outputs exist
+/// when the step starts); parameters, when the spec declares them, must be declared.
+fn check_refs(c: &mut Collector<'_>, steps: &[StepSpec], params: Option<&BTreeMap<String, Option<String>>>) {
+    let index: HashMap<&str, usize> = steps.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
+    for s in steps {
+        let env: Vec<Value> = s.env.values().map(|v| Value::String(v.clone())).collect();
+        let mut refs = Vec::new();
+        for v in std::iter::once(Value::Object(s.with.clone())).chain(env) {
+            match template::refs(&v) {
+                Ok(r) => refs.extend(r),
+                Err(e) => c.push(Some(&s.id), e),
+            }
+        }
+        if refs.is_empty() {
+            continue;
+        }
+        let ancestors = ancestors_of(steps, &index, &s.id);
+        for r in refs {
+            match &r {
+                Ref::Output { step, .. } if !ancestors.contains(step.as_str()) => {
+                    let what = if index.contains_key(step.as_str()) {
+                        "is not upstream of it"
+                    } else {
+                        "does not exist"
+                    };
+                    c.push(Some(&s.id), format!("${{{{ {r} }}}}: step {step:?} {what} (list it in needs)"));
+                }
+                Ref::Param(p) if params.is_some_and(|ps| !ps.contains_key(p)) => {
+                    c.push(Some(&s.id), format!("${{{{ {r} }}}}: params.{p} is not declared under params"));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Every step that `id` depends on, directly or not.
+fn ancestors_of<'a>(steps: &'a [StepSpec], index: &HashMap<&str, usize>, id: &str) -> HashSet<&'a str> {
+    let mut seen = HashSet::new();
+    let mut stack: Vec<usize> = index.get(id).map(|&i| vec![i]).unwrap_or_default();
+    while let Some(i) = stack.pop() {
+        for n in &steps[i].needs {
+            if let Some(&j) = index.get(n.as_str())
+                && seen.insert(steps[j].id.as_str())
+            {
+                stack.push(j);
+            }
+        }
+    }
+    seen
 }
 
 fn duration_value(v: &Value) -> Result<u64, String> {
@@ -746,7 +837,7 @@ steps:
         );
         assert!(e.contains("step \"x\": the step needs a tool or a kind"), "{e}");
         assert!(e.contains("step \"y\": shell needs with.run"), "{e}");
-        assert!(e.contains("step \"z\": shell takes either"), "{e}");
+        assert!(e.contains("step \"z\": give with.run or with.argv, not both"), "{e}");
     }
 
     #[test]
@@ -885,5 +976,49 @@ steps:
         }
         let e = err(&deep);
         assert!(e.contains(&format!("step \"s{MAX_DEPTH}\": dependency chain is 5001 steps deep")), "{e}");
+    }
+
+    #[test]
+    fn output_references_must_point_upstream_and_params_must_be_declared() {
+        let ok = parse(
+            "t.yaml",
+            r#"
+name: t
+params: {env: prod, version: null}
+steps:
+  - {id: build, tool: shell, with: {run: "echo"}, labels: {lang: rust}}
+  - id: ship
+    needs: build
+    tool: shell
+    env: {V: "${{ steps.build.outputs.version }}"}
+    with: {run: "deploy ${{ params.env }} ${{ steps.build.outputs.tag }}"}
+  - {id: later, needs: ship, tool: echo, with: {v: "${{ steps.build.outputs.version }}"}}
+"#,
+        )
+        .unwrap();
+        assert_eq!(ok.params.get("env"), Some(&Some("prod".to_string())));
+        assert_eq!(ok.params.get("version"), Some(&None));
+        assert_eq!(ok.steps[0].labels.get("lang").map(String::as_str), Some("rust"));
+        let e = err(r#"
+name: t
+params: {env: prod}
+steps:
+  - {id: a, tool: shell, with: {run: "echo"}}
+  - {id: b, tool: shell, with: {run: "use ${{ steps.a.outputs.x }}"}}
+  - {id: c, needs: a, tool: echo, with: {p: "${{ params.region }}", q: "${{ steps.zz.outputs.y }}"}}
+  - {id: d, needs: a, tool: echo, with: {p: "${{ env.HOME }}"}}
+"#);
+        assert!(
+            e.contains(
+                r#"step "b": ${{ steps.a.outputs.x }}: step "a" is not upstream of it (list it in needs)"#
+            ),
+            "{e}"
+        );
+        assert!(
+            e.contains(r#"step "c": ${{ params.region }}: params.region is not declared under params"#),
+            "{e}"
+        );
+        assert!(e.contains(r#"step "c": ${{ steps.zz.outputs.y }}: step "zz" does not exist"#), "{e}");
+        assert!(e.contains(r#"step "d": bad expression"#), "{e}");
     }
 }

@@ -37,6 +37,9 @@ struct Args {
     /// Circuit breaker policies (JSON): {"default": {...}, "tools": {"shell": {...}}}.
     #[arg(long, env = "BATON_BREAKERS")]
     breakers: Option<std::path::PathBuf>,
+    /// Routing rules (JSON); reloaded on SIGHUP and by `baton router reload`.
+    #[arg(long, env = "BATON_ROUTER")]
+    router: Option<std::path::PathBuf>,
     /// Output kept per attempt (bytes); the rest is cut with a marker.
     #[arg(long, env = "BATON_MAX_OUTPUT", default_value_t = 8 * 1024 * 1024)]
     max_output: u64,
@@ -83,6 +86,8 @@ async fn main() -> anyhow::Result<()> {
             max_output_bytes: args.max_output,
             ..EngineConfig::default()
         },
+        router: args.router,
+        reload_on_sighup: true,
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
@@ -111,7 +116,11 @@ async fn stop_on_signal(shutdown: CancellationToken) {
 fn init_tracing(format: &str) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colors only on a terminal, and not when NO_COLOR is set.
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         "text" => builder.init(),
         "json" => builder.json().init(),

@@ -28,3 +28,61 @@ fn bad_durations_are_refused() {
     assert_eq!(code, 2);
     assert!(err.contains("bad duration \"soon\""), "{err}");
 }
+
+#[test]
+fn a_bad_router_config_is_refused_at_start_naming_the_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("router_config.json");
+    std::fs::write(&path, r#"{"rules": [{"match": {"kind": "a"}, "tool": "shell"}, {"match": {"kind": "b"}, "strategy": "fixed"}]}"#).unwrap();
+    let db = format!("sqlite://{}", dir.path().join("b.db").display());
+    let (code, err) =
+        controller(&["--listen", "127.0.0.1:0", "--db", &db, "--router", path.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("rule 1: strategy fixed needs a list of agents"), "{err}");
+}
+
+#[test]
+fn sighup_reloads_the_router_and_keeps_the_old_rules_when_the_new_ones_are_bad() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("router_config.json");
+    std::fs::write(&path, r#"{"rules": []}"#).unwrap();
+    let db = format!("sqlite://{}", dir.path().join("h.db").display());
+    /// Kills the controller however the test ends.
+    struct Guard(std::process::Child);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Guard(
+        Command::new(env!("CARGO_BIN_EXE_baton-controller"))
+            .args(["--listen", "127.0.0.1:0", "--db", &db, "--router", path.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = nix::unistd::Pid::from_raw(child.0.id() as i32);
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let mut wait_for = |needle: &str| {
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if line.contains(needle) {
+                return line;
+            }
+        }
+        panic!("the controller never logged {needle:?}");
+    };
+    wait_for("controller listening");
+    std::fs::write(&path, r#"{"rules": [{"match": {"kind": "k"}, "tool": "noop"}]}"#).unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let line = wait_for("router config");
+    assert!(line.contains("router config reloaded") && line.contains("rules=1"), "{line}");
+    std::fs::write(&path, "{oops").unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let line = wait_for("router config");
+    assert!(line.contains("router config refused; keeping the rules in force"), "{line}");
+}

@@ -42,6 +42,7 @@ pub struct SandboxBuilder {
     agents: u32,
     slots: u32,
     engine: baton_controller::EngineConfig,
+    router: Option<String>,
 }
 
 impl SandboxBuilder {
@@ -60,6 +61,12 @@ impl SandboxBuilder {
         self
     }
 
+    /// Routing rules (router_config.json text) for the controller.
+    pub fn router(mut self, json: &str) -> Self {
+        self.router = Some(json.to_string());
+        self
+    }
+
     /// Starts an in-process controller and the agents, and waits until all agents are
     /// connected.
     pub async fn build(self) -> Sandbox {
@@ -68,7 +75,13 @@ impl SandboxBuilder {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let db = format!("sqlite://{}", dir.path().join("baton.db").display());
-        let mut sb = Sandbox { dir, addr, db, engine: self.engine, controller: None, agents: Vec::new() };
+        let router = self.router.map(|json| {
+            let path = dir.path().join("router_config.json");
+            std::fs::write(&path, json).expect("router config");
+            path
+        });
+        let mut sb =
+            Sandbox { dir, addr, db, router, engine: self.engine, controller: None, agents: Vec::new() };
         sb.start_controller_on(listener);
         for i in 1..=self.agents {
             sb.add_agent(&format!("agent-{i}"), self.slots);
@@ -88,13 +101,15 @@ pub struct Sandbox {
     pub addr: SocketAddr,
     pub db: String,
     pub engine: baton_controller::EngineConfig,
+    /// The router config file, when the sandbox has one (rewrite it, then reload).
+    pub router: Option<PathBuf>,
     controller: Option<InProcess>,
     agents: Vec<(String, InProcess)>,
 }
 
 impl Sandbox {
     pub fn builder() -> SandboxBuilder {
-        SandboxBuilder { agents: 2, slots: 2, engine: fast_engine() }
+        SandboxBuilder { agents: 2, slots: 2, engine: fast_engine(), router: None }
     }
 
     pub fn url(&self) -> String {
@@ -103,7 +118,12 @@ impl Sandbox {
 
     fn start_controller_on(&mut self, listener: tokio::net::TcpListener) {
         let stop = CancellationToken::new();
-        let cfg = baton_controller::Config { db: self.db.clone(), engine: self.engine.clone() };
+        let cfg = baton_controller::Config {
+            db: self.db.clone(),
+            engine: self.engine.clone(),
+            router: self.router.clone(),
+            reload_on_sighup: false,
+        };
         let s = stop.clone();
         let task = tokio::spawn(async move {
             if let Err(e) = baton_controller::run(listener, cfg, s).await {
@@ -389,13 +409,37 @@ pub fn process_alive(pid: i32) -> bool {
 
 /// A real `baton-agent` process with one slot and fast reconnects.
 pub fn agent_process(url: &str, name: &str, dir: &Path, extra: &[&str]) -> Process {
+    agent_process_with_env(url, name, dir, extra, &[])
+}
+
+/// Directory of the test stand-ins for external tools (an `aider` that follows its
+/// command-line contract).
+pub fn fixtures_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/bin")
+}
+
+/// `PATH` with the stand-ins first.
+pub fn path_with_fixtures() -> String {
+    format!("{}:{}", fixtures_bin().display(), std::env::var("PATH").unwrap_or_default())
+}
+
+/// An agent process with extra environment (a `PATH` with stand-ins, say).
+pub fn agent_process_with_env(
+    url: &str,
+    name: &str,
+    dir: &Path,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> Process {
     let mut args: Vec<String> = ["--controller", url, "--name", name, "--slots", "1", "--work-dir"]
         .iter()
         .map(|s| s.to_string())
         .collect();
     args.push(dir.join(name).display().to_string());
     args.extend(extra.iter().map(|s| s.to_string()));
-    Process::spawn("baton-agent", &args, dir.join(format!("{name}.log")), &[("RUST_LOG", "info")])
+    let mut all = vec![("RUST_LOG", "info")];
+    all.extend_from_slice(envs);
+    Process::spawn("baton-agent", &args, dir.join(format!("{name}.log")), &all)
 }
 
 /// An agent that speaks the protocol but never runs anything: it says Hello, swallows

@@ -507,7 +507,7 @@ async fn steps_without_an_eligible_agent_wait_and_say_why() {
         .await;
     wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "run_submitted").await;
     let run = get_run(&mut c, &id).await;
-    assert_eq!(step(&run, "e").reason, "no agent has tool echo");
+    assert_eq!(step(&run, "e").reason, "no agent with tool echo");
     assert_eq!(step(&run, "after").reason, "waiting for e");
     // An agent that vanishes leaves its steps waiting, with the reason.
     sb.add_agent("sleeper", 1);
@@ -518,6 +518,6 @@ async fn steps_without_an_eligible_agent_wait_and_say_why() {
     let run = get_run(&mut c, &id).await;
     let s = step(&run, "s");
     assert_eq!(s.attempts[0].state, "lost", "stopped with its agent");
-    assert_eq!(s.reason, "no connected agent has tool sleep (1 known but not connected)");
+    assert_eq!(s.reason, "no connected agent with tool sleep (1 known but disconnected or draining)");
     assert_eq!(run.state, "running");
 }

@@ -1,8 +1,12 @@
 //! Tool adapters: one per tool, behind one trait. An adapter runs one attempt and stops
 //! it (the whole process group, TERM then KILL) when told to.
 
+mod aider;
 mod builtin;
+mod process;
+mod python;
 mod shell;
+mod wait_for;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -14,8 +18,11 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
+pub use aider::Aider;
 pub use builtin::{Echo, Fail, Noop, Sleep};
+pub use python::Python;
 pub use shell::Shell;
+pub use wait_for::WaitFor;
 
 /// What an adapter gets to run one attempt.
 pub struct AttemptContext {
@@ -75,7 +82,16 @@ pub trait Adapter: Send + Sync {
 
 /// Every adapter this agent build has.
 pub fn all() -> Vec<Arc<dyn Adapter>> {
-    vec![Arc::new(Shell), Arc::new(Noop), Arc::new(Echo), Arc::new(Sleep), Arc::new(Fail)]
+    vec![
+        Arc::new(Shell),
+        Arc::new(Python),
+        Arc::new(Aider),
+        Arc::new(Noop),
+        Arc::new(Echo),
+        Arc::new(Sleep),
+        Arc::new(Fail),
+        Arc::new(WaitFor),
+    ]
 }
 
 /// Bytes of output kept per attempt for the result report.

@@ -1,17 +1,13 @@
 //! `shell`: `with: {run: SCRIPT}` through `sh -c`, or `with: {argv: [PROG, ARGS...]}`
-//! without a shell. The tool runs in its own process group so that stopping it stops
-//! everything it started.
+//! without a shell.
+//!
+//! The step's result: outputs the script wrote to the file named in `BATON_OUTPUT`
+//! (a JSON object, or `KEY=VALUE` lines), else the last line of stdout when it is JSON.
 
-use std::process::Stdio;
-use std::time::Duration;
-
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
-use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use serde_json::{Map, Value};
 use tokio::process::Command;
 
-use super::{Adapter, AttemptContext, BoxFuture, Outcome, Output};
+use super::{Adapter, AttemptContext, BoxFuture, Outcome, process};
 
 pub struct Shell;
 
@@ -29,67 +25,31 @@ impl Adapter for Shell {
     }
 }
 
-/// How long output readers may lag behind the process's exit (a background child can
-/// hold the pipes open forever).
-const DRAIN: Duration = Duration::from_millis(200);
-
 async fn run(ctx: AttemptContext) -> Outcome {
     let mut cmd = match command(&ctx.input) {
         Ok(c) => c,
         Err(e) => return Outcome::failure("tool_error", e),
     };
-    let program = cmd.as_std().get_program().to_string_lossy().into_owned();
-    cmd.current_dir(&ctx.dir)
-        .envs(&ctx.env)
-        .env("BATON_RUN_ID", &ctx.run_id)
-        .env("BATON_STEP_ID", &ctx.step_id)
-        .env("BATON_ATTEMPT_ID", &ctx.attempt_id)
-        .env("BATON_ATTEMPT", ctx.number.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => return Outcome::failure("tool_error", format!("cannot start {program:?}: {e}")),
+    let outputs = ctx.dir.join("outputs");
+    cmd.env("BATON_OUTPUT", &outputs);
+    let finished = match process::run(cmd, &ctx).await {
+        Ok(f) => f,
+        Err(failed) => return failed,
     };
-    let pgid = child.id().map(|p| Pid::from_raw(p as i32));
-    let readers = [
-        child.stdout.take().map(|s| tokio::spawn(pump(s, ctx.output.clone()))),
-        child.stderr.take().map(|s| tokio::spawn(pump(s, ctx.output.clone()))),
-    ];
-    let status = tokio::select! {
-        s = child.wait() => s,
-        _ = ctx.stop.cancelled() => {
-            stop_group(pgid, &mut child, ctx.kill_grace).await
-        }
-    };
-    // Whatever the tool left behind in its group goes with it.
-    if let Some(pg) = pgid {
-        let _ = killpg(pg, Signal::SIGKILL);
+    if let Some(failed) = process::exit_failure(&finished.status, "sh") {
+        return failed;
     }
-    for r in readers.into_iter().flatten() {
-        let _ = tokio::time::timeout(DRAIN, r).await;
-    }
-    match status {
-        Ok(s) if s.success() => Outcome { exit_code: Some(0), ..Outcome::success(None) },
-        Ok(s) => match s.code() {
-            Some(code) => Outcome {
-                exit_code: Some(code),
-                ..Outcome::failure("nonzero_exit", format!("exit code {code}"))
-            },
-            None => {
-                use std::os::unix::process::ExitStatusExt;
-                let sig = s.signal().unwrap_or(0);
-                Outcome::failure("nonzero_exit", format!("killed by signal {sig}"))
-            }
+    let result = match std::fs::read_to_string(&outputs) {
+        Ok(text) if !text.trim().is_empty() => match parse_outputs(&text) {
+            Ok(v) => Some(v.to_string()),
+            Err(e) => return Outcome::failure("tool_error", format!("BATON_OUTPUT: {e}")),
         },
-        Err(e) => Outcome::failure("tool_error", format!("waiting for {program:?} failed: {e}")),
-    }
+        _ => finished.last_line.and_then(|l| serde_json::from_str::<Value>(&l).ok()).map(|v| v.to_string()),
+    };
+    Outcome { exit_code: Some(0), ..Outcome::success(result) }
 }
 
-fn command(input: &serde_json::Map<String, Value>) -> Result<Command, String> {
+fn command(input: &Map<String, Value>) -> Result<Command, String> {
     match (input.get("run"), input.get("argv")) {
         (Some(Value::String(script)), None) => {
             let mut c = Command::new("sh");
@@ -107,34 +67,30 @@ fn command(input: &serde_json::Map<String, Value>) -> Result<Command, String> {
     }
 }
 
-/// SIGTERM to the group, SIGKILL after the grace period.
-async fn stop_group(
-    pgid: Option<Pid>,
-    child: &mut tokio::process::Child,
-    grace: Duration,
-) -> std::io::Result<std::process::ExitStatus> {
-    if let Some(pg) = pgid {
-        let _ = killpg(pg, Signal::SIGTERM);
+/// A JSON object, or `KEY=VALUE` lines (blank lines and `#` comments skipped).
+fn parse_outputs(text: &str) -> Result<Value, String> {
+    let t = text.trim();
+    if t.starts_with('{') {
+        return match serde_json::from_str::<Value>(t) {
+            Ok(v @ Value::Object(_)) => Ok(v),
+            Ok(_) => Err("expected a JSON object".into()),
+            Err(e) => Err(format!("invalid JSON: {e}")),
+        };
     }
-    match tokio::time::timeout(grace, child.wait()).await {
-        Ok(s) => s,
-        Err(_) => {
-            if let Some(pg) = pgid {
-                let _ = killpg(pg, Signal::SIGKILL);
+    let mut m = Map::new();
+    for (i, line) in t.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match line.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                m.insert(k.trim().to_string(), Value::String(v.to_string()));
             }
-            child.wait().await
+            _ => return Err(format!("line {} is neither KEY=VALUE nor part of a JSON object", i + 1)),
         }
     }
-}
-
-async fn pump(mut src: impl AsyncRead + Unpin, out: Output) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        match src.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => out.write(&buf[..n]),
-        }
-    }
+    Ok(Value::Object(m))
 }
 
 #[cfg(test)]
@@ -146,6 +102,7 @@ mod tests {
     use tokio_util::sync::CancellationToken;
 
     use super::*;
+    use crate::adapters::Output;
 
     fn ctx(dir: &std::path::Path, input: serde_json::Value) -> AttemptContext {
         AttemptContext {
@@ -200,6 +157,31 @@ mod tests {
         assert!(o.error.contains("cannot start \"/no/such/program\""), "{}", o.error);
         let o = run(ctx(dir.path(), json!({}))).await;
         assert_eq!(o.error_class, "tool_error");
+    }
+
+    #[tokio::test]
+    async fn results_come_from_baton_output_or_the_last_json_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = run(ctx(dir.path(), json!({"run": "echo noise; echo '{\"v\": 1}'; echo"}))).await;
+        assert_eq!(o.result.as_deref(), Some("{\"v\":1}"));
+        let o = run(ctx(dir.path(), json!({"run": "echo not json"}))).await;
+        assert_eq!(o.result, None);
+        let o = run(ctx(dir.path(), json!({"run": "echo 'version=1.2' >> $BATON_OUTPUT; echo '# c' >> $BATON_OUTPUT; echo 'name=app' >> $BATON_OUTPUT; echo '[1]'"}))).await;
+        assert_eq!(
+            o.result.as_deref(),
+            Some("{\"name\":\"app\",\"version\":\"1.2\"}"),
+            "the file wins over stdout"
+        );
+        let o = run(ctx(dir.path(), json!({"run": "echo '{\"a\": [1, 2]}' > $BATON_OUTPUT"}))).await;
+        assert_eq!(o.result.as_deref(), Some("{\"a\":[1,2]}"));
+        let o =
+            run(ctx(dir.path(), json!({"run": "echo 'a=1' > $BATON_OUTPUT; echo 'oops' >> $BATON_OUTPUT"})))
+                .await;
+        assert!(!o.succeeded);
+        assert_eq!(o.error_class, "tool_error");
+        assert_eq!(o.error, "BATON_OUTPUT: line 2 is neither KEY=VALUE nor part of a JSON object");
+        let o = run(ctx(dir.path(), json!({"run": "echo '{bad' > $BATON_OUTPUT"}))).await;
+        assert!(o.error.starts_with("BATON_OUTPUT: invalid JSON"), "{}", o.error);
     }
 
     #[tokio::test]

@@ -23,6 +23,7 @@ pub fn services(
     engine: EngineHandle,
     store: Store,
     logs: crate::logs::Logs,
+    router_path: Option<std::path::PathBuf>,
     shutdown: CancellationToken,
 ) -> (
     pb::baton_service_server::BatonServiceServer<RunApi>,
@@ -32,6 +33,7 @@ pub fn services(
         engine.clone(),
         store,
         logs,
+        router_path,
         shutdown.clone(),
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);

@@ -20,6 +20,7 @@ pub struct RunApi {
     engine: EngineHandle,
     store: Store,
     logs: crate::logs::Logs,
+    router_path: Option<std::path::PathBuf>,
     shutdown: CancellationToken,
 }
 
@@ -28,9 +29,10 @@ impl RunApi {
         engine: EngineHandle,
         store: Store,
         logs: crate::logs::Logs,
+        router_path: Option<std::path::PathBuf>,
         shutdown: CancellationToken,
     ) -> RunApi {
-        RunApi { engine, store, logs, shutdown }
+        RunApi { engine, store, logs, router_path, shutdown }
     }
 }
 
@@ -187,6 +189,26 @@ impl pb::baton_service_server::BatonService for RunApi {
         };
         tokio::spawn(follow.run(live, tx, self.shutdown.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn drain_agent(&self, req: Request<pb::DrainAgentRequest>) -> Result<Response<pb::Agent>, Status> {
+        let req = req.into_inner();
+        Ok(Response::new(self.engine.drain(req.agent, req.undo).await?))
+    }
+
+    async fn reload_router(
+        &self,
+        _req: Request<pb::ReloadRouterRequest>,
+    ) -> Result<Response<pb::ReloadRouterResponse>, Status> {
+        let Some(path) = &self.router_path else {
+            return Err(Status::failed_precondition("the controller was started without --router"));
+        };
+        let router = crate::router::Router::load(path).map_err(|e| {
+            Status::invalid_argument(format!("{}: {e}; the rules in force are kept", path.display()))
+        })?;
+        let rules = router.rules.len() as u32;
+        self.engine.set_router(router).await?;
+        Ok(Response::new(pb::ReloadRouterResponse { rules }))
     }
 
     async fn list_agents(

@@ -42,6 +42,7 @@ impl Engine {
             last_seen: now,
             lost_at: now + lost_after,
             running: HashSet::new(),
+            draining: false,
         });
         agent.name = hello.name.clone();
         agent.version = hello.version.clone();
@@ -276,6 +277,7 @@ impl Engine {
         let result = a.result.clone();
         let error = if f.error.is_empty() { class.clone() } else { f.error.clone() };
         self.close_attempt(attempt_id, outcome, &class, &error, false);
+        self.record_stats(&agent_id, &tool, outcome == AttemptState::Succeeded, f.duration_ms);
         if outcome == AttemptState::Succeeded {
             self.breakers_on_result(&tool, &agent_id, None, &run_id);
             self.step_succeeded(&run_id, idx, result);
@@ -365,6 +367,21 @@ impl Engine {
             let msg = format!("{why} (agent {agent}, attempt {})", r.attempt_id);
             self.pending.event(run, "report_rejected", idx, None, msg);
         }
+    }
+
+    /// Stops (or resumes) new assignments to an agent; what it runs goes on.
+    pub(super) fn drain(&mut self, agent: &str, undo: bool) -> Result<pb::Agent, EngineError> {
+        let Some(a) = self.agents.values_mut().find(|a| a.name == agent || a.id == agent) else {
+            return Err(EngineError::Invalid(format!("no agent named {agent:?}")));
+        };
+        a.draining = !undo;
+        self.pending.agents.insert(a.id.clone());
+        if !undo && let Some(s) = &a.session {
+            let tx = s.tx.clone();
+            self.pending.send(&tx, Out::Drain(pb::Drain {}));
+        }
+        info!(agent = %a.name, draining = !undo, "agent drain changed");
+        Ok(a.to_pb())
     }
 
     pub(super) fn disconnect(&mut self, agent_id: &str, session: u64) {

@@ -9,9 +9,18 @@ use std::collections::HashMap;
 use baton_common::time::{format_duration, ms, now_ms};
 use tracing::debug;
 
+use std::collections::{BTreeMap, VecDeque};
+
+use baton_common::template::{self, Ref};
+use serde_json::{Map, Value};
+
 use super::model::{Agent, Attempt};
 use super::runs::{set_run, set_step};
 use super::{Engine, Timer};
+use crate::router::Strategy;
+
+/// A step's rendered `with` and `env`.
+type Input = (Map<String, Value>, BTreeMap<String, String>);
 
 impl Engine {
     /// Queues a ready step for dispatch.
@@ -21,39 +30,95 @@ impl Engine {
         self.ready.entry(tool).or_default().push_back((run_id.to_string(), idx));
     }
 
-    /// Assigns ready steps to agents with free slots, oldest first per tool.
+    /// Assigns ready steps to agents with free slots, oldest first per tool. A step no
+    /// agent may take now (labels, fixed agents) is passed over, not waited on, so it
+    /// does not hold up the steps behind it.
     pub(super) fn dispatch(&mut self) {
+        /// Steps passed over in a row before the rest of a queue waits for next time.
+        const SCAN: usize = 256;
         let mut ready = std::mem::take(&mut self.ready);
         for (tool, queue) in ready.iter_mut() {
-            while let Some((run_id, idx)) = queue.front() {
-                let dispatchable = self.runs.get(run_id).is_some_and(|r| {
-                    r.steps[*idx].state == StepState::Ready
+            let mut passed = VecDeque::new();
+            while let Some((run_id, idx)) = queue.pop_front() {
+                let dispatchable = self.runs.get(&run_id).is_some_and(|r| {
+                    r.steps[idx].state == StepState::Ready
                         && r.failing.is_none()
                         && matches!(r.state, RunState::Pending | RunState::Running)
                 });
                 if !dispatchable {
-                    queue.pop_front();
                     continue;
                 }
-                let Some(agent_id) = self.pick_agent(tool) else {
+                if !self.agents.values().any(|a| a.can_take(tool)) {
+                    queue.push_front((run_id, idx));
                     break;
-                };
-                let Some((run_id, idx)) = queue.pop_front() else {
-                    break;
-                };
-                self.assign(&run_id, idx, &agent_id);
+                }
+                match self.place(&run_id, idx) {
+                    Some(agent_id) => match self.render_input(&run_id, idx) {
+                        Ok(input) => self.assign(&run_id, idx, &agent_id, input),
+                        Err(e) => self.fail_unstarted(&run_id, idx, &format!("input: {e}")),
+                    },
+                    None => {
+                        passed.push_back((run_id, idx));
+                        if passed.len() >= SCAN {
+                            break;
+                        }
+                    }
+                }
             }
+            passed.append(queue);
+            *queue = passed;
         }
         ready.retain(|_, q| !q.is_empty());
-        // Steps queued while dispatching (none today) go after the older ones.
+        // Steps queued while dispatching go after the older ones.
         for (tool, mut q) in std::mem::take(&mut self.ready) {
             ready.entry(tool).or_default().append(&mut q);
         }
         self.ready = ready;
     }
 
+    /// The step's `with` and `env` with `${{ ... }}` replaced by upstream outputs and
+    /// run parameters.
+    fn render_input(&self, run_id: &str, idx: usize) -> Result<Input, String> {
+        let Some(run) = self.runs.get(run_id) else { return Err("run not found".into()) };
+        let spec = &run.spec.steps[idx];
+        if !run.templated[idx] {
+            return Ok((spec.with.clone(), spec.env.clone()));
+        }
+        let index = run.spec.index();
+        let lookup = |r: &Ref| -> Result<Value, String> {
+            match r {
+                Ref::Param(p) => {
+                    run.params.get(p).map(|v| Value::String(v.clone())).ok_or(format!("{r} is not set"))
+                }
+                Ref::Output { step, name } => {
+                    let j = *index.get(step.as_str()).ok_or(format!("no step {step:?}"))?;
+                    let result =
+                        run.steps[j].result.as_deref().ok_or(format!("step {step:?} produced no outputs"))?;
+                    match serde_json::from_str::<Value>(result) {
+                        Ok(Value::Object(m)) => m.get(name).cloned().ok_or_else(|| {
+                            let names: Vec<&str> = m.keys().map(String::as_str).collect();
+                            format!("{r} is not set (step {step:?} has outputs: {})", names.join(", "))
+                        }),
+                        _ => Err(format!(
+                            "{r}: step {step:?} has no named outputs (its result is not a JSON object)"
+                        )),
+                    }
+                }
+            }
+        };
+        let with = match template::render(&Value::Object(spec.with.clone()), &lookup)? {
+            Value::Object(m) => m,
+            _ => return Err("with did not render to a mapping".into()),
+        };
+        let mut env = BTreeMap::new();
+        for (k, v) in &spec.env {
+            env.insert(k.clone(), template::render_text(v, &lookup)?);
+        }
+        Ok((with, env))
+    }
+
     /// Creates attempt N+1 of a ready step on `agent_id` and queues its Assign.
-    fn assign(&mut self, run_id: &str, idx: usize, agent_id: &str) {
+    fn assign(&mut self, run_id: &str, idx: usize, agent_id: &str, (with, env): Input) {
         let now = now_ms();
         let (Some(run), Some(agent)) = (self.runs.get_mut(run_id), self.agents.get_mut(agent_id)) else {
             return;
@@ -101,8 +166,8 @@ impl Engine {
         let step_tool = step.tool.clone();
         let request = pb::ExecutionRequest {
             tool: step.tool.clone(),
-            input_json: serde_json::Value::Object(spec.with.clone()).to_string(),
-            env: spec.env.clone().into_iter().collect(),
+            input_json: Value::Object(with).to_string(),
+            env: env.into_iter().collect(),
             timeout_ms: spec.timeout_ms.map(|t| t as i64).unwrap_or(0),
             kill_grace_ms: ms(self.cfg.kill_grace),
             // A little past the cap, so the controller sees that there was more and
@@ -132,15 +197,78 @@ impl Engine {
 }
 
 impl Engine {
-    /// The eligible agent with the most free slots (ties: by name, for stable
-    /// placement): connected, advertising the tool, with a free slot, and no open
-    /// breaker for the tool or for the tool on that agent.
-    fn pick_agent(&self, tool: &str) -> Option<String> {
-        self.agents
+    /// The agent a ready step goes to now, by its router rule (the `auto` strategy when
+    /// no rule matches), or `None` when no agent may take it.
+    fn place(&mut self, run_id: &str, idx: usize) -> Option<String> {
+        let run = self.runs.get(run_id)?;
+        let tool = run.steps[idx].tool.as_str();
+        let rule = self.router.rule_for(&run.spec.steps[idx]);
+        let mut eligible: Vec<&Agent> = self
+            .agents
             .values()
             .filter(|a| a.can_take(tool) && self.breakers_admit(tool, &a.id))
-            .max_by(|a, b| a.free_slots().cmp(&b.free_slots()).then_with(|| b.name.cmp(&a.name)))
-            .map(|a| a.id.clone())
+            .filter(|a| rule.is_none_or(|(_, r)| r.admits(&a.name, &a.labels)))
+            .collect();
+        if eligible.is_empty() {
+            return None;
+        }
+        let strategy = rule.map(|(_, r)| r.strategy).unwrap_or_default();
+        match strategy {
+            Strategy::Fixed => {
+                let order = rule.map(|(_, r)| r.agents.as_slice()).unwrap_or_default();
+                order.iter().find_map(|name| eligible.iter().find(|a| &a.name == name)).map(|a| a.id.clone())
+            }
+            Strategy::RoundRobin => {
+                let key = rule.map(|(i, _)| i).unwrap_or(usize::MAX);
+                eligible.sort_by(|a, b| a.name.cmp(&b.name));
+                let last = self.round_robin.get(&key);
+                let next = eligible
+                    .iter()
+                    .find(|a| last.is_none_or(|l| a.name > *l))
+                    .or_else(|| eligible.first())
+                    .map(|a| (a.id.clone(), a.name.clone()));
+                next.map(|(id, name)| {
+                    self.round_robin.insert(key, name);
+                    id
+                })
+            }
+            Strategy::Auto => eligible
+                .iter()
+                .max_by(|a, b| {
+                    self.auto_score(a, tool)
+                        .total_cmp(&self.auto_score(b, tool))
+                        .then_with(|| b.name.cmp(&a.name))
+                })
+                .map(|a| a.id.clone()),
+        }
+    }
+
+    /// `auto`: a closed breaker before a half-open one, then most free slots, then the
+    /// best recent success rate, then the lowest recent duration.
+    fn auto_score(&self, a: &Agent, tool: &str) -> f64 {
+        let probing = self
+            .breakers
+            .get(&(tool.to_string(), a.id.clone()))
+            .is_some_and(|b| b.state != baton_common::breaker::BreakerState::Closed);
+        let stats = self.stats.get(&(a.id.clone(), tool.to_string())).copied().unwrap_or_default();
+        let closed = if probing { 0.0 } else { 1.0 };
+        closed * 1e9 + f64::from(a.free_slots()) * 1e5 + stats.success * 1e3
+            - stats.latency_ms.min(999_999.0) / 1e3
+    }
+
+    /// Records an attempt's outcome for the `auto` strategy (moving averages).
+    pub(super) fn record_stats(&mut self, agent_id: &str, tool: &str, succeeded: bool, duration_ms: i64) {
+        const ALPHA: f64 = 0.2;
+        let s = self.stats.entry((agent_id.to_string(), tool.to_string())).or_default();
+        let ok = if succeeded { 1.0 } else { 0.0 };
+        if s.samples == 0 {
+            s.success = ok;
+            s.latency_ms = duration_ms as f64;
+        } else {
+            s.success += ALPHA * (ok - s.success);
+            s.latency_ms += ALPHA * (duration_ms as f64 - s.latency_ms);
+        }
+        s.samples += 1;
     }
 
     /// Why no agent takes a ready step of `tool` now, if breakers are the cause: there
@@ -165,22 +293,44 @@ impl Engine {
         ))
     }
 
-    /// Why a ready step of `tool` is not running yet.
-    fn ready_reason(&self, tool: &str) -> String {
-        let with_tool: Vec<&Agent> = self.agents.values().filter(|a| a.has_tool(tool)).collect();
-        let connected = with_tool.iter().filter(|a| a.session.is_some()).count();
-        if connected == 0 {
-            return if with_tool.is_empty() {
-                format!("no agent has tool {tool}")
-            } else {
-                format!("no connected agent has tool {tool} ({} known but not connected)", with_tool.len())
-            };
+    /// Why a ready step is not running yet: "no agent with tool aider and label
+    /// gpu=true", breakers, busy agents.
+    fn ready_reason(&self, run: &super::model::Run, idx: usize) -> String {
+        let tool = run.steps[idx].tool.as_str();
+        let rule = self.router.rule_for(&run.spec.steps[idx]).map(|(_, r)| r);
+        let matching: Vec<&Agent> = self
+            .agents
+            .values()
+            .filter(|a| a.has_tool(tool) && rule.is_none_or(|r| r.admits(&a.name, &a.labels)))
+            .collect();
+        let mut wanted = format!("tool {tool}");
+        if let Some(r) = rule {
+            let labels = r.describe_labels();
+            if !labels.is_empty() {
+                wanted.push_str(&format!(" and {labels}"));
+            }
+            if r.strategy == Strategy::Fixed {
+                wanted.push_str(&format!(" among {}", r.agents.join(", ")));
+            }
+        }
+        if matching.is_empty() {
+            return format!("no agent with {wanted}");
+        }
+        let usable: Vec<&&Agent> = matching.iter().filter(|a| a.session.is_some() && !a.draining).collect();
+        if usable.is_empty() {
+            return format!(
+                "no connected agent with {wanted} ({} known but disconnected or draining)",
+                matching.len()
+            );
         }
         if let Some(why) = self.breaker_block(tool) {
             return format!("waiting: {why}");
         }
-        if with_tool.iter().filter(|a| a.session.is_some()).all(|a| a.free_slots() == 0) {
-            return format!("waiting for a free slot: all {connected} agents with tool {tool} are busy");
+        if usable.iter().all(|a| a.free_slots() == 0) {
+            return format!("waiting for a free slot: all {} agents with {wanted} are busy", usable.len());
+        }
+        if !usable.iter().any(|a| self.breakers_admit(tool, &a.id)) {
+            return format!("waiting: breakers are open for every agent with {wanted}");
         }
         String::new()
     }
@@ -204,7 +354,7 @@ impl Engine {
                     format!("waiting for {}", pending.join(", "))
                 }
                 StepState::Ready if run.state == RunState::Quarantined => "run is quarantined".to_string(),
-                StepState::Ready => self.ready_reason(&step.tool),
+                StepState::Ready => self.ready_reason(run, idx),
                 StepState::RetryWait => {
                     let left = (step.next_attempt_at.unwrap_or(0) - now_ms()).max(0) as u64;
                     format!("retry in {}", format_duration(std::time::Duration::from_millis(left)))

@@ -51,6 +51,8 @@ pub struct EngineConfig {
     pub breakers: BreakerConfig,
     /// Output kept per attempt; the rest is cut with a marker.
     pub max_output_bytes: u64,
+    /// Routing rules at start (replaced by reloads).
+    pub router: crate::router::Router,
 }
 
 impl Default for EngineConfig {
@@ -64,6 +66,7 @@ impl Default for EngineConfig {
             poison_after: 3,
             breakers: BreakerConfig::default(),
             max_output_bytes: 8 * 1024 * 1024,
+            router: crate::router::Router::default(),
         }
     }
 }
@@ -92,6 +95,8 @@ pub(crate) enum Msg {
     ListBreakers { reply: oneshot::Sender<Vec<pb::Breaker>> },
     ResetBreaker { tool: String, agent: String, reply: Reply<Vec<pb::Breaker>> },
     WaitReasons { run_id: String, reply: oneshot::Sender<HashMap<String, String>> },
+    SetRouter { router: crate::router::Router, reply: oneshot::Sender<()> },
+    Drain { agent: String, undo: bool, reply: Reply<pb::Agent> },
     Connect { hello: pb::Hello, tx: AgentTx, reply: Reply<u64> },
     Agent { agent_id: String, msg: pb::agent_message::Msg },
     Disconnect { agent_id: String, session: u64 },
@@ -143,6 +148,18 @@ impl EngineHandle {
 
     pub async fn reset_breaker(&self, tool: String, agent: String) -> Result<Vec<pb::Breaker>, EngineError> {
         self.call(|reply| Msg::ResetBreaker { tool, agent, reply }).await
+    }
+
+    /// Replaces the routing rules; steps not yet dispatched follow the new ones.
+    pub async fn set_router(&self, router: crate::router::Router) -> Result<(), EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::SetRouter { router, reply }).await.map_err(|_| EngineError::Unavailable)?;
+        rx.await.map_err(|_| EngineError::Unavailable)
+    }
+
+    /// Stops (or resumes) new assignments to the agent with this name or id.
+    pub async fn drain(&self, agent: String, undo: bool) -> Result<pb::Agent, EngineError> {
+        self.call(|reply| Msg::Drain { agent, undo, reply }).await
     }
 
     /// Why each open step of an active run is not running (empty for final runs).
@@ -244,6 +261,14 @@ impl Pending {
     }
 }
 
+/// Moving averages of an agent's recent attempts with one tool.
+#[derive(Debug, Clone, Copy, Default)]
+struct Stats {
+    success: f64,
+    latency_ms: f64,
+    samples: u64,
+}
+
 /// Timed work, fired when its time has come if it still applies.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
@@ -289,6 +314,11 @@ pub(crate) struct Engine {
     recent: RecentAttempts,
     agents: HashMap<String, Agent>,
     breakers: HashMap<breakers::BreakerKey, baton_common::breaker::Breaker>,
+    router: crate::router::Router,
+    /// Per round-robin rule, the name of the agent it last picked.
+    round_robin: HashMap<usize, String>,
+    /// Recent outcomes per (agent id, tool), for the `auto` strategy.
+    stats: HashMap<(String, String), Stats>,
     /// Ready steps per tool, in the order they became ready.
     ready: BTreeMap<String, VecDeque<(String, usize)>>,
     timers: BinaryHeap<Reverse<(i64, Timer)>>,
@@ -309,6 +339,7 @@ pub async fn start(
 ) -> Result<(EngineHandle, tokio::task::JoinHandle<Result<(), StoreError>>), StoreError> {
     let snapshot = store.load_active().await?;
     let (events, _) = broadcast::channel(16_384);
+    let initial_router = cfg.router.clone();
     let mut engine = Engine {
         cfg,
         store,
@@ -318,6 +349,9 @@ pub async fn start(
         recent: RecentAttempts { states: HashMap::new(), order: VecDeque::new() },
         agents: HashMap::new(),
         breakers: HashMap::new(),
+        router: initial_router,
+        round_robin: HashMap::new(),
+        stats: HashMap::new(),
         ready: BTreeMap::new(),
         timers: BinaryHeap::new(),
         pending: Pending::default(),
@@ -401,6 +435,16 @@ impl Engine {
             }
             Msg::WaitReasons { run_id, reply } => {
                 let _ = reply.send(self.wait_reasons(&run_id));
+            }
+            Msg::SetRouter { router, reply } => {
+                tracing::info!(rules = router.rules.len(), "router rules replaced");
+                self.router = router;
+                self.round_robin.clear();
+                let _ = reply.send(());
+            }
+            Msg::Drain { agent, undo, reply } => {
+                let result = self.drain(&agent, undo);
+                self.pending.reply(reply, result);
             }
             Msg::Connect { hello, tx, reply } => {
                 let result = self.connect(hello, tx);
@@ -536,6 +580,7 @@ impl Engine {
                 // Agents get the failover grace to come back to a restarted controller.
                 lost_at: now + grace,
                 running: HashSet::new(),
+                draining: row.draining,
             };
             self.agents.insert(agent.id.clone(), agent);
         }
@@ -601,7 +646,11 @@ impl Engine {
                 next_seq: snap.last_seq.get(&row.id).copied().unwrap_or(0) + 1,
                 failing,
                 deadline_at,
+                params: serde_json::from_str(&row.params).unwrap_or_default(),
+                templated: Vec::new(),
             };
+            let mut run = run;
+            run.templated = model::templated_of(&run.spec);
             self.runs.insert(run.id.clone(), run);
         }
         for row in &snap.attempts {
@@ -631,6 +680,7 @@ impl Engine {
                     last_seen: 0,
                     lost_at: now + grace,
                     running: HashSet::new(),
+                    draining: false,
                 });
                 agent.running.insert(attempt.id.clone());
                 if let Some(d) = attempt.deadline_at {

@@ -34,6 +34,10 @@ pub(crate) struct Run {
     pub failing: Option<String>,
     /// When the run fails for running too long (`deadline` in the spec).
     pub deadline_at: Option<i64>,
+    /// Run parameters, defaults applied.
+    pub params: BTreeMap<String, String>,
+    /// Which steps have `${{ ... }}` in their input or env.
+    pub templated: Vec<bool>,
 }
 
 impl Run {
@@ -73,6 +77,17 @@ impl Run {
             result: s.result.clone(),
         }
     }
+}
+
+/// Which steps have `${{ ... }}` in their input or env.
+pub(crate) fn templated_of(spec: &Workstream) -> Vec<bool> {
+    spec.steps
+        .iter()
+        .map(|s| {
+            s.env.values().any(|v| v.contains("${{"))
+                || serde_json::Value::Object(s.with.clone()).to_string().contains("${{")
+        })
+        .collect()
 }
 
 /// Index of each step's dependents, from the spec's `needs`.
@@ -283,6 +298,8 @@ pub(crate) struct Agent {
     pub lost_at: i64,
     /// Live attempts assigned to it.
     pub running: HashSet<String>,
+    /// An operator drained it: no new work.
+    pub draining: bool,
 }
 
 impl Agent {
@@ -295,7 +312,7 @@ impl Agent {
     }
 
     pub fn can_take(&self, tool: &str) -> bool {
-        self.session.is_some() && self.free_slots() > 0 && self.has_tool(tool)
+        self.session.is_some() && !self.draining && self.free_slots() > 0 && self.has_tool(tool)
     }
 
     pub fn to_row(&self) -> AgentRow {
@@ -309,6 +326,7 @@ impl Agent {
             state: self.state.as_str().to_string(),
             connected_at: self.connected_at,
             last_seen_at: self.last_seen,
+            draining: self.draining,
         }
     }
 
@@ -324,6 +342,7 @@ impl Agent {
             state: self.state.as_str().to_string(),
             last_seen_ms: self.last_seen,
             connected_at_ms: self.connected_at,
+            draining: self.draining,
         }
     }
 }

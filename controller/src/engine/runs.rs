@@ -69,21 +69,52 @@ fn end_step(p: &mut Pending, run: &mut Run, idx: usize, to: StepState, kind: &st
 impl Engine {
     pub(super) fn submit(
         &mut self,
-        spec: Workstream,
-        params: BTreeMap<String, String>,
+        mut spec: Workstream,
+        mut params: BTreeMap<String, String>,
     ) -> Result<String, EngineError> {
-        let mut tools = Vec::with_capacity(spec.steps.len());
-        for s in &spec.steps {
-            match (&s.tool, &s.kind) {
-                (Some(t), _) => tools.push(t.clone()),
-                (None, kind) => {
-                    return Err(EngineError::Invalid(format!(
-                        "step {:?}: no router rule maps kind {:?} to a tool",
-                        s.id,
-                        kind.as_deref().unwrap_or("")
-                    )));
+        // Parameters: given ones, else declared defaults; a declared one without a
+        // default must be given.
+        for (name, default) in &spec.params {
+            if !params.contains_key(name) {
+                match default {
+                    Some(d) => {
+                        params.insert(name.clone(), d.clone());
+                    }
+                    None => {
+                        return Err(EngineError::Invalid(format!(
+                            "params.{name} has no default and was not given (--param {name}=...)"
+                        )));
+                    }
                 }
             }
+        }
+        if !spec.params.is_empty()
+            && let Some(extra) = params.keys().find(|k| !spec.params.contains_key(*k))
+        {
+            return Err(EngineError::Invalid(format!("params.{extra} is not declared under params")));
+        }
+        for s in &spec.steps {
+            for v in std::iter::once(serde_json::Value::Object(s.with.clone()))
+                .chain(s.env.values().map(|v| serde_json::Value::String(v.clone())))
+            {
+                for r in baton_common::template::refs(&v).map_err(EngineError::Invalid)? {
+                    if let baton_common::template::Ref::Param(p) = &r
+                        && !params.contains_key(p)
+                    {
+                        return Err(EngineError::Invalid(format!(
+                            "step {:?}: ${{{{ {r} }}}} is not set (--param {p}=...)",
+                            s.id
+                        )));
+                    }
+                }
+            }
+        }
+        // Routing: the tool each step runs, with the rule's defaults folded in.
+        let mut tools = Vec::with_capacity(spec.steps.len());
+        for s in &mut spec.steps {
+            let route =
+                self.router.resolve(s).map_err(|e| EngineError::Invalid(format!("step {:?}: {e}", s.id)))?;
+            tools.push(route.tool);
         }
         let id = uuid::Uuid::new_v4().to_string();
         let spec_json = serde_json::to_string(&spec).map_err(|e| EngineError::Invalid(e.to_string()))?;
@@ -102,6 +133,7 @@ impl Engine {
             })
             .collect();
         let dependents = model::dependents_of(&spec);
+        let templated = model::templated_of(&spec);
         let n = steps.len();
         let deadline_at = spec.deadline_ms.map(|d| now + d as i64);
         let mut run = Run {
@@ -120,6 +152,8 @@ impl Engine {
             open: n,
             failing: None,
             deadline_at,
+            templated,
+            params,
         };
         let p = &mut self.pending;
         p.runs.insert(id.clone());
@@ -138,6 +172,20 @@ impl Engine {
             self.enqueue(&id, i);
         }
         Ok(id)
+    }
+
+    /// Fails a ready step that cannot start (its input does not render).
+    pub(super) fn fail_unstarted(&mut self, run_id: &str, idx: usize, reason: &str) {
+        let Some(run) = self.runs.get_mut(run_id) else { return };
+        let p = &mut self.pending;
+        if set_step(p, run, idx, StepState::Failed) {
+            let step = &mut run.steps[idx];
+            step.finished_at = Some(now_ms());
+            step.reason = reason.to_string();
+            p.event(run, "step_failed", Some(idx), None, reason);
+            warn!(run_id, step_id = %run.step_id(idx), %reason, "step cannot start");
+            step_failed_for_good(p, run, idx);
+        }
     }
 
     /// Cancels a run: live attempts are told to stop, every open step is canceled.

@@ -242,12 +242,13 @@ pub struct AgentRow {
     pub state: String,
     pub connected_at: i64,
     pub last_seen_at: i64,
+    pub draining: bool,
 }
 
 impl Record for AgentRow {
     const TABLE: &'static str = "agents";
     const COLUMNS: &'static str =
-        "id, name, version, labels, tools, slots, state, connected_at, last_seen_at";
+        "id, name, version, labels, tools, slots, state, connected_at, last_seen_at, draining";
     const KEY: &'static str = "id";
 
     fn bind<'q>(&'q self, q: AnyQuery<'q>) -> AnyQuery<'q> {
@@ -260,6 +261,7 @@ impl Record for AgentRow {
             .bind(self.state.as_str())
             .bind(self.connected_at)
             .bind(self.last_seen_at)
+            .bind(i64::from(self.draining))
     }
 
     fn decode(r: &AnyRow) -> Result<Self, sqlx::Error> {
@@ -273,6 +275,7 @@ impl Record for AgentRow {
             state: r.try_get("state")?,
             connected_at: r.try_get("connected_at")?,
             last_seen_at: r.try_get("last_seen_at")?,
+            draining: r.try_get::<i64, _>("draining")? != 0,
         })
     }
 }

@@ -1,0 +1,175 @@
+//! `${{ steps.ID.outputs.NAME }}` and `${{ params.NAME }}` in step inputs and env.
+//!
+//! A string that is exactly one expression becomes the referenced JSON value itself;
+//! expressions inside longer strings are replaced by their text (strings as they are,
+//! other values as JSON).
+
+use serde_json::{Map, Value};
+
+/// What an expression refers to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Ref {
+    Output { step: String, name: String },
+    Param(String),
+}
+
+impl std::fmt::Display for Ref {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ref::Output { step, name } => write!(f, "steps.{step}.outputs.{name}"),
+            Ref::Param(name) => write!(f, "params.{name}"),
+        }
+    }
+}
+
+const OPEN: &str = "${{";
+const CLOSE: &str = "}}";
+
+/// A string split into literal text and expressions.
+enum Part<'a> {
+    Text(&'a str),
+    Expr(Ref),
+}
+
+fn parse(s: &str) -> Result<Vec<Part<'_>>, String> {
+    let mut parts = Vec::new();
+    let mut rest = s;
+    while let Some(start) = rest.find(OPEN) {
+        if start > 0 {
+            parts.push(Part::Text(&rest[..start]));
+        }
+        let after = &rest[start + OPEN.len()..];
+        let end = after.find(CLOSE).ok_or_else(|| format!("unclosed ${{{{ in {s:?}"))?;
+        parts.push(Part::Expr(parse_ref(after[..end].trim())?));
+        rest = &after[end + CLOSE.len()..];
+    }
+    if !rest.is_empty() {
+        parts.push(Part::Text(rest));
+    }
+    Ok(parts)
+}
+
+fn parse_ref(expr: &str) -> Result<Ref, String> {
+    let valid = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if let Some(rest) = expr.strip_prefix("steps.") {
+        if let Some((step, name)) = rest.rsplit_once(".outputs.")
+            && valid(step)
+            && valid(name)
+            && !name.contains('.')
+        {
+            return Ok(Ref::Output { step: step.to_string(), name: name.to_string() });
+        }
+    } else if let Some(name) = expr.strip_prefix("params.")
+        && valid(name)
+        && !name.contains('.')
+    {
+        return Ok(Ref::Param(name.to_string()));
+    }
+    Err(format!("bad expression ${{{{ {expr} }}}}: expected steps.ID.outputs.NAME or params.NAME"))
+}
+
+/// Every reference in the strings of `v` (map values and list items, recursively).
+pub fn refs(v: &Value) -> Result<Vec<Ref>, String> {
+    let mut out = Vec::new();
+    walk(v, &mut |s| {
+        for p in parse(s)? {
+            if let Part::Expr(r) = p {
+                out.push(r);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+fn walk(v: &Value, f: &mut dyn FnMut(&str) -> Result<(), String>) -> Result<(), String> {
+    match v {
+        Value::String(s) => f(s),
+        Value::Array(a) => a.iter().try_for_each(|x| walk(x, f)),
+        Value::Object(m) => m.values().try_for_each(|x| walk(x, f)),
+        _ => Ok(()),
+    }
+}
+
+/// `v` with every expression replaced by what `lookup` gives for it.
+pub fn render(v: &Value, lookup: &dyn Fn(&Ref) -> Result<Value, String>) -> Result<Value, String> {
+    Ok(match v {
+        Value::String(s) => render_str(s, lookup)?,
+        Value::Array(a) => Value::Array(a.iter().map(|x| render(x, lookup)).collect::<Result<_, _>>()?),
+        Value::Object(m) => {
+            let mut out = Map::new();
+            for (k, x) in m {
+                out.insert(k.clone(), render(x, lookup)?);
+            }
+            Value::Object(out)
+        }
+        other => other.clone(),
+    })
+}
+
+fn render_str(s: &str, lookup: &dyn Fn(&Ref) -> Result<Value, String>) -> Result<Value, String> {
+    let parts = parse(s)?;
+    if let [Part::Expr(r)] = parts.as_slice() {
+        return lookup(r);
+    }
+    let mut out = String::new();
+    for p in parts {
+        match p {
+            Part::Text(t) => out.push_str(t),
+            Part::Expr(r) => match lookup(&r)? {
+                Value::String(x) => out.push_str(&x),
+                other => out.push_str(&other.to_string()),
+            },
+        }
+    }
+    Ok(Value::String(out))
+}
+
+/// Renders to text (for env values).
+pub fn render_text(s: &str, lookup: &dyn Fn(&Ref) -> Result<Value, String>) -> Result<String, String> {
+    Ok(match render_str(s, lookup)? {
+        Value::String(x) => x,
+        other => other.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn lookup(r: &Ref) -> Result<Value, String> {
+        match r {
+            Ref::Output { step, name } if step == "build.v1" && name == "version" => Ok(json!("1.2.3")),
+            Ref::Output { step, name } if step == "build.v1" && name == "files" => Ok(json!(["a", "b"])),
+            Ref::Param(p) if p == "env" => Ok(json!("prod")),
+            other => Err(format!("{other} is not set")),
+        }
+    }
+
+    #[test]
+    fn renders_whole_values_and_embedded_text() {
+        let v = json!({
+            "tag": "app:${{ steps.build.v1.outputs.version }}-${{params.env}}",
+            "files": "${{ steps.build.v1.outputs.files }}",
+            "n": 3,
+            "list": ["${{ params.env }}", "plain"]
+        });
+        let out = render(&v, &lookup).unwrap();
+        assert_eq!(out["tag"], "app:1.2.3-prod");
+        assert_eq!(out["files"], json!(["a", "b"]), "a lone expression keeps its JSON type");
+        assert_eq!(out["list"], json!(["prod", "plain"]));
+        assert_eq!(out["n"], 3);
+        assert_eq!(render_text("n=${{ steps.build.v1.outputs.files }}", &lookup).unwrap(), "n=[\"a\",\"b\"]");
+    }
+
+    #[test]
+    fn finds_references_and_rejects_bad_expressions() {
+        let r = refs(&json!({"a": ["x ${{ steps.s.outputs.o }}"], "b": "${{ params.p }}"})).unwrap();
+        assert_eq!(r, vec![Ref::Output { step: "s".into(), name: "o".into() }, Ref::Param("p".into())]);
+        assert!(refs(&json!("${{ env.HOME }}")).unwrap_err().contains("bad expression"));
+        assert!(refs(&json!("${{ steps.s.result }}")).is_err());
+        assert!(refs(&json!("${{ params.p")).unwrap_err().contains("unclosed"));
+        assert_eq!(render(&json!("${{ params.q }}"), &lookup).unwrap_err(), "params.q is not set");
+    }
+}
