@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use adapters::{Adapter, AttemptContext, Output};
+use baton_common::metrics::Family;
 
 /// Everything an agent needs to run.
 #[derive(Debug, Clone)]
@@ -42,6 +43,8 @@ pub struct Config {
     /// Reconnect backoff bounds (exponential, jittered).
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// Serve `/metrics`, `/healthz` and `/readyz` on this address.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -60,6 +63,7 @@ impl Config {
             stop_after: None,
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
+            metrics_listen: None,
         }
     }
 }
@@ -112,6 +116,44 @@ struct Agent {
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
     draining: bool,
+    metrics: Arc<AgentMetrics>,
+    /// Sessions opened so far.
+    sessions: u64,
+}
+
+/// The agent's metrics.
+pub struct AgentMetrics {
+    running: Family,
+    attempts: Family,
+    reconnects: Family,
+    connected: Family,
+}
+
+impl AgentMetrics {
+    fn new() -> AgentMetrics {
+        AgentMetrics {
+            running: Family::gauge("baton_agent_running_attempts", "Attempts running on this agent.", &[]),
+            attempts: Family::counter(
+                "baton_agent_attempts_total",
+                "Attempts that ended, by outcome.",
+                &["outcome"],
+            ),
+            reconnects: Family::counter(
+                "baton_agent_reconnects_total",
+                "Sessions opened with a controller after the first.",
+                &[],
+            ),
+            connected: Family::gauge("baton_agent_connected", "1 while a controller session is up.", &[]),
+        }
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        for f in [&self.running, &self.attempts, &self.reconnects, &self.connected] {
+            f.render(&mut out);
+        }
+        out
+    }
 }
 
 /// How a session ended.
@@ -135,6 +177,23 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
     let (adapters, tools) = probe_tools(cfg.tools.as_deref())?;
     info!(agent = %cfg.name, agent_id = %id, tools = ?tools.iter().map(|t| &t.name).collect::<Vec<_>>(), "agent starting");
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let metrics = Arc::new(AgentMetrics::new());
+    if let Some(addr) = cfg.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| AgentError::Config(format!("cannot listen on {addr} for metrics: {e}")))?;
+        let m = metrics.clone();
+        let render: baton_common::metrics::RenderFn = Arc::new(move || {
+            let m = m.clone();
+            Box::pin(async move { m.render() })
+        });
+        let m = metrics.clone();
+        let ready: baton_common::metrics::ReadyFn = Arc::new(move || {
+            let up = m.connected.get(&[]) > 0.0;
+            Box::pin(async move { if up { Ok(()) } else { Err("no controller session".to_string()) } })
+        });
+        tokio::spawn(baton_common::metrics::serve(listener, render, ready, shutdown.clone()));
+    }
     let mut agent = Agent {
         cfg,
         id,
@@ -145,6 +204,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         events_tx,
         events_rx,
         draining: false,
+        metrics,
+        sessions: 0,
     };
     agent.main_loop(shutdown).await;
     Ok(())
@@ -210,6 +271,7 @@ impl Agent {
                     debug!(controller = %url, %why, "no session");
                 }
             }
+            self.metrics.connected.set(&[], 0.0);
             if backoff.attempts() == 0 {
                 // The session had been up; the outage starts now.
                 disconnected_since = Instant::now();
@@ -300,6 +362,11 @@ impl Agent {
             Err(e) => return SessionEnd::Broken(format!("welcome: {e}")),
         };
         backoff.reset();
+        if self.sessions > 0 {
+            self.metrics.reconnects.inc(&[]);
+        }
+        self.sessions += 1;
+        self.metrics.connected.set(&[], 1.0);
         info!(controller = %url, session = %welcome.session_id, adopted = welcome.adopted.len(), abandoned = welcome.abandon.len(), "connected");
         for id in &welcome.abandon {
             if let Some(r) = self.running.get(id) {
@@ -478,6 +545,7 @@ impl Agent {
         };
         tokio::spawn(task.instrument(span.clone()));
         self.running.insert(running.attempt.attempt_id.clone(), running);
+        self.metrics.running.set(&[], self.running.len() as f64);
         Ok(())
     }
 
@@ -502,6 +570,8 @@ impl Agent {
                 let id = f.attempt.as_ref().map(|a| a.attempt_id.clone()).unwrap_or_default();
                 let abandoned =
                     self.running.remove(&id).is_some_and(|r| r.reason.get() == Some(&StopReason::Abandoned));
+                self.metrics.running.set(&[], self.running.len() as f64);
+                self.metrics.attempts.inc(&[&f.outcome]);
                 if abandoned {
                     return true;
                 }

@@ -34,6 +34,9 @@ struct Args {
     /// controller's --lost-after).
     #[arg(long, env = "BATON_STOP_AFTER", value_parser = duration)]
     stop_after: Option<Duration>,
+    /// Serve Prometheus metrics, /healthz and /readyz over HTTP on this address.
+    #[arg(long, env = "BATON_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Log format: text or json. RUST_LOG sets the filter (default info).
     #[arg(long, env = "BATON_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -68,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
         labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
         tools: args.tools,
         stop_after: args.stop_after,
+        metrics_listen: args.metrics_listen,
         ..Config::new("", "", "")
     };
     let shutdown = CancellationToken::new();

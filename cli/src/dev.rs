@@ -42,6 +42,7 @@ pub async fn run(
     let config = baton_controller::Config {
         router,
         reload_on_sighup: false,
+        metrics: None,
         db: format!("sqlite://{}", db_path.display()),
         engine: baton_controller::EngineConfig {
             heartbeat_interval: Duration::from_millis(500),

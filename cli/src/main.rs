@@ -134,6 +134,17 @@ enum RunsCommand {
         #[arg(short = 'f', long)]
         follow: bool,
     },
+    /// A report of a run: steps, attempts, retries, breaker trips, quarantines, the
+    /// critical path and a timeline.
+    Report {
+        run: String,
+        /// md (Markdown), json, or html (one self-contained file with an SVG timeline).
+        #[arg(long, default_value = "md")]
+        format: String,
+        /// Write it to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Resume a quarantined run; its failed steps get a fresh retry budget.
     Release {
         run: String,
@@ -370,6 +381,17 @@ async fn runs(controller: &str, cmd: RunsCommand) -> Result<u8, Failure> {
                 printer.chunk(&chunk);
             }
             printer.finish();
+        }
+        RunsCommand::Report { run, format, out } => {
+            let r = c.get_report(pb::GetReportRequest { run_id: run, format }).await?.into_inner();
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, &r.content)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    eprintln!("report written to {}", path.display());
+                }
+                None => print!("{}", r.content),
+            }
         }
         RunsCommand::Release { run, out } => {
             let resp = c.release_run(pb::ReleaseRunRequest { run_id: run }).await?.into_inner();

@@ -92,6 +92,8 @@ struct View {
     bar: Option<ProgressBar>,
     states: HashMap<String, String>,
     total: u64,
+    /// Expected time to the end from the latest event, when known.
+    eta_ms: i64,
 }
 
 impl View {
@@ -109,7 +111,8 @@ impl View {
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
         });
-        let mut v = View { format, bar, states, total };
+        let eta_ms = run.progress.as_ref().map(|p| p.eta_ms).unwrap_or(-1);
+        let mut v = View { format, bar, states, total, eta_ms };
         v.refresh();
         v
     }
@@ -117,6 +120,9 @@ impl View {
     fn event(&mut self, ev: &pb::RunEvent) {
         if !ev.step_id.is_empty() && !ev.step_state.is_empty() {
             self.states.insert(ev.step_id.clone(), ev.step_state.clone());
+        }
+        if let Some(p) = &ev.progress {
+            self.eta_ms = p.eta_ms;
         }
         match self.format {
             Format::Json | Format::Jsonl => output::print_json(Format::Jsonl, ev),
@@ -146,6 +152,9 @@ impl View {
         let mut msg = if shown.is_empty() { String::new() } else { format!("running: {}", shown.join(", ")) };
         if more > 0 {
             msg.push_str(&format!(" +{more}"));
+        }
+        if self.eta_ms > 0 {
+            msg.push_str(&format!("  eta {}", output::span(self.eta_ms)));
         }
         bar.set_message(msg);
     }

@@ -198,6 +198,14 @@ async fn quarantine_release_logs_step_cancel_and_breakers_from_the_command_line(
     assert_eq!(first.stdout, "try 1\n");
     let all = baton(&url, &["runs", "logs", &id]).await;
     assert_eq!(all.stdout, "x | try 2\n");
+    let report = baton(&url, &["runs", "report", &id]).await;
+    assert!(report.stdout.starts_with(&format!("# Run {id} — q")), "{}", report.stdout);
+    assert!(report.stdout.contains("## Quarantines"), "{}", report.stdout);
+    let html = dir.path().join("r.html");
+    let out =
+        baton(&url, &["runs", "report", &id, "--format", "html", "--out", html.to_str().unwrap()]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(std::fs::read_to_string(&html).unwrap().contains("<svg"));
 
     // Cancel one step of a running run.
     let sc = write(

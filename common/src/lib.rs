@@ -2,6 +2,7 @@
 //! state machines and policies that the controller applies.
 
 pub mod breaker;
+pub mod metrics;
 pub mod proto;
 pub mod retry;
 pub mod spec;

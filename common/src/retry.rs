@@ -80,12 +80,13 @@ impl RetryPolicy {
             return Decision::Fail { reason: format!("exit code {code} is in fail_fast_exit_codes") };
         }
         if f.own_failures >= self.max_attempts {
-            return Decision::Fail {
-                reason: format!(
-                    "no retries left ({} of {} attempts used)",
-                    f.own_failures, self.max_attempts
-                ),
+            // With one attempt allowed there was never a retry to speak of.
+            let reason = if self.max_attempts == 1 {
+                String::new()
+            } else {
+                format!("no retries left ({} of {} attempts used)", f.own_failures, self.max_attempts)
             };
+            return Decision::Fail { reason };
         }
         Decision::Retry { delay_ms: self.backoff(f.own_failures, random) }
     }

@@ -4,11 +4,14 @@
 pub mod api;
 pub mod engine;
 pub mod logs;
+pub mod metrics;
+pub mod report;
 pub mod router;
 pub mod store;
 
 use std::time::Duration;
 
+use baton_common::pb;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -18,7 +21,7 @@ use tracing::{error, info};
 pub use engine::EngineConfig;
 
 /// Everything a controller needs to run.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Config {
     /// `sqlite://PATH` or `postgres://...`.
     pub db: String,
@@ -27,12 +30,20 @@ pub struct Config {
     /// `reload_on_sighup`, or the ReloadRouter RPC).
     pub router: Option<std::path::PathBuf>,
     pub reload_on_sighup: bool,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz` (plain HTTP).
+    pub metrics: Option<std::net::TcpListener>,
 }
 
 impl Config {
     /// A controller on `db` with default settings.
     pub fn new(db: impl Into<String>) -> Config {
-        Config { db: db.into(), engine: EngineConfig::default(), router: None, reload_on_sighup: false }
+        Config {
+            db: db.into(),
+            engine: EngineConfig::default(),
+            router: None,
+            reload_on_sighup: false,
+            metrics: None,
+        }
     }
 }
 
@@ -44,6 +55,8 @@ pub enum ControllerError {
     Transport(#[from] tonic::transport::Error),
     #[error("the engine stopped: {0}")]
     Engine(String),
+    #[error("metrics listener: {0}")]
+    Metrics(String),
     #[error("router config {path}: {error}")]
     Router { path: String, error: router::RouterError },
 }
@@ -64,7 +77,20 @@ pub async fn run(
     // `stop` ends everything: a shutdown request, or the engine failing.
     let stop = shutdown.child_token();
     let logs = logs::start(store.clone(), config.engine.max_output_bytes, stop.clone());
-    let (engine, mut task) = engine::start(store.clone(), config.engine, logs.clone(), stop.clone()).await?;
+    let metrics = metrics::Metrics::new();
+    let (engine, mut task) =
+        engine::start(store.clone(), config.engine, logs.clone(), metrics.clone(), stop.clone()).await?;
+    if let Some(listener) = config.metrics {
+        let listener =
+            TcpListener::from_std(listener).map_err(|e| ControllerError::Metrics(e.to_string()))?;
+        info!(addr = ?listener.local_addr().ok(), "metrics listening");
+        tokio::spawn(baton_common::metrics::serve(
+            listener,
+            render_metrics(metrics.clone(), engine.clone(), store.clone()),
+            readiness(engine.clone(), store.clone()),
+            stop.clone(),
+        ));
+    }
     if let (Some(path), true) = (config.router.clone(), config.reload_on_sighup) {
         // Registered before the controller says it is up, so an early SIGHUP reloads
         // instead of killing the process.
@@ -77,6 +103,15 @@ pub async fn run(
         }
     }
     let (runs, agents) = api::services(engine, store.clone(), logs, config.router.clone(), stop.clone());
+    // grpc.health.v1 and server reflection, so that any gRPC client can find its way.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<pb::baton_service_server::BatonServiceServer<api::RunApi>>().await;
+    health.set_serving::<pb::agent_service_server::AgentServiceServer<api::AgentApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ControllerError::Engine(format!("reflection: {e}")))?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     info!(?addr, db = %redact(&config.db), "controller listening");
     let server = tonic::transport::Server::builder()
@@ -84,6 +119,8 @@ pub async fn run(
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(runs)
         .add_service(agents)
+        .add_service(health_service)
+        .add_service(reflection)
         .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
     tokio::pin!(server);
     let result = tokio::select! {
@@ -134,6 +171,50 @@ async fn reload_on_sighup(
             }
         }
     }
+}
+
+/// Renders the metrics, reading gauges from the engine and the store first.
+fn render_metrics(
+    m: std::sync::Arc<metrics::Metrics>,
+    engine: engine::EngineHandle,
+    store: store::Store,
+) -> baton_common::metrics::RenderFn {
+    std::sync::Arc::new(move || {
+        let (m, engine, store) = (m.clone(), engine.clone(), store.clone());
+        Box::pin(async move {
+            let gauge = |map: std::collections::BTreeMap<String, u32>| {
+                map.into_iter().map(|(k, v)| (vec![k], f64::from(v))).collect::<Vec<_>>()
+            };
+            if let Ok(g) = engine.gauges().await {
+                m.steps.set_all(gauge(g.steps));
+                m.agents.set_all(gauge(g.agents));
+                m.breakers.set_all(gauge(g.breakers));
+            }
+            if let Ok(runs) = store.run_counts().await {
+                m.runs.set_all(gauge(runs.into_iter().collect()));
+            }
+            m.render()
+        })
+    })
+}
+
+/// Ready when the engine answers and the database does.
+fn readiness(engine: engine::EngineHandle, store: store::Store) -> baton_common::metrics::ReadyFn {
+    std::sync::Arc::new(move || {
+        let (engine, store) = (engine.clone(), store.clone());
+        Box::pin(async move {
+            let wait = Duration::from_secs(2);
+            match tokio::time::timeout(wait, engine.gauges()).await {
+                Ok(Ok(_)) => {}
+                _ => return Err("the engine does not answer".to_string()),
+            }
+            match tokio::time::timeout(wait, store.ping()).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("database: {e}")),
+                Err(_) => Err("the database does not answer".to_string()),
+            }
+        })
+    })
 }
 
 /// A database URL without its password, for logs.

@@ -40,6 +40,9 @@ struct Args {
     /// Routing rules (JSON); reloaded on SIGHUP and by `baton router reload`.
     #[arg(long, env = "BATON_ROUTER")]
     router: Option<std::path::PathBuf>,
+    /// Serve Prometheus metrics, /healthz and /readyz over HTTP on this address.
+    #[arg(long, env = "BATON_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Output kept per attempt (bytes); the rest is cut with a marker.
     #[arg(long, env = "BATON_MAX_OUTPUT", default_value_t = 8 * 1024 * 1024)]
     max_output: u64,
@@ -88,6 +91,15 @@ async fn main() -> anyhow::Result<()> {
         },
         router: args.router,
         reload_on_sighup: true,
+        metrics: match args.metrics_listen {
+            None => None,
+            Some(addr) => {
+                let l =
+                    std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            }
+        },
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));

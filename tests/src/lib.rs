@@ -80,8 +80,17 @@ impl SandboxBuilder {
             std::fs::write(&path, json).expect("router config");
             path
         });
-        let mut sb =
-            Sandbox { dir, addr, db, router, engine: self.engine, controller: None, agents: Vec::new() };
+        let metrics_addr = free_addr();
+        let mut sb = Sandbox {
+            dir,
+            addr,
+            db,
+            router,
+            metrics_addr,
+            engine: self.engine,
+            controller: None,
+            agents: Vec::new(),
+        };
         sb.start_controller_on(listener);
         for i in 1..=self.agents {
             sb.add_agent(&format!("agent-{i}"), self.slots);
@@ -103,6 +112,8 @@ pub struct Sandbox {
     pub engine: baton_controller::EngineConfig,
     /// The router config file, when the sandbox has one (rewrite it, then reload).
     pub router: Option<PathBuf>,
+    /// Where the controller serves /metrics, /healthz and /readyz.
+    pub metrics_addr: SocketAddr,
     controller: Option<InProcess>,
     agents: Vec<(String, InProcess)>,
 }
@@ -116,6 +127,12 @@ impl Sandbox {
         format!("http://{}", self.addr)
     }
 
+    fn metrics_listener(&self) -> Option<std::net::TcpListener> {
+        let l = std::net::TcpListener::bind(self.metrics_addr).ok()?;
+        l.set_nonblocking(true).ok()?;
+        Some(l)
+    }
+
     fn start_controller_on(&mut self, listener: tokio::net::TcpListener) {
         let stop = CancellationToken::new();
         let cfg = baton_controller::Config {
@@ -123,6 +140,7 @@ impl Sandbox {
             engine: self.engine.clone(),
             router: self.router.clone(),
             reload_on_sighup: false,
+            metrics: self.metrics_listener(),
         };
         let s = stop.clone();
         let task = tokio::spawn(async move {

@@ -99,6 +99,7 @@ pub fn progress(run: &RunRow, counts: &StateCounts) -> pb::Progress {
         steps_by_state: counts.clone(),
         percent: if total == 0 { 0.0 } else { f64::from(done) * 100.0 / f64::from(total) },
         elapsed_ms: (end - start).max(0),
+        eta_ms: if run.finished_at.is_some() { 0 } else { -1 },
     }
 }
 
@@ -114,5 +115,6 @@ pub fn event(e: &EventRow) -> pb::RunEvent {
         step_state: e.step_state.clone(),
         attempt_state: e.attempt_state.clone(),
         message: e.message.clone(),
+        progress: None,
     }
 }

@@ -54,7 +54,8 @@ impl pb::baton_service_server::BatonService for RunApi {
         }
         let ws = spec::parse(source, &req.spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let params: BTreeMap<String, String> = req.params.into_iter().collect();
-        let run_id = self.engine.submit(ws, params).await.map_err(|e| match e {
+        let estimates = self.store.duration_estimates(&ws.name).await?;
+        let run_id = self.engine.submit(ws, params, estimates).await.map_err(|e| match e {
             EngineError::Invalid(m) => Status::invalid_argument(format!("{source}: {m}")),
             other => other.into(),
         })?;
@@ -63,15 +64,21 @@ impl pb::baton_service_server::BatonService for RunApi {
 
     async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Result<Response<pb::GetRunResponse>, Status> {
         let id = self.store.resolve_run_id(&req.into_inner().run_id).await?;
-        // Ask the engine first: a reason read after the rows could describe a later state.
-        let reasons = self.engine.wait_reasons(id.clone()).await?;
+        // Ask the engine first: what it says may be a little older than the rows, never
+        // newer.
+        let live = self.engine.live(id.clone()).await?;
         let rec = self.store.get_run(&id).await?;
         let mut run = convert::run(rec);
-        for step in &mut run.steps {
-            if step.reason.is_empty()
-                && let Some(why) = reasons.get(&step.id)
-            {
-                step.reason = why.clone();
+        if let Some(live) = live {
+            for step in &mut run.steps {
+                if step.reason.is_empty()
+                    && let Some(why) = live.reasons.get(&step.id)
+                {
+                    step.reason = why.clone();
+                }
+            }
+            if let Some(p) = &mut run.progress {
+                p.eta_ms = live.progress.eta_ms;
             }
         }
         Ok(Response::new(pb::GetRunResponse { run: Some(run) }))
@@ -157,7 +164,15 @@ impl pb::baton_service_server::BatonService for RunApi {
         let live = self.engine.subscribe();
         let id = self.store.resolve_run_id(&req.run_id).await?;
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(watch(self.store.clone(), id, req.from_seq.max(1), live, tx, self.shutdown.clone()));
+        tokio::spawn(watch(
+            self.store.clone(),
+            self.engine.clone(),
+            id,
+            req.from_seq.max(1),
+            live,
+            tx,
+            self.shutdown.clone(),
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -189,6 +204,35 @@ impl pb::baton_service_server::BatonService for RunApi {
         };
         tokio::spawn(follow.run(live, tx, self.shutdown.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_report(
+        &self,
+        req: Request<pb::GetReportRequest>,
+    ) -> Result<Response<pb::GetReportResponse>, Status> {
+        let req = req.into_inner();
+        let format = if req.format.is_empty() { "md".to_string() } else { req.format.to_lowercase() };
+        if !["md", "json", "html"].contains(&format.as_str()) {
+            return Err(Status::invalid_argument(format!("report format {format:?}: use md, json or html")));
+        }
+        let id = self.store.resolve_run_id(&req.run_id).await?;
+        let rec = self.store.get_run(&id).await?;
+        let mut events = Vec::new();
+        loop {
+            let page = self.store.events(&id, events.len() as i64 + 1, 5000).await?;
+            let n = page.len();
+            events.extend(page);
+            if n < 5000 {
+                break;
+            }
+        }
+        let report = crate::report::build(&rec, &events);
+        let content = match format.as_str() {
+            "json" => crate::report::to_json(&report),
+            "html" => crate::report::to_html(&report),
+            _ => crate::report::to_markdown(&report),
+        };
+        Ok(Response::new(pb::GetReportResponse { format, content }))
     }
 
     async fn drain_agent(&self, req: Request<pb::DrainAgentRequest>) -> Result<Response<pb::Agent>, Status> {
@@ -224,9 +268,10 @@ impl pb::baton_service_server::BatonService for RunApi {
 /// the store whenever the live feed skips (lag), so the client sees every event once.
 async fn watch(
     store: Store,
+    engine: EngineHandle,
     run_id: String,
     mut next: i64,
-    mut live: broadcast::Receiver<std::sync::Arc<crate::store::EventRow>>,
+    mut live: broadcast::Receiver<std::sync::Arc<crate::engine::Published>>,
     tx: mpsc::Sender<Result<pb::RunEvent, Status>>,
     shutdown: CancellationToken,
 ) {
@@ -242,8 +287,19 @@ async fn watch(
                 }
             };
             let n = events.len() as i64;
-            for e in &events {
-                if tx.send(Ok(convert::event(e))).await.is_err() {
+            // The last event of a page carries the run's progress as it is now.
+            let progress = match events.last() {
+                Some(last) if !is_final(last) => {
+                    engine.live(run_id.clone()).await.ok().flatten().map(|l| l.progress)
+                }
+                _ => None,
+            };
+            for (i, e) in events.iter().enumerate() {
+                let mut ev = convert::event(e);
+                if i + 1 == events.len() {
+                    ev.progress = progress.clone();
+                }
+                if tx.send(Ok(ev)).await.is_err() {
                     return;
                 }
                 next = e.seq + 1;
@@ -266,14 +322,16 @@ async fn watch(
                 e = live.recv() => e,
             };
             match e {
-                Ok(e) if e.run_id != run_id || e.seq < next => continue,
-                Ok(e) if e.seq > next => break,
-                Ok(e) => {
-                    if tx.send(Ok(convert::event(&e))).await.is_err() {
+                Ok(p) if p.event.run_id != run_id || p.event.seq < next => continue,
+                Ok(p) if p.event.seq > next => break,
+                Ok(p) => {
+                    let mut ev = convert::event(&p.event);
+                    ev.progress = p.progress.as_deref().cloned();
+                    if tx.send(Ok(ev)).await.is_err() {
                         return;
                     }
                     next += 1;
-                    if is_final(&e) {
+                    if is_final(&p.event) {
                         return;
                     }
                 }

@@ -121,6 +121,9 @@ impl Engine {
             }
             return;
         }
+        if now - agent.last_seen > 2 * ms(self.cfg.heartbeat_interval) {
+            self.metrics.heartbeats_late.inc(&[]);
+        }
         agent.last_seen = now;
         agent.lost_at = now + lost_after;
         match msg {
@@ -192,7 +195,11 @@ impl Engine {
             return;
         }
         a.state = AttemptState::Running;
-        a.started_at = Some(now_ms());
+        let now = now_ms();
+        a.started_at = Some(now);
+        if let Some(ready) = a.ready_at {
+            self.metrics.dispatch_latency.observe(&[], (now - ready).max(0) as f64 / 1000.0);
+        }
         self.pending.attempts.insert(a.id.clone());
         let a = a.clone();
         if let Some(run) = self.runs.get_mut(&a.run_id) {
@@ -278,6 +285,9 @@ impl Engine {
         let error = if f.error.is_empty() { class.clone() } else { f.error.clone() };
         self.close_attempt(attempt_id, outcome, &class, &error, false);
         self.record_stats(&agent_id, &tool, outcome == AttemptState::Succeeded, f.duration_ms);
+        if outcome != AttemptState::Lost {
+            self.metrics.step_duration.observe(&[&tool], f.duration_ms.max(0) as f64 / 1000.0);
+        }
         if outcome == AttemptState::Succeeded {
             self.breakers_on_result(&tool, &agent_id, None, &run_id);
             self.step_succeeded(&run_id, idx, result);
@@ -309,6 +319,7 @@ impl Engine {
         a.finished_at = Some(now_ms());
         a.error_class = class.to_string();
         a.error = error.to_string();
+        self.metrics.attempts.inc(&[to.as_str(), class]);
         self.pending.attempts.insert(a.id.clone());
         if let Some(agent) = self.agents.get_mut(&a.agent_id) {
             agent.running.remove(attempt_id);
@@ -345,7 +356,7 @@ impl Engine {
     /// A report under a lease that is no longer current: recorded, counted, and the
     /// agent is told to stop that tool.
     fn reject(&mut self, agent_id: &str, r: &pb::AttemptRef, what: &str) {
-        self.fenced += 1;
+        self.metrics.fenced.inc(&[]);
         let state = self.attempts.get(&r.attempt_id).map(|a| a.state.as_str());
         let why = match state {
             Some(s) => format!("{what} for attempt in state {s} rejected: lease is not current"),

@@ -127,6 +127,7 @@ impl Engine {
             return;
         };
         let p = &mut self.pending;
+        let ready_at = run.steps[idx].ready_since;
         if !set_step(p, run, idx, StepState::Running) {
             return;
         }
@@ -160,6 +161,7 @@ impl Engine {
             finished_at: None,
             deadline_at,
             reported: false,
+            ready_at,
         };
         step.attempt_ids.push(attempt.id.clone());
         step.current = Some(attempt.id.clone());

@@ -10,6 +10,7 @@ mod agents;
 mod breakers;
 mod dispatch;
 mod model;
+mod progress;
 mod runs;
 
 pub use breakers::BreakerConfig;
@@ -89,25 +90,92 @@ type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
 /// A message into the engine.
 pub(crate) enum Msg {
-    Submit { spec: Workstream, params: BTreeMap<String, String>, reply: Reply<String> },
-    Cancel { run_id: String, step_id: Option<String>, reason: String, reply: Reply<RunState> },
-    Release { run_id: String, reply: Reply<RunState> },
-    ListBreakers { reply: oneshot::Sender<Vec<pb::Breaker>> },
-    ResetBreaker { tool: String, agent: String, reply: Reply<Vec<pb::Breaker>> },
-    WaitReasons { run_id: String, reply: oneshot::Sender<HashMap<String, String>> },
-    SetRouter { router: crate::router::Router, reply: oneshot::Sender<()> },
-    Drain { agent: String, undo: bool, reply: Reply<pb::Agent> },
-    Connect { hello: pb::Hello, tx: AgentTx, reply: Reply<u64> },
-    Agent { agent_id: String, msg: pb::agent_message::Msg },
-    Disconnect { agent_id: String, session: u64 },
-    ListAgents { reply: oneshot::Sender<Vec<pb::Agent>> },
+    Submit {
+        spec: Workstream,
+        params: BTreeMap<String, String>,
+        estimates: crate::store::Estimates,
+        reply: Reply<String>,
+    },
+    Cancel {
+        run_id: String,
+        step_id: Option<String>,
+        reason: String,
+        reply: Reply<RunState>,
+    },
+    Release {
+        run_id: String,
+        reply: Reply<RunState>,
+    },
+    ListBreakers {
+        reply: oneshot::Sender<Vec<pb::Breaker>>,
+    },
+    ResetBreaker {
+        tool: String,
+        agent: String,
+        reply: Reply<Vec<pb::Breaker>>,
+    },
+    Live {
+        run_id: String,
+        reply: oneshot::Sender<Option<Live>>,
+    },
+    Gauges {
+        reply: oneshot::Sender<Gauges>,
+    },
+    SetRouter {
+        router: crate::router::Router,
+        reply: oneshot::Sender<()>,
+    },
+    Drain {
+        agent: String,
+        undo: bool,
+        reply: Reply<pb::Agent>,
+    },
+    Connect {
+        hello: pb::Hello,
+        tx: AgentTx,
+        reply: Reply<u64>,
+    },
+    Agent {
+        agent_id: String,
+        msg: pb::agent_message::Msg,
+    },
+    Disconnect {
+        agent_id: String,
+        session: u64,
+    },
+    ListAgents {
+        reply: oneshot::Sender<Vec<pb::Agent>>,
+    },
+}
+
+/// What the engine knows of an active run beyond its rows.
+#[derive(Debug, Clone)]
+pub struct Live {
+    /// Why each open step is not running (or not done) yet.
+    pub reasons: HashMap<String, String>,
+    pub progress: pb::Progress,
+}
+
+/// Counts of in-memory state, for metrics.
+#[derive(Debug, Default)]
+pub struct Gauges {
+    pub steps: BTreeMap<String, u32>,
+    pub agents: BTreeMap<String, u32>,
+    pub breakers: BTreeMap<String, u32>,
+}
+
+/// A committed event, with its run's progress at the end of its batch.
+#[derive(Debug)]
+pub struct Published {
+    pub event: EventRow,
+    pub progress: Option<Arc<pb::Progress>>,
 }
 
 /// The handle the API uses to talk to the engine; cheap to clone.
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: mpsc::Sender<Msg>,
-    events: broadcast::Sender<Arc<EventRow>>,
+    events: broadcast::Sender<Arc<Published>>,
 }
 
 impl EngineHandle {
@@ -122,8 +190,9 @@ impl EngineHandle {
         &self,
         spec: Workstream,
         params: BTreeMap<String, String>,
+        estimates: crate::store::Estimates,
     ) -> Result<String, EngineError> {
-        self.call(|reply| Msg::Submit { spec, params, reply }).await
+        self.call(|reply| Msg::Submit { spec, params, estimates, reply }).await
     }
 
     /// Cancels a run, or one step of it when `step_id` is given.
@@ -162,10 +231,16 @@ impl EngineHandle {
         self.call(|reply| Msg::Drain { agent, undo, reply }).await
     }
 
-    /// Why each open step of an active run is not running (empty for final runs).
-    pub async fn wait_reasons(&self, run_id: String) -> Result<HashMap<String, String>, EngineError> {
+    /// Wait reasons and progress of an active run; `None` once it has ended.
+    pub async fn live(&self, run_id: String) -> Result<Option<Live>, EngineError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Msg::WaitReasons { run_id, reply }).await.map_err(|_| EngineError::Unavailable)?;
+        self.tx.send(Msg::Live { run_id, reply }).await.map_err(|_| EngineError::Unavailable)?;
+        rx.await.map_err(|_| EngineError::Unavailable)
+    }
+
+    pub async fn gauges(&self) -> Result<Gauges, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::Gauges { reply }).await.map_err(|_| EngineError::Unavailable)?;
         rx.await.map_err(|_| EngineError::Unavailable)
     }
 
@@ -189,7 +264,7 @@ impl EngineHandle {
     }
 
     /// Committed events of all runs, as they are committed.
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<EventRow>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Published>> {
         self.events.subscribe()
     }
 }
@@ -323,10 +398,9 @@ pub(crate) struct Engine {
     ready: BTreeMap<String, VecDeque<(String, usize)>>,
     timers: BinaryHeap<Reverse<(i64, Timer)>>,
     pending: Pending,
-    events: broadcast::Sender<Arc<EventRow>>,
+    events: broadcast::Sender<Arc<Published>>,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
     next_session: u64,
-    /// Stale reports rejected since start (fencing at work).
-    pub(crate) fenced: u64,
 }
 
 /// Loads the engine's state from the store and starts its task. The task ends when
@@ -335,15 +409,23 @@ pub async fn start(
     store: Store,
     cfg: EngineConfig,
     logs: crate::logs::Logs,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(EngineHandle, tokio::task::JoinHandle<Result<(), StoreError>>), StoreError> {
     let snapshot = store.load_active().await?;
+    let mut estimates = HashMap::new();
+    for r in &snapshot.runs {
+        if !estimates.contains_key(&r.workstream) {
+            estimates.insert(r.workstream.clone(), store.duration_estimates(&r.workstream).await?);
+        }
+    }
     let (events, _) = broadcast::channel(16_384);
     let initial_router = cfg.router.clone();
     let mut engine = Engine {
         cfg,
         store,
         logs,
+        metrics,
         runs: HashMap::new(),
         attempts: HashMap::new(),
         recent: RecentAttempts { states: HashMap::new(), order: VecDeque::new() },
@@ -357,9 +439,8 @@ pub async fn start(
         pending: Pending::default(),
         events: events.clone(),
         next_session: 1,
-        fenced: 0,
     };
-    engine.load(snapshot)?;
+    engine.load(snapshot, &estimates)?;
     let (tx, rx) = mpsc::channel(4096);
     let handle = EngineHandle { tx, events };
     let task = tokio::spawn(engine.run(rx, shutdown));
@@ -411,8 +492,8 @@ impl Engine {
 
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Submit { spec, params, reply } => {
-                let result = self.submit(spec, params);
+            Msg::Submit { spec, params, estimates, reply } => {
+                let result = self.submit(spec, params, &estimates);
                 self.pending.reply(reply, result);
             }
             Msg::Cancel { run_id, step_id, reason, reply } => {
@@ -433,8 +514,16 @@ impl Engine {
                 let result = self.reset_breaker(&tool, &agent);
                 self.pending.reply(reply, result);
             }
-            Msg::WaitReasons { run_id, reply } => {
-                let _ = reply.send(self.wait_reasons(&run_id));
+            Msg::Live { run_id, reply } => {
+                let reasons = self.wait_reasons(&run_id);
+                let live = self
+                    .runs
+                    .get_mut(&run_id)
+                    .map(|run| Live { reasons, progress: run.progress(&self.attempts, now_ms()) });
+                let _ = reply.send(live);
+            }
+            Msg::Gauges { reply } => {
+                let _ = reply.send(self.gauges());
             }
             Msg::SetRouter { router, reply } => {
                 tracing::info!(rules = router.rules.len(), "router rules replaced");
@@ -487,6 +576,7 @@ impl Engine {
         let batch = self.build_batch(&pending);
         let mut delay = Duration::from_millis(50);
         let mut tries = 0;
+        let t0 = std::time::Instant::now();
         while let Err(e) = self.store.commit(&batch).await {
             tries += 1;
             if tries >= 6 {
@@ -497,6 +587,17 @@ impl Engine {
             tokio::time::sleep(delay).await;
             delay *= 2;
         }
+        let m = &self.metrics;
+        m.commit_seconds.observe(&[], t0.elapsed().as_secs_f64());
+        let rows = batch.runs.len()
+            + batch.steps.len()
+            + batch.attempts.len()
+            + batch.agents.len()
+            + batch.events.len();
+        if rows > 0 {
+            m.commit_batch.observe(&[], rows as f64);
+        }
+        m.events.add(&[], batch.events.len() as f64);
         for effect in pending.effects {
             match effect {
                 // A closed session just drops the message: the agent re-syncs on Hello.
@@ -506,8 +607,19 @@ impl Engine {
                 Effect::Reply(f) => f(),
             }
         }
+        // One progress per run of the batch, shared by its events.
+        let now = now_ms();
+        let mut progress: HashMap<String, Arc<pb::Progress>> = HashMap::new();
         for event in batch.events {
-            let _ = self.events.send(Arc::new(event));
+            let p = match progress.get(&event.run_id) {
+                Some(p) => Some(p.clone()),
+                None => self.runs.get_mut(&event.run_id).map(|run| {
+                    let p = Arc::new(run.progress(&self.attempts, now));
+                    progress.insert(event.run_id.clone(), p.clone());
+                    p
+                }),
+            };
+            let _ = self.events.send(Arc::new(Published { event, progress: p }));
         }
         for run_id in pending.finished_runs {
             self.evict(&run_id);
@@ -560,8 +672,28 @@ impl Engine {
         }
     }
 
+    fn gauges(&self) -> Gauges {
+        let mut g = Gauges::default();
+        for run in self.runs.values() {
+            for s in &run.steps {
+                *g.steps.entry(s.state.as_str().to_string()).or_default() += 1;
+            }
+        }
+        for a in self.agents.values() {
+            *g.agents.entry(a.state.as_str().to_string()).or_default() += 1;
+        }
+        for b in self.breakers.values() {
+            *g.breakers.entry(b.state.as_str().to_string()).or_default() += 1;
+        }
+        g
+    }
+
     /// Rebuilds in-memory state from the store after a start.
-    fn load(&mut self, snap: Snapshot) -> Result<(), StoreError> {
+    fn load(
+        &mut self,
+        snap: Snapshot,
+        estimates: &HashMap<String, crate::store::Estimates>,
+    ) -> Result<(), StoreError> {
         let now = now_ms();
         let grace = baton_common::time::ms(self.cfg.failover_grace);
         for row in &snap.agents {
@@ -648,9 +780,19 @@ impl Engine {
                 deadline_at,
                 params: serde_json::from_str(&row.params).unwrap_or_default(),
                 templated: Vec::new(),
+                topo: Vec::new(),
+                estimates: Vec::new(),
+                eta: None,
             };
             let mut run = run;
             run.templated = model::templated_of(&run.spec);
+            run.topo = progress::topo_order(&model::needs_of(&run.spec));
+            let tools: Vec<String> = run.steps.iter().map(|s| s.tool.clone()).collect();
+            run.estimates = model::estimates_for(
+                &run.spec,
+                &tools,
+                estimates.get(&row.workstream).unwrap_or(&Default::default()),
+            );
             self.runs.insert(run.id.clone(), run);
         }
         for row in &snap.attempts {

@@ -38,6 +38,12 @@ pub(crate) struct Run {
     pub params: BTreeMap<String, String>,
     /// Which steps have `${{ ... }}` in their input or env.
     pub templated: Vec<bool>,
+    /// Steps ordered so that each comes after the steps it needs.
+    pub topo: Vec<usize>,
+    /// Expected duration of each step (ms), when known.
+    pub estimates: Vec<Option<i64>>,
+    /// Last ETA computation: (when, expected end), for rate limiting.
+    pub eta: Option<(i64, Option<i64>)>,
 }
 
 impl Run {
@@ -87,6 +93,28 @@ pub(crate) fn templated_of(spec: &Workstream) -> Vec<bool> {
             s.env.values().any(|v| v.contains("${{"))
                 || serde_json::Value::Object(s.with.clone()).to_string().contains("${{")
         })
+        .collect()
+}
+
+/// For each step, the indexes of the steps it needs.
+pub(crate) fn needs_of(spec: &Workstream) -> Vec<Vec<usize>> {
+    let index = spec.index();
+    spec.steps
+        .iter()
+        .map(|s| s.needs.iter().filter_map(|n| index.get(n.as_str()).copied()).collect())
+        .collect()
+}
+
+/// Each step's expected duration: the same step in earlier runs, else its tool.
+pub(crate) fn estimates_for(
+    spec: &Workstream,
+    tools: &[String],
+    e: &crate::store::Estimates,
+) -> Vec<Option<i64>> {
+    spec.steps
+        .iter()
+        .zip(tools)
+        .map(|(s, t)| e.by_step.get(&s.id).or_else(|| e.by_tool.get(t)).copied())
         .collect()
 }
 
@@ -195,6 +223,8 @@ pub(crate) struct Attempt {
     pub deadline_at: Option<i64>,
     /// Its final state came from the agent's own report (not kept across restarts).
     pub reported: bool,
+    /// When its step became ready (for dispatch latency; not kept across restarts).
+    pub ready_at: Option<i64>,
 }
 
 impl Attempt {
@@ -242,6 +272,7 @@ impl Attempt {
             finished_at: row.finished_at,
             deadline_at: row.deadline_at,
             reported: false,
+            ready_at: None,
         })
     }
 

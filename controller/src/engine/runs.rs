@@ -71,6 +71,7 @@ impl Engine {
         &mut self,
         mut spec: Workstream,
         mut params: BTreeMap<String, String>,
+        history: &crate::store::Estimates,
     ) -> Result<String, EngineError> {
         // Parameters: given ones, else declared defaults; a declared one without a
         // default must be given.
@@ -123,7 +124,7 @@ impl Engine {
         let steps: Vec<Step> = spec
             .steps
             .iter()
-            .zip(tools)
+            .zip(tools.iter().cloned())
             .map(|(s, tool)| {
                 let mut step = Step::new(tool, s.needs.len() as u32);
                 if step.state == StepState::Ready {
@@ -134,6 +135,8 @@ impl Engine {
             .collect();
         let dependents = model::dependents_of(&spec);
         let templated = model::templated_of(&spec);
+        let topo = super::progress::topo_order(&model::needs_of(&spec));
+        let estimates = model::estimates_for(&spec, &tools, history);
         let n = steps.len();
         let deadline_at = spec.deadline_ms.map(|d| now + d as i64);
         let mut run = Run {
@@ -154,6 +157,9 @@ impl Engine {
             deadline_at,
             templated,
             params,
+            topo,
+            estimates,
+            eta: None,
         };
         let p = &mut self.pending;
         p.runs.insert(id.clone());
@@ -398,7 +404,11 @@ impl Engine {
                 check_done(p, run);
             }
             Decision::Fail { reason: why } => {
-                let reason = format!("{class}: {error} ({why})");
+                let reason = if why.is_empty() {
+                    format!("{class}: {error}")
+                } else {
+                    format!("{class}: {error} ({why})")
+                };
                 if set_step(p, run, idx, StepState::Failed) {
                     let step = &mut run.steps[idx];
                     step.finished_at = Some(now);

@@ -94,6 +94,13 @@ pub struct RunRecord {
 /// Step counts by state for one run.
 pub type StateCounts = HashMap<String, u32>;
 
+/// Observed durations (ms) for estimating how long steps take.
+#[derive(Debug, Clone, Default)]
+pub struct Estimates {
+    pub by_step: HashMap<String, i64>,
+    pub by_tool: HashMap<String, i64>,
+}
+
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
@@ -360,6 +367,47 @@ impl Store {
         .fetch_one(&self.pool)
         .await?;
         Ok((row.try_get::<i64, _>("bytes")? as u64, row.try_get::<i64, _>("seq")? + 1))
+    }
+
+    /// Average durations of succeeded steps: per step id in recent runs of
+    /// `workstream`, and per tool in recent runs of any workstream.
+    pub async fn duration_estimates(&self, workstream: &str) -> Result<Estimates, StoreError> {
+        let by_step = sqlx::query(
+            "SELECT s.step_id AS k, CAST(AVG(s.finished_at - s.started_at) AS BIGINT) AS ms FROM steps s \
+             WHERE s.run_id IN (SELECT id FROM runs WHERE workstream = $1 ORDER BY created_at DESC LIMIT 20) \
+             AND s.state = 'succeeded' AND s.started_at IS NOT NULL AND s.finished_at IS NOT NULL GROUP BY s.step_id",
+        )
+        .bind(workstream)
+        .fetch_all(&self.pool)
+        .await?;
+        let by_tool = sqlx::query(
+            "SELECT s.tool AS k, CAST(AVG(s.finished_at - s.started_at) AS BIGINT) AS ms FROM steps s \
+             WHERE s.run_id IN (SELECT id FROM runs ORDER BY created_at DESC LIMIT 50) \
+             AND s.state = 'succeeded' AND s.started_at IS NOT NULL AND s.finished_at IS NOT NULL GROUP BY s.tool",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let map = |rows: Vec<AnyRow>| -> Result<HashMap<String, i64>, StoreError> {
+            rows.iter().map(|r| Ok((r.try_get::<String, _>("k")?, r.try_get::<i64, _>("ms")?))).collect()
+        };
+        Ok(Estimates { by_step: map(by_step)?, by_tool: map(by_tool)? })
+    }
+
+    /// Runs by state.
+    pub async fn run_counts(&self) -> Result<StateCounts, StoreError> {
+        let rows =
+            sqlx::query("SELECT state, COUNT(*) AS n FROM runs GROUP BY state").fetch_all(&self.pool).await?;
+        let mut counts = StateCounts::new();
+        for r in rows {
+            counts.insert(r.try_get("state")?, r.try_get::<i64, _>("n")? as u32);
+        }
+        Ok(counts)
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
     }
 
     pub async fn agents(&self) -> Result<Vec<AgentRow>, StoreError> {

@@ -1,0 +1,95 @@
+//! The controller's metrics, declared in one place.
+
+use std::sync::Arc;
+
+use baton_common::metrics::{COUNTS, DURATIONS, Family, Histogram, SECONDS};
+
+pub struct Metrics {
+    pub runs: Family,
+    pub steps: Family,
+    pub attempts: Family,
+    pub dispatch_latency: Histogram,
+    pub step_duration: Histogram,
+    pub breakers: Family,
+    pub agents: Family,
+    pub heartbeats_late: Family,
+    pub fenced: Family,
+    pub commit_seconds: Histogram,
+    pub commit_batch: Histogram,
+    pub events: Family,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        Arc::new(Metrics {
+            runs: Family::gauge("baton_runs", "Runs by state.", &["state"]),
+            steps: Family::gauge("baton_steps", "Steps of active runs by state.", &["state"]),
+            attempts: Family::counter(
+                "baton_attempts_total",
+                "Attempts that ended, by outcome and failure class.",
+                &["outcome", "error_class"],
+            ),
+            dispatch_latency: Histogram::new(
+                "baton_dispatch_latency_seconds",
+                "From a step becoming ready to its attempt starting on an agent.",
+                &[],
+                SECONDS,
+            ),
+            step_duration: Histogram::new(
+                "baton_step_duration_seconds",
+                "Duration of attempts that ran to an end, by tool.",
+                &["tool"],
+                DURATIONS,
+            ),
+            breakers: Family::gauge("baton_breakers", "Circuit breakers by state.", &["state"]),
+            agents: Family::gauge(
+                "baton_agents",
+                "Agents by state (connected, disconnected, lost).",
+                &["state"],
+            ),
+            heartbeats_late: Family::counter(
+                "baton_heartbeats_late_total",
+                "Agent messages that came more than two heartbeat intervals after the previous one.",
+                &[],
+            ),
+            fenced: Family::counter(
+                "baton_results_fenced_total",
+                "Reports (results, starts, heartbeats, output) rejected for a stale lease.",
+                &[],
+            ),
+            commit_seconds: Histogram::new(
+                "baton_store_commit_seconds",
+                "Time to commit one batch of state changes.",
+                &[],
+                SECONDS,
+            ),
+            commit_batch: Histogram::new(
+                "baton_store_commit_batch_size",
+                "Rows and events written per commit.",
+                &[],
+                COUNTS,
+            ),
+            events: Family::counter("baton_run_events_total", "Run events committed.", &[]),
+        })
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for f in [
+            &self.runs,
+            &self.steps,
+            &self.attempts,
+            &self.breakers,
+            &self.agents,
+            &self.heartbeats_late,
+            &self.fenced,
+            &self.events,
+        ] {
+            f.render(&mut out);
+        }
+        for h in [&self.dispatch_latency, &self.step_duration, &self.commit_seconds, &self.commit_batch] {
+            h.render(&mut out);
+        }
+        out
+    }
+}

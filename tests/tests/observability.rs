@@ -1,0 +1,319 @@
+//! Observability end to end: Prometheus metrics of controller and agent, health and
+//! readiness, gRPC health and reflection, progress with ETA on GetRun and WatchRun,
+//! resuming a watch, and run reports (JSON, Markdown, HTML rendered in Chromium).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use baton_tests::*;
+
+/// GET over plain HTTP: (status, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// Parses the Prometheus text format into `name{labels}` → value.
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad metrics line {l:?}"));
+            (k.to_string(), v.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {l:?}")))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_and_agent_metrics_are_scraped_and_parsed() {
+    let mut sb = Sandbox::builder().agents(1).build().await;
+    let agent_metrics = free_addr();
+    let mut cfg = sb.agent_config("measured", 2);
+    cfg.metrics_listen = Some(agent_metrics);
+    sb.add_agent_with(cfg);
+    sb.wait_agents(2).await;
+    let mut c = sb.client().await;
+    let counter = sb.dir.path().join("n");
+    let spec = format!(
+        "name: m\non_failure: continue\nsteps:\n  - id: flaky\n    tool: shell\n    retry: {{max_attempts: 2, backoff: {{initial: 10ms}}}}\n    with: {{run: 'n=$(cat {f} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {f}; test $n -gt 1'}}\n  - {{id: broken, tool: shell, with: {{run: 'exit 3'}}}}\n  - {{id: fine, tool: noop}}\n",
+        f = counter.display()
+    );
+    let id = sb.submit(&spec).await;
+    let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
+    assert_eq!(run.state, "failed");
+
+    let (status, body) = http_get(sb.metrics_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let m = parse_metrics(&body);
+    let get = |k: &str| m.get(k).copied().unwrap_or_else(|| panic!("no {k} in\n{body}"));
+    assert_eq!(get("baton_runs{state=\"failed\"}"), 1.0);
+    assert_eq!(get("baton_attempts_total{outcome=\"failed\",error_class=\"nonzero_exit\"}"), 2.0);
+    assert_eq!(get("baton_attempts_total{outcome=\"succeeded\",error_class=\"\"}"), 2.0);
+    assert_eq!(get("baton_agents{state=\"connected\"}"), 2.0);
+    assert_eq!(get("baton_dispatch_latency_seconds_count"), 4.0, "one per started attempt");
+    assert_eq!(get("baton_step_duration_seconds_count{tool=\"shell\"}"), 3.0);
+    assert_eq!(get("baton_step_duration_seconds_count{tool=\"noop\"}"), 1.0);
+    assert!(get("baton_store_commit_seconds_count") >= 1.0);
+    assert!(get("baton_store_commit_batch_size_sum") >= 10.0);
+    assert_eq!(get("baton_results_fenced_total"), 0.0);
+    assert!(get("baton_run_events_total") >= 10.0);
+    assert!(body.contains("# TYPE baton_dispatch_latency_seconds histogram"));
+
+    assert_eq!(http_get(sb.metrics_addr, "/healthz").await, (200, "ok\n".to_string()));
+    assert_eq!(http_get(sb.metrics_addr, "/readyz").await, (200, "ready\n".to_string()));
+    assert_eq!(http_get(sb.metrics_addr, "/nope").await.0, 404);
+
+    let (_, agent_body) = http_get(agent_metrics, "/metrics").await;
+    let am = parse_metrics(&agent_body);
+    assert_eq!(am.get("baton_agent_running_attempts"), Some(&0.0));
+    assert_eq!(am.get("baton_agent_connected"), Some(&1.0));
+    assert_eq!(am.get("baton_agent_reconnects_total"), Some(&0.0));
+    let ran: f64 =
+        am.iter().filter(|(k, _)| k.starts_with("baton_agent_attempts_total")).map(|(_, v)| v).sum();
+    assert_eq!(
+        ran,
+        run.steps.iter().flat_map(|s| &s.attempts).filter(|a| a.agent_name == "measured").count() as f64
+    );
+    assert_eq!(http_get(agent_metrics, "/readyz").await.0, 200);
+
+    // The agent counts its reconnect after a controller restart.
+    sb.restart_controller().await;
+    sb.wait_agents(2).await;
+    let reconnected = eventually(Duration::from_secs(10), "the agent's reconnect count", || async move {
+        let (_, body) = http_get(agent_metrics, "/metrics").await;
+        let v = parse_metrics(&body).get("baton_agent_reconnects_total").copied()?;
+        (v >= 1.0).then_some(v)
+    })
+    .await;
+    assert_eq!(reconnected, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_is_serving_and_reflection_lists_the_services() {
+    let sb = Sandbox::builder().agents(0).build().await;
+    let channel = tonic::transport::Endpoint::from_shared(sb.url()).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for service in ["", "baton.v1.BatonService", "baton.v1.AgentService"] {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest { service: service.to_string() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut refl = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = refl.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("{resp:?}") };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in ["baton.v1.BatonService", "baton.v1.AgentService", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_carries_an_eta_learned_from_earlier_runs() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let mut c = sb.client().await;
+    let spec = "name: eta\nsteps:\n  - {id: a, tool: sleep, with: {duration: 600ms}}\n  - {id: b, needs: a, tool: sleep, with: {duration: 600ms}}\n";
+    // The first run has no history: its ETA is unknown.
+    let first = sb.submit(spec).await;
+    let running = |e: &proto::RunEvent| e.progress.is_some() && e.run_state == "running";
+    let ev = wait_event(&mut c, &first, Duration::from_secs(10), running).await;
+    assert_eq!(ev.progress.as_ref().map(|p| p.eta_ms), Some(-1), "{ev:?}");
+    wait_run(&mut c, &first, Duration::from_secs(20)).await;
+    // The second run knows how long its steps took last time.
+    let second = sb.submit(spec).await;
+    let ev = wait_event(&mut c, &second, Duration::from_secs(10), running).await;
+    let p = ev.progress.expect("progress");
+    assert_eq!(p.total, 2);
+    assert!((0..=1400).contains(&p.eta_ms), "at most a and b in a row, about 1.2s: {}", p.eta_ms);
+    if p.done == 0 {
+        assert!(p.eta_ms >= 600, "b alone takes 600ms: {}", p.eta_ms);
+    }
+    let run = get_run(&mut c, &second).await;
+    let eta = run.progress.unwrap().eta_ms;
+    assert!((0..=1400).contains(&eta), "{eta}");
+    let run = wait_run(&mut c, &second, Duration::from_secs(20)).await;
+    assert_eq!(run.progress.unwrap().eta_ms, 0, "an ended run has nothing left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_reconnects_misses_nothing_and_sees_nothing_twice() {
+    let sb = Sandbox::builder().agents(2).build().await;
+    let mut c = sb.client().await;
+    let mut spec = String::from("name: w\nsteps:\n");
+    for i in 0..12 {
+        spec.push_str(&format!("  - {{id: s{i}, tool: sleep, with: {{duration: 30ms}}}}\n"));
+    }
+    let id = sb.submit(&spec).await;
+    let mut seen: Vec<i64> = Vec::new();
+    // Three short sessions, each dropped after a few events, then one to the end.
+    for _ in 0..3 {
+        let from = seen.last().map(|s| s + 1).unwrap_or(1);
+        let mut s = c
+            .watch_run(proto::WatchRunRequest { run_id: id.clone(), from_seq: from })
+            .await
+            .unwrap()
+            .into_inner();
+        for _ in 0..5 {
+            match s.message().await.unwrap() {
+                Some(ev) => seen.push(ev.seq),
+                None => break,
+            }
+        }
+        drop(s);
+    }
+    let from = seen.last().map(|s| s + 1).unwrap_or(1);
+    let mut s = c
+        .watch_run(proto::WatchRunRequest { run_id: id.clone(), from_seq: from })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(ev) = s.message().await.unwrap() {
+        seen.push(ev.seq);
+    }
+    let all = all_events(&mut c, &id).await;
+    assert_eq!(seen, all.iter().map(|e| e.seq).collect::<Vec<_>>(), "every event once, in order");
+    assert_eq!(all.last().unwrap().kind, "run_succeeded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_tell_retries_failures_and_the_critical_path() {
+    let sb = Sandbox::builder().agents(2).build().await;
+    let mut c = sb.client().await;
+    let counter = sb.dir.path().join("n");
+    let spec = format!(
+        r#"
+name: report
+on_failure: continue
+steps:
+  - {{id: start, tool: noop}}
+  - {{id: slow, needs: start, tool: sleep, with: {{duration: 400ms}}}}
+  - id: quick
+    needs: start
+    tool: shell
+    retry: {{max_attempts: 2, backoff: {{initial: 10ms}}}}
+    with: {{run: 'n=$(cat {f} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {f}; test $n -gt 1'}}
+  - {{id: join, needs: [slow, quick], tool: noop}}
+  - {{id: broken, tool: fail, with: {{message: "on purpose", class: tool_error}}}}
+"#,
+        f = counter.display()
+    );
+    let id = sb.submit(&spec).await;
+    wait_run(&mut c, &id, Duration::from_secs(20)).await;
+    let report = |format: &str| {
+        let mut c = c.clone();
+        let id = id.clone();
+        let format = format.to_string();
+        async move {
+            c.get_report(proto::GetReportRequest { run_id: id, format }).await.unwrap().into_inner().content
+        }
+    };
+    let json: serde_json::Value = serde_json::from_str(&report("json").await).unwrap();
+    assert_eq!(json["run"]["state"], "failed");
+    assert_eq!(json["summary"]["retries"], 1);
+    assert_eq!(json["summary"]["attempts"], 6);
+    assert_eq!(json["critical_path"], serde_json::json!(["start", "slow", "join"]));
+    let steps = json["steps"].as_array().unwrap();
+    let quick = steps.iter().find(|s| s["id"] == "quick").unwrap();
+    assert_eq!(quick["attempts"].as_array().unwrap().len(), 2);
+    assert_eq!(quick["attempts"][0]["outcome"], "failed");
+    assert_eq!(quick["attempts"][0]["exit_code"], 1);
+    assert_eq!(quick["attempts"][0]["error_class"], "nonzero_exit");
+    assert!(quick["attempts"][0]["agent"].as_str().unwrap().starts_with("agent-"));
+    let broken = steps.iter().find(|s| s["id"] == "broken").unwrap();
+    assert_eq!(broken["attempts"][0]["error"], "on purpose");
+    assert_eq!(broken["attempts"][0]["error_class"], "tool_error");
+    assert_eq!(json["retries"][0]["step"], "quick");
+
+    let md = report("md").await;
+    assert!(md.contains("## Critical path") && md.contains("start → slow → join"), "{md}");
+    assert!(md.contains("| broken | fail | failed | 1 |"), "{md}");
+    assert!(md.contains("## Retries"), "{md}");
+
+    let html = report("html").await;
+    assert!(html.starts_with("<!doctype html>") && html.contains("<svg") && html.contains("</svg>"));
+    assert!(
+        !html.contains("http://")
+            || html.matches("http://").all(|_| html.contains("xmlns=\"http://www.w3.org/2000/svg\"")),
+        "no network needed"
+    );
+    assert_eq!(html.matches("<rect").count() - 1, 6, "one bar per attempt (plus the background)");
+    let bad =
+        c.get_report(proto::GetReportRequest { run_id: id.clone(), format: "pdf".into() }).await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+
+    render_in_chromium(&html, sb.dir.path());
+}
+
+/// Renders the HTML report in headless Chromium and checks the screenshot is not blank.
+/// CI installs Chromium and sets BATON_REQUIRE_CHROMIUM=1; elsewhere a missing Chromium
+/// skips this check, saying so.
+fn render_in_chromium(html: &str, dir: &std::path::Path) {
+    let chromium = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|c| std::process::Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()));
+    let Some(chromium) = chromium else {
+        assert!(
+            std::env::var_os("BATON_REQUIRE_CHROMIUM").is_none(),
+            "chromium is required but not installed"
+        );
+        eprintln!("SKIPPED: rendering the HTML report: chromium is not installed");
+        return;
+    };
+    let page = dir.join("report.html");
+    std::fs::write(&page, html).unwrap();
+    let shot = dir.join("report.png");
+    let out = std::process::Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--window-size=1200,900",
+        ])
+        .arg(format!("--user-data-dir={}", dir.join("chromium-profile").display()))
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .unwrap();
+    assert!(shot.exists(), "no screenshot: {}", String::from_utf8_lossy(&out.stderr));
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let px = info.color_type.samples();
+    let colors: std::collections::HashSet<&[u8]> = buf[..info.buffer_size()].chunks(px).collect();
+    assert!(colors.len() > 20, "the page rendered blank ({} colours)", colors.len());
+    // The timeline's green (a succeeded attempt) is on the page.
+    assert!(
+        buf[..info.buffer_size()].chunks(px).any(|p| p[..3] == [0x2f, 0x9e, 0x5b]),
+        "no timeline bar rendered"
+    );
+}
