@@ -160,6 +160,8 @@ impl AgentMetrics {
 enum SessionEnd {
     Shutdown,
     Broken(String),
+    /// A standby answered, naming the leader: go there next.
+    Redirect(String),
 }
 
 /// Runs the agent until `shutdown` is cancelled.
@@ -262,15 +264,33 @@ impl Agent {
         let mut backoff = Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max);
         let mut disconnected_since = Instant::now();
         let mut target = 0usize;
+        let mut redirect: Option<String> = None;
+        // One redirect is followed at once; a second in a row waits like a failure, so
+        // controllers that disagree during a takeover cannot make the agent spin.
+        let mut redirected = false;
         loop {
-            let url = self.cfg.controllers[target % self.cfg.controllers.len()].clone();
-            target += 1;
+            let url = match redirect.take() {
+                Some(leader) => leader,
+                None => {
+                    target += 1;
+                    self.cfg.controllers[(target - 1) % self.cfg.controllers.len()].clone()
+                }
+            };
             match self.session(&url, &shutdown, &mut backoff).await {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Broken(why) => {
                     debug!(controller = %url, %why, "no session");
                 }
+                SessionEnd::Redirect(leader) => {
+                    info!(standby = %url, %leader, "following the leader");
+                    redirect = Some(leader);
+                    if !redirected {
+                        redirected = true;
+                        continue;
+                    }
+                }
             }
+            redirected = false;
             self.metrics.connected.set(&[], 0.0);
             if backoff.attempts() == 0 {
                 // The session had been up; the outage starts now.
@@ -353,7 +373,13 @@ impl Agent {
             _ = shutdown.cancelled() => return SessionEnd::Shutdown,
             r = client.connect(ReceiverStream::new(out_rx)) => match r {
                 Ok(r) => r.into_inner(),
-                Err(e) => return SessionEnd::Broken(format!("connect stream: {e}")),
+                Err(e) => {
+                    let leader = e.metadata().get(baton_common::LEADER_HEADER).and_then(|v| v.to_str().ok());
+                    return match leader {
+                        Some(l) if l != url => SessionEnd::Redirect(l.to_string()),
+                        _ => SessionEnd::Broken(format!("connect stream: {e}")),
+                    };
+                }
             }
         };
         let welcome = match inbound.message().await {
@@ -376,6 +402,9 @@ impl Agent {
             self.unacked.retain(|f| f.attempt.as_ref().is_none_or(|a| &a.attempt_id != id));
         }
         let hb_every = Duration::from_millis(welcome.heartbeat_interval_ms.max(50) as u64);
+        // A controller that says nothing for this long is gone (dead, frozen or cut off).
+        let silence_limit = Duration::from_millis(welcome.lease_timeout_ms.max(1000) as u64);
+        let mut last_heard = Instant::now();
         let mut heartbeat = tokio::time::interval(hb_every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         heartbeat.tick().await;
@@ -391,6 +420,7 @@ impl Agent {
                 }
                 m = inbound.message() => match m {
                     Ok(Some(pb::ControllerMessage { msg: Some(m) })) => {
+                        last_heard = Instant::now();
                         if let Err(e) = self.on_controller(m, &out_tx) {
                             return SessionEnd::Broken(e);
                         }
@@ -405,6 +435,10 @@ impl Agent {
                     }
                 }
                 _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > silence_limit {
+                        warn!(controller = %url, silent_for = ?last_heard.elapsed(), "the controller went silent; reconnecting");
+                        return SessionEnd::Broken("the controller went silent".into());
+                    }
                     let hb = pb::Heartbeat {
                         running: self.running.values().map(|r| r.attempt.clone()).collect(),
                         free_slots: self.cfg.slots.saturating_sub(self.running.len() as u32),
@@ -439,7 +473,7 @@ impl Agent {
                 self.draining = true;
                 Ok(())
             }
-            In::Welcome(_) => Ok(()),
+            In::Welcome(_) | In::Pong(_) => Ok(()),
         }
     }
 

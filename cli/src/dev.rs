@@ -43,6 +43,8 @@ pub async fn run(
         router,
         reload_on_sighup: false,
         metrics: None,
+        lease: Duration::from_secs(5),
+        advertise: None,
         db: format!("sqlite://{}", db_path.display()),
         engine: baton_controller::EngineConfig {
             heartbeat_interval: Duration::from_millis(500),
@@ -95,7 +97,7 @@ async fn drive(
     if format == Format::Text {
         eprintln!("run {run_id} started on {agents} local agents");
     }
-    watch::watch(&mut c, &run_id, 1, format).await
+    watch::watch(&mut c, url, &run_id, 1, format).await
 }
 
 fn init_tracing() {

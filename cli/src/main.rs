@@ -22,7 +22,7 @@ use output::Format;
 #[derive(Debug, Parser)]
 #[command(name = "baton", version, about = "Baton: run workstreams of tools across machines")]
 struct Cli {
-    /// Controller URL.
+    /// Controller URL; a comma-separated list finds the leader among several.
     #[arg(long, global = true, env = "BATON_CONTROLLER", default_value = "http://127.0.0.1:7070")]
     controller: String,
     #[command(subcommand)]
@@ -286,7 +286,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 if out.format() == Format::Text {
                     eprintln!("run {run_id} submitted");
                 }
-                return watch::watch(&mut c, &run_id, 1, out.format()).await;
+                return watch::watch(&mut c, &cli.controller, &run_id, 1, out.format()).await;
             }
             match out.format() {
                 Format::Text => println!("{run_id}"),
@@ -354,7 +354,7 @@ async fn runs(controller: &str, cmd: RunsCommand) -> Result<u8, Failure> {
         }
         RunsCommand::Watch { run, from_seq, out } => {
             let id = c.get_run(pb::GetRunRequest { run_id: run }).await?.into_inner().run.map(|r| r.id);
-            return watch::watch(&mut c, &id.unwrap_or_default(), from_seq, out.format()).await;
+            return watch::watch(&mut c, controller, &id.unwrap_or_default(), from_seq, out.format()).await;
         }
         RunsCommand::Cancel { run, step, reason, out } => {
             let req = pb::CancelRunRequest { run_id: run, reason, step_id: step.clone().unwrap_or_default() };

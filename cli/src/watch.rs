@@ -18,7 +18,15 @@ use crate::output::{self, Format};
 const RECONNECT_FOR: Duration = Duration::from_secs(120);
 
 /// Follows `run_id` from `from_seq` until the run ends. Exit code 0 when it succeeded.
-pub async fn watch(c: &mut Client, run_id: &str, from_seq: i64, format: Format) -> Result<u8, Failure> {
+/// `controllers` (the `--controller` list) is where to look for the leader again after
+/// a failover.
+pub async fn watch(
+    c: &mut Client,
+    controllers: &str,
+    run_id: &str,
+    from_seq: i64,
+    format: Format,
+) -> Result<u8, Failure> {
     let run = get(c, run_id).await?;
     let mut view = View::new(format, &run);
     let mut next = from_seq.max(1);
@@ -70,6 +78,10 @@ pub async fn watch(c: &mut Client, run_id: &str, from_seq: i64, format: Format) 
                 }
                 view.note(&format!("lost the controller ({}); reconnecting", s.message()));
                 tokio::time::sleep(Duration::from_millis(500)).await;
+                // The leader may have changed: find it again.
+                if let Ok(leader) = crate::client::connect(controllers).await {
+                    *c = leader;
+                }
             }
             Err(s) => {
                 view.clear();

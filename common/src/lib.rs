@@ -12,3 +12,6 @@ pub mod time;
 pub mod tools;
 
 pub use proto::v1 as pb;
+
+/// gRPC metadata key with which a standby controller names the leader's address.
+pub const LEADER_HEADER: &str = "baton-leader";

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod engine;
+pub mod leader;
 pub mod logs;
 pub mod metrics;
 pub mod report;
@@ -32,6 +33,11 @@ pub struct Config {
     pub reload_on_sighup: bool,
     /// Where to serve `/metrics`, `/healthz` and `/readyz` (plain HTTP).
     pub metrics: Option<std::net::TcpListener>,
+    /// With Postgres: a leader that does not renew its lease for this long is replaced.
+    pub lease: Duration,
+    /// The address clients and agents should use for this controller (default:
+    /// `http://` and the listen address).
+    pub advertise: Option<String>,
 }
 
 impl Config {
@@ -43,6 +49,8 @@ impl Config {
             router: None,
             reload_on_sighup: false,
             metrics: None,
+            lease: Duration::from_secs(5),
+            advertise: None,
         }
     }
 }
@@ -61,8 +69,9 @@ pub enum ControllerError {
     Router { path: String, error: router::RouterError },
 }
 
-/// Serves the controller on `listener` until `shutdown` is cancelled. Returns an error
-/// when the store cannot be opened or fails for good while running.
+/// Serves the controller on `listener` until `shutdown` is cancelled. With SQLite it
+/// leads at once; with Postgres it takes part in leader election (see `leader`).
+/// Returns an error when the store cannot be opened, or (SQLite) fails for good.
 pub async fn run(
     listener: TcpListener,
     mut config: Config,
@@ -74,20 +83,34 @@ pub async fn run(
             .map_err(|error| ControllerError::Router { path: path.display().to_string(), error })?;
     }
     let store = store::Store::open(&config.db).await?;
-    // `stop` ends everything: a shutdown request, or the engine failing.
+    // `stop` ends everything: a shutdown request, or (SQLite) the engine failing.
     let stop = shutdown.child_token();
     let logs = logs::start(store.clone(), config.engine.max_output_bytes, stop.clone());
     let metrics = metrics::Metrics::new();
-    let (engine, mut task) =
-        engine::start(store.clone(), config.engine, logs.clone(), metrics.clone(), stop.clone()).await?;
+    let (role_tx, leadership) = leader::Leadership::channel();
+    let router = std::sync::Arc::new(std::sync::Mutex::new(config.engine.router.clone()));
+    let alone = match store.backend() {
+        store::Backend::Sqlite => Some(
+            leader::lead_alone(
+                store.clone(),
+                config.engine.clone(),
+                logs.clone(),
+                metrics.clone(),
+                &role_tx,
+                &stop,
+            )
+            .await?,
+        ),
+        store::Backend::Postgres => None,
+    };
     if let Some(listener) = config.metrics {
         let listener =
             TcpListener::from_std(listener).map_err(|e| ControllerError::Metrics(e.to_string()))?;
         info!(addr = ?listener.local_addr().ok(), "metrics listening");
         tokio::spawn(baton_common::metrics::serve(
             listener,
-            render_metrics(metrics.clone(), engine.clone(), store.clone()),
-            readiness(engine.clone(), store.clone()),
+            render_metrics(metrics.clone(), leadership.clone(), store.clone()),
+            readiness(leadership.clone(), store.clone()),
             stop.clone(),
         ));
     }
@@ -97,12 +120,19 @@ pub async fn run(
         use tokio::signal::unix::{SignalKind, signal};
         match signal(SignalKind::hangup()) {
             Ok(hup) => {
-                tokio::spawn(reload_on_sighup(hup, path, engine.clone(), stop.clone()));
+                tokio::spawn(reload_on_sighup(hup, path, router.clone(), leadership.clone(), stop.clone()));
             }
             Err(e) => error!(error = %e, "cannot listen for SIGHUP; reload the router over the API"),
         }
     }
-    let (runs, agents) = api::services(engine, store.clone(), logs, config.router.clone(), stop.clone());
+    let (runs, agents) = api::services(
+        leadership,
+        router.clone(),
+        store.clone(),
+        logs.clone(),
+        config.router.clone(),
+        stop.clone(),
+    );
     // grpc.health.v1 and server reflection, so that any gRPC client can find its way.
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<pb::baton_service_server::BatonServiceServer<api::RunApi>>().await;
@@ -113,7 +143,11 @@ pub async fn run(
         .build_v1()
         .map_err(|e| ControllerError::Engine(format!("reflection: {e}")))?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    info!(?addr, db = %redact(&config.db), "controller listening");
+    let address = config.advertise.clone().unwrap_or_else(|| match addr {
+        Some(a) => format!("http://{a}"),
+        None => String::new(),
+    });
+    info!(?addr, %address, db = %redact(&config.db), "controller listening");
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -122,24 +156,36 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
+    let lease =
+        leader::LeaseConfig { holder: uuid::Uuid::new_v4().to_string(), address, lease: config.lease };
+    let terms = async {
+        match alone {
+            // SQLite: the engine ending (failing) ends the controller.
+            Some(task) => {
+                task.await.unwrap_or_else(|e| Err(store::StoreError::Corrupt(format!("engine task: {e}"))))
+            }
+            None => {
+                let parts =
+                    leader::EngineParts { store: store.clone(), cfg: config.engine, router, logs, metrics };
+                leader::run_terms(parts, lease, role_tx, stop.clone()).await
+            }
+        }
+    };
     tokio::pin!(server);
+    tokio::pin!(terms);
     let result = tokio::select! {
         r = &mut server => {
             stop.cancel();
-            let _ = (&mut task).await;
+            let _ = (&mut terms).await;
             r.map_err(ControllerError::from)
         }
-        r = &mut task => {
+        r = &mut terms => {
             stop.cancel();
             let _ = server.await;
-            match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => {
-                    error!(error = %e, "engine failed");
-                    Err(ControllerError::Store(e))
-                }
-                Err(e) => Err(ControllerError::Engine(e.to_string())),
-            }
+            r.map_err(|e| {
+                error!(error = %e, "engine failed");
+                ControllerError::Store(e)
+            })
         }
     };
     store.close().await;
@@ -151,7 +197,8 @@ pub async fn run(
 async fn reload_on_sighup(
     mut hup: tokio::signal::unix::Signal,
     path: std::path::PathBuf,
-    engine: engine::EngineHandle,
+    shared: std::sync::Arc<std::sync::Mutex<router::Router>>,
+    leadership: leader::Leadership,
     stop: CancellationToken,
 ) {
     loop {
@@ -162,9 +209,13 @@ async fn reload_on_sighup(
         match router::Router::load(&path) {
             Ok(r) => {
                 let n = r.rules.len();
-                if engine.set_router(r).await.is_ok() {
-                    info!(path = %path.display(), rules = n, "router config reloaded");
+                if let Ok(mut s) = shared.lock() {
+                    *s = r.clone();
                 }
+                if let Ok((engine, _)) = leadership.engine() {
+                    let _ = engine.set_router(r).await;
+                }
+                info!(path = %path.display(), rules = n, "router config reloaded");
             }
             Err(e) => {
                 error!(path = %path.display(), error = %e, "router config refused; keeping the rules in force")
@@ -176,16 +227,20 @@ async fn reload_on_sighup(
 /// Renders the metrics, reading gauges from the engine and the store first.
 fn render_metrics(
     m: std::sync::Arc<metrics::Metrics>,
-    engine: engine::EngineHandle,
+    leadership: leader::Leadership,
     store: store::Store,
 ) -> baton_common::metrics::RenderFn {
     std::sync::Arc::new(move || {
-        let (m, engine, store) = (m.clone(), engine.clone(), store.clone());
+        let (m, leadership, store) = (m.clone(), leadership.clone(), store.clone());
         Box::pin(async move {
             let gauge = |map: std::collections::BTreeMap<String, u32>| {
                 map.into_iter().map(|(k, v)| (vec![k], f64::from(v))).collect::<Vec<_>>()
             };
-            if let Ok(g) = engine.gauges().await {
+            let gauges = match leadership.engine() {
+                Ok((engine, _)) => engine.gauges().await.ok(),
+                Err(_) => None,
+            };
+            if let Some(g) = gauges {
                 m.steps.set_all(gauge(g.steps));
                 m.agents.set_all(gauge(g.agents));
                 m.breakers.set_all(gauge(g.breakers));
@@ -198,12 +253,21 @@ fn render_metrics(
     })
 }
 
-/// Ready when the engine answers and the database does.
-fn readiness(engine: engine::EngineHandle, store: store::Store) -> baton_common::metrics::ReadyFn {
+/// Ready when this controller leads, its engine answers and the database does.
+fn readiness(leadership: leader::Leadership, store: store::Store) -> baton_common::metrics::ReadyFn {
     std::sync::Arc::new(move || {
-        let (engine, store) = (engine.clone(), store.clone());
+        let (leadership, store) = (leadership.clone(), store.clone());
         Box::pin(async move {
             let wait = Duration::from_secs(2);
+            let engine = match leadership.role() {
+                leader::Role::Leader { engine, .. } => engine,
+                leader::Role::Standby { leader } => {
+                    return Err(format!(
+                        "standby; the leader is {}",
+                        leader.unwrap_or_else(|| "unknown".into())
+                    ));
+                }
+            };
             match tokio::time::timeout(wait, engine.gauges()).await {
                 Ok(Ok(_)) => {}
                 _ => return Err("the engine does not answer".to_string()),

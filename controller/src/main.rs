@@ -43,6 +43,14 @@ struct Args {
     /// Serve Prometheus metrics, /healthz and /readyz over HTTP on this address.
     #[arg(long, env = "BATON_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// With Postgres and several controllers: a leader that does not renew its lease for
+    /// this long is replaced by a standby.
+    #[arg(long, env = "BATON_LEASE", default_value = "5s", value_parser = duration)]
+    lease: Duration,
+    /// The address clients and agents should use for this controller, as given to
+    /// them by standbys (default: http:// and the listen address).
+    #[arg(long, env = "BATON_ADVERTISE")]
+    advertise: Option<String>,
     /// Output kept per attempt (bytes); the rest is cut with a marker.
     #[arg(long, env = "BATON_MAX_OUTPUT", default_value_t = 8 * 1024 * 1024)]
     max_output: u64,
@@ -91,6 +99,8 @@ async fn main() -> anyhow::Result<()> {
         },
         router: args.router,
         reload_on_sighup: true,
+        lease: args.lease,
+        advertise: args.advertise,
         metrics: match args.metrics_listen {
             None => None,
             Some(addr) => {

@@ -38,11 +38,86 @@ pub fn init_logs() {
     }
 }
 
+/// The database a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Whether Postgres tests can run (`BATON_TEST_POSTGRES_URL` is set); says so when not.
+pub fn postgres_available() -> bool {
+    let ok = baton_controller::store::testing::postgres_url().is_some();
+    if !ok {
+        eprintln!("SKIPPED (postgres): set BATON_TEST_POSTGRES_URL to run this test on Postgres");
+    }
+    ok
+}
+
+/// A fresh database for one test: a SQLite file in `dir`, or a Postgres database of its
+/// own (dropped afterwards), so tests run in parallel.
+pub struct TestDb {
+    pub url: String,
+    admin: Option<String>,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend, dir: &Path) -> TestDb {
+        match backend {
+            Backend::Sqlite => {
+                TestDb { url: format!("sqlite://{}", dir.join("baton.db").display()), admin: None }
+            }
+            Backend::Postgres => {
+                let admin =
+                    baton_controller::store::testing::postgres_url().expect("BATON_TEST_POSTGRES_URL");
+                let url =
+                    baton_controller::store::testing::create_database(&admin).await.expect("create database");
+                TestDb { url, admin: Some(admin) }
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(admin) = self.admin.take() {
+            let url = self.url.clone();
+            let _ = std::thread::spawn(move || {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    let _ = rt.block_on(baton_controller::store::testing::drop_database(&admin, &url));
+                }
+            })
+            .join();
+        }
+    }
+}
+
+/// Runs each listed `async fn name(backend: Backend)` as two tests: `name::sqlite` and
+/// `name::postgres` (skipped, saying so, without `BATON_TEST_POSTGRES_URL`).
+#[macro_export]
+macro_rules! on_both {
+    ($($name:ident),+ $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::Backend::Sqlite).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if $crate::postgres_available() {
+                    super::$name($crate::Backend::Postgres).await;
+                }
+            }
+        }
+    )+};
+}
+
 pub struct SandboxBuilder {
     agents: u32,
     slots: u32,
     engine: baton_controller::EngineConfig,
     router: Option<String>,
+    backend: Backend,
 }
 
 impl SandboxBuilder {
@@ -61,6 +136,11 @@ impl SandboxBuilder {
         self
     }
 
+    pub fn backend(mut self, backend: Backend) -> Self {
+        self.backend = backend;
+        self
+    }
+
     /// Routing rules (router_config.json text) for the controller.
     pub fn router(mut self, json: &str) -> Self {
         self.router = Some(json.to_string());
@@ -74,7 +154,8 @@ impl SandboxBuilder {
         let dir = tempfile::tempdir().expect("tempdir");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let db = format!("sqlite://{}", dir.path().join("baton.db").display());
+        let test_db = TestDb::new(self.backend, dir.path()).await;
+        let db = test_db.url.clone();
         let router = self.router.map(|json| {
             let path = dir.path().join("router_config.json");
             std::fs::write(&path, json).expect("router config");
@@ -85,6 +166,7 @@ impl SandboxBuilder {
             dir,
             addr,
             db,
+            _test_db: test_db,
             router,
             metrics_addr,
             engine: self.engine,
@@ -92,6 +174,7 @@ impl SandboxBuilder {
             agents: Vec::new(),
         };
         sb.start_controller_on(listener);
+        wait_leader(&sb.url()).await;
         for i in 1..=self.agents {
             sb.add_agent(&format!("agent-{i}"), self.slots);
         }
@@ -109,6 +192,7 @@ pub struct Sandbox {
     pub dir: tempfile::TempDir,
     pub addr: SocketAddr,
     pub db: String,
+    _test_db: TestDb,
     pub engine: baton_controller::EngineConfig,
     /// The router config file, when the sandbox has one (rewrite it, then reload).
     pub router: Option<PathBuf>,
@@ -120,7 +204,7 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub fn builder() -> SandboxBuilder {
-        SandboxBuilder { agents: 2, slots: 2, engine: fast_engine(), router: None }
+        SandboxBuilder { agents: 2, slots: 2, engine: fast_engine(), router: None, backend: Backend::Sqlite }
     }
 
     pub fn url(&self) -> String {
@@ -141,6 +225,8 @@ impl Sandbox {
             router: self.router.clone(),
             reload_on_sighup: false,
             metrics: self.metrics_listener(),
+            lease: Duration::from_secs(2),
+            advertise: None,
         };
         let s = stop.clone();
         let task = tokio::spawn(async move {
@@ -164,6 +250,7 @@ impl Sandbox {
         self.stop_controller().await;
         let listener = tokio::net::TcpListener::bind(self.addr).await.expect("rebind");
         self.start_controller_on(listener);
+        wait_leader(&self.url()).await;
     }
 
     pub fn agent_config(&self, name: &str, slots: u32) -> baton_agent::Config {
@@ -243,6 +330,17 @@ pub async fn connect(url: &str) -> Client {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("controller at {url} never answered");
+}
+
+/// Waits until the controller at `url` leads (at once with SQLite; with Postgres once
+/// it holds the lease).
+pub async fn wait_leader(url: &str) {
+    let c = connect(url).await;
+    eventually(Duration::from_secs(30), "the controller to lead", || {
+        let mut c = c.clone();
+        async move { c.get_leader(pb::GetLeaderRequest {}).await.ok()?.into_inner().is_leader.then_some(()) }
+    })
+    .await;
 }
 
 pub async fn submit(c: &mut Client, spec: &str) -> String {

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use baton_controller::engine::BreakerConfig;
+use baton_tests::on_both;
 use baton_tests::*;
 
 fn engine_with(breakers: &str) -> baton_controller::EngineConfig {
@@ -21,12 +22,12 @@ async fn breakers(c: &mut Client) -> Vec<proto::Breaker> {
     c.list_breakers(proto::ListBreakersRequest {}).await.unwrap().into_inner().breakers
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_whose_tool_keeps_failing_is_skipped_and_its_breaker_persists() {
+async fn an_agent_whose_tool_keeps_failing_is_skipped_and_its_breaker_persists(backend: Backend) {
     let cfg = r#"{"tool": {"failure_rate": 0},
                   "agent": {"consecutive_failures": 2, "cooldown_ms": 600000},
                   "tools": {"shell": {"count": ["nonzero_exit", "tool_error", "timeout"]}}}"#;
-    let mut sb = Sandbox::builder().agents(2).slots(1).engine(engine_with(cfg)).build().await;
+    let mut sb =
+        Sandbox::builder().backend(backend).agents(2).slots(1).engine(engine_with(cfg)).build().await;
     let mut c = sb.client().await;
     let mut spec = String::from(
         "name: b\ndefaults:\n  retry: {max_attempts: 5, backoff: {initial: 50ms, jitter: 0}}\nsteps:\n",
@@ -73,11 +74,10 @@ async fn an_agent_whose_tool_keeps_failing_is_skipped_and_its_breaker_persists()
     assert!(err.message().contains("no agent named \"nobody\""), "{}", err.message());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn steps_wait_while_breakers_are_open_and_a_probe_closes_them() {
+async fn steps_wait_while_breakers_are_open_and_a_probe_closes_them(backend: Backend) {
     let cfg = r#"{"agent": {"consecutive_failures": 1, "cooldown_ms": 1000},
                   "tools": {"shell": {"count": ["nonzero_exit"]}}}"#;
-    let sb = Sandbox::builder().agents(1).slots(1).engine(engine_with(cfg)).build().await;
+    let sb = Sandbox::builder().backend(backend).agents(1).slots(1).engine(engine_with(cfg)).build().await;
     let mut c = sb.client().await;
     let counter = sb.dir.path().join("count");
     let spec = format!(
@@ -109,11 +109,10 @@ async fn steps_wait_while_breakers_are_open_and_a_probe_closes_them() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn waiting_on_open_breakers_past_max_wait_quarantines_the_run() {
+async fn waiting_on_open_breakers_past_max_wait_quarantines_the_run(backend: Backend) {
     let cfg = r#"{"agent": {"consecutive_failures": 1, "cooldown_ms": 600000},
                   "tools": {"shell": {"count": ["nonzero_exit"]}}}"#;
-    let sb = Sandbox::builder().agents(1).slots(1).engine(engine_with(cfg)).build().await;
+    let sb = Sandbox::builder().backend(backend).agents(1).slots(1).engine(engine_with(cfg)).build().await;
     let mut c = sb.client().await;
     let id = sb
         .submit(
@@ -129,3 +128,9 @@ async fn waiting_on_open_breakers_past_max_wait_quarantines_the_run() {
     assert_eq!(run.state, "quarantined");
     assert_eq!(step(&run, "y").attempts.len(), 1, "it waited; it did not burn its retries");
 }
+
+on_both!(
+    an_agent_whose_tool_keeps_failing_is_skipped_and_its_breaker_persists,
+    steps_wait_while_breakers_are_open_and_a_probe_closes_them,
+    waiting_on_open_breakers_past_max_wait_quarantines_the_run,
+);

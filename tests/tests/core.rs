@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use baton_tests::on_both;
 use baton_tests::*;
 
 const HELLO: &str = include_str!("../../examples/hello.yaml");
@@ -10,9 +11,8 @@ fn step<'a>(run: &'a proto::Run, id: &str) -> &'a proto::Step {
     run.steps.iter().find(|s| s.id == id).unwrap_or_else(|| panic!("no step {id}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fan_out_and_join_runs_in_dependency_order_across_agents() {
-    let sb = Sandbox::builder().agents(2).slots(2).build().await;
+async fn fan_out_and_join_runs_in_dependency_order_across_agents(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(2).slots(2).build().await;
     let mut c = sb.client().await;
     let id = sb.submit(HELLO).await;
     let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
@@ -65,9 +65,8 @@ async fn fan_out_and_join_runs_in_dependency_order_across_agents() {
     assert_eq!(resumed, (5..=events.len() as i64).collect::<Vec<_>>());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_step_skips_its_dependents_and_fails_the_run() {
-    let sb = Sandbox::builder().agents(2).build().await;
+async fn a_failing_step_skips_its_dependents_and_fails_the_run(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(2).build().await;
     let mut c = sb.client().await;
     let id = sb
         .submit(
@@ -99,9 +98,8 @@ steps:
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn canceling_a_run_kills_its_process_and_starts_nothing_more() {
-    let sb = Sandbox::builder().agents(1).build().await;
+async fn canceling_a_run_kills_its_process_and_starts_nothing_more(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(1).build().await;
     let mut c = sb.client().await;
     let pidfile = sb.dir.path().join("sleeper.pid");
     let spec = format!(
@@ -152,9 +150,8 @@ steps:
     assert_eq!(again.into_inner().state, "canceled");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_specs_are_rejected_over_grpc_and_nothing_is_stored() {
-    let sb = Sandbox::builder().agents(0).build().await;
+async fn invalid_specs_are_rejected_over_grpc_and_nothing_is_stored(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(0).build().await;
     let mut c = sb.client().await;
     let cases = [
         (
@@ -186,9 +183,8 @@ async fn invalid_specs_are_rejected_over_grpc_and_nothing_is_stored() {
     assert!(runs.is_empty(), "nothing stored: {runs:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_runs_are_not_found() {
-    let sb = Sandbox::builder().agents(0).build().await;
+async fn unknown_runs_are_not_found(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(0).build().await;
     let mut c = sb.client().await;
     let err = c.get_run(proto::GetRunRequest { run_id: "deadbeef".into() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
@@ -199,3 +195,11 @@ async fn unknown_runs_are_not_found() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
+
+on_both!(
+    fan_out_and_join_runs_in_dependency_order_across_agents,
+    a_failing_step_skips_its_dependents_and_fails_the_run,
+    canceling_a_run_kills_its_process_and_starts_nothing_more,
+    invalid_specs_are_rejected_over_grpc_and_nothing_is_stored,
+    unknown_runs_are_not_found,
+);

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use baton_tests::on_both;
 use baton_tests::*;
 
 async fn logs(c: &mut Client, run_id: &str, step: &str, attempt: u32, follow: bool) -> Vec<proto::LogChunk> {
@@ -20,9 +21,8 @@ fn text(chunks: &[proto::LogChunk]) -> String {
     chunks.iter().map(|c| String::from_utf8_lossy(&c.data).into_owned()).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn output_is_kept_per_attempt_and_read_back_by_step_and_attempt() {
-    let sb = Sandbox::builder().agents(1).build().await;
+async fn output_is_kept_per_attempt_and_read_back_by_step_and_attempt(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(1).build().await;
     let mut c = sb.client().await;
     let counter = sb.dir.path().join("n");
     let spec = format!(
@@ -46,11 +46,10 @@ async fn output_is_kept_per_attempt_and_read_back_by_step_and_attempt() {
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn output_past_the_cap_is_truncated_with_a_marker() {
+async fn output_past_the_cap_is_truncated_with_a_marker(backend: Backend) {
     let mut engine = fast_engine();
     engine.max_output_bytes = 4096;
-    let sb = Sandbox::builder().agents(1).engine(engine).build().await;
+    let sb = Sandbox::builder().backend(backend).agents(1).engine(engine).build().await;
     let mut c = sb.client().await;
     // 200 KB of output: more than the agent keeps as tail and the controller keeps.
     let id = sb.submit("name: big\nsteps:\n  - {id: s, tool: shell, with: {run: 'yes 0123456789 | head -c 200000; echo; echo END'}}\n").await;
@@ -66,9 +65,8 @@ async fn output_past_the_cap_is_truncated_with_a_marker() {
     assert!(tail.starts_with("[... "), "the tail says it was cut: {}", &tail[..40]);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn following_a_step_streams_output_as_it_is_written() {
-    let sb = Sandbox::builder().agents(1).build().await;
+async fn following_a_step_streams_output_as_it_is_written(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(1).build().await;
     let mut c = sb.client().await;
     let gate = sb.dir.path().join("gate");
     // Prints, then waits for the test to open the gate, then prints again.
@@ -93,3 +91,9 @@ async fn following_a_step_streams_output_as_it_is_written() {
     }
     assert_eq!(seen, "before\nafter\n", "the stream ends after the step did, with everything in it");
 }
+
+on_both!(
+    output_is_kept_per_attempt_and_read_back_by_step_and_attempt,
+    output_past_the_cap_is_truncated_with_a_marker,
+    following_a_step_streams_output_as_it_is_written,
+);

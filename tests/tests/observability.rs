@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use baton_tests::on_both;
 use baton_tests::*;
 
 /// GET over plain HTTP: (status, body).
@@ -32,9 +33,8 @@ fn parse_metrics(text: &str) -> HashMap<String, f64> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn controller_and_agent_metrics_are_scraped_and_parsed() {
-    let mut sb = Sandbox::builder().agents(1).build().await;
+async fn controller_and_agent_metrics_are_scraped_and_parsed(backend: Backend) {
+    let mut sb = Sandbox::builder().backend(backend).agents(1).build().await;
     let agent_metrics = free_addr();
     let mut cfg = sb.agent_config("measured", 2);
     cfg.metrics_listen = Some(agent_metrics);
@@ -96,9 +96,8 @@ async fn controller_and_agent_metrics_are_scraped_and_parsed() {
     assert_eq!(reconnected, 1.0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_health_is_serving_and_reflection_lists_the_services() {
-    let sb = Sandbox::builder().agents(0).build().await;
+async fn grpc_health_is_serving_and_reflection_lists_the_services(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(0).build().await;
     let channel = tonic::transport::Endpoint::from_shared(sb.url()).unwrap().connect().await.unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     for service in ["", "baton.v1.BatonService", "baton.v1.AgentService"] {
@@ -132,9 +131,8 @@ async fn grpc_health_is_serving_and_reflection_lists_the_services() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn progress_carries_an_eta_learned_from_earlier_runs() {
-    let sb = Sandbox::builder().agents(1).build().await;
+async fn progress_carries_an_eta_learned_from_earlier_runs(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(1).build().await;
     let mut c = sb.client().await;
     let spec = "name: eta\nsteps:\n  - {id: a, tool: sleep, with: {duration: 600ms}}\n  - {id: b, needs: a, tool: sleep, with: {duration: 600ms}}\n";
     // The first run has no history: its ETA is unknown.
@@ -159,9 +157,8 @@ async fn progress_carries_an_eta_learned_from_earlier_runs() {
     assert_eq!(run.progress.unwrap().eta_ms, 0, "an ended run has nothing left");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_watcher_that_reconnects_misses_nothing_and_sees_nothing_twice() {
-    let sb = Sandbox::builder().agents(2).build().await;
+async fn a_watcher_that_reconnects_misses_nothing_and_sees_nothing_twice(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(2).build().await;
     let mut c = sb.client().await;
     let mut spec = String::from("name: w\nsteps:\n");
     for i in 0..12 {
@@ -199,9 +196,8 @@ async fn a_watcher_that_reconnects_misses_nothing_and_sees_nothing_twice() {
     assert_eq!(all.last().unwrap().kind, "run_succeeded");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reports_tell_retries_failures_and_the_critical_path() {
-    let sb = Sandbox::builder().agents(2).build().await;
+async fn reports_tell_retries_failures_and_the_critical_path(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(2).build().await;
     let mut c = sb.client().await;
     let counter = sb.dir.path().join("n");
     let spec = format!(
@@ -317,3 +313,11 @@ fn render_in_chromium(html: &str, dir: &std::path::Path) {
         "no timeline bar rendered"
     );
 }
+
+on_both!(
+    controller_and_agent_metrics_are_scraped_and_parsed,
+    grpc_health_is_serving_and_reflection_lists_the_services,
+    progress_carries_an_eta_learned_from_earlier_runs,
+    a_watcher_that_reconnects_misses_nothing_and_sees_nothing_twice,
+    reports_tell_retries_failures_and_the_critical_path,
+);

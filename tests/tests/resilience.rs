@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use baton_tests::on_both;
 use baton_tests::*;
 use nix::sys::signal::Signal;
 
@@ -18,9 +19,8 @@ fn flaky(file: &std::path::Path, n: u32) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_back_off_exponentially_then_succeed() {
-    let sb = Sandbox::builder().agents(1).build().await;
+async fn retries_back_off_exponentially_then_succeed(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(1).build().await;
     let mut c = sb.client().await;
     let counter = sb.dir.path().join("count");
     let spec = format!(
@@ -48,9 +48,8 @@ steps:
     assert_eq!(events.iter().filter(|e| e.kind == "step_retry_wait").count(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fail_fast_codes_retry_on_and_budgets_end_retries() {
-    let sb = Sandbox::builder().agents(1).build().await;
+async fn fail_fast_codes_retry_on_and_budgets_end_retries(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(1).build().await;
     let mut c = sb.client().await;
     let id = sb
         .submit(
@@ -79,9 +78,8 @@ steps:
     assert!(spent.reason.contains("no retries left (2 of 2 attempts used)"), "{}", spent.reason);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pending_retry_survives_a_controller_restart_and_fires_on_time() {
-    let mut sb = Sandbox::builder().agents(1).build().await;
+async fn a_pending_retry_survives_a_controller_restart_and_fires_on_time(backend: Backend) {
+    let mut sb = Sandbox::builder().backend(backend).agents(1).build().await;
     let mut c = sb.client().await;
     let counter = sb.dir.path().join("count");
     let spec = format!(
@@ -108,9 +106,8 @@ steps:
     assert!(second.assigned_at_ms < due + 3_000, "not late: {}ms after due", second.assigned_at_ms - due);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_deadline_beats_retries_and_stops_running_tools() {
-    let sb = Sandbox::builder().agents(2).build().await;
+async fn a_run_deadline_beats_retries_and_stops_running_tools(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(2).build().await;
     let mut c = sb.client().await;
     let id = sb
         .submit(
@@ -135,9 +132,8 @@ steps:
     assert!(run.finished_at_ms - run.created_at_ms < 5_000);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_step_timeout_kills_the_whole_process_group() {
-    let sb = Sandbox::builder().agents(1).build().await;
+async fn a_step_timeout_kills_the_whole_process_group(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(1).build().await;
     let mut c = sb.client().await;
     let pidfile = sb.dir.path().join("bg.pid");
     let spec = format!(
@@ -165,13 +161,14 @@ steps:
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_controller_times_out_an_attempt_whose_agent_is_silent_and_fences_its_late_result() {
+async fn the_controller_times_out_an_attempt_whose_agent_is_silent_and_fences_its_late_result(
+    backend: Backend,
+) {
     let mut engine = fast_engine();
     engine.lost_after = Duration::from_secs(20);
     engine.failover_grace = Duration::from_secs(30);
     engine.kill_grace = Duration::from_millis(300);
-    let sb = Sandbox::builder().agents(0).engine(engine).build().await;
+    let sb = Sandbox::builder().backend(backend).agents(0).engine(engine).build().await;
     let mut c = sb.client().await;
     let agent = agent_process(&sb.url(), "frozen", sb.dir.path(), &[]);
     sb.wait_agents(1).await;
@@ -195,9 +192,10 @@ async fn the_controller_times_out_an_attempt_whose_agent_is_silent_and_fences_it
     assert_eq!(step(&run, "s").attempts[0].state, "timed_out");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_agent_is_lost_its_step_reruns_elsewhere_and_its_late_reports_are_rejected() {
-    let sb = Sandbox::builder().agents(0).build().await;
+async fn a_frozen_agent_is_lost_its_step_reruns_elsewhere_and_its_late_reports_are_rejected(
+    backend: Backend,
+) {
+    let sb = Sandbox::builder().backend(backend).agents(0).build().await;
     let mut c = sb.client().await;
     let agent = agent_process(&sb.url(), "a-frozen", sb.dir.path(), &[]);
     sb.wait_agents(1).await;
@@ -232,9 +230,8 @@ async fn a_frozen_agent_is_lost_its_step_reruns_elsewhere_and_its_late_reports_a
     assert!(agents.iter().any(|a| a.name == "a-frozen"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_cut_off_from_the_controller_stops_its_tools() {
-    let mut sb = Sandbox::builder().agents(0).build().await;
+async fn an_agent_cut_off_from_the_controller_stops_its_tools(backend: Backend) {
+    let mut sb = Sandbox::builder().backend(backend).agents(0).build().await;
     let mut cfg = sb.agent_config("cut-off", 1);
     cfg.stop_after = Some(Duration::from_millis(600));
     sb.add_agent_with(cfg);
@@ -270,9 +267,8 @@ async fn an_agent_cut_off_from_the_controller_stops_its_tools() {
     assert_eq!(s.attempts.last().unwrap().state, "succeeded");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_assignment_never_started_is_lost_and_retried() {
-    let mut sb = Sandbox::builder().agents(0).build().await;
+async fn an_assignment_never_started_is_lost_and_retried(backend: Backend) {
+    let mut sb = Sandbox::builder().backend(backend).agents(0).build().await;
     let fake = FakeAgent::start(&sb.url(), "zz-fake", &["shell"]).await;
     sb.wait_agents(1).await;
     let mut c = sb.client().await;
@@ -291,9 +287,8 @@ async fn an_assignment_never_started_is_lost_and_retried() {
     assert_eq!(s.attempts[1].agent_name, "a-real");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_re_sent_result_is_applied_once() {
-    let mut sb = Sandbox::builder().agents(0).build().await;
+async fn a_re_sent_result_is_applied_once(backend: Backend) {
+    let mut sb = Sandbox::builder().backend(backend).agents(0).build().await;
     let proxy = Proxy::start(sb.addr).await;
     let mut cfg = sb.agent_config("behind-proxy", 1);
     cfg.controllers = vec![proxy.url()];
@@ -328,9 +323,8 @@ async fn a_re_sent_result_is_applied_once() {
     assert!(!events.iter().any(|e| e.kind == "report_rejected"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quarantine_holds_a_run_until_release_gives_a_fresh_budget() {
-    let sb = Sandbox::builder().agents(1).build().await;
+async fn quarantine_holds_a_run_until_release_gives_a_fresh_budget(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(1).build().await;
     let mut c = sb.client().await;
     let counter = sb.dir.path().join("count");
     let spec = format!(
@@ -361,9 +355,8 @@ steps:
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_failure_continue_runs_independent_branches_to_the_end() {
-    let sb = Sandbox::builder().agents(2).build().await;
+async fn on_failure_continue_runs_independent_branches_to_the_end(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(2).build().await;
     let mut c = sb.client().await;
     let id = sb
         .submit(
@@ -385,11 +378,10 @@ steps:
     assert!(step(&run, "slow-child").attempts[0].assigned_at_ms > step(&run, "bad").finished_at_ms);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_poison_step_that_keeps_killing_agents_quarantines_its_run() {
+async fn a_poison_step_that_keeps_killing_agents_quarantines_its_run(backend: Backend) {
     let mut engine = fast_engine();
     engine.poison_after = 2;
-    let sb = Sandbox::builder().agents(0).engine(engine).build().await;
+    let sb = Sandbox::builder().backend(backend).agents(0).engine(engine).build().await;
     let mut c = sb.client().await;
     let _a1 = agent_process(&sb.url(), "victim-1", sb.dir.path(), &[]);
     let _a2 = agent_process(&sb.url(), "victim-2", sb.dir.path(), &[]);
@@ -413,9 +405,8 @@ async fn a_poison_step_that_keeps_killing_agents_quarantines_its_run() {
     assert_eq!(resp.into_inner().state, "canceled");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn canceling_one_step_kills_it_skips_its_dependents_and_lets_the_rest_finish() {
-    let sb = Sandbox::builder().agents(2).build().await;
+async fn canceling_one_step_kills_it_skips_its_dependents_and_lets_the_rest_finish(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(2).build().await;
     let mut c = sb.client().await;
     let pidfile = sb.dir.path().join("a.pid");
     let spec = format!(
@@ -447,9 +438,8 @@ async fn canceling_one_step_kills_it_skips_its_dependents_and_lets_the_rest_fini
     assert_eq!(step(&run, "other").state, "succeeded");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_requests_are_refused() {
-    let sb = Sandbox::builder().agents(0).build().await;
+async fn oversized_requests_are_refused(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(0).build().await;
     let mut c = sb.client().await;
     let mut many = String::from("name: m\nsteps:\n");
     for i in 0..50_001 {
@@ -470,12 +460,11 @@ async fn oversized_requests_are_refused() {
     assert!(c.list_runs(proto::ListRunsRequest::default()).await.unwrap().into_inner().runs.is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_restart_agents_get_the_failover_grace_not_the_lost_after() {
+async fn after_a_restart_agents_get_the_failover_grace_not_the_lost_after(backend: Backend) {
     // lost_after 2s, failover_grace 6s: an agent back 3s after the restart is adopted.
     let mut engine = fast_engine();
     engine.failover_grace = Duration::from_secs(6);
-    let mut sb = Sandbox::builder().agents(0).engine(engine).build().await;
+    let mut sb = Sandbox::builder().backend(backend).agents(0).engine(engine).build().await;
     let agent = agent_process(&sb.url(), "slow-to-return", sb.dir.path(), &[]);
     sb.wait_agents(1).await;
     let mut c = sb.client().await;
@@ -494,9 +483,8 @@ async fn after_a_restart_agents_get_the_failover_grace_not_the_lost_after() {
     assert_eq!(s.attempts.len(), 1, "adopted, not lost: {:#?}", s.attempts);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn steps_without_an_eligible_agent_wait_and_say_why() {
-    let mut sb = Sandbox::builder().agents(0).build().await;
+async fn steps_without_an_eligible_agent_wait_and_say_why(backend: Backend) {
+    let mut sb = Sandbox::builder().backend(backend).agents(0).build().await;
     let mut cfg = sb.agent_config("shell-only", 1);
     cfg.tools = Some(vec!["shell".into()]);
     sb.add_agent_with(cfg);
@@ -521,3 +509,23 @@ async fn steps_without_an_eligible_agent_wait_and_say_why() {
     assert_eq!(s.reason, "no connected agent with tool sleep (1 known but disconnected or draining)");
     assert_eq!(run.state, "running");
 }
+
+on_both!(
+    retries_back_off_exponentially_then_succeed,
+    fail_fast_codes_retry_on_and_budgets_end_retries,
+    a_pending_retry_survives_a_controller_restart_and_fires_on_time,
+    a_run_deadline_beats_retries_and_stops_running_tools,
+    a_step_timeout_kills_the_whole_process_group,
+    the_controller_times_out_an_attempt_whose_agent_is_silent_and_fences_its_late_result,
+    a_frozen_agent_is_lost_its_step_reruns_elsewhere_and_its_late_reports_are_rejected,
+    an_agent_cut_off_from_the_controller_stops_its_tools,
+    an_assignment_never_started_is_lost_and_retried,
+    a_re_sent_result_is_applied_once,
+    quarantine_holds_a_run_until_release_gives_a_fresh_budget,
+    on_failure_continue_runs_independent_branches_to_the_end,
+    a_poison_step_that_keeps_killing_agents_quarantines_its_run,
+    canceling_one_step_kills_it_skips_its_dependents_and_lets_the_rest_finish,
+    oversized_requests_are_refused,
+    after_a_restart_agents_get_the_failover_grace_not_the_lost_after,
+    steps_without_an_eligible_agent_wait_and_say_why,
+);

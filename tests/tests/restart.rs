@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use baton_tests::on_both;
 use baton_tests::*;
 
 fn controller_args(addr: std::net::SocketAddr, db: &str) -> Vec<String> {
@@ -18,19 +19,21 @@ fn controller_args(addr: std::net::SocketAddr, db: &str) -> Vec<String> {
         "5s",
         "--kill-grace",
         "500ms",
+        "--lease",
+        "2s",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_controller_restarts_and_the_run_completes_without_gaps() {
+async fn a_killed_controller_restarts_and_the_run_completes_without_gaps(backend: Backend) {
     init_logs();
     let dir = tempfile::tempdir().unwrap();
     let addr = free_addr();
     let url = format!("http://{addr}");
-    let db = format!("sqlite://{}", dir.path().join("baton.db").display());
+    let test_db = TestDb::new(backend, dir.path()).await;
+    let db = test_db.url.clone();
     let mut controller =
         Process::spawn("baton-controller", &controller_args(addr, &db), dir.path().join("c1.log"), &[]);
 
@@ -53,13 +56,14 @@ async fn a_killed_controller_restarts_and_the_run_completes_without_gaps() {
 name: restart
 steps:
   - {{id: first, tool: shell, with: {{run: "true"}}}}
-  - {{id: slow, needs: first, tool: shell, with: {{run: "echo once >> {m}; sleep 1.5"}}}}
+  - {{id: slow, needs: first, tool: shell, with: {{run: "echo once >> {m}; sleep 5"}}}}
   - {{id: side, needs: first, tool: shell, with: {{run: "true"}}}}
   - {{id: after, needs: [slow, side], tool: shell, with: {{run: "true"}}}}
   - {{id: last, needs: after, tool: noop}}
 "#,
         m = marker.display()
     );
+    wait_leader(&url).await;
     let mut c = connect(&url).await;
     let id = submit(&mut c, &spec).await;
     wait_event(&mut c, &id, Duration::from_secs(20), |e| e.kind == "attempt_started" && e.step_id == "slow")
@@ -69,6 +73,7 @@ steps:
     // Same address, same database: the run goes on from where it was.
     let _controller =
         Process::spawn("baton-controller", &controller_args(addr, &db), dir.path().join("c2.log"), &[]);
+    wait_leader(&url).await;
     let mut c = connect(&url).await;
     let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
     assert_eq!(run.state, "succeeded", "{run:#?}\n{}", controller.logs());
@@ -90,3 +95,5 @@ steps:
         let _ = a.await;
     }
 }
+
+on_both!(a_killed_controller_restarts_and_the_run_completes_without_gaps);

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use baton_tests::on_both;
 use baton_tests::*;
 
 fn step<'a>(run: &'a proto::Run, id: &str) -> &'a proto::Step {
@@ -36,10 +37,9 @@ fn labeled(sb: &Sandbox, name: &str, slots: u32, labels: &[(&str, &str)]) -> bat
     cfg
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn round_robin_spreads_steps_evenly_whatever_the_free_slots() {
+async fn round_robin_spreads_steps_evenly_whatever_the_free_slots(backend: Backend) {
     let router = r#"{"rules": [{"match": {"kind": "work"}, "tool": "noop", "strategy": "round_robin"}]}"#;
-    let mut sb = Sandbox::builder().agents(0).router(router).build().await;
+    let mut sb = Sandbox::builder().backend(backend).agents(0).router(router).build().await;
     for (name, slots) in [("rr-a", 30), ("rr-b", 10), ("rr-c", 10)] {
         sb.add_agent(name, slots);
     }
@@ -55,10 +55,9 @@ async fn round_robin_spreads_steps_evenly_whatever_the_free_slots() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fixed_pins_steps_to_named_agents_and_fails_over_in_order() {
+async fn fixed_pins_steps_to_named_agents_and_fails_over_in_order(backend: Backend) {
     let router = r#"{"rules": [{"match": {"kind": "pinned"}, "tool": "noop", "strategy": "fixed", "agents": ["second", "first"]}]}"#;
-    let mut sb = Sandbox::builder().agents(0).router(router).build().await;
+    let mut sb = Sandbox::builder().backend(backend).agents(0).router(router).build().await;
     // Enough slots that `second` is never full (a full agent fails over too).
     for name in ["first", "second", "other"] {
         sb.add_agent(name, 8);
@@ -73,14 +72,13 @@ async fn fixed_pins_steps_to_named_agents_and_fails_over_in_order() {
     assert_eq!(per_agent(&run), HashMap::from([("first".to_string(), 6)]));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auto_prefers_free_slots_and_avoids_an_agent_whose_breaker_is_open() {
+async fn auto_prefers_free_slots_and_avoids_an_agent_whose_breaker_is_open(backend: Backend) {
     let mut engine = fast_engine();
     engine.breakers = baton_controller::engine::BreakerConfig::from_json(
         r#"{"agent": {"consecutive_failures": 1, "cooldown_ms": 600000}, "tools": {"shell": {"count": ["nonzero_exit"]}}}"#,
     )
     .unwrap();
-    let mut sb = Sandbox::builder().agents(0).engine(engine).build().await;
+    let mut sb = Sandbox::builder().backend(backend).agents(0).engine(engine).build().await;
     sb.add_agent("big", 3);
     sb.add_agent("small", 1);
     sb.wait_agents(2).await;
@@ -107,10 +105,9 @@ async fn auto_prefers_free_slots_and_avoids_an_agent_whose_breaker_is_open() {
     assert_eq!(per_agent(&run), HashMap::from([("small".to_string(), 3)]));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn required_labels_exclude_agents_and_the_wait_says_which() {
+async fn required_labels_exclude_agents_and_the_wait_says_which(backend: Backend) {
     let router = r#"{"rules": [{"match": {"kind": "train"}, "tool": "noop", "labels": {"gpu": "true"}}]}"#;
-    let mut sb = Sandbox::builder().agents(0).router(router).build().await;
+    let mut sb = Sandbox::builder().backend(backend).agents(0).router(router).build().await;
     let cpu = labeled(&sb, "cpu-only", 4, &[("gpu", "false")]);
     sb.add_agent_with(cpu);
     sb.wait_agents(1).await;
@@ -126,9 +123,8 @@ async fn required_labels_exclude_agents_and_the_wait_says_which() {
     assert_eq!(per_agent(&run), HashMap::from([("gpu-box".to_string(), 3)]));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drained_agent_takes_no_new_work_until_undrained() {
-    let mut sb = Sandbox::builder().agents(0).build().await;
+async fn a_drained_agent_takes_no_new_work_until_undrained(backend: Backend) {
+    let mut sb = Sandbox::builder().backend(backend).agents(0).build().await;
     sb.add_agent("keep", 1);
     sb.add_agent("drain-me", 8);
     sb.wait_agents(2).await;
@@ -161,11 +157,10 @@ async fn a_drained_agent_takes_no_new_work_until_undrained() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reloading_the_router_applies_new_rules_and_refuses_bad_ones() {
+async fn reloading_the_router_applies_new_rules_and_refuses_bad_ones(backend: Backend) {
     let router =
         r#"{"rules": [{"match": {"kind": "job"}, "tool": "noop", "strategy": "fixed", "agents": ["one"]}]}"#;
-    let mut sb = Sandbox::builder().agents(0).router(router).build().await;
+    let mut sb = Sandbox::builder().backend(backend).agents(0).router(router).build().await;
     sb.add_agent("one", 2);
     sb.add_agent("two", 2);
     sb.wait_agents(2).await;
@@ -193,14 +188,13 @@ async fn reloading_the_router_applies_new_rules_and_refuses_bad_ones() {
     assert_eq!(per_agent(&run), HashMap::from([("two".to_string(), 2)]), "the old rules still apply");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_kinds_go_to_three_tools_on_three_kinds_of_agents_and_pass_outputs() {
+async fn three_kinds_go_to_three_tools_on_three_kinds_of_agents_and_pass_outputs(backend: Backend) {
     let router = r#"{"rules": [
         {"match": {"kind": "compute"}, "tool": "python", "labels": {"role": "py"}},
         {"match": {"kind": "edit"}, "tool": "aider", "labels": {"role": "coder"}, "strategy": "fixed", "agents": ["coder-1"]},
         {"match": {"kind": "script"}, "tool": "shell", "labels": {"role": "sh"}, "strategy": "round_robin"}
     ]}"#;
-    let mut sb = Sandbox::builder().agents(0).router(router).build().await;
+    let mut sb = Sandbox::builder().backend(backend).agents(0).router(router).build().await;
     let py = labeled(&sb, "py-1", 2, &[("role", "py")]);
     sb.add_agent_with(py);
     let sh = labeled(&sb, "sh-1", 2, &[("role", "sh")]);
@@ -311,9 +305,8 @@ steps:
     assert_eq!(step(&run, "report").attempts[0].output_tail, "changed=[\"app.py\"] bump=2\n");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_output_fails_the_step_before_it_runs() {
-    let sb = Sandbox::builder().agents(1).build().await;
+async fn a_missing_output_fails_the_step_before_it_runs(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(1).build().await;
     let mut c = sb.client().await;
     let id = sb
         .submit("name: o\nsteps:\n  - {id: a, tool: echo, with: {x: 1}}\n  - {id: b, needs: a, tool: shell, with: {run: 'echo ${{ steps.a.outputs.y }}'}}\n")
@@ -325,9 +318,8 @@ async fn a_missing_output_fails_the_step_before_it_runs() {
     assert_eq!(b.reason, "input: steps.a.outputs.y is not set (step \"a\" has outputs: x)");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aider_failures_are_reported_with_their_exit_status() {
-    let sb = Sandbox::builder().agents(0).build().await;
+async fn aider_failures_are_reported_with_their_exit_status(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(0).build().await;
     let path = path_with_fixtures();
     let _coder = agent_process_with_env(&sb.url(), "coder", sb.dir.path(), &[], &[("PATH", &path)]);
     sb.wait_agents(1).await;
@@ -355,3 +347,15 @@ async fn aider_failures_are_reported_with_their_exit_status() {
     assert_eq!(result["git"], false, "outside git nothing can be said about changed files");
     assert_eq!(result["changed_files"], serde_json::json!([]));
 }
+
+on_both!(
+    round_robin_spreads_steps_evenly_whatever_the_free_slots,
+    fixed_pins_steps_to_named_agents_and_fails_over_in_order,
+    auto_prefers_free_slots_and_avoids_an_agent_whose_breaker_is_open,
+    required_labels_exclude_agents_and_the_wait_says_which,
+    a_drained_agent_takes_no_new_work_until_undrained,
+    reloading_the_router_applies_new_rules_and_refuses_bad_ones,
+    three_kinds_go_to_three_tools_on_three_kinds_of_agents_and_pass_outputs,
+    a_missing_output_fails_the_step_before_it_runs,
+    aider_failures_are_reported_with_their_exit_status,
+);

@@ -7,20 +7,18 @@ use baton_common::pb;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
-use crate::engine::EngineHandle;
+use crate::leader::Leadership;
 
 pub struct AgentApi {
-    engine: EngineHandle,
-    shutdown: CancellationToken,
+    leadership: Leadership,
 }
 
 impl AgentApi {
-    pub fn new(engine: EngineHandle, shutdown: CancellationToken) -> AgentApi {
-        AgentApi { engine, shutdown }
+    pub fn new(leadership: Leadership) -> AgentApi {
+        AgentApi { leadership }
     }
 }
 
@@ -46,9 +44,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         };
         let agent_id = hello.agent_id.clone();
         let (tx, rx) = mpsc::unbounded_channel();
-        let session = self.engine.connect(hello, tx).await?;
-        let engine = self.engine.clone();
-        let shutdown = self.shutdown.clone();
+        let (engine, term) = self.leadership.engine()?;
+        let session = engine.connect(hello, tx).await?;
+        let shutdown = term;
         tokio::spawn(async move {
             loop {
                 let msg = tokio::select! {

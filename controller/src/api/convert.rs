@@ -116,5 +116,6 @@ pub fn event(e: &EventRow) -> pb::RunEvent {
         attempt_state: e.attempt_state.clone(),
         message: e.message.clone(),
         progress: None,
+        epoch: e.epoch,
     }
 }

@@ -9,7 +9,7 @@ use baton_common::pb;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use crate::engine::{EngineError, EngineHandle};
+use crate::engine::EngineError;
 use crate::store::{Store, StoreError};
 
 pub use agents::AgentApi;
@@ -20,7 +20,8 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The services of the API port.
 pub fn services(
-    engine: EngineHandle,
+    leadership: crate::leader::Leadership,
+    router: std::sync::Arc<std::sync::Mutex<crate::router::Router>>,
     store: Store,
     logs: crate::logs::Logs,
     router_path: Option<std::path::PathBuf>,
@@ -30,14 +31,15 @@ pub fn services(
     pb::agent_service_server::AgentServiceServer<AgentApi>,
 ) {
     let runs = pb::baton_service_server::BatonServiceServer::new(RunApi::new(
-        engine.clone(),
+        leadership.clone(),
+        router,
         store,
         logs,
         router_path,
-        shutdown.clone(),
+        shutdown,
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let agents = pb::agent_service_server::AgentServiceServer::new(AgentApi::new(engine, shutdown))
+    let agents = pb::agent_service_server::AgentServiceServer::new(AgentApi::new(leadership))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     (runs, agents)
 }

@@ -13,11 +13,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::{MAX_MESSAGE_BYTES, convert};
-use crate::engine::{EngineError, EngineHandle};
+use crate::engine::EngineError;
+use crate::leader::Leadership;
 use crate::store::Store;
 
 pub struct RunApi {
-    engine: EngineHandle,
+    leadership: Leadership,
+    router: std::sync::Arc<std::sync::Mutex<crate::router::Router>>,
     store: Store,
     logs: crate::logs::Logs,
     router_path: Option<std::path::PathBuf>,
@@ -26,13 +28,19 @@ pub struct RunApi {
 
 impl RunApi {
     pub fn new(
-        engine: EngineHandle,
+        leadership: Leadership,
+        router: std::sync::Arc<std::sync::Mutex<crate::router::Router>>,
         store: Store,
         logs: crate::logs::Logs,
         router_path: Option<std::path::PathBuf>,
         shutdown: CancellationToken,
     ) -> RunApi {
-        RunApi { engine, store, logs, router_path, shutdown }
+        RunApi { leadership, router, store, logs, router_path, shutdown }
+    }
+
+    /// The engine when this controller leads; UNAVAILABLE naming the leader otherwise.
+    fn engine(&self) -> Result<crate::engine::EngineHandle, Status> {
+        self.leadership.engine().map(|(e, _)| e)
     }
 }
 
@@ -55,7 +63,7 @@ impl pb::baton_service_server::BatonService for RunApi {
         let ws = spec::parse(source, &req.spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let params: BTreeMap<String, String> = req.params.into_iter().collect();
         let estimates = self.store.duration_estimates(&ws.name).await?;
-        let run_id = self.engine.submit(ws, params, estimates).await.map_err(|e| match e {
+        let run_id = self.engine()?.submit(ws, params, estimates).await.map_err(|e| match e {
             EngineError::Invalid(m) => Status::invalid_argument(format!("{source}: {m}")),
             other => other.into(),
         })?;
@@ -66,7 +74,11 @@ impl pb::baton_service_server::BatonService for RunApi {
         let id = self.store.resolve_run_id(&req.into_inner().run_id).await?;
         // Ask the engine first: what it says may be a little older than the rows, never
         // newer.
-        let live = self.engine.live(id.clone()).await?;
+        // A standby serves what the shared database holds, without live details.
+        let live = match self.leadership.engine() {
+            Ok((engine, _)) => engine.live(id.clone()).await?,
+            Err(_) => None,
+        };
         let rec = self.store.get_run(&id).await?;
         let mut run = convert::run(rec);
         if let Some(live) = live {
@@ -109,7 +121,7 @@ impl pb::baton_service_server::BatonService for RunApi {
         let id = self.store.resolve_run_id(&req.run_id).await?;
         let step = (!req.step_id.is_empty()).then_some(req.step_id);
         let whole_run = step.is_none();
-        match self.engine.cancel(id.clone(), step, req.reason).await {
+        match self.engine()?.cancel(id.clone(), step, req.reason).await {
             Ok(state) => Ok(Response::new(pb::CancelRunResponse { run_id: id, state: state.to_string() })),
             // Not in the engine: the run is final already.
             Err(EngineError::RunNotFound(_)) if whole_run => {
@@ -129,7 +141,7 @@ impl pb::baton_service_server::BatonService for RunApi {
         req: Request<pb::ReleaseRunRequest>,
     ) -> Result<Response<pb::ReleaseRunResponse>, Status> {
         let id = self.store.resolve_run_id(&req.into_inner().run_id).await?;
-        let state = self.engine.release(id.clone()).await?;
+        let state = self.engine()?.release(id.clone()).await?;
         Ok(Response::new(pb::ReleaseRunResponse { run_id: id, state: state.to_string() }))
     }
 
@@ -137,7 +149,7 @@ impl pb::baton_service_server::BatonService for RunApi {
         &self,
         _req: Request<pb::ListBreakersRequest>,
     ) -> Result<Response<pb::ListBreakersResponse>, Status> {
-        let breakers = self.engine.list_breakers().await?;
+        let breakers = self.engine()?.list_breakers().await?;
         Ok(Response::new(pb::ListBreakersResponse { breakers }))
     }
 
@@ -149,7 +161,7 @@ impl pb::baton_service_server::BatonService for RunApi {
         if req.tool.is_empty() {
             return Err(Status::invalid_argument("reset breaker: tool is empty"));
         }
-        let breakers = self.engine.reset_breaker(req.tool, req.agent).await?;
+        let breakers = self.engine()?.reset_breaker(req.tool, req.agent).await?;
         Ok(Response::new(pb::ListBreakersResponse { breakers }))
     }
 
@@ -161,18 +173,11 @@ impl pb::baton_service_server::BatonService for RunApi {
     ) -> Result<Response<Self::WatchRunStream>, Status> {
         let req = req.into_inner();
         // Subscribe before reading the store, so no event falls between the two.
-        let live = self.engine.subscribe();
+        let (engine, term) = self.leadership.engine()?;
+        let live = engine.subscribe();
         let id = self.store.resolve_run_id(&req.run_id).await?;
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(watch(
-            self.store.clone(),
-            self.engine.clone(),
-            id,
-            req.from_seq.max(1),
-            live,
-            tx,
-            self.shutdown.clone(),
-        ));
+        tokio::spawn(watch(self.store.clone(), engine, id, req.from_seq.max(1), live, tx, term));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -237,7 +242,7 @@ impl pb::baton_service_server::BatonService for RunApi {
 
     async fn drain_agent(&self, req: Request<pb::DrainAgentRequest>) -> Result<Response<pb::Agent>, Status> {
         let req = req.into_inner();
-        Ok(Response::new(self.engine.drain(req.agent, req.undo).await?))
+        Ok(Response::new(self.engine()?.drain(req.agent, req.undo).await?))
     }
 
     async fn reload_router(
@@ -251,15 +256,31 @@ impl pb::baton_service_server::BatonService for RunApi {
             Status::invalid_argument(format!("{}: {e}; the rules in force are kept", path.display()))
         })?;
         let rules = router.rules.len() as u32;
-        self.engine.set_router(router).await?;
+        if let Ok(mut r) = self.router.lock() {
+            *r = router.clone();
+        }
+        self.engine()?.set_router(router).await?;
         Ok(Response::new(pb::ReloadRouterResponse { rules }))
+    }
+
+    async fn get_leader(
+        &self,
+        _req: Request<pb::GetLeaderRequest>,
+    ) -> Result<Response<pb::GetLeaderResponse>, Status> {
+        let info = self.store.leader().await?;
+        let is_leader = matches!(self.leadership.role(), crate::leader::Role::Leader { .. });
+        Ok(Response::new(pb::GetLeaderResponse {
+            is_leader,
+            address: if info.alive || is_leader { info.address } else { String::new() },
+            epoch: info.epoch,
+        }))
     }
 
     async fn list_agents(
         &self,
         _req: Request<pb::ListAgentsRequest>,
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
-        let agents = self.engine.list_agents().await?;
+        let agents = self.engine()?.list_agents().await?;
         Ok(Response::new(pb::ListAgentsResponse { agents }))
     }
 }
@@ -268,7 +289,7 @@ impl pb::baton_service_server::BatonService for RunApi {
 /// the store whenever the live feed skips (lag), so the client sees every event once.
 async fn watch(
     store: Store,
-    engine: EngineHandle,
+    engine: crate::engine::EngineHandle,
     run_id: String,
     mut next: i64,
     mut live: broadcast::Receiver<std::sync::Arc<crate::engine::Published>>,

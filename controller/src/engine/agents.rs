@@ -154,6 +154,10 @@ impl Engine {
     }
 
     fn heartbeat(&mut self, agent_id: &str, hb: pb::Heartbeat) {
+        if let Some(s) = self.agents.get(agent_id).and_then(|a| a.session.as_ref()) {
+            let tx = s.tx.clone();
+            self.pending.send(&tx, Out::Pong(pb::Pong {}));
+        }
         for r in &hb.running {
             if !self.owns_live(agent_id, r) {
                 self.reject(agent_id, r, "heartbeat");

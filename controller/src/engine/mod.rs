@@ -332,6 +332,7 @@ impl Pending {
             step_state: step.map(|i| run.steps[i].state.as_str().to_string()).unwrap_or_default(),
             attempt_state: attempt.map(|a| a.state.as_str().to_string()).unwrap_or_default(),
             message: message.into(),
+            epoch: 0,
         });
     }
 }
@@ -400,6 +401,8 @@ pub(crate) struct Engine {
     pending: Pending,
     events: broadcast::Sender<Arc<Published>>,
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// Leadership proof checked by every commit (Postgres); `None` with SQLite.
+    fence: Option<crate::store::Fence>,
     next_session: u64,
 }
 
@@ -410,6 +413,7 @@ pub async fn start(
     cfg: EngineConfig,
     logs: crate::logs::Logs,
     metrics: Arc<crate::metrics::Metrics>,
+    fence: Option<crate::store::Fence>,
     shutdown: CancellationToken,
 ) -> Result<(EngineHandle, tokio::task::JoinHandle<Result<(), StoreError>>), StoreError> {
     let snapshot = store.load_active().await?;
@@ -426,6 +430,7 @@ pub async fn start(
         store,
         logs,
         metrics,
+        fence,
         runs: HashMap::new(),
         attempts: HashMap::new(),
         recent: RecentAttempts { states: HashMap::new(), order: VecDeque::new() },
@@ -577,8 +582,12 @@ impl Engine {
         let mut delay = Duration::from_millis(50);
         let mut tries = 0;
         let t0 = std::time::Instant::now();
-        while let Err(e) = self.store.commit(&batch).await {
+        while let Err(e) = self.store.commit(&batch, self.fence.as_ref()).await {
             tries += 1;
+            if matches!(e, StoreError::Fenced(_)) {
+                error!(error = %e, "another controller leads now; this engine stops without writing");
+                return Err(e);
+            }
             if tries >= 6 {
                 error!(error = %e, "store commit failed for good; stopping the engine");
                 return Err(e);
@@ -655,7 +664,8 @@ impl Engine {
                 b.breakers.push(row);
             }
         }
-        b.events = p.events.clone();
+        let epoch = self.fence.as_ref().map(|f| f.epoch).unwrap_or(0);
+        b.events = p.events.iter().map(|e| EventRow { epoch, ..e.clone() }).collect();
         b
     }
 

@@ -31,7 +31,30 @@ pub enum StoreError {
     AmbiguousRun { prefix: String, matches: Vec<String> },
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
+    #[error("fenced: this controller no longer leads (epoch {0} is over)")]
+    Fenced(i64),
 }
+
+/// Proof of leadership for a write: the controller's id and its leader epoch. A commit
+/// with a fence that is no longer current writes nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub holder: String,
+    pub epoch: i64,
+}
+
+/// Who leads, as the database says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderInfo {
+    pub holder: String,
+    pub address: String,
+    pub epoch: i64,
+    /// The lease has not run out.
+    pub alive: bool,
+}
+
+/// Postgres server time in Unix milliseconds: leases are measured on one clock.
+const PG_NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
 
 /// Which SQL dialect the pool speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,8 +192,10 @@ impl Store {
         self.pool.close().await;
     }
 
-    /// Writes a batch in one transaction: all of it or none of it.
-    pub async fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+    /// Writes a batch in one transaction: all of it or none of it. With a fence, the
+    /// transaction first checks (and locks) the leader row: a deposed leader commits
+    /// nothing, and a takeover waits for a commit in flight.
+    pub async fn commit(&self, batch: &Batch, fence: Option<&Fence>) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -180,6 +205,19 @@ impl Store {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.pool.begin().await?,
         };
+        if let Some(f) = fence {
+            let row = sqlx::query(AssertSqlSafe(format!(
+                "UPDATE leader SET holder = holder WHERE id = 1 AND holder = $1 AND epoch = $2 AND lease_until > {}",
+                self.now_sql()
+            )))
+            .bind(f.holder.as_str())
+            .bind(f.epoch)
+            .execute(&mut *tx)
+            .await?;
+            if row.rows_affected() == 0 {
+                return Err(StoreError::Fenced(f.epoch));
+            }
+        }
         write_rows(&mut tx, &batch.runs).await?;
         write_rows(&mut tx, &batch.steps).await?;
         write_rows(&mut tx, &batch.attempts).await?;
@@ -410,6 +448,80 @@ impl Store {
         Ok(())
     }
 
+    /// "Now" in SQL: the database's clock on Postgres (shared by all controllers).
+    fn now_sql(&self) -> String {
+        match self.backend {
+            Backend::Postgres => PG_NOW_MS.to_string(),
+            Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)".to_string(),
+        }
+    }
+
+    /// Takes the lead when nobody holds a live lease: a new epoch, held by `holder` for
+    /// `lease_ms`. `None` when another controller leads.
+    pub async fn acquire_lead(
+        &self,
+        holder: &str,
+        address: &str,
+        lease_ms: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let now = self.now_sql();
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE leader SET epoch = epoch + 1, holder = $1, address = $2, lease_until = {now} + $3 \
+             WHERE id = 1 AND (lease_until < {now} OR holder = '') RETURNING epoch"
+        )))
+        .bind(holder)
+        .bind(address)
+        .bind(lease_ms)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some(r) => Some(r.try_get::<i64, _>("epoch")?),
+            None => None,
+        })
+    }
+
+    /// Extends a live lease; false when it ran out or someone else leads now.
+    pub async fn renew_lead(&self, fence: &Fence, lease_ms: i64) -> Result<bool, StoreError> {
+        let now = self.now_sql();
+        let r = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE leader SET lease_until = {now} + $3 WHERE id = 1 AND holder = $1 AND epoch = $2 AND lease_until > {now}"
+        )))
+        .bind(fence.holder.as_str())
+        .bind(fence.epoch)
+        .bind(lease_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Gives the lead up at once (a graceful stop), so a standby need not wait.
+    pub async fn release_lead(&self, fence: &Fence) -> Result<(), StoreError> {
+        sqlx::query("UPDATE leader SET lease_until = 0 WHERE id = 1 AND holder = $1 AND epoch = $2")
+            .bind(fence.holder.as_str())
+            .bind(fence.epoch)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn leader(&self) -> Result<LeaderInfo, StoreError> {
+        let r = sqlx::query(AssertSqlSafe(format!(
+            "SELECT holder, address, epoch, CASE WHEN lease_until > {} THEN 1 ELSE 0 END AS alive FROM leader WHERE id = 1",
+            self.now_sql()
+        )))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(LeaderInfo {
+            holder: r.try_get("holder")?,
+            address: r.try_get("address")?,
+            epoch: r.try_get("epoch")?,
+            alive: r
+                .try_get::<i32, _>("alive")
+                .map(|v| v != 0)
+                .or_else(|_| r.try_get::<i64, _>("alive").map(|v| v != 0))?,
+        })
+    }
+
     pub async fn agents(&self) -> Result<Vec<AgentRow>, StoreError> {
         fetch(&self.pool, &format!("SELECT {} FROM agents ORDER BY name, id", AgentRow::COLUMNS)).await
     }
@@ -510,6 +622,41 @@ where
     T::Err: std::fmt::Display,
 {
     s.parse().map_err(|e: T::Err| StoreError::Corrupt(e.to_string()))
+}
+
+/// Databases for tests: each Postgres test gets a database of its own.
+#[doc(hidden)]
+pub mod testing {
+    use sqlx::Connection;
+
+    /// `BATON_TEST_POSTGRES_URL`, if set: where Postgres tests run.
+    pub fn postgres_url() -> Option<String> {
+        std::env::var("BATON_TEST_POSTGRES_URL").ok().filter(|s| !s.is_empty())
+    }
+
+    /// Creates an empty database next to the one `admin_url` names; returns its URL.
+    pub async fn create_database(admin_url: &str) -> Result<String, sqlx::Error> {
+        let name = format!("baton_t_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(admin_url).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await?;
+        conn.close().await?;
+        let (base, _) = admin_url.rsplit_once('/').unwrap_or((admin_url, ""));
+        let query = admin_url.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+        Ok(format!("{base}/{name}{query}"))
+    }
+
+    /// Drops a database made by `create_database`, closing its connections.
+    pub async fn drop_database(admin_url: &str, url: &str) -> Result<(), sqlx::Error> {
+        let name = url.rsplit('/').next().unwrap_or("").split('?').next().unwrap_or("");
+        if !name.starts_with("baton_t_") {
+            return Ok(());
+        }
+        let mut conn = sqlx::PgConnection::connect(admin_url).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+            .execute(&mut conn)
+            .await?;
+        conn.close().await
+    }
 }
 
 #[cfg(test)]

@@ -191,12 +191,14 @@ pub struct EventRow {
     pub step_state: String,
     pub attempt_state: String,
     pub message: String,
+    /// Leader epoch of the controller that wrote it (0 with SQLite).
+    pub epoch: i64,
 }
 
 impl Record for EventRow {
     const TABLE: &'static str = "run_events";
     const COLUMNS: &'static str =
-        "run_id, seq, at, kind, step_id, attempt_id, run_state, step_state, attempt_state, message";
+        "run_id, seq, at, kind, step_id, attempt_id, run_state, step_state, attempt_state, message, epoch";
     const KEY: &'static str = "run_id, seq";
     const UPSERT: bool = false;
 
@@ -211,6 +213,7 @@ impl Record for EventRow {
             .bind(self.step_state.as_str())
             .bind(self.attempt_state.as_str())
             .bind(self.message.as_str())
+            .bind(self.epoch)
     }
 
     fn decode(r: &AnyRow) -> Result<Self, sqlx::Error> {
@@ -225,6 +228,7 @@ impl Record for EventRow {
             step_state: r.try_get("step_state")?,
             attempt_state: r.try_get("attempt_state")?,
             message: r.try_get("message")?,
+            epoch: r.try_get("epoch")?,
         })
     }
 }
