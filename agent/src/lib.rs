@@ -111,6 +111,8 @@ struct Agent {
     tools: Vec<pb::Tool>,
     adapters: HashMap<String, Arc<dyn Adapter>>,
     running: HashMap<String, Running>,
+    /// Attempts assigned beyond the slots (prefetched), started as slots free up.
+    queued: std::collections::VecDeque<pb::Assign>,
     /// Finished results not acknowledged yet, oldest first.
     unacked: Vec<pb::AttemptFinished>,
     events_tx: mpsc::UnboundedSender<Event>,
@@ -202,6 +204,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         tools,
         adapters,
         running: HashMap::new(),
+        queued: std::collections::VecDeque::new(),
         unacked: Vec::new(),
         events_tx,
         events_rx,
@@ -365,7 +368,7 @@ impl Agent {
             labels: self.cfg.labels.clone().into_iter().collect(),
             tools: self.tools.clone(),
             slots: self.cfg.slots,
-            running: self.running.values().map(|r| r.attempt.clone()).collect(),
+            running: self.held(),
             unacked: self.unacked.clone(),
         };
         let _ = out_tx.try_send(msg(Out::Hello(hello)));
@@ -400,6 +403,7 @@ impl Agent {
                 r.stop(StopReason::Abandoned);
             }
             self.unacked.retain(|f| f.attempt.as_ref().is_none_or(|a| &a.attempt_id != id));
+            self.queued.retain(|q| q.attempt.as_ref().is_none_or(|a| &a.attempt_id != id));
         }
         let hb_every = Duration::from_millis(welcome.heartbeat_interval_ms.max(50) as u64);
         // A controller that says nothing for this long is gone (dead, frozen or cut off).
@@ -440,7 +444,7 @@ impl Agent {
                         return SessionEnd::Broken("the controller went silent".into());
                     }
                     let hb = pb::Heartbeat {
-                        running: self.running.values().map(|r| r.attempt.clone()).collect(),
+                        running: self.held(),
                         free_slots: self.cfg.slots.saturating_sub(self.running.len() as u32),
                     };
                     if out_tx.try_send(msg(Out::Heartbeat(hb))).is_err() {
@@ -453,11 +457,30 @@ impl Agent {
 
     fn on_controller(&mut self, m: In, out: &mpsc::Sender<pb::AgentMessage>) -> Result<(), String> {
         match m {
-            In::Assign(a) => self.start_attempt(a, out),
+            In::Assign(a) => {
+                let id = a.attempt.as_ref().map(|r| r.attempt_id.as_str()).unwrap_or("");
+                let known = self.running.contains_key(id)
+                    || self.queued.iter().any(|q| q.attempt.as_ref().is_some_and(|r| r.attempt_id == id));
+                if known {
+                    Ok(())
+                } else if self.running.len() < self.cfg.slots as usize {
+                    self.start_attempt(a, Some(out))
+                } else {
+                    self.queued.push_back(a);
+                    Ok(())
+                }
+            }
             In::Cancel(c) => {
                 if let Some(r) = self.running.get(&c.attempt_id) {
                     info!(attempt_id = %c.attempt_id, reason = %c.reason, "cancel");
                     r.stop(StopReason::Canceled);
+                } else if let Some(i) = self
+                    .queued
+                    .iter()
+                    .position(|q| q.attempt.as_ref().is_some_and(|r| r.attempt_id == c.attempt_id))
+                    && let Some(q) = self.queued.remove(i)
+                {
+                    self.never_started(q, "canceled before it started");
                 }
                 Ok(())
             }
@@ -477,7 +500,43 @@ impl Agent {
         }
     }
 
-    fn start_attempt(&mut self, a: pb::Assign, out: &mpsc::Sender<pb::AgentMessage>) -> Result<(), String> {
+    /// Every attempt this agent holds: running or queued.
+    fn held(&self) -> Vec<pb::AttemptRef> {
+        self.running
+            .values()
+            .map(|r| r.attempt.clone())
+            .chain(self.queued.iter().filter_map(|q| q.attempt.clone()))
+            .collect()
+    }
+
+    /// Reports a queued attempt that will not run, as canceled.
+    fn never_started(&mut self, q: pb::Assign, why: &str) {
+        let f = pb::AttemptFinished {
+            attempt: q.attempt,
+            outcome: "canceled".into(),
+            error_class: "canceled".into(),
+            error: why.to_string(),
+            ..Default::default()
+        };
+        let _ = self.events_tx.send(Event::Finished(f));
+    }
+
+    /// Starts queued attempts while slots are free.
+    fn start_queued(&mut self, out: Option<&mpsc::Sender<pb::AgentMessage>>) -> bool {
+        while self.running.len() < self.cfg.slots as usize {
+            let Some(a) = self.queued.pop_front() else { break };
+            if self.start_attempt(a, out).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn start_attempt(
+        &mut self,
+        a: pb::Assign,
+        out: Option<&mpsc::Sender<pb::AgentMessage>>,
+    ) -> Result<(), String> {
         let (Some(r), Some(req)) = (a.attempt, a.request) else {
             return Err("assign without attempt or request".into());
         };
@@ -488,7 +547,9 @@ impl Agent {
             info_span!("attempt", run_id = %r.run_id, step_id = %r.step_id, attempt_id = %r.attempt_id);
         let _enter = span.enter();
         let started = pb::AttemptStarted { attempt: Some(r.clone()), pid: 0 };
-        if out.try_send(msg(Out::Started(started))).is_err() {
+        if let Some(out) = out
+            && out.try_send(msg(Out::Started(started))).is_err()
+        {
             return Err("outbound stream is stuck".into());
         }
         let stop = CancellationToken::new();
@@ -519,38 +580,41 @@ impl Agent {
             }),
             req.max_output_bytes,
         );
-        info!(tool = %req.tool, number = a.number, "attempt assigned");
+        debug!(tool = %req.tool, number = a.number, "attempt assigned");
         let task = async move {
             let t0 = Instant::now();
+            let made_dir = adapter.as_ref().is_some_and(|a| a.needs_dir());
             let outcome = match (adapter, input) {
                 (None, _) => adapters::Outcome::failure(
                     "tool_error",
                     format!("tool {:?} is not available on this agent", req.tool),
                 ),
                 (_, Err(e)) => adapters::Outcome::failure("tool_error", format!("bad tool input: {e}")),
-                (Some(adapter), Ok(input)) => match std::fs::create_dir_all(&dir) {
-                    Err(e) => adapters::Outcome::failure(
-                        "tool_error",
-                        format!("cannot create {}: {e}", dir.display()),
-                    ),
-                    Ok(()) => {
-                        let ctx = AttemptContext {
-                            attempt_id: r.attempt_id.clone(),
-                            run_id: r.run_id.clone(),
-                            step_id: r.step_id.clone(),
-                            number: a.number,
-                            input,
-                            env: req.env.clone().into_iter().collect(),
-                            dir: dir.clone(),
-                            stop,
-                            kill_grace: Duration::from_millis(req.kill_grace_ms.max(0) as u64),
-                            output: output.clone(),
-                        };
-                        adapter.run(ctx).await
+                (Some(adapter), Ok(input)) => {
+                    match if made_dir { std::fs::create_dir_all(&dir) } else { Ok(()) } {
+                        Err(e) => adapters::Outcome::failure(
+                            "tool_error",
+                            format!("cannot create {}: {e}", dir.display()),
+                        ),
+                        Ok(()) => {
+                            let ctx = AttemptContext {
+                                attempt_id: r.attempt_id.clone(),
+                                run_id: r.run_id.clone(),
+                                step_id: r.step_id.clone(),
+                                number: a.number,
+                                input,
+                                env: req.env.clone().into_iter().collect(),
+                                dir: dir.clone(),
+                                stop,
+                                kill_grace: Duration::from_millis(req.kill_grace_ms.max(0) as u64),
+                                output: output.clone(),
+                            };
+                            adapter.run(ctx).await
+                        }
                     }
-                },
+                }
             };
-            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
+
             let (state, class, error) = match reason.get() {
                 Some(StopReason::Timeout) => (
                     "timed_out",
@@ -564,7 +628,7 @@ impl Agent {
                 None if outcome.succeeded => ("succeeded", String::new(), String::new()),
                 None => ("failed", outcome.error_class.clone(), outcome.error.clone()),
             };
-            info!(outcome = state, %error, "attempt finished");
+            debug!(outcome = state, %error, "attempt finished");
             let finished = pb::AttemptFinished {
                 attempt: Some(r),
                 outcome: state.to_string(),
@@ -576,6 +640,10 @@ impl Agent {
                 duration_ms: t0.elapsed().as_millis() as i64,
             };
             let _ = events.send(Event::Finished(finished));
+            // Cleaning up comes after the result is on its way.
+            if made_dir {
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
+            }
         };
         tokio::spawn(task.instrument(span.clone()));
         self.running.insert(running.attempt.attempt_id.clone(), running);
@@ -604,22 +672,28 @@ impl Agent {
                 let id = f.attempt.as_ref().map(|a| a.attempt_id.clone()).unwrap_or_default();
                 let abandoned =
                     self.running.remove(&id).is_some_and(|r| r.reason.get() == Some(&StopReason::Abandoned));
-                self.metrics.running.set(&[], self.running.len() as f64);
                 self.metrics.attempts.inc(&[&f.outcome]);
+                // A slot is free: the next queued attempt starts before the result goes
+                // out, so the tool is busy again at once.
+                let mut ok = self.start_queued(out);
+                self.metrics.running.set(&[], self.running.len() as f64);
                 if abandoned {
-                    return true;
+                    return ok;
                 }
                 self.unacked.push(f.clone());
-                match out {
-                    Some(out) => out.try_send(msg(Out::Finished(f))).is_ok(),
-                    None => true,
+                if let Some(out) = out {
+                    ok &= out.try_send(msg(Out::Finished(f))).is_ok();
                 }
+                ok
             }
         }
     }
 
     /// Stops every running tool and waits (bounded) for them to end.
     async fn stop_all(&mut self, why: StopReason) {
+        for q in std::mem::take(&mut self.queued) {
+            self.never_started(q, &format!("stopped before it started: {why:?}").to_lowercase());
+        }
         if self.running.is_empty() {
             return;
         }

@@ -32,7 +32,7 @@ pub async fn watch(
     let mut next = from_seq.max(1);
     let mut down_since: Option<std::time::Instant> = None;
     loop {
-        let req = pb::WatchRunRequest { run_id: run_id.to_string(), from_seq: next };
+        let req = pb::WatchRunRequest { run_id: run_id.to_string(), from_seq: next, ..Default::default() };
         let result = match c.watch_run(req).await {
             Ok(stream) => {
                 let mut stream = stream.into_inner();

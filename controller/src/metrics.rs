@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use baton_common::metrics::{COUNTS, DURATIONS, Family, Histogram, SECONDS};
+use baton_common::metrics::{COUNTS, DURATIONS, Family, Histogram, LATENCY};
 
 pub struct Metrics {
     pub runs: Family,
@@ -33,7 +33,7 @@ impl Metrics {
                 "baton_dispatch_latency_seconds",
                 "From a step becoming ready to its attempt starting on an agent.",
                 &[],
-                SECONDS,
+                LATENCY,
             ),
             step_duration: Histogram::new(
                 "baton_step_duration_seconds",
@@ -61,7 +61,7 @@ impl Metrics {
                 "baton_store_commit_seconds",
                 "Time to commit one batch of state changes.",
                 &[],
-                SECONDS,
+                LATENCY,
             ),
             commit_batch: Histogram::new(
                 "baton_store_commit_batch_size",

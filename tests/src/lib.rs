@@ -377,7 +377,11 @@ pub async fn wait_event(
     loop {
         let attempt = async {
             let mut s = c
-                .watch_run(pb::WatchRunRequest { run_id: run_id.to_string(), from_seq: next })
+                .watch_run(pb::WatchRunRequest {
+                    run_id: run_id.to_string(),
+                    from_seq: next,
+                    ..Default::default()
+                })
                 .await?
                 .into_inner();
             while let Some(ev) = s.message().await? {
@@ -434,7 +438,7 @@ where
 /// All events of a final run, in order.
 pub async fn all_events(c: &mut Client, run_id: &str) -> Vec<pb::RunEvent> {
     let mut s = c
-        .watch_run(pb::WatchRunRequest { run_id: run_id.to_string(), from_seq: 1 })
+        .watch_run(pb::WatchRunRequest { run_id: run_id.to_string(), from_seq: 1, ..Default::default() })
         .await
         .expect("watch")
         .into_inner();

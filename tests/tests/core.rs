@@ -56,8 +56,11 @@ async fn fan_out_and_join_runs_in_dependency_order_across_agents(backend: Backen
     assert_eq!(events.iter().filter(|e| e.kind == "step_succeeded").count(), 8);
 
     // Watching resumes from any sequence number, without repeats.
-    let mut s =
-        c.watch_run(proto::WatchRunRequest { run_id: id.clone(), from_seq: 5 }).await.unwrap().into_inner();
+    let mut s = c
+        .watch_run(proto::WatchRunRequest { run_id: id.clone(), from_seq: 5, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     let mut resumed = Vec::new();
     while let Some(ev) = s.message().await.unwrap() {
         resumed.push(ev.seq);

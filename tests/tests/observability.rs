@@ -170,7 +170,7 @@ async fn a_watcher_that_reconnects_misses_nothing_and_sees_nothing_twice(backend
     for _ in 0..3 {
         let from = seen.last().map(|s| s + 1).unwrap_or(1);
         let mut s = c
-            .watch_run(proto::WatchRunRequest { run_id: id.clone(), from_seq: from })
+            .watch_run(proto::WatchRunRequest { run_id: id.clone(), from_seq: from, ..Default::default() })
             .await
             .unwrap()
             .into_inner();
@@ -184,7 +184,7 @@ async fn a_watcher_that_reconnects_misses_nothing_and_sees_nothing_twice(backend
     }
     let from = seen.last().map(|s| s + 1).unwrap_or(1);
     let mut s = c
-        .watch_run(proto::WatchRunRequest { run_id: id.clone(), from_seq: from })
+        .watch_run(proto::WatchRunRequest { run_id: id.clone(), from_seq: from, ..Default::default() })
         .await
         .unwrap()
         .into_inner();

@@ -19,6 +19,9 @@ impl Adapter for Noop {
     fn probe(&self) -> Option<String> {
         version()
     }
+    fn needs_dir(&self) -> bool {
+        false
+    }
     fn run(&self, _ctx: AttemptContext) -> BoxFuture<Outcome> {
         Box::pin(async { Outcome::success(None) })
     }
@@ -33,6 +36,9 @@ impl Adapter for Echo {
     }
     fn probe(&self) -> Option<String> {
         version()
+    }
+    fn needs_dir(&self) -> bool {
+        false
     }
     fn run(&self, ctx: AttemptContext) -> BoxFuture<Outcome> {
         let result = Value::Object(ctx.input).to_string();
@@ -49,6 +55,9 @@ impl Adapter for Sleep {
     }
     fn probe(&self) -> Option<String> {
         version()
+    }
+    fn needs_dir(&self) -> bool {
+        false
     }
     fn run(&self, ctx: AttemptContext) -> BoxFuture<Outcome> {
         Box::pin(async move {
@@ -74,6 +83,9 @@ impl Adapter for Fail {
     }
     fn probe(&self) -> Option<String> {
         version()
+    }
+    fn needs_dir(&self) -> bool {
+        false
     }
     fn run(&self, ctx: AttemptContext) -> BoxFuture<Outcome> {
         let class = ctx.input.get("class").and_then(Value::as_str).unwrap_or("tool_error").to_string();

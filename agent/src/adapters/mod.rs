@@ -78,6 +78,10 @@ pub trait Adapter: Send + Sync {
     fn probe(&self) -> Option<String>;
     /// Runs one attempt to its end; returns promptly after `ctx.stop` is cancelled.
     fn run(&self, ctx: AttemptContext) -> BoxFuture<Outcome>;
+    /// Whether the attempt needs its own working directory (tools that are processes).
+    fn needs_dir(&self) -> bool {
+        true
+    }
 }
 
 /// Every adapter this agent build has.

@@ -23,6 +23,10 @@ impl Adapter for WaitFor {
     fn run(&self, ctx: AttemptContext) -> BoxFuture<Outcome> {
         Box::pin(run(ctx))
     }
+
+    fn needs_dir(&self) -> bool {
+        false
+    }
 }
 
 async fn run(ctx: AttemptContext) -> Outcome {

@@ -177,7 +177,16 @@ impl pb::baton_service_server::BatonService for RunApi {
         let live = engine.subscribe();
         let id = self.store.resolve_run_id(&req.run_id).await?;
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(watch(self.store.clone(), engine, id, req.from_seq.max(1), live, tx, term));
+        tokio::spawn(watch(
+            self.store.clone(),
+            engine,
+            id,
+            req.run_events_only,
+            req.from_seq.max(1),
+            live,
+            tx,
+            term,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -291,6 +300,7 @@ async fn watch(
     store: Store,
     engine: crate::engine::EngineHandle,
     run_id: String,
+    run_events_only: bool,
     mut next: i64,
     mut live: broadcast::Receiver<std::sync::Arc<crate::engine::Published>>,
     tx: mpsc::Sender<Result<pb::RunEvent, Status>>,
@@ -316,6 +326,10 @@ async fn watch(
                 _ => None,
             };
             for (i, e) in events.iter().enumerate() {
+                if run_events_only && !e.kind.starts_with("run_") {
+                    next = e.seq + 1;
+                    continue;
+                }
                 let mut ev = convert::event(e);
                 if i + 1 == events.len() {
                     ev.progress = progress.clone();
@@ -345,6 +359,12 @@ async fn watch(
             match e {
                 Ok(p) if p.event.run_id != run_id || p.event.seq < next => continue,
                 Ok(p) if p.event.seq > next => break,
+                Ok(p) if run_events_only && !p.event.kind.starts_with("run_") => {
+                    next += 1;
+                    if is_final(&p.event) {
+                        return;
+                    }
+                }
                 Ok(p) => {
                     let mut ev = convert::event(&p.event);
                     ev.progress = p.progress.as_deref().cloned();

@@ -201,8 +201,15 @@ impl Engine {
         a.state = AttemptState::Running;
         let now = now_ms();
         a.started_at = Some(now);
+        if let Some(run) = self.runs.get(&a.run_id)
+            && let Some(t) = run.spec.steps[a.step_idx].timeout_ms
+        {
+            let d = now + t as i64 + ms(self.cfg.kill_grace);
+            a.deadline_at = Some(d);
+            self.timers.push(std::cmp::Reverse((d, super::Timer::Deadline(a.id.clone()))));
+        }
         if let Some(ready) = a.ready_at {
-            self.metrics.dispatch_latency.observe(&[], (now - ready).max(0) as f64 / 1000.0);
+            self.metrics.dispatch_latency.observe(&[], ready.elapsed().as_secs_f64());
         }
         self.pending.attempts.insert(a.id.clone());
         let a = a.clone();

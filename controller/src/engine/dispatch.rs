@@ -1,7 +1,5 @@
 //! Dispatch: ready steps to free agent slots, as Assign messages after commit.
 
-use std::cmp::Reverse;
-
 use baton_common::pb;
 use baton_common::state::{AttemptState, RunState, StepState};
 use std::collections::HashMap;
@@ -14,9 +12,9 @@ use std::collections::{BTreeMap, VecDeque};
 use baton_common::template::{self, Ref};
 use serde_json::{Map, Value};
 
+use super::Engine;
 use super::model::{Agent, Attempt};
 use super::runs::{set_run, set_step};
-use super::{Engine, Timer};
 use crate::router::Strategy;
 
 /// A step's rendered `with` and `env`.
@@ -48,7 +46,7 @@ impl Engine {
                 if !dispatchable {
                     continue;
                 }
-                if !self.agents.values().any(|a| a.can_take(tool)) {
+                if !self.agents.values().any(|a| a.can_take(tool) || self.can_prefetch(a, tool)) {
                     queue.push_front((run_id, idx));
                     break;
                 }
@@ -127,7 +125,7 @@ impl Engine {
             return;
         };
         let p = &mut self.pending;
-        let ready_at = run.steps[idx].ready_since;
+        let ready_at = run.steps[idx].ready_instant;
         if !set_step(p, run, idx, StepState::Running) {
             return;
         }
@@ -140,7 +138,6 @@ impl Engine {
         step.attempts += 1;
         step.started_at.get_or_insert(now);
         step.reason.clear();
-        let deadline_at = spec.timeout_ms.map(|t| now + t as i64 + ms(self.cfg.kill_grace));
         let attempt = Attempt {
             id: uuid::Uuid::new_v4().to_string(),
             run_id: run_id.to_string(),
@@ -159,7 +156,9 @@ impl Engine {
             assigned_at: now,
             started_at: None,
             finished_at: None,
-            deadline_at,
+            // The deadline counts from the start the agent reports (the attempt may
+            // wait in the agent's queue first).
+            deadline_at: None,
             reported: false,
             ready_at,
         };
@@ -189,9 +188,6 @@ impl Engine {
         p.attempts.insert(attempt.id.clone());
         agent.running.insert(attempt.id.clone());
         let tool = step_tool;
-        if let Some(d) = deadline_at {
-            self.timers.push(Reverse((d, Timer::Deadline(attempt.id.clone()))));
-        }
         debug!(run_id, step_id = %attempt.step_id, attempt_id = %attempt.id, agent = %agent.name, "assigned");
         self.attempts.insert(attempt.id.clone(), attempt);
         self.breakers_on_dispatch(&tool, agent_id);
@@ -205,12 +201,16 @@ impl Engine {
         let run = self.runs.get(run_id)?;
         let tool = run.steps[idx].tool.as_str();
         let rule = self.router.rule_for(&run.spec.steps[idx]);
-        let mut eligible: Vec<&Agent> = self
-            .agents
-            .values()
-            .filter(|a| a.can_take(tool) && self.breakers_admit(tool, &a.id))
-            .filter(|a| rule.is_none_or(|(_, r)| r.admits(&a.name, &a.labels)))
-            .collect();
+        let admitted = |a: &&Agent| {
+            self.breakers_admit(tool, &a.id) && rule.is_none_or(|(_, r)| r.admits(&a.name, &a.labels))
+        };
+        let mut eligible: Vec<&Agent> =
+            self.agents.values().filter(|a| a.can_take(tool)).filter(admitted).collect();
+        if eligible.is_empty() {
+            // Everyone is busy: queue it on an agent whose attempts of this tool are
+            // short, so that it starts the moment a slot frees there.
+            eligible = self.agents.values().filter(|a| self.can_prefetch(a, tool)).filter(admitted).collect();
+        }
         if eligible.is_empty() {
             return None;
         }
@@ -243,6 +243,21 @@ impl Engine {
                 })
                 .map(|a| a.id.clone()),
         }
+    }
+
+    /// Whether `a` may hold one more attempt of `tool` beyond its slots: it is full, its
+    /// queue is not, and its recent attempts of the tool are short (long work must not
+    /// wait behind long work while other agents free up).
+    pub(super) fn can_prefetch(&self, a: &Agent, tool: &str) -> bool {
+        const SHORT_MS: f64 = 100.0;
+        a.session.is_some()
+            && !a.draining
+            && a.has_tool(tool)
+            && a.running.len() < 2 * a.slots as usize
+            && self
+                .stats
+                .get(&(a.id.clone(), tool.to_string()))
+                .is_some_and(|s| s.samples >= 3 && s.latency_ms < SHORT_MS)
     }
 
     /// `auto`: a closed breaker before a half-open one, then most free slots, then the

@@ -32,6 +32,9 @@ use tracing::{debug, error, warn};
 use crate::store::{Batch, EventRow, Snapshot, Store, StoreError};
 use model::{Agent, AgentState, AgentTx, Attempt, Run, Step};
 
+/// Longest a commit with no effects waits to be joined by others.
+const QUIET_COMMIT_DELAY: Duration = Duration::from_millis(2);
+
 /// Timing knobs of the engine.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -269,6 +272,14 @@ impl EngineHandle {
     }
 }
 
+/// A batch being committed, with what to do once it is durable.
+struct InFlight {
+    task: tokio::task::JoinHandle<Result<Batch, StoreError>>,
+    effects: Vec<Effect>,
+    finished_runs: Vec<String>,
+    started: std::time::Instant,
+}
+
 /// Something to do once the current batch is durable.
 enum Effect {
     Send(AgentTx, Box<pb::ControllerMessage>),
@@ -465,14 +476,32 @@ impl Engine {
         let mut sweep = tokio::time::interval(sweep_every);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut buf = Vec::with_capacity(self.cfg.max_batch);
+        // When the uncommitted changes began, if they are waiting for company.
+        let mut waiting_since: Option<std::time::Instant> = None;
+        // The batch being committed. While it is, the next one gathers: group commit
+        // without the engine standing still.
+        let mut in_flight: Option<InFlight> = None;
         loop {
             let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
-            let sleep_for = next_timer
+            let mut sleep_for = next_timer
                 .map(|at| Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64))
                 .unwrap_or(Duration::from_secs(3600));
+            if let Some(since) = waiting_since {
+                sleep_for = sleep_for.min(QUIET_COMMIT_DELAY.saturating_sub(since.elapsed()));
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
+                r = async {
+                    match in_flight.as_mut() {
+                        Some(f) => (&mut f.task).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some(f) = in_flight.take() {
+                        self.finish_commit(f.effects, f.finished_runs, f.started, r)?;
+                    }
+                }
                 n = rx.recv_many(&mut buf, self.cfg.max_batch) => {
                     if n == 0 {
                         break;
@@ -489,8 +518,28 @@ impl Engine {
             }
             self.fire_timers();
             self.dispatch();
-            self.flush().await?;
+            // Changes that tell nobody anything (an attempt's start, say) may wait a
+            // moment to share a commit with what comes next; anything with an effect is
+            // committed at once, with whatever waited.
+            if in_flight.is_some() || self.pending.is_empty() {
+                continue;
+            }
+            let quiet = self.pending.effects.is_empty() && self.pending.finished_runs.is_empty();
+            if quiet {
+                let since = *waiting_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() < QUIET_COMMIT_DELAY {
+                    continue;
+                }
+            }
+            waiting_since = None;
+            in_flight = self.start_commit();
         }
+        if let Some(f) = in_flight.take() {
+            let r = f.task.await;
+            self.finish_commit(f.effects, f.finished_runs, f.started, r)?;
+        }
+        // What waited for company is not lost on a clean stop.
+        self.flush().await?;
         debug!("engine stopped");
         Ok(())
     }
@@ -572,32 +621,65 @@ impl Engine {
         }
     }
 
-    /// Commits what the current batch changed, then performs its effects.
+    /// Commits what the current batch changed, then performs its effects (used where
+    /// nothing else may happen meanwhile: at start and at a clean stop).
     async fn flush(&mut self) -> Result<(), StoreError> {
+        if let Some(f) = self.start_commit() {
+            let r = f.task.await;
+            self.finish_commit(f.effects, f.finished_runs, f.started, r)?;
+        }
+        Ok(())
+    }
+
+    /// Takes the pending changes and starts committing them in the background (with
+    /// retries); their effects wait in the returned handle until the commit is done.
+    fn start_commit(&mut self) -> Option<InFlight> {
         if self.pending.is_empty() {
-            return Ok(());
+            return None;
         }
         let pending = std::mem::take(&mut self.pending);
         let batch = self.build_batch(&pending);
-        let mut delay = Duration::from_millis(50);
-        let mut tries = 0;
-        let t0 = std::time::Instant::now();
-        while let Err(e) = self.store.commit(&batch, self.fence.as_ref()).await {
-            tries += 1;
-            if matches!(e, StoreError::Fenced(_)) {
-                error!(error = %e, "another controller leads now; this engine stops without writing");
-                return Err(e);
+        let store = self.store.clone();
+        let fence = self.fence.clone();
+        let task = tokio::spawn(async move {
+            let mut delay = Duration::from_millis(50);
+            let mut tries = 0;
+            while let Err(e) = store.commit(&batch, fence.as_ref()).await {
+                tries += 1;
+                if matches!(e, StoreError::Fenced(_)) {
+                    error!(error = %e, "another controller leads now; this engine stops without writing");
+                    return Err(e);
+                }
+                if tries >= 6 {
+                    error!(error = %e, "store commit failed for good; stopping the engine");
+                    return Err(e);
+                }
+                warn!(error = %e, tries, "store commit failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
             }
-            if tries >= 6 {
-                error!(error = %e, "store commit failed for good; stopping the engine");
-                return Err(e);
-            }
-            warn!(error = %e, tries, "store commit failed; retrying");
-            tokio::time::sleep(delay).await;
-            delay *= 2;
-        }
+            Ok(batch)
+        });
+        Some(InFlight {
+            task,
+            effects: pending.effects,
+            finished_runs: pending.finished_runs,
+            started: std::time::Instant::now(),
+        })
+    }
+
+    /// A commit is done: now its effects happen, watchers hear of its events, and runs
+    /// it finished are forgotten.
+    fn finish_commit(
+        &mut self,
+        effects: Vec<Effect>,
+        finished_runs: Vec<String>,
+        started: std::time::Instant,
+        result: Result<Result<Batch, StoreError>, tokio::task::JoinError>,
+    ) -> Result<(), StoreError> {
+        let batch = result.map_err(|e| StoreError::Corrupt(format!("commit task: {e}")))??;
         let m = &self.metrics;
-        m.commit_seconds.observe(&[], t0.elapsed().as_secs_f64());
+        m.commit_seconds.observe(&[], started.elapsed().as_secs_f64());
         let rows = batch.runs.len()
             + batch.steps.len()
             + batch.attempts.len()
@@ -607,7 +689,7 @@ impl Engine {
             m.commit_batch.observe(&[], rows as f64);
         }
         m.events.add(&[], batch.events.len() as f64);
-        for effect in pending.effects {
+        for effect in effects {
             match effect {
                 // A closed session just drops the message: the agent re-syncs on Hello.
                 Effect::Send(tx, msg) => {
@@ -630,7 +712,7 @@ impl Engine {
             };
             let _ = self.events.send(Arc::new(Published { event, progress: p }));
         }
-        for run_id in pending.finished_runs {
+        for run_id in finished_runs {
             self.evict(&run_id);
         }
         Ok(())
@@ -793,9 +875,11 @@ impl Engine {
                 topo: Vec::new(),
                 estimates: Vec::new(),
                 eta: None,
+                counts: [0; 8],
             };
             let mut run = run;
             run.templated = model::templated_of(&run.spec);
+            run.counts = model::counts_of(&run.steps.iter().map(|s| s.state).collect::<Vec<_>>());
             run.topo = progress::topo_order(&model::needs_of(&run.spec));
             let tools: Vec<String> = run.steps.iter().map(|s| s.tool.clone()).collect();
             run.estimates = model::estimates_for(

@@ -44,6 +44,8 @@ pub(crate) struct Run {
     pub estimates: Vec<Option<i64>>,
     /// Last ETA computation: (when, expected end), for rate limiting.
     pub eta: Option<(i64, Option<i64>)>,
+    /// Steps per state, kept as steps move (progress is read often).
+    pub counts: [u32; 8],
 }
 
 impl Run {
@@ -83,6 +85,15 @@ impl Run {
             result: s.result.clone(),
         }
     }
+}
+
+/// Steps per state, indexed by the state's position in `StepState`.
+pub(crate) fn counts_of(states: &[StepState]) -> [u32; 8] {
+    let mut c = [0u32; 8];
+    for s in states {
+        c[*s as usize] += 1;
+    }
+    c
 }
 
 /// Which steps have `${{ ... }}` in their input or env.
@@ -146,6 +157,8 @@ pub(crate) struct Step {
     pub lost_streak: u32,
     /// When it last became ready (for `max_wait`).
     pub ready_since: Option<i64>,
+    /// The same moment on the monotonic clock, for dispatch latency.
+    pub ready_instant: Option<std::time::Instant>,
     /// Needs that have not succeeded yet.
     pub waiting_on: u32,
     pub next_attempt_at: Option<i64>,
@@ -169,6 +182,7 @@ impl Step {
             lost_count: 0,
             lost_streak: 0,
             ready_since: None,
+            ready_instant: None,
             waiting_on,
             next_attempt_at: None,
             started_at: None,
@@ -189,6 +203,7 @@ impl Step {
             lost_count: row.lost_count as u32,
             lost_streak: 0,
             ready_since: None,
+            ready_instant: None,
             waiting_on: 0,
             next_attempt_at: row.next_attempt_at,
             started_at: row.started_at,
@@ -224,7 +239,7 @@ pub(crate) struct Attempt {
     /// Its final state came from the agent's own report (not kept across restarts).
     pub reported: bool,
     /// When its step became ready (for dispatch latency; not kept across restarts).
-    pub ready_at: Option<i64>,
+    pub ready_at: Option<std::time::Instant>,
 }
 
 impl Attempt {

@@ -42,10 +42,13 @@ impl Run {
     pub(super) fn progress(&mut self, attempts: &HashMap<String, Attempt>, now: i64) -> pb::Progress {
         let mut by_state: BTreeMap<String, u32> = BTreeMap::new();
         let mut done = 0;
-        for s in &self.steps {
-            *by_state.entry(s.state.as_str().to_string()).or_default() += 1;
-            if s.state.is_terminal() {
-                done += 1;
+        for &state in StepState::ALL {
+            let n = self.counts[state as usize];
+            if n > 0 {
+                by_state.insert(state.as_str().to_string(), n);
+                if state.is_terminal() {
+                    done += n;
+                }
             }
         }
         let total = self.steps.len() as u32;

@@ -23,6 +23,9 @@ pub(super) fn set_step(p: &mut Pending, run: &mut Run, idx: usize, to: StepState
             let step = &mut run.steps[idx];
             step.state = to;
             step.ready_since = (to == StepState::Ready).then(now_ms);
+            step.ready_instant = (to == StepState::Ready).then(std::time::Instant::now);
+            run.counts[from as usize] -= 1;
+            run.counts[to as usize] += 1;
             match (from.is_terminal(), to.is_terminal()) {
                 (false, true) => run.open -= 1,
                 (true, false) => run.open += 1,
@@ -129,12 +132,14 @@ impl Engine {
                 let mut step = Step::new(tool, s.needs.len() as u32);
                 if step.state == StepState::Ready {
                     step.ready_since = Some(now);
+                    step.ready_instant = Some(std::time::Instant::now());
                 }
                 step
             })
             .collect();
         let dependents = model::dependents_of(&spec);
         let templated = model::templated_of(&spec);
+        let steps_states: Vec<StepState> = steps.iter().map(|s| s.state).collect();
         let topo = super::progress::topo_order(&model::needs_of(&spec));
         let estimates = model::estimates_for(&spec, &tools, history);
         let n = steps.len();
@@ -160,6 +165,7 @@ impl Engine {
             topo,
             estimates,
             eta: None,
+            counts: model::counts_of(&steps_states),
         };
         let p = &mut self.pending;
         p.runs.insert(id.clone());
@@ -497,6 +503,7 @@ impl Engine {
             match step.state {
                 StepState::Ready => {
                     step.ready_since = Some(now);
+                    step.ready_instant = Some(std::time::Instant::now());
                     ready.push(idx);
                 }
                 StepState::RetryWait => {

@@ -146,8 +146,11 @@ impl Store {
         let pool = match backend {
             Backend::Sqlite => {
                 let url = sqlite_url(url);
+                // No ping before each use: a broken connection fails its query, and the
+                // engine retries; a ping would cost a round trip on every commit.
                 AnyPoolOptions::new()
                     .max_connections(8)
+                    .test_before_acquire(false)
                     .after_connect(|conn, _| {
                         Box::pin(async move {
                             // WAL lets API reads run beside the engine's writes; FULL keeps
@@ -166,6 +169,7 @@ impl Store {
             Backend::Postgres => {
                 AnyPoolOptions::new()
                     .max_connections(8)
+                    .test_before_acquire(false)
                     .acquire_timeout(Duration::from_secs(10))
                     .connect(url)
                     .await?
@@ -195,15 +199,102 @@ impl Store {
     /// Writes a batch in one transaction: all of it or none of it. With a fence, the
     /// transaction first checks (and locks) the leader row: a deposed leader commits
     /// nothing, and a takeover waits for a commit in flight.
+    ///
+    /// Each table's rows travel as one JSON array through one fixed statement, so a
+    /// commit costs the same few round trips however many rows it has; on SQLite the
+    /// whole transaction is one script, one round trip.
     pub async fn commit(&self, batch: &Batch, fence: Option<&Fence>) -> Result<(), StoreError> {
         if batch.is_empty() {
             return Ok(());
         }
-        // SQLite: take the write lock up front, so a transaction never fails half-way
-        // with "database is locked" when it upgrades from a read lock.
-        let mut tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
+        match (self.backend, fence) {
+            // One controller on SQLite: nothing to fence, one round trip.
+            (Backend::Sqlite, None) => self.commit_sqlite(batch).await,
+            (backend, fence) => {
+                let json = |e: serde_json::Error| StoreError::Corrupt(format!("cannot encode rows: {e}"));
+                let arrays = [
+                    serde_json::to_string(&batch.runs).map_err(json)?,
+                    serde_json::to_string(&batch.steps).map_err(json)?,
+                    serde_json::to_string(&batch.attempts).map_err(json)?,
+                    serde_json::to_string(&batch.events).map_err(json)?,
+                    serde_json::to_string(&batch.agents).map_err(json)?,
+                    serde_json::to_string(&batch.breakers).map_err(json)?,
+                ];
+                self.commit_fenced(backend, &arrays, fence).await
+            }
+        }
+    }
+
+    /// The whole transaction as one script of multi-row inserts with numbered
+    /// parameters: one round trip to SQLite, whatever the batch holds.
+    async fn commit_sqlite(&self, batch: &Batch) -> Result<(), StoreError> {
+        // BEGIN IMMEDIATE takes the write lock up front, so the transaction never fails
+        // half-way with "database is locked" on upgrading a read lock.
+        let mut sql = String::from("BEGIN IMMEDIATE;\n");
+        script_rows(&mut sql, &batch.runs);
+        script_rows(&mut sql, &batch.steps);
+        script_rows(&mut sql, &batch.attempts);
+        script_rows(&mut sql, &batch.events);
+        script_rows(&mut sql, &batch.agents);
+        script_rows(&mut sql, &batch.breakers);
+        sql.push_str("COMMIT");
+        let mut q = sqlx::query(AssertSqlSafe(sql)).persistent(false);
+        for r in &batch.runs {
+            q = r.bind(q);
+        }
+        for r in &batch.steps {
+            q = r.bind(q);
+        }
+        for r in &batch.attempts {
+            q = r.bind(q);
+        }
+        for r in &batch.events {
+            q = r.bind(q);
+        }
+        for r in &batch.agents {
+            q = r.bind(q);
+        }
+        for r in &batch.breakers {
+            q = r.bind(q);
+        }
+        let mut conn = self.pool.acquire().await?;
+        match q.execute(&mut *conn).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // The script stopped part-way inside its transaction: undo it, or drop
+                // the connection if even that fails.
+                if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err() {
+                    let _ = conn.close().await;
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// A transaction that checks the fence first, then writes each table.
+    async fn commit_fenced(
+        &self,
+        backend: Backend,
+        arrays: &[String; 6],
+        fence: Option<&Fence>,
+    ) -> Result<(), StoreError> {
+        fn statements(b: Backend) -> [String; 6] {
+            [
+                json_insert_sql::<RunRow>(b, 1),
+                json_insert_sql::<StepRow>(b, 1),
+                json_insert_sql::<AttemptRow>(b, 1),
+                json_insert_sql::<EventRow>(b, 1),
+                json_insert_sql::<AgentRow>(b, 1),
+                json_insert_sql::<BreakerRow>(b, 1),
+            ]
+        }
+        static POSTGRES: std::sync::LazyLock<[String; 6]> =
+            std::sync::LazyLock::new(|| statements(Backend::Postgres));
+        static SQLITE: std::sync::LazyLock<[String; 6]> =
+            std::sync::LazyLock::new(|| statements(Backend::Sqlite));
+        let (mut tx, sqls) = match backend {
+            Backend::Sqlite => (self.pool.begin_with("BEGIN IMMEDIATE").await?, &*SQLITE),
+            Backend::Postgres => (self.pool.begin().await?, &*POSTGRES),
         };
         if let Some(f) = fence {
             let row = sqlx::query(AssertSqlSafe(format!(
@@ -218,12 +309,11 @@ impl Store {
                 return Err(StoreError::Fenced(f.epoch));
             }
         }
-        write_rows(&mut tx, &batch.runs).await?;
-        write_rows(&mut tx, &batch.steps).await?;
-        write_rows(&mut tx, &batch.attempts).await?;
-        write_rows(&mut tx, &batch.events).await?;
-        write_rows(&mut tx, &batch.agents).await?;
-        write_rows(&mut tx, &batch.breakers).await?;
+        for (sql, rows) in sqls.iter().zip(arrays) {
+            if rows != "[]" {
+                sqlx::query(AssertSqlSafe(sql.as_str())).bind(rows.as_str()).execute(&mut *tx).await?;
+            }
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -544,6 +634,8 @@ type AnyQuery<'q> = Query<'q, Any, AnyArguments>;
 pub(crate) trait Record: Sized {
     const TABLE: &'static str;
     const COLUMNS: &'static str;
+    /// The columns with their Postgres types, for reading rows from JSON.
+    const PG_RECORD: &'static str;
     /// Primary key columns.
     const KEY: &'static str;
     /// Whether a row with an existing key replaces it (state rows) or is kept as it was
@@ -553,13 +645,14 @@ pub(crate) trait Record: Sized {
     fn decode(row: &AnyRow) -> Result<Self, sqlx::Error>;
 }
 
-/// Multi-row upsert in chunks of a few fixed sizes, so that the driver's statement cache
-/// holds a handful of statements per table however many rows a batch has.
+/// Multi-row upsert in chunks of power-of-two sizes, so that the driver's statement
+/// cache holds a handful of statements per table however many rows a batch has, and n
+/// rows take popcount(n) statements.
 async fn write_rows<R: Record>(
     tx: &mut sqlx::Transaction<'static, Any>,
     rows: &[R],
 ) -> Result<(), StoreError> {
-    const CHUNKS: [usize; 4] = [64, 16, 4, 1];
+    const CHUNKS: [usize; 7] = [64, 32, 16, 8, 4, 2, 1];
     let mut rest = rows;
     while !rest.is_empty() {
         let n = CHUNKS.iter().copied().find(|&c| c <= rest.len()).unwrap_or(1);
@@ -572,6 +665,29 @@ async fn write_rows<R: Record>(
         rest = tail;
     }
     Ok(())
+}
+
+/// Appends inserts of `rows` to a script, in statements of at most a few thousand
+/// parameters. Parameters are anonymous (`?`), bound in script order: SQLite finds a
+/// numbered or named parameter by a linear search, which makes big scripts quadratic.
+fn script_rows<R: Record>(sql: &mut String, rows: &[R]) {
+    let cols = R::COLUMNS.split(',').count();
+    let per_statement = (4000 / cols).max(1);
+    for chunk in rows.chunks(per_statement) {
+        sql.push_str(&format!("INSERT INTO {} ({}) VALUES ", R::TABLE, R::COLUMNS));
+        for (r, _) in chunk.iter().enumerate() {
+            if r > 0 {
+                sql.push(',');
+            }
+            sql.push('(');
+            for c in 0..cols {
+                sql.push_str(if c > 0 { ",?" } else { "?" });
+            }
+            sql.push(')');
+        }
+        sql.push_str(&conflict_clause::<R>());
+        sql.push_str(";\n");
+    }
 }
 
 fn insert_sql<R: Record>(rows: usize) -> String {
@@ -593,15 +709,50 @@ fn insert_sql<R: Record>(rows: usize) -> String {
         }
         sql.push(')');
     }
+    sql.push_str(&conflict_clause::<R>());
+    sql
+}
+
+/// What to do with a row whose key exists: replace it (state rows) or keep the old one
+/// (append-only rows, so a retried commit does not fail on its own earlier write).
+fn conflict_clause<R: Record>() -> String {
+    let cols: Vec<&str> = R::COLUMNS.split(',').map(str::trim).collect();
     if R::UPSERT {
         let keys: Vec<&str> = R::KEY.split(',').map(str::trim).collect();
         let sets: Vec<String> =
             cols.iter().filter(|c| !keys.contains(c)).map(|c| format!("{c} = excluded.{c}")).collect();
-        sql.push_str(&format!(" ON CONFLICT ({}) DO UPDATE SET {}", R::KEY, sets.join(", ")));
+        format!(" ON CONFLICT ({}) DO UPDATE SET {}", R::KEY, sets.join(", "))
     } else {
-        sql.push_str(&format!(" ON CONFLICT ({}) DO NOTHING", R::KEY));
+        format!(" ON CONFLICT ({}) DO NOTHING", R::KEY)
     }
-    sql
+}
+
+/// The statement that writes the rows of a JSON array (parameter `$n`: objects keyed
+/// by column) into R's table.
+fn json_insert_sql<R: Record>(backend: Backend, n: usize) -> String {
+    let conflict = conflict_clause::<R>();
+    match backend {
+        Backend::Sqlite => {
+            let picks: Vec<String> = R::COLUMNS
+                .split(',')
+                .map(str::trim)
+                .map(|c| format!("json_extract(value, '$.{c}')"))
+                .collect();
+            // `WHERE true` lets SQLite tell the upsert clause from a join.
+            format!(
+                "INSERT INTO {} ({}) SELECT {} FROM json_each(${n}) WHERE true{conflict}",
+                R::TABLE,
+                R::COLUMNS,
+                picks.join(", ")
+            )
+        }
+        Backend::Postgres => format!(
+            "INSERT INTO {t} ({c}) SELECT {c} FROM json_to_recordset(${n}::json) AS x({r}){conflict}",
+            t = R::TABLE,
+            c = R::COLUMNS,
+            r = R::PG_RECORD
+        ),
+    }
 }
 
 async fn fetch<R: Record>(pool: &AnyPool, sql: &str) -> Result<Vec<R>, StoreError> {

@@ -1,12 +1,13 @@
 //! Row types of the store's tables and their column mappings.
 
+use serde::Serialize;
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::{AnyQuery, Record};
 
 /// A run row. `spec` is the validated workstream as JSON; `params` a JSON object.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RunRow {
     pub id: String,
     pub workstream: String,
@@ -21,6 +22,7 @@ pub struct RunRow {
 
 impl Record for RunRow {
     const TABLE: &'static str = "runs";
+    const PG_RECORD: &'static str = "id text, workstream text, state text, spec text, params text, reason text, created_at bigint, started_at bigint, finished_at bigint";
     const COLUMNS: &'static str =
         "id, workstream, state, spec, params, reason, created_at, started_at, finished_at";
     const KEY: &'static str = "id";
@@ -52,7 +54,7 @@ impl Record for RunRow {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StepRow {
     pub run_id: String,
     pub step_id: String,
@@ -71,6 +73,7 @@ pub struct StepRow {
 
 impl Record for StepRow {
     const TABLE: &'static str = "steps";
+    const PG_RECORD: &'static str = "run_id text, step_id text, idx bigint, state text, tool text, attempts bigint, failures bigint, lost_count bigint, next_attempt_at bigint, started_at bigint, finished_at bigint, reason text, result text";
     const COLUMNS: &'static str = "run_id, step_id, idx, state, tool, attempts, failures, lost_count, next_attempt_at, started_at, finished_at, reason, result";
     const KEY: &'static str = "run_id, step_id";
 
@@ -109,7 +112,7 @@ impl Record for StepRow {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AttemptRow {
     pub id: String,
     pub run_id: String,
@@ -132,6 +135,7 @@ pub struct AttemptRow {
 
 impl Record for AttemptRow {
     const TABLE: &'static str = "step_attempts";
+    const PG_RECORD: &'static str = "id text, run_id text, step_id text, number bigint, agent_id text, agent_name text, lease_token text, state text, exit_code bigint, error_class text, error text, result text, output_tail text, assigned_at bigint, started_at bigint, finished_at bigint, deadline_at bigint";
     const COLUMNS: &'static str = "id, run_id, step_id, number, agent_id, agent_name, lease_token, state, exit_code, error_class, error, result, output_tail, assigned_at, started_at, finished_at, deadline_at";
     const KEY: &'static str = "id";
 
@@ -179,7 +183,7 @@ impl Record for AttemptRow {
 }
 
 /// One run event. Empty strings stand for "not applicable".
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct EventRow {
     pub run_id: String,
     pub seq: i64,
@@ -197,6 +201,7 @@ pub struct EventRow {
 
 impl Record for EventRow {
     const TABLE: &'static str = "run_events";
+    const PG_RECORD: &'static str = "run_id text, seq bigint, at bigint, kind text, step_id text, attempt_id text, run_state text, step_state text, attempt_state text, message text, epoch bigint";
     const COLUMNS: &'static str =
         "run_id, seq, at, kind, step_id, attempt_id, run_state, step_state, attempt_state, message, epoch";
     const KEY: &'static str = "run_id, seq";
@@ -235,7 +240,7 @@ impl Record for EventRow {
 
 /// An agent as last seen. `labels` is a JSON object, `tools` a JSON list of
 /// `{name, version}`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AgentRow {
     pub id: String,
     pub name: String,
@@ -246,11 +251,18 @@ pub struct AgentRow {
     pub state: String,
     pub connected_at: i64,
     pub last_seen_at: i64,
+    #[serde(serialize_with = "bool_as_int")]
     pub draining: bool,
+}
+
+/// Booleans are stored as 0/1 in both databases.
+fn bool_as_int<S: serde::Serializer>(v: &bool, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_i64(i64::from(*v))
 }
 
 impl Record for AgentRow {
     const TABLE: &'static str = "agents";
+    const PG_RECORD: &'static str = "id text, name text, version text, labels text, tools text, slots bigint, state text, connected_at bigint, last_seen_at bigint, draining bigint";
     const COLUMNS: &'static str =
         "id, name, version, labels, tools, slots, state, connected_at, last_seen_at, draining";
     const KEY: &'static str = "id";
@@ -285,7 +297,7 @@ impl Record for AgentRow {
 }
 
 /// A circuit breaker's persisted state; `agent_id` is empty for a tool's own breaker.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BreakerRow {
     pub tool: String,
     pub agent_id: String,
@@ -297,6 +309,8 @@ pub struct BreakerRow {
 
 impl Record for BreakerRow {
     const TABLE: &'static str = "breakers";
+    const PG_RECORD: &'static str =
+        "tool text, agent_id text, state text, consecutive bigint, opened_at bigint, updated_at bigint";
     const COLUMNS: &'static str = "tool, agent_id, state, consecutive, opened_at, updated_at";
     const KEY: &'static str = "tool, agent_id";
 
@@ -331,6 +345,7 @@ pub struct OutputRow {
 
 impl Record for OutputRow {
     const TABLE: &'static str = "attempt_output";
+    const PG_RECORD: &'static str = "attempt_id text, seq bigint";
     const COLUMNS: &'static str = "attempt_id, seq, data";
     const KEY: &'static str = "attempt_id, seq";
     const UPSERT: bool = false;

@@ -274,3 +274,31 @@ async fn bad_urls_are_refused_and_postgres_urls_are_redacted_in_logs() {
     assert!(err.to_string().contains("unsupported database url"), "{err}");
     assert_eq!(crate::redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn commit_timing() {
+    let t = sqlite_store().await;
+    let store = &t.store;
+    let run_id = "0a1b2c3d-0000-4000-8000-00000000000f";
+    let mut b = Batch::default();
+    b.runs.push(run_row(run_id, "running", 1));
+    store.commit(&b, None).await.unwrap();
+    let n = 300;
+    let t0 = std::time::Instant::now();
+    for i in 0..n {
+        let mut b = Batch::default();
+        b.steps.push(step_row(run_id, &format!("s{i}"), i, "running"));
+        b.steps.push(step_row(run_id, &format!("t{i}"), i, "ready"));
+        for k in 0..4 {
+            b.events.push(event(run_id, i * 4 + k + 10, "x"));
+        }
+        store.commit(&b, None).await.unwrap();
+    }
+    eprintln!("commit: {:?} each", t0.elapsed() / n as u32);
+    let t0 = std::time::Instant::now();
+    for _ in 0..n {
+        store.ping().await.unwrap();
+    }
+    eprintln!("ping: {:?} each", t0.elapsed() / n as u32);
+}

@@ -1,0 +1,123 @@
+//! `baton-bench`: Baton's benchmarks, side by side with GNU make and Dask on the same
+//! DAGs. Each scenario starts a real controller and real agents (this binary in its
+//! `controller` and `agent` roles) on loopback, on a fresh database.
+//!
+//! ```text
+//! cargo run --release -p baton-bench -- [b1 b2 b3 b4 b5 b6 idle] [--backend sqlite|postgres]
+//! ```
+
+mod cluster;
+mod compare;
+mod scenarios;
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use cluster::Backend;
+
+#[derive(Debug, Parser)]
+#[command(name = "baton-bench", about = "Baton benchmarks, side by side with make and Dask")]
+struct Args {
+    #[command(subcommand)]
+    role: Option<Role>,
+    /// Scenarios to run (default: all): b1 b2 b3 b4 b5 b6 idle.
+    scenarios: Vec<String>,
+    #[arg(long, default_value = "sqlite")]
+    backend: String,
+    /// Postgres server for --backend postgres (a database is created per scenario).
+    #[arg(long, env = "BATON_TEST_POSTGRES_URL")]
+    postgres_url: Option<String>,
+    /// Skip the make and Dask comparisons.
+    #[arg(long)]
+    no_compare: bool,
+    /// Seconds B5 runs for.
+    #[arg(long, default_value_t = 60)]
+    b5_seconds: u64,
+}
+
+/// The processes a benchmark starts (this same binary).
+#[derive(Debug, Subcommand)]
+enum Role {
+    #[command(hide = true)]
+    Controller {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        metrics_listen: std::net::SocketAddr,
+        #[arg(long)]
+        db: String,
+        #[arg(long, value_parser = baton_common::time::parse_duration)]
+        heartbeat_interval: Duration,
+    },
+    #[command(hide = true)]
+    Agent {
+        #[arg(long)]
+        controller: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        slots: u32,
+        #[arg(long)]
+        work_dir: std::path::PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match args.role {
+            Some(Role::Controller { listen, metrics_listen, db, heartbeat_interval }) => {
+                let listener = tokio::net::TcpListener::bind(listen).await?;
+                let metrics = std::net::TcpListener::bind(metrics_listen)?;
+                metrics.set_nonblocking(true)?;
+                let mut config = baton_controller::Config::new(db);
+                config.metrics = Some(metrics);
+                config.engine.heartbeat_interval = heartbeat_interval;
+                baton_controller::run(listener, config, CancellationToken::new()).await?;
+                Ok(())
+            }
+            Some(Role::Agent { controller, name, slots, work_dir }) => {
+                let mut cfg = baton_agent::Config::new(controller, name, work_dir);
+                cfg.slots = slots;
+                baton_agent::run(cfg, CancellationToken::new()).await?;
+                Ok(())
+            }
+            None => {
+                let backend = match args.backend.as_str() {
+                    "sqlite" => Backend::Sqlite,
+                    "postgres" => Backend::Postgres,
+                    other => anyhow::bail!("--backend must be sqlite or postgres, not {other:?}"),
+                };
+                let all = ["b1", "b2", "b3", "b4", "b5", "b6", "idle"];
+                let chosen: Vec<String> = if args.scenarios.is_empty() {
+                    all.iter().map(|s| s.to_string()).collect()
+                } else {
+                    args.scenarios
+                };
+                for s in &chosen {
+                    if !all.contains(&s.as_str()) {
+                        anyhow::bail!("unknown scenario {s:?} (known: {})", all.join(", "));
+                    }
+                }
+                let opts = scenarios::Options {
+                    backend,
+                    postgres_url: args.postgres_url,
+                    compare: !args.no_compare,
+                    b5_seconds: args.b5_seconds,
+                };
+                scenarios::run_all(&chosen, &opts).await
+            }
+        }
+    })
+}

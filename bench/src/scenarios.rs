@@ -1,0 +1,399 @@
+//! The scenarios, their measurements, and the table.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use baton_common::pb;
+use serde_json::json;
+use tokio_stream::StreamExt;
+
+use crate::cluster::{Backend, Client, Cluster};
+use crate::compare::{self, Shape};
+
+pub struct Options {
+    pub backend: Backend,
+    pub postgres_url: Option<String>,
+    pub compare: bool,
+    pub b5_seconds: u64,
+}
+
+/// One line of the table.
+#[derive(Default)]
+struct Row {
+    name: String,
+    steps: usize,
+    makespan: Option<f64>,
+    p50_us: Option<f64>,
+    p99_us: Option<f64>,
+    ctl_cpu: f64,
+    agent_cpu: f64,
+    ctl_rss: f64,
+    agent_rss: f64,
+    make: Option<f64>,
+    dask: Option<f64>,
+    note: String,
+}
+
+pub async fn run_all(chosen: &[String], o: &Options) -> anyhow::Result<()> {
+    let backend = match o.backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    };
+    eprintln!(
+        "baton-bench: backend {backend}, {} cores",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    let mut rows = Vec::new();
+    let mut dask_missing = false;
+    for s in chosen {
+        eprintln!("running {s} ...");
+        let row = match s.as_str() {
+            "b1" => dag(o, "B1 1000 independent shell", Shape::Independent(1000), &[1, 1], 2).await?,
+            "b2" => dag(o, "B2 chain of 1000 shell", Shape::Chain(1000), &[1, 1], 1).await?,
+            "b3" => dag(o, "B3 10 layers x 100 shell", Shape::Layers(10, 100), &[1, 1], 2).await?,
+            "b4" => b4(o).await?,
+            "b5" => b5(o).await?,
+            "b6" => b6(o).await?,
+            "idle" => idle(o).await?,
+            _ => unreachable!("checked by the caller"),
+        };
+        dask_missing |= o.compare && row.dask.is_none() && s.as_str() < "b4";
+        print_row(&row);
+        rows.push(row);
+    }
+    println!();
+    println!("## Results ({backend})");
+    println!();
+    println!(
+        "| scenario | steps | makespan | steps/s | overhead/step vs make | ready→started p50 | p99 | controller CPU | agents CPU | controller RSS | agent RSS | make | Baton/make | Dask | Baton/Dask | notes |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        println!("{}", table_line(r));
+    }
+    if dask_missing {
+        println!("\n{}", compare::DASK_HINT);
+    }
+    Ok(())
+}
+
+fn fmt_s(v: Option<f64>) -> String {
+    v.map(|s| format!("{s:.3}s")).unwrap_or_else(|| "-".into())
+}
+
+fn fmt_us(v: Option<f64>) -> String {
+    v.map(|us| if us >= 1000.0 { format!("{:.2}ms", us / 1000.0) } else { format!("{us:.0}µs") })
+        .unwrap_or_else(|| "-".into())
+}
+
+fn table_line(r: &Row) -> String {
+    let rate = r
+        .makespan
+        .filter(|m| *m > 0.0)
+        .map(|m| format!("{:.0}", r.steps as f64 / m))
+        .unwrap_or_else(|| "-".into());
+    let overhead = match (r.makespan, r.make) {
+        (Some(m), Some(f)) if r.steps > 0 => format!("{:.2}ms", (m - f) * 1000.0 / r.steps as f64),
+        _ => "-".into(),
+    };
+    let ratio = |x: Option<f64>| match (r.makespan, x) {
+        (Some(m), Some(x)) if x > 0.0 => format!("{:.2}", m / x),
+        _ => "-".into(),
+    };
+    format!(
+        "| {} | {} | {} | {} | {} | {} | {} | {:.2}s | {:.2}s | {:.0} MiB | {:.0} MiB | {} | {} | {} | {} | {} |",
+        r.name,
+        r.steps,
+        fmt_s(r.makespan),
+        rate,
+        overhead,
+        fmt_us(r.p50_us),
+        fmt_us(r.p99_us),
+        r.ctl_cpu,
+        r.agent_cpu,
+        r.ctl_rss,
+        r.agent_rss,
+        fmt_s(r.make),
+        ratio(r.make),
+        fmt_s(r.dask),
+        ratio(r.dask),
+        r.note
+    )
+}
+
+fn print_row(r: &Row) {
+    eprintln!("  {}", table_line(r));
+}
+
+/// A workstream of `steps` as JSON (fast to parse even at 20,000 steps).
+fn spec(name: &str, shape: Shape, tool: &str) -> String {
+    let steps: Vec<serde_json::Value> = shape
+        .graph()
+        .into_iter()
+        .map(|(id, needs)| match tool {
+            "shell" => json!({"id": id, "needs": needs, "tool": "shell", "with": {"argv": ["true"]}}),
+            _ => json!({"id": id, "needs": needs, "tool": tool}),
+        })
+        .collect();
+    json!({"name": name, "steps": steps}).to_string()
+}
+
+/// Submits and waits for the run's end; returns the makespan (submit to end).
+async fn run_to_end(c: &mut Client, spec: String) -> anyhow::Result<(Duration, String)> {
+    let t0 = Instant::now();
+    let id = c
+        .submit_run(pb::SubmitRunRequest { spec, source: "bench".into(), params: Default::default() })
+        .await?
+        .into_inner()
+        .run_id;
+    let mut s = c
+        .watch_run(pb::WatchRunRequest { run_id: id.clone(), from_seq: 1, run_events_only: true })
+        .await?
+        .into_inner();
+    let mut last = String::new();
+    while let Some(ev) = s.next().await {
+        let ev = ev?;
+        last = ev.run_state.clone();
+        if matches!(ev.run_state.as_str(), "succeeded" | "failed" | "canceled") {
+            break;
+        }
+    }
+    let took = t0.elapsed();
+    if last != "succeeded" {
+        bail!("run {id} ended {last}");
+    }
+    Ok((took, id))
+}
+
+/// Quantile from the difference of two scrapes of a Prometheus histogram, interpolated
+/// within buckets (as histogram_quantile does). Microseconds.
+fn quantile(before: &HashMap<String, f64>, after: &HashMap<String, f64>, name: &str, q: f64) -> Option<f64> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let mut buckets: Vec<(f64, f64)> = after
+        .iter()
+        .filter_map(|(k, v)| {
+            let le = k.strip_prefix(&prefix)?.strip_suffix("\"}")?;
+            let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, v - before.get(k).copied().unwrap_or(0.0)))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut prev_le, mut prev_count) = (0.0, 0.0);
+    for (le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(prev_le * 1e6);
+            }
+            let within = if count > prev_count { (rank - prev_count) / (count - prev_count) } else { 1.0 };
+            return Some((prev_le + (le - prev_le) * within) * 1e6);
+        }
+        (prev_le, prev_count) = (le, count);
+    }
+    None
+}
+
+const LATENCY: &str = "baton_dispatch_latency_seconds";
+
+async fn dag(o: &Options, name: &str, shape: Shape, agents: &[u32], make_jobs: usize) -> anyhow::Result<Row> {
+    let cluster =
+        Cluster::start(o.backend, o.postgres_url.as_deref(), agents, Duration::from_secs(1)).await?;
+    let mut c = cluster.client().await?;
+    let before = cluster.metrics().await?;
+    let cpu0 = cluster.cpu();
+    let (took, _) = run_to_end(&mut c, spec(name, shape, "shell")).await?;
+    let cpu1 = cluster.cpu();
+    let after = cluster.metrics().await?;
+    let (ctl_rss, agent_rss) = cluster.peak_rss();
+    let mut row = Row {
+        name: name.to_string(),
+        steps: shape.steps(),
+        makespan: Some(took.as_secs_f64()),
+        p50_us: quantile(&before, &after, LATENCY, 0.5),
+        p99_us: quantile(&before, &after, LATENCY, 0.99),
+        ctl_cpu: cpu1.0 - cpu0.0,
+        agent_cpu: cpu1.1 - cpu0.1,
+        ctl_rss,
+        agent_rss,
+        ..Default::default()
+    };
+    drop(cluster);
+    if o.compare {
+        row.make = Some(compare::make(shape, make_jobs)?.as_secs_f64());
+        row.dask = compare::dask(shape)?.map(|d| d.as_secs_f64());
+        row.note = format!("make -j{make_jobs}; 2 agents x 1 slot");
+    }
+    Ok(row)
+}
+
+async fn b4(o: &Options) -> anyhow::Result<Row> {
+    let shape = Shape::Independent(20_000);
+    let cluster =
+        Cluster::start(o.backend, o.postgres_url.as_deref(), &[8, 8, 8, 8], Duration::from_secs(1)).await?;
+    let mut c = cluster.client().await?;
+    let before = cluster.metrics().await?;
+    let cpu0 = cluster.cpu();
+    let (took, _) = run_to_end(&mut c, spec("b4", shape, "noop")).await?;
+    let cpu1 = cluster.cpu();
+    let after = cluster.metrics().await?;
+    let (ctl_rss, agent_rss) = cluster.peak_rss();
+    let commits = after.get("baton_store_commit_seconds_count").unwrap_or(&0.0)
+        - before.get("baton_store_commit_seconds_count").unwrap_or(&0.0);
+    Ok(Row {
+        name: "B4 20000 noop".into(),
+        steps: shape.steps(),
+        makespan: Some(took.as_secs_f64()),
+        p50_us: quantile(&before, &after, LATENCY, 0.5),
+        p99_us: quantile(&before, &after, LATENCY, 0.99),
+        ctl_cpu: cpu1.0 - cpu0.0,
+        agent_cpu: cpu1.1 - cpu0.1,
+        ctl_rss,
+        agent_rss,
+        note: format!("4 agents x 8 slots; {commits:.0} commits"),
+        ..Default::default()
+    })
+}
+
+/// An agent that only says hello and heartbeats (for B5), or waits for its first
+/// assignment (for B6).
+async fn fake_agent(url: String, name: String, heartbeats: bool) -> anyhow::Result<Instant> {
+    use pb::agent_message::Msg;
+    let ch = tonic::transport::Endpoint::from_shared(url)?.connect().await?;
+    let mut client = pb::agent_service_client::AgentServiceClient::new(ch);
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let hello = pb::Hello {
+        agent_id: format!("bench-{name}"),
+        name,
+        version: "bench".into(),
+        tools: vec![pb::Tool { name: "noop".into(), version: "bench".into() }],
+        slots: 1,
+        ..Default::default()
+    };
+    tx.send(pb::AgentMessage { msg: Some(Msg::Hello(hello)) }).await?;
+    let mut inbound = client.connect(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    let mut every = Duration::from_secs(1);
+    loop {
+        let m = if heartbeats {
+            match tokio::time::timeout(every, inbound.message()).await {
+                Ok(m) => m?,
+                Err(_) => {
+                    let hb = pb::Heartbeat { running: vec![], free_slots: 1 };
+                    tx.send(pb::AgentMessage { msg: Some(Msg::Heartbeat(hb)) }).await?;
+                    continue;
+                }
+            }
+        } else {
+            inbound.message().await?
+        };
+        match m.and_then(|m| m.msg) {
+            Some(pb::controller_message::Msg::Welcome(w)) => {
+                every = Duration::from_millis(w.heartbeat_interval_ms as u64)
+            }
+            Some(pb::controller_message::Msg::Assign(_)) if !heartbeats => return Ok(Instant::now()),
+            Some(_) => {}
+            None => bail!("stream ended"),
+        }
+    }
+}
+
+async fn b5(o: &Options) -> anyhow::Result<Row> {
+    let cluster = Cluster::start(o.backend, o.postgres_url.as_deref(), &[], Duration::from_secs(1)).await?;
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        tasks.push(tokio::spawn(fake_agent(cluster.url.clone(), format!("sim-{i}"), true)));
+    }
+    let mut c = cluster.client().await?;
+    for _ in 0..500 {
+        let n = c.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents.len();
+        if n >= 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cpu0 = cluster.cpu();
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(o.b5_seconds)).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu1 = cluster.cpu();
+    let agents = c.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents;
+    let connected = agents.iter().filter(|a| a.state == "connected").count();
+    for t in tasks {
+        t.abort();
+    }
+    let used = cpu1.0 - cpu0.0;
+    let (ctl_rss, _) = cluster.peak_rss();
+    Ok(Row {
+        name: "B5 200 idle agents".into(),
+        ctl_cpu: used,
+        ctl_rss,
+        note: format!(
+            "controller CPU {:.2}% of one core over {secs:.0}s; {connected} agents connected, heartbeat 1s",
+            used / secs * 100.0
+        ),
+        ..Default::default()
+    })
+}
+
+async fn b6(o: &Options) -> anyhow::Result<Row> {
+    let mut cluster =
+        Cluster::start(o.backend, o.postgres_url.as_deref(), &[], Duration::from_secs(1)).await?;
+    let mut c = cluster.client().await?;
+    let shape = Shape::Independent(10_000);
+    c.submit_run(pb::SubmitRunRequest {
+        spec: spec("b6", shape, "noop"),
+        source: "bench".into(),
+        params: Default::default(),
+    })
+    .await?;
+    let t0 = cluster.restart_controller()?;
+    // An agent that keeps trying to connect, and notes its first assignment.
+    let url = cluster.url.clone();
+    let first = tokio::spawn(async move {
+        loop {
+            if let Ok(at) = fake_agent(url.clone(), "waiting".into(), false).await {
+                return at;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    let at = tokio::time::timeout(Duration::from_secs(120), first)
+        .await
+        .context("no dispatch after restart")??;
+    let took = at.duration_since(t0).as_secs_f64();
+    let (ctl_rss, _) = cluster.peak_rss();
+    Ok(Row {
+        name: "B6 restart with 10000 open steps".into(),
+        steps: shape.steps(),
+        makespan: Some(took),
+        ctl_rss,
+        note: "time from kill -9 and restart to the first dispatch".into(),
+        ..Default::default()
+    })
+}
+
+async fn idle(o: &Options) -> anyhow::Result<Row> {
+    let cluster = Cluster::start(o.backend, o.postgres_url.as_deref(), &[1], Duration::from_secs(1)).await?;
+    let mut c = cluster.client().await?;
+    // Warm up connections and caches.
+    run_to_end(&mut c, spec("idle", Shape::Independent(1), "noop")).await?;
+    let before = cluster.metrics().await?;
+    let mut total = Duration::ZERO;
+    let n = 200;
+    for _ in 0..n {
+        total += run_to_end(&mut c, spec("idle", Shape::Independent(1), "noop")).await?.0;
+    }
+    let after = cluster.metrics().await?;
+    Ok(Row {
+        name: "idle: 200 one-step runs, one after another".into(),
+        steps: n,
+        p50_us: quantile(&before, &after, LATENCY, 0.5),
+        p99_us: quantile(&before, &after, LATENCY, 0.99),
+        note: format!("mean submit-to-end {:.2}ms", total.as_secs_f64() * 1000.0 / n as f64),
+        ..Default::default()
+    })
+}
