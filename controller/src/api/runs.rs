@@ -177,16 +177,9 @@ impl pb::baton_service_server::BatonService for RunApi {
         let live = engine.subscribe();
         let id = self.store.resolve_run_id(&req.run_id).await?;
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(watch(
-            self.store.clone(),
-            engine,
-            id,
-            req.run_events_only,
-            req.from_seq.max(1),
-            live,
-            tx,
-            term,
-        ));
+        let watch =
+            Watch { store: self.store.clone(), engine, run_id: id, run_events_only: req.run_events_only };
+        tokio::spawn(watch.run(req.from_seq.max(1), live, tx, term));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -296,90 +289,98 @@ impl pb::baton_service_server::BatonService for RunApi {
 
 /// Sends a run's events from `next` on: first from the store, then live; falls back to
 /// the store whenever the live feed skips (lag), so the client sees every event once.
-async fn watch(
+/// One WatchRun being served.
+struct Watch {
     store: Store,
     engine: crate::engine::EngineHandle,
     run_id: String,
     run_events_only: bool,
-    mut next: i64,
-    mut live: broadcast::Receiver<std::sync::Arc<crate::engine::Published>>,
-    tx: mpsc::Sender<Result<pb::RunEvent, Status>>,
-    shutdown: CancellationToken,
-) {
-    const PAGE: i64 = 1000;
-    loop {
-        // Catch up from the store.
+}
+
+impl Watch {
+    async fn run(
+        self,
+        mut next: i64,
+        mut live: broadcast::Receiver<std::sync::Arc<crate::engine::Published>>,
+        tx: mpsc::Sender<Result<pb::RunEvent, Status>>,
+        shutdown: CancellationToken,
+    ) {
+        let Watch { store, engine, run_id, run_events_only } = self;
+        const PAGE: i64 = 1000;
         loop {
-            let events = match store.events(&run_id, next, PAGE).await {
-                Ok(e) => e,
-                Err(e) => {
-                    let _ = tx.send(Err(e.into())).await;
-                    return;
-                }
-            };
-            let n = events.len() as i64;
-            // The last event of a page carries the run's progress as it is now.
-            let progress = match events.last() {
-                Some(last) if !is_final(last) => {
-                    engine.live(run_id.clone()).await.ok().flatten().map(|l| l.progress)
-                }
-                _ => None,
-            };
-            for (i, e) in events.iter().enumerate() {
-                if run_events_only && !e.kind.starts_with("run_") {
-                    next = e.seq + 1;
-                    continue;
-                }
-                let mut ev = convert::event(e);
-                if i + 1 == events.len() {
-                    ev.progress = progress.clone();
-                }
-                if tx.send(Ok(ev)).await.is_err() {
-                    return;
-                }
-                next = e.seq + 1;
-                if is_final(e) {
-                    return;
-                }
-            }
-            if n < PAGE {
-                break;
-            }
-        }
-        // Follow live until the feed skips something.
-        loop {
-            let e = tokio::select! {
-                _ = shutdown.cancelled() => {
-                    let _ = tx.send(Err(Status::unavailable("the controller is shutting down"))).await;
-                    return;
-                }
-                _ = tx.closed() => return,
-                e = live.recv() => e,
-            };
-            match e {
-                Ok(p) if p.event.run_id != run_id || p.event.seq < next => continue,
-                Ok(p) if p.event.seq > next => break,
-                Ok(p) if run_events_only && !p.event.kind.starts_with("run_") => {
-                    next += 1;
-                    if is_final(&p.event) {
+            // Catch up from the store.
+            loop {
+                let events = match store.events(&run_id, next, PAGE).await {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
                         return;
                     }
-                }
-                Ok(p) => {
-                    let mut ev = convert::event(&p.event);
-                    ev.progress = p.progress.as_deref().cloned();
+                };
+                let n = events.len() as i64;
+                // The last event of a page carries the run's progress as it is now.
+                let progress = match events.last() {
+                    Some(last) if !is_final(last) => {
+                        engine.live(run_id.clone()).await.ok().flatten().map(|l| l.progress)
+                    }
+                    _ => None,
+                };
+                for (i, e) in events.iter().enumerate() {
+                    if run_events_only && !e.kind.starts_with("run_") {
+                        next = e.seq + 1;
+                        continue;
+                    }
+                    let mut ev = convert::event(e);
+                    if i + 1 == events.len() {
+                        ev.progress = progress.clone();
+                    }
                     if tx.send(Ok(ev)).await.is_err() {
                         return;
                     }
-                    next += 1;
-                    if is_final(&p.event) {
+                    next = e.seq + 1;
+                    if is_final(e) {
                         return;
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => break,
-                Err(broadcast::error::RecvError::Closed) => {
-                    let _ = tx.send(Err(Status::unavailable("the controller is shutting down"))).await;
-                    return;
+                if n < PAGE {
+                    break;
+                }
+            }
+            // Follow live until the feed skips something.
+            loop {
+                let e = tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("the controller is shutting down"))).await;
+                        return;
+                    }
+                    _ = tx.closed() => return,
+                    e = live.recv() => e,
+                };
+                match e {
+                    Ok(p) if p.event.run_id != run_id || p.event.seq < next => continue,
+                    Ok(p) if p.event.seq > next => break,
+                    Ok(p) if run_events_only && !p.event.kind.starts_with("run_") => {
+                        next += 1;
+                        if is_final(&p.event) {
+                            return;
+                        }
+                    }
+                    Ok(p) => {
+                        let mut ev = convert::event(&p.event);
+                        ev.progress = p.progress.as_deref().cloned();
+                        if tx.send(Ok(ev)).await.is_err() {
+                            return;
+                        }
+                        next += 1;
+                        if is_final(&p.event) {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        let _ = tx.send(Err(Status::unavailable("the controller is shutting down"))).await;
+                        return;
+                    }
                 }
             }
         }
