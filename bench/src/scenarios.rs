@@ -24,6 +24,8 @@ struct Row {
     name: String,
     steps: usize,
     makespan: Option<f64>,
+    /// The makespan is the time to run `steps` (not a time to first dispatch).
+    throughput: bool,
     p50_us: Option<f64>,
     p99_us: Option<f64>,
     ctl_cpu: f64,
@@ -90,7 +92,7 @@ fn fmt_us(v: Option<f64>) -> String {
 fn table_line(r: &Row) -> String {
     let rate = r
         .makespan
-        .filter(|m| *m > 0.0)
+        .filter(|m| r.throughput && *m > 0.0)
         .map(|m| format!("{:.0}", r.steps as f64 / m))
         .unwrap_or_else(|| "-".into());
     let overhead = match (r.makespan, r.make) {
@@ -200,6 +202,14 @@ fn quantile(before: &HashMap<String, f64>, after: &HashMap<String, f64>, name: &
 
 const LATENCY: &str = "baton_dispatch_latency_seconds";
 
+/// How many store commits ran between two scrapes and how long they took on average.
+fn commits(before: &HashMap<String, f64>, after: &HashMap<String, f64>) -> String {
+    let delta = |k: &str| after.get(k).unwrap_or(&0.0) - before.get(k).unwrap_or(&0.0);
+    let n = delta("baton_store_commit_seconds_count");
+    let mean = if n > 0.0 { delta("baton_store_commit_seconds_sum") / n * 1e6 } else { 0.0 };
+    format!("{n:.0} commits, mean {}", fmt_us(Some(mean)))
+}
+
 async fn dag(o: &Options, name: &str, shape: Shape, agents: &[u32], make_jobs: usize) -> anyhow::Result<Row> {
     let cluster =
         Cluster::start(o.backend, o.postgres_url.as_deref(), agents, Duration::from_secs(1)).await?;
@@ -214,6 +224,7 @@ async fn dag(o: &Options, name: &str, shape: Shape, agents: &[u32], make_jobs: u
         name: name.to_string(),
         steps: shape.steps(),
         makespan: Some(took.as_secs_f64()),
+        throughput: true,
         p50_us: quantile(&before, &after, LATENCY, 0.5),
         p99_us: quantile(&before, &after, LATENCY, 0.99),
         ctl_cpu: cpu1.0 - cpu0.0,
@@ -226,8 +237,9 @@ async fn dag(o: &Options, name: &str, shape: Shape, agents: &[u32], make_jobs: u
     if o.compare {
         row.make = Some(compare::make(shape, make_jobs)?.as_secs_f64());
         row.dask = compare::dask(shape)?.map(|d| d.as_secs_f64());
-        row.note = format!("make -j{make_jobs}; 2 agents x 1 slot");
+        row.note = format!("make -j{make_jobs}; ");
     }
+    row.note += &format!("2 agents x 1 slot; {}", commits(&before, &after));
     Ok(row)
 }
 
@@ -242,19 +254,18 @@ async fn b4(o: &Options) -> anyhow::Result<Row> {
     let cpu1 = cluster.cpu();
     let after = cluster.metrics().await?;
     let (ctl_rss, agent_rss) = cluster.peak_rss();
-    let commits = after.get("baton_store_commit_seconds_count").unwrap_or(&0.0)
-        - before.get("baton_store_commit_seconds_count").unwrap_or(&0.0);
     Ok(Row {
         name: "B4 20000 noop".into(),
         steps: shape.steps(),
         makespan: Some(took.as_secs_f64()),
+        throughput: true,
         p50_us: quantile(&before, &after, LATENCY, 0.5),
         p99_us: quantile(&before, &after, LATENCY, 0.99),
         ctl_cpu: cpu1.0 - cpu0.0,
         agent_cpu: cpu1.1 - cpu0.1,
         ctl_rss,
         agent_rss,
-        note: format!("4 agents x 8 slots; {commits:.0} commits"),
+        note: format!("4 agents x 8 slots; {}", commits(&before, &after)),
         ..Default::default()
     })
 }

@@ -12,9 +12,9 @@ use std::collections::{BTreeMap, VecDeque};
 use baton_common::template::{self, Ref};
 use serde_json::{Map, Value};
 
-use super::Engine;
 use super::model::{Agent, Attempt};
 use super::runs::{set_run, set_step};
+use super::{Engine, Pending};
 use crate::router::Strategy;
 
 /// A step's rendered `with` and `env`.
@@ -175,7 +175,11 @@ impl Engine {
             // marks the cut.
             max_output_bytes: self.cfg.max_output_bytes + 1024,
         };
-        p.send(
+        // Work for a free slot goes out at once; a queue top-up for a busy agent may
+        // share a later commit.
+        let send = if agent.free_slots() > 0 { Pending::send } else { Pending::send_prefetch };
+        send(
+            p,
             &session.tx,
             pb::controller_message::Msg::Assign(pb::Assign {
                 attempt: Some(attempt.attempt_ref()),
@@ -250,10 +254,12 @@ impl Engine {
     /// wait behind long work while other agents free up).
     pub(super) fn can_prefetch(&self, a: &Agent, tool: &str) -> bool {
         const SHORT_MS: f64 = 100.0;
+        // Enough queued per slot to cover a few commits' latency with short tools.
+        const QUEUED_PER_SLOT: usize = 4;
         a.session.is_some()
             && !a.draining
             && a.has_tool(tool)
-            && a.running.len() < 2 * a.slots as usize
+            && a.running.len() < (1 + QUEUED_PER_SLOT) * a.slots as usize
             && self
                 .stats
                 .get(&(a.id.clone(), tool.to_string()))

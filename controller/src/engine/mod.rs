@@ -32,8 +32,9 @@ use tracing::{debug, error, warn};
 use crate::store::{Batch, EventRow, Snapshot, Store, StoreError};
 use model::{Agent, AgentState, AgentTx, Attempt, Run, Step};
 
-/// Longest a commit with no effects waits to be joined by others.
-const QUIET_COMMIT_DELAY: Duration = Duration::from_millis(2);
+/// Longest a commit with nothing urgent in it (no effects, or only acks and queue
+/// top-ups for busy agents) waits to be joined by others.
+const QUIET_COMMIT_DELAY: Duration = Duration::from_millis(1);
 
 /// Timing knobs of the engine.
 #[derive(Debug, Clone)]
@@ -297,6 +298,8 @@ struct Pending {
     events: Vec<EventRow>,
     effects: Vec<Effect>,
     finished_runs: Vec<String>,
+    /// Some effect must not wait for company (a reply, work for an idle slot).
+    urgent: bool,
 }
 
 impl Pending {
@@ -311,10 +314,19 @@ impl Pending {
     }
 
     fn send(&mut self, tx: &AgentTx, msg: pb::controller_message::Msg) {
+        use pb::controller_message::Msg as M;
+        // Acks and pongs can wait a moment; what makes or stops work cannot.
+        self.urgent |= !matches!(msg, M::Ack(_) | M::Pong(_));
+        self.effects.push(Effect::Send(tx.clone(), Box::new(pb::ControllerMessage { msg: Some(msg) })));
+    }
+
+    /// An assignment that only tops up an agent's queue (it is busy anyway).
+    fn send_prefetch(&mut self, tx: &AgentTx, msg: pb::controller_message::Msg) {
         self.effects.push(Effect::Send(tx.clone(), Box::new(pb::ControllerMessage { msg: Some(msg) })));
     }
 
     fn reply<T: Send + 'static>(&mut self, reply: Reply<T>, value: Result<T, EngineError>) {
+        self.urgent = true;
         self.effects.push(Effect::Reply(Box::new(move || {
             let _ = reply.send(value);
         })));
@@ -524,7 +536,7 @@ impl Engine {
             if in_flight.is_some() || self.pending.is_empty() {
                 continue;
             }
-            let quiet = self.pending.effects.is_empty() && self.pending.finished_runs.is_empty();
+            let quiet = !self.pending.urgent && self.pending.finished_runs.is_empty();
             if quiet {
                 let since = *waiting_since.get_or_insert_with(std::time::Instant::now);
                 if since.elapsed() < QUIET_COMMIT_DELAY {

@@ -160,6 +160,8 @@ impl Store {
                             sqlx::query("PRAGMA synchronous = FULL").execute(&mut *conn).await?;
                             sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut *conn).await?;
                             sqlx::query("PRAGMA foreign_keys = ON").execute(&mut *conn).await?;
+                            sqlx::query("PRAGMA temp_store = MEMORY").execute(&mut *conn).await?;
+                            sqlx::query("PRAGMA cache_size = -16384").execute(&mut *conn).await?;
                             Ok(())
                         })
                     })
@@ -238,7 +240,15 @@ impl Store {
         script_rows(&mut sql, &batch.agents);
         script_rows(&mut sql, &batch.breakers);
         sql.push_str("COMMIT");
-        let mut q = sqlx::query(AssertSqlSafe(sql)).persistent(false);
+        // Small batches recur in the same few shapes (a step done, the next assigned)
+        // and are worth a cached statement; big ones rarely repeat.
+        let rows = batch.runs.len()
+            + batch.steps.len()
+            + batch.attempts.len()
+            + batch.events.len()
+            + batch.agents.len()
+            + batch.breakers.len();
+        let mut q = sqlx::query(AssertSqlSafe(sql)).persistent(rows <= 16);
         for r in &batch.runs {
             q = r.bind(q);
         }
