@@ -48,7 +48,11 @@ pub async fn run_all(chosen: &[String], o: &Options) -> anyhow::Result<()> {
     );
     let mut rows = Vec::new();
     let mut dask_missing = false;
-    for s in chosen {
+    for (i, s) in chosen.iter().enumerate() {
+        if i > 0 {
+            // Let the previous scenario's processes and files go before timing the next.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         eprintln!("running {s} ...");
         let row = match s.as_str() {
             "b1" => dag(o, "B1 1000 independent shell", Shape::Independent(1000), &[1, 1], 2).await?,
