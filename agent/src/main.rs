@@ -53,7 +53,9 @@ fn label(s: &str) -> Result<(String, String), String> {
     }
 }
 
-#[tokio::main]
+/// One thread: an agent mostly waits on its tools and its stream, and a single thread
+/// does that without cross-thread wakeups, leaving the cores to the tools.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(&args.log_format)?;

@@ -74,7 +74,12 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .try_init();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // Agents run on one thread, as `baton-agent` does.
+    let rt = if matches!(args.role, Some(Role::Agent { .. })) {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()?
+    };
     rt.block_on(async move {
         match args.role {
             Some(Role::Controller { listen, metrics_listen, db, heartbeat_interval }) => {

@@ -206,13 +206,43 @@ struct RawStep {
 }
 
 /// `needs: a` or `needs: [a, b]`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Default)]
 enum Needs {
     #[default]
     None,
     One(String),
     Many(Vec<String>),
+}
+
+/// Read directly rather than as an untagged enum, which would buffer every list first
+/// (specs can hold tens of thousands of dependencies).
+impl<'de> Deserialize<'de> for Needs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Ids;
+        impl<'de> serde::de::Visitor<'de> for Ids {
+            type Value = Needs;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a step id or a list of step ids")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Needs, E> {
+                Ok(Needs::One(s.to_string()))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Needs, E> {
+                Ok(Needs::None)
+            }
+            fn visit_none<E: serde::de::Error>(self) -> Result<Needs, E> {
+                Ok(Needs::None)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Needs, A::Error> {
+                let mut ids = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                while let Some(id) = seq.next_element::<String>()? {
+                    ids.push(id);
+                }
+                Ok(Needs::Many(ids))
+            }
+        }
+        d.deserialize_any(Ids)
+    }
 }
 
 impl Needs {
@@ -455,12 +485,13 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
             c.push(here, format!("labels: {e}"));
             BTreeMap::new()
         });
-        let mut needs: Vec<String> = Vec::new();
-        for n in rs.needs.into_vec() {
-            if !needs.contains(&n) {
-                needs.push(n);
-            }
-        }
+        let mut needs = rs.needs.into_vec();
+        let first: Vec<bool> = {
+            let mut seen = HashSet::with_capacity(needs.len());
+            needs.iter().map(|n| seen.insert(n.as_str())).collect()
+        };
+        let mut first = first.into_iter();
+        needs.retain(|_| first.next().unwrap_or(true));
         steps.push(StepSpec {
             id,
             needs,
@@ -774,6 +805,20 @@ steps:
         assert_eq!(ws.steps[2].needs, vec!["a", "b"]);
         assert_eq!(ws.steps[1].env.get("LEVEL").map(String::as_str), Some("1"));
         assert_eq!(ws.steps[1].env.get("X").map(String::as_str), Some("y"));
+    }
+
+    #[test]
+    fn needs_is_an_id_a_list_or_nothing() {
+        let ws = parse(
+            "ws.yaml",
+            "name: n\nsteps:\n  - {id: a, tool: noop, needs: null}\n  - {id: b, tool: noop, needs: []}\n",
+        )
+        .unwrap();
+        assert!(ws.steps.iter().all(|s| s.needs.is_empty()));
+        let e = err("name: n\nsteps:\n  - {id: a, tool: noop, needs: {x: 1}}\n");
+        assert!(e.contains("expected a step id or a list of step ids"), "{e}");
+        let e = err(r#"{"name": "n", "steps": [{"id": "a", "tool": "noop", "needs": [1]}]}"#);
+        assert!(e.contains("invalid type: integer `1`, expected a string"), "{e}");
     }
 
     #[test]
