@@ -140,3 +140,26 @@ pub fn dask(shape: Shape) -> anyhow::Result<Option<Duration>> {
 }
 
 pub const DASK_HINT: &str = "Dask is not installed; for the comparison: pip install \"distributed\"";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_have_their_steps_and_dependencies() {
+        let chain = Shape::Chain(3).graph();
+        assert_eq!(chain[2], ("s2".to_string(), vec!["s1".to_string()]));
+        assert!(chain[0].1.is_empty());
+        let layers = Shape::Layers(3, 2).graph();
+        assert_eq!(layers.len(), Shape::Layers(3, 2).steps());
+        assert_eq!(layers[4].0, "l2_0");
+        assert_eq!(layers[4].1, ["l1_0", "l1_1"]);
+        assert!(Shape::Independent(5).graph().iter().all(|(_, n)| n.is_empty()));
+    }
+
+    #[test]
+    fn make_runs_the_dag() {
+        let took = make(Shape::Layers(2, 3), 2).unwrap();
+        assert!(took > Duration::ZERO);
+    }
+}

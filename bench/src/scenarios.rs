@@ -412,3 +412,44 @@ async fn idle(o: &Options) -> anyhow::Result<Row> {
         ..Default::default()
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scrape(pairs: &[(&str, f64)]) -> HashMap<String, f64> {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    #[test]
+    fn quantiles_interpolate_within_buckets_of_the_difference() {
+        let b = |le: &str| format!("{LATENCY}_bucket{{le=\"{le}\"}}");
+        let (b1, b2, inf) = (b("0.001"), b("0.002"), b("+Inf"));
+        // Before: 10 observations, all under 1 ms; they must not count.
+        let before = scrape(&[(&b1, 10.0), (&b2, 10.0), (&inf, 10.0)]);
+        let after = scrape(&[(&b1, 60.0), (&b2, 110.0), (&inf, 110.0)]);
+        let p50 = quantile(&before, &after, LATENCY, 0.5).unwrap();
+        assert!((p50 - 1000.0).abs() < 1e-6, "{p50}");
+        let p99 = quantile(&before, &after, LATENCY, 0.99).unwrap();
+        assert!((p99 - 1980.0).abs() < 1e-6, "{p99}");
+        assert_eq!(quantile(&after, &after, LATENCY, 0.5), None, "no observations, no quantile");
+    }
+
+    #[test]
+    fn rows_print_ratios_and_dashes() {
+        let r = Row {
+            name: "B".into(),
+            steps: 100,
+            makespan: Some(0.5),
+            throughput: true,
+            make: Some(0.25),
+            dask: Some(1.0),
+            ..Default::default()
+        };
+        let line = table_line(&r);
+        assert!(line.starts_with("| B | 100 | 0.500s | 200 | 2.50ms |"), "{line}");
+        assert!(line.contains("| 0.250s | 2.00 | 1.000s | 0.50 |"), "{line}");
+        let r = Row { name: "B6".into(), steps: 10, makespan: Some(0.1), ..Default::default() };
+        assert!(table_line(&r).starts_with("| B6 | 10 | 0.100s | - | - |"), "{}", table_line(&r));
+    }
+}
