@@ -127,6 +127,8 @@ pub struct Estimates {
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// One connection, for [`Store::commit`].
+    writer: AnyPool,
     backend: Backend,
 }
 
@@ -143,13 +145,24 @@ impl Store {
         } else {
             return Err(StoreError::BadUrl(url.to_string()));
         };
-        let pool = match backend {
+        // The engine's commits go through a connection of their own: they run one at a
+        // time anyway, and on that connection the page and statement caches stay warm
+        // (a commit on a connection another one wrote through since re-reads its pages).
+        let pool = Self::pool(backend, url, 8).await?;
+        let writer = Self::pool(backend, url, 1).await?;
+        let store = Store { pool, writer, backend };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn pool(backend: Backend, url: &str, connections: u32) -> Result<AnyPool, StoreError> {
+        Ok(match backend {
             Backend::Sqlite => {
                 let url = sqlite_url(url);
                 // No ping before each use: a broken connection fails its query, and the
                 // engine retries; a ping would cost a round trip on every commit.
                 AnyPoolOptions::new()
-                    .max_connections(8)
+                    .max_connections(connections)
                     .test_before_acquire(false)
                     .after_connect(|conn, _| {
                         Box::pin(async move {
@@ -170,16 +183,13 @@ impl Store {
             }
             Backend::Postgres => {
                 AnyPoolOptions::new()
-                    .max_connections(8)
+                    .max_connections(connections)
                     .test_before_acquire(false)
                     .acquire_timeout(Duration::from_secs(10))
                     .connect(url)
                     .await?
             }
-        };
-        let store = Store { pool, backend };
-        store.migrate().await?;
-        Ok(store)
+        })
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -195,6 +205,7 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 
@@ -267,7 +278,7 @@ impl Store {
         for r in &batch.breakers {
             q = r.bind(q);
         }
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.writer.acquire().await?;
         match q.execute(&mut *conn).await {
             Ok(_) => Ok(()),
             Err(e) => {
@@ -303,8 +314,8 @@ impl Store {
         static SQLITE: std::sync::LazyLock<[String; 6]> =
             std::sync::LazyLock::new(|| statements(Backend::Sqlite));
         let (mut tx, sqls) = match backend {
-            Backend::Sqlite => (self.pool.begin_with("BEGIN IMMEDIATE").await?, &*SQLITE),
-            Backend::Postgres => (self.pool.begin().await?, &*POSTGRES),
+            Backend::Sqlite => (self.writer.begin_with("BEGIN IMMEDIATE").await?, &*SQLITE),
+            Backend::Postgres => (self.writer.begin().await?, &*POSTGRES),
         };
         if let Some(f) = fence {
             let row = sqlx::query(AssertSqlSafe(format!(

@@ -288,7 +288,7 @@ async fn sqlite_runs_survive_the_migration_to_clustered_tables() {
     before.migrations = before.migrations.iter().filter(|m| m.version < 7).cloned().collect();
     assert!(before.migrations.len() < all, "the clustering migration exists");
     before.run(&pool).await.unwrap();
-    let old = Store { pool, backend: Backend::Sqlite };
+    let old = Store { writer: pool.clone(), pool, backend: Backend::Sqlite };
     let run_id = "0a1b2c3d-0000-4000-8000-0000000000c1";
     let mut b = Batch::default();
     b.runs.push(run_row(run_id, "running", 1));
