@@ -3,9 +3,12 @@
 //! state transactions. Followers are woken per attempt as output lands.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -25,14 +28,33 @@ pub struct Chunk {
 pub struct Logs {
     tx: mpsc::Sender<Chunk>,
     written: broadcast::Sender<String>,
+    /// Chunks queued so far, and chunks the writer is done with (stored or given up).
+    queued: Arc<AtomicU64>,
+    done: watch::Receiver<u64>,
 }
 
 impl Logs {
     /// Queues a chunk; drops it (with a warning) if the writer is that far behind, so a
     /// chatty tool can never stall scheduling.
     pub fn push(&self, chunk: Chunk) {
-        if let Err(mpsc::error::TrySendError::Full(c)) = self.tx.try_send(chunk) {
-            warn!(attempt_id = %c.attempt_id, bytes = c.data.len(), "output writer behind; chunk dropped");
+        match self.tx.try_send(chunk) {
+            Ok(()) => {
+                self.queued.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(mpsc::error::TrySendError::Full(c)) => {
+                warn!(attempt_id = %c.attempt_id, bytes = c.data.len(), "output writer behind; chunk dropped");
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Resolves once every chunk queued before the call has been written (or the writer
+    /// has stopped).
+    pub fn flushed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let target = self.queued.load(Ordering::SeqCst);
+        let mut done = self.done.clone();
+        async move {
+            let _ = done.wait_for(|n| *n >= target).await;
         }
     }
 
@@ -56,7 +78,8 @@ struct Kept {
 pub fn start(store: Store, max_bytes: u64, shutdown: CancellationToken) -> Logs {
     let (tx, mut rx) = mpsc::channel::<Chunk>(4096);
     let (written, _) = broadcast::channel(1024);
-    let logs = Logs { tx, written: written.clone() };
+    let (done_tx, done) = watch::channel(0u64);
+    let logs = Logs { tx, written: written.clone(), queued: Arc::new(AtomicU64::new(0)), done };
     tokio::spawn(async move {
         let mut kept: HashMap<String, Kept> = HashMap::new();
         let mut buf = Vec::new();
@@ -66,6 +89,7 @@ pub fn start(store: Store, max_bytes: u64, shutdown: CancellationToken) -> Logs 
                 n = rx.recv_many(&mut buf, 512) => if n == 0 { break },
             }
             let mut rows = Vec::new();
+            let taken = buf.len() as u64;
             for chunk in buf.drain(..) {
                 let k = match kept.get_mut(&chunk.attempt_id) {
                     Some(k) => k,
@@ -77,7 +101,9 @@ pub fn start(store: Store, max_bytes: u64, shutdown: CancellationToken) -> Logs 
                 };
                 append(k, chunk, max_bytes, &mut rows);
             }
-            if let Err(e) = store.write_output(&rows).await {
+            let stored = store.write_output(&rows).await;
+            done_tx.send_modify(|n| *n += taken);
+            if let Err(e) = stored {
                 warn!(error = %e, chunks = rows.len(), "cannot store attempt output");
                 continue;
             }
@@ -148,6 +174,23 @@ mod tests {
 
     fn text(rows: &[OutputRow]) -> String {
         rows.iter().map(|r| String::from_utf8_lossy(&r.data).into_owned()).collect()
+    }
+
+    #[tokio::test]
+    async fn flushed_resolves_once_what_was_queued_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
+        let shutdown = CancellationToken::new();
+        let logs = start(store.clone(), 1 << 20, shutdown.clone());
+        logs.flushed().await; // nothing queued: at once
+        for i in 0..200u64 {
+            logs.push(chunk(i * 4, format!("{i:03}\n").as_bytes()));
+        }
+        logs.flushed().await;
+        let rows = store.output("a", 1).await.unwrap();
+        assert_eq!(text(&rows).lines().count(), 200, "all queued output is stored");
+        assert!(text(&rows).ends_with("199\n"));
+        shutdown.cancel();
     }
 
     #[test]

@@ -653,7 +653,13 @@ impl Engine {
         let batch = self.build_batch(&pending);
         let store = self.store.clone();
         let fence = self.fence.clone();
+        // An attempt's output is stored before its end is: whoever sees the result
+        // finds all the output the agent sent before it.
+        let output = batch.attempts.iter().any(|a| a.finished_at.is_some()).then(|| self.logs.flushed());
         let task = tokio::spawn(async move {
+            if let Some(output) = output {
+                output.await;
+            }
             let mut delay = Duration::from_millis(50);
             let mut tries = 0;
             while let Err(e) = store.commit(&batch, fence.as_ref()).await {
