@@ -6,6 +6,7 @@
 //! and are re-sent in the next Hello.
 
 pub mod adapters;
+mod scratch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -110,6 +111,7 @@ struct Agent {
     id: String,
     tools: Vec<pb::Tool>,
     adapters: HashMap<String, Arc<dyn Adapter>>,
+    scratch: scratch::Scratch,
     running: HashMap<String, Running>,
     /// Attempts assigned beyond the slots (prefetched), started as slots free up.
     queued: std::collections::VecDeque<pb::Assign>,
@@ -203,6 +205,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         id,
         tools,
         adapters,
+        scratch: scratch::Scratch::new(attempts_dir),
         running: HashMap::new(),
         queued: std::collections::VecDeque::new(),
         unacked: Vec::new(),
@@ -557,7 +560,7 @@ impl Agent {
         let running = Running { attempt: r.clone(), stop: stop.clone(), reason: reason.clone() };
         let adapter = self.adapters.get(&req.tool).cloned();
         let input = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&req.input_json);
-        let dir = self.cfg.work_dir.join("attempts").join(&r.attempt_id);
+        let scratch = self.scratch.clone();
         let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms as u64));
         if let Some(t) = timeout {
             let (stop, reason) = (stop.clone(), reason.clone());
@@ -584,6 +587,7 @@ impl Agent {
         let task = async move {
             let t0 = Instant::now();
             let made_dir = adapter.as_ref().is_some_and(|a| a.needs_dir());
+            let mut made = None;
             let outcome = match (adapter, input) {
                 (None, _) => adapters::Outcome::failure(
                     "tool_error",
@@ -591,12 +595,14 @@ impl Agent {
                 ),
                 (_, Err(e)) => adapters::Outcome::failure("tool_error", format!("bad tool input: {e}")),
                 (Some(adapter), Ok(input)) => {
-                    match if made_dir { std::fs::create_dir_all(&dir) } else { Ok(()) } {
+                    let dir = if made_dir { scratch.take(&r.attempt_id).map(Some) } else { Ok(None) };
+                    match dir {
                         Err(e) => adapters::Outcome::failure(
                             "tool_error",
-                            format!("cannot create {}: {e}", dir.display()),
+                            format!("cannot create a working directory under {}: {e}", scratch.root().display()),
                         ),
-                        Ok(()) => {
+                        Ok(dir) => {
+                            made = dir.clone();
                             let ctx = AttemptContext {
                                 attempt_id: r.attempt_id.clone(),
                                 run_id: r.run_id.clone(),
@@ -604,7 +610,7 @@ impl Agent {
                                 number: a.number,
                                 input,
                                 env: req.env.clone().into_iter().collect(),
-                                dir: dir.clone(),
+                                dir: dir.unwrap_or_default(),
                                 stop,
                                 kill_grace: Duration::from_millis(req.kill_grace_ms.max(0) as u64),
                                 output: output.clone(),
@@ -641,8 +647,8 @@ impl Agent {
             };
             let _ = events.send(Event::Finished(finished));
             // Cleaning up comes after the result is on its way.
-            if made_dir {
-                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
+            if let Some(dir) = made {
+                scratch.give_back(dir).await;
             }
         };
         tokio::spawn(task.instrument(span.clone()));
