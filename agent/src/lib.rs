@@ -599,7 +599,10 @@ impl Agent {
                     match dir {
                         Err(e) => adapters::Outcome::failure(
                             "tool_error",
-                            format!("cannot create a working directory under {}: {e}", scratch.root().display()),
+                            format!(
+                                "cannot create a working directory under {}: {e}",
+                                scratch.root().display()
+                            ),
                         ),
                         Ok(dir) => {
                             made = dir.clone();
