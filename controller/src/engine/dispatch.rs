@@ -139,7 +139,9 @@ impl Engine {
         step.started_at.get_or_insert(now);
         step.reason.clear();
         let attempt = Attempt {
-            id: uuid::Uuid::new_v4().to_string(),
+            // Time-ordered: a new attempt's key lands at the end of the store's index,
+            // not on a random page.
+            id: uuid::Uuid::now_v7().to_string(),
             run_id: run_id.to_string(),
             step_idx: idx,
             step_id: spec.id.clone(),
