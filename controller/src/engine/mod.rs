@@ -36,6 +36,11 @@ use model::{Agent, AgentState, AgentTx, Attempt, Run, Step};
 /// top-ups for busy agents) waits to be joined by others.
 const QUIET_COMMIT_DELAY: Duration = Duration::from_millis(1);
 
+/// A large batch may start committing while another commit is in flight: its statement
+/// is prepared while the other is written, and it is written right after. Smaller
+/// batches wait and grow, since every commit pays a sync.
+const PIPELINE_ROWS: usize = 64;
+
 /// Timing knobs of the engine.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -276,6 +281,9 @@ impl EngineHandle {
 /// A batch being committed, with what to do once it is durable.
 struct InFlight {
     task: tokio::task::JoinHandle<Result<Batch, StoreError>>,
+    /// Resolves once this commit is stored (dropped if it fails): the next commit
+    /// writes only after it.
+    stored: Option<oneshot::Receiver<()>>,
     effects: Vec<Effect>,
     finished_runs: Vec<String>,
     started: std::time::Instant,
@@ -311,6 +319,16 @@ impl Pending {
             && self.breakers.is_empty()
             && self.events.is_empty()
             && self.effects.is_empty()
+    }
+
+    /// Rows the batch will write.
+    fn rows(&self) -> usize {
+        self.runs.len()
+            + self.steps.len()
+            + self.attempts.len()
+            + self.agents.len()
+            + self.breakers.len()
+            + self.events.len()
     }
 
     fn send(&mut self, tx: &AgentTx, msg: pb::controller_message::Msg) {
@@ -490,9 +508,10 @@ impl Engine {
         let mut buf = Vec::with_capacity(self.cfg.max_batch);
         // When the uncommitted changes began, if they are waiting for company.
         let mut waiting_since: Option<std::time::Instant> = None;
-        // The batch being committed. While it is, the next one gathers: group commit
-        // without the engine standing still.
-        let mut in_flight: Option<InFlight> = None;
+        // The batches being committed, oldest first: one, or two when the second is
+        // large (see PIPELINE_ROWS). While they are, the next one gathers: group
+        // commit without the engine standing still.
+        let mut in_flight: std::collections::VecDeque<InFlight> = std::collections::VecDeque::new();
         loop {
             let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
             let mut sleep_for = next_timer
@@ -505,12 +524,12 @@ impl Engine {
                 biased;
                 _ = shutdown.cancelled() => break,
                 r = async {
-                    match in_flight.as_mut() {
+                    match in_flight.front_mut() {
                         Some(f) => (&mut f.task).await,
                         None => std::future::pending().await,
                     }
                 } => {
-                    if let Some(f) = in_flight.take() {
+                    if let Some(f) = in_flight.pop_front() {
                         self.finish_commit(f.effects, f.finished_runs, f.started, r)?;
                     }
                 }
@@ -533,7 +552,10 @@ impl Engine {
             // Changes that tell nobody anything (an attempt's start, say) may wait a
             // moment to share a commit with what comes next; anything with an effect is
             // committed at once, with whatever waited.
-            if in_flight.is_some() || self.pending.is_empty() {
+            if self.pending.is_empty()
+                || in_flight.len() > 1
+                || (!in_flight.is_empty() && self.pending.rows() < PIPELINE_ROWS)
+            {
                 continue;
             }
             let quiet = !self.pending.urgent && self.pending.finished_runs.is_empty();
@@ -544,9 +566,10 @@ impl Engine {
                 }
             }
             waiting_since = None;
-            in_flight = self.start_commit();
+            let after = in_flight.back_mut().and_then(|f| f.stored.take());
+            in_flight.extend(self.start_commit(after));
         }
-        if let Some(f) = in_flight.take() {
+        while let Some(f) = in_flight.pop_front() {
             let r = f.task.await;
             self.finish_commit(f.effects, f.finished_runs, f.started, r)?;
         }
@@ -636,7 +659,7 @@ impl Engine {
     /// Commits what the current batch changed, then performs its effects (used where
     /// nothing else may happen meanwhile: at start and at a clean stop).
     async fn flush(&mut self) -> Result<(), StoreError> {
-        if let Some(f) = self.start_commit() {
+        if let Some(f) = self.start_commit(None) {
             let r = f.task.await;
             self.finish_commit(f.effects, f.finished_runs, f.started, r)?;
         }
@@ -644,8 +667,9 @@ impl Engine {
     }
 
     /// Takes the pending changes and starts committing them in the background (with
-    /// retries); their effects wait in the returned handle until the commit is done.
-    fn start_commit(&mut self) -> Option<InFlight> {
+    /// retries), written after `after` (the commit before, if still in flight); their
+    /// effects wait in the returned handle until the commit is done.
+    fn start_commit(&mut self, after: Option<oneshot::Receiver<()>>) -> Option<InFlight> {
         if self.pending.is_empty() {
             return None;
         }
@@ -656,14 +680,29 @@ impl Engine {
         // An attempt's output is stored before its end is: whoever sees the result
         // finds all the output the agent sent before it.
         let output = batch.attempts.iter().any(|a| a.finished_at.is_some()).then(|| self.logs.flushed());
+        let (stored_tx, stored) = oneshot::channel();
         let task = tokio::spawn(async move {
             if let Some(output) = output {
                 output.await;
             }
             let mut delay = Duration::from_millis(50);
             let mut tries = 0;
-            while let Err(e) = store.commit(&batch, fence.as_ref()).await {
+            let mut after = Some(async move {
+                match after {
+                    Some(rx) => rx.await.is_ok(),
+                    None => true,
+                }
+            });
+            loop {
+                let r = match after.take() {
+                    Some(a) => store.commit_after(&batch, fence.as_ref(), a).await,
+                    None => store.commit(&batch, fence.as_ref()).await,
+                };
+                let Err(e) = r else { break };
                 tries += 1;
+                if matches!(e, StoreError::Aborted) {
+                    return Err(e);
+                }
                 if matches!(e, StoreError::Fenced(_)) {
                     error!(error = %e, "another controller leads now; this engine stops without writing");
                     return Err(e);
@@ -676,10 +715,12 @@ impl Engine {
                 tokio::time::sleep(delay).await;
                 delay *= 2;
             }
+            let _ = stored_tx.send(());
             Ok(batch)
         });
         Some(InFlight {
             task,
+            stored: Some(stored),
             effects: pending.effects,
             finished_runs: pending.finished_runs,
             started: std::time::Instant::now(),

@@ -33,6 +33,8 @@ pub enum StoreError {
     Corrupt(String),
     #[error("fenced: this controller no longer leads (epoch {0} is over)")]
     Fenced(i64),
+    #[error("not written: the commit before it failed")]
+    Aborted,
 }
 
 /// Proof of leadership for a write: the controller's id and its leader epoch. A commit
@@ -217,12 +219,24 @@ impl Store {
     /// commit costs the same few round trips however many rows it has; on SQLite the
     /// whole transaction is one script, one round trip.
     pub async fn commit(&self, batch: &Batch, fence: Option<&Fence>) -> Result<(), StoreError> {
+        self.commit_after(batch, fence, std::future::ready(true)).await
+    }
+
+    /// [`Store::commit`], written only once `after` says the commit before it is stored
+    /// (false: that one failed, and this one writes nothing). The statement text and
+    /// parameters are prepared meanwhile.
+    pub async fn commit_after(
+        &self,
+        batch: &Batch,
+        fence: Option<&Fence>,
+        after: impl Future<Output = bool>,
+    ) -> Result<(), StoreError> {
         if batch.is_empty() {
-            return Ok(());
+            return if after.await { Ok(()) } else { Err(StoreError::Aborted) };
         }
         match (self.backend, fence) {
             // One controller on SQLite: nothing to fence, one round trip.
-            (Backend::Sqlite, None) => self.commit_sqlite(batch).await,
+            (Backend::Sqlite, None) => self.commit_sqlite(batch, after).await,
             (backend, fence) => {
                 let json = |e: serde_json::Error| StoreError::Corrupt(format!("cannot encode rows: {e}"));
                 let arrays = [
@@ -233,6 +247,9 @@ impl Store {
                     serde_json::to_string(&batch.agents).map_err(json)?,
                     serde_json::to_string(&batch.breakers).map_err(json)?,
                 ];
+                if !after.await {
+                    return Err(StoreError::Aborted);
+                }
                 self.commit_fenced(backend, &arrays, fence).await
             }
         }
@@ -240,7 +257,11 @@ impl Store {
 
     /// The whole transaction as one script of multi-row inserts with numbered
     /// parameters: one round trip to SQLite, whatever the batch holds.
-    async fn commit_sqlite(&self, batch: &Batch) -> Result<(), StoreError> {
+    async fn commit_sqlite(
+        &self,
+        batch: &Batch,
+        after: impl Future<Output = bool>,
+    ) -> Result<(), StoreError> {
         // BEGIN IMMEDIATE takes the write lock up front, so the transaction never fails
         // half-way with "database is locked" on upgrading a read lock.
         let mut sql = String::from("BEGIN IMMEDIATE;\n");
@@ -277,6 +298,9 @@ impl Store {
         }
         for r in &batch.breakers {
             q = r.bind(q);
+        }
+        if !after.await {
+            return Err(StoreError::Aborted);
         }
         let mut conn = self.writer.acquire().await?;
         match q.execute(&mut *conn).await {

@@ -62,6 +62,7 @@ on_both!(
     events_come_back_in_order_from_any_sequence,
     a_failing_batch_writes_nothing,
     a_retried_commit_does_not_duplicate_events,
+    a_commit_is_written_only_after_the_one_before_it,
     run_ids_resolve_by_unique_prefix,
     output_chunks_and_estimates,
     leadership_is_exclusive_and_fences_commits,
@@ -187,6 +188,33 @@ async fn a_failing_batch_writes_nothing(store: &Store) {
     assert!(matches!(store.get_run(run_id).await, Err(StoreError::RunNotFound(_))));
     assert!(store.events(run_id, 1, 10).await.unwrap().is_empty());
     assert!(store.list_runs(None, 10).await.unwrap().is_empty());
+}
+
+async fn a_commit_is_written_only_after_the_one_before_it(store: &Store) {
+    let run_id = "0a1b2c3d-0000-4000-8000-000000000005";
+    let mut first = Batch::default();
+    first.runs.push(run_row(run_id, "pending", 1));
+    let mut second = Batch::default();
+    second.runs.push(run_row(run_id, "running", 1));
+    let (stored, stored_rx) = tokio::sync::oneshot::channel::<()>();
+    let later = store.commit_after(&second, None, async { stored_rx.await.is_ok() });
+    let before = async {
+        // `later` has been polled and is waiting: it must not have written yet.
+        assert!(matches!(store.get_run(run_id).await, Err(StoreError::RunNotFound(_))));
+        store.commit(&first, None).await.unwrap();
+        assert_eq!(store.get_run(run_id).await.unwrap().run.state, "pending");
+        stored.send(()).unwrap();
+    };
+    let (written, ()) = tokio::join!(later, before);
+    written.unwrap();
+    assert_eq!(store.get_run(run_id).await.unwrap().run.state, "running");
+
+    // The one before failed: nothing is written.
+    let mut third = Batch::default();
+    third.runs.push(run_row(run_id, "failed", 1));
+    let err = store.commit_after(&third, None, std::future::ready(false)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Aborted), "{err}");
+    assert_eq!(store.get_run(run_id).await.unwrap().run.state, "running");
 }
 
 async fn a_retried_commit_does_not_duplicate_events(store: &Store) {
