@@ -41,6 +41,25 @@ pub struct AttemptContext {
     pub output: Output,
 }
 
+#[cfg(test)]
+impl AttemptContext {
+    /// An attempt of step `s` of run `r` in `dir`, for adapter tests.
+    pub fn for_test(dir: &std::path::Path, input: Value) -> AttemptContext {
+        AttemptContext {
+            attempt_id: "a".into(),
+            run_id: "r".into(),
+            step_id: "s".into(),
+            number: 1,
+            input: input.as_object().cloned().unwrap_or_default(),
+            env: BTreeMap::new(),
+            dir: dir.to_path_buf(),
+            stop: CancellationToken::new(),
+            kill_grace: Duration::from_millis(200),
+            output: Output::default(),
+        }
+    }
+}
+
 /// How an attempt ended, before the agent maps stops to `timed_out` / `canceled`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {

@@ -112,27 +112,11 @@ async fn run(ctx: AttemptContext) -> Outcome {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::time::Duration;
-
-    use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::adapters::Output;
 
     fn ctx(dir: &std::path::Path, input: Value) -> AttemptContext {
-        AttemptContext {
-            attempt_id: "a".into(),
-            run_id: "r".into(),
-            step_id: "s".into(),
-            number: 1,
-            input: input.as_object().cloned().unwrap_or_default(),
-            env: BTreeMap::new(),
-            dir: dir.to_path_buf(),
-            stop: CancellationToken::new(),
-            kill_grace: Duration::from_millis(200),
-            output: Output::default(),
-        }
+        AttemptContext::for_test(dir, input)
     }
 
     fn module(dir: &std::path::Path) -> String {

@@ -99,10 +99,8 @@ mod tests {
     use std::time::Duration;
 
     use serde_json::json;
-    use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::adapters::Output;
 
     fn ctx(dir: &std::path::Path, input: serde_json::Value) -> AttemptContext {
         AttemptContext {
@@ -110,12 +108,9 @@ mod tests {
             run_id: "run-1".into(),
             step_id: "step-1".into(),
             number: 2,
-            input: input.as_object().cloned().unwrap_or_default(),
             env: BTreeMap::from([("GREETING".to_string(), "hi there".to_string())]),
-            dir: dir.to_path_buf(),
-            stop: CancellationToken::new(),
             kill_grace: Duration::from_millis(300),
-            output: Output::default(),
+            ..AttemptContext::for_test(dir, input)
         }
     }
 

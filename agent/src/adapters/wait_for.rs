@@ -76,25 +76,13 @@ async fn run(ctx: AttemptContext) -> Outcome {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::adapters::Output;
 
     fn ctx(input: Value) -> AttemptContext {
         AttemptContext {
-            attempt_id: "a".into(),
-            run_id: "r".into(),
-            step_id: "s".into(),
-            number: 1,
-            input: input.as_object().cloned().unwrap_or_default(),
-            env: BTreeMap::new(),
-            dir: std::env::temp_dir(),
-            stop: CancellationToken::new(),
             kill_grace: Duration::from_millis(100),
-            output: Output::default(),
+            ..AttemptContext::for_test(&std::env::temp_dir(), input)
         }
     }
 
