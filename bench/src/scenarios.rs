@@ -214,17 +214,19 @@ fn commits(before: &HashMap<String, f64>, after: &HashMap<String, f64>) -> Strin
     format!("{n:.0} commits, mean {}", fmt_us(Some(mean)))
 }
 
-async fn dag(o: &Options, name: &str, shape: Shape, agents: &[u32], make_jobs: usize) -> anyhow::Result<Row> {
+/// Runs `shape` with `tool` on a fresh cluster of `agents` and measures it: makespan,
+/// dispatch latency, CPU, memory, and (in `note`) the commits.
+async fn measure(o: &Options, name: &str, shape: Shape, tool: &str, agents: &[u32]) -> anyhow::Result<Row> {
     let cluster =
         Cluster::start(o.backend, o.postgres_url.as_deref(), agents, Duration::from_secs(1)).await?;
     let mut c = cluster.client().await?;
     let before = cluster.metrics().await?;
     let cpu0 = cluster.cpu();
-    let (took, _) = run_to_end(&mut c, spec(name, shape, "shell")).await?;
+    let (took, _) = run_to_end(&mut c, spec(name, shape, tool)).await?;
     let cpu1 = cluster.cpu();
     let after = cluster.metrics().await?;
     let (ctl_rss, agent_rss) = cluster.peak_rss();
-    let mut row = Row {
+    Ok(Row {
         name: name.to_string(),
         steps: shape.steps(),
         makespan: Some(took.as_secs_f64()),
@@ -235,43 +237,27 @@ async fn dag(o: &Options, name: &str, shape: Shape, agents: &[u32], make_jobs: u
         agent_cpu: cpu1.1 - cpu0.1,
         ctl_rss,
         agent_rss,
+        note: commits(&before, &after),
         ..Default::default()
-    };
-    drop(cluster);
+    })
+}
+
+async fn dag(o: &Options, name: &str, shape: Shape, agents: &[u32], make_jobs: usize) -> anyhow::Result<Row> {
+    let mut row = measure(o, name, shape, "shell", agents).await?;
+    let mut note = String::new();
     if o.compare {
         row.make = Some(compare::make(shape, make_jobs)?.as_secs_f64());
         row.dask = compare::dask(shape)?.map(|d| d.as_secs_f64());
-        row.note = format!("make -j{make_jobs}; ");
+        note = format!("make -j{make_jobs}; ");
     }
-    row.note += &format!("2 agents x 1 slot; {}", commits(&before, &after));
+    row.note = format!("{note}2 agents x 1 slot; {}", row.note);
     Ok(row)
 }
 
 async fn b4(o: &Options) -> anyhow::Result<Row> {
-    let shape = Shape::Independent(20_000);
-    let cluster =
-        Cluster::start(o.backend, o.postgres_url.as_deref(), &[8, 8, 8, 8], Duration::from_secs(1)).await?;
-    let mut c = cluster.client().await?;
-    let before = cluster.metrics().await?;
-    let cpu0 = cluster.cpu();
-    let (took, _) = run_to_end(&mut c, spec("b4", shape, "noop")).await?;
-    let cpu1 = cluster.cpu();
-    let after = cluster.metrics().await?;
-    let (ctl_rss, agent_rss) = cluster.peak_rss();
-    Ok(Row {
-        name: "B4 20000 noop".into(),
-        steps: shape.steps(),
-        makespan: Some(took.as_secs_f64()),
-        throughput: true,
-        p50_us: quantile(&before, &after, LATENCY, 0.5),
-        p99_us: quantile(&before, &after, LATENCY, 0.99),
-        ctl_cpu: cpu1.0 - cpu0.0,
-        agent_cpu: cpu1.1 - cpu0.1,
-        ctl_rss,
-        agent_rss,
-        note: format!("4 agents x 8 slots; {}", commits(&before, &after)),
-        ..Default::default()
-    })
+    let mut row = measure(o, "B4 20000 noop", Shape::Independent(20_000), "noop", &[8, 8, 8, 8]).await?;
+    row.note = format!("4 agents x 8 slots; {}", row.note);
+    Ok(row)
 }
 
 /// An agent that only says hello and heartbeats (for B5), or waits for its first

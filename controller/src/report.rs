@@ -24,6 +24,18 @@ pub struct Report {
     pub rejected_reports: Vec<Note>,
 }
 
+impl Report {
+    /// The notes by kind, titled, in the order reports show them.
+    fn note_sections(&self) -> [(&'static str, &[Note]); 4] {
+        [
+            ("Retries", &self.retries),
+            ("Breaker trips", &self.breaker_trips),
+            ("Quarantines", &self.quarantines),
+            ("Rejected reports", &self.rejected_reports),
+        ]
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct RunInfo {
     pub id: String,
@@ -296,12 +308,7 @@ pub fn to_markdown(r: &Report) -> String {
             );
         }
     }
-    for (title, notes) in [
-        ("Retries", &r.retries),
-        ("Breaker trips", &r.breaker_trips),
-        ("Quarantines", &r.quarantines),
-        ("Rejected reports", &r.rejected_reports),
-    ] {
+    for (title, notes) in r.note_sections() {
         if notes.is_empty() {
             continue;
         }
@@ -401,12 +408,7 @@ th{{background:#f1f4f8}}.state-succeeded{{color:#17803d}}.state-failed,.state-ti
         }
     }
     let _ = writeln!(o, "</table>");
-    for (title, notes) in [
-        ("Retries", &r.retries),
-        ("Breaker trips", &r.breaker_trips),
-        ("Quarantines", &r.quarantines),
-        ("Rejected reports", &r.rejected_reports),
-    ] {
+    for (title, notes) in r.note_sections() {
         if notes.is_empty() {
             continue;
         }

@@ -739,11 +739,7 @@ impl Engine {
         let batch = result.map_err(|e| StoreError::Corrupt(format!("commit task: {e}")))??;
         let m = &self.metrics;
         m.commit_seconds.observe(&[], started.elapsed().as_secs_f64());
-        let rows = batch.runs.len()
-            + batch.steps.len()
-            + batch.attempts.len()
-            + batch.agents.len()
-            + batch.events.len();
+        let rows = batch.rows();
         if rows > 0 {
             m.commit_batch.observe(&[], rows as f64);
         }

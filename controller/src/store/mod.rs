@@ -78,12 +78,17 @@ pub struct Batch {
 
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.runs.is_empty()
-            && self.steps.is_empty()
-            && self.attempts.is_empty()
-            && self.events.is_empty()
-            && self.agents.is_empty()
-            && self.breakers.is_empty()
+        self.rows() == 0
+    }
+
+    /// Rows the batch writes.
+    pub fn rows(&self) -> usize {
+        self.runs.len()
+            + self.steps.len()
+            + self.attempts.len()
+            + self.events.len()
+            + self.agents.len()
+            + self.breakers.len()
     }
 
     pub fn clear(&mut self) {
@@ -274,13 +279,7 @@ impl Store {
         sql.push_str("COMMIT");
         // Small batches recur in the same few shapes (a step done, the next assigned)
         // and are worth a cached statement; big ones rarely repeat.
-        let rows = batch.runs.len()
-            + batch.steps.len()
-            + batch.attempts.len()
-            + batch.events.len()
-            + batch.agents.len()
-            + batch.breakers.len();
-        let mut q = sqlx::query(AssertSqlSafe(sql)).persistent(rows <= 16);
+        let mut q = sqlx::query(AssertSqlSafe(sql)).persistent(batch.rows() <= 16);
         for r in &batch.runs {
             q = r.bind(q);
         }
