@@ -5,6 +5,7 @@ pub mod breaker;
 pub mod metrics;
 pub mod proto;
 pub mod retry;
+pub mod script;
 pub mod spec;
 pub mod state;
 pub mod template;

@@ -563,6 +563,11 @@ fn check_refs(c: &mut Collector<'_>, steps: &[StepSpec], params: Option<&BTreeMa
         if refs.is_empty() {
             continue;
         }
+        if let Some(tool) = &s.tool
+            && let Err(e) = crate::script::check_input(tool, &s.with)
+        {
+            c.push(Some(&s.id), e);
+        }
         let ancestors = ancestors_of(steps, &index, &s.id);
         for r in refs {
             match &r {
@@ -1065,5 +1070,17 @@ steps:
         );
         assert!(e.contains(r#"step "c": ${{ steps.zz.outputs.y }}: step "zz" does not exist"#), "{e}");
         assert!(e.contains(r#"step "d": bad expression"#), "{e}");
+    }
+
+    #[test]
+    fn scripts_with_expressions_where_no_value_can_go_are_refused() {
+        let e = err(
+            "name: w\nparams: {p: x}\nsteps:\n  - {id: a, tool: shell, with: {run: \"cat <<'EOF'\\n${{ params.p }}\\nEOF\"}}\n  - {id: b, tool: python, with: {script: \"x = '\\\\${{ params.p }}'\"}}\n",
+        );
+        assert!(e.contains(r#"step "a": with.run: ${{ params.p }} is inside a quoted here-document"#), "{e}");
+        assert!(
+            e.contains(r#"step "b": with.script: ${{ params.p }} stands right after a backslash"#),
+            "{e}"
+        );
     }
 }

@@ -1,8 +1,10 @@
-//! `${{ steps.ID.outputs.NAME }}` and `${{ params.NAME }}` in step inputs and env.
+//! `${{ steps.ID.outputs.NAME }}`, `${{ params.NAME }}` and `${{ secrets.NAME }}` in
+//! step inputs and env.
 //!
 //! A string that is exactly one expression becomes the referenced JSON value itself;
 //! expressions inside longer strings are replaced by their text (strings as they are,
-//! other values as JSON).
+//! other values as JSON). Scripts (a shell `run`, a python `script`) are rendered by
+//! [`crate::script`] instead, so that a value never becomes code.
 
 use serde_json::{Map, Value};
 
@@ -11,6 +13,7 @@ use serde_json::{Map, Value};
 pub enum Ref {
     Output { step: String, name: String },
     Param(String),
+    Secret(String),
 }
 
 impl std::fmt::Display for Ref {
@@ -18,6 +21,7 @@ impl std::fmt::Display for Ref {
         match self {
             Ref::Output { step, name } => write!(f, "steps.{step}.outputs.{name}"),
             Ref::Param(name) => write!(f, "params.{name}"),
+            Ref::Secret(name) => write!(f, "secrets.{name}"),
         }
     }
 }
@@ -26,12 +30,13 @@ const OPEN: &str = "${{";
 const CLOSE: &str = "}}";
 
 /// A string split into literal text and expressions.
-enum Part<'a> {
+pub enum Part<'a> {
     Text(&'a str),
     Expr(Ref),
 }
 
-fn parse(s: &str) -> Result<Vec<Part<'_>>, String> {
+/// Splits `s` into literal text and expressions.
+pub fn parse(s: &str) -> Result<Vec<Part<'_>>, String> {
     let mut parts = Vec::new();
     let mut rest = s;
     while let Some(start) = rest.find(OPEN) {
@@ -64,8 +69,15 @@ fn parse_ref(expr: &str) -> Result<Ref, String> {
         && !name.contains('.')
     {
         return Ok(Ref::Param(name.to_string()));
+    } else if let Some(name) = expr.strip_prefix("secrets.")
+        && valid(name)
+        && !name.contains('.')
+    {
+        return Ok(Ref::Secret(name.to_string()));
     }
-    Err(format!("bad expression ${{{{ {expr} }}}}: expected steps.ID.outputs.NAME or params.NAME"))
+    Err(format!(
+        "bad expression ${{{{ {expr} }}}}: expected steps.ID.outputs.NAME, params.NAME or secrets.NAME"
+    ))
 }
 
 /// Every reference in the strings of `v` (map values and list items, recursively).
@@ -125,12 +137,17 @@ fn render_str(s: &str, lookup: &dyn Fn(&Ref) -> Result<Value, String>) -> Result
     Ok(Value::String(out))
 }
 
-/// Renders to text (for env values).
+/// Renders to text (for env values and command arguments).
 pub fn render_text(s: &str, lookup: &dyn Fn(&Ref) -> Result<Value, String>) -> Result<String, String> {
-    Ok(match render_str(s, lookup)? {
+    Ok(text_of(render_str(s, lookup)?))
+}
+
+/// A value as text: a string as it is, anything else as JSON.
+pub fn text_of(v: Value) -> String {
+    match v {
         Value::String(x) => x,
         other => other.to_string(),
-    })
+    }
 }
 
 #[cfg(test)]

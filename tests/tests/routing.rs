@@ -301,7 +301,10 @@ steps:
     let app = std::fs::read_to_string(repo.join("app.py")).unwrap();
     assert!(app.ends_with("# aider (default): set VERSION to 1.1.0\n"), "{app}");
     let tail = &step(&run, "edit").attempts[0].output_tail;
-    assert!(tail.contains("--message set VERSION to 1.1.0 --yes-always --no-auto-commits app.py"), "{tail}");
+    assert!(
+        tail.contains("--message=set VERSION to 1.1.0 --yes-always --no-auto-commits -- app.py"),
+        "{tail}"
+    );
     assert_eq!(step(&run, "report").attempts[0].output_tail, "changed=[\"app.py\"] bump=2\n");
 }
 

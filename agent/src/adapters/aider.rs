@@ -1,6 +1,8 @@
 //! `aider`: the aider coding CLI. `with: {prompt, files, model, repo, extra_args}` runs
-//! `aider --message PROMPT --yes-always --no-auto-commits [--model M] [EXTRA...] FILES`
-//! in `repo`. The result lists the files aider changed (from git) and its exit code.
+//! `aider --message=PROMPT --yes-always --no-auto-commits [--model=M] [EXTRA...] -- FILES`
+//! in `repo`. The prompt and model are glued to their flags and the files follow `--`,
+//! so a value that starts with `-` is still data. The result lists the files aider
+//! changed (from git) and its exit code.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -47,11 +49,14 @@ async fn run(ctx: AttemptContext) -> Outcome {
     let files = strings(ctx.input.get("files"));
     let before = snapshot(&repo).await;
     let mut cmd = Command::new("aider");
-    cmd.arg("--message").arg(&prompt).arg("--yes-always").arg("--no-auto-commits");
+    cmd.arg(format!("--message={prompt}")).arg("--yes-always").arg("--no-auto-commits");
     if let Some(model) = ctx.input.get("model").and_then(Value::as_str) {
-        cmd.arg("--model").arg(model);
+        cmd.arg(format!("--model={model}"));
     }
-    cmd.args(strings(ctx.input.get("extra_args"))).args(&files);
+    cmd.args(strings(ctx.input.get("extra_args")));
+    if !files.is_empty() {
+        cmd.arg("--").args(&files);
+    }
     // aider runs in the repository, not in the attempt's scratch directory.
     let run_ctx = AttemptContext { dir: repo.clone(), ..ctx };
     let finished = match process::run(cmd, &run_ctx).await {

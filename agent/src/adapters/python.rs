@@ -31,7 +31,17 @@ try:
             sys.exit(3)
         result = target(**(req.get("args") or {}))
     else:
-        scope = {"__name__": "__baton__"}
+        # Values of ${{ ... }} in the script travel in BATON_IN_n (as JSON): see
+        # baton_common::script.
+        def _baton_in(n):
+            return json.loads(os.environ["BATON_IN_%d" % n])
+        def _baton_str(n):
+            v = _baton_in(n)
+            return v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+        def _baton_bytes(n):
+            return _baton_str(n).encode()
+        scope = {"__name__": "__baton__", "_baton_in": _baton_in, "_baton_str": _baton_str,
+                 "_baton_bytes": _baton_bytes}
         exec(compile(req["script"], "<script>", "exec"), scope)
         result = scope.get("result")
 except SystemExit:

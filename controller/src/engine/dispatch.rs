@@ -9,6 +9,7 @@ use tracing::debug;
 
 use std::collections::{BTreeMap, VecDeque};
 
+use baton_common::script;
 use baton_common::template::{self, Ref};
 use serde_json::{Map, Value};
 
@@ -88,6 +89,7 @@ impl Engine {
                 Ref::Param(p) => {
                     run.params.get(p).map(|v| Value::String(v.clone())).ok_or(format!("{r} is not set"))
                 }
+                Ref::Secret(_) => Err(format!("{r} is not set")),
                 Ref::Output { step, name } => {
                     let j = *index.get(step.as_str()).ok_or(format!("no step {step:?}"))?;
                     let result =
@@ -104,14 +106,13 @@ impl Engine {
                 }
             }
         };
-        let with = match template::render(&Value::Object(spec.with.clone()), &lookup)? {
-            Value::Object(m) => m,
-            _ => return Err("with did not render to a mapping".into()),
-        };
+        let tool = run.steps[idx].tool.as_str();
+        let (with, script_env) = script::render_input(tool, &spec.with, &lookup)?;
         let mut env = BTreeMap::new();
         for (k, v) in &spec.env {
             env.insert(k.clone(), template::render_text(v, &lookup)?);
         }
+        env.extend(script_env);
         Ok((with, env))
     }
 

@@ -118,6 +118,8 @@ impl Engine {
         for s in &mut spec.steps {
             let route =
                 self.router.resolve(s).map_err(|e| EngineError::Invalid(format!("step {:?}: {e}", s.id)))?;
+            baton_common::script::check_input(&route.tool, &s.with)
+                .map_err(|e| EngineError::Invalid(format!("step {:?}: {e}", s.id)))?;
             tools.push(route.tool);
         }
         let id = uuid::Uuid::new_v4().to_string();
