@@ -4,7 +4,11 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
-    let files = [root.join("baton/v1/api.proto"), root.join("baton/v1/agent.proto")];
+    let files = [
+        root.join("baton/v1/api.proto"),
+        root.join("baton/v1/agent.proto"),
+        root.join("baton/v1/admin.proto"),
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

@@ -53,10 +53,21 @@ fn label(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Errors go to stderr as one line (`error: ...`), with exit code 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
 /// One thread: an agent mostly waits on its tools and its stream, and a single thread
 /// does that without cross-thread wakeups, leaving the cores to the tools.
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(&args.log_format)?;
     let name = args.name.unwrap_or_else(|| {

@@ -1,47 +1,67 @@
-//! Connecting to the leading controller of a list (`--controller a,b,c`).
-
-use std::time::Duration;
+//! Connecting to the leading controller of a list (`--controller a,b,c`), with the
+//! caller's TLS settings and token.
 
 use anyhow::anyhow;
+use baton_common::connect::{AuthChannel, Bearer, ClientTls, endpoint, error_chain};
 use baton_common::pb;
+use baton_common::pb::admin_service_client::AdminServiceClient;
 use baton_common::pb::baton_service_client::BatonServiceClient;
-use tonic::transport::Channel;
 
-pub type Client = BatonServiceClient<Channel>;
+pub type Client = BatonServiceClient<AuthChannel>;
+pub type Admin = AdminServiceClient<AuthChannel>;
 
-async fn channel(url: &str) -> anyhow::Result<Client> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-        .map_err(|e| anyhow!("bad controller url {url:?}: {e}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
+/// Where and how to reach the controller.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Comma-separated controller URLs.
+    pub urls: String,
+    pub tls: ClientTls,
+    pub bearer: Bearer,
+}
+
+async fn channel(url: &str, target: &Target) -> anyhow::Result<AuthChannel> {
+    let endpoint = endpoint(url, &target.tls).map_err(|e| anyhow!(e))?;
     let channel = endpoint
         .connect()
         .await
-        .map_err(|e| anyhow!("cannot reach the controller at {url}: {}", source_chain(&e)))?;
-    Ok(BatonServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024))
+        .map_err(|e| anyhow!("cannot reach the controller at {url}: {}", error_chain(&e)))?;
+    Ok(tonic::service::interceptor::InterceptedService::new(channel, target.bearer.clone()))
 }
 
-/// Connects to the controller that leads: the first of `urls` (comma-separated) that
-/// answers, or the leader it names when it is a standby.
-pub async fn connect(urls: &str) -> anyhow::Result<Client> {
-    let list: Vec<&str> = urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
+fn client(ch: AuthChannel) -> Client {
+    BatonServiceClient::new(ch).max_decoding_message_size(256 * 1024 * 1024)
+}
+
+/// Connects to the controller that leads: the first of the URLs that answers, or the
+/// leader it names when it is a standby.
+pub async fn connect(target: &Target) -> anyhow::Result<Client> {
+    Ok(client(leader(target).await?))
+}
+
+/// The admin service of the leading controller.
+pub async fn admin(target: &Target) -> anyhow::Result<Admin> {
+    Ok(AdminServiceClient::new(leader(target).await?))
+}
+
+async fn leader(target: &Target) -> anyhow::Result<AuthChannel> {
+    let list: Vec<&str> = target.urls.split(',').map(str::trim).filter(|u| !u.is_empty()).collect();
     let mut problems = Vec::new();
     for url in &list {
-        let mut c = match channel(url).await {
+        let ch = match channel(url, target).await {
             Ok(c) => c,
             Err(e) => {
                 problems.push(format!("{e:#}"));
                 continue;
             }
         };
-        match c.get_leader(pb::GetLeaderRequest {}).await {
+        match client(ch.clone()).get_leader(pb::GetLeaderRequest {}).await {
             Ok(r) => {
                 let r = r.into_inner();
                 if r.is_leader {
-                    return Ok(c);
+                    return Ok(ch);
                 }
                 if !r.address.is_empty() {
-                    match channel(&r.address).await {
+                    match channel(&r.address, target).await {
                         Ok(leader) => return Ok(leader),
                         Err(e) => problems.push(format!("{url} names the leader {}: {e:#}", r.address)),
                     }
@@ -63,19 +83,9 @@ pub async fn connect(urls: &str) -> anyhow::Result<Client> {
 pub fn status_error(s: tonic::Status) -> anyhow::Error {
     match s.code() {
         tonic::Code::Unavailable => anyhow!("controller unavailable: {}", s.message()),
-        tonic::Code::NotFound => anyhow!("{}", s.message()),
-        tonic::Code::FailedPrecondition => anyhow!("{}", s.message()),
+        tonic::Code::NotFound | tonic::Code::FailedPrecondition => anyhow!("{}", s.message()),
+        tonic::Code::Unauthenticated => anyhow!("not authenticated: {}", s.message()),
+        tonic::Code::PermissionDenied => anyhow!("permission denied: {}", s.message()),
         code => anyhow!("{code:?}: {}", s.message()),
     }
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

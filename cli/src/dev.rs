@@ -45,6 +45,7 @@ pub async fn run(
         metrics: None,
         lease: Duration::from_secs(5),
         advertise: None,
+        auth: baton_controller::auth::AuthMode::Off,
         db: format!("sqlite://{}", db_path.display()),
         engine: baton_controller::EngineConfig {
             heartbeat_interval: Duration::from_millis(500),
@@ -83,7 +84,9 @@ async fn drive(
     agents: u32,
     format: Format,
 ) -> Result<u8, Failure> {
-    let mut c = client::connect(url).await?;
+    let target =
+        client::Target { urls: url.to_string(), tls: Default::default(), bearer: Default::default() };
+    let mut c = client::connect(&target).await?;
     // Wait (briefly) for the agents so the first steps do not queue for nothing.
     for _ in 0..100 {
         let n = c.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents.len();
@@ -97,7 +100,7 @@ async fn drive(
     if format == Format::Text {
         eprintln!("run {run_id} started on {agents} local agents");
     }
-    watch::watch(&mut c, url, &run_id, 1, format).await
+    watch::watch(&mut c, &target, &run_id, 1, format).await
 }
 
 fn init_tracing() {

@@ -22,9 +22,26 @@ use output::Format;
 #[derive(Debug, Parser)]
 #[command(name = "baton", version, about = "Baton: run workstreams of tools across machines")]
 struct Cli {
-    /// Controller URL; a comma-separated list finds the leader among several.
+    /// Controller URL (https:// with TLS); a comma-separated list finds the leader among
+    /// several.
     #[arg(long, global = true, env = "BATON_CONTROLLER", default_value = "http://127.0.0.1:7070")]
     controller: String,
+    /// API token (see `baton tokens create`).
+    #[arg(long, global = true, env = "BATON_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A file that holds the API token (used when --token is not given).
+    #[arg(long, global = true, env = "BATON_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the controller's certificate; without it,
+    /// https:// URLs are checked against the system's roots.
+    #[arg(long, global = true, env = "BATON_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, global = true, env = "BATON_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Key (PEM) of the client certificate.
+    #[arg(long, global = true, env = "BATON_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -55,6 +72,14 @@ enum Command {
     /// Manage the controller's routing rules.
     #[command(subcommand)]
     Router(RouterCommand),
+    /// API tokens: create (printed once), list, revoke. Needs role admin.
+    #[command(subcommand)]
+    Tokens(TokensCommand),
+    /// Show who the controller takes you for, and your role.
+    Whoami {
+        #[command(flatten)]
+        out: OutputArg,
+    },
     /// Check a spec without running it; exit 2 when it is invalid.
     Validate {
         file: PathBuf,
@@ -190,6 +215,43 @@ enum AgentsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum TokensCommand {
+    /// Create an API token and print it on stdout; it is not shown again.
+    Create {
+        /// The token's name, as events and reports show its actions.
+        #[arg(long)]
+        name: String,
+        /// reader, submitter, operator or admin.
+        #[arg(long)]
+        role: String,
+        /// Expire after this long (e.g. 30d, 12h); default: never.
+        #[arg(long, value_parser = duration)]
+        ttl: Option<std::time::Duration>,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// List tokens (not their secrets).
+    List {
+        /// Also revoked and expired ones.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Revoke a token by name or id: its next call fails.
+    Revoke {
+        #[arg(value_name = "TOKEN")]
+        name: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+}
+
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    baton_common::time::parse_duration(s)
+}
+
+#[derive(Debug, Subcommand)]
 enum RouterCommand {
     /// Re-read the router config file the controller was started with; a bad file is
     /// refused and the rules in force are kept.
@@ -274,19 +336,41 @@ fn main() -> ExitCode {
     }
 }
 
+/// The controller list, TLS settings and token from the global flags.
+fn target(cli: &Cli) -> Result<client::Target, Failure> {
+    let token = match (&cli.token, &cli.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the token file {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    let bearer = baton_common::connect::Bearer::new(token.as_deref()).map_err(Failure::Invalid)?;
+    let tls = baton_common::connect::ClientTls {
+        ca: cli.tls_ca.clone(),
+        cert: cli.tls_cert.clone(),
+        key: cli.tls_key.clone(),
+    };
+    Ok(client::Target { urls: cli.controller.clone(), tls, bearer })
+}
+
 async fn run(cli: Cli) -> Result<u8, Failure> {
+    let target = target(&cli)?;
     match cli.command {
         Command::Validate { file, out } => validate(&file, out.format()),
         Command::Submit { file, watch, params, out } => {
             let (source, text) = read_spec(&file)?;
-            let mut c = client::connect(&cli.controller).await?;
+            let mut c = client::connect(&target).await?;
             let req = pb::SubmitRunRequest { spec: text, source, params: params.into_iter().collect() };
             let run_id = c.submit_run(req).await?.into_inner().run_id;
             if watch {
                 if out.format() == Format::Text {
                     eprintln!("run {run_id} submitted");
                 }
-                return watch::watch(&mut c, &cli.controller, &run_id, 1, out.format()).await;
+                return watch::watch(&mut c, &target, &run_id, 1, out.format()).await;
             }
             match out.format() {
                 Format::Text => println!("{run_id}"),
@@ -294,15 +378,27 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             }
             Ok(0)
         }
-        Command::Runs(cmd) => runs(&cli.controller, cmd).await,
+        Command::Runs(cmd) => runs(&target, cmd).await,
+        Command::Tokens(cmd) => tokens(&target, cmd).await,
+        Command::Whoami { out } => {
+            let me = client::admin(&target).await?.who_am_i(pb::WhoAmIRequest {}).await?.into_inner();
+            match out.format() {
+                Format::Text if !me.auth_required => {
+                    println!("{} (authentication is off on this controller)", me.name)
+                }
+                Format::Text => println!("{} ({}) via {}", me.name, me.role, me.via),
+                f => output::print_json(f, &me),
+            }
+            Ok(0)
+        }
         Command::Agents(AgentsCommand::List { out }) => {
-            let mut c = client::connect(&cli.controller).await?;
+            let mut c = client::connect(&target).await?;
             let agents = c.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents;
             output::agents(out.format(), &agents);
             Ok(0)
         }
         Command::Agents(AgentsCommand::Drain { agent, undo, out }) => {
-            let mut c = client::connect(&cli.controller).await?;
+            let mut c = client::connect(&target).await?;
             let a = c.drain_agent(pb::DrainAgentRequest { agent, undo }).await?.into_inner();
             match out.format() {
                 Format::Text if a.draining => println!("agent {} is draining: it takes no new work", a.name),
@@ -312,13 +408,13 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             Ok(0)
         }
         Command::Router(RouterCommand::Reload) => {
-            let mut c = client::connect(&cli.controller).await?;
+            let mut c = client::connect(&target).await?;
             let r = c.reload_router(pb::ReloadRouterRequest {}).await?.into_inner();
             println!("router reloaded: {} rules", r.rules);
             Ok(0)
         }
         Command::Breakers(cmd) => {
-            let mut c = client::connect(&cli.controller).await?;
+            let mut c = client::connect(&target).await?;
             let (breakers, out) = match cmd {
                 BreakersCommand::List { out } => {
                     (c.list_breakers(pb::ListBreakersRequest {}).await?.into_inner().breakers, out)
@@ -338,8 +434,39 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     }
 }
 
-async fn runs(controller: &str, cmd: RunsCommand) -> Result<u8, Failure> {
-    let mut c = client::connect(controller).await?;
+async fn tokens(target: &client::Target, cmd: TokensCommand) -> Result<u8, Failure> {
+    let mut a = client::admin(target).await?;
+    match cmd {
+        TokensCommand::Create { name, role, ttl, out } => {
+            let ttl_ms = ttl.map(baton_common::time::ms).unwrap_or(0);
+            let r = a.create_token(pb::CreateTokenRequest { name, role, ttl_ms }).await?.into_inner();
+            match out.format() {
+                Format::Text => {
+                    println!("{}", r.token);
+                    if let Some(i) = &r.info {
+                        eprintln!("token {:?} ({}) created; it is shown only this once", i.name, i.role);
+                    }
+                }
+                f => output::print_json(f, &r),
+            }
+        }
+        TokensCommand::List { all, out } => {
+            let tokens = a.list_tokens(pb::ListTokensRequest { all }).await?.into_inner().tokens;
+            output::tokens(out.format(), &tokens);
+        }
+        TokensCommand::Revoke { name, out } => {
+            let t = a.revoke_token(pb::RevokeTokenRequest { token: name }).await?.into_inner();
+            match out.format() {
+                Format::Text => println!("token {:?} ({}) revoked", t.name, t.id),
+                f => output::print_json(f, &t),
+            }
+        }
+    }
+    Ok(0)
+}
+
+async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> {
+    let mut c = client::connect(target).await?;
     match cmd {
         RunsCommand::List { state, limit, out } => {
             let req = pb::ListRunsRequest { state: state.unwrap_or_default(), limit };
@@ -354,7 +481,7 @@ async fn runs(controller: &str, cmd: RunsCommand) -> Result<u8, Failure> {
         }
         RunsCommand::Watch { run, from_seq, out } => {
             let id = c.get_run(pb::GetRunRequest { run_id: run }).await?.into_inner().run.map(|r| r.id);
-            return watch::watch(&mut c, controller, &id.unwrap_or_default(), from_seq, out.format()).await;
+            return watch::watch(&mut c, target, &id.unwrap_or_default(), from_seq, out.format()).await;
         }
         RunsCommand::Cancel { run, step, reason, out } => {
             let req = pb::CancelRunRequest { run_id: run, reason, step_id: step.clone().unwrap_or_default() };

@@ -240,6 +240,35 @@ pub fn agents(format: Format, agents: &[pb::Agent]) {
     table(&["NAME", "STATE", "SLOTS", "LAST SEEN", "TOOLS", "LABELS", "ID"], rows);
 }
 
+pub fn tokens(format: Format, tokens: &[pb::TokenInfo]) {
+    if format != Format::Text {
+        return print_list(format, tokens);
+    }
+    let now = baton_common::time::now_ms();
+    let rows = tokens
+        .iter()
+        .map(|t| {
+            let state = if t.revoked_at_ms > 0 {
+                "revoked"
+            } else if t.expires_at_ms > 0 && t.expires_at_ms <= now {
+                "expired"
+            } else {
+                "active"
+            };
+            vec![
+                t.name.clone(),
+                t.role.clone(),
+                state.to_string(),
+                time(t.created_at_ms),
+                if t.expires_at_ms > 0 { time(t.expires_at_ms) } else { "never".into() },
+                t.created_by.clone(),
+                t.id.clone(),
+            ]
+        })
+        .collect();
+    table(&["NAME", "ROLE", "STATE", "CREATED", "EXPIRES", "CREATED BY", "ID"], rows);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

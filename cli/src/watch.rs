@@ -11,18 +11,18 @@ use baton_common::state::StepState;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::Failure;
-use crate::client::Client;
+use crate::client::{Client, Target};
 use crate::output::{self, Format};
 
 /// How long a watch keeps trying to reach a controller that went away.
 const RECONNECT_FOR: Duration = Duration::from_secs(120);
 
 /// Follows `run_id` from `from_seq` until the run ends. Exit code 0 when it succeeded.
-/// `controllers` (the `--controller` list) is where to look for the leader again after
-/// a failover.
+/// `target` (the `--controller` list) is where to look for the leader again after a
+/// failover.
 pub async fn watch(
     c: &mut Client,
-    controllers: &str,
+    target: &Target,
     run_id: &str,
     from_seq: i64,
     format: Format,
@@ -79,7 +79,7 @@ pub async fn watch(
                 view.note(&format!("lost the controller ({}); reconnecting", s.message()));
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 // The leader may have changed: find it again.
-                if let Ok(leader) = crate::client::connect(controllers).await {
+                if let Ok(leader) = crate::client::connect(target).await {
                     *c = leader;
                 }
             }

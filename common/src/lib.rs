@@ -1,7 +1,9 @@
 //! Baton's shared contract: the generated gRPC API, the workstream spec and the pure
 //! state machines and policies that the controller applies.
 
+pub mod auth;
 pub mod breaker;
+pub mod connect;
 pub mod metrics;
 pub mod proto;
 pub mod retry;

@@ -2,6 +2,7 @@
 //! over gRPC streams and serves the public API.
 
 pub mod api;
+pub mod auth;
 pub mod engine;
 pub mod leader;
 pub mod logs;
@@ -38,6 +39,8 @@ pub struct Config {
     /// The address clients and agents should use for this controller (default:
     /// `http://` and the listen address).
     pub advertise: Option<String>,
+    /// Whether callers must authenticate (see [`auth::decide`]).
+    pub auth: auth::AuthMode,
 }
 
 impl Config {
@@ -51,6 +54,7 @@ impl Config {
             metrics: None,
             lease: Duration::from_secs(5),
             advertise: None,
+            auth: auth::AuthMode::Off,
         }
     }
 }
@@ -125,18 +129,21 @@ pub async fn run(
             Err(e) => error!(error = %e, "cannot listen for SIGHUP; reload the router over the API"),
         }
     }
-    let (runs, agents) = api::services(
+    let authenticator = auth::Authenticator::new(config.auth, store.clone());
+    let services = api::services(
         leadership,
         router.clone(),
         store.clone(),
         logs.clone(),
         config.router.clone(),
+        authenticator.clone(),
         stop.clone(),
     );
     // grpc.health.v1 and server reflection, so that any gRPC client can find its way.
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<pb::baton_service_server::BatonServiceServer<api::RunApi>>().await;
     health.set_serving::<pb::agent_service_server::AgentServiceServer<api::AgentApi>>().await;
+    health.set_serving::<pb::admin_service_server::AdminServiceServer<api::AdminApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -147,12 +154,18 @@ pub async fn run(
         Some(a) => format!("http://{a}"),
         None => String::new(),
     });
-    info!(?addr, %address, db = %redact(&config.db), "controller listening");
+    let auth_text = match config.auth {
+        auth::AuthMode::Required => "required",
+        auth::AuthMode::Off => "off (loopback without TLS: anyone who reaches the port may do anything)",
+    };
+    info!(?addr, %address, db = %redact(&config.db), authentication = auth_text, "controller listening");
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(runs)
-        .add_service(agents)
+        .layer(auth::AuthLayer::new(authenticator))
+        .add_service(services.runs)
+        .add_service(services.agents)
+        .add_service(services.admin)
         .add_service(health_service)
         .add_service(reflection)
         .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
+use baton_common::auth::Role;
+use baton_controller::auth::AuthFlag;
 use baton_controller::engine::BreakerConfig;
 use baton_controller::{Config, EngineConfig};
 use clap::Parser;
@@ -13,12 +15,22 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "baton-controller", version)]
 struct Args {
-    /// Address of the gRPC API (clients and agents).
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Address of the gRPC API (clients and agents). Off loopback it needs TLS.
     #[arg(long, env = "BATON_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
     /// Database: sqlite://PATH (created when missing) or postgres://USER@HOST/DB.
-    #[arg(long, env = "BATON_DB", default_value = "sqlite://baton.db")]
+    #[arg(long, env = "BATON_DB", default_value = "sqlite://baton.db", global = true)]
     db: String,
+    /// auto: callers must authenticate with TLS or off loopback, not on loopback without
+    /// TLS; required: always.
+    #[arg(long, env = "BATON_AUTH", default_value = "auto", value_parser = ["auto", "required"])]
+    auth: String,
+    /// Serve plaintext gRPC off loopback (authentication stays required). Tokens and
+    /// secrets then cross the network unencrypted.
+    #[arg(long, env = "BATON_INSECURE")]
+    insecure: bool,
     /// How often agents send heartbeats.
     #[arg(long, env = "BATON_HEARTBEAT_INTERVAL", default_value = "2s", value_parser = duration)]
     heartbeat_interval: Duration,
@@ -59,14 +71,46 @@ struct Args {
     log_format: String,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Create the first admin token in the database and print it on stdout; refused
+    /// when an admin token exists. Run it on the controller's host.
+    Bootstrap {
+        /// The token's name, as events and `baton tokens list` show it.
+        #[arg(long, default_value = "bootstrap")]
+        name: String,
+    },
+}
+
 fn duration(s: &str) -> Result<Duration, String> {
     baton_common::time::parse_duration(s)
 }
 
+/// Errors go to stderr as one line (`error: ...`), with exit code 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Command::Bootstrap { name }) = &args.command {
+        return bootstrap(&args.db, name).await;
+    }
+    let auth_flag = if args.auth == "required" { AuthFlag::Required } else { AuthFlag::Auto };
+    let (auth, warning) = baton_controller::auth::decide(args.listen, false, args.insecure, auth_flag)
+        .map_err(|e| anyhow::anyhow!(e))?;
     init_tracing(&args.log_format)?;
+    if let Some(w) = warning {
+        tracing::warn!("{w}");
+        eprintln!("WARNING: {w}");
+    }
     if args.failover_grace <= args.lost_after {
         anyhow::bail!(
             "--failover-grace ({}) must be longer than --lost-after ({})",
@@ -101,6 +145,7 @@ async fn main() -> anyhow::Result<()> {
         reload_on_sighup: true,
         lease: args.lease,
         advertise: args.advertise,
+        auth,
         metrics: match args.metrics_listen {
             None => None,
             Some(addr) => {
@@ -114,6 +159,22 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     baton_controller::run(listener, config, shutdown).await?;
+    Ok(())
+}
+
+/// `baton-controller bootstrap`: the first admin token, printed once.
+async fn bootstrap(db: &str, name: &str) -> anyhow::Result<()> {
+    baton_controller::api::check_name("token", name).map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    let store = baton_controller::store::Store::open(db).await?;
+    let (token, row) = baton_controller::api::new_token(name, Role::Admin, 0, "bootstrap");
+    let result = store.bootstrap_admin(&row, baton_common::time::now_ms()).await;
+    store.close().await;
+    result?;
+    println!("{token}");
+    eprintln!(
+        "admin token {name:?} (id {}) created; it is shown only this once. Use it with --token or BATON_TOKEN.",
+        row.id
+    );
     Ok(())
 }
 

@@ -22,12 +22,15 @@ pub struct Report {
     pub breaker_trips: Vec<Note>,
     pub quarantines: Vec<Note>,
     pub rejected_reports: Vec<Note>,
+    /// What callers of the API did to the run (submit, cancel, release), and who.
+    pub actions: Vec<Note>,
 }
 
 impl Report {
     /// The notes by kind, titled, in the order reports show them.
-    fn note_sections(&self) -> [(&'static str, &[Note]); 4] {
+    fn note_sections(&self) -> [(&'static str, &[Note]); 5] {
         [
+            ("Actions", &self.actions),
             ("Retries", &self.retries),
             ("Breaker trips", &self.breaker_trips),
             ("Quarantines", &self.quarantines),
@@ -47,6 +50,8 @@ pub struct RunInfo {
     pub finished_at_ms: Option<i64>,
     pub duration_ms: Option<i64>,
     pub params: BTreeMap<String, String>,
+    /// Who submitted the run.
+    pub submitted_by: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -94,6 +99,24 @@ pub struct Note {
     pub at_ms: i64,
     pub step: String,
     pub message: String,
+    /// Who caused it, when an API call did.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub actor: String,
+}
+
+impl Note {
+    fn of(e: &EventRow) -> Note {
+        Note { at_ms: e.at, step: e.step_id.clone(), message: e.message.clone(), actor: e.actor.clone() }
+    }
+
+    /// The message, with who caused it.
+    fn text(&self) -> String {
+        match (self.message.is_empty(), self.actor.is_empty()) {
+            (_, true) => self.message.clone(),
+            (true, false) => format!("by {}", self.actor),
+            (false, false) => format!("{} (by {})", self.message, self.actor),
+        }
+    }
 }
 
 pub fn build(rec: &RunRecord, events: &[EventRow]) -> Report {
@@ -135,13 +158,15 @@ pub fn build(rec: &RunRecord, events: &[EventRow]) -> Report {
         })
         .collect();
     steps.sort_by_key(|s| (s.started_at_ms.unwrap_or(i64::MAX), s.id.clone()));
-    let notes = |kind: &str| -> Vec<Note> {
-        events
-            .iter()
-            .filter(|e| e.kind == kind)
-            .map(|e| Note { at_ms: e.at, step: e.step_id.clone(), message: e.message.clone() })
-            .collect()
-    };
+    let notes =
+        |kind: &str| -> Vec<Note> { events.iter().filter(|e| e.kind == kind).map(Note::of).collect() };
+    let actions: Vec<Note> = events
+        .iter()
+        .filter(|e| !e.actor.is_empty())
+        .map(|e| Note { message: format!("{}: {}", e.kind, e.message), ..Note::of(e) })
+        .collect();
+    let submitted_by =
+        events.iter().find(|e| e.kind == "run_submitted").map(|e| e.actor.clone()).unwrap_or_default();
     let retries = notes("step_retry_wait");
     let breaker_trips = notes("breaker_opened");
     let quarantines = notes("run_quarantined");
@@ -170,6 +195,7 @@ pub fn build(rec: &RunRecord, events: &[EventRow]) -> Report {
             finished_at_ms: rec.run.finished_at,
             duration_ms: start.zip(rec.run.finished_at).map(|(a, b)| b - a),
             params: serde_json::from_str(&rec.run.params).unwrap_or_default(),
+            submitted_by,
         },
         summary: Summary {
             steps: rec.steps.len(),
@@ -187,6 +213,7 @@ pub fn build(rec: &RunRecord, events: &[EventRow]) -> Report {
         breaker_trips,
         quarantines,
         rejected_reports,
+        actions,
     }
 }
 
@@ -250,7 +277,9 @@ pub fn to_markdown(r: &Report) -> String {
     if !r.run.reason.is_empty() {
         let _ = writeln!(o, "- **Reason:** {}", r.run.reason);
     }
-    let _ = writeln!(o, "- **Submitted:** {}", time(r.run.created_at_ms));
+    let by =
+        if r.run.submitted_by.is_empty() { String::new() } else { format!(" by {}", r.run.submitted_by) };
+    let _ = writeln!(o, "- **Submitted:** {}{by}", time(r.run.created_at_ms));
     let _ = writeln!(o, "- **Duration:** {}", span(r.run.duration_ms));
     let states: Vec<String> = r.summary.steps_by_state.iter().map(|(s, n)| format!("{n} {s}")).collect();
     let _ = writeln!(o, "- **Steps:** {} ({})", r.summary.steps, states.join(", "));
@@ -315,7 +344,7 @@ pub fn to_markdown(r: &Report) -> String {
         let _ = writeln!(o, "\n## {title}\n");
         for n in notes {
             let step = if n.step.is_empty() { String::new() } else { format!(" `{}`", n.step) };
-            let _ = writeln!(o, "- {}{step}: {}", time(n.at_ms), md(&n.message));
+            let _ = writeln!(o, "- {}{step}: {}", time(n.at_ms), md(&n.text()));
         }
     }
     o
@@ -360,6 +389,9 @@ th{{background:#f1f4f8}}.state-succeeded{{color:#17803d}}.state-failed,.state-ti
     );
     if !r.run.reason.is_empty() {
         let _ = writeln!(o, "<p><b>Reason:</b> {}</p>", esc(&r.run.reason));
+    }
+    if !r.run.submitted_by.is_empty() {
+        let _ = writeln!(o, "<p><b>Submitted by:</b> {}</p>", esc(&r.run.submitted_by));
     }
     let _ = writeln!(o, "<h2>Timeline</h2>\n{}", timeline_svg(r));
     let _ = writeln!(
@@ -419,7 +451,7 @@ th{{background:#f1f4f8}}.state-succeeded{{color:#17803d}}.state-failed,.state-ti
                 "<li>{} <code>{}</code> {}</li>",
                 esc(&time(n.at_ms)),
                 esc(&n.step),
-                esc(&n.message)
+                esc(&n.text())
             );
         }
         let _ = writeln!(o, "</ul>");

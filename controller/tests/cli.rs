@@ -86,3 +86,32 @@ fn sighup_reloads_the_router_and_keeps_the_old_rules_when_the_new_ones_are_bad()
     let line = wait_for("router config");
     assert!(line.contains("router config refused; keeping the rules in force"), "{line}");
 }
+
+#[test]
+fn a_controller_off_loopback_without_tls_refuses_to_start_naming_the_flags() {
+    let (code, err) = controller(&["--listen", "0.0.0.0:0"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("refusing to listen on 0.0.0.0:0 without TLS"), "{err}");
+    assert!(err.contains("--tls-cert and --tls-key") && err.contains("--insecure"), "{err}");
+}
+
+#[test]
+fn bootstrap_prints_the_first_admin_token_once_and_then_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("b.db").display());
+    let run =
+        |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_baton-controller")).args(args).output().unwrap();
+    let first = run(&["bootstrap", "--db", &db]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let token = String::from_utf8(first.stdout).unwrap();
+    assert!(token.trim().starts_with("btk_") && token.lines().count() == 1, "{token:?}");
+    let second = run(&["bootstrap", "--db", &db]);
+    assert_eq!(second.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("an admin token exists already (\"bootstrap\""), "{err}");
+    assert!(second.stdout.is_empty(), "nothing on stdout when refused");
+    // The database keeps a hash of the token, never the token.
+    let bytes = std::fs::read(dir.path().join("b.db")).unwrap();
+    let secret = token.trim().rsplit('_').next().unwrap();
+    assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "the token's secret is not stored");
+}

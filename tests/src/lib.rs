@@ -7,15 +7,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use baton_common::connect::{AuthChannel, Bearer, ClientTls};
 use baton_common::pb;
+use baton_common::pb::admin_service_client::AdminServiceClient;
 use baton_common::pb::baton_service_client::BatonServiceClient;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
+pub use baton_common::auth::Role;
 pub use baton_common::pb as proto;
+pub use baton_controller::auth::AuthMode;
 
-pub type Client = BatonServiceClient<Channel>;
+pub type Client = BatonServiceClient<AuthChannel>;
+pub type Admin = AdminServiceClient<AuthChannel>;
 
 /// Engine timings short enough for tests.
 pub fn fast_engine() -> baton_controller::EngineConfig {
@@ -118,6 +122,7 @@ pub struct SandboxBuilder {
     engine: baton_controller::EngineConfig,
     router: Option<String>,
     backend: Backend,
+    auth: AuthMode,
 }
 
 impl SandboxBuilder {
@@ -147,6 +152,12 @@ impl SandboxBuilder {
         self
     }
 
+    /// Callers must authenticate; the sandbox's own clients use an admin token.
+    pub fn auth(mut self, mode: AuthMode) -> Self {
+        self.auth = mode;
+        self
+    }
+
     /// Starts an in-process controller and the agents, and waits until all agents are
     /// connected.
     pub async fn build(self) -> Sandbox {
@@ -162,6 +173,10 @@ impl SandboxBuilder {
             path
         });
         let metrics_addr = free_addr();
+        let admin = match self.auth {
+            AuthMode::Off => None,
+            AuthMode::Required => Some(bootstrap(&db).await),
+        };
         let mut sb = Sandbox {
             dir,
             addr,
@@ -170,11 +185,13 @@ impl SandboxBuilder {
             router,
             metrics_addr,
             engine: self.engine,
+            auth: self.auth,
+            admin_token: admin,
             controller: None,
             agents: Vec::new(),
         };
         sb.start_controller_on(listener);
-        wait_leader(&sb.url()).await;
+        wait_leader_as(&sb.url(), sb.admin_token.as_deref()).await;
         for i in 1..=self.agents {
             sb.add_agent(&format!("agent-{i}"), self.slots);
         }
@@ -198,13 +215,23 @@ pub struct Sandbox {
     pub router: Option<PathBuf>,
     /// Where the controller serves /metrics, /healthz and /readyz.
     pub metrics_addr: SocketAddr,
+    pub auth: AuthMode,
+    /// With authentication: an admin token, made by bootstrapping the database.
+    pub admin_token: Option<String>,
     controller: Option<InProcess>,
     agents: Vec<(String, InProcess)>,
 }
 
 impl Sandbox {
     pub fn builder() -> SandboxBuilder {
-        SandboxBuilder { agents: 2, slots: 2, engine: fast_engine(), router: None, backend: Backend::Sqlite }
+        SandboxBuilder {
+            agents: 2,
+            slots: 2,
+            engine: fast_engine(),
+            router: None,
+            backend: Backend::Sqlite,
+            auth: AuthMode::Off,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -227,6 +254,7 @@ impl Sandbox {
             metrics: self.metrics_listener(),
             lease: Duration::from_secs(2),
             advertise: None,
+            auth: self.auth,
         };
         let s = stop.clone();
         let task = tokio::spawn(async move {
@@ -250,7 +278,7 @@ impl Sandbox {
         self.stop_controller().await;
         let listener = tokio::net::TcpListener::bind(self.addr).await.expect("rebind");
         self.start_controller_on(listener);
-        wait_leader(&self.url()).await;
+        wait_leader_as(&self.url(), self.admin_token.as_deref()).await;
     }
 
     pub fn agent_config(&self, name: &str, slots: u32) -> baton_agent::Config {
@@ -287,8 +315,29 @@ impl Sandbox {
         }
     }
 
+    /// A client with the admin token (when the sandbox has one).
     pub async fn client(&self) -> Client {
-        connect(&self.url()).await
+        connect_as(&self.url(), &ClientTls::default(), self.admin_token.as_deref()).await
+    }
+
+    /// A client that presents `token` (or nothing).
+    pub async fn client_as(&self, token: Option<&str>) -> Client {
+        connect_as(&self.url(), &ClientTls::default(), token).await
+    }
+
+    /// The admin service, as `token`.
+    pub async fn admin_as(&self, token: Option<&str>) -> Admin {
+        AdminServiceClient::new(channel_as(&self.url(), &ClientTls::default(), token).await)
+    }
+
+    /// A new API token with `role`, made with the admin token.
+    pub async fn token(&self, name: &str, role: Role) -> String {
+        let mut a = self.admin_as(self.admin_token.as_deref()).await;
+        a.create_token(pb::CreateTokenRequest { name: name.into(), role: role.to_string(), ttl_ms: 0 })
+            .await
+            .expect("create token")
+            .into_inner()
+            .token
     }
 
     /// Waits until at least `n` agents are connected.
@@ -320,22 +369,46 @@ impl Drop for Sandbox {
     }
 }
 
-/// A client that retries the connection until the controller answers.
-pub async fn connect(url: &str) -> Client {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string()).expect("url");
+/// The first admin token of a database (as `baton-controller bootstrap` makes it).
+pub async fn bootstrap(db: &str) -> String {
+    let store = baton_controller::store::Store::open(db).await.expect("open store");
+    let (token, row) = baton_controller::api::new_token("admin", Role::Admin, 0, "bootstrap");
+    store.bootstrap_admin(&row, baton_common::time::now_ms()).await.expect("bootstrap");
+    store.close().await;
+    token
+}
+
+/// A channel that retries the connection until the controller answers, and presents
+/// `token` on every call.
+pub async fn channel_as(url: &str, tls: &ClientTls, token: Option<&str>) -> AuthChannel {
+    let endpoint = baton_common::connect::endpoint(url, tls).expect("endpoint");
+    let bearer = Bearer::new(token).expect("bearer");
     for _ in 0..200 {
         if let Ok(ch) = endpoint.connect().await {
-            return BatonServiceClient::new(ch);
+            return tonic::service::interceptor::InterceptedService::new(ch, bearer);
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("controller at {url} never answered");
 }
 
+/// A client that retries the connection until the controller answers.
+pub async fn connect(url: &str) -> Client {
+    connect_as(url, &ClientTls::default(), None).await
+}
+
+pub async fn connect_as(url: &str, tls: &ClientTls, token: Option<&str>) -> Client {
+    BatonServiceClient::new(channel_as(url, tls, token).await)
+}
+
 /// Waits until the controller at `url` leads (at once with SQLite; with Postgres once
 /// it holds the lease).
 pub async fn wait_leader(url: &str) {
-    let c = connect(url).await;
+    wait_leader_as(url, None).await
+}
+
+pub async fn wait_leader_as(url: &str, token: Option<&str>) {
+    let c = connect_as(url, &ClientTls::default(), token).await;
     eventually(Duration::from_secs(30), "the controller to lead", || {
         let mut c = c.clone();
         async move { c.get_leader(pb::GetLeaderRequest {}).await.ok()?.into_inner().is_leader.then_some(()) }
@@ -510,6 +583,69 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Calls `path` (`/package.Service/Method`) with one empty message, whatever its
+/// types, and returns the status the call ends with (`Ok` once a first answer came).
+/// For walking the table of RPCs.
+pub async fn call_raw(channel: AuthChannel, path: &str) -> tonic::Code {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    if let Err(e) = grpc.ready().await {
+        panic!("channel not ready: {e}");
+    }
+    let path = path.parse::<tonic::codegen::http::uri::PathAndQuery>().expect("path");
+    let req = tonic::Request::new(tokio_stream::once(()));
+    let result = tokio::time::timeout(Duration::from_secs(15), async {
+        match grpc.streaming(req, path, RawCodec).await {
+            Ok(resp) => match resp.into_inner().message().await {
+                Ok(_) => tonic::Code::Ok,
+                Err(s) => s.code(),
+            },
+            Err(s) => s.code(),
+        }
+    })
+    .await;
+    result.unwrap_or(tonic::Code::DeadlineExceeded)
+}
+
+/// A codec that sends empty messages (every proto3 message's defaults) and ignores what
+/// comes back.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = ();
+    type Decode = ();
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = ();
+    type Error = tonic::Status;
+
+    fn encode(&mut self, _: (), _: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = ();
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<()>, tonic::Status> {
+        use bytes::Buf;
+        src.advance(src.remaining());
+        Ok(Some(()))
     }
 }
 

@@ -117,5 +117,6 @@ pub fn event(e: &EventRow) -> pb::RunEvent {
         message: e.message.clone(),
         progress: None,
         epoch: e.epoch,
+        actor: e.actor.clone(),
     }
 }

@@ -1,5 +1,6 @@
 //! The gRPC surface: thin services that read the store and send the engine messages.
 
+mod admin;
 mod agents;
 mod convert;
 mod logs;
@@ -12,6 +13,7 @@ use tonic::Status;
 use crate::engine::EngineError;
 use crate::store::{Store, StoreError};
 
+pub use admin::{AdminApi, check_name, new_token};
 pub use agents::AgentApi;
 pub use runs::RunApi;
 
@@ -19,21 +21,25 @@ pub use runs::RunApi;
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The services of the API port.
+pub struct Services {
+    pub runs: pb::baton_service_server::BatonServiceServer<RunApi>,
+    pub agents: pb::agent_service_server::AgentServiceServer<AgentApi>,
+    pub admin: pb::admin_service_server::AdminServiceServer<AdminApi>,
+}
+
 pub fn services(
     leadership: crate::leader::Leadership,
     router: std::sync::Arc<std::sync::Mutex<crate::router::Router>>,
     store: Store,
     logs: crate::logs::Logs,
     router_path: Option<std::path::PathBuf>,
+    auth: std::sync::Arc<crate::auth::Authenticator>,
     shutdown: CancellationToken,
-) -> (
-    pb::baton_service_server::BatonServiceServer<RunApi>,
-    pb::agent_service_server::AgentServiceServer<AgentApi>,
-) {
+) -> Services {
     let runs = pb::baton_service_server::BatonServiceServer::new(RunApi::new(
         leadership.clone(),
         router,
-        store,
+        store.clone(),
         logs,
         router_path,
         shutdown,
@@ -41,7 +47,8 @@ pub fn services(
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let agents = pb::agent_service_server::AgentServiceServer::new(AgentApi::new(leadership))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    (runs, agents)
+    let admin = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(store, auth));
+    Services { runs, agents, admin }
 }
 
 /// The one place where errors become gRPC status codes.
@@ -62,6 +69,8 @@ impl From<StoreError> for Status {
         match e {
             StoreError::RunNotFound(_) => Status::not_found(e.to_string()),
             StoreError::AmbiguousRun { .. } => Status::invalid_argument(e.to_string()),
+            StoreError::Conflict(m) => Status::failed_precondition(m),
+            StoreError::NotFound(m) => Status::not_found(m),
             _ => Status::internal(e.to_string()),
         }
     }

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::{MAX_MESSAGE_BYTES, convert};
+use crate::auth::Identity;
 use crate::engine::EngineError;
 use crate::leader::Leadership;
 use crate::store::Store;
@@ -52,6 +53,7 @@ impl pb::baton_service_server::BatonService for RunApi {
         &self,
         req: Request<pb::SubmitRunRequest>,
     ) -> Result<Response<pb::SubmitRunResponse>, Status> {
+        let actor = Identity::of(&req).actor();
         let req = req.into_inner();
         let source = if req.source.is_empty() { "<request>" } else { req.source.as_str() };
         if req.spec.len() > MAX_MESSAGE_BYTES {
@@ -63,7 +65,7 @@ impl pb::baton_service_server::BatonService for RunApi {
         let ws = spec::parse(source, &req.spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let params: BTreeMap<String, String> = req.params.into_iter().collect();
         let estimates = self.store.duration_estimates(&ws.name).await?;
-        let run_id = self.engine()?.submit(ws, params, estimates).await.map_err(|e| match e {
+        let run_id = self.engine()?.submit(ws, params, estimates, actor).await.map_err(|e| match e {
             EngineError::Invalid(m) => Status::invalid_argument(format!("{source}: {m}")),
             other => other.into(),
         })?;
@@ -117,11 +119,12 @@ impl pb::baton_service_server::BatonService for RunApi {
         &self,
         req: Request<pb::CancelRunRequest>,
     ) -> Result<Response<pb::CancelRunResponse>, Status> {
+        let actor = Identity::of(&req).actor();
         let req = req.into_inner();
         let id = self.store.resolve_run_id(&req.run_id).await?;
         let step = (!req.step_id.is_empty()).then_some(req.step_id);
         let whole_run = step.is_none();
-        match self.engine()?.cancel(id.clone(), step, req.reason).await {
+        match self.engine()?.cancel(id.clone(), step, req.reason, actor).await {
             Ok(state) => Ok(Response::new(pb::CancelRunResponse { run_id: id, state: state.to_string() })),
             // Not in the engine: the run is final already.
             Err(EngineError::RunNotFound(_)) if whole_run => {
@@ -140,8 +143,9 @@ impl pb::baton_service_server::BatonService for RunApi {
         &self,
         req: Request<pb::ReleaseRunRequest>,
     ) -> Result<Response<pb::ReleaseRunResponse>, Status> {
+        let actor = Identity::of(&req).actor();
         let id = self.store.resolve_run_id(&req.into_inner().run_id).await?;
-        let state = self.engine()?.release(id.clone()).await?;
+        let state = self.engine()?.release(id.clone(), actor).await?;
         Ok(Response::new(pb::ReleaseRunResponse { run_id: id, state: state.to_string() }))
     }
 
@@ -157,11 +161,12 @@ impl pb::baton_service_server::BatonService for RunApi {
         &self,
         req: Request<pb::ResetBreakerRequest>,
     ) -> Result<Response<pb::ListBreakersResponse>, Status> {
+        let actor = Identity::of(&req).actor();
         let req = req.into_inner();
         if req.tool.is_empty() {
             return Err(Status::invalid_argument("reset breaker: tool is empty"));
         }
-        let breakers = self.engine()?.reset_breaker(req.tool, req.agent).await?;
+        let breakers = self.engine()?.reset_breaker(req.tool, req.agent, actor).await?;
         Ok(Response::new(pb::ListBreakersResponse { breakers }))
     }
 
@@ -243,8 +248,9 @@ impl pb::baton_service_server::BatonService for RunApi {
     }
 
     async fn drain_agent(&self, req: Request<pb::DrainAgentRequest>) -> Result<Response<pb::Agent>, Status> {
+        let actor = Identity::of(&req).actor();
         let req = req.into_inner();
-        Ok(Response::new(self.engine()?.drain(req.agent, req.undo).await?))
+        Ok(Response::new(self.engine()?.drain(req.agent, req.undo, actor).await?))
     }
 
     async fn reload_router(

@@ -103,16 +103,19 @@ pub(crate) enum Msg {
         spec: Workstream,
         params: BTreeMap<String, String>,
         estimates: crate::store::Estimates,
+        actor: String,
         reply: Reply<String>,
     },
     Cancel {
         run_id: String,
         step_id: Option<String>,
         reason: String,
+        actor: String,
         reply: Reply<RunState>,
     },
     Release {
         run_id: String,
+        actor: String,
         reply: Reply<RunState>,
     },
     ListBreakers {
@@ -121,6 +124,7 @@ pub(crate) enum Msg {
     ResetBreaker {
         tool: String,
         agent: String,
+        actor: String,
         reply: Reply<Vec<pb::Breaker>>,
     },
     Live {
@@ -137,6 +141,7 @@ pub(crate) enum Msg {
     Drain {
         agent: String,
         undo: bool,
+        actor: String,
         reply: Reply<pb::Agent>,
     },
     Connect {
@@ -194,14 +199,16 @@ impl EngineHandle {
         rx.await.map_err(|_| EngineError::Unavailable)?
     }
 
-    /// Starts a run of a validated workstream; returns its id once it is durable.
+    /// Starts a run of a validated workstream for `actor`; returns its id once it is
+    /// durable.
     pub async fn submit(
         &self,
         spec: Workstream,
         params: BTreeMap<String, String>,
         estimates: crate::store::Estimates,
+        actor: String,
     ) -> Result<String, EngineError> {
-        self.call(|reply| Msg::Submit { spec, params, estimates, reply }).await
+        self.call(|reply| Msg::Submit { spec, params, estimates, actor, reply }).await
     }
 
     /// Cancels a run, or one step of it when `step_id` is given.
@@ -210,12 +217,13 @@ impl EngineHandle {
         run_id: String,
         step_id: Option<String>,
         reason: String,
+        actor: String,
     ) -> Result<RunState, EngineError> {
-        self.call(|reply| Msg::Cancel { run_id, step_id, reason, reply }).await
+        self.call(|reply| Msg::Cancel { run_id, step_id, reason, actor, reply }).await
     }
 
-    pub async fn release(&self, run_id: String) -> Result<RunState, EngineError> {
-        self.call(|reply| Msg::Release { run_id, reply }).await
+    pub async fn release(&self, run_id: String, actor: String) -> Result<RunState, EngineError> {
+        self.call(|reply| Msg::Release { run_id, actor, reply }).await
     }
 
     pub async fn list_breakers(&self) -> Result<Vec<pb::Breaker>, EngineError> {
@@ -224,8 +232,13 @@ impl EngineHandle {
         rx.await.map_err(|_| EngineError::Unavailable)
     }
 
-    pub async fn reset_breaker(&self, tool: String, agent: String) -> Result<Vec<pb::Breaker>, EngineError> {
-        self.call(|reply| Msg::ResetBreaker { tool, agent, reply }).await
+    pub async fn reset_breaker(
+        &self,
+        tool: String,
+        agent: String,
+        actor: String,
+    ) -> Result<Vec<pb::Breaker>, EngineError> {
+        self.call(|reply| Msg::ResetBreaker { tool, agent, actor, reply }).await
     }
 
     /// Replaces the routing rules; steps not yet dispatched follow the new ones.
@@ -236,8 +249,8 @@ impl EngineHandle {
     }
 
     /// Stops (or resumes) new assignments to the agent with this name or id.
-    pub async fn drain(&self, agent: String, undo: bool) -> Result<pb::Agent, EngineError> {
-        self.call(|reply| Msg::Drain { agent, undo, reply }).await
+    pub async fn drain(&self, agent: String, undo: bool, actor: String) -> Result<pb::Agent, EngineError> {
+        self.call(|reply| Msg::Drain { agent, undo, actor, reply }).await
     }
 
     /// Wait reasons and progress of an active run; `None` once it has ended.
@@ -308,6 +321,9 @@ struct Pending {
     finished_runs: Vec<String>,
     /// Some effect must not wait for company (a reply, work for an idle slot).
     urgent: bool,
+    /// Who caused the message being handled (an API call's caller), stamped on its
+    /// events.
+    actor: String,
 }
 
 impl Pending {
@@ -374,6 +390,7 @@ impl Pending {
             attempt_state: attempt.map(|a| a.state.as_str().to_string()).unwrap_or_default(),
             message: message.into(),
             epoch: 0,
+            actor: self.actor.clone(),
         });
     }
 }
@@ -546,6 +563,7 @@ impl Engine {
             }
             for msg in buf.drain(..) {
                 self.handle(msg);
+                self.pending.actor.clear();
             }
             self.fire_timers();
             self.dispatch();
@@ -581,25 +599,29 @@ impl Engine {
 
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Submit { spec, params, estimates, reply } => {
+            Msg::Submit { spec, params, estimates, actor, reply } => {
+                self.pending.actor = actor;
                 let result = self.submit(spec, params, &estimates);
                 self.pending.reply(reply, result);
             }
-            Msg::Cancel { run_id, step_id, reason, reply } => {
+            Msg::Cancel { run_id, step_id, reason, actor, reply } => {
+                self.pending.actor = actor;
                 let result = match step_id {
                     Some(step) => self.cancel_step(&run_id, &step, &reason),
                     None => self.cancel_run(&run_id, &reason),
                 };
                 self.pending.reply(reply, result);
             }
-            Msg::Release { run_id, reply } => {
+            Msg::Release { run_id, actor, reply } => {
+                self.pending.actor = actor;
                 let result = self.release(&run_id);
                 self.pending.reply(reply, result);
             }
             Msg::ListBreakers { reply } => {
                 let _ = reply.send(self.list_breakers());
             }
-            Msg::ResetBreaker { tool, agent, reply } => {
+            Msg::ResetBreaker { tool, agent, actor, reply } => {
+                self.pending.actor = actor;
                 let result = self.reset_breaker(&tool, &agent);
                 self.pending.reply(reply, result);
             }
@@ -620,7 +642,8 @@ impl Engine {
                 self.round_robin.clear();
                 let _ = reply.send(());
             }
-            Msg::Drain { agent, undo, reply } => {
+            Msg::Drain { agent, undo, actor, reply } => {
+                self.pending.actor = actor;
                 let result = self.drain(&agent, undo);
                 self.pending.reply(reply, result);
             }

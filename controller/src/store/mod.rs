@@ -4,6 +4,7 @@
 //! The engine writes through [`Store::commit`]: one [`Batch`] of row upserts and event
 //! inserts in one transaction. Everything else here is a read.
 
+mod auth;
 mod rows;
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use sqlx::query::Query;
 use sqlx::{Any, AnyPool, AssertSqlSafe, Row};
 use thiserror::Error;
 
+pub use auth::TokenRow;
 pub use rows::{AgentRow, AttemptRow, BreakerRow, EventRow, OutputRow, RunRow, StepRow};
 
 #[derive(Debug, Error)]
@@ -35,6 +37,10 @@ pub enum StoreError {
     Fenced(i64),
     #[error("not written: the commit before it failed")]
     Aborted,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
 }
 
 /// Proof of leadership for a write: the controller's id and its leader epoch. A commit

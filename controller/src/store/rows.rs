@@ -197,13 +197,14 @@ pub struct EventRow {
     pub message: String,
     /// Leader epoch of the controller that wrote it (0 with SQLite).
     pub epoch: i64,
+    /// Who caused it (an API call's caller); empty for the controller's own decisions.
+    pub actor: String,
 }
 
 impl Record for EventRow {
     const TABLE: &'static str = "run_events";
-    const PG_RECORD: &'static str = "run_id text, seq bigint, at bigint, kind text, step_id text, attempt_id text, run_state text, step_state text, attempt_state text, message text, epoch bigint";
-    const COLUMNS: &'static str =
-        "run_id, seq, at, kind, step_id, attempt_id, run_state, step_state, attempt_state, message, epoch";
+    const PG_RECORD: &'static str = "run_id text, seq bigint, at bigint, kind text, step_id text, attempt_id text, run_state text, step_state text, attempt_state text, message text, epoch bigint, actor text";
+    const COLUMNS: &'static str = "run_id, seq, at, kind, step_id, attempt_id, run_state, step_state, attempt_state, message, epoch, actor";
     const KEY: &'static str = "run_id, seq";
     const UPSERT: bool = false;
 
@@ -219,6 +220,7 @@ impl Record for EventRow {
             .bind(self.attempt_state.as_str())
             .bind(self.message.as_str())
             .bind(self.epoch)
+            .bind(self.actor.as_str())
     }
 
     fn decode(r: &AnyRow) -> Result<Self, sqlx::Error> {
@@ -234,6 +236,7 @@ impl Record for EventRow {
             attempt_state: r.try_get("attempt_state")?,
             message: r.try_get("message")?,
             epoch: r.try_get("epoch")?,
+            actor: r.try_get("actor")?,
         })
     }
 }

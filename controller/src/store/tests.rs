@@ -316,15 +316,28 @@ async fn sqlite_runs_survive_the_migration_to_clustered_tables() {
     before.migrations = before.migrations.iter().filter(|m| m.version < 7).cloned().collect();
     assert!(before.migrations.len() < all, "the clustering migration exists");
     before.run(&pool).await.unwrap();
-    let old = Store { writer: pool.clone(), pool, backend: Backend::Sqlite };
+    // Rows as that schema held them (the columns of later migrations did not exist).
     let run_id = "0a1b2c3d-0000-4000-8000-0000000000c1";
-    let mut b = Batch::default();
-    b.runs.push(run_row(run_id, "running", 1));
-    b.steps.push(step_row(run_id, "a", 0, "succeeded"));
-    b.steps.push(step_row(run_id, "b", 1, "ready"));
-    b.events.extend([event(run_id, 1, "run_submitted"), event(run_id, 2, "step_succeeded")]);
-    old.commit(&b, None).await.unwrap();
-    old.close().await;
+    for sql in [
+        format!(
+            "INSERT INTO runs (id, workstream, state, spec, params, reason, created_at) VALUES ('{run_id}', 'ws', 'running', '{{}}', '{{}}', '', 1)"
+        ),
+        format!(
+            "INSERT INTO steps (run_id, step_id, idx, state, tool, attempts, failures, lost_count, reason) VALUES ('{run_id}', 'a', 0, 'succeeded', 'shell', 0, 0, 0, '')"
+        ),
+        format!(
+            "INSERT INTO steps (run_id, step_id, idx, state, tool, attempts, failures, lost_count, reason) VALUES ('{run_id}', 'b', 1, 'ready', 'shell', 0, 0, 0, '')"
+        ),
+        format!(
+            "INSERT INTO run_events (run_id, seq, at, kind, step_id, attempt_id, run_state, step_state, attempt_state, message, epoch) VALUES ('{run_id}', 1, 10, 'run_submitted', '', '', '', '', '', '', 0)"
+        ),
+        format!(
+            "INSERT INTO run_events (run_id, seq, at, kind, step_id, attempt_id, run_state, step_state, attempt_state, message, epoch) VALUES ('{run_id}', 2, 20, 'step_succeeded', '', '', '', '', '', '', 0)"
+        ),
+    ] {
+        sqlx::query(AssertSqlSafe(sql)).execute(&pool).await.unwrap();
+    }
+    pool.close().await;
 
     let store = Store::open(&url).await.unwrap();
     let rec = store.get_run(run_id).await.unwrap();

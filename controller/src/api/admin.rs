@@ -1,0 +1,130 @@
+//! `baton.v1.AdminService`: who the caller is, and API tokens.
+
+use std::sync::Arc;
+
+use baton_common::auth::{Role, USER_ROLES};
+use baton_common::pb;
+use baton_common::time::now_ms;
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use crate::auth::{Authenticator, Identity, tokens};
+use crate::store::{Store, TokenRow};
+
+pub struct AdminApi {
+    store: Store,
+    auth: Arc<Authenticator>,
+}
+
+impl AdminApi {
+    pub fn new(store: Store, auth: Arc<Authenticator>) -> AdminApi {
+        AdminApi { store, auth }
+    }
+}
+
+/// Names of tokens and agents: what events and lists show.
+pub fn check_name(what: &str, name: &str) -> Result<(), Status> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "{what} name {name:?}: use 1 to 64 letters, digits, '-', '_', '.' or '@'"
+        )))
+    }
+}
+
+/// A new API token's row; the token text goes to the caller once.
+pub fn new_token(name: &str, role: Role, ttl_ms: i64, created_by: &str) -> (String, TokenRow) {
+    let minted = tokens::mint(tokens::Kind::Api);
+    let now = now_ms();
+    let row = TokenRow {
+        id: minted.id,
+        name: name.to_string(),
+        role: role.as_str().to_string(),
+        secret_hash: minted.hash,
+        created_at: now,
+        created_by: created_by.to_string(),
+        expires_at: (ttl_ms > 0).then(|| now.saturating_add(ttl_ms)),
+        revoked_at: None,
+    };
+    (minted.token, row)
+}
+
+pub fn token_info(t: &TokenRow) -> pb::TokenInfo {
+    pb::TokenInfo {
+        id: t.id.clone(),
+        name: t.name.clone(),
+        role: t.role.clone(),
+        created_at_ms: t.created_at,
+        created_by: t.created_by.clone(),
+        expires_at_ms: t.expires_at.unwrap_or(0),
+        revoked_at_ms: t.revoked_at.unwrap_or(0),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for AdminApi {
+    async fn who_am_i(
+        &self,
+        req: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let me = Identity::of(&req);
+        Ok(Response::new(pb::WhoAmIResponse {
+            name: me.name.clone(),
+            role: me.role.map(|r| r.to_string()).unwrap_or_default(),
+            via: me.via_name().to_string(),
+            auth_required: self.auth.mode() == crate::auth::AuthMode::Required,
+        }))
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let actor = Identity::of(&req).actor();
+        let req = req.into_inner();
+        check_name("token", &req.name)?;
+        let role: Role = req.role.parse().map_err(Status::invalid_argument)?;
+        if !USER_ROLES.contains(&role) {
+            return Err(Status::invalid_argument(format!(
+                "an API token cannot have role {role}: agents enroll with a join token (baton agents join-token)"
+            )));
+        }
+        if req.ttl_ms < 0 {
+            return Err(Status::invalid_argument("ttl must not be negative"));
+        }
+        let (token, row) = new_token(&req.name, role, req.ttl_ms, &actor);
+        self.store.insert_token(&row, now_ms()).await?;
+        info!(token = %row.name, id = %row.id, %role, by = %actor, "API token created");
+        Ok(Response::new(pb::CreateTokenResponse { token, info: Some(token_info(&row)) }))
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let all = req.into_inner().all;
+        let now = now_ms();
+        let tokens =
+            self.store.tokens().await?.iter().filter(|t| all || t.active(now)).map(token_info).collect();
+        Ok(Response::new(pb::ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::TokenInfo>, Status> {
+        let actor = Identity::of(&req).actor();
+        let which = req.into_inner().token;
+        if which.is_empty() {
+            return Err(Status::invalid_argument("revoke token: give its name or id"));
+        }
+        let row = self.store.revoke_token(&which, now_ms()).await?;
+        self.auth.forget();
+        info!(token = %row.name, id = %row.id, by = %actor, "API token revoked");
+        Ok(Response::new(token_info(&row)))
+    }
+}

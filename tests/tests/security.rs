@@ -1,0 +1,163 @@
+//! Authentication and authorization end to end: every RPC against every role, token
+//! revocation and expiry, and who did what in events and reports.
+
+use std::time::Duration;
+
+use baton_common::connect::ClientTls;
+use baton_controller::auth::table::{Need, RPCS};
+use baton_tests::*;
+
+/// Every RPC of the table, called with no credential and with a token of each user
+/// role: allowed exactly when the table says so, PERMISSION_DENIED otherwise, and
+/// UNAUTHENTICATED without a credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_may_make_exactly_the_calls_the_table_gives_it() {
+    let sb = Sandbox::builder().agents(0).auth(AuthMode::Required).build().await;
+    let mut tokens = Vec::new();
+    for role in [Role::Reader, Role::Submitter, Role::Operator, Role::Admin] {
+        tokens.push((Some(role), sb.token(&format!("t-{role}"), role).await));
+    }
+    let mut checked = 0;
+    for (service, method, need) in RPCS {
+        let path = format!("{service}{method}");
+        let anonymous = call_raw(channel_as(&sb.url(), &ClientTls::default(), None).await, &path).await;
+        match need {
+            Need::Public => assert!(!denied(anonymous), "{path} without a credential: {anonymous:?}"),
+            _ => assert_eq!(anonymous, tonic::Code::Unauthenticated, "{path} without a credential"),
+        }
+        for (role, token) in &tokens {
+            let role = role.unwrap();
+            let code = call_raw(channel_as(&sb.url(), &ClientTls::default(), Some(token)).await, &path).await;
+            let allowed = match need {
+                Need::Public | Need::Authenticated => true,
+                Need::Role(r) => role.includes(*r),
+                Need::JoinToken => false,
+            };
+            if allowed {
+                assert!(!denied(code), "{role} calling {path} was refused: {code:?}");
+            } else {
+                assert_eq!(code, tonic::Code::PermissionDenied, "{role} calling {path}");
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, RPCS.len() * 4);
+    // A garbage token is not a credential.
+    let code = call_raw(
+        channel_as(&sb.url(), &ClientTls::default(), Some("btk_00_11")).await,
+        "/baton.v1.BatonService/ListRuns",
+    )
+    .await;
+    assert_eq!(code, tonic::Code::Unauthenticated);
+}
+
+fn denied(code: tonic::Code) -> bool {
+    matches!(code, tonic::Code::PermissionDenied | tonic::Code::Unauthenticated)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_fails_on_its_next_call_and_an_expired_one_soon_after_it_expires() {
+    let sb = Sandbox::builder().agents(0).auth(AuthMode::Required).build().await;
+    let token = sb.token("ci", Role::Reader).await;
+    let mut c = sb.client_as(Some(&token)).await;
+    c.list_runs(proto::ListRunsRequest::default()).await.expect("a fresh token works");
+    let mut admin = sb.admin_as(sb.admin_token.as_deref()).await;
+    let revoked =
+        admin.revoke_token(proto::RevokeTokenRequest { token: "ci".into() }).await.unwrap().into_inner();
+    assert!(revoked.revoked_at_ms > 0);
+    let err = c.list_runs(proto::ListRunsRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(err.message().contains("token \"ci\" was revoked"), "{}", err.message());
+    // The list shows it revoked; a second revoke finds nothing to revoke.
+    let all = admin.list_tokens(proto::ListTokensRequest { all: true }).await.unwrap().into_inner().tokens;
+    assert!(all.iter().any(|t| t.name == "ci" && t.revoked_at_ms > 0));
+    let active =
+        admin.list_tokens(proto::ListTokensRequest { all: false }).await.unwrap().into_inner().tokens;
+    assert!(active.iter().all(|t| t.name != "ci"));
+    let again = admin.revoke_token(proto::RevokeTokenRequest { token: "ci".into() }).await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::NotFound);
+
+    // A token that expires: works, then is refused once expired. Answers are cached for
+    // at most a second, so a second after it expires no call gets through.
+    let short = admin
+        .create_token(proto::CreateTokenRequest { name: "short".into(), role: "reader".into(), ttl_ms: 4000 })
+        .await
+        .unwrap()
+        .into_inner();
+    let expires = short.info.unwrap().expires_at_ms;
+    let mut c = sb.client_as(Some(&short.token)).await;
+    c.list_runs(proto::ListRunsRequest::default()).await.expect("works before it expires");
+    let wait = (expires + 1000 - baton_common::time::now_ms()).max(0) as u64;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    let err = c.list_runs(proto::ListRunsRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(err.message().contains("token \"short\" expired at"), "{}", err.message());
+
+    // Names of active tokens are unique; roles are checked.
+    let dup = admin
+        .create_token(proto::CreateTokenRequest { name: "t".into(), role: "reader".into(), ttl_ms: 0 })
+        .await;
+    assert!(dup.is_ok());
+    let dup = admin
+        .create_token(proto::CreateTokenRequest { name: "t".into(), role: "admin".into(), ttl_ms: 0 })
+        .await
+        .unwrap_err();
+    assert!(dup.message().contains("a token named \"t\" exists"), "{}", dup.message());
+    let bad = admin
+        .create_token(proto::CreateTokenRequest { name: "x".into(), role: "agent".into(), ttl_ms: 0 })
+        .await
+        .unwrap_err();
+    assert!(bad.message().contains("cannot have role agent"), "{}", bad.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn who_submitted_and_canceled_is_in_the_events_and_the_report() {
+    let sb = Sandbox::builder().agents(0).auth(AuthMode::Required).build().await;
+    let submitter = sb.token("ci-bot", Role::Submitter).await;
+    let operator = sb.token("ops", Role::Operator).await;
+    let mut c = sb.client_as(Some(&submitter)).await;
+    // No agent: the step waits, so the run can be canceled.
+    let id = submit(&mut c, "name: w\nsteps:\n  - {id: a, tool: noop}\n").await;
+    let err =
+        c.cancel_run(proto::CancelRunRequest { run_id: id.clone(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "a submitter may not cancel");
+    let mut ops = sb.client_as(Some(&operator)).await;
+    ops.cancel_run(proto::CancelRunRequest {
+        run_id: id.clone(),
+        reason: "not today".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let events = all_events(&mut ops, &id).await;
+    let submitted = events.iter().find(|e| e.kind == "run_submitted").unwrap();
+    assert_eq!(submitted.actor, "token ci-bot");
+    let canceled = events.iter().find(|e| e.kind == "run_canceled").unwrap();
+    assert_eq!(canceled.actor, "token ops");
+    let report = ops
+        .get_report(proto::GetReportRequest { run_id: id.clone(), format: "json".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .content;
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["run"]["submitted_by"], "token ci-bot");
+    let actions: Vec<String> = report["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["actor"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        actions.contains(&"token ci-bot".to_string()) && actions.contains(&"token ops".to_string()),
+        "{actions:?}"
+    );
+    let md = ops
+        .get_report(proto::GetReportRequest { run_id: id, format: "md".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .content;
+    assert!(md.contains("by token ci-bot"), "{md}");
+    assert!(md.contains("(by token ops)"), "{md}");
+}
