@@ -46,6 +46,8 @@ pub struct Config {
     pub reconnect_max: Duration,
     /// Serve `/metrics`, `/healthz` and `/readyz` on this address.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// TLS settings for `https://` controllers (CA; client certificate for mutual TLS).
+    pub tls: baton_common::connect::ClientTls,
 }
 
 impl Config {
@@ -65,6 +67,7 @@ impl Config {
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             metrics_listen: None,
+            tls: Default::default(),
         }
     }
 }
@@ -123,6 +126,9 @@ struct Agent {
     metrics: Arc<AgentMetrics>,
     /// Sessions opened so far.
     sessions: u64,
+    /// The credential presented to the controller (none with a client certificate, or
+    /// when the controller needs none).
+    bearer: baton_common::connect::Bearer,
 }
 
 /// The agent's metrics.
@@ -214,6 +220,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         draining: false,
         metrics,
         sessions: 0,
+        bearer: Default::default(),
     };
     agent.main_loop(shutdown).await;
     Ok(())
@@ -346,21 +353,18 @@ impl Agent {
         shutdown: &CancellationToken,
         backoff: &mut Backoff,
     ) -> SessionEnd {
-        let endpoint = match tonic::transport::Endpoint::from_shared(url.to_string()) {
-            Ok(e) => e
-                .connect_timeout(Duration::from_secs(5))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(20)),
-            Err(e) => return SessionEnd::Broken(format!("bad controller url {url:?}: {e}")),
+        let endpoint = match baton_common::connect::endpoint(url, &self.cfg.tls) {
+            Ok(e) => e,
+            Err(e) => return SessionEnd::Broken(e),
         };
         let channel = tokio::select! {
             _ = shutdown.cancelled() => return SessionEnd::Shutdown,
             c = endpoint.connect() => match c {
                 Ok(c) => c,
-                Err(e) => return SessionEnd::Broken(format!("connect {url}: {e}")),
+                Err(e) => return SessionEnd::Broken(format!("connect {url}: {}", baton_common::connect::error_chain(&e))),
             }
         };
+        let channel = tonic::service::interceptor::InterceptedService::new(channel, self.bearer.clone());
         let mut client = pb::agent_service_client::AgentServiceClient::new(channel)
             .max_decoding_message_size(64 * 1024 * 1024);
         let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(4096);

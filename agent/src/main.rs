@@ -37,6 +37,16 @@ struct Args {
     /// Serve Prometheus metrics, /healthz and /readyz over HTTP on this address.
     #[arg(long, env = "BATON_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// CA certificate (PEM) that signed the controller's certificate (https:// URLs);
+    /// without it the system's roots are used.
+    #[arg(long, env = "BATON_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS: an agent certificate identifies the agent.
+    #[arg(long, env = "BATON_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Key (PEM) of --tls-cert.
+    #[arg(long, env = "BATON_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Log format: text or json. RUST_LOG sets the filter (default info).
     #[arg(long, env = "BATON_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -85,6 +95,7 @@ async fn run() -> anyhow::Result<()> {
         tools: args.tools,
         stop_after: args.stop_after,
         metrics_listen: args.metrics_listen,
+        tls: baton_common::connect::ClientTls { ca: args.tls_ca, cert: args.tls_cert, key: args.tls_key },
         ..Config::new("", "", "")
     };
     let shutdown = CancellationToken::new();

@@ -46,6 +46,7 @@ pub async fn run(
         lease: Duration::from_secs(5),
         advertise: None,
         auth: baton_controller::auth::AuthMode::Off,
+        tls: None,
         db: format!("sqlite://{}", db_path.display()),
         engine: baton_controller::EngineConfig {
             heartbeat_interval: Duration::from_millis(500),

@@ -75,6 +75,9 @@ enum Command {
     /// API tokens: create (printed once), list, revoke. Needs role admin.
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// A certificate authority for TLS: make a CA, issue certificates it signs.
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// Show who the controller takes you for, and your role.
     Whoami {
         #[command(flatten)]
@@ -211,6 +214,33 @@ enum AgentsCommand {
         undo: bool,
         #[command(flatten)]
         out: OutputArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Write DIR/ca.pem and DIR/ca-key.pem (kept 0600; keep it off the network).
+    Ca {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Write DIR/NAME.pem and DIR/NAME-key.pem, signed by the CA in DIR.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// controller (a server certificate), agent, or client (a user, with --client-role).
+        #[arg(long, value_parser = ["controller", "agent", "client"])]
+        role: String,
+        /// The certificate's name: the controller's host, the agent's name, the user.
+        #[arg(long)]
+        name: String,
+        /// A DNS name or IP address the certificate is valid for; repeatable (default:
+        /// the name).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// The role a client certificate carries: reader, submitter, operator or admin.
+        #[arg(long, default_value = "reader")]
+        client_role: String,
     },
 }
 
@@ -358,6 +388,9 @@ fn target(cli: &Cli) -> Result<client::Target, Failure> {
 }
 
 async fn run(cli: Cli) -> Result<u8, Failure> {
+    if let Command::Certs(cmd) = &cli.command {
+        return certs(cmd);
+    }
     let target = target(&cli)?;
     match cli.command {
         Command::Validate { file, out } => validate(&file, out.format()),
@@ -378,6 +411,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             }
             Ok(0)
         }
+        Command::Certs(_) => Ok(0),
         Command::Runs(cmd) => runs(&target, cmd).await,
         Command::Tokens(cmd) => tokens(&target, cmd).await,
         Command::Whoami { out } => {
@@ -432,6 +466,37 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             dev::run(&file, agents, slots, db, router, params, out.format()).await
         }
     }
+}
+
+fn certs(cmd: &CertsCommand) -> Result<u8, Failure> {
+    use baton_common::certs::{self, Kind};
+    match cmd {
+        CertsCommand::Ca { dir } => {
+            let (cert, key) = certs::create_ca(dir).map_err(|e| Failure::Other(anyhow::anyhow!(e)))?;
+            println!("{}", cert.display());
+            eprintln!("CA written: {} and {} (keep the key secret)", cert.display(), key.display());
+        }
+        CertsCommand::Issue { dir, role, name, hosts, client_role } => {
+            let kind = match role.as_str() {
+                "controller" => Kind::Controller,
+                "agent" => Kind::Agent,
+                _ => {
+                    let r: baton_common::auth::Role = client_role.parse().map_err(Failure::Invalid)?;
+                    if !baton_common::auth::USER_ROLES.contains(&r) {
+                        return Err(Failure::Invalid(format!(
+                            "--client-role {r}: a client certificate carries reader, submitter, operator or admin"
+                        )));
+                    }
+                    Kind::Client(r)
+                }
+            };
+            let (cert, key) =
+                certs::issue(dir, kind, name, hosts).map_err(|e| Failure::Other(anyhow::anyhow!(e)))?;
+            println!("{}", cert.display());
+            eprintln!("certificate written: {} and {}", cert.display(), key.display());
+        }
+    }
+    Ok(0)
 }
 
 async fn tokens(target: &client::Target, cmd: TokensCommand) -> Result<u8, Failure> {

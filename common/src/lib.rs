@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod breaker;
+pub mod certs;
 pub mod connect;
 pub mod metrics;
 pub mod proto;

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod report;
 pub mod router;
 pub mod store;
+pub mod tls;
 
 use std::time::Duration;
 
@@ -17,7 +18,6 @@ use baton_common::pb;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 use tracing::{error, info};
 
 pub use engine::EngineConfig;
@@ -41,6 +41,8 @@ pub struct Config {
     pub advertise: Option<String>,
     /// Whether callers must authenticate (see [`auth::decide`]).
     pub auth: auth::AuthMode,
+    /// TLS on the API port; reloaded on SIGHUP when `reload_on_sighup`.
+    pub tls: Option<tls::TlsFiles>,
 }
 
 impl Config {
@@ -55,6 +57,7 @@ impl Config {
             lease: Duration::from_secs(5),
             advertise: None,
             auth: auth::AuthMode::Off,
+            tls: None,
         }
     }
 }
@@ -71,6 +74,8 @@ pub enum ControllerError {
     Metrics(String),
     #[error("router config {path}: {error}")]
     Router { path: String, error: router::RouterError },
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// Serves the controller on `listener` until `shutdown` is cancelled. With SQLite it
@@ -82,6 +87,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ControllerError> {
     let addr = listener.local_addr().ok();
+    let tls = config.tls.clone().map(tls::Tls::load).transpose().map_err(ControllerError::Tls)?;
     if let Some(path) = &config.router {
         config.engine.router = router::Router::load(path)
             .map_err(|error| ControllerError::Router { path: path.display().to_string(), error })?;
@@ -118,15 +124,21 @@ pub async fn run(
             stop.clone(),
         ));
     }
-    if let (Some(path), true) = (config.router.clone(), config.reload_on_sighup) {
+    if config.reload_on_sighup && (config.router.is_some() || tls.is_some()) {
         // Registered before the controller says it is up, so an early SIGHUP reloads
         // instead of killing the process.
         use tokio::signal::unix::{SignalKind, signal};
         match signal(SignalKind::hangup()) {
             Ok(hup) => {
-                tokio::spawn(reload_on_sighup(hup, path, router.clone(), leadership.clone(), stop.clone()));
+                let reload = Reload {
+                    router_path: config.router.clone(),
+                    router: router.clone(),
+                    tls: tls.clone(),
+                    leadership: leadership.clone(),
+                };
+                tokio::spawn(reload.on_sighup(hup, stop.clone()));
             }
-            Err(e) => error!(error = %e, "cannot listen for SIGHUP; reload the router over the API"),
+            Err(e) => error!(error = %e, "cannot listen for SIGHUP; nothing will be reloaded"),
         }
     }
     let authenticator = auth::Authenticator::new(config.auth, store.clone());
@@ -149,16 +161,22 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| ControllerError::Engine(format!("reflection: {e}")))?;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let incoming = tls::incoming(listener, tls.clone(), stop.clone());
     let address = config.advertise.clone().unwrap_or_else(|| match addr {
-        Some(a) => format!("http://{a}"),
+        Some(a) => format!("{scheme}://{a}"),
         None => String::new(),
     });
     let auth_text = match config.auth {
         auth::AuthMode::Required => "required",
         auth::AuthMode::Off => "off (loopback without TLS: anyone who reaches the port may do anything)",
     };
-    info!(?addr, %address, db = %redact(&config.db), authentication = auth_text, "controller listening");
+    let tls_text = match &config.tls {
+        None => "off".to_string(),
+        Some(f) if f.client_ca.is_some() => "on, with client certificates".to_string(),
+        Some(_) => "on".to_string(),
+    };
+    info!(?addr, %address, db = %redact(&config.db), tls = %tls_text, authentication = auth_text, "controller listening");
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -205,33 +223,43 @@ pub async fn run(
     result
 }
 
-/// Reloads the router config on each SIGHUP; a bad file is logged and the rules in
-/// force are kept.
-async fn reload_on_sighup(
-    mut hup: tokio::signal::unix::Signal,
-    path: std::path::PathBuf,
-    shared: std::sync::Arc<std::sync::Mutex<router::Router>>,
+/// What SIGHUP reloads: the router config and the TLS files. A bad file is logged and
+/// what is in force is kept.
+struct Reload {
+    router_path: Option<std::path::PathBuf>,
+    router: std::sync::Arc<std::sync::Mutex<router::Router>>,
+    tls: Option<std::sync::Arc<tls::Tls>>,
     leadership: leader::Leadership,
-    stop: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            s = hup.recv() => if s.is_none() { return },
-        }
-        match router::Router::load(&path) {
-            Ok(r) => {
-                let n = r.rules.len();
-                if let Ok(mut s) = shared.lock() {
-                    *s = r.clone();
-                }
-                if let Ok((engine, _)) = leadership.engine() {
-                    let _ = engine.set_router(r).await;
-                }
-                info!(path = %path.display(), rules = n, "router config reloaded");
+}
+
+impl Reload {
+    async fn on_sighup(self, mut hup: tokio::signal::unix::Signal, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                s = hup.recv() => if s.is_none() { return },
             }
-            Err(e) => {
-                error!(path = %path.display(), error = %e, "router config refused; keeping the rules in force")
+            if let Some(tls) = &self.tls {
+                match tls.reload() {
+                    Ok(()) => info!("TLS certificate and key reloaded; new connections use them"),
+                    Err(e) => error!(error = %e, "TLS files refused; keeping the certificate in force"),
+                }
+            }
+            let Some(path) = &self.router_path else { continue };
+            match router::Router::load(path) {
+                Ok(r) => {
+                    let n = r.rules.len();
+                    if let Ok(mut s) = self.router.lock() {
+                        *s = r.clone();
+                    }
+                    if let Ok((engine, _)) = self.leadership.engine() {
+                        let _ = engine.set_router(r).await;
+                    }
+                    info!(path = %path.display(), rules = n, "router config reloaded");
+                }
+                Err(e) => {
+                    error!(path = %path.display(), error = %e, "router config refused; keeping the rules in force")
+                }
             }
         }
     }

@@ -31,6 +31,16 @@ struct Args {
     /// secrets then cross the network unencrypted.
     #[arg(long, env = "BATON_INSECURE")]
     insecure: bool,
+    /// TLS certificate (PEM, with its chain) of the API port; re-read on SIGHUP.
+    #[arg(long, env = "BATON_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Key (PEM) of --tls-cert; re-read on SIGHUP.
+    #[arg(long, env = "BATON_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// CA (PEM) whose client certificates identify callers (mutual TLS); callers may
+    /// still use tokens.
+    #[arg(long, env = "BATON_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<std::path::PathBuf>,
     /// How often agents send heartbeats.
     #[arg(long, env = "BATON_HEARTBEAT_INTERVAL", default_value = "2s", value_parser = duration)]
     heartbeat_interval: Duration,
@@ -60,7 +70,7 @@ struct Args {
     #[arg(long, env = "BATON_LEASE", default_value = "5s", value_parser = duration)]
     lease: Duration,
     /// The address clients and agents should use for this controller, as given to
-    /// them by standbys (default: http:// and the listen address).
+    /// them by standbys (default: http:// or https:// and the listen address).
     #[arg(long, env = "BATON_ADVERTISE")]
     advertise: Option<String>,
     /// Output kept per attempt (bytes); the rest is cut with a marker.
@@ -104,8 +114,12 @@ async fn run() -> anyhow::Result<()> {
         return bootstrap(&args.db, name).await;
     }
     let auth_flag = if args.auth == "required" { AuthFlag::Required } else { AuthFlag::Auto };
-    let (auth, warning) = baton_controller::auth::decide(args.listen, false, args.insecure, auth_flag)
-        .map_err(|e| anyhow::anyhow!(e))?;
+    let tls = args.tls_cert.clone().zip(args.tls_key.clone()).map(|(cert, key)| {
+        baton_controller::tls::TlsFiles { cert, key, client_ca: args.tls_client_ca.clone() }
+    });
+    let (auth, warning) =
+        baton_controller::auth::decide(args.listen, tls.is_some(), args.insecure, auth_flag)
+            .map_err(|e| anyhow::anyhow!(e))?;
     init_tracing(&args.log_format)?;
     if let Some(w) = warning {
         tracing::warn!("{w}");
@@ -146,6 +160,7 @@ async fn run() -> anyhow::Result<()> {
         lease: args.lease,
         advertise: args.advertise,
         auth,
+        tls,
         metrics: match args.metrics_listen {
             None => None,
             Some(addr) => {

@@ -123,6 +123,7 @@ pub struct SandboxBuilder {
     router: Option<String>,
     backend: Backend,
     auth: AuthMode,
+    tls: bool,
 }
 
 impl SandboxBuilder {
@@ -158,6 +159,15 @@ impl SandboxBuilder {
         self
     }
 
+    /// TLS on the controller (a CA and certificates made in the sandbox dir, client
+    /// certificates accepted), `https://` URLs, and authentication; agents get agent
+    /// certificates.
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self.auth = AuthMode::Required;
+        self
+    }
+
     /// Starts an in-process controller and the agents, and waits until all agents are
     /// connected.
     pub async fn build(self) -> Sandbox {
@@ -173,6 +183,15 @@ impl SandboxBuilder {
             path
         });
         let metrics_addr = free_addr();
+        let certs = self.tls.then(|| {
+            let certs = dir.path().join("certs");
+            baton_common::certs::create_ca(&certs).expect("CA");
+            let hosts = ["127.0.0.1".to_string(), "localhost".to_string()];
+            baton_common::certs::issue(&certs, baton_common::certs::Kind::Controller, "controller", &hosts)
+                .expect("controller certificate");
+            certs
+        });
+        let client_tls = ClientTls { ca: certs.as_ref().map(|c| c.join("ca.pem")), ..Default::default() };
         let admin = match self.auth {
             AuthMode::Off => None,
             AuthMode::Required => Some(bootstrap(&db).await),
@@ -187,11 +206,13 @@ impl SandboxBuilder {
             engine: self.engine,
             auth: self.auth,
             admin_token: admin,
+            certs,
+            client_tls,
             controller: None,
             agents: Vec::new(),
         };
         sb.start_controller_on(listener);
-        wait_leader_as(&sb.url(), sb.admin_token.as_deref()).await;
+        wait_leader_with(&sb.url(), &sb.client_tls, sb.admin_token.as_deref()).await;
         for i in 1..=self.agents {
             sb.add_agent(&format!("agent-{i}"), self.slots);
         }
@@ -218,6 +239,10 @@ pub struct Sandbox {
     pub auth: AuthMode,
     /// With authentication: an admin token, made by bootstrapping the database.
     pub admin_token: Option<String>,
+    /// With TLS: the directory of the sandbox's CA and certificates.
+    pub certs: Option<PathBuf>,
+    /// What the sandbox's clients use to reach the controller.
+    pub client_tls: ClientTls,
     controller: Option<InProcess>,
     agents: Vec<(String, InProcess)>,
 }
@@ -231,11 +256,13 @@ impl Sandbox {
             router: None,
             backend: Backend::Sqlite,
             auth: AuthMode::Off,
+            tls: false,
         }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.certs.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     fn metrics_listener(&self) -> Option<std::net::TcpListener> {
@@ -255,6 +282,11 @@ impl Sandbox {
             lease: Duration::from_secs(2),
             advertise: None,
             auth: self.auth,
+            tls: self.certs.as_ref().map(|c| baton_controller::tls::TlsFiles {
+                cert: c.join("controller.pem"),
+                key: c.join("controller-key.pem"),
+                client_ca: Some(c.join("ca.pem")),
+            }),
         };
         let s = stop.clone();
         let task = tokio::spawn(async move {
@@ -278,12 +310,22 @@ impl Sandbox {
         self.stop_controller().await;
         let listener = tokio::net::TcpListener::bind(self.addr).await.expect("rebind");
         self.start_controller_on(listener);
-        wait_leader_as(&self.url(), self.admin_token.as_deref()).await;
+        wait_leader_with(&self.url(), &self.client_tls, self.admin_token.as_deref()).await;
     }
 
+    /// An agent's settings; with TLS it gets an agent certificate of its own.
     pub fn agent_config(&self, name: &str, slots: u32) -> baton_agent::Config {
         let mut cfg = baton_agent::Config::new(self.url(), name, self.dir.path().join(name));
         cfg.slots = slots;
+        if let Some(certs) = &self.certs {
+            let (cert, key) =
+                match baton_common::certs::issue(certs, baton_common::certs::Kind::Agent, name, &[]) {
+                    Ok(files) => files,
+                    // Issued before (an agent restarted under the same name).
+                    Err(_) => (certs.join(format!("{name}.pem")), certs.join(format!("{name}-key.pem"))),
+                };
+            cfg.tls = ClientTls { ca: self.client_tls.ca.clone(), cert: Some(cert), key: Some(key) };
+        }
         cfg.reconnect_min = Duration::from_millis(20);
         cfg.reconnect_max = Duration::from_millis(300);
         cfg
@@ -317,17 +359,22 @@ impl Sandbox {
 
     /// A client with the admin token (when the sandbox has one).
     pub async fn client(&self) -> Client {
-        connect_as(&self.url(), &ClientTls::default(), self.admin_token.as_deref()).await
+        connect_as(&self.url(), &self.client_tls, self.admin_token.as_deref()).await
     }
 
     /// A client that presents `token` (or nothing).
     pub async fn client_as(&self, token: Option<&str>) -> Client {
-        connect_as(&self.url(), &ClientTls::default(), token).await
+        connect_as(&self.url(), &self.client_tls, token).await
     }
 
     /// The admin service, as `token`.
     pub async fn admin_as(&self, token: Option<&str>) -> Admin {
-        AdminServiceClient::new(channel_as(&self.url(), &ClientTls::default(), token).await)
+        AdminServiceClient::new(channel_as(&self.url(), &self.client_tls, token).await)
+    }
+
+    /// A channel to the controller that presents `token` (or nothing).
+    pub async fn channel_as(&self, token: Option<&str>) -> AuthChannel {
+        channel_as(&self.url(), &self.client_tls, token).await
     }
 
     /// A new API token with `role`, made with the admin token.
@@ -404,11 +451,11 @@ pub async fn connect_as(url: &str, tls: &ClientTls, token: Option<&str>) -> Clie
 /// Waits until the controller at `url` leads (at once with SQLite; with Postgres once
 /// it holds the lease).
 pub async fn wait_leader(url: &str) {
-    wait_leader_as(url, None).await
+    wait_leader_with(url, &ClientTls::default(), None).await
 }
 
-pub async fn wait_leader_as(url: &str, token: Option<&str>) {
-    let c = connect_as(url, &ClientTls::default(), token).await;
+pub async fn wait_leader_with(url: &str, tls: &ClientTls, token: Option<&str>) {
+    let c = connect_as(url, tls, token).await;
     eventually(Duration::from_secs(30), "the controller to lead", || {
         let mut c = c.clone();
         async move { c.get_leader(pb::GetLeaderRequest {}).await.ok()?.into_inner().is_leader.then_some(()) }

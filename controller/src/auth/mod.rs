@@ -20,8 +20,10 @@ use tonic::{Code, Status};
 use tracing::warn;
 
 use crate::store::Store;
+use crate::tls::Peer;
 use table::Need;
 use tokens::Kind;
+use tokio_rustls::rustls::pki_types::CertificateDer;
 
 /// Whether callers must authenticate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,10 +125,18 @@ impl Authenticator {
         }
     }
 
-    /// The identity a request presents, if any: its bearer token.
-    pub async fn identify(&self, headers: &http::HeaderMap) -> Result<Option<Identity>, Status> {
+    /// The identity a request presents, if any: its bearer token, else its client
+    /// certificate.
+    pub async fn identify(
+        &self,
+        headers: &http::HeaderMap,
+        peer: Option<&Peer>,
+    ) -> Result<Option<Identity>, Status> {
         let Some(value) = headers.get(http::header::AUTHORIZATION) else {
-            return Ok(None);
+            return match peer.and_then(|p| p.certs.as_ref()).and_then(|c| c.first()) {
+                Some(leaf) => self.certificate(leaf).await.map(Some),
+                None => Ok(None),
+            };
         };
         let text = value.to_str().unwrap_or("");
         let token =
@@ -135,6 +145,45 @@ impl Authenticator {
             return Err(Status::unauthenticated("the authorization header must be \"Bearer TOKEN\""));
         }
         self.token(token).await.map(Some)
+    }
+
+    /// The identity a verified client certificate names in its URI SAN.
+    async fn certificate(&self, leaf: &CertificateDer<'static>) -> Result<Identity, Status> {
+        let denied = |m: String| Err(Status::unauthenticated(m));
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+            .map_err(|e| Status::unauthenticated(format!("unreadable client certificate: {e}")))?;
+        let uris: Vec<&str> = cert
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .map(|san| {
+                san.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let Some((role, name)) = uris.iter().find_map(|u| baton_common::certs::parse_identity_uri(u)) else {
+            return denied(
+                "the client certificate names no Baton identity (a URI SAN spiffe://baton/ROLE/NAME)".into(),
+            );
+        };
+        if role == "controller" {
+            return denied(format!("certificate {name} is a controller's, not a caller's"));
+        }
+        let Ok(role) = role.parse::<Role>() else {
+            return denied(format!("certificate {name} names an unknown role {role:?}"));
+        };
+        Ok(Identity {
+            name: name.to_string(),
+            role: Some(role),
+            via: Via::Certificate,
+            labels: BTreeMap::new(),
+        })
     }
 
     async fn token(&self, token: &str) -> Result<Identity, Status> {
@@ -199,7 +248,7 @@ impl Authenticator {
     async fn admit(&self, req: &http::request::Parts) -> Result<Option<Identity>, Status> {
         let path = req.uri.path();
         let need = table::need_of(path);
-        let found = self.identify(&req.headers).await;
+        let found = self.identify(&req.headers, req.extensions.get::<Peer>()).await;
         if self.mode == AuthMode::Off {
             return Ok(Some(found.ok().flatten().unwrap_or_else(Identity::anonymous)));
         }
