@@ -20,7 +20,7 @@ use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use adapters::{Adapter, AttemptContext, Output};
 use baton_common::metrics::Family;
@@ -48,6 +48,9 @@ pub struct Config {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// TLS settings for `https://` controllers (CA; client certificate for mutual TLS).
     pub tls: baton_common::connect::ClientTls,
+    /// A join token to enroll with, when the agent has no credential yet: it is traded
+    /// once for the agent's own credential, kept in `WORK_DIR/agent-credential` (0600).
+    pub join_token: Option<String>,
 }
 
 impl Config {
@@ -68,6 +71,7 @@ impl Config {
             reconnect_max: Duration::from_secs(5),
             metrics_listen: None,
             tls: Default::default(),
+            join_token: None,
         }
     }
 }
@@ -78,6 +82,10 @@ pub enum AgentError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("bad configuration: {0}")]
     Config(String),
+    /// The controller refuses this agent's credential (revoked, unknown, or not allowed
+    /// to act as this agent): retrying will not help.
+    #[error("the controller refused this agent: {0}")]
+    Refused(String),
 }
 
 /// Why the agent stopped a tool; decides the reported outcome.
@@ -170,6 +178,8 @@ impl AgentMetrics {
 enum SessionEnd {
     Shutdown,
     Broken(String),
+    /// The controller refused the agent's credential.
+    Refused(String),
     /// A standby answered, naming the leader: go there next.
     Redirect(String),
 }
@@ -187,6 +197,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         .map_err(|e| AgentError::Io { path: attempts_dir.clone(), source: e })?;
     let id = agent_id(&cfg.work_dir)?;
     let (adapters, tools) = probe_tools(cfg.tools.as_deref())?;
+    let Some(credential) = credential(&cfg, &id, &shutdown).await? else {
+        return Ok(());
+    };
+    let bearer = baton_common::connect::Bearer::new(credential.as_deref()).map_err(AgentError::Config)?;
     info!(agent = %cfg.name, agent_id = %id, tools = ?tools.iter().map(|t| &t.name).collect::<Vec<_>>(), "agent starting");
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let metrics = Arc::new(AgentMetrics::new());
@@ -220,10 +234,94 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         draining: false,
         metrics,
         sessions: 0,
-        bearer: Default::default(),
+        bearer,
     };
-    agent.main_loop(shutdown).await;
-    Ok(())
+    agent.main_loop(shutdown).await
+}
+
+/// The agent's own credential: the one it enrolled for before (in its work dir), else
+/// one it enrolls for now with its join token, else none (a client certificate, or a
+/// controller without authentication). `None` when shut down while enrolling.
+async fn credential(
+    cfg: &Config,
+    agent_id: &str,
+    shutdown: &CancellationToken,
+) -> Result<Option<Option<String>>, AgentError> {
+    let path = cfg.work_dir.join("agent-credential");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(Some(Some(s.trim().to_string()))),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(AgentError::Io { path, source: e }),
+    }
+    let Some(join) = cfg.join_token.as_deref().map(str::trim).filter(|t| !t.is_empty()) else {
+        return Ok(Some(None));
+    };
+    let bearer = baton_common::connect::Bearer::new(Some(join)).map_err(AgentError::Config)?;
+    let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
+    let mut target = 0;
+    loop {
+        let url = &cfg.controllers[target % cfg.controllers.len()];
+        target += 1;
+        let req = pb::EnrollRequest { agent_id: agent_id.to_string(), name: cfg.name.clone() };
+        let attempt = async {
+            let endpoint = baton_common::connect::endpoint(url, &cfg.tls).map_err(|e| (None, e))?;
+            let ch = endpoint
+                .connect()
+                .await
+                .map_err(|e| (None, format!("connect {url}: {}", baton_common::connect::error_chain(&e))))?;
+            let ch = tonic::service::interceptor::InterceptedService::new(ch, bearer.clone());
+            pb::agent_service_client::AgentServiceClient::new(ch)
+                .enroll(req)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| (Some(s.code()), s.message().to_string()))
+        };
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            r = attempt => r,
+        };
+        match result {
+            Ok(r) => {
+                write_secret(&path, &r.credential)?;
+                info!(agent = %cfg.name, labels = ?r.labels, credential = %path.display(), "enrolled with the controller");
+                return Ok(Some(Some(r.credential)));
+            }
+            Err((Some(code), why)) if refusal(code) || code == tonic::Code::InvalidArgument => {
+                return Err(AgentError::Refused(format!("enrolling with the join token: {why}")));
+            }
+            Err((_, why)) => {
+                let delay = backoff.next_delay();
+                warn!(controller = %url, %why, retry_in = ?delay, "cannot enroll yet");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Whether a status means "this credential will not do", not "try again later".
+fn refusal(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied | tonic::Code::FailedPrecondition
+    )
+}
+
+/// Writes a secret readable by the agent's user only, replacing the file whole.
+fn write_secret(path: &Path, secret: &str) -> Result<(), AgentError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let io = |e| AgentError::Io { path: path.to_path_buf(), source: e };
+    let _ = std::fs::remove_file(&tmp);
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io)?;
+    f.write_all(format!("{secret}\n").as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
 }
 
 /// The agent's stable id, created in the work dir on first start.
@@ -273,7 +371,7 @@ fn probe_tools(only: Option<&[String]>) -> Result<(Adapters, Vec<pb::Tool>), Age
 }
 
 impl Agent {
-    async fn main_loop(&mut self, shutdown: CancellationToken) {
+    async fn main_loop(&mut self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let mut backoff = Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max);
         let mut disconnected_since = Instant::now();
         let mut target = 0usize;
@@ -293,6 +391,14 @@ impl Agent {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Broken(why) => {
                     debug!(controller = %url, %why, "no session");
+                }
+                SessionEnd::Refused(why) => {
+                    error!(controller = %url, %why, "the controller refuses this agent; stopping its tools");
+                    self.stop_all(StopReason::Shutdown).await;
+                    return Err(AgentError::Refused(format!(
+                        "{why} (if it was revoked or its credential lost: remove {} and enroll again with a new join token)",
+                        self.cfg.work_dir.join("agent-credential").display()
+                    )));
                 }
                 SessionEnd::Redirect(leader) => {
                     info!(standby = %url, %leader, "following the leader");
@@ -330,7 +436,7 @@ impl Agent {
                 tokio::select! {
                     _ = shutdown.cancelled() => {
                         self.stop_all(StopReason::Shutdown).await;
-                        return;
+                        return Ok(());
                     }
                     _ = tokio::time::sleep_until(wake.min(stop_check)) => {
                         if tokio::time::Instant::now() >= wake {
@@ -344,6 +450,7 @@ impl Agent {
             }
         }
         self.stop_all(StopReason::Shutdown).await;
+        Ok(())
     }
 
     /// One connection to a controller, from Hello to its end.
@@ -387,6 +494,7 @@ impl Agent {
                     let leader = e.metadata().get(baton_common::LEADER_HEADER).and_then(|v| v.to_str().ok());
                     return match leader {
                         Some(l) if l != url => SessionEnd::Redirect(l.to_string()),
+                        _ if refusal(e.code()) => SessionEnd::Refused(e.message().to_string()),
                         _ => SessionEnd::Broken(format!("connect stream: {e}")),
                     };
                 }

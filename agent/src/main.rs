@@ -47,6 +47,10 @@ struct Args {
     /// Key (PEM) of --tls-cert.
     #[arg(long, env = "BATON_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Join token (`baton agents join-token`): traded once for this agent's own
+    /// credential, kept in WORK_DIR/agent-credential; ignored once that exists.
+    #[arg(long, env = "BATON_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
     /// Log format: text or json. RUST_LOG sets the filter (default info).
     #[arg(long, env = "BATON_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -96,6 +100,7 @@ async fn run() -> anyhow::Result<()> {
         stop_after: args.stop_after,
         metrics_listen: args.metrics_listen,
         tls: baton_common::connect::ClientTls { ca: args.tls_ca, cert: args.tls_cert, key: args.tls_key },
+        join_token: args.join_token,
         ..Config::new("", "", "")
     };
     let shutdown = CancellationToken::new();

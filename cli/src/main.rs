@@ -215,6 +215,29 @@ enum AgentsCommand {
         #[command(flatten)]
         out: OutputArg,
     },
+    /// Make a join token and print it on stdout: give it to a new agent
+    /// (baton-agent --join-token, with --tls-ca) to enroll it. Needs role admin.
+    JoinToken {
+        /// How long it may be used.
+        #[arg(long, default_value = "1h", value_parser = duration)]
+        ttl: std::time::Duration,
+        /// How many agents may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Labels the agents it enrolls get, as KEY=VALUE (they override the agents' own);
+        /// repeat or comma-separate.
+        #[arg(long = "labels", value_delimiter = ',', value_parser = key_value)]
+        labels: Vec<(String, String)>,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Revoke an agent: its stream is closed now and it is refused from then on.
+    Revoke {
+        /// Agent name.
+        agent: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -438,6 +461,39 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 Format::Text if a.draining => println!("agent {} is draining: it takes no new work", a.name),
                 Format::Text => println!("agent {} takes work again", a.name),
                 f => output::print_json(f, &a),
+            }
+            Ok(0)
+        }
+        Command::Agents(AgentsCommand::JoinToken { ttl, uses, labels, out }) => {
+            let req = pb::CreateJoinTokenRequest {
+                ttl_ms: baton_common::time::ms(ttl),
+                uses,
+                labels: labels.into_iter().collect(),
+            };
+            let r = client::admin(&target).await?.create_join_token(req).await?.into_inner();
+            match out.format() {
+                Format::Text => {
+                    println!("{}", r.token);
+                    eprintln!(
+                        "join token {} for {} agent(s), valid until {}",
+                        r.id,
+                        r.uses,
+                        output::time(r.expires_at_ms)
+                    );
+                }
+                f => output::print_json(f, &r),
+            }
+            Ok(0)
+        }
+        Command::Agents(AgentsCommand::Revoke { agent, out }) => {
+            let r = client::admin(&target)
+                .await?
+                .revoke_agent(pb::RevokeAgentRequest { agent })
+                .await?
+                .into_inner();
+            match out.format() {
+                Format::Text => println!("agent {} revoked ({} session(s) closed)", r.name, r.closed),
+                f => output::print_json(f, &r),
             }
             Ok(0)
         }

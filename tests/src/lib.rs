@@ -208,11 +208,15 @@ impl SandboxBuilder {
             admin_token: admin,
             certs,
             client_tls,
+            join_token: None,
             controller: None,
             agents: Vec::new(),
         };
         sb.start_controller_on(listener);
         wait_leader_with(&sb.url(), &sb.client_tls, sb.admin_token.as_deref()).await;
+        if sb.auth == AuthMode::Required {
+            sb.join_token = Some(sb.new_join_token(1000, Default::default()).await.token);
+        }
         for i in 1..=self.agents {
             sb.add_agent(&format!("agent-{i}"), self.slots);
         }
@@ -243,6 +247,8 @@ pub struct Sandbox {
     pub certs: Option<PathBuf>,
     /// What the sandbox's clients use to reach the controller.
     pub client_tls: ClientTls,
+    /// With authentication: a join token its agents enroll with.
+    pub join_token: Option<String>,
     controller: Option<InProcess>,
     agents: Vec<(String, InProcess)>,
 }
@@ -313,10 +319,14 @@ impl Sandbox {
         wait_leader_with(&self.url(), &self.client_tls, self.admin_token.as_deref()).await;
     }
 
-    /// An agent's settings; with TLS it gets an agent certificate of its own.
+    /// An agent's settings; with TLS it gets an agent certificate of its own, with
+    /// authentication alone a join token to enroll with.
     pub fn agent_config(&self, name: &str, slots: u32) -> baton_agent::Config {
         let mut cfg = baton_agent::Config::new(self.url(), name, self.dir.path().join(name));
         cfg.slots = slots;
+        if self.auth == AuthMode::Required && self.certs.is_none() {
+            cfg.join_token = Some(self.join_token.clone().expect("join token"));
+        }
         if let Some(certs) = &self.certs {
             let (cert, key) =
                 match baton_common::certs::issue(certs, baton_common::certs::Kind::Agent, name, &[]) {
@@ -375,6 +385,19 @@ impl Sandbox {
     /// A channel to the controller that presents `token` (or nothing).
     pub async fn channel_as(&self, token: Option<&str>) -> AuthChannel {
         channel_as(&self.url(), &self.client_tls, token).await
+    }
+
+    /// A new join token for `uses` agents, made with the admin token.
+    pub async fn new_join_token(
+        &self,
+        uses: u32,
+        labels: std::collections::HashMap<String, String>,
+    ) -> pb::CreateJoinTokenResponse {
+        let mut a = self.admin_as(self.admin_token.as_deref()).await;
+        a.create_join_token(pb::CreateJoinTokenRequest { ttl_ms: 0, uses, labels })
+            .await
+            .expect("create join token")
+            .into_inner()
     }
 
     /// A new API token with `role`, made with the admin token.
@@ -813,6 +836,40 @@ impl Drop for FakeAgent {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// One agent session spoken by hand, for tests of what the controller accepts from an
+/// agent: says `hello`, then sends whatever the test wants.
+pub struct AgentSession {
+    pub tx: tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    pub inbound: tonic::Streaming<pb::ControllerMessage>,
+    pub welcome: pb::Welcome,
+}
+
+impl AgentSession {
+    pub async fn open(channel: AuthChannel, hello: pb::Hello) -> Result<AgentSession, tonic::Status> {
+        let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tx.send(pb::AgentMessage { msg: Some(pb::agent_message::Msg::Hello(hello)) }).await.expect("hello");
+        let mut inbound = client.connect(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+        match inbound.message().await? {
+            Some(pb::ControllerMessage { msg: Some(pb::controller_message::Msg::Welcome(welcome)) }) => {
+                Ok(AgentSession { tx, inbound, welcome })
+            }
+            other => panic!("expected a welcome, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&self, msg: pb::agent_message::Msg) {
+        self.tx.send(pb::AgentMessage { msg: Some(msg) }).await.expect("send");
+    }
+}
+
+/// Trades a join token for an agent credential over the protocol, as an agent does.
+pub async fn enroll(channel: AuthChannel, agent_id: &str, name: &str) -> Result<String, tonic::Status> {
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+    let req = pb::EnrollRequest { agent_id: agent_id.into(), name: name.into() };
+    Ok(client.enroll(req).await?.into_inner().credential)
 }
 
 /// A TCP proxy for cutting or holding the link between an agent and its controller.

@@ -7,16 +7,28 @@ use baton_common::connect::ClientTls;
 use baton_controller::auth::table::{Need, RPCS};
 use baton_tests::*;
 
-/// Every RPC of the table, called with no credential and with a token of each user
-/// role: allowed exactly when the table says so, PERMISSION_DENIED otherwise, and
-/// UNAUTHENTICATED without a credential.
+/// A credential of the matrix.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Cred {
+    User(Role),
+    Agent,
+    Join,
+}
+
+/// Every RPC of the table, called with no credential, with a token of each user role,
+/// an enrolled agent's credential and a join token: allowed exactly when the table says
+/// so, PERMISSION_DENIED otherwise, and UNAUTHENTICATED without a credential.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_role_may_make_exactly_the_calls_the_table_gives_it() {
     let sb = Sandbox::builder().agents(0).auth(AuthMode::Required).build().await;
-    let mut tokens = Vec::new();
+    let mut creds = Vec::new();
     for role in [Role::Reader, Role::Submitter, Role::Operator, Role::Admin] {
-        tokens.push((Some(role), sb.token(&format!("t-{role}"), role).await));
+        creds.push((Cred::User(role), sb.token(&format!("t-{role}"), role).await));
     }
+    let join = sb.new_join_token(100, Default::default()).await.token;
+    let agent = enroll(sb.channel_as(Some(&join)).await, "0a0a0a0a-1111", "matrix").await.unwrap();
+    creds.push((Cred::Agent, agent));
+    creds.push((Cred::Join, join));
     let mut checked = 0;
     for (service, method, need) in RPCS {
         let path = format!("{service}{method}");
@@ -25,23 +37,24 @@ async fn every_role_may_make_exactly_the_calls_the_table_gives_it() {
             Need::Public => assert!(!denied(anonymous), "{path} without a credential: {anonymous:?}"),
             _ => assert_eq!(anonymous, tonic::Code::Unauthenticated, "{path} without a credential"),
         }
-        for (role, token) in &tokens {
-            let role = role.unwrap();
+        for (cred, token) in &creds {
             let code = call_raw(channel_as(&sb.url(), &ClientTls::default(), Some(token)).await, &path).await;
-            let allowed = match need {
-                Need::Public | Need::Authenticated => true,
-                Need::Role(r) => role.includes(*r),
-                Need::JoinToken => false,
+            let allowed = match (need, cred) {
+                (Need::Public | Need::Authenticated, _) => true,
+                (Need::Role(r), Cred::User(have)) => have.includes(*r),
+                (Need::Role(r), Cred::Agent) => *r == Role::Agent,
+                (Need::Role(_), Cred::Join) => false,
+                (Need::JoinToken, c) => *c == Cred::Join,
             };
             if allowed {
-                assert!(!denied(code), "{role} calling {path} was refused: {code:?}");
+                assert!(!denied(code), "{cred:?} calling {path} was refused: {code:?}");
             } else {
-                assert_eq!(code, tonic::Code::PermissionDenied, "{role} calling {path}");
+                assert_eq!(code, tonic::Code::PermissionDenied, "{cred:?} calling {path}");
             }
             checked += 1;
         }
     }
-    assert_eq!(checked, RPCS.len() * 4);
+    assert_eq!(checked, RPCS.len() * 6);
     // A garbage token is not a credential.
     let code = call_raw(
         channel_as(&sb.url(), &ClientTls::default(), Some("btk_00_11")).await,
@@ -108,6 +121,26 @@ async fn a_revoked_token_fails_on_its_next_call_and_an_expired_one_soon_after_it
         .await
         .unwrap_err();
     assert!(bad.message().contains("cannot have role agent"), "{}", bad.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn who_released_a_quarantined_run_is_in_its_events() {
+    let sb = Sandbox::builder().agents(1).auth(AuthMode::Required).build().await;
+    let submitter = sb.token("ci-bot", Role::Submitter).await;
+    let operator = sb.token("ops", Role::Operator).await;
+    let mut c = sb.client_as(Some(&submitter)).await;
+    let id = submit(&mut c, "name: q\non_failure: quarantine\nsteps:\n  - {id: a, tool: fail}\n").await;
+    wait_event(&mut c, &id, Duration::from_secs(20), |e| e.kind == "run_quarantined").await;
+    let err = c.release_run(proto::ReleaseRunRequest { run_id: id.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "a submitter may not release");
+    let mut ops = sb.client_as(Some(&operator)).await;
+    ops.release_run(proto::ReleaseRunRequest { run_id: id.clone() }).await.unwrap();
+    let released = wait_event(&mut ops, &id, Duration::from_secs(20), |e| e.kind == "run_released").await;
+    assert_eq!(released.actor, "token ops");
+    // The controller's own decisions name no actor.
+    let quarantined =
+        wait_event(&mut ops, &id, Duration::from_secs(20), |e| e.kind == "run_quarantined").await;
+    assert_eq!(quarantined.actor, "");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,13 +14,17 @@ use crate::store::{Store, TokenRow};
 pub struct AdminApi {
     store: Store,
     auth: Arc<Authenticator>,
+    leadership: crate::leader::Leadership,
 }
 
 impl AdminApi {
-    pub fn new(store: Store, auth: Arc<Authenticator>) -> AdminApi {
-        AdminApi { store, auth }
+    pub fn new(store: Store, auth: Arc<Authenticator>, leadership: crate::leader::Leadership) -> AdminApi {
+        AdminApi { store, auth, leadership }
     }
 }
+
+/// How long a join token lasts unless told otherwise.
+const JOIN_TOKEN_TTL_MS: i64 = 60 * 60 * 1000;
 
 /// Names of tokens and agents: what events and lists show.
 pub fn check_name(what: &str, name: &str) -> Result<(), Status> {
@@ -126,5 +130,60 @@ impl pb::admin_service_server::AdminService for AdminApi {
         self.auth.forget();
         info!(token = %row.name, id = %row.id, by = %actor, "API token revoked");
         Ok(Response::new(token_info(&row)))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        let actor = Identity::of(&req).actor();
+        let req = req.into_inner();
+        if req.ttl_ms < 0 {
+            return Err(Status::invalid_argument("ttl must not be negative"));
+        }
+        let ttl = if req.ttl_ms == 0 { JOIN_TOKEN_TTL_MS } else { req.ttl_ms };
+        let uses = if req.uses == 0 { 1 } else { req.uses };
+        for k in req.labels.keys() {
+            if k.trim().is_empty() {
+                return Err(Status::invalid_argument("join token labels: a label key is empty"));
+            }
+        }
+        let labels: std::collections::BTreeMap<String, String> = req.labels.into_iter().collect();
+        let minted = tokens::mint(tokens::Kind::Join);
+        let now = now_ms();
+        let row = crate::store::JoinTokenRow {
+            id: minted.id,
+            secret_hash: minted.hash,
+            labels: serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into()),
+            uses: i64::from(uses),
+            used: 0,
+            created_at: now,
+            created_by: actor.clone(),
+            expires_at: now.saturating_add(ttl),
+        };
+        self.store.insert_join_token(&row).await?;
+        info!(join_token = %row.id, uses, by = %actor, "join token created");
+        Ok(Response::new(pb::CreateJoinTokenResponse {
+            token: minted.token,
+            id: row.id,
+            expires_at_ms: row.expires_at,
+            uses,
+        }))
+    }
+
+    async fn revoke_agent(
+        &self,
+        req: Request<pb::RevokeAgentRequest>,
+    ) -> Result<Response<pb::RevokeAgentResponse>, Status> {
+        let actor = Identity::of(&req).actor();
+        let name = req.into_inner().agent;
+        check_name("agent", &name)?;
+        // The leader holds the streams: only it can close them at once.
+        let (engine, _) = self.leadership.engine()?;
+        let agent_id = self.store.revoke_agent(&name, &actor, now_ms()).await?;
+        self.auth.forget();
+        let closed = engine.revoke(name.clone(), actor.clone()).await?;
+        info!(agent = %name, closed, by = %actor, "agent revoked");
+        Ok(Response::new(pb::RevokeAgentResponse { name, agent_id: agent_id.unwrap_or_default(), closed }))
     }
 }

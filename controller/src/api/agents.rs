@@ -1,24 +1,30 @@
-//! `baton.v1.AgentService`: one bidirectional stream per agent session.
+//! `baton.v1.AgentService`: enrollment, and one bidirectional stream per agent session.
+//! An agent connects only as itself: the id and name its credential was issued for.
 
 use std::pin::Pin;
 use std::time::Duration;
 
 use baton_common::pb;
+use baton_common::time::now_ms;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::debug;
+use tracing::{debug, info};
 
+use crate::auth::{Identity, Via, tokens};
+use crate::engine::Binding;
 use crate::leader::Leadership;
+use crate::store::{Enrollment, Store};
 
 pub struct AgentApi {
     leadership: Leadership,
+    store: Store,
 }
 
 impl AgentApi {
-    pub fn new(leadership: Leadership) -> AgentApi {
-        AgentApi { leadership }
+    pub fn new(leadership: Leadership, store: Store) -> AgentApi {
+        AgentApi { leadership, store }
     }
 }
 
@@ -27,11 +33,44 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Outbound = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>> + Send>>;
 
+/// What the caller's identity lets it connect as.
+fn binding(identity: &Identity, hello: &pb::Hello) -> Result<Binding, Status> {
+    let claim = |what: &str| {
+        Status::permission_denied(format!(
+            "{} may not connect as agent {:?} (id {}): {what}",
+            identity.actor(),
+            hello.name,
+            hello.agent_id
+        ))
+    };
+    match &identity.via {
+        Via::Agent { agent_id } => {
+            if *agent_id != hello.agent_id {
+                return Err(claim(&format!("its credential is for agent id {agent_id}")));
+            }
+            if identity.name != hello.name {
+                return Err(claim(&format!("its credential is for the name {:?}", identity.name)));
+            }
+            Ok(Binding { strict: true, labels: identity.labels.clone() })
+        }
+        Via::Certificate => {
+            if identity.name != hello.name {
+                return Err(claim(&format!("its certificate is for the name {:?}", identity.name)));
+            }
+            Ok(Binding { strict: true, labels: identity.labels.clone() })
+        }
+        // Authentication is off: the agent is who it says.
+        Via::Anonymous => Ok(Binding::default()),
+        Via::Token { .. } | Via::JoinToken { .. } => Err(claim("it is not an agent's credential")),
+    }
+}
+
 #[tonic::async_trait]
 impl pb::agent_service_server::AgentService for AgentApi {
     type ConnectStream = Outbound;
 
     async fn connect(&self, req: Request<Streaming<pb::AgentMessage>>) -> Result<Response<Outbound>, Status> {
+        let identity = Identity::of(&req);
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -42,10 +81,11 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 return Err(Status::invalid_argument("the first message of a session must be hello"));
             }
         };
+        let binding = binding(&identity, &hello)?;
         let agent_id = hello.agent_id.clone();
         let (tx, rx) = mpsc::unbounded_channel();
         let (engine, term) = self.leadership.engine()?;
-        let session = engine.connect(hello, tx).await?;
+        let session = engine.connect(hello, tx, binding).await?;
         let shutdown = term;
         tokio::spawn(async move {
             loop {
@@ -55,7 +95,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 };
                 match msg {
                     Ok(Some(pb::AgentMessage { msg: Some(m) })) => {
-                        if !engine.agent_message(agent_id.clone(), m).await {
+                        if !engine.agent_message(agent_id.clone(), session, m).await {
                             break;
                         }
                     }
@@ -71,5 +111,41 @@ impl pb::agent_service_server::AgentService for AgentApi {
             engine.disconnect(agent_id, session).await;
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+
+    async fn enroll(&self, req: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
+        let identity = Identity::of(&req);
+        let Via::JoinToken { id: join_id } = &identity.via else {
+            return Err(Status::failed_precondition(
+                "enrolling needs a join token (baton agents join-token); this controller may not require one",
+            ));
+        };
+        let req = req.into_inner();
+        super::check_name("agent", &req.name)?;
+        let id_ok = !req.agent_id.is_empty()
+            && req.agent_id.len() <= 64
+            && req.agent_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !id_ok {
+            return Err(Status::invalid_argument(format!("agent id {:?} is not valid", req.agent_id)));
+        }
+        let minted = tokens::mint(tokens::Kind::Agent);
+        let labels = self
+            .store
+            .enroll(&Enrollment {
+                join_id,
+                name: &req.name,
+                agent_id: &req.agent_id,
+                cred_id: &minted.id,
+                secret_hash: &minted.hash,
+                now: now_ms(),
+            })
+            .await?;
+        info!(agent = %req.name, agent_id = %req.agent_id, join_token = %join_id, "agent enrolled");
+        let labels: std::collections::BTreeMap<String, String> =
+            serde_json::from_str(&labels).unwrap_or_default();
+        Ok(Response::new(pb::EnrollResponse {
+            credential: minted.token,
+            labels: labels.into_iter().collect(),
+        }))
     }
 }

@@ -45,9 +45,10 @@ pub fn services(
         shutdown,
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let agents = pb::agent_service_server::AgentServiceServer::new(AgentApi::new(leadership))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let admin = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(store, auth));
+    let agents =
+        pb::agent_service_server::AgentServiceServer::new(AgentApi::new(leadership.clone(), store.clone()))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(store, auth, leadership));
     Services { runs, agents, admin }
 }
 
@@ -58,6 +59,7 @@ impl From<EngineError> for Status {
             EngineError::Invalid(m) => Status::invalid_argument(m),
             EngineError::RunNotFound(_) => Status::not_found(e.to_string()),
             EngineError::Conflict(m) => Status::failed_precondition(m),
+            EngineError::Denied(m) => Status::permission_denied(m),
             EngineError::Unavailable => Status::unavailable(e.to_string()),
             EngineError::Store(s) => s.into(),
         }
@@ -71,6 +73,7 @@ impl From<StoreError> for Status {
             StoreError::AmbiguousRun { .. } => Status::invalid_argument(e.to_string()),
             StoreError::Conflict(m) => Status::failed_precondition(m),
             StoreError::NotFound(m) => Status::not_found(m),
+            StoreError::Unauthenticated(m) => Status::unauthenticated(m),
             _ => Status::internal(e.to_string()),
         }
     }

@@ -178,6 +178,11 @@ impl Authenticator {
         let Ok(role) = role.parse::<Role>() else {
             return denied(format!("certificate {name} names an unknown role {role:?}"));
         };
+        if role == Role::Agent
+            && let Some(at) = self.revoked(name).await?
+        {
+            return denied(format!("agent {name} was revoked at {}", rfc3339(at)));
+        }
         Ok(Identity {
             name: name.to_string(),
             role: Some(role),
@@ -240,8 +245,65 @@ impl Authenticator {
                     labels: BTreeMap::new(),
                 }))
             }
-            Kind::Agent | Kind::Join => Ok(denied("unknown token".into())),
+            Kind::Agent => {
+                let Some(row) = self.store.agent_credential(parsed.id).await? else {
+                    return Ok(denied("unknown agent credential".into()));
+                };
+                if !row.secret_hash.as_deref().is_some_and(|h| tokens::verify(h, parsed.secret)) {
+                    return Ok(denied("unknown agent credential".into()));
+                }
+                if let Some(at) = row.revoked_at {
+                    return Ok(denied(format!("agent {} was revoked at {}", row.name, rfc3339(at))));
+                }
+                Ok(Ok(Identity {
+                    labels: serde_json::from_str(&row.labels).unwrap_or_default(),
+                    name: row.name,
+                    role: Some(Role::Agent),
+                    via: Via::Agent { agent_id: row.agent_id },
+                }))
+            }
+            Kind::Join => {
+                let Some(row) = self.store.join_token(parsed.id).await? else {
+                    return Ok(denied("unknown join token".into()));
+                };
+                if !tokens::verify(&row.secret_hash, parsed.secret) {
+                    return Ok(denied("unknown join token".into()));
+                }
+                if let Some(why) = row.unusable(now) {
+                    return Ok(denied(why));
+                }
+                Ok(Ok(Identity {
+                    name: format!("join token {}", row.id),
+                    role: None,
+                    labels: serde_json::from_str(&row.labels).unwrap_or_default(),
+                    via: Via::JoinToken { id: row.id },
+                }))
+            }
         }
+    }
+
+    /// Whether an agent name was revoked (an agent certificate with it is refused).
+    async fn revoked(&self, name: &str) -> Result<Option<i64>, Status> {
+        let key = format!("revoked:{name}");
+        if let Ok(cache) = self.cache.lock()
+            && let Some((at, checked)) = cache.get(&key)
+            && at.elapsed() < CACHE_FOR
+        {
+            return Ok(checked.as_ref().err().and_then(|(_, m)| m.parse().ok()));
+        }
+        let revoked = self
+            .store
+            .agent_revoked(name)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot check the credential: {e}")))?;
+        if let Ok(mut cache) = self.cache.lock() {
+            let v = match revoked {
+                Some(at) => Err((Code::Unauthenticated, at.to_string())),
+                None => Ok(Identity::anonymous()),
+            };
+            cache.insert(key, (Instant::now(), v));
+        }
+        Ok(revoked)
     }
 
     /// Decides a request: its identity (to put on it), or the status that refuses it.

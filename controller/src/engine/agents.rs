@@ -10,12 +10,17 @@ use baton_common::time::{ms, now_ms};
 use tracing::{info, warn};
 
 use super::model::{Agent, AgentState, AgentTx, Session};
-use super::{Engine, EngineError};
+use super::{Binding, Engine, EngineError};
 
 impl Engine {
     /// A new agent session: record the agent, adopt the attempts it still runs, abandon
     /// the ones it should not, lose the ones it no longer has, apply unacked results.
-    pub(super) fn connect(&mut self, hello: pb::Hello, tx: AgentTx) -> Result<u64, EngineError> {
+    pub(super) fn connect(
+        &mut self,
+        hello: pb::Hello,
+        tx: AgentTx,
+        binding: Binding,
+    ) -> Result<u64, EngineError> {
         if hello.agent_id.trim().is_empty() {
             return Err(EngineError::Invalid("hello: agent_id is empty".into()));
         }
@@ -24,6 +29,27 @@ impl Engine {
         }
         if hello.slots == 0 {
             return Err(EngineError::Invalid("hello: slots must be at least 1".into()));
+        }
+        if binding.strict {
+            if let Some(a) = self.agents.get(&hello.agent_id)
+                && !a.name.is_empty()
+                && a.name != hello.name
+            {
+                return Err(EngineError::Denied(format!(
+                    "agent id {} belongs to agent {:?}, not {:?}",
+                    hello.agent_id, a.name, hello.name
+                )));
+            }
+            if let Some(a) = self
+                .agents
+                .values()
+                .find(|a| a.name == hello.name && a.id != hello.agent_id && a.session.is_some())
+            {
+                return Err(EngineError::Denied(format!(
+                    "agent {:?} is connected already under id {}",
+                    hello.name, a.id
+                )));
+            }
         }
         let now = now_ms();
         let session_id = self.next_session;
@@ -47,6 +73,7 @@ impl Engine {
         agent.name = hello.name.clone();
         agent.version = hello.version.clone();
         agent.labels = hello.labels.clone().into_iter().collect();
+        agent.labels.extend(binding.labels);
         agent.tools = hello.tools.clone();
         agent.slots = hello.slots;
         agent.state = AgentState::Connected;
@@ -104,21 +131,15 @@ impl Engine {
         Ok(session_id)
     }
 
-    pub(super) fn agent_message(&mut self, agent_id: &str, msg: pb::agent_message::Msg) {
+    pub(super) fn agent_message(&mut self, agent_id: &str, session: u64, msg: pb::agent_message::Msg) {
         let now = now_ms();
         let lost_after = ms(self.cfg.lost_after);
         let Some(agent) = self.agents.get_mut(agent_id) else {
             return;
         };
-        if agent.state == AgentState::Lost {
-            // Declared lost: it must say Hello again. Its reports are stale meanwhile.
-            if let pb::agent_message::Msg::Finished(f) = &msg
-                && let (Some(r), Some(s)) = (&f.attempt, &agent.session)
-            {
-                let tx = s.tx.clone();
-                self.pending
-                    .send(&tx, Out::Ack(pb::Ack { attempt_id: r.attempt_id.clone(), accepted: false }));
-            }
+        // A stream that another session replaced, or whose session ended (the agent was
+        // declared lost, or revoked), speaks for nobody: the agent must say Hello again.
+        if agent.session.as_ref().is_none_or(|s| s.id != session) {
             return;
         }
         if now - agent.last_seen > 2 * ms(self.cfg.heartbeat_interval) {
@@ -404,6 +425,23 @@ impl Engine {
         }
         info!(agent = %a.name, draining = !undo, "agent drain changed");
         Ok(a.to_pb())
+    }
+
+    /// Closes the sessions of the agents named `name` (revoked): the stream ends with
+    /// the last sender of it, and what the agent sends on it is ignored from now on.
+    pub(super) fn revoke(&mut self, name: &str) -> u32 {
+        let mut closed = 0;
+        for agent in self.agents.values_mut().filter(|a| a.name == name) {
+            if agent.session.take().is_some() {
+                closed += 1;
+            }
+            if agent.state == AgentState::Connected {
+                agent.state = AgentState::Disconnected;
+            }
+            self.pending.agents.insert(agent.id.clone());
+            warn!(agent = %agent.name, agent_id = %agent.id, by = %self.pending.actor, "agent revoked; its session is closed");
+        }
+        closed
     }
 
     pub(super) fn disconnect(&mut self, agent_id: &str, session: u64) {

@@ -91,6 +91,8 @@ pub enum EngineError {
     Conflict(String),
     #[error("the controller is shutting down")]
     Unavailable,
+    #[error("{0}")]
+    Denied(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -147,11 +149,18 @@ pub(crate) enum Msg {
     Connect {
         hello: pb::Hello,
         tx: AgentTx,
+        binding: Binding,
         reply: Reply<u64>,
     },
     Agent {
         agent_id: String,
+        session: u64,
         msg: pb::agent_message::Msg,
+    },
+    Revoke {
+        name: String,
+        actor: String,
+        reply: oneshot::Sender<u32>,
     },
     Disconnect {
         agent_id: String,
@@ -160,6 +169,16 @@ pub(crate) enum Msg {
     ListAgents {
         reply: oneshot::Sender<Vec<pb::Agent>>,
     },
+}
+
+/// What an agent's identity lets it connect as.
+#[derive(Debug, Clone, Default)]
+pub struct Binding {
+    /// An authenticated agent: its id must not belong to another agent, nor its name to
+    /// another connected one.
+    pub strict: bool,
+    /// Labels its enrollment gave it; they override the ones it announces.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// What the engine knows of an active run beyond its rows.
@@ -267,12 +286,30 @@ impl EngineHandle {
     }
 
     /// Registers an agent session; the engine sends Welcome on `tx`.
-    pub(crate) async fn connect(&self, hello: pb::Hello, tx: AgentTx) -> Result<u64, EngineError> {
-        self.call(|reply| Msg::Connect { hello, tx, reply }).await
+    pub(crate) async fn connect(
+        &self,
+        hello: pb::Hello,
+        tx: AgentTx,
+        binding: Binding,
+    ) -> Result<u64, EngineError> {
+        self.call(|reply| Msg::Connect { hello, tx, binding, reply }).await
     }
 
-    pub(crate) async fn agent_message(&self, agent_id: String, msg: pb::agent_message::Msg) -> bool {
-        self.tx.send(Msg::Agent { agent_id, msg }).await.is_ok()
+    /// A message of session `session`; ignored once another session replaced it.
+    pub(crate) async fn agent_message(
+        &self,
+        agent_id: String,
+        session: u64,
+        msg: pb::agent_message::Msg,
+    ) -> bool {
+        self.tx.send(Msg::Agent { agent_id, session, msg }).await.is_ok()
+    }
+
+    /// Closes the sessions of the agents named `name`; returns how many were open.
+    pub async fn revoke(&self, name: String, actor: String) -> Result<u32, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::Revoke { name, actor, reply }).await.map_err(|_| EngineError::Unavailable)?;
+        rx.await.map_err(|_| EngineError::Unavailable)
     }
 
     pub(crate) async fn disconnect(&self, agent_id: String, session: u64) {
@@ -647,11 +684,15 @@ impl Engine {
                 let result = self.drain(&agent, undo);
                 self.pending.reply(reply, result);
             }
-            Msg::Connect { hello, tx, reply } => {
-                let result = self.connect(hello, tx);
+            Msg::Connect { hello, tx, binding, reply } => {
+                let result = self.connect(hello, tx, binding);
                 self.pending.reply(reply, result);
             }
-            Msg::Agent { agent_id, msg } => self.agent_message(&agent_id, msg),
+            Msg::Agent { agent_id, session, msg } => self.agent_message(&agent_id, session, msg),
+            Msg::Revoke { name, actor, reply } => {
+                self.pending.actor = actor;
+                let _ = reply.send(self.revoke(&name));
+            }
             Msg::Disconnect { agent_id, session } => self.disconnect(&agent_id, session),
             Msg::ListAgents { reply } => {
                 let mut list: Vec<pb::Agent> = self.agents.values().map(Agent::to_pb).collect();

@@ -169,3 +169,237 @@ async fn insert_token_row(
     .await?;
     Ok(())
 }
+
+/// A join token, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinTokenRow {
+    pub id: String,
+    pub secret_hash: String,
+    /// JSON object of labels the agents it enrolls get.
+    pub labels: String,
+    pub uses: i64,
+    pub used: i64,
+    pub created_at: i64,
+    pub created_by: String,
+    pub expires_at: i64,
+}
+
+impl JoinTokenRow {
+    fn decode(r: &AnyRow) -> Result<JoinTokenRow, sqlx::Error> {
+        Ok(JoinTokenRow {
+            id: r.try_get("id")?,
+            secret_hash: r.try_get("secret_hash")?,
+            labels: r.try_get("labels")?,
+            uses: r.try_get("uses")?,
+            used: r.try_get("used")?,
+            created_at: r.try_get("created_at")?,
+            created_by: r.try_get("created_by")?,
+            expires_at: r.try_get("expires_at")?,
+        })
+    }
+
+    /// Why it can enroll no agent at `now`, if it cannot.
+    pub fn unusable(&self, now: i64) -> Option<String> {
+        if self.expires_at <= now {
+            Some(format!("the join token {} expired at {}", self.id, crate::auth::rfc3339(self.expires_at)))
+        } else if self.used >= self.uses {
+            Some(format!("the join token {} is used up ({} of {} uses)", self.id, self.used, self.uses))
+        } else {
+            None
+        }
+    }
+}
+
+const JOIN_COLUMNS: &str = "id, secret_hash, labels, uses, used, created_at, created_by, expires_at";
+
+/// An enrolled agent's credential, or a revoked agent name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentCredentialRow {
+    pub name: String,
+    pub agent_id: String,
+    pub cred_id: Option<String>,
+    pub secret_hash: Option<String>,
+    pub labels: String,
+    pub join_token: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+    pub revoked_by: String,
+}
+
+impl AgentCredentialRow {
+    fn decode(r: &AnyRow) -> Result<AgentCredentialRow, sqlx::Error> {
+        Ok(AgentCredentialRow {
+            name: r.try_get("name")?,
+            agent_id: r.try_get("agent_id")?,
+            cred_id: r.try_get("cred_id")?,
+            secret_hash: r.try_get("secret_hash")?,
+            labels: r.try_get("labels")?,
+            join_token: r.try_get("join_token")?,
+            created_at: r.try_get("created_at")?,
+            revoked_at: r.try_get("revoked_at")?,
+            revoked_by: r.try_get("revoked_by")?,
+        })
+    }
+}
+
+const CRED_COLUMNS: &str =
+    "name, agent_id, cred_id, secret_hash, labels, join_token, created_at, revoked_at, revoked_by";
+
+/// What enrolling an agent stores.
+pub struct Enrollment<'a> {
+    pub join_id: &'a str,
+    pub name: &'a str,
+    pub agent_id: &'a str,
+    pub cred_id: &'a str,
+    pub secret_hash: &'a str,
+    pub now: i64,
+}
+
+impl Store {
+    pub async fn insert_join_token(&self, row: &JoinTokenRow) -> Result<(), StoreError> {
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO join_tokens ({JOIN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+        )))
+        .bind(row.id.as_str())
+        .bind(row.secret_hash.as_str())
+        .bind(row.labels.as_str())
+        .bind(row.uses)
+        .bind(row.used)
+        .bind(row.created_at)
+        .bind(row.created_by.as_str())
+        .bind(row.expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn join_token(&self, id: &str) -> Result<Option<JoinTokenRow>, StoreError> {
+        let r = sqlx::query(AssertSqlSafe(format!("SELECT {JOIN_COLUMNS} FROM join_tokens WHERE id = $1")))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(r.as_ref().map(JoinTokenRow::decode).transpose()?)
+    }
+
+    /// Trades one use of a join token for an agent credential, in one transaction: the
+    /// token must still be usable, the name must not belong to another enrolled agent,
+    /// nor the agent id to another name. Returns the labels the agent gets.
+    pub async fn enroll(&self, e: &Enrollment<'_>) -> Result<String, StoreError> {
+        let mut tx = self.exclusive("agent_credentials").await?;
+        let join =
+            sqlx::query(AssertSqlSafe(format!("SELECT {JOIN_COLUMNS} FROM join_tokens WHERE id = $1")))
+                .bind(e.join_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .as_ref()
+                .map(JoinTokenRow::decode)
+                .transpose()?
+                .ok_or_else(|| StoreError::Unauthenticated("unknown join token".into()))?;
+        if let Some(why) = join.unusable(e.now) {
+            return Err(StoreError::Unauthenticated(why));
+        }
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {CRED_COLUMNS} FROM agent_credentials WHERE (name = $1 OR agent_id = $2) AND revoked_at IS NULL"
+        )))
+        .bind(e.name)
+        .bind(e.agent_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        for r in &rows {
+            let c = AgentCredentialRow::decode(r)?;
+            if c.name == e.name && c.agent_id != e.agent_id {
+                return Err(StoreError::Conflict(format!(
+                    "an agent named {:?} is enrolled already (agent id {}); revoke it first (baton agents revoke {})",
+                    c.name, c.agent_id, c.name
+                )));
+            }
+            if c.agent_id == e.agent_id && c.name != e.name {
+                return Err(StoreError::Conflict(format!(
+                    "agent id {} is enrolled already as {:?}",
+                    c.agent_id, c.name
+                )));
+            }
+        }
+        sqlx::query("UPDATE join_tokens SET used = used + 1 WHERE id = $1")
+            .bind(e.join_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM agent_credentials WHERE name = $1").bind(e.name).execute(&mut *tx).await?;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO agent_credentials ({CRED_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, NULL, '')"
+        )))
+        .bind(e.name)
+        .bind(e.agent_id)
+        .bind(e.cred_id)
+        .bind(e.secret_hash)
+        .bind(join.labels.as_str())
+        .bind(e.join_id)
+        .bind(e.now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(join.labels)
+    }
+
+    /// The agent credential with this id.
+    pub async fn agent_credential(&self, cred_id: &str) -> Result<Option<AgentCredentialRow>, StoreError> {
+        let r = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {CRED_COLUMNS} FROM agent_credentials WHERE cred_id = $1"
+        )))
+        .bind(cred_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(r.as_ref().map(AgentCredentialRow::decode).transpose()?)
+    }
+
+    /// When the agent name was revoked, if it was.
+    pub async fn agent_revoked(&self, name: &str) -> Result<Option<i64>, StoreError> {
+        let r = sqlx::query("SELECT revoked_at FROM agent_credentials WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match r {
+            Some(r) => r.try_get::<Option<i64>, _>("revoked_at")?,
+            None => None,
+        })
+    }
+
+    /// Revokes an agent name: its credential stops working, and a certificate with the
+    /// name is refused. Returns the agent id it was enrolled with, if it was.
+    pub async fn revoke_agent(&self, name: &str, by: &str, now: i64) -> Result<Option<String>, StoreError> {
+        let mut tx = self.exclusive("agent_credentials").await?;
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {CRED_COLUMNS} FROM agent_credentials WHERE name = $1"
+        )))
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?
+        .as_ref()
+        .map(AgentCredentialRow::decode)
+        .transpose()?;
+        let id = match &row {
+            Some(r) => {
+                sqlx::query("UPDATE agent_credentials SET revoked_at = $1, revoked_by = $2 WHERE name = $3")
+                    .bind(now)
+                    .bind(by)
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
+                Some(r.agent_id.clone())
+            }
+            None => {
+                sqlx::query(AssertSqlSafe(format!(
+                    "INSERT INTO agent_credentials ({CRED_COLUMNS}) VALUES ($1, '', NULL, NULL, '{{}}', '', $2, $2, $3)"
+                )))
+                .bind(name)
+                .bind(now)
+                .bind(by)
+                .execute(&mut *tx)
+                .await?;
+                None
+            }
+        };
+        tx.commit().await?;
+        Ok(id)
+    }
+}

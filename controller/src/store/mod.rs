@@ -16,7 +16,7 @@ use sqlx::query::Query;
 use sqlx::{Any, AnyPool, AssertSqlSafe, Row};
 use thiserror::Error;
 
-pub use auth::TokenRow;
+pub use auth::{AgentCredentialRow, Enrollment, JoinTokenRow, TokenRow};
 pub use rows::{AgentRow, AttemptRow, BreakerRow, EventRow, OutputRow, RunRow, StepRow};
 
 #[derive(Debug, Error)]
@@ -41,6 +41,8 @@ pub enum StoreError {
     Conflict(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    Unauthenticated(String),
 }
 
 /// Proof of leadership for a write: the controller's id and its leader epoch. A commit
