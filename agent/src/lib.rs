@@ -689,11 +689,15 @@ impl Agent {
         let events = self.events_tx.clone();
         let stream_to = self.events_tx.clone();
         let stream_ref = r.clone();
+        // What the controller says is secret is masked in everything this attempt
+        // reports and logs.
+        let redactor = Arc::new(baton_common::redact::Redactor::new(&req.redact));
         let output = Output::streaming(
             Arc::new(move |offset, data: &[u8]| {
                 let _ = stream_to.send(Event::Output(stream_ref.clone(), offset, data.to_vec()));
             }),
             req.max_output_bytes,
+            redactor.clone(),
         );
         debug!(tool = %req.tool, number = a.number, "attempt assigned");
         let task = async move {
@@ -747,8 +751,9 @@ impl Agent {
                 ),
                 Some(why) => ("canceled", "canceled".to_string(), format!("stopped: {why:?}").to_lowercase()),
                 None if outcome.succeeded => ("succeeded", String::new(), String::new()),
-                None => ("failed", outcome.error_class.clone(), outcome.error.clone()),
+                None => ("failed", outcome.error_class.clone(), redactor.text(&outcome.error)),
             };
+            output.finish();
             debug!(outcome = state, %error, "attempt finished");
             let finished = pb::AttemptFinished {
                 attempt: Some(r),
@@ -756,7 +761,7 @@ impl Agent {
                 exit_code: outcome.exit_code,
                 error_class: class,
                 error,
-                result_json: outcome.result.unwrap_or_default(),
+                result_json: outcome.result.map(|j| redactor.json(&j)).unwrap_or_default(),
                 output_tail: output.tail(),
                 duration_ms: t0.elapsed().as_millis() as i64,
             };

@@ -47,6 +47,7 @@ pub async fn run(
         advertise: None,
         auth: baton_controller::auth::AuthMode::Off,
         tls: None,
+        secrets_key: None,
         db: format!("sqlite://{}", db_path.display()),
         engine: baton_controller::EngineConfig {
             heartbeat_interval: Duration::from_millis(500),

@@ -75,6 +75,10 @@ enum Command {
     /// API tokens: create (printed once), list, revoke. Needs role admin.
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// Secrets for specs (${{ secrets.NAME }}), sealed at rest: set (value from stdin),
+    /// list (names only), delete.
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
     /// A certificate authority for TLS: make a CA, issue certificates it signs.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -268,6 +272,26 @@ enum CertsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum SecretsCommand {
+    /// Store a secret; its value is read from stdin (one trailing newline dropped).
+    Set {
+        name: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// List the secrets' names (never their values).
+    List {
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    Delete {
+        name: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum TokensCommand {
     /// Create an API token and print it on stdout; it is not shown again.
     Create {
@@ -437,6 +461,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Certs(_) => Ok(0),
         Command::Runs(cmd) => runs(&target, cmd).await,
         Command::Tokens(cmd) => tokens(&target, cmd).await,
+        Command::Secrets(cmd) => secrets(&target, cmd).await,
         Command::Whoami { out } => {
             let me = client::admin(&target).await?.who_am_i(pb::WhoAmIRequest {}).await?.into_inner();
             match out.format() {
@@ -550,6 +575,45 @@ fn certs(cmd: &CertsCommand) -> Result<u8, Failure> {
                 certs::issue(dir, kind, name, hosts).map_err(|e| Failure::Other(anyhow::anyhow!(e)))?;
             println!("{}", cert.display());
             eprintln!("certificate written: {} and {}", cert.display(), key.display());
+        }
+    }
+    Ok(0)
+}
+
+async fn secrets(target: &client::Target, cmd: SecretsCommand) -> Result<u8, Failure> {
+    let mut a = client::admin(target).await?;
+    match cmd {
+        SecretsCommand::Set { name, out } => {
+            use std::io::{IsTerminal, Read};
+            if std::io::stdin().is_terminal() {
+                eprintln!("value of secret {name} (end with Ctrl-D):");
+            }
+            let mut value = String::new();
+            std::io::stdin().read_to_string(&mut value).context("cannot read the value from stdin")?;
+            let value = value.strip_suffix('\n').map(|v| v.strip_suffix('\r').unwrap_or(v)).unwrap_or(&value);
+            let info =
+                a.set_secret(pb::SetSecretRequest { name, value: value.to_string() }).await?.into_inner();
+            if value.len() < baton_common::redact::MIN_LEN {
+                eprintln!(
+                    "warning: values shorter than {} bytes are not masked in output",
+                    baton_common::redact::MIN_LEN
+                );
+            }
+            match out.format() {
+                Format::Text => println!("secret {} stored", info.name),
+                f => output::print_json(f, &info),
+            }
+        }
+        SecretsCommand::List { out } => {
+            let secrets = a.list_secrets(pb::ListSecretsRequest {}).await?.into_inner().secrets;
+            output::secrets(out.format(), &secrets);
+        }
+        SecretsCommand::Delete { name, out } => {
+            let info = a.delete_secret(pb::DeleteSecretRequest { name }).await?.into_inner();
+            match out.format() {
+                Format::Text => println!("secret {} deleted", info.name),
+                f => output::print_json(f, &info),
+            }
         }
     }
     Ok(0)

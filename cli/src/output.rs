@@ -240,6 +240,17 @@ pub fn agents(format: Format, agents: &[pb::Agent]) {
     table(&["NAME", "STATE", "SLOTS", "LAST SEEN", "TOOLS", "LABELS", "ID"], rows);
 }
 
+pub fn secrets(format: Format, secrets: &[pb::SecretInfo]) {
+    if format != Format::Text {
+        return print_list(format, secrets);
+    }
+    let rows = secrets
+        .iter()
+        .map(|s| vec![s.name.clone(), time(s.created_at_ms), time(s.updated_at_ms), s.updated_by.clone()])
+        .collect();
+    table(&["NAME", "CREATED", "UPDATED", "UPDATED BY"], rows);
+}
+
 pub fn tokens(format: Format, tokens: &[pb::TokenInfo]) {
     if format != Format::Text {
         return print_list(format, tokens);

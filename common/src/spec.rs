@@ -29,6 +29,9 @@ pub struct Workstream {
     /// Run parameters the spec declares, with their defaults (`None`: must be given).
     #[serde(default)]
     pub params: BTreeMap<String, Option<String>>,
+    /// Parameters declared `secret: true`: kept sealed, masked wherever runs are shown.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub secret_params: std::collections::BTreeSet<String>,
     /// Steps in spec order; `needs` only name steps that exist, with no cycle.
     pub steps: Vec<StepSpec>,
 }
@@ -380,6 +383,7 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
         },
     };
 
+    let mut secret_params = std::collections::BTreeSet::new();
     let params: Option<BTreeMap<String, Option<String>>> = raw.params.as_ref().map(|p| {
         p.iter()
             .filter_map(|(k, v)| {
@@ -388,11 +392,34 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
                     c.push(None, format!("params: invalid name {k:?}"));
                     return None;
                 }
-                match v {
-                    Value::Null => Some((k.clone(), None)),
-                    Value::String(s) => Some((k.clone(), Some(s.clone()))),
-                    Value::Number(_) | Value::Bool(_) => Some((k.clone(), Some(v.to_string()))),
-                    _ => {
+                let scalar = |v: &Value| match v {
+                    Value::Null => Ok(None),
+                    Value::String(s) => Ok(Some(s.clone())),
+                    Value::Number(_) | Value::Bool(_) => Ok(Some(v.to_string())),
+                    _ => Err(()),
+                };
+                let default = match v {
+                    // The long form: {default: ..., secret: true, description: ...}.
+                    Value::Object(m) => {
+                        for key in m.keys() {
+                            if !["default", "secret", "description"].contains(&key.as_str()) {
+                                c.push(None, format!("params.{k}.{key}: unknown key (expected default, secret, description)"));
+                            }
+                        }
+                        match m.get("secret") {
+                            None | Some(Value::Bool(false)) => {}
+                            Some(Value::Bool(true)) => {
+                                secret_params.insert(k.clone());
+                            }
+                            Some(_) => c.push(None, format!("params.{k}.secret must be true or false")),
+                        }
+                        scalar(m.get("default").unwrap_or(&Value::Null))
+                    }
+                    other => scalar(other),
+                };
+                match default {
+                    Ok(d) => Some((k.clone(), d)),
+                    Err(()) => {
                         c.push(None, format!("params.{k}: the default must be a string, number or boolean"));
                         None
                     }
@@ -540,6 +567,7 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
             on_failure: raw.on_failure.unwrap_or_default(),
             deadline_ms,
             params: params.unwrap_or_default(),
+            secret_params,
             steps,
         })
     } else {

@@ -9,6 +9,7 @@ pub mod logs;
 pub mod metrics;
 pub mod report;
 pub mod router;
+pub mod secrets;
 pub mod store;
 pub mod tls;
 
@@ -43,6 +44,9 @@ pub struct Config {
     pub auth: auth::AuthMode,
     /// TLS on the API port; reloaded on SIGHUP when `reload_on_sighup`.
     pub tls: Option<tls::TlsFiles>,
+    /// The key that seals secrets (created when missing). Default with SQLite: beside
+    /// the database file; with Postgres there is none and secrets are refused.
+    pub secrets_key: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -58,6 +62,7 @@ impl Config {
             advertise: None,
             auth: auth::AuthMode::Off,
             tls: None,
+            secrets_key: None,
         }
     }
 }
@@ -76,6 +81,8 @@ pub enum ControllerError {
     Router { path: String, error: router::RouterError },
     #[error("{0}")]
     Tls(String),
+    #[error("{0}")]
+    Secrets(String),
 }
 
 /// Serves the controller on `listener` until `shutdown` is cancelled. With SQLite it
@@ -88,6 +95,17 @@ pub async fn run(
 ) -> Result<(), ControllerError> {
     let addr = listener.local_addr().ok();
     let tls = config.tls.clone().map(tls::Tls::load).transpose().map_err(ControllerError::Tls)?;
+    match config.secrets_key.clone().or_else(|| default_secrets_key(&config.db)) {
+        Some(path) => {
+            let (sealer, created) =
+                secrets::SecretBox::open_or_create(&path).map_err(ControllerError::Secrets)?;
+            if created {
+                info!(key = %path.display(), "secrets key created: back it up with the database, secrets cannot be read without it");
+            }
+            config.engine.secrets = Some(std::sync::Arc::new(sealer));
+        }
+        None => info!("no --secrets-key: secrets and secret parameters are refused"),
+    }
     if let Some(path) = &config.router {
         config.engine.router = router::Router::load(path)
             .map_err(|error| ControllerError::Router { path: path.display().to_string(), error })?;
@@ -142,15 +160,16 @@ pub async fn run(
         }
     }
     let authenticator = auth::Authenticator::new(config.auth, store.clone());
-    let services = api::services(
+    let services = api::services(api::Context {
         leadership,
-        router.clone(),
-        store.clone(),
-        logs.clone(),
-        config.router.clone(),
-        authenticator.clone(),
-        stop.clone(),
-    );
+        router: router.clone(),
+        store: store.clone(),
+        logs: logs.clone(),
+        router_path: config.router.clone(),
+        auth: authenticator.clone(),
+        secrets: config.engine.secrets.clone(),
+        shutdown: stop.clone(),
+    });
     // grpc.health.v1 and server reflection, so that any gRPC client can find its way.
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<pb::baton_service_server::BatonServiceServer<api::RunApi>>().await;
@@ -320,6 +339,14 @@ fn readiness(leadership: leader::Leadership, store: store::Store) -> baton_commo
             }
         })
     })
+}
+
+/// Where the secrets key lives by default: beside a SQLite database file.
+fn default_secrets_key(db: &str) -> Option<std::path::PathBuf> {
+    let path = db.strip_prefix("sqlite://").or_else(|| db.strip_prefix("sqlite:"))?;
+    let path = path.split('?').next().unwrap_or("");
+    (!path.is_empty() && !path.contains(":memory:"))
+        .then(|| std::path::PathBuf::from(format!("{path}.secrets-key")))
 }
 
 /// A database URL without its password, for logs.

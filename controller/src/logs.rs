@@ -15,12 +15,23 @@ use tracing::warn;
 use crate::store::{OutputRow, Store};
 
 /// A piece of output as an agent sent it: `offset` is its place in the attempt's
-/// combined output.
+/// combined output. Secret values are masked before it is stored.
 #[derive(Debug)]
 pub struct Chunk {
     pub attempt_id: String,
     pub offset: u64,
     pub data: Vec<u8>,
+    /// What to mask in the attempt's output.
+    pub redact: Option<Arc<baton_common::redact::Redactor>>,
+    /// The attempt's output has ended (nothing more is held back for masking).
+    pub end: bool,
+}
+
+impl Chunk {
+    /// The end of an attempt's output.
+    pub fn end(attempt_id: &str) -> Chunk {
+        Chunk { attempt_id: attempt_id.to_string(), offset: 0, data: Vec::new(), redact: None, end: true }
+    }
 }
 
 /// Where the engine hands output after checking its lease; cheap to clone.
@@ -72,6 +83,8 @@ struct Kept {
     stored: u64,
     next_seq: i64,
     truncated: bool,
+    /// Masks secret values, holding back what could be the start of one.
+    redact: Option<baton_common::redact::Stream>,
 }
 
 /// Starts the writer; it stops when `shutdown` is cancelled.
@@ -95,7 +108,13 @@ pub fn start(store: Store, max_bytes: u64, shutdown: CancellationToken) -> Logs 
                     Some(k) => k,
                     None => {
                         let (stored, next_seq) = store.output_size(&chunk.attempt_id).await.unwrap_or((0, 1));
-                        let k = Kept { received: stored, stored, next_seq, truncated: stored >= max_bytes };
+                        let k = Kept {
+                            received: stored,
+                            stored,
+                            next_seq,
+                            truncated: stored >= max_bytes,
+                            redact: None,
+                        };
                         kept.entry(chunk.attempt_id.clone()).or_insert(k)
                     }
                 };
@@ -130,6 +149,18 @@ fn append(k: &mut Kept, chunk: Chunk, max_bytes: u64, rows: &mut Vec<OutputRow>)
     if k.truncated {
         return;
     }
+    if chunk.end {
+        if let Some(rest) = k.redact.as_mut().map(|r| r.finish()) {
+            k.redact = None;
+            store_capped(k, rest, max_bytes, &mut push);
+        }
+        return;
+    }
+    if k.redact.is_none()
+        && let Some(r) = &chunk.redact
+    {
+        k.redact = Some(baton_common::redact::Stream::new(r.clone()));
+    }
     let end = chunk.offset + chunk.data.len() as u64;
     if end <= k.received {
         return; // already have it (re-sent)
@@ -137,11 +168,26 @@ fn append(k: &mut Kept, chunk: Chunk, max_bytes: u64, rows: &mut Vec<OutputRow>)
     let mut data = chunk.data;
     if chunk.offset > k.received {
         let lost = chunk.offset - k.received;
+        // What was held back goes before the gap.
+        if let Some(rest) = k.redact.as_mut().map(|r| r.finish()) {
+            store_capped(k, rest, max_bytes, &mut push);
+        }
         push(k, format!("\n[... {lost} bytes of output lost in transit ...]\n").into_bytes());
     } else {
         data.drain(..(k.received - chunk.offset) as usize);
     }
     k.received = end;
+    if let Some(r) = &mut k.redact {
+        data = r.push(&data);
+    }
+    store_capped(k, data, max_bytes, &mut push);
+}
+
+/// Stores `data`, cut with a marker where it passes the cap.
+fn store_capped(k: &mut Kept, mut data: Vec<u8>, max_bytes: u64, push: &mut impl FnMut(&mut Kept, Vec<u8>)) {
+    if k.truncated {
+        return;
+    }
     let room = max_bytes.saturating_sub(k.stored) as usize;
     if data.len() > room {
         data.truncate(room);
@@ -165,11 +211,11 @@ mod tests {
     use super::*;
 
     fn kept() -> Kept {
-        Kept { received: 0, stored: 0, next_seq: 1, truncated: false }
+        Kept { received: 0, stored: 0, next_seq: 1, truncated: false, redact: None }
     }
 
     fn chunk(offset: u64, data: &[u8]) -> Chunk {
-        Chunk { attempt_id: "a".into(), offset, data: data.to_vec() }
+        Chunk { attempt_id: "a".into(), offset, data: data.to_vec(), redact: None, end: false }
     }
 
     fn text(rows: &[OutputRow]) -> String {
@@ -202,6 +248,19 @@ mod tests {
         append(&mut k, chunk(3, b"lo world!"), 100, &mut rows);
         assert_eq!(text(&rows), "hello world!");
         assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn secrets_are_masked_across_chunks_before_they_are_stored() {
+        let (mut k, mut rows) = (kept(), Vec::new());
+        let r = Arc::new(baton_common::redact::Redactor::new(["sw0rdfish"]));
+        let masked = |offset, data: &[u8]| Chunk { redact: Some(r.clone()), ..chunk(offset, data) };
+        append(&mut k, masked(0, b"pw=sw0r"), 100, &mut rows);
+        append(&mut k, masked(7, b"dfish ok sw0"), 100, &mut rows);
+        append(&mut k, masked(0, b"pw=sw0r"), 100, &mut rows);
+        append(&mut k, Chunk::end("a"), 100, &mut rows);
+        assert_eq!(text(&rows), "pw=*** ok sw0");
+        assert!(rows.iter().all(|r| !String::from_utf8_lossy(&r.data).contains("sw0rd")));
     }
 
     #[test]

@@ -73,6 +73,19 @@ struct Args {
     /// them by standbys (default: http:// or https:// and the listen address).
     #[arg(long, env = "BATON_ADVERTISE")]
     advertise: Option<String>,
+    /// Key file that seals secrets and secret parameters (created, 0600, when missing);
+    /// every controller on one database needs the same key. Default with SQLite: the
+    /// database path with `.secrets-key` appended; with Postgres, none (secrets refused).
+    #[arg(long, env = "BATON_SECRETS_KEY")]
+    secrets_key: Option<std::path::PathBuf>,
+    /// Env variables whose values are masked like secrets (`*` matches anything).
+    #[arg(
+        long,
+        env = "BATON_REDACT_ENV",
+        value_delimiter = ',',
+        default_value = "*_TOKEN,*_SECRET,*_PASSWORD,*_KEY"
+    )]
+    redact_env: Vec<String>,
     /// Output kept per attempt (bytes); the rest is cut with a marker.
     #[arg(long, env = "BATON_MAX_OUTPUT", default_value_t = 8 * 1024 * 1024)]
     max_output: u64,
@@ -153,6 +166,7 @@ async fn run() -> anyhow::Result<()> {
             poison_after: args.poison_after,
             breakers,
             max_output_bytes: args.max_output,
+            redact_env: args.redact_env,
             ..EngineConfig::default()
         },
         router: args.router,
@@ -161,6 +175,7 @@ async fn run() -> anyhow::Result<()> {
         advertise: args.advertise,
         auth,
         tls,
+        secrets_key: args.secrets_key,
         metrics: match args.metrics_listen {
             None => None,
             Some(addr) => {

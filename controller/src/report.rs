@@ -194,7 +194,7 @@ pub fn build(rec: &RunRecord, events: &[EventRow]) -> Report {
             started_at_ms: start,
             finished_at_ms: rec.run.finished_at,
             duration_ms: start.zip(rec.run.finished_at).map(|(a, b)| b - a),
-            params: serde_json::from_str(&rec.run.params).unwrap_or_default(),
+            params: crate::api::convert::shown_params(&rec.run.params),
             submitted_by,
         },
         summary: Summary {

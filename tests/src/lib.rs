@@ -293,6 +293,7 @@ impl Sandbox {
                 key: c.join("controller-key.pem"),
                 client_ca: Some(c.join("ca.pem")),
             }),
+            secrets_key: Some(self.dir.path().join("secrets.key")),
         };
         let s = stop.clone();
         let task = tokio::spawn(async move {

@@ -123,8 +123,9 @@ pub const TAIL_BYTES: usize = 64 * 1024;
 /// Receives output as it is written: (offset in the attempt's output, bytes).
 pub type Sink = Arc<dyn Fn(u64, &[u8]) + Send + Sync>;
 
-/// An attempt's combined stdout and stderr: keeps a bounded tail and streams what is
-/// written (up to a cap) to a sink. Never holds more than the tail.
+/// An attempt's combined stdout and stderr: masks secret values, keeps a bounded tail
+/// and streams what is written (up to a cap) to a sink. Never holds more than the tail
+/// (and the end of a write that could be the start of a secret).
 #[derive(Clone, Default)]
 pub struct Output {
     inner: Arc<Mutex<Tail>>,
@@ -135,18 +136,45 @@ pub struct Output {
 struct Tail {
     buf: std::collections::VecDeque<u8>,
     total: u64,
+    redact: Option<baton_common::redact::Stream>,
 }
 
 impl Output {
-    /// Output that also goes to `sink`, for its first `cap` bytes.
-    pub fn streaming(sink: Sink, cap: u64) -> Output {
-        Output { inner: Arc::default(), sink: Some((sink, cap)) }
+    /// Output that also goes to `sink`, for its first `cap` bytes, with `redactor`'s
+    /// values masked.
+    pub fn streaming(sink: Sink, cap: u64, redactor: Arc<baton_common::redact::Redactor>) -> Output {
+        let redact = (!redactor.is_empty()).then(|| baton_common::redact::Stream::new(redactor));
+        Output { inner: Arc::new(Mutex::new(Tail { redact, ..Tail::default() })), sink: Some((sink, cap)) }
     }
 
     pub fn write(&self, data: &[u8]) {
         let Ok(mut t) = self.inner.lock() else { return };
+        let masked;
+        let data = match &mut t.redact {
+            Some(r) => {
+                masked = r.push(data);
+                masked.as_slice()
+            }
+            None => data,
+        };
+        Self::append(&mut t, &self.sink, data);
+    }
+
+    /// The output has ended: what was held back (a possible start of a secret) is
+    /// written, masked.
+    pub fn finish(&self) {
+        let Ok(mut t) = self.inner.lock() else { return };
+        if let Some(rest) = t.redact.as_mut().map(|r| r.finish()) {
+            Self::append(&mut t, &self.sink, &rest);
+        }
+    }
+
+    fn append(t: &mut Tail, sink: &Option<(Sink, u64)>, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
         let offset = t.total;
-        if let Some((sink, cap)) = &self.sink
+        if let Some((sink, cap)) = sink
             && offset < *cap
         {
             let n = data.len().min((*cap - offset) as usize);
@@ -194,6 +222,23 @@ mod tests {
     }
 
     #[test]
+    fn output_is_masked_before_it_is_kept_or_streamed() {
+        type Seen = Arc<Mutex<Vec<u8>>>;
+        let got: Seen = Arc::default();
+        let g = got.clone();
+        let out = Output::streaming(
+            Arc::new(move |_, data: &[u8]| g.lock().unwrap().extend_from_slice(data)),
+            1 << 20,
+            Arc::new(baton_common::redact::Redactor::new(["s3cr3t-value"])),
+        );
+        out.write(b"key=s3cr");
+        out.write(b"3t-value; key2=s3c");
+        out.finish();
+        assert_eq!(String::from_utf8(got.lock().unwrap().clone()).unwrap(), "key=***; key2=s3c");
+        assert_eq!(out.tail(), "key=***; key2=s3c");
+    }
+
+    #[test]
     fn output_streams_up_to_its_cap_with_offsets() {
         type Seen = Arc<Mutex<Vec<(u64, Vec<u8>)>>>;
         let got: Seen = Arc::default();
@@ -201,6 +246,7 @@ mod tests {
         let out = Output::streaming(
             Arc::new(move |off, data: &[u8]| g.lock().unwrap().push((off, data.to_vec()))),
             8,
+            Arc::new(baton_common::redact::Redactor::new(Vec::<String>::new())),
         );
         out.write(b"hello");
         out.write(b"world");

@@ -15,11 +15,42 @@ pub struct AdminApi {
     store: Store,
     auth: Arc<Authenticator>,
     leadership: crate::leader::Leadership,
+    secrets: Option<Arc<crate::secrets::SecretBox>>,
 }
 
 impl AdminApi {
-    pub fn new(store: Store, auth: Arc<Authenticator>, leadership: crate::leader::Leadership) -> AdminApi {
-        AdminApi { store, auth, leadership }
+    pub fn new(
+        store: Store,
+        auth: Arc<Authenticator>,
+        leadership: crate::leader::Leadership,
+        secrets: Option<Arc<crate::secrets::SecretBox>>,
+    ) -> AdminApi {
+        AdminApi { store, auth, leadership, secrets }
+    }
+}
+
+/// Largest secret value.
+const MAX_SECRET_BYTES: usize = 64 * 1024;
+
+fn secret_info(r: &crate::store::SecretRow) -> pb::SecretInfo {
+    pb::SecretInfo {
+        name: r.name.clone(),
+        created_at_ms: r.created_at,
+        updated_at_ms: r.updated_at,
+        updated_by: r.updated_by.clone(),
+    }
+}
+
+fn check_secret_name(name: &str) -> Result<(), Status> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "secret name {name:?}: use 1 to 64 letters, digits, '-' or '_' (specs say ${{{{ secrets.NAME }}}})"
+        )))
     }
 }
 
@@ -185,5 +216,64 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let closed = engine.revoke(name.clone(), actor.clone()).await?;
         info!(agent = %name, closed, by = %actor, "agent revoked");
         Ok(Response::new(pb::RevokeAgentResponse { name, agent_id: agent_id.unwrap_or_default(), closed }))
+    }
+
+    async fn set_secret(
+        &self,
+        req: Request<pb::SetSecretRequest>,
+    ) -> Result<Response<pb::SecretInfo>, Status> {
+        let actor = Identity::of(&req).actor();
+        let req = req.into_inner();
+        check_secret_name(&req.name)?;
+        if req.value.is_empty() {
+            return Err(Status::invalid_argument(format!("secret {:?}: the value is empty", req.name)));
+        }
+        if req.value.len() > MAX_SECRET_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "secret {:?} is {} bytes; the limit is {MAX_SECRET_BYTES}",
+                req.name,
+                req.value.len()
+            )));
+        }
+        if req.value.contains('\0') {
+            return Err(Status::invalid_argument(format!(
+                "secret {:?}: the value holds a NUL byte",
+                req.name
+            )));
+        }
+        let Some(sealer) = &self.secrets else {
+            return Err(Status::failed_precondition(
+                "this controller keeps no secrets: start it with --secrets-key",
+            ));
+        };
+        // The leader uses secrets: it must hear of the new value.
+        let (engine, _) = self.leadership.engine()?;
+        let sealed = sealer.seal(&crate::secrets::secret_aad(&req.name), &req.value);
+        let row = self.store.put_secret(&req.name, &sealed, &actor, now_ms()).await?;
+        engine.set_secret(req.name.clone(), Some(req.value)).await?;
+        info!(secret = %row.name, by = %actor, "secret stored");
+        Ok(Response::new(secret_info(&row)))
+    }
+
+    async fn list_secrets(
+        &self,
+        _req: Request<pb::ListSecretsRequest>,
+    ) -> Result<Response<pb::ListSecretsResponse>, Status> {
+        let secrets = self.store.secrets().await?.iter().map(secret_info).collect();
+        Ok(Response::new(pb::ListSecretsResponse { secrets }))
+    }
+
+    async fn delete_secret(
+        &self,
+        req: Request<pb::DeleteSecretRequest>,
+    ) -> Result<Response<pb::SecretInfo>, Status> {
+        let actor = Identity::of(&req).actor();
+        let name = req.into_inner().name;
+        check_secret_name(&name)?;
+        let (engine, _) = self.leadership.engine()?;
+        let row = self.store.delete_secret(&name).await?;
+        engine.set_secret(name, None).await?;
+        info!(secret = %row.name, by = %actor, "secret deleted");
+        Ok(Response::new(secret_info(&row)))
     }
 }

@@ -50,7 +50,7 @@ pub fn run(rec: RunRecord) -> pb::Run {
         steps,
         progress: Some(progress),
         last_seq: rec.last_seq,
-        params: serde_json::from_str(&rec.run.params).unwrap_or_default(),
+        params: shown_params(&rec.run.params).into_iter().collect(),
     }
 }
 
@@ -101,6 +101,12 @@ pub fn progress(run: &RunRow, counts: &StateCounts) -> pb::Progress {
         elapsed_ms: (end - start).max(0),
         eta_ms: if run.finished_at.is_some() { 0 } else { -1 },
     }
+}
+
+/// A run's parameters as shown: secret ones masked.
+pub fn shown_params(json: &str) -> std::collections::BTreeMap<String, String> {
+    let params: std::collections::BTreeMap<String, String> = serde_json::from_str(json).unwrap_or_default();
+    params.into_iter().map(|(k, v)| (k, crate::secrets::shown(&v))).collect()
 }
 
 pub fn event(e: &EventRow) -> pb::RunEvent {

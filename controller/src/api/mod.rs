@@ -2,7 +2,7 @@
 
 mod admin;
 mod agents;
-mod convert;
+pub(crate) mod convert;
 mod logs;
 mod runs;
 
@@ -27,28 +27,39 @@ pub struct Services {
     pub admin: pb::admin_service_server::AdminServiceServer<AdminApi>,
 }
 
-pub fn services(
-    leadership: crate::leader::Leadership,
-    router: std::sync::Arc<std::sync::Mutex<crate::router::Router>>,
-    store: Store,
-    logs: crate::logs::Logs,
-    router_path: Option<std::path::PathBuf>,
-    auth: std::sync::Arc<crate::auth::Authenticator>,
-    shutdown: CancellationToken,
-) -> Services {
+/// What the services of the API port share.
+pub struct Context {
+    pub leadership: crate::leader::Leadership,
+    pub router: std::sync::Arc<std::sync::Mutex<crate::router::Router>>,
+    pub store: Store,
+    pub logs: crate::logs::Logs,
+    pub router_path: Option<std::path::PathBuf>,
+    pub auth: std::sync::Arc<crate::auth::Authenticator>,
+    pub secrets: Option<std::sync::Arc<crate::secrets::SecretBox>>,
+    pub shutdown: CancellationToken,
+}
+
+pub fn services(cx: Context) -> Services {
     let runs = pb::baton_service_server::BatonServiceServer::new(RunApi::new(
-        leadership.clone(),
-        router,
-        store.clone(),
-        logs,
-        router_path,
-        shutdown,
+        cx.leadership.clone(),
+        cx.router,
+        cx.store.clone(),
+        cx.logs,
+        cx.router_path,
+        cx.shutdown,
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let agents =
-        pb::agent_service_server::AgentServiceServer::new(AgentApi::new(leadership.clone(), store.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let admin = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(store, auth, leadership));
+    let agents = pb::agent_service_server::AgentServiceServer::new(AgentApi::new(
+        cx.leadership.clone(),
+        cx.store.clone(),
+    ))
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(
+        cx.store,
+        cx.auth,
+        cx.leadership,
+        cx.secrets,
+    ));
     Services { runs, agents, admin }
 }
 

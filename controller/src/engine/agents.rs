@@ -154,10 +154,13 @@ impl Engine {
             pb::agent_message::Msg::Output(o) => {
                 let Some(r) = o.attempt else { return };
                 if self.owns_live(agent_id, &r) {
+                    let redact = self.attempts.get(&r.attempt_id).and_then(|a| a.redactor.clone());
                     self.logs.push(crate::logs::Chunk {
                         attempt_id: r.attempt_id,
                         offset: o.offset,
                         data: o.data,
+                        redact,
+                        end: false,
                     });
                 } else {
                     self.reject(agent_id, &r, "output");
@@ -307,6 +310,13 @@ impl Engine {
             _ => (outcome, f.error_class.clone()),
         };
         let Some(a) = self.attempts.get_mut(attempt_id) else { return };
+        // Whatever the agent masked or not, no secret value is kept.
+        let mut f = f;
+        if let Some(r) = &a.redactor {
+            f.error = r.text(&f.error);
+            f.result_json = r.json(&f.result_json);
+            f.output_tail = r.text(&f.output_tail);
+        }
         a.reported = true;
         a.exit_code = f.exit_code;
         a.result = (!f.result_json.is_empty()).then(|| f.result_json.clone());
@@ -351,6 +361,10 @@ impl Engine {
         a.finished_at = Some(now_ms());
         a.error_class = class.to_string();
         a.error = error.to_string();
+        if a.redactor.is_some() {
+            // Nothing more is held back for masking: the output has ended.
+            self.logs.push(crate::logs::Chunk::end(attempt_id));
+        }
         self.metrics.attempts.inc(&[to.as_str(), class]);
         self.pending.attempts.insert(a.id.clone());
         if let Some(agent) = self.agents.get_mut(&a.agent_id) {

@@ -18,8 +18,9 @@ use super::runs::{set_run, set_step};
 use super::{Engine, Pending};
 use crate::router::Strategy;
 
-/// A step's rendered `with` and `env`.
-type Input = (Map<String, Value>, BTreeMap<String, String>);
+/// A step's rendered `with` and `env`, and the secret values (secrets, secret
+/// parameters) rendered into them.
+type Input = (Map<String, Value>, BTreeMap<String, String>, Vec<String>);
 
 impl Engine {
     /// Queues a ready step for dispatch.
@@ -81,15 +82,25 @@ impl Engine {
         let Some(run) = self.runs.get(run_id) else { return Err("run not found".into()) };
         let spec = &run.spec.steps[idx];
         if !run.templated[idx] {
-            return Ok((spec.with.clone(), spec.env.clone()));
+            return Ok((spec.with.clone(), spec.env.clone(), Vec::new()));
         }
         let index = run.spec.index();
+        let secret = std::cell::RefCell::new(Vec::new());
         let lookup = |r: &Ref| -> Result<Value, String> {
             match r {
                 Ref::Param(p) => {
-                    run.params.get(p).map(|v| Value::String(v.clone())).ok_or(format!("{r} is not set"))
+                    let v = run.params.get(p).ok_or(format!("{r} is not set"))?;
+                    if run.spec.secret_params.contains(p) {
+                        secret.borrow_mut().push(v.clone());
+                    }
+                    Ok(Value::String(v.clone()))
                 }
-                Ref::Secret(_) => Err(format!("{r} is not set")),
+                Ref::Secret(name) => {
+                    let v =
+                        self.secrets.get(name).ok_or(format!("{r} is not set (no secret named {name:?})"))?;
+                    secret.borrow_mut().push(v.clone());
+                    Ok(Value::String(v.clone()))
+                }
                 Ref::Output { step, name } => {
                     let j = *index.get(step.as_str()).ok_or(format!("no step {step:?}"))?;
                     let result =
@@ -113,12 +124,24 @@ impl Engine {
             env.insert(k.clone(), template::render_text(v, &lookup)?);
         }
         env.extend(script_env);
-        Ok((with, env))
+        Ok((with, env, secret.into_inner()))
     }
 
     /// Creates attempt N+1 of a ready step on `agent_id` and queues its Assign.
-    fn assign(&mut self, run_id: &str, idx: usize, agent_id: &str, (with, env): Input) {
+    fn assign(&mut self, run_id: &str, idx: usize, agent_id: &str, (with, env, mut redact): Input) {
         let now = now_ms();
+        // Env values whose names look secret are masked like secrets; the agent masks
+        // what the step was given, the controller every secret.
+        let patterned: Vec<String> = env
+            .iter()
+            .filter(|(k, _)| self.cfg.redact_env.iter().any(|p| baton_common::redact::env_matches(k, p)))
+            .map(|(_, v)| v.clone())
+            .collect();
+        let redactor = self.redactor(run_id, &patterned);
+        redact.extend(patterned);
+        redact.retain(|v| v.len() >= baton_common::redact::MIN_LEN);
+        redact.sort();
+        redact.dedup();
         let (Some(run), Some(agent)) = (self.runs.get_mut(run_id), self.agents.get_mut(agent_id)) else {
             return;
         };
@@ -164,6 +187,7 @@ impl Engine {
             deadline_at: None,
             reported: false,
             ready_at,
+            redactor,
         };
         step.attempt_ids.push(attempt.id.clone());
         step.current = Some(attempt.id.clone());
@@ -177,6 +201,7 @@ impl Engine {
             // A little past the cap, so the controller sees that there was more and
             // marks the cut.
             max_output_bytes: self.cfg.max_output_bytes + 1024,
+            redact,
         };
         // Work for a free slot goes out at once; a queue top-up for a busy agent may
         // share a later commit.

@@ -63,6 +63,10 @@ pub struct EngineConfig {
     pub max_output_bytes: u64,
     /// Routing rules at start (replaced by reloads).
     pub router: crate::router::Router,
+    /// Seals secrets and secret run parameters; without it the controller keeps none.
+    pub secrets: Option<Arc<crate::secrets::SecretBox>>,
+    /// Env variables whose names match these patterns have their values masked.
+    pub redact_env: Vec<String>,
 }
 
 impl Default for EngineConfig {
@@ -77,6 +81,8 @@ impl Default for EngineConfig {
             breakers: BreakerConfig::default(),
             max_output_bytes: 8 * 1024 * 1024,
             router: crate::router::Router::default(),
+            secrets: None,
+            redact_env: baton_common::redact::DEFAULT_ENV_PATTERNS.iter().map(|p| p.to_string()).collect(),
         }
     }
 }
@@ -161,6 +167,12 @@ pub(crate) enum Msg {
         name: String,
         actor: String,
         reply: oneshot::Sender<u32>,
+    },
+    /// A secret was stored (`Some`) or deleted (`None`).
+    SetSecret {
+        name: String,
+        value: Option<String>,
+        reply: oneshot::Sender<()>,
     },
     Disconnect {
         agent_id: String,
@@ -303,6 +315,13 @@ impl EngineHandle {
         msg: pb::agent_message::Msg,
     ) -> bool {
         self.tx.send(Msg::Agent { agent_id, session, msg }).await.is_ok()
+    }
+
+    /// Tells the engine a secret's new value (`None`: deleted), after it is stored.
+    pub async fn set_secret(&self, name: String, value: Option<String>) -> Result<(), EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Msg::SetSecret { name, value, reply }).await.map_err(|_| EngineError::Unavailable)?;
+        rx.await.map_err(|_| EngineError::Unavailable)
     }
 
     /// Closes the sessions of the agents named `name`; returns how many were open.
@@ -499,6 +518,11 @@ pub(crate) struct Engine {
     /// Leadership proof checked by every commit (Postgres); `None` with SQLite.
     fence: Option<crate::store::Fence>,
     next_session: u64,
+    /// The secrets, opened: specs use them as `${{ secrets.NAME }}`, and their values
+    /// are masked in what the engine keeps.
+    secrets: HashMap<String, String>,
+    /// Bumped on every change of `secrets` (runs' cached redactors are rebuilt).
+    secrets_version: u64,
 }
 
 /// Loads the engine's state from the store and starts its task. The task ends when
@@ -512,6 +536,18 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> Result<(EngineHandle, tokio::task::JoinHandle<Result<(), StoreError>>), StoreError> {
     let snapshot = store.load_active().await?;
+    let mut secrets = HashMap::new();
+    for row in store.secrets().await? {
+        let Some(sealer) = &cfg.secrets else {
+            return Err(StoreError::Corrupt(format!(
+                "the database holds secrets ({:?}, ...) but the controller has no --secrets-key",
+                row.name
+            )));
+        };
+        let value =
+            sealer.open(&crate::secrets::secret_aad(&row.name), &row.sealed).map_err(StoreError::Corrupt)?;
+        secrets.insert(row.name, value);
+    }
     let mut estimates = HashMap::new();
     for r in &snapshot.runs {
         if !estimates.contains_key(&r.workstream) {
@@ -539,6 +575,8 @@ pub async fn start(
         pending: Pending::default(),
         events: events.clone(),
         next_session: 1,
+        secrets,
+        secrets_version: 0,
     };
     engine.load(snapshot, &estimates)?;
     let (tx, rx) = mpsc::channel(4096);
@@ -692,6 +730,14 @@ impl Engine {
             Msg::Revoke { name, actor, reply } => {
                 self.pending.actor = actor;
                 let _ = reply.send(self.revoke(&name));
+            }
+            Msg::SetSecret { name, value, reply } => {
+                match value {
+                    Some(v) => self.secrets.insert(name, v),
+                    None => self.secrets.remove(&name),
+                };
+                self.secrets_version += 1;
+                let _ = reply.send(());
             }
             Msg::Disconnect { agent_id, session } => self.disconnect(&agent_id, session),
             Msg::ListAgents { reply } => {
@@ -899,6 +945,62 @@ impl Engine {
         g
     }
 
+    /// A run's parameters as stored, with the sealed ones opened. One that cannot be
+    /// opened (another key) is left out, so a step that needs it fails saying so.
+    fn open_params(&self, run_id: &str, json: &str) -> BTreeMap<String, String> {
+        let mut params: BTreeMap<String, String> = serde_json::from_str(json).unwrap_or_default();
+        params.retain(|name, value| {
+            if !value.starts_with(crate::secrets::SEALED) {
+                return true;
+            }
+            let opened = self
+                .cfg
+                .secrets
+                .as_ref()
+                .ok_or_else(|| "the controller has no --secrets-key".to_string())
+                .and_then(|s| s.open(&crate::secrets::param_aad(run_id, name), value));
+            match opened {
+                Ok(v) => {
+                    *value = v;
+                    true
+                }
+                Err(e) => {
+                    error!(run_id, param = %name, error = %e, "cannot open a secret parameter");
+                    false
+                }
+            }
+        });
+        params
+    }
+
+    /// What to mask for `run_id`: every secret and the run's secret parameters, plus
+    /// `extra` values (an attempt's own); `None` when there is nothing.
+    pub(super) fn redactor(
+        &mut self,
+        run_id: &str,
+        extra: &[String],
+    ) -> Option<Arc<baton_common::redact::Redactor>> {
+        let version = self.secrets_version;
+        let run = self.runs.get_mut(run_id)?;
+        let secret_params: Vec<&String> =
+            run.spec.secret_params.iter().filter_map(|p| run.params.get(p)).collect();
+        if self.secrets.is_empty() && secret_params.is_empty() && extra.is_empty() {
+            return None;
+        }
+        let values = || self.secrets.values().chain(secret_params.iter().copied());
+        if extra.is_empty() {
+            if let Some((v, r)) = &run.redactor
+                && *v == version
+            {
+                return Some(r.clone());
+            }
+            let r = Arc::new(baton_common::redact::Redactor::new(values()));
+            run.redactor = Some((version, r.clone()));
+            return Some(r);
+        }
+        Some(Arc::new(baton_common::redact::Redactor::new(values().chain(extra.iter()))))
+    }
+
     /// Rebuilds in-memory state from the store after a start.
     fn load(
         &mut self,
@@ -989,12 +1091,13 @@ impl Engine {
                 next_seq: snap.last_seq.get(&row.id).copied().unwrap_or(0) + 1,
                 failing,
                 deadline_at,
-                params: serde_json::from_str(&row.params).unwrap_or_default(),
+                params: self.open_params(&row.id, &row.params),
                 templated: Vec::new(),
                 topo: Vec::new(),
                 estimates: Vec::new(),
                 eta: None,
                 counts: [0; 8],
+                redactor: None,
             };
             let mut run = run;
             run.templated = model::templated_of(&run.spec);
@@ -1047,6 +1150,19 @@ impl Engine {
             self.attempts.insert(attempt.id.clone(), attempt);
         }
         self.load_breakers(&snap.breakers);
+        // Attempts still running get what to mask again (it is not stored).
+        let live: Vec<(String, String)> = self
+            .attempts
+            .values()
+            .filter(|a| !a.state.is_terminal())
+            .map(|a| (a.id.clone(), a.run_id.clone()))
+            .collect();
+        for (id, run_id) in live {
+            let r = self.redactor(&run_id, &[]);
+            if let Some(a) = self.attempts.get_mut(&id) {
+                a.redactor = r;
+            }
+        }
         let mut run_ids: Vec<(i64, String)> =
             self.runs.values().map(|r| (r.created_at, r.id.clone())).collect();
         run_ids.sort();

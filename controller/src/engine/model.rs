@@ -46,6 +46,9 @@ pub(crate) struct Run {
     pub eta: Option<(i64, Option<i64>)>,
     /// Steps per state, kept as steps move (progress is read often).
     pub counts: [u32; 8],
+    /// What to mask in the output of its attempts: the secrets and its secret
+    /// parameters, as of a version of the secrets.
+    pub redactor: Option<(u64, Arc<baton_common::redact::Redactor>)>,
 }
 
 impl Run {
@@ -240,6 +243,8 @@ pub(crate) struct Attempt {
     pub reported: bool,
     /// When its step became ready (for dispatch latency; not kept across restarts).
     pub ready_at: Option<std::time::Instant>,
+    /// What to mask in what it reports (not kept across restarts: rebuilt).
+    pub redactor: Option<Arc<baton_common::redact::Redactor>>,
 }
 
 impl Attempt {
@@ -288,6 +293,7 @@ impl Attempt {
             deadline_at: row.deadline_at,
             reported: false,
             ready_at: None,
+            redactor: None,
         })
     }
 

@@ -102,13 +102,20 @@ impl Engine {
                 .chain(s.env.values().map(|v| serde_json::Value::String(v.clone())))
             {
                 for r in baton_common::template::refs(&v).map_err(EngineError::Invalid)? {
-                    if let baton_common::template::Ref::Param(p) = &r
-                        && !params.contains_key(p)
-                    {
-                        return Err(EngineError::Invalid(format!(
-                            "step {:?}: ${{{{ {r} }}}} is not set (--param {p}=...)",
-                            s.id
-                        )));
+                    match &r {
+                        baton_common::template::Ref::Param(p) if !params.contains_key(p) => {
+                            return Err(EngineError::Invalid(format!(
+                                "step {:?}: ${{{{ {r} }}}} is not set (--param {p}=...)",
+                                s.id
+                            )));
+                        }
+                        baton_common::template::Ref::Secret(name) if !self.secrets.contains_key(name) => {
+                            return Err(EngineError::Invalid(format!(
+                                "step {:?}: ${{{{ {r} }}}}: there is no secret named {name:?} (baton secrets set {name})",
+                                s.id
+                            )));
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -122,9 +129,23 @@ impl Engine {
                 .map_err(|e| EngineError::Invalid(format!("step {:?}: {e}", s.id)))?;
             tools.push(route.tool);
         }
+        if let Some((name, _)) = params.iter().find(|(_, v)| v.contains('\0')) {
+            return Err(EngineError::Invalid(format!("params.{name}: the value holds a NUL byte")));
+        }
         let id = uuid::Uuid::new_v4().to_string();
         let spec_json = serde_json::to_string(&spec).map_err(|e| EngineError::Invalid(e.to_string()))?;
-        let params_json = serde_json::to_string(&params).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        // Secret parameters are kept sealed; only the engine's memory holds them open.
+        let mut stored = params.clone();
+        for name in &spec.secret_params {
+            let Some(value) = stored.get_mut(name) else { continue };
+            let Some(sealer) = &self.cfg.secrets else {
+                return Err(EngineError::Invalid(format!(
+                    "params.{name} is secret, and this controller keeps no secrets: start it with --secrets-key"
+                )));
+            };
+            *value = sealer.seal(&crate::secrets::param_aad(&id, name), value);
+        }
+        let params_json = serde_json::to_string(&stored).map_err(|e| EngineError::Invalid(e.to_string()))?;
         let now = now_ms();
         let steps: Vec<Step> = spec
             .steps
@@ -168,6 +189,7 @@ impl Engine {
             estimates,
             eta: None,
             counts: model::counts_of(&steps_states),
+            redactor: None,
         };
         let p = &mut self.pending;
         p.runs.insert(id.clone());

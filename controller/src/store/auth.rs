@@ -403,3 +403,87 @@ impl Store {
         Ok(id)
     }
 }
+
+/// A sealed secret, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretRow {
+    pub name: String,
+    pub sealed: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub updated_by: String,
+}
+
+impl SecretRow {
+    fn decode(r: &AnyRow) -> Result<SecretRow, sqlx::Error> {
+        Ok(SecretRow {
+            name: r.try_get("name")?,
+            sealed: r.try_get("sealed")?,
+            created_at: r.try_get("created_at")?,
+            updated_at: r.try_get("updated_at")?,
+            updated_by: r.try_get("updated_by")?,
+        })
+    }
+}
+
+impl Store {
+    /// Stores a sealed secret, replacing one of the same name (its creation time stays).
+    pub async fn put_secret(
+        &self,
+        name: &str,
+        sealed: &str,
+        by: &str,
+        now: i64,
+    ) -> Result<SecretRow, StoreError> {
+        let mut tx = self.exclusive("secrets").await?;
+        let created = sqlx::query("SELECT created_at FROM secrets WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|r| r.try_get::<i64, _>("created_at"))
+            .transpose()?
+            .unwrap_or(now);
+        sqlx::query("DELETE FROM secrets WHERE name = $1").bind(name).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO secrets (name, sealed, created_at, updated_at, updated_by) VALUES ($1, $2, $3, $4, $5)")
+            .bind(name)
+            .bind(sealed)
+            .bind(created)
+            .bind(now)
+            .bind(by)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(SecretRow {
+            name: name.into(),
+            sealed: sealed.into(),
+            created_at: created,
+            updated_at: now,
+            updated_by: by.into(),
+        })
+    }
+
+    pub async fn secrets(&self) -> Result<Vec<SecretRow>, StoreError> {
+        let rows =
+            sqlx::query("SELECT name, sealed, created_at, updated_at, updated_by FROM secrets ORDER BY name")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.iter().map(SecretRow::decode).collect::<Result<_, _>>()?)
+    }
+
+    pub async fn delete_secret(&self, name: &str) -> Result<SecretRow, StoreError> {
+        let mut tx = self.exclusive("secrets").await?;
+        let row = sqlx::query(
+            "SELECT name, sealed, created_at, updated_at, updated_by FROM secrets WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await?
+        .as_ref()
+        .map(SecretRow::decode)
+        .transpose()?
+        .ok_or_else(|| StoreError::NotFound(format!("no secret named {name:?}")))?;
+        sqlx::query("DELETE FROM secrets WHERE name = $1").bind(name).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(row)
+    }
+}

@@ -16,7 +16,7 @@ use sqlx::query::Query;
 use sqlx::{Any, AnyPool, AssertSqlSafe, Row};
 use thiserror::Error;
 
-pub use auth::{AgentCredentialRow, Enrollment, JoinTokenRow, TokenRow};
+pub use auth::{AgentCredentialRow, Enrollment, JoinTokenRow, SecretRow, TokenRow};
 pub use rows::{AgentRow, AttemptRow, BreakerRow, EventRow, OutputRow, RunRow, StepRow};
 
 #[derive(Debug, Error)]
@@ -846,6 +846,33 @@ pub mod testing {
         let (base, _) = admin_url.rsplit_once('/').unwrap_or((admin_url, ""));
         let query = admin_url.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
         Ok(format!("{base}/{name}{query}"))
+    }
+
+    /// Every row of every table of a Postgres database, as text: for tests that look
+    /// for what must never be stored.
+    pub async fn postgres_rows_text(url: &str) -> Result<String, sqlx::Error> {
+        use sqlx::Row;
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        let tables: Vec<String> = sqlx::query(
+            "SELECT table_name::text AS t FROM information_schema.tables WHERE table_schema = 'public'",
+        )
+        .fetch_all(&mut conn)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>("t"))
+        .collect::<Result<_, _>>()?;
+        let mut out = String::new();
+        for t in tables {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT x::text AS row FROM \"{t}\" x")))
+                .fetch_all(&mut conn)
+                .await?;
+            for r in rows {
+                out.push_str(&r.try_get::<String, _>("row")?);
+                out.push('\n');
+            }
+        }
+        conn.close().await?;
+        Ok(out)
     }
 
     /// Drops a database made by `create_database`, closing its connections.
