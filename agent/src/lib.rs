@@ -38,6 +38,8 @@ pub struct Config {
     pub labels: BTreeMap<String, String>,
     /// Advertise only these tools (of those that work here); `None` for all.
     pub tools: Option<Vec<String>>,
+    /// Never run these tools (e.g. `shell`, `aider`), whatever `tools` says.
+    pub disable_tools: Vec<String>,
     /// Kill running tools when no controller was reachable for this long, so that a
     /// step the controller re-assigned elsewhere does not run twice.
     pub stop_after: Option<Duration>,
@@ -66,6 +68,7 @@ impl Config {
             work_dir: work_dir.into(),
             labels: BTreeMap::new(),
             tools: None,
+            disable_tools: Vec::new(),
             stop_after: None,
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
@@ -196,7 +199,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
     std::fs::create_dir_all(&attempts_dir)
         .map_err(|e| AgentError::Io { path: attempts_dir.clone(), source: e })?;
     let id = agent_id(&cfg.work_dir)?;
-    let (adapters, tools) = probe_tools(cfg.tools.as_deref())?;
+    let (adapters, tools) = probe_tools(cfg.tools.as_deref(), &cfg.disable_tools)?;
     let Some(credential) = credential(&cfg, &id, &shutdown).await? else {
         return Ok(());
     };
@@ -339,15 +342,19 @@ fn agent_id(work_dir: &Path) -> Result<String, AgentError> {
 
 type Adapters = HashMap<String, Arc<dyn Adapter>>;
 
-/// The adapters whose tools work on this machine, narrowed to `only` when given.
-fn probe_tools(only: Option<&[String]>) -> Result<(Adapters, Vec<pb::Tool>), AgentError> {
+/// The adapters whose tools work on this machine, narrowed to `only` when given and
+/// without the `disabled` ones. An agent runs no tool it does not advertise.
+fn probe_tools(
+    only: Option<&[String]>,
+    disabled: &[String],
+) -> Result<(Adapters, Vec<pb::Tool>), AgentError> {
     let all = adapters::all();
-    if let Some(only) = only {
-        for name in only {
+    for (flag, names) in [("--tools", only.unwrap_or_default()), ("--disable-tools", disabled)] {
+        for name in names {
             if !all.iter().any(|a| a.name() == name) {
                 let known: Vec<&str> = all.iter().map(|a| a.name()).collect();
                 return Err(AgentError::Config(format!(
-                    "unknown tool {name:?} in --tools (known: {})",
+                    "unknown tool {name:?} in {flag} (known: {})",
                     known.join(", ")
                 )));
             }
@@ -356,7 +363,8 @@ fn probe_tools(only: Option<&[String]>) -> Result<(Adapters, Vec<pb::Tool>), Age
     let mut map = HashMap::new();
     let mut tools = Vec::new();
     for a in all {
-        if only.is_some_and(|o| !o.iter().any(|n| n == a.name())) {
+        if only.is_some_and(|o| !o.iter().any(|n| n == a.name())) || disabled.iter().any(|d| d == a.name()) {
+            info!(tool = a.name(), "tool switched off on this agent");
             continue;
         }
         match a.probe() {
@@ -903,9 +911,22 @@ mod tests {
 
     #[test]
     fn unknown_tool_filter_is_refused() {
-        let err = probe_tools(Some(&["hammer".to_string()])).err().unwrap();
+        let err = probe_tools(Some(&["hammer".to_string()]), &[]).err().unwrap();
         assert!(err.to_string().contains("unknown tool \"hammer\" in --tools"), "{err}");
-        let (_, tools) = probe_tools(Some(&["noop".to_string()])).unwrap();
+        let (_, tools) = probe_tools(Some(&["noop".to_string()]), &[]).unwrap();
         assert_eq!(tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), vec!["noop"]);
+    }
+
+    #[test]
+    fn disabled_tools_are_neither_advertised_nor_run() {
+        let (adapters, tools) = probe_tools(None, &["shell".to_string(), "aider".to_string()]).unwrap();
+        let names: Vec<&str> = tools.iter().map(|t| t.name.as_str()).collect();
+        assert!(
+            !names.contains(&"shell") && !names.contains(&"aider") && names.contains(&"noop"),
+            "{names:?}"
+        );
+        assert!(!adapters.contains_key("shell"), "no adapter, so an assignment for it fails");
+        let err = probe_tools(None, &["drill".to_string()]).err().unwrap();
+        assert!(err.to_string().contains("unknown tool \"drill\" in --disable-tools"), "{err}");
     }
 }

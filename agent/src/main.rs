@@ -27,9 +27,13 @@ struct Args {
     /// Labels for routing, as KEY=VALUE; repeat or comma-separate.
     #[arg(long = "label", env = "BATON_LABELS", value_delimiter = ',', value_parser = label)]
     labels: Vec<(String, String)>,
-    /// Advertise only these tools (comma-separated).
+    /// Advertise (and run) only these tools (comma-separated).
     #[arg(long, env = "BATON_TOOLS", value_delimiter = ',')]
     tools: Option<Vec<String>>,
+    /// Never run these tools (comma-separated), e.g. `shell,aider` on an agent that
+    /// should run only Python functions and built-ins.
+    #[arg(long, env = "BATON_DISABLE_TOOLS", value_delimiter = ',')]
+    disable_tools: Vec<String>,
     /// Kill running tools after this long without a controller (keep it below the
     /// controller's --lost-after).
     #[arg(long, env = "BATON_STOP_AFTER", value_parser = duration)]
@@ -97,6 +101,7 @@ async fn run() -> anyhow::Result<()> {
         work_dir: args.work_dir,
         labels: args.labels.into_iter().collect::<BTreeMap<_, _>>(),
         tools: args.tools,
+        disable_tools: args.disable_tools,
         stop_after: args.stop_after,
         metrics_listen: args.metrics_listen,
         tls: baton_common::connect::ClientTls { ca: args.tls_ca, cert: args.tls_cert, key: args.tls_key },

@@ -194,3 +194,41 @@ async fn who_submitted_and_canceled_is_in_the_events_and_the_report() {
     assert!(md.contains("by token ci-bot"), "{md}");
     assert!(md.contains("(by token ops)"), "{md}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_routed_to_a_pool_that_does_not_allow_its_tool_is_refused_at_submit() {
+    let router = r#"{"rules": [
+        {"match": {"kind": "compute"}, "tool": "python", "labels": {"pool": "py"}},
+        {"match": {"kind": "script"}, "tool": "shell", "labels": {"pool": "py"}}
+    ]}"#;
+    let mut sb = Sandbox::builder().agents(0).router(router).build().await;
+    let mut cfg = sb.agent_config("py-1", 1);
+    cfg.labels = [("pool".to_string(), "py".to_string())].into();
+    cfg.disable_tools = vec!["shell".into(), "aider".into()];
+    sb.add_agent_with(cfg);
+    sb.wait_agents(1).await;
+    let mut c = sb.client().await;
+    let agents = c.list_agents(proto::ListAgentsRequest {}).await.unwrap().into_inner().agents;
+    assert!(agents[0].tools.iter().all(|t| t.name != "shell" && t.name != "aider"), "switched off");
+    let err = c
+        .submit_run(proto::SubmitRunRequest {
+            spec: "name: p\nsteps:\n  - {id: fine, kind: compute, with: {script: 'result = 1'}}\n  - {id: sh, kind: script, with: {run: 'id'}}\n".into(),
+            source: "p.yaml".into(),
+            params: Default::default(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains(
+            "step \"sh\": tool shell is not allowed in pool label pool=py: its agents (py-1) allow only"
+        ),
+        "{}",
+        err.message()
+    );
+    let runs = c.list_runs(proto::ListRunsRequest::default()).await.unwrap().into_inner().runs;
+    assert!(runs.is_empty(), "nothing was stored, nothing dispatched");
+    let id = submit(&mut c, "name: p\nsteps:\n  - {id: fine, kind: compute, with: {script: 'result = 1'}}\n")
+        .await;
+    assert_eq!(wait_run(&mut c, &id, Duration::from_secs(20)).await.state, "succeeded");
+}

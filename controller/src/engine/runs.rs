@@ -127,6 +127,9 @@ impl Engine {
                 self.router.resolve(s).map_err(|e| EngineError::Invalid(format!("step {:?}: {e}", s.id)))?;
             baton_common::script::check_input(&route.tool, &s.with)
                 .map_err(|e| EngineError::Invalid(format!("step {:?}: {e}", s.id)))?;
+            if let Some(why) = route.rule.and_then(|i| self.pool_refuses(i, &route.tool)) {
+                return Err(EngineError::Invalid(format!("step {:?}: {why}", s.id)));
+            }
             tools.push(route.tool);
         }
         if let Some((name, _)) = params.iter().find(|(_, v)| v.contains('\0')) {
@@ -208,6 +211,36 @@ impl Engine {
             self.enqueue(&id, i);
         }
         Ok(id)
+    }
+
+    /// Why the pool a router rule sends steps to (its labels, or its fixed agents) will
+    /// not run `tool`: it has agents, and none of them allows the tool. A pool with no
+    /// agent yet is not judged (its agents may still come).
+    pub(super) fn pool_refuses(&self, rule: usize, tool: &str) -> Option<String> {
+        let rule = self.router.rules.get(rule)?;
+        if rule.agent_labels.is_empty() && rule.strategy != crate::router::Strategy::Fixed {
+            return None;
+        }
+        let mut pool: Vec<&super::model::Agent> =
+            self.agents.values().filter(|a| rule.admits(&a.name, &a.labels)).collect();
+        if pool.is_empty() || pool.iter().any(|a| a.has_tool(tool)) {
+            return None;
+        }
+        pool.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut allowed: Vec<&str> =
+            pool.iter().flat_map(|a| a.tools.iter().map(|t| t.name.as_str())).collect();
+        allowed.sort();
+        allowed.dedup();
+        let name = match rule.describe_labels() {
+            l if !l.is_empty() => format!("pool {l}"),
+            _ => format!("pool of agents {}", rule.agents.join(", ")),
+        };
+        let agents: Vec<&str> = pool.iter().map(|a| a.name.as_str()).collect();
+        Some(format!(
+            "tool {tool} is not allowed in {name}: its agents ({}) allow only {}",
+            agents.join(", "),
+            if allowed.is_empty() { "no tools".to_string() } else { allowed.join(", ") }
+        ))
     }
 
     /// Fails a ready step that cannot start (its input does not render).
