@@ -221,7 +221,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
             let up = m.connected.get(&[]) > 0.0;
             Box::pin(async move { if up { Ok(()) } else { Err("no controller session".to_string()) } })
         });
-        tokio::spawn(baton_common::metrics::serve(listener, render, ready, shutdown.clone()));
+        tokio::spawn(baton_common::metrics::serve(listener, render, ready, None, shutdown.clone()));
     }
     let mut agent = Agent {
         cfg,

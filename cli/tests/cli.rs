@@ -249,3 +249,142 @@ async fn drain_and_router_reload_from_the_command_line() {
     assert_eq!(out.code, 2);
     assert!(out.stderr.contains("rule 0: unknown tool \"hammer\""), "{}", out.stderr);
 }
+
+/// The `baton` command with extra environment and stdin.
+async fn baton_with(envs: &[(&str, &str)], args: &[&str], stdin: &str) -> Out {
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_baton"));
+    cmd.env("NO_COLOR", "1").args(args).stdin(std::process::Stdio::piped());
+    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).await.unwrap();
+    drop(input);
+    let out = child.wait_with_output().await.unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The README's deployment, on one machine: a CA and certificates, the first admin
+/// token, a controller with TLS, an agent enrolled with a join token, a secret, a
+/// submitter's token, and a run whose output shows the secret masked.
+#[tokio::test]
+async fn a_secure_deployment_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = d.join("pki").display().to_string();
+    let ok = |o: &Out, what: &str| assert_eq!(o.code, 0, "{what}: {}{}", o.stdout, o.stderr);
+    let o = baton_with(&[], &["certs", "ca", "--dir", &pki], "").await;
+    ok(&o, "certs ca");
+    let o = baton_with(
+        &[],
+        &["certs", "issue", "--dir", &pki, "--role", "controller", "--name", "ctl", "--host", "127.0.0.1"],
+        "",
+    )
+    .await;
+    ok(&o, "certs issue");
+    let db = format!("sqlite://{}", d.join("baton.db").display());
+    let boot = std::process::Command::new(binary("baton-controller"))
+        .args(["bootstrap", "--db", &db])
+        .output()
+        .unwrap();
+    assert!(boot.status.success(), "{}", String::from_utf8_lossy(&boot.stderr));
+    let admin = String::from_utf8(boot.stdout).unwrap().trim().to_string();
+    let addr = free_addr();
+    let args: Vec<String> = [
+        "--listen",
+        &addr.to_string(),
+        "--db",
+        &db,
+        "--tls-cert",
+        &format!("{pki}/ctl.pem"),
+        "--tls-key",
+        &format!("{pki}/ctl-key.pem"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let _controller = Process::spawn("baton-controller", &args, d.join("controller.log"), &[]);
+    let url = format!("https://{addr}");
+    let ca = format!("{pki}/ca.pem");
+    let as_admin =
+        [("BATON_CONTROLLER", url.as_str()), ("BATON_TLS_CA", ca.as_str()), ("BATON_TOKEN", admin.as_str())];
+    eventually(Duration::from_secs(20), "the controller to answer", || async {
+        (baton_with(&as_admin, &["whoami"], "").await.code == 0).then_some(())
+    })
+    .await;
+    let me = baton_with(&as_admin, &["whoami"], "").await;
+    assert_eq!(me.stdout.trim(), "bootstrap (admin) via token");
+
+    // Plaintext, or no token: refused.
+    let plain = format!("http://{addr}");
+    let o = baton_with(&[("BATON_CONTROLLER", &plain), ("BATON_TOKEN", &admin)], &["runs", "list"], "").await;
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    let o = baton_with(&[("BATON_CONTROLLER", &url), ("BATON_TLS_CA", &ca)], &["runs", "list"], "").await;
+    assert_eq!(o.code, 1);
+    assert!(o.stderr.contains("not authenticated: no credential"), "{}", o.stderr);
+
+    // An agent enrolls with a join token.
+    let join =
+        baton_with(&as_admin, &["agents", "join-token", "--ttl", "10m", "--labels", "zone=b"], "").await;
+    ok(&join, "join-token");
+    let work = d.join("w1").display().to_string();
+    let agent_args: Vec<String> =
+        ["--controller", &url, "--tls-ca", &ca, "--name", "w1", "--work-dir", &work]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let _agent = Process::spawn(
+        "baton-agent",
+        &agent_args,
+        d.join("agent.log"),
+        &[("BATON_JOIN_TOKEN", join.stdout.trim()), ("RUST_LOG", "info")],
+    );
+    eventually(Duration::from_secs(20), "the agent to connect", || async {
+        let o = baton_with(&as_admin, &["agents", "list"], "").await;
+        (o.stdout.contains("w1") && o.stdout.contains("connected")).then_some(())
+    })
+    .await;
+    let o = baton_with(&as_admin, &["agents", "list"], "").await;
+    assert!(o.stdout.contains("zone=b"), "the join token's labels: {}", o.stdout);
+
+    // A secret from stdin, a submitter's token, and a run that uses the secret.
+    ok(&baton_with(&as_admin, &["secrets", "set", "db"], "correct-horse-battery\n").await, "secrets set");
+    let list = baton_with(&as_admin, &["secrets", "list"], "").await;
+    assert!(list.stdout.contains("db") && !list.stdout.contains("correct-horse"), "{}", list.stdout);
+    let ci = baton_with(&as_admin, &["tokens", "create", "--name", "ci", "--role", "submitter"], "").await;
+    ok(&ci, "tokens create");
+    let as_ci = [
+        ("BATON_CONTROLLER", url.as_str()),
+        ("BATON_TLS_CA", ca.as_str()),
+        ("BATON_TOKEN", ci.stdout.trim()),
+    ];
+    let spec = write(
+        d,
+        "deploy.yaml",
+        "name: deploy\nparams: {target: prod}\nsteps:\n  - id: push\n    tool: shell\n    env: {DB_PASSWORD: '${{ secrets.db }}'}\n    with: {run: 'echo \"to ${{ params.target }} with $DB_PASSWORD\"'}\n",
+    );
+    let submitted = baton_with(&as_ci, &["submit", &spec], "").await;
+    ok(&submitted, "submit");
+    let run_id = submitted.stdout.trim().to_string();
+    ok(&baton_with(&as_ci, &["runs", "watch", &run_id], "").await, "runs watch");
+    let logs = baton_with(&as_ci, &["runs", "logs", &run_id, "push"], "").await;
+    ok(&logs, "runs logs");
+    assert_eq!(logs.stdout, "to prod with ***\n");
+    let report = baton_with(&as_ci, &["runs", "report", &run_id], "").await;
+    assert!(report.stdout.contains("by token ci"), "{}", report.stdout);
+    // The submitter may not manage tokens.
+    let o = baton_with(&as_ci, &["tokens", "list"], "").await;
+    assert_eq!(o.code, 1);
+    assert!(
+        o.stderr.contains("permission denied: token ci (role submitter) may not call ListTokens"),
+        "{}",
+        o.stderr
+    );
+}

@@ -186,8 +186,19 @@ pub type RenderFn = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = String> + Send>>
 /// Whether the component is ready to work (for `/readyz`), and why not.
 pub type ReadyFn = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
+/// Whether a request's `authorization` header lets it read `/metrics`.
+pub type AuthorizeFn =
+    Arc<dyn Fn(Option<String>) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+
 /// Serves `/metrics`, `/healthz` (up) and `/readyz` (ready to work) until `shutdown`.
-pub async fn serve(listener: TcpListener, render: RenderFn, ready: ReadyFn, shutdown: CancellationToken) {
+/// With `authorize`, `/metrics` answers 401 to a request it refuses (probes stay open).
+pub async fn serve(
+    listener: TcpListener,
+    render: RenderFn,
+    ready: ReadyFn,
+    authorize: Option<AuthorizeFn>,
+    shutdown: CancellationToken,
+) {
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -199,10 +210,30 @@ pub async fn serve(listener: TcpListener, render: RenderFn, ready: ReadyFn, shut
                 }
             },
         };
-        let (render, ready) = (render.clone(), ready.clone());
+        let (render, ready, authorize) = (render.clone(), ready.clone(), authorize.clone());
         let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-            let (render, ready) = (render.clone(), ready.clone());
-            async move { Ok::<_, Infallible>(route(req.uri().path(), render, ready).await) }
+            let (render, ready, authorize) = (render.clone(), ready.clone(), authorize.clone());
+            async move {
+                if req.uri().path() == "/metrics"
+                    && let Some(authorize) = authorize
+                {
+                    let header = req
+                        .headers()
+                        .get(hyper::header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    if !authorize(header).await {
+                        let refused = Response::builder()
+                            .status(StatusCode::UNAUTHORIZED)
+                            .header("www-authenticate", "Bearer")
+                            .header("content-type", "text/plain")
+                            .body(Full::new(Bytes::from("a token with role reader is needed for /metrics\n")))
+                            .unwrap_or_default();
+                        return Ok::<_, Infallible>(refused);
+                    }
+                }
+                Ok::<_, Infallible>(route(req.uri().path(), render, ready).await)
+            }
         });
         tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);

@@ -232,3 +232,31 @@ async fn a_step_routed_to_a_pool_that_does_not_allow_its_tool_is_refused_at_subm
         .await;
     assert_eq!(wait_run(&mut c, &id, Duration::from_secs(20)).await.state, "succeeded");
 }
+
+/// GET over plain HTTP with an optional bearer token: the status.
+async fn http_status(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_need_a_readers_token_when_authentication_is_on_and_probes_do_not() {
+    let sb = Sandbox::builder().agents(0).auth(AuthMode::Required).build().await;
+    let addr = sb.metrics_addr;
+    eventually(Duration::from_secs(10), "the metrics listener", || async move {
+        (http_status(addr, "/healthz", None).await == 200).then_some(())
+    })
+    .await;
+    assert_eq!(http_status(addr, "/metrics", None).await, 401);
+    assert_eq!(http_status(addr, "/metrics", Some("btk_00_11")).await, 401);
+    let reader = sb.token("prometheus", Role::Reader).await;
+    assert_eq!(http_status(addr, "/metrics", Some(&reader)).await, 200);
+    assert_eq!(http_status(addr, "/readyz", None).await, 200);
+}

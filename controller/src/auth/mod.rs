@@ -306,6 +306,16 @@ impl Authenticator {
         Ok(revoked)
     }
 
+    /// Whether an `authorization` header carries a credential with role reader (for
+    /// plain HTTP endpoints such as `/metrics`).
+    pub async fn may_read(&self, authorization: Option<String>) -> bool {
+        let mut headers = http::HeaderMap::new();
+        if let Some(v) = authorization.and_then(|v| http::HeaderValue::from_str(&v).ok()) {
+            headers.insert(http::header::AUTHORIZATION, v);
+        }
+        matches!(self.identify(&headers, None).await, Ok(Some(i)) if i.role.is_some_and(|r| r.includes(Role::Reader)))
+    }
+
     /// Decides a request: its identity (to put on it), or the status that refuses it.
     async fn admit(&self, req: &http::request::Parts) -> Result<Option<Identity>, Status> {
         let path = req.uri.path();
