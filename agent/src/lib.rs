@@ -403,10 +403,17 @@ impl Agent {
                 SessionEnd::Refused(why) => {
                     error!(controller = %url, %why, "the controller refuses this agent; stopping its tools");
                     self.stop_all(StopReason::Shutdown).await;
-                    return Err(AgentError::Refused(format!(
-                        "{why} (if it was revoked or its credential lost: remove {} and enroll again with a new join token)",
-                        self.cfg.work_dir.join("agent-credential").display()
-                    )));
+                    let hint = if self.bearer.is_set() {
+                        format!(
+                            "if it was revoked or its credential lost: remove {} and enroll again with a new join token",
+                            self.cfg.work_dir.join("agent-credential").display()
+                        )
+                    } else {
+                        "this agent has no credential: enroll it with --join-token (baton agents join-token) \
+                         or give it an agent certificate (--tls-cert, --tls-key)"
+                            .to_string()
+                    };
+                    return Err(AgentError::Refused(format!("{why} ({hint})")));
                 }
                 SessionEnd::Redirect(leader) => {
                     info!(standby = %url, %leader, "following the leader");
