@@ -71,15 +71,8 @@ fn label(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// Errors go to stderr as one line (`error: ...`), with exit code 1.
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::from(1)
-        }
-    }
+    baton_common::exit_code(run())
 }
 
 /// One thread: an agent mostly waits on its tools and its stream, and a single thread

@@ -18,5 +18,16 @@ pub mod tools;
 
 pub use proto::v1 as pb;
 
+/// A binary's exit: 0, or its error on stderr as one line (`error: ...`) and 1.
+pub fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}
+
 /// gRPC metadata key with which a standby controller names the leader's address.
 pub const LEADER_HEADER: &str = "baton-leader";

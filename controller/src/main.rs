@@ -109,15 +109,8 @@ fn duration(s: &str) -> Result<Duration, String> {
     baton_common::time::parse_duration(s)
 }
 
-/// Errors go to stderr as one line (`error: ...`), with exit code 1.
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::from(1)
-        }
-    }
+    baton_common::exit_code(run())
 }
 
 #[tokio::main]

@@ -579,6 +579,27 @@ where
     }
 }
 
+/// A run's output chunks (one step's, or every step's with `step` empty; `attempt` 0
+/// for the latest), following live with `follow`.
+pub async fn logs(c: &mut Client, run_id: &str, step: &str, attempt: u32, follow: bool) -> Vec<pb::LogChunk> {
+    let req = pb::GetLogsRequest { run_id: run_id.into(), step_id: step.into(), attempt, follow };
+    let mut s = c.get_logs(req).await.expect("get logs").into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(20), s.message())
+        .await
+        .expect("logs did not end")
+        .expect("logs failed")
+    {
+        out.push(chunk);
+    }
+    out
+}
+
+/// The text of output chunks.
+pub fn log_text(chunks: &[pb::LogChunk]) -> String {
+    chunks.iter().map(|c| String::from_utf8_lossy(&c.data).into_owned()).collect()
+}
+
 /// All events of a final run, in order.
 pub async fn all_events(c: &mut Client, run_id: &str) -> Vec<pb::RunEvent> {
     let mut s = c

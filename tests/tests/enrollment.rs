@@ -181,16 +181,8 @@ async fn an_agent_cannot_pose_as_another_nor_report_on_its_attempts() {
     assert_eq!(run.steps[0].result_json, "{\"by\":\"a\"}");
     assert_eq!(run.steps[0].attempts.len(), 1);
     assert_eq!(run.steps[0].attempts[0].agent_name, "agent-1");
-    let mut logs = c
-        .get_logs(proto::GetLogsRequest { run_id: id.clone(), step_id: "work".into(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut text = Vec::new();
-    while let Some(chunk) = logs.message().await.unwrap() {
-        text.extend(chunk.data);
-    }
-    assert_eq!(String::from_utf8_lossy(&text), "genuine\n{\"by\": \"a\"}\n", "B's output was not kept");
+    let text = log_text(&logs(&mut c, &id, "work", 0, false).await);
+    assert_eq!(text, "genuine\n{\"by\": \"a\"}\n", "B's output was not kept");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

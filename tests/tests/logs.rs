@@ -6,21 +6,6 @@ use std::time::Duration;
 use baton_tests::on_both;
 use baton_tests::*;
 
-async fn logs(c: &mut Client, run_id: &str, step: &str, attempt: u32, follow: bool) -> Vec<proto::LogChunk> {
-    let req = proto::GetLogsRequest { run_id: run_id.into(), step_id: step.into(), attempt, follow };
-    let mut s = c.get_logs(req).await.unwrap().into_inner();
-    let mut out = Vec::new();
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(20), s.message()).await.unwrap().unwrap()
-    {
-        out.push(chunk);
-    }
-    out
-}
-
-fn text(chunks: &[proto::LogChunk]) -> String {
-    chunks.iter().map(|c| String::from_utf8_lossy(&c.data).into_owned()).collect()
-}
-
 async fn output_is_kept_per_attempt_and_read_back_by_step_and_attempt(backend: Backend) {
     let sb = Sandbox::builder().backend(backend).agents(1).build().await;
     let mut c = sb.client().await;
@@ -31,14 +16,14 @@ async fn output_is_kept_per_attempt_and_read_back_by_step_and_attempt(backend: B
     );
     let id = sb.submit(&spec).await;
     wait_run(&mut c, &id, Duration::from_secs(20)).await;
-    let latest = text(&logs(&mut c, &id, "s", 0, false).await);
+    let latest = log_text(&logs(&mut c, &id, "s", 0, false).await);
     assert!(latest.contains("out of attempt 2") && latest.contains("err of attempt 2"), "{latest}");
     assert!(!latest.contains("attempt 1"));
-    let first = text(&logs(&mut c, &id, "s", 1, false).await);
+    let first = log_text(&logs(&mut c, &id, "s", 1, false).await);
     assert!(first.contains("out of attempt 1"), "{first}");
     let all = logs(&mut c, &id, "", 0, false).await;
     assert_eq!(all.iter().map(|c| c.step_id.as_str()).collect::<std::collections::BTreeSet<_>>().len(), 2);
-    assert!(text(&all).contains("from t"));
+    assert!(log_text(&all).contains("from t"));
     let err = c
         .get_logs(proto::GetLogsRequest { run_id: id.clone(), step_id: "nope".into(), ..Default::default() })
         .await
@@ -55,7 +40,7 @@ async fn output_past_the_cap_is_truncated_with_a_marker(backend: Backend) {
     let id = sb.submit("name: big\nsteps:\n  - {id: s, tool: shell, with: {run: 'yes 0123456789 | head -c 200000; echo; echo END'}}\n").await;
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
     assert_eq!(run.state, "succeeded");
-    let kept = text(&logs(&mut c, &id, "s", 0, false).await);
+    let kept = log_text(&logs(&mut c, &id, "s", 0, false).await);
     assert!(kept.starts_with("0123456789\n0123456789"), "{}", &kept[..40]);
     assert!(kept.contains("[... output truncated: the limit of 4096 bytes per attempt was reached ...]"));
     assert!(kept.len() < 4096 + 200, "{} bytes kept", kept.len());

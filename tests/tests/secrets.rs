@@ -96,16 +96,8 @@ async fn secrets_reach_their_step_and_are_kept_nowhere(backend: Backend) {
     let split = run.steps.iter().find(|s| s.id == "split").unwrap();
     assert_eq!(split.result_json, "{\"k\":\"***\"}");
     // Logs: masked, with the masks where the values were.
-    let mut logs = c
-        .get_logs(proto::GetLogsRequest { run_id: id.clone(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut text = Vec::new();
-    while let Some(chunk) = logs.message().await.unwrap() {
-        text.extend(chunk.data);
-    }
-    let text = String::from_utf8_lossy(&text).to_string();
+    let text = log_text(&logs(&mut c, &id, "", 0, false).await);
+
     for v in ALL {
         assert!(!text.contains(v), "logs hold {v}: {text}");
     }
