@@ -136,21 +136,11 @@ pub async fn run(
         let listener =
             TcpListener::from_std(listener).map_err(|e| ControllerError::Metrics(e.to_string()))?;
         info!(addr = ?listener.local_addr().ok(), "metrics listening");
-        // With authentication, /metrics needs a reader's token like the API does.
-        let authorize: Option<baton_common::metrics::AuthorizeFn> = (config.auth == auth::AuthMode::Required)
-            .then(|| {
-                let a = authenticator.clone();
-                std::sync::Arc::new(move |header: Option<String>| {
-                    let a = a.clone();
-                    Box::pin(async move { a.may_read(header).await })
-                        as std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
-                }) as baton_common::metrics::AuthorizeFn
-            });
         tokio::spawn(baton_common::metrics::serve(
             listener,
             render_metrics(metrics.clone(), leadership.clone(), store.clone()),
             readiness(leadership.clone(), store.clone()),
-            authorize,
+            authenticator.metrics_gate(),
             stop.clone(),
         ));
     }

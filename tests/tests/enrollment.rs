@@ -210,6 +210,21 @@ async fn a_revoked_agent_is_cut_off_at_once_and_refused_afterwards() {
         .await
         .unwrap_err();
     assert!(again.to_string().contains("was revoked"), "{again}");
+    // The machine comes back under a new name: same agent id (its work dir), a fresh
+    // enrollment. The credential proves the id, so the old name does not hold it.
+    std::fs::remove_file(sb.dir.path().join("doomed").join("agent-credential")).unwrap();
+    let mut reborn = sb.agent_config("doomed", 1);
+    reborn.name = "reborn".into();
+    reborn.join_token = Some(sb.new_join_token(1, Default::default()).await.token);
+    sb.add_agent_with(reborn);
+    eventually(Duration::from_secs(20), "the re-enrolled agent to connect", || {
+        let mut c = c.clone();
+        async move {
+            let agents = c.list_agents(proto::ListAgentsRequest {}).await.ok()?.into_inner().agents;
+            agents.iter().any(|a| a.name == "reborn" && a.state == "connected").then_some(())
+        }
+    })
+    .await;
     // The other agent is untouched and work goes on.
     let id = submit(&mut c, "name: w\nsteps:\n  - {id: a, tool: noop}\n").await;
     assert_eq!(wait_run(&mut c, &id, Duration::from_secs(20)).await.state, "succeeded");

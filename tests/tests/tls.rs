@@ -210,3 +210,39 @@ async fn sighup_reloads_the_certificate_and_keeps_the_streams_that_are_up() {
     stop.cancel();
     let _ = agent.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_certificate_is_good_for_its_own_name_and_no_other_agents_id() {
+    let sb = Sandbox::builder().tls().agents(1).build().await;
+    let dir = sb.certs.clone().unwrap();
+    let victim =
+        std::fs::read_to_string(sb.dir.path().join("agent-1").join("agent-id")).unwrap().trim().to_string();
+    let (cert, key) = certs::issue(&dir, Kind::Agent, "mallet", &[]).unwrap();
+    let mallet = ClientTls { ca: sb.client_tls.ca.clone(), cert: Some(cert), key: Some(key) };
+    let hello = |id: &str, name: &str| proto::Hello {
+        agent_id: id.into(),
+        name: name.into(),
+        slots: 1,
+        tools: vec![proto::Tool { name: "shell".into(), version: "1".into() }],
+        ..Default::default()
+    };
+    for (id, name) in [(victim.as_str(), "mallet"), ("0c0c0c0c-2222", "agent-1")] {
+        let e = AgentSession::open(channel_as(&sb.url(), &mallet, None).await, hello(id, name))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{id} {name}: {}", e.message());
+    }
+    let ok = AgentSession::open(channel_as(&sb.url(), &mallet, None).await, hello("0c0c0c0c-2222", "mallet"))
+        .await;
+    assert!(ok.is_ok(), "as itself it may connect");
+    // A revoked agent certificate is refused.
+    let mut admin = sb.admin_as(sb.admin_token.as_deref()).await;
+    admin.revoke_agent(proto::RevokeAgentRequest { agent: "mallet".into() }).await.unwrap();
+    let e = AgentSession::open(channel_as(&sb.url(), &mallet, None).await, hello("0c0c0c0c-2222", "mallet"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert!(e.message().contains("agent mallet was revoked"), "{}", e.message());
+}

@@ -51,13 +51,13 @@ fn binding(identity: &Identity, hello: &pb::Hello) -> Result<Binding, Status> {
             if identity.name != hello.name {
                 return Err(claim(&format!("its credential is for the name {:?}", identity.name)));
             }
-            Ok(Binding { strict: true, labels: identity.labels.clone() })
+            Ok(Binding { strict: true, id_proven: true, labels: identity.labels.clone() })
         }
         Via::Certificate => {
             if identity.name != hello.name {
                 return Err(claim(&format!("its certificate is for the name {:?}", identity.name)));
             }
-            Ok(Binding { strict: true, labels: identity.labels.clone() })
+            Ok(Binding { strict: true, id_proven: false, labels: identity.labels.clone() })
         }
         // Authentication is off: the agent is who it says.
         Via::Anonymous => Ok(Binding::default()),

@@ -106,12 +106,33 @@ type Checked = Result<Identity, (Code, String)>;
 pub struct Authenticator {
     mode: AuthMode,
     store: Store,
+    /// Answers per token.
     cache: Mutex<HashMap<String, (Instant, Checked)>>,
+    /// When an agent name was revoked (for agent certificates), per name.
+    revocations: Mutex<HashMap<String, (Instant, Option<i64>)>>,
 }
 
 impl Authenticator {
     pub fn new(mode: AuthMode, store: Store) -> Arc<Authenticator> {
-        Arc::new(Authenticator { mode, store, cache: Mutex::new(HashMap::new()) })
+        Arc::new(Authenticator {
+            mode,
+            store,
+            cache: Mutex::new(HashMap::new()),
+            revocations: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The check `/metrics` makes when callers must authenticate: a reader's
+    /// credential.
+    pub fn metrics_gate(self: &Arc<Self>) -> Option<baton_common::metrics::AuthorizeFn> {
+        if self.mode != AuthMode::Required {
+            return None;
+        }
+        let auth = self.clone();
+        Some(Arc::new(move |header: Option<String>| {
+            let auth = auth.clone();
+            Box::pin(async move { auth.may_read(header).await }) as BoxFuture<bool>
+        }))
     }
 
     pub fn mode(&self) -> AuthMode {
@@ -122,6 +143,9 @@ impl Authenticator {
     pub fn forget(&self) {
         if let Ok(mut c) = self.cache.lock() {
             c.clear();
+        }
+        if let Ok(mut r) = self.revocations.lock() {
+            r.clear();
         }
     }
 
@@ -282,26 +306,25 @@ impl Authenticator {
         }
     }
 
-    /// Whether an agent name was revoked (an agent certificate with it is refused).
+    /// When an agent name was revoked, if it was (an agent certificate with it is
+    /// refused).
     async fn revoked(&self, name: &str) -> Result<Option<i64>, Status> {
-        let key = format!("revoked:{name}");
-        if let Ok(cache) = self.cache.lock()
-            && let Some((at, checked)) = cache.get(&key)
+        if let Ok(cache) = self.revocations.lock()
+            && let Some((at, revoked)) = cache.get(name)
             && at.elapsed() < CACHE_FOR
         {
-            return Ok(checked.as_ref().err().and_then(|(_, m)| m.parse().ok()));
+            return Ok(*revoked);
         }
         let revoked = self
             .store
             .agent_revoked(name)
             .await
             .map_err(|e| Status::unavailable(format!("cannot check the credential: {e}")))?;
-        if let Ok(mut cache) = self.cache.lock() {
-            let v = match revoked {
-                Some(at) => Err((Code::Unauthenticated, at.to_string())),
-                None => Ok(Identity::anonymous()),
-            };
-            cache.insert(key, (Instant::now(), v));
+        if let Ok(mut cache) = self.revocations.lock() {
+            if cache.len() > 10_000 {
+                cache.clear();
+            }
+            cache.insert(name.to_string(), (Instant::now(), revoked));
         }
         Ok(revoked)
     }

@@ -32,6 +32,7 @@ impl Engine {
         }
         if binding.strict {
             if let Some(a) = self.agents.get(&hello.agent_id)
+                && !binding.id_proven
                 && !a.name.is_empty()
                 && a.name != hello.name
             {

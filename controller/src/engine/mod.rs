@@ -186,9 +186,11 @@ pub(crate) enum Msg {
 /// What an agent's identity lets it connect as.
 #[derive(Debug, Clone, Default)]
 pub struct Binding {
-    /// An authenticated agent: its id must not belong to another agent, nor its name to
-    /// another connected one.
+    /// An authenticated agent: its name must not be connected under another id.
     pub strict: bool,
+    /// Its credential was issued for its id (an enrolled agent). Otherwise (a
+    /// certificate names only the agent) an id known under another name is refused.
+    pub id_proven: bool,
     /// Labels its enrollment gave it; they override the ones it announces.
     pub labels: BTreeMap<String, String>,
 }
