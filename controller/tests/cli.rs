@@ -115,3 +115,40 @@ fn bootstrap_prints_the_first_admin_token_once_and_then_refuses() {
     let secret = token.trim().rsplit('_').next().unwrap();
     assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "the token's secret is not stored");
 }
+
+/// What the controller logs up to and including the line that says it listens.
+fn start_log(args: &[&str]) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_baton-controller"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("controller listening") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    seen
+}
+
+#[test]
+fn the_controller_says_at_start_whether_callers_must_authenticate() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = |n: &str| format!("sqlite://{}", dir.path().join(n).display());
+    let log = start_log(&["--listen", "127.0.0.1:0", "--db", &db("a.db")]);
+    assert!(log.contains("authentication=\"off (loopback without TLS"), "{log}");
+    let log = start_log(&["--listen", "127.0.0.1:0", "--db", &db("b.db"), "--auth", "required"]);
+    assert!(log.contains("authentication=\"required\""), "{log}");
+    let log = start_log(&["--listen", "0.0.0.0:0", "--db", &db("c.db"), "--insecure"]);
+    assert!(log.contains("WARNING: INSECURE: serving plaintext gRPC on 0.0.0.0:0"), "{log}");
+    assert!(log.contains("authentication=\"required\""), "plaintext off loopback still authenticates: {log}");
+}

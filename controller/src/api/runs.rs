@@ -255,8 +255,9 @@ impl pb::baton_service_server::BatonService for RunApi {
 
     async fn reload_router(
         &self,
-        _req: Request<pb::ReloadRouterRequest>,
+        req: Request<pb::ReloadRouterRequest>,
     ) -> Result<Response<pb::ReloadRouterResponse>, Status> {
+        let actor = Identity::of(&req).actor();
         let Some(path) = &self.router_path else {
             return Err(Status::failed_precondition("the controller was started without --router"));
         };
@@ -268,6 +269,7 @@ impl pb::baton_service_server::BatonService for RunApi {
             *r = router.clone();
         }
         self.engine()?.set_router(router).await?;
+        tracing::info!(path = %path.display(), rules, by = %actor, "router config reloaded");
         Ok(Response::new(pb::ReloadRouterResponse { rules }))
     }
 

@@ -438,7 +438,7 @@ impl Engine {
             let tx = s.tx.clone();
             self.pending.send(&tx, Out::Drain(pb::Drain {}));
         }
-        info!(agent = %a.name, draining = !undo, "agent drain changed");
+        info!(agent = %a.name, draining = !undo, by = %self.pending.actor, "agent drain changed");
         Ok(a.to_pb())
     }
 

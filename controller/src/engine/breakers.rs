@@ -268,7 +268,8 @@ impl Engine {
             return Err(EngineError::Invalid(format!("no breaker for {}", self.breaker_scope(&key))));
         }
         if changed {
-            self.breaker_changed(&key, BreakerState::Closed, "by an operator reset", None);
+            let by = format!("reset by {}", self.pending.actor);
+            self.breaker_changed(&key, BreakerState::Closed, &by, None);
         }
         Ok(self.list_breakers())
     }
