@@ -200,8 +200,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         .map_err(|e| AgentError::Io { path: attempts_dir.clone(), source: e })?;
     let id = agent_id(&cfg.work_dir)?;
     let (adapters, tools) = probe_tools(cfg.tools.as_deref(), &cfg.disable_tools)?;
-    let Some(credential) = credential(&cfg, &id, &shutdown).await? else {
-        return Ok(());
+    let credential = match credential(&cfg, &id, &shutdown).await? {
+        Credential::ShutDown => return Ok(()),
+        Credential::Bearer(c) => c,
     };
     let bearer = baton_common::connect::Bearer::new(credential.as_deref()).map_err(AgentError::Config)?;
     info!(agent = %cfg.name, agent_id = %id, tools = ?tools.iter().map(|t| &t.name).collect::<Vec<_>>(), "agent starting");
@@ -242,23 +243,31 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
     agent.main_loop(shutdown).await
 }
 
+/// What the agent presents to the controller.
+enum Credential {
+    /// Its bearer credential; none with a client certificate, or for a controller
+    /// without authentication.
+    Bearer(Option<String>),
+    /// Shut down while enrolling.
+    ShutDown,
+}
+
 /// The agent's own credential: the one it enrolled for before (in its work dir), else
-/// one it enrolls for now with its join token, else none (a client certificate, or a
-/// controller without authentication). `None` when shut down while enrolling.
+/// one it enrolls for now with its join token, else none.
 async fn credential(
     cfg: &Config,
     agent_id: &str,
     shutdown: &CancellationToken,
-) -> Result<Option<Option<String>>, AgentError> {
+) -> Result<Credential, AgentError> {
     let path = cfg.work_dir.join("agent-credential");
     match std::fs::read_to_string(&path) {
-        Ok(s) if !s.trim().is_empty() => return Ok(Some(Some(s.trim().to_string()))),
+        Ok(s) if !s.trim().is_empty() => return Ok(Credential::Bearer(Some(s.trim().to_string()))),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(AgentError::Io { path, source: e }),
     }
     let Some(join) = cfg.join_token.as_deref().map(str::trim).filter(|t| !t.is_empty()) else {
-        return Ok(Some(None));
+        return Ok(Credential::Bearer(None));
     };
     let bearer = baton_common::connect::Bearer::new(Some(join)).map_err(AgentError::Config)?;
     let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
@@ -281,14 +290,14 @@ async fn credential(
                 .map_err(|s| (Some(s.code()), s.message().to_string()))
         };
         let result = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
+            _ = shutdown.cancelled() => return Ok(Credential::ShutDown),
             r = attempt => r,
         };
         match result {
             Ok(r) => {
                 write_secret(&path, &r.credential)?;
                 info!(agent = %cfg.name, labels = ?r.labels, credential = %path.display(), "enrolled with the controller");
-                return Ok(Some(Some(r.credential)));
+                return Ok(Credential::Bearer(Some(r.credential)));
             }
             Err((Some(code), why)) if refusal(code) || code == tonic::Code::InvalidArgument => {
                 return Err(AgentError::Refused(format!("enrolling with the join token: {why}")));
@@ -297,7 +306,7 @@ async fn credential(
                 let delay = backoff.next_delay();
                 warn!(controller = %url, %why, retry_in = ?delay, "cannot enroll yet");
                 tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = shutdown.cancelled() => return Ok(Credential::ShutDown),
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
