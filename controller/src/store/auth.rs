@@ -62,41 +62,42 @@ impl Store {
 
     /// Stores a new API token; refused when an active token has the same name.
     pub async fn insert_token(&self, row: &TokenRow, now: i64) -> Result<(), StoreError> {
-        let mut tx = self.exclusive("api_tokens").await?;
-        let same =
-            sqlx::query(AssertSqlSafe(format!("SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE name = $1")))
-                .bind(row.name.as_str())
-                .fetch_all(&mut *tx)
-                .await?;
-        for r in &same {
-            let t = TokenRow::decode(r)?;
-            if t.active(now) {
-                return Err(StoreError::Conflict(format!(
-                    "a token named {:?} exists (id {}); revoke it first",
-                    t.name, t.id
-                )));
-            }
-        }
-        insert_token_row(&mut tx, row).await?;
-        tx.commit().await?;
-        Ok(())
+        self.insert_token_unless(row, now, ("name", &row.name), |t| {
+            format!("a token named {:?} exists (id {}); revoke it first", t.name, t.id)
+        })
+        .await
     }
 
     /// Stores the first admin token; refused when an active admin token exists.
     pub async fn bootstrap_admin(&self, row: &TokenRow, now: i64) -> Result<(), StoreError> {
+        self.insert_token_unless(row, now, ("role", "admin"), |t| {
+            format!(
+                "an admin token exists already ({:?}, id {}); use it, or revoke every admin token to bootstrap again",
+                t.name, t.id
+            )
+        })
+        .await
+    }
+
+    /// Inserts `row` in one transaction with the check: refused, with `conflict`'s
+    /// message, when an active token has `column = value`.
+    async fn insert_token_unless(
+        &self,
+        row: &TokenRow,
+        now: i64,
+        (column, value): (&str, &str),
+        conflict: impl Fn(&TokenRow) -> String,
+    ) -> Result<(), StoreError> {
         let mut tx = self.exclusive("api_tokens").await?;
-        let admins = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE role = 'admin'"
-        )))
-        .fetch_all(&mut *tx)
-        .await?;
-        for r in &admins {
+        let rows =
+            sqlx::query(AssertSqlSafe(format!("SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE {column} = $1")))
+                .bind(value)
+                .fetch_all(&mut *tx)
+                .await?;
+        for r in &rows {
             let t = TokenRow::decode(r)?;
             if t.active(now) {
-                return Err(StoreError::Conflict(format!(
-                    "an admin token exists already ({:?}, id {}); use it, or revoke every admin token to bootstrap again",
-                    t.name, t.id
-                )));
+                return Err(StoreError::Conflict(conflict(&t)));
             }
         }
         insert_token_row(&mut tx, row).await?;
