@@ -6,6 +6,7 @@
 //! and are re-sent in the next Hello.
 
 pub mod adapters;
+pub mod contain;
 mod scratch;
 
 use std::collections::{BTreeMap, HashMap};
@@ -40,9 +41,12 @@ pub struct Config {
     pub tools: Option<Vec<String>>,
     /// Never run these tools (e.g. `shell`, `aider`), whatever `tools` says.
     pub disable_tools: Vec<String>,
-    /// Kill running tools when no controller was reachable for this long, so that a
-    /// step the controller re-assigned elsewhere does not run twice.
+    /// Stop running tools when no heartbeat sent in this long was answered, so that a
+    /// step the controller re-assigned elsewhere does not run twice. The controller's
+    /// own `stop_after` (sent on connect) applies when it is shorter, or when unset.
     pub stop_after: Option<Duration>,
+    /// Contain each attempt in a cgroup of its own where this process may create them.
+    pub cgroups: bool,
     /// Reconnect backoff bounds (exponential, jittered).
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
@@ -70,6 +74,7 @@ impl Config {
             tools: None,
             disable_tools: Vec::new(),
             stop_after: None,
+            cgroups: true,
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             metrics_listen: None,
@@ -110,6 +115,8 @@ enum Event {
 struct Running {
     attempt: pb::AttemptRef,
     stop: CancellationToken,
+    /// Cuts the stop's grace short (SIGKILL now).
+    kill: CancellationToken,
     reason: Arc<OnceLock<StopReason>>,
 }
 
@@ -117,6 +124,36 @@ impl Running {
     fn stop(&self, why: StopReason) {
         let _ = self.reason.set(why);
         self.stop.cancel();
+    }
+
+    /// Stops the tool with at most `grace` between SIGTERM and SIGKILL.
+    fn stop_within(&self, why: StopReason, grace: Duration) {
+        if self.reason.get().is_some() {
+            return;
+        }
+        self.stop(why);
+        let kill = self.kill.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            kill.cancel();
+        });
+    }
+}
+
+/// The agent's lease with its controller: renewed by every answered heartbeat, from
+/// the time the heartbeat was sent. When it runs out, the agent stops its tools.
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    /// Send time of the latest heartbeat (or Hello) the controller answered.
+    renewed: Instant,
+    stop_after: Duration,
+    /// SIGTERM to SIGKILL when the lease ran out.
+    grace: Duration,
+}
+
+impl Lease {
+    fn expires(&self) -> Instant {
+        self.renewed + self.stop_after
     }
 }
 
@@ -140,6 +177,11 @@ struct Agent {
     /// The credential presented to the controller (none with a client certificate, or
     /// when the controller needs none).
     bearer: baton_common::connect::Bearer,
+    contain: contain::Containment,
+    /// The zero of heartbeats' `sent_ms`.
+    clock: Instant,
+    /// None before the first Welcome.
+    lease: Option<Lease>,
 }
 
 /// The agent's metrics.
@@ -205,6 +247,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         Credential::Bearer(c) => c,
     };
     let bearer = baton_common::connect::Bearer::new(credential.as_deref()).map_err(AgentError::Config)?;
+    let contain = contain::Containment::open(&cfg.work_dir, &id, cfg.cgroups)
+        .map_err(|e| AgentError::Io { path: cfg.work_dir.join("running"), source: e })?;
+    // What a previous life left running ends before any new work is taken.
+    let leftovers = contain.end_leftovers().await;
     info!(agent = %cfg.name, agent_id = %id, tools = ?tools.iter().map(|t| &t.name).collect::<Vec<_>>(), "agent starting");
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let metrics = Arc::new(AgentMetrics::new());
@@ -232,15 +278,20 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         scratch: scratch::Scratch::new(attempts_dir),
         running: HashMap::new(),
         queued: std::collections::VecDeque::new(),
-        unacked: Vec::new(),
+        unacked: leftovers,
         events_tx,
         events_rx,
         draining: false,
         metrics,
         sessions: 0,
         bearer,
+        contain,
+        clock: Instant::now(),
+        lease: None,
     };
-    agent.main_loop(shutdown).await
+    let result = agent.main_loop(shutdown).await;
+    agent.contain.close();
+    result
 }
 
 /// What the agent presents to the controller.
@@ -390,7 +441,6 @@ fn probe_tools(
 impl Agent {
     async fn main_loop(&mut self, shutdown: CancellationToken) -> Result<(), AgentError> {
         let mut backoff = Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max);
-        let mut disconnected_since = Instant::now();
         let mut target = 0usize;
         let mut redirect: Option<String> = None;
         // One redirect is followed at once; a second in a row waits like a failure, so
@@ -435,27 +485,14 @@ impl Agent {
             }
             redirected = false;
             self.metrics.connected.set(&[], 0.0);
-            if backoff.attempts() == 0 {
-                // The session had been up; the outage starts now.
-                disconnected_since = Instant::now();
-            }
             let delay = backoff.next_delay();
             let wake = tokio::time::Instant::now() + delay;
             loop {
-                if let Some(limit) = self.cfg.stop_after
-                    && !self.running.is_empty()
-                    && disconnected_since.elapsed() >= limit
-                {
-                    warn!(unreachable_for = ?disconnected_since.elapsed(), "no controller reachable; stopping running tools");
-                    for r in self.running.values() {
-                        r.stop(StopReason::Unreachable);
-                    }
-                }
+                self.fence_if_expired();
                 let stop_check = self
-                    .cfg
-                    .stop_after
-                    .map(|l| tokio::time::Instant::from_std(disconnected_since + l))
-                    .filter(|t| *t > tokio::time::Instant::now() && !self.running.is_empty())
+                    .lease
+                    .map(|l| tokio::time::Instant::from_std(l.expires()))
+                    .filter(|t| *t > tokio::time::Instant::now() && self.holds_work())
                     .unwrap_or(wake);
                 tokio::select! {
                     _ = shutdown.cancelled() => {
@@ -509,6 +546,7 @@ impl Agent {
             running: self.held(),
             unacked: self.unacked.clone(),
         };
+        let hello_sent = Instant::now();
         let _ = out_tx.try_send(msg(Out::Hello(hello)));
         let mut inbound = tokio::select! {
             _ = shutdown.cancelled() => return SessionEnd::Shutdown,
@@ -545,9 +583,21 @@ impl Agent {
             self.queued.retain(|q| q.attempt.as_ref().is_none_or(|a| &a.attempt_id != id));
         }
         let hb_every = Duration::from_millis(welcome.heartbeat_interval_ms.max(50) as u64);
-        // A controller that says nothing for this long is gone (dead, frozen or cut off).
-        let silence_limit = Duration::from_millis(welcome.lease_timeout_ms.max(1000) as u64);
-        let mut last_heard = Instant::now();
+        // The controller's stop_after (or, from one that sends none, its lease
+        // timeout), cut to this agent's own when that is shorter.
+        let theirs = match welcome.stop_after_ms {
+            t if t > 0 => t,
+            _ => welcome.lease_timeout_ms.max(1000),
+        };
+        let mut stop_after = Duration::from_millis(theirs as u64);
+        if let Some(mine) = self.cfg.stop_after {
+            stop_after = stop_after.min(mine);
+        }
+        self.lease = Some(Lease {
+            renewed: hello_sent,
+            stop_after,
+            grace: Duration::from_millis(welcome.fence_grace_ms.max(0) as u64),
+        });
         let mut heartbeat = tokio::time::interval(hb_every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         heartbeat.tick().await;
@@ -561,9 +611,14 @@ impl Agent {
                     }
                     return SessionEnd::Shutdown;
                 }
+                _ = tokio::time::sleep_until(self.lease_expiry()) => {
+                    let unanswered = self.lease.map(|l| l.renewed.elapsed()).unwrap_or_default();
+                    warn!(controller = %url, ?unanswered, "no answer from the controller; stopping running tools and reconnecting");
+                    self.fence_if_expired();
+                    return SessionEnd::Broken("the controller does not answer".into());
+                }
                 m = inbound.message() => match m {
                     Ok(Some(pb::ControllerMessage { msg: Some(m) })) => {
-                        last_heard = Instant::now();
                         if let Err(e) = self.on_controller(m, &out_tx) {
                             return SessionEnd::Broken(e);
                         }
@@ -578,13 +633,10 @@ impl Agent {
                     }
                 }
                 _ = heartbeat.tick() => {
-                    if last_heard.elapsed() > silence_limit {
-                        warn!(controller = %url, silent_for = ?last_heard.elapsed(), "the controller went silent; reconnecting");
-                        return SessionEnd::Broken("the controller went silent".into());
-                    }
                     let hb = pb::Heartbeat {
                         running: self.held(),
                         free_slots: self.cfg.slots.saturating_sub(self.running.len() as u32),
+                        sent_ms: self.clock.elapsed().as_millis() as u64,
                     };
                     if out_tx.try_send(msg(Out::Heartbeat(hb))).is_err() {
                         return SessionEnd::Broken("outbound stream is stuck".into());
@@ -635,7 +687,47 @@ impl Agent {
                 self.draining = true;
                 Ok(())
             }
-            In::Welcome(_) | In::Pong(_) => Ok(()),
+            In::Pong(p) => {
+                let sent = self.clock + Duration::from_millis(p.heartbeat_sent_ms);
+                if let Some(l) = &mut self.lease
+                    && sent > l.renewed
+                    && sent <= Instant::now()
+                {
+                    l.renewed = sent;
+                }
+                Ok(())
+            }
+            In::Welcome(_) => Ok(()),
+        }
+    }
+
+    /// When the lease runs out (far away before the first Welcome).
+    fn lease_expiry(&self) -> tokio::time::Instant {
+        match self.lease {
+            Some(l) => tokio::time::Instant::from_std(l.expires()),
+            None => tokio::time::Instant::now() + Duration::from_secs(3600),
+        }
+    }
+
+    fn holds_work(&self) -> bool {
+        !self.running.is_empty() || !self.queued.is_empty()
+    }
+
+    /// With the lease run out, stops every tool (within the fence grace) and drops the
+    /// queued attempts: the controller may give their steps to others soon.
+    fn fence_if_expired(&mut self) {
+        let Some(lease) = self.lease else { return };
+        if Instant::now() < lease.expires() || !self.holds_work() {
+            return;
+        }
+        if self.running.values().any(|r| r.reason.get().is_none()) || !self.queued.is_empty() {
+            warn!(unanswered = ?lease.renewed.elapsed(), stop_after = ?lease.stop_after, running = self.running.len(), queued = self.queued.len(), "no answer from a controller for stop_after: stopping this agent's tools");
+        }
+        for q in std::mem::take(&mut self.queued) {
+            self.never_started(q, "no answer from the controller; not started");
+        }
+        for r in self.running.values() {
+            r.stop_within(StopReason::Unreachable, lease.grace);
         }
     }
 
@@ -692,8 +784,11 @@ impl Agent {
             return Err("outbound stream is stuck".into());
         }
         let stop = CancellationToken::new();
+        let kill = CancellationToken::new();
         let reason: Arc<OnceLock<StopReason>> = Arc::new(OnceLock::new());
-        let running = Running { attempt: r.clone(), stop: stop.clone(), reason: reason.clone() };
+        let running =
+            Running { attempt: r.clone(), stop: stop.clone(), kill: kill.clone(), reason: reason.clone() };
+        let cell = self.contain.cell(&r).map(Arc::new).map_err(|e| e.to_string());
         let adapter = self.adapters.get(&req.tool).cloned();
         let input = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&req.input_json);
         let scratch = self.scratch.clone();
@@ -729,6 +824,13 @@ impl Agent {
             let made_dir = adapter.as_ref().is_some_and(|a| a.needs_dir());
             let mut made = None;
             let outcome = match (adapter, input) {
+                _ if cell.is_err() => adapters::Outcome::failure(
+                    "tool_error",
+                    format!(
+                        "cannot record the attempt in the agent's work dir: {}",
+                        cell.as_ref().err().map(String::as_str).unwrap_or_default()
+                    ),
+                ),
                 (None, _) => adapters::Outcome::failure(
                     "tool_error",
                     format!("tool {:?} is not available on this agent", req.tool),
@@ -756,6 +858,8 @@ impl Agent {
                                 dir: dir.unwrap_or_default(),
                                 stop,
                                 kill_grace: Duration::from_millis(req.kill_grace_ms.max(0) as u64),
+                                kill,
+                                cell: cell.as_ref().ok().cloned(),
                                 output: output.clone(),
                             };
                             adapter.run(ctx).await
@@ -778,6 +882,11 @@ impl Agent {
                 None => ("failed", outcome.error_class.clone(), redactor.text(&outcome.error)),
             };
             output.finish();
+            // Everything it started has ended: a new life of the agent has nothing to
+            // end for it.
+            if let Ok(cell) = &cell {
+                cell.close();
+            }
             debug!(outcome = state, %error, "attempt finished");
             let finished = pb::AttemptFinished {
                 attempt: Some(r),

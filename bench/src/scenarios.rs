@@ -283,7 +283,7 @@ async fn fake_agent(url: String, name: String, heartbeats: bool) -> anyhow::Resu
             match tokio::time::timeout(every, inbound.message()).await {
                 Ok(m) => m?,
                 Err(_) => {
-                    let hb = pb::Heartbeat { running: vec![], free_slots: 1 };
+                    let hb = pb::Heartbeat { running: vec![], free_slots: 1, ..Default::default() };
                     tx.send(pb::AgentMessage { msg: Some(Msg::Heartbeat(hb)) }).await?;
                     continue;
                 }

@@ -51,6 +51,7 @@ pub async fn run(
         db: format!("sqlite://{}", db_path.display()),
         engine: baton_controller::EngineConfig {
             heartbeat_interval: Duration::from_millis(500),
+            stop_after: Duration::from_secs(3),
             lost_after: Duration::from_secs(5),
             failover_grace: Duration::from_secs(10),
             kill_grace: Duration::from_secs(5),

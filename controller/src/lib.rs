@@ -83,6 +83,8 @@ pub enum ControllerError {
     Tls(String),
     #[error("{0}")]
     Secrets(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Serves the controller on `listener` until `shutdown` is cancelled. With SQLite it
@@ -93,6 +95,7 @@ pub async fn run(
     mut config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), ControllerError> {
+    config.engine.check().map_err(ControllerError::Config)?;
     let addr = listener.local_addr().ok();
     let tls = config.tls.clone().map(tls::Tls::load).transpose().map_err(ControllerError::Tls)?;
     match config.secrets_key.clone().or_else(|| default_secrets_key(&config.db)) {

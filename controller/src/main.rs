@@ -44,7 +44,12 @@ struct Args {
     /// How often agents send heartbeats.
     #[arg(long, env = "BATON_HEARTBEAT_INTERVAL", default_value = "2s", value_parser = duration)]
     heartbeat_interval: Duration,
-    /// An agent silent this long is lost, and its attempts are retried elsewhere.
+    /// An agent whose heartbeats went unanswered this long stops its tools by itself,
+    /// so that a step retried elsewhere never runs twice; sent to agents on connect.
+    #[arg(long, env = "BATON_STOP_AFTER", default_value = "10s", value_parser = duration)]
+    stop_after: Duration,
+    /// An agent silent this long is lost, and its attempts are retried elsewhere (more
+    /// than --stop-after plus 500ms).
     #[arg(long, env = "BATON_LOST_AFTER", default_value = "15s", value_parser = duration)]
     lost_after: Duration,
     /// After a start, how long agents have to reconnect before they count as lost.
@@ -131,13 +136,6 @@ async fn run() -> anyhow::Result<()> {
         tracing::warn!("{w}");
         eprintln!("WARNING: {w}");
     }
-    if args.failover_grace <= args.lost_after {
-        anyhow::bail!(
-            "--failover-grace ({}) must be longer than --lost-after ({})",
-            humantime(args.failover_grace),
-            humantime(args.lost_after)
-        );
-    }
     let breakers = match &args.breakers {
         None => BreakerConfig::default(),
         Some(path) => {
@@ -146,22 +144,25 @@ async fn run() -> anyhow::Result<()> {
             BreakerConfig::from_json(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
         }
     };
+    let engine = EngineConfig {
+        heartbeat_interval: args.heartbeat_interval,
+        stop_after: args.stop_after,
+        lost_after: args.lost_after,
+        failover_grace: args.failover_grace,
+        kill_grace: args.kill_grace,
+        poison_after: args.poison_after,
+        breakers,
+        max_output_bytes: args.max_output,
+        redact_env: args.redact_env,
+        ..EngineConfig::default()
+    };
+    engine.check().map_err(|e| anyhow::anyhow!(e))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let config = Config {
         db: args.db,
-        engine: EngineConfig {
-            heartbeat_interval: args.heartbeat_interval,
-            lost_after: args.lost_after,
-            failover_grace: args.failover_grace,
-            kill_grace: args.kill_grace,
-            poison_after: args.poison_after,
-            breakers,
-            max_output_bytes: args.max_output,
-            redact_env: args.redact_env,
-            ..EngineConfig::default()
-        },
+        engine,
         router: args.router,
         reload_on_sighup: true,
         lease: args.lease,
@@ -199,10 +200,6 @@ async fn bootstrap(db: &str, name: &str) -> anyhow::Result<()> {
         row.id
     );
     Ok(())
-}
-
-fn humantime(d: Duration) -> String {
-    baton_common::time::format_duration(d)
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {

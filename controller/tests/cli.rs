@@ -9,10 +9,31 @@ fn controller(args: &[&str]) -> (i32, String) {
 
 #[test]
 fn failover_grace_must_exceed_lost_after() {
-    let (code, err) =
-        controller(&["--listen", "127.0.0.1:0", "--lost-after", "10s", "--failover-grace", "5s"]);
+    let (code, err) = controller(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--stop-after",
+        "4s",
+        "--lost-after",
+        "10s",
+        "--failover-grace",
+        "5s",
+    ]);
     assert_eq!(code, 1);
     assert!(err.contains("--failover-grace (5s) must be longer than --lost-after (10s)"), "{err}");
+}
+
+#[test]
+fn timers_that_would_let_a_step_run_twice_are_refused() {
+    // A cut-off agent stops its tools at --stop-after; retrying its steps elsewhere
+    // before that (plus the slack) would run them twice.
+    let (code, err) = controller(&["--listen", "127.0.0.1:0", "--lost-after", "4s"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--lost-after (4s) must be longer than --stop-after (10s) plus 500ms"), "{err}");
+    let (code, err) =
+        controller(&["--listen", "127.0.0.1:0", "--heartbeat-interval", "3s", "--stop-after", "5s"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--stop-after (5s) must be at least twice --heartbeat-interval (3s)"), "{err}");
 }
 
 #[test]

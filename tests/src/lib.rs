@@ -25,6 +25,7 @@ pub type Admin = AdminServiceClient<AuthChannel>;
 pub fn fast_engine() -> baton_controller::EngineConfig {
     baton_controller::EngineConfig {
         heartbeat_interval: Duration::from_millis(200),
+        stop_after: Duration::from_millis(1200),
         lost_after: Duration::from_secs(2),
         failover_grace: Duration::from_secs(4),
         kill_grace: Duration::from_millis(500),
@@ -838,7 +839,7 @@ impl FakeAgent {
                         _ => break,
                     },
                     _ = tick.tick() => {
-                        let hb = pb::Heartbeat { running: vec![], free_slots: 1 };
+                        let hb = pb::Heartbeat { running: vec![], free_slots: 1, ..Default::default() };
                         if tx.send(pb::AgentMessage { msg: Some(Msg::Heartbeat(hb)) }).await.is_err() {
                             break;
                         }

@@ -15,6 +15,8 @@ fn controller(addr: std::net::SocketAddr, db: &str, dir: &std::path::Path, name:
         db,
         "--heartbeat-interval",
         "200ms",
+        "--stop-after",
+        "1200ms",
         "--lost-after",
         "2s",
         "--failover-grace",

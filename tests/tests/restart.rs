@@ -13,6 +13,8 @@ fn controller_args(addr: std::net::SocketAddr, db: &str) -> Vec<String> {
         db,
         "--heartbeat-interval",
         "200ms",
+        "--stop-after",
+        "1200ms",
         "--lost-after",
         "2s",
         "--failover-grace",

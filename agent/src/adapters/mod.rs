@@ -38,6 +38,10 @@ pub struct AttemptContext {
     pub stop: CancellationToken,
     /// Time between SIGTERM and SIGKILL.
     pub kill_grace: Duration,
+    /// Cancelled when the rest of the grace is cut short: SIGKILL now.
+    pub kill: CancellationToken,
+    /// Where the attempt's processes are kept (none in adapter tests).
+    pub cell: Option<Arc<crate::contain::Cell>>,
     pub output: Output,
 }
 
@@ -55,6 +59,8 @@ impl AttemptContext {
             dir: dir.to_path_buf(),
             stop: CancellationToken::new(),
             kill_grace: Duration::from_millis(200),
+            kill: CancellationToken::new(),
+            cell: None,
             output: Output::default(),
         }
     }

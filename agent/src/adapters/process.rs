@@ -43,8 +43,14 @@ pub async fn run(mut cmd: Command, ctx: &AttemptContext) -> Result<Finished, Out
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    if let Some(cell) = &ctx.cell {
+        cell.prepare(&mut cmd);
+    }
     let mut child =
         cmd.spawn().map_err(|e| Outcome::failure("tool_error", format!("cannot start {program:?}: {e}")))?;
+    if let (Some(cell), Some(pid)) = (&ctx.cell, child.id()) {
+        cell.spawned(pid);
+    }
     let pgid = child.id().map(|p| Pid::from_raw(p as i32));
     let last = Arc::new(Mutex::new(Vec::new()));
     let readers = [
@@ -53,10 +59,16 @@ pub async fn run(mut cmd: Command, ctx: &AttemptContext) -> Result<Finished, Out
     ];
     let status = tokio::select! {
         s = child.wait() => s,
-        _ = ctx.stop.cancelled() => stop_group(pgid, &mut child, ctx.kill_grace).await,
+        _ = ctx.stop.cancelled() => stop_group(pgid, &mut child, ctx.kill_grace, &ctx.kill).await,
     };
-    if let Some(pg) = pgid {
-        let _ = killpg(pg, Signal::SIGKILL);
+    // Whatever the tool left behind ends with it.
+    match &ctx.cell {
+        Some(cell) => cell.end(pgid.map(|p| p.as_raw())).await,
+        None => {
+            if let Some(pg) = pgid {
+                let _ = killpg(pg, Signal::SIGKILL);
+            }
+        }
     }
     for r in readers.into_iter().flatten() {
         let _ = tokio::time::timeout(DRAIN, r).await;
@@ -83,18 +95,23 @@ pub fn exit_failure(status: &std::io::Result<ExitStatus>, program: &str) -> Opti
     }
 }
 
-/// SIGTERM to the group, SIGKILL after the grace period.
+/// SIGTERM to the group, SIGKILL after the grace period (or when `kill` fires).
 async fn stop_group(
     pgid: Option<Pid>,
     child: &mut tokio::process::Child,
     grace: Duration,
+    kill: &tokio_util::sync::CancellationToken,
 ) -> std::io::Result<ExitStatus> {
     if let Some(pg) = pgid {
         let _ = killpg(pg, Signal::SIGTERM);
     }
-    match tokio::time::timeout(grace, child.wait()).await {
-        Ok(s) => s,
-        Err(_) => {
+    let waited = tokio::select! {
+        s = tokio::time::timeout(grace, child.wait()) => s.ok(),
+        _ = kill.cancelled() => None,
+    };
+    match waited {
+        Some(s) => s,
+        None => {
             if let Some(pg) = pgid {
                 let _ = killpg(pg, Signal::SIGKILL);
             }

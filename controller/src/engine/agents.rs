@@ -98,6 +98,8 @@ impl Engine {
                 session_id: session_id.to_string(),
                 heartbeat_interval_ms: ms(self.cfg.heartbeat_interval),
                 lease_timeout_ms: lost_after,
+                stop_after_ms: ms(self.cfg.stop_after),
+                fence_grace_ms: ms(self.cfg.fence_grace()),
                 adopted: adopted.iter().map(|r| r.attempt_id.clone()).collect(),
                 abandon: abandon.iter().map(|r| r.attempt_id.clone()).collect(),
             }),
@@ -179,9 +181,11 @@ impl Engine {
     }
 
     fn heartbeat(&mut self, agent_id: &str, hb: pb::Heartbeat) {
+        // At once, not after the batch's commit: the pong only says "heard you", and a
+        // slow commit must not make agents stop their tools.
         if let Some(s) = self.agents.get(agent_id).and_then(|a| a.session.as_ref()) {
-            let tx = s.tx.clone();
-            self.pending.send(&tx, Out::Pong(pb::Pong {}));
+            let pong = Out::Pong(pb::Pong { heartbeat_sent_ms: hb.sent_ms });
+            let _ = s.tx.send(Ok(pb::ControllerMessage { msg: Some(pong) }));
         }
         for r in &hb.running {
             if !self.owns_live(agent_id, r) {
@@ -229,7 +233,9 @@ impl Engine {
         if let Some(run) = self.runs.get(&a.run_id)
             && let Some(t) = run.spec.steps[a.step_idx].timeout_ms
         {
-            let d = now + t as i64 + ms(self.cfg.kill_grace);
+            // The agent's own timer started before it reported the start, and it kills
+            // by its timeout plus kill grace; the slack covers timers firing late.
+            let d = now + t as i64 + ms(self.cfg.kill_grace) + ms(super::FENCE_SLACK);
             a.deadline_at = Some(d);
             self.timers.push(std::cmp::Reverse((d, super::Timer::Deadline(a.id.clone()))));
         }

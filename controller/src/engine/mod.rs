@@ -46,7 +46,11 @@ const PIPELINE_ROWS: usize = 64;
 pub struct EngineConfig {
     /// How often agents send heartbeats.
     pub heartbeat_interval: Duration,
-    /// An agent not heard from for this long is lost, and its attempts with it.
+    /// An agent that has had no answer to its heartbeats for this long stops its tools
+    /// by itself (self-fencing), so a step re-assigned elsewhere never runs twice.
+    pub stop_after: Duration,
+    /// An agent not heard from for this long is lost, and its attempts with it; at
+    /// least `stop_after` plus [`FENCE_SLACK`], so its tools are dead by then.
     pub lost_after: Duration,
     /// After a start, how long agents get to reconnect before they count as lost.
     pub failover_grace: Duration,
@@ -73,6 +77,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             heartbeat_interval: Duration::from_secs(2),
+            stop_after: Duration::from_secs(10),
             lost_after: Duration::from_secs(15),
             failover_grace: Duration::from_secs(30),
             kill_grace: Duration::from_secs(10),
@@ -84,6 +89,49 @@ impl Default for EngineConfig {
             secrets: None,
             redact_env: baton_common::redact::DEFAULT_ENV_PATTERNS.iter().map(|p| p.to_string()).collect(),
         }
+    }
+}
+
+/// Between an agent's self-fencing deadline (`stop_after`) plus its fence grace and
+/// the controller declaring the agent lost: room for the SIGKILL to land and for the
+/// two machines' timers to fire late.
+pub const FENCE_SLACK: Duration = Duration::from_millis(500);
+
+impl EngineConfig {
+    /// Refuses timer settings under which a step could run in two places at once, or
+    /// that cannot work: `2 × heartbeat ≤ stop_after`, `stop_after + FENCE_SLACK <
+    /// lost_after < failover_grace`.
+    pub fn check(&self) -> Result<(), String> {
+        let f = baton_common::time::format_duration;
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval * 2 > self.stop_after {
+            return Err(format!(
+                "--stop-after ({}) must be at least twice --heartbeat-interval ({}): one late answer must not stop an agent's tools",
+                f(self.stop_after),
+                f(self.heartbeat_interval)
+            ));
+        }
+        if self.stop_after + FENCE_SLACK >= self.lost_after {
+            return Err(format!(
+                "--lost-after ({}) must be longer than --stop-after ({}) plus {}: a cut-off agent must have stopped its tools before their steps are retried elsewhere",
+                f(self.lost_after),
+                f(self.stop_after),
+                f(FENCE_SLACK)
+            ));
+        }
+        if self.failover_grace <= self.lost_after {
+            return Err(format!(
+                "--failover-grace ({}) must be longer than --lost-after ({})",
+                f(self.failover_grace),
+                f(self.lost_after)
+            ));
+        }
+        Ok(())
+    }
+
+    /// What an agent that stops its tools for lack of a controller gives them between
+    /// SIGTERM and SIGKILL: the kill grace, cut to what fits before `lost_after`.
+    pub fn fence_grace(&self) -> Duration {
+        self.kill_grace.min(self.lost_after.saturating_sub(self.stop_after + FENCE_SLACK))
     }
 }
 

@@ -1,0 +1,385 @@
+//! Keeps everything an attempt starts inside a boundary the agent can end as a whole,
+//! also after the agent itself died.
+//!
+//! Where the agent may create cgroup v2 groups (root, or a systemd unit with
+//! `Delegate=yes`), each attempt's processes run in a group of their own under
+//! `<the agent's cgroup>/baton-<agent id>/`, ended with `cgroup.kill`: nothing escapes,
+//! not even a daemon that left its process group. Elsewhere a tool runs in its own
+//! process group and gets SIGKILL when the agent dies (a parent-death signal).
+//!
+//! While an attempt runs, a record of it (its lease, pid and start time, cgroup) is kept
+//! in `WORK_DIR/running/`. An agent that starts again ends what those records name
+//! before it takes work, and reports those attempts as stopped.
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use baton_common::pb;
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+/// Longest wait for a killed cgroup to empty.
+const EMPTY_WAIT: Duration = Duration::from_secs(5);
+
+/// How an agent contains its attempts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// A cgroup v2 group per attempt, under this one.
+    Cgroup(PathBuf),
+    /// The tool's process group and a parent-death signal.
+    ProcessGroup,
+}
+
+/// The records of running attempts and the way they are contained.
+#[derive(Debug, Clone)]
+pub struct Containment {
+    mode: Mode,
+    records: PathBuf,
+}
+
+/// What the work dir remembers of a running attempt.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Record {
+    run_id: String,
+    step_id: String,
+    attempt_id: String,
+    lease_token: String,
+    /// The tool's process (the leader of its process group), once started.
+    pid: Option<i32>,
+    /// Its start time (clock ticks since boot, `/proc/PID/stat`), so that a recycled
+    /// pid is never killed.
+    start_time: Option<u64>,
+    cgroup: Option<PathBuf>,
+}
+
+impl Containment {
+    /// Contains attempts in cgroups when `cgroups` is true and this process may create
+    /// them, else in process groups. Records live in `work_dir/running`.
+    pub fn open(work_dir: &Path, agent_id: &str, cgroups: bool) -> std::io::Result<Containment> {
+        let records = work_dir.join("running");
+        std::fs::create_dir_all(&records)?;
+        let mode = match cgroups.then(|| own_cgroup_dir(agent_id)).flatten() {
+            Some(base) => match std::fs::create_dir_all(&base) {
+                Ok(()) => Mode::Cgroup(base),
+                Err(e) => {
+                    info!(cgroup = %base.display(), error = %e, "cannot create cgroups; tools are contained by process group");
+                    Mode::ProcessGroup
+                }
+            },
+            None => Mode::ProcessGroup,
+        };
+        match &mode {
+            Mode::Cgroup(base) => info!(cgroup = %base.display(), "each attempt runs in a cgroup of its own"),
+            Mode::ProcessGroup => info!("each attempt runs in a process group of its own"),
+        }
+        Ok(Containment { mode, records })
+    }
+
+    pub fn mode(&self) -> &Mode {
+        &self.mode
+    }
+
+    /// Ends every process that a previous life of this agent left running for its
+    /// attempts, and returns those attempts as stopped (the controller records them
+    /// lost and retries them per policy).
+    pub async fn end_leftovers(&self) -> Vec<pb::AttemptFinished> {
+        let mut out = Vec::new();
+        let entries = match std::fs::read_dir(&self.records) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(dir = %self.records.display(), error = %e, "cannot read the records of running attempts");
+                return out;
+            }
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let record: Option<Record> =
+                std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            let Some(record) = record else {
+                warn!(record = %path.display(), "unreadable record of a running attempt removed");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            };
+            let ended = end_record(&record).await;
+            warn!(run_id = %record.run_id, step_id = %record.step_id, attempt_id = %record.attempt_id, ended, "an attempt of this agent's previous life was still recorded as running; ended it");
+            out.push(pb::AttemptFinished {
+                attempt: Some(pb::AttemptRef {
+                    run_id: record.run_id.clone(),
+                    step_id: record.step_id.clone(),
+                    attempt_id: record.attempt_id.clone(),
+                    lease_token: record.lease_token.clone(),
+                }),
+                outcome: "canceled".into(),
+                error_class: "agent_lost".into(),
+                error: format!(
+                    "the agent restarted while the attempt ran; {ended} of its processes were still running and were ended"
+                ),
+                ..Default::default()
+            });
+            let _ = std::fs::remove_file(&path);
+        }
+        // Groups without a record (the agent died between creating one and recording it).
+        if let Mode::Cgroup(base) = &self.mode
+            && let Ok(groups) = std::fs::read_dir(base)
+        {
+            for g in groups.flatten().filter(|g| g.path().is_dir()) {
+                kill_cgroup(&g.path()).await;
+            }
+        }
+        out
+    }
+
+    /// Records a new attempt and prepares its containment.
+    pub fn cell(&self, r: &pb::AttemptRef) -> std::io::Result<Cell> {
+        let cgroup = match &self.mode {
+            Mode::Cgroup(base) => {
+                let dir = base.join(safe_name(&r.attempt_id));
+                match std::fs::create_dir(&dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(e),
+                }
+                Some(dir)
+            }
+            Mode::ProcessGroup => None,
+        };
+        let record = Record {
+            run_id: r.run_id.clone(),
+            step_id: r.step_id.clone(),
+            attempt_id: r.attempt_id.clone(),
+            lease_token: r.lease_token.clone(),
+            cgroup: cgroup.clone(),
+            ..Default::default()
+        };
+        let cell = Cell {
+            record_path: self.records.join(format!("{}.json", safe_name(&r.attempt_id))),
+            record: std::sync::Mutex::new(record),
+            cgroup,
+        };
+        cell.save()?;
+        Ok(cell)
+    }
+
+    /// Removes this agent's (empty) cgroup on a clean stop.
+    pub fn close(&self) {
+        if let Mode::Cgroup(base) = &self.mode {
+            let _ = std::fs::remove_dir(base);
+        }
+    }
+}
+
+/// One attempt's containment: its record, and its cgroup when there is one.
+#[derive(Debug)]
+pub struct Cell {
+    record_path: PathBuf,
+    record: std::sync::Mutex<Record>,
+    cgroup: Option<PathBuf>,
+}
+
+impl Cell {
+    /// Makes `cmd`'s process join the attempt's cgroup and die with the agent, before
+    /// it runs anything of its own.
+    pub fn prepare(&self, cmd: &mut tokio::process::Command) {
+        let procs = self
+            .cgroup
+            .as_ref()
+            .and_then(|c| CString::new(c.join("cgroup.procs").into_os_string().into_encoded_bytes()).ok());
+        let parent = std::process::id() as libc::pid_t;
+        // Only async-signal-safe calls between fork and exec.
+        let hook = move || -> std::io::Result<()> {
+            unsafe {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The agent died between fork and prctl: nobody will end this one.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other("the agent is gone"));
+                }
+                if let Some(p) = &procs {
+                    let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let n = libc::write(fd, b"0\n".as_ptr().cast(), 2);
+                    libc::close(fd);
+                    if n < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+            }
+            Ok(())
+        };
+        unsafe {
+            cmd.pre_exec(hook);
+        }
+    }
+
+    /// Notes the started tool's pid (and start time) in the record.
+    pub fn spawned(&self, pid: u32) {
+        if let Ok(mut r) = self.record.lock() {
+            r.pid = Some(pid as i32);
+            r.start_time = start_time(pid as i32);
+        }
+        if let Err(e) = self.save() {
+            warn!(record = %self.record_path.display(), error = %e, "cannot record the tool's pid");
+        }
+    }
+
+    /// Ends everything left of the attempt: SIGKILL to its process group, and with a
+    /// cgroup, to every process in it; returns once the cgroup is empty.
+    pub async fn end(&self, pgid: Option<i32>) {
+        if let Some(pg) = pgid {
+            let _ =
+                nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pg), nix::sys::signal::Signal::SIGKILL);
+        }
+        if let Some(cg) = &self.cgroup {
+            kill_cgroup(cg).await;
+        }
+    }
+
+    /// Forgets the attempt: it has ended and so has everything it started.
+    pub fn close(&self) {
+        if let Some(cg) = &self.cgroup {
+            let _ = std::fs::remove_dir(cg);
+        }
+        let _ = std::fs::remove_file(&self.record_path);
+    }
+
+    fn save(&self) -> std::io::Result<()> {
+        let bytes = match self.record.lock() {
+            Ok(r) => serde_json::to_vec(&*r).map_err(std::io::Error::other)?,
+            Err(_) => return Ok(()),
+        };
+        let tmp = self.record_path.with_extension("tmp");
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, &self.record_path)
+    }
+}
+
+/// Ends what one record names; returns how many processes were still running.
+async fn end_record(r: &Record) -> usize {
+    let mut ended = 0;
+    if let Some(cg) = r.cgroup.as_ref().filter(|c| c.is_dir()) {
+        ended += procs(cg).len();
+        kill_cgroup(cg).await;
+    }
+    if let (Some(pid), Some(t)) = (r.pid, r.start_time)
+        && start_time(pid) == Some(t)
+    {
+        // The same process, not a recycled pid: it leads the tool's process group.
+        ended += 1;
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+    ended
+}
+
+/// SIGKILLs everything in a cgroup, waits (bounded) for it to empty, removes it.
+async fn kill_cgroup(cg: &Path) {
+    if std::fs::write(cg.join("cgroup.kill"), "1").is_err() {
+        // Kernels before 5.14 have no cgroup.kill: signal each member.
+        for pid in procs(cg) {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    let deadline = tokio::time::Instant::now() + EMPTY_WAIT;
+    while populated(cg) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if let Err(e) = std::fs::remove_dir(cg)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(cgroup = %cg.display(), error = %e, "cannot remove an attempt's cgroup");
+    }
+}
+
+fn procs(cg: &Path) -> Vec<i32> {
+    std::fs::read_to_string(cg.join("cgroup.procs"))
+        .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+fn populated(cg: &Path) -> bool {
+    match std::fs::read_to_string(cg.join("cgroup.events")) {
+        Ok(s) => s.lines().any(|l| l.trim() == "populated 1"),
+        Err(_) => false,
+    }
+}
+
+/// A process's start time in clock ticks since boot (field 22 of `/proc/PID/stat`).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses; fields after it do not.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Where this process may make cgroups: `<cgroup2 mount><own cgroup>/baton-<agent id>`.
+fn own_cgroup_dir(agent_id: &str) -> Option<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = own.lines().find_map(|l| l.strip_prefix("0::"))?.trim().to_string();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = mounts.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let fields: Vec<&str> = left.split_whitespace().collect();
+        // A mount of the hierarchy's root; a bind of a subtree would shift paths.
+        if fields.get(3) != Some(&"/") {
+            return None;
+        }
+        fields.get(4).map(PathBuf::from)
+    })?;
+    let dir = mount.join(rel.trim_start_matches('/')).join(format!("baton-{}", safe_name(agent_id)));
+    Some(dir)
+}
+
+/// A file name made of an id (ids are uuids; anything else is replaced).
+fn safe_name(id: &str) -> String {
+    id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_times_tell_a_process_from_a_recycled_pid() {
+        let me = std::process::id() as i32;
+        let t = start_time(me).expect("own start time");
+        assert_eq!(start_time(me), Some(t));
+        assert_eq!(start_time(i32::MAX), None);
+    }
+
+    #[tokio::test]
+    async fn leftovers_of_a_previous_life_are_ended_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Containment::open(dir.path(), "test-agent-leftovers", false).unwrap();
+        let r = pb::AttemptRef {
+            run_id: "r".into(),
+            step_id: "s".into(),
+            attempt_id: "a1".into(),
+            lease_token: "l".into(),
+        };
+        let cell = c.cell(&r).unwrap();
+        let mut cmd = tokio::process::Command::new("sleep");
+        cmd.arg("60").process_group(0);
+        cell.prepare(&mut cmd);
+        let mut child = cmd.spawn().unwrap();
+        let pid = child.id().unwrap();
+        cell.spawned(pid);
+        // A new life finds the record and ends the process.
+        let again = Containment::open(dir.path(), "test-agent-leftovers", false).unwrap();
+        let reported = again.end_leftovers().await;
+        assert_eq!(reported.len(), 1);
+        assert_eq!(reported[0].attempt.as_ref().unwrap().lease_token, "l");
+        assert!(reported[0].error.contains("1 of its processes"), "{}", reported[0].error);
+        let status = child.wait().await.unwrap();
+        assert!(!status.success());
+        assert!(std::fs::read_dir(dir.path().join("running")).unwrap().next().is_none());
+        assert!(again.end_leftovers().await.is_empty());
+    }
+}

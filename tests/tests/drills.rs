@@ -1,0 +1,520 @@
+//! Drills: a real controller process and real agent processes, each agent in a network
+//! namespace of its own behind a veth link, put through what real networks and
+//! machines do (partitions cut with iptables, agents killed and restarted). Every tool
+//! appends to its own log as it runs; a checker reads those logs and the runs' events
+//! and counts accepted successes per step, overlapping executions of one step, lost
+//! steps and gaps in event sequences, and prints the counts.
+//!
+//! Needs root, `ip` and `iptables`; skipped (saying so) otherwise, or a failure when
+//! `BATON_REQUIRE_DRILLS=1` (as in CI). `BATON_DRILL_BIN_DIR` runs the drills against
+//! the binaries in another directory (to compare two builds).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use baton_tests::*;
+
+/// Timers of the drills' controller: an agent stops its tools 2s after its last
+/// answered heartbeat and is lost after 3s.
+const TIMERS: [&str; 8] =
+    ["--heartbeat-interval", "500ms", "--lost-after", "3s", "--failover-grace", "6s", "--kill-grace", "3s"];
+const STOP_AFTER: &str = "2s";
+
+/// Whether this machine can run drills; says why not when it cannot.
+fn drills_possible() -> bool {
+    let root = unsafe { libc::geteuid() } == 0;
+    let tools = ["ip", "iptables"].iter().all(|t| {
+        Command::new(t).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok()
+    });
+    if root && tools {
+        return true;
+    }
+    let why = if root { "ip and iptables are needed" } else { "they need root" };
+    if std::env::var("BATON_REQUIRE_DRILLS").as_deref() == Ok("1") {
+        panic!("BATON_REQUIRE_DRILLS=1 but the drills cannot run: {why}");
+    }
+    eprintln!("SKIPPED (drills): {why}");
+    false
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+}
+
+static NETS: AtomicU32 = AtomicU32::new(0);
+
+/// Which way a cut drops packets.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    Both,
+    /// Agent to controller dropped; the controller's messages still arrive.
+    FromAgent,
+    /// Controller to agent dropped; the agent's messages still arrive.
+    ToAgent,
+}
+
+/// One namespace per agent, linked to the host (where the controller listens) by a veth
+/// pair; removed with every iptables rule it added when dropped.
+struct Net {
+    links: Vec<Link>,
+    rules: std::sync::Mutex<Vec<Vec<String>>>,
+}
+
+struct Link {
+    ns: String,
+    host_if: String,
+    host_ip: String,
+}
+
+impl Net {
+    fn new(agents: usize) -> Net {
+        let n = NETS.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("{}{n}", std::process::id() % 10_000);
+        let mut links = Vec::new();
+        for i in 0..agents {
+            let ns = format!("bd{tag}n{i}");
+            let host_if = format!("bd{tag}h{i}");
+            let ns_if = format!("bd{tag}a{i}");
+            let net = (std::process::id() % 50 + 10 * n + i as u32) % 250;
+            let (host_ip, ns_ip) = (format!("10.214.{net}.1"), format!("10.214.{net}.2"));
+            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+            run("ip", &["netns", "add", &ns]);
+            run("ip", &["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
+            run("ip", &["link", "set", &ns_if, "netns", &ns]);
+            run("ip", &["addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
+            run("ip", &["link", "set", &host_if, "up"]);
+            run("ip", &["-n", &ns, "addr", "add", &format!("{ns_ip}/30"), "dev", &ns_if]);
+            run("ip", &["-n", &ns, "link", "set", &ns_if, "up"]);
+            run("ip", &["-n", &ns, "link", "set", "lo", "up"]);
+            links.push(Link { ns, host_if, host_ip });
+        }
+        Net { links, rules: std::sync::Mutex::new(Vec::new()) }
+    }
+
+    fn cut(&self, agent: usize, how: Cut) {
+        let l = &self.links[agent];
+        let mut rules = Vec::new();
+        if matches!(how, Cut::Both | Cut::FromAgent) {
+            rules.push(vec!["INPUT".to_string(), "-i".into(), l.host_if.clone(), "-j".into(), "DROP".into()]);
+        }
+        if matches!(how, Cut::Both | Cut::ToAgent) {
+            rules.push(vec![
+                "OUTPUT".to_string(),
+                "-o".into(),
+                l.host_if.clone(),
+                "-j".into(),
+                "DROP".into(),
+            ]);
+        }
+        for r in rules {
+            let mut args = vec!["-w", "-I"];
+            args.extend(r.iter().map(String::as_str));
+            run("iptables", &args);
+            self.rules.lock().unwrap().push(r);
+        }
+    }
+
+    fn heal(&self) {
+        for r in std::mem::take(&mut *self.rules.lock().unwrap()) {
+            let mut args = vec!["-w", "-D"];
+            args.extend(r.iter().map(String::as_str));
+            let _ = Command::new("iptables").args(&args).output();
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.heal();
+        for l in &self.links {
+            let _ = Command::new("ip").args(["link", "del", &l.host_if]).output();
+            let _ = Command::new("ip").args(["netns", "del", &l.ns]).output();
+        }
+    }
+}
+
+fn bin(name: &str) -> PathBuf {
+    match std::env::var_os("BATON_DRILL_BIN_DIR") {
+        Some(d) => PathBuf::from(d).join(name),
+        None => binary(name),
+    }
+}
+
+/// A controller on all addresses (so every namespace reaches it), with authentication,
+/// an admin token and a join token for the agents.
+struct Drill {
+    dir: tempfile::TempDir,
+    net: Net,
+    port: u16,
+    db: String,
+    admin: String,
+    join: String,
+    controller: Option<Process>,
+    agents: BTreeMap<usize, Process>,
+}
+
+impl Drill {
+    async fn start(agents: usize) -> Drill {
+        init_logs();
+        let dir = tempfile::tempdir().unwrap();
+        let db = format!("sqlite://{}", dir.path().join("baton.db").display());
+        let admin = bootstrap(&db).await;
+        let port = free_addr().port();
+        let net = Net::new(agents);
+        let mut d = Drill {
+            dir,
+            net,
+            port,
+            db,
+            admin,
+            join: String::new(),
+            controller: None,
+            agents: BTreeMap::new(),
+        };
+        d.start_controller().await;
+        let mut a = baton_common::pb::admin_service_client::AdminServiceClient::new(
+            channel_as(&d.local_url(), &Default::default(), Some(&d.admin)).await,
+        );
+        d.join = a
+            .create_join_token(proto::CreateJoinTokenRequest {
+                ttl_ms: 0,
+                uses: 100,
+                labels: Default::default(),
+            })
+            .await
+            .expect("join token")
+            .into_inner()
+            .token;
+        std::fs::write(d.dir.path().join("ticker.py"), TICKER).unwrap();
+        std::fs::create_dir_all(d.dir.path().join("executions")).unwrap();
+        d
+    }
+
+    fn local_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    async fn start_controller(&mut self) {
+        let mut args: Vec<String> =
+            ["--listen", &format!("0.0.0.0:{}", self.port), "--insecure", "--db", &self.db]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        args.extend(TIMERS.iter().map(|s| s.to_string()));
+        let n = self.dir.path().read_dir().map(|d| d.count()).unwrap_or(0);
+        let log = self.dir.path().join(format!("controller-{n}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin("baton-controller"))
+            .args(&args)
+            .env("BATON_STOP_AFTER", STOP_AFTER)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("controller");
+        self.controller = Some(Process { child, log });
+        let c = self.client().await;
+        eventually(Duration::from_secs(30), "the controller to answer", || {
+            let mut c = c.clone();
+            async move { c.list_agents(proto::ListAgentsRequest {}).await.ok().map(|_| ()) }
+        })
+        .await;
+    }
+
+    /// Agent `i` (in namespace `i`), with one slot per `slots`.
+    fn start_agent(&mut self, i: usize, slots: u32) {
+        let l = &self.net.links[i];
+        let work = self.dir.path().join(format!("agent-{i}"));
+        let log = self.dir.path().join(format!("agent-{i}-{}.log", self.agents.len()));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &l.ns])
+            .arg(bin("baton-agent"))
+            .args(["--controller", &format!("http://{}:{}", l.host_ip, self.port)])
+            .args(["--name", &format!("agent-{i}"), "--slots", &slots.to_string()])
+            .arg("--work-dir")
+            .arg(&work)
+            .args(["--join-token", &self.join])
+            .env("BATON_STOP_AFTER", STOP_AFTER)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("agent");
+        self.agents.insert(i, Process { child, log });
+    }
+
+    async fn client(&self) -> Client {
+        connect_as(&self.local_url(), &Default::default(), Some(&self.admin)).await
+    }
+
+    async fn wait_agents(&self, n: usize) {
+        let c = self.client().await;
+        eventually(Duration::from_secs(30), "agents to connect", || {
+            let mut c = c.clone();
+            async move {
+                let agents = c.list_agents(proto::ListAgentsRequest {}).await.ok()?.into_inner().agents;
+                (agents.iter().filter(|a| a.state == "connected").count() >= n).then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// A run of `steps` ticking steps of `secs` each, in parallel.
+    async fn submit(&self, steps: usize, secs: f64) -> String {
+        let mut spec = String::from("name: drill\nsteps:\n");
+        for i in 0..steps {
+            spec.push_str(&format!(
+                "  - {{id: s{i}, tool: shell, with: {{run: 'exec python3 {} s{i} {secs} {}'}}}}\n",
+                self.dir.path().join("ticker.py").display(),
+                self.dir.path().join("executions").display()
+            ));
+        }
+        let mut c = self.client().await;
+        c.submit_run(proto::SubmitRunRequest { spec, ..Default::default() })
+            .await
+            .expect("submit")
+            .into_inner()
+            .run_id
+    }
+
+    /// What the tools' own logs and the runs' events say.
+    async fn check(&self, runs: &[String]) -> Report {
+        let mut c = self.client().await;
+        let mut r = Report::default();
+        for id in runs {
+            let run = get_run(&mut c, id).await;
+            r.final_runs += usize::from(matches!(run.state.as_str(), "succeeded" | "failed" | "canceled"));
+            for s in &run.steps {
+                let ok = s.attempts.iter().filter(|a| a.state == "succeeded").count();
+                r.steps += 1;
+                r.accepted_successes_over_one += ok.saturating_sub(1);
+                r.lost_steps += usize::from(ok == 0);
+            }
+            let events = all_events(&mut c, id).await;
+            r.event_gaps += events.iter().enumerate().filter(|(i, e)| e.seq != *i as i64 + 1).count();
+        }
+        let executions = executions(&self.dir.path().join("executions"));
+        for (step, runs) in &executions {
+            r.executions += runs.len();
+            for (i, a) in runs.iter().enumerate() {
+                for b in &runs[i + 1..] {
+                    let overlap = a.1.min(b.1) - a.0.max(b.0);
+                    if overlap > 0 {
+                        r.overlaps += 1;
+                        r.overlap_ms = r.overlap_ms.max(overlap / 1_000_000);
+                        eprintln!("step {step}: executions overlap by {} ms", overlap / 1_000_000);
+                    }
+                }
+            }
+        }
+        eprintln!("drill: {r:?}");
+        r
+    }
+}
+
+impl Drop for Drill {
+    fn drop(&mut self) {
+        self.agents.clear();
+        self.controller = None;
+        if std::thread::panicking() {
+            for f in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+                if f.path().extension().is_some_and(|e| e == "log") {
+                    let text = std::fs::read_to_string(f.path()).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                    eprintln!("--- {} (last lines)", f.path().display());
+                    for l in tail.into_iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The checker's counts.
+#[derive(Debug, Default)]
+struct Report {
+    steps: usize,
+    executions: usize,
+    final_runs: usize,
+    accepted_successes_over_one: usize,
+    lost_steps: usize,
+    overlaps: usize,
+    /// Longest overlap of two executions of one step.
+    overlap_ms: i64,
+    event_gaps: usize,
+}
+
+impl Report {
+    fn assert_clean(&self, runs: usize) {
+        assert_eq!(self.final_runs, runs, "every run ends: {self:?}");
+        assert_eq!(self.accepted_successes_over_one, 0, "one accepted success per step: {self:?}");
+        assert_eq!(self.lost_steps, 0, "no step lost: {self:?}");
+        assert_eq!(self.overlaps, 0, "no step ran twice at once: {self:?}");
+        assert_eq!(self.event_gaps, 0, "event sequences are dense: {self:?}");
+    }
+}
+
+/// Writes `start`, a `tick` every 20ms and `end` (nanosecond wall clock) into
+/// EXECUTIONS/STEP.log for as long as it runs.
+const TICKER: &str = r#"import os, sys, time
+step, secs, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+who = os.environ.get("BATON_ATTEMPT_ID", "?")
+log = open(os.path.join(out, step + ".log"), "a", buffering=1)
+end = time.time() + secs
+log.write(f"start {who} {time.time_ns()}\n")
+while time.time() < end:
+    log.write(f"tick {who} {time.time_ns()}\n")
+    time.sleep(0.02)
+log.write(f"end {who} {time.time_ns()}\n")
+"#;
+
+/// Per step, each execution's first and last moment (ns).
+fn executions(dir: &Path) -> BTreeMap<String, Vec<(i64, i64)>> {
+    let mut out = BTreeMap::new();
+    for f in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let step = f.path().file_stem().unwrap_or_default().to_string_lossy().into_owned();
+        let mut spans: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+        for line in std::fs::read_to_string(f.path()).unwrap_or_default().lines() {
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            let [_, who, at] = parts[..] else { continue };
+            let Ok(at) = at.parse::<i64>() else { continue };
+            let span = spans.entry(who.to_string()).or_insert((at, at));
+            span.0 = span.0.min(at);
+            span.1 = span.1.max(at);
+        }
+        out.insert(step, spans.into_values().collect());
+    }
+    out
+}
+
+async fn wait_started(c: &mut Client, run: &str, n: usize) {
+    let mut started = std::collections::HashSet::new();
+    wait_event(c, run, Duration::from_secs(30), |e| {
+        if e.kind == "attempt_started" {
+            started.insert(e.step_id.clone());
+        }
+        started.len() >= n
+    })
+    .await;
+}
+
+async fn partition(how: Cut) {
+    if !drills_possible() {
+        return;
+    }
+    let mut d = Drill::start(2).await;
+    // Both steps start on agent 0; agent 1 joins to take them over.
+    d.start_agent(0, 2);
+    d.wait_agents(1).await;
+    let mut c = d.client().await;
+    let run = d.submit(2, 8.0).await;
+    wait_started(&mut c, &run, 2).await;
+    d.start_agent(1, 2);
+    d.wait_agents(2).await;
+    d.net.cut(0, how);
+    // The steps run again on agent 1 once agent 0 is lost.
+    let mut moved = std::collections::HashSet::new();
+    wait_event(&mut c, &run, Duration::from_secs(30), |e| {
+        if e.kind == "attempt_started" && e.message.contains("agent-1") {
+            moved.insert(e.step_id.clone());
+        }
+        moved.len() == 2
+    })
+    .await;
+    d.net.heal();
+    let done = wait_run(&mut c, &run, Duration::from_secs(60)).await;
+    assert_eq!(done.state, "succeeded");
+    let report = d.check(std::slice::from_ref(&run)).await;
+    report.assert_clean(1);
+    assert!(report.executions >= 4, "both steps ran on both agents: {report:?}");
+    for s in &done.steps {
+        assert_eq!(s.attempts[0].state, "lost", "{s:?}");
+        assert_eq!(s.attempts[0].agent_name, "agent-0");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_agent_stops_its_tools_before_its_steps_run_elsewhere() {
+    partition(Cut::Both).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_messages_are_dropped_stops_its_tools_before_its_steps_run_elsewhere() {
+    partition(Cut::FromAgent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_hears_nothing_stops_its_tools_before_its_steps_run_elsewhere() {
+    partition(Cut::ToAgent).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_and_restarted_ends_what_it_left_running_before_taking_work() {
+    if !drills_possible() {
+        return;
+    }
+    let mut d = Drill::start(1).await;
+    d.start_agent(0, 2);
+    d.wait_agents(1).await;
+    let mut c = d.client().await;
+    // Each step also leaves a daemon of its own session (out of its process group).
+    let pids = d.dir.path().join("daemons");
+    std::fs::create_dir_all(&pids).unwrap();
+    let mut spec = String::from("name: crash\nsteps:\n");
+    for i in 0..2 {
+        spec.push_str(&format!(
+            "  - {{id: s{i}, tool: shell, with: {{run: 'setsid sleep 300 & echo $! > {}/s{i}-$BATON_ATTEMPT; exec python3 {} s{i} 6 {}'}}}}\n",
+            pids.display(),
+            d.dir.path().join("ticker.py").display(),
+            d.dir.path().join("executions").display()
+        ));
+    }
+    let run = c
+        .submit_run(proto::SubmitRunRequest { spec, ..Default::default() })
+        .await
+        .expect("submit")
+        .into_inner()
+        .run_id;
+    wait_started(&mut c, &run, 2).await;
+    let first: Vec<i32> = eventually(Duration::from_secs(10), "the daemons' pids", || {
+        let pids = pids.clone();
+        async move {
+            let read = |s: &str| std::fs::read_to_string(pids.join(s)).ok()?.trim().parse().ok();
+            Some(vec![read("s0-1")?, read("s1-1")?])
+        }
+    })
+    .await;
+    let logs = d.dir.path().join("executions");
+    eventually(Duration::from_secs(10), "both tools to run", || {
+        let n = executions(&logs).values().filter(|e| !e.is_empty()).count();
+        async move { (n == 2).then_some(()) }
+    })
+    .await;
+    d.agents.get_mut(&0).unwrap().kill9();
+    d.start_agent(0, 2);
+    let done = wait_run(&mut c, &run, Duration::from_secs(60)).await;
+    assert_eq!(done.state, "succeeded");
+    let report = d.check(std::slice::from_ref(&run)).await;
+    report.assert_clean(1);
+    assert_eq!(report.executions, 4, "each step ran before the kill and after: {report:?}");
+    for s in &done.steps {
+        assert_eq!(s.attempts[0].state, "lost", "{s:?}");
+        assert_eq!(s.attempts.last().unwrap().state, "succeeded", "{s:?}");
+    }
+    let log = d.agents[&0].logs();
+    assert!(log.contains("still recorded as running; ended it"), "{log}");
+    if log.contains("each attempt runs in a cgroup of its own") {
+        // Contained by cgroup: not even a daemon outlives its attempt's agent.
+        for pid in first {
+            assert!(!process_alive(pid), "daemon {pid} of a killed agent's attempt survived");
+        }
+    }
+}
