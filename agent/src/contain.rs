@@ -135,6 +135,8 @@ impl Containment {
         let cgroup = match &self.mode {
             Mode::Cgroup(base) => {
                 let dir = base.join(safe_name(&r.attempt_id));
+                // The agent's own group is made again if someone removed it while idle.
+                std::fs::create_dir_all(base)?;
                 match std::fs::create_dir(&dir) {
                     Ok(()) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}

@@ -149,7 +149,12 @@ fn spec(name: &str, shape: Shape, tool: &str) -> String {
 async fn run_to_end(c: &mut Client, spec: String) -> anyhow::Result<(Duration, String)> {
     let t0 = Instant::now();
     let id = c
-        .submit_run(pb::SubmitRunRequest { spec, source: "bench".into(), params: Default::default() })
+        .submit_run(pb::SubmitRunRequest {
+            spec,
+            source: "bench".into(),
+            params: Default::default(),
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .run_id;
@@ -349,6 +354,7 @@ async fn b6(o: &Options) -> anyhow::Result<Row> {
         spec: spec("b6", shape, "noop"),
         source: "bench".into(),
         params: Default::default(),
+        ..Default::default()
     })
     .await?;
     let t0 = cluster.restart_controller()?;

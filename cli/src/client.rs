@@ -17,6 +17,8 @@ pub struct Target {
     pub urls: String,
     pub tls: ClientTls,
     pub bearer: Bearer,
+    /// How long calls that may be repeated keep retrying while no controller answers.
+    pub reconnect_timeout: std::time::Duration,
 }
 
 async fn channel(url: &str, target: &Target) -> anyhow::Result<AuthChannel> {
@@ -36,6 +38,36 @@ fn client(ch: AuthChannel) -> Client {
 /// leader it names when it is a standby.
 pub async fn connect(target: &Target) -> anyhow::Result<Client> {
     Ok(client(leader(target).await?))
+}
+
+/// Whether a call that failed this way may be made again: the controller was not
+/// reached, or went away before it answered.
+pub fn transient(s: &tonic::Status) -> bool {
+    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
+}
+
+/// Submits `req` (which carries a request id), retrying on transport errors and while
+/// no controller leads, for up to the reconnect timeout; the same request id makes a
+/// retry return the run the first try created.
+pub async fn submit(target: &Target, req: pb::SubmitRunRequest) -> Result<(Client, String), crate::Failure> {
+    let deadline = tokio::time::Instant::now() + target.reconnect_timeout;
+    let mut delay = std::time::Duration::from_millis(200);
+    loop {
+        let failure = match connect(target).await {
+            Ok(mut c) => match c.submit_run(req.clone()).await {
+                Ok(r) => return Ok((c, r.into_inner().run_id)),
+                Err(s) if transient(&s) => anyhow!("{}", status_error(s)),
+                Err(s) => return Err(s.into()),
+            },
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() + delay > deadline {
+            return Err(failure.into());
+        }
+        eprintln!("submit: {failure:#}; retrying in {}", baton_common::time::format_duration(delay));
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(5));
+    }
 }
 
 /// The admin service of the leading controller.

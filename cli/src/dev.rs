@@ -87,8 +87,12 @@ async fn drive(
     agents: u32,
     format: Format,
 ) -> Result<u8, Failure> {
-    let target =
-        client::Target { urls: url.to_string(), tls: Default::default(), bearer: Default::default() };
+    let target = client::Target {
+        urls: url.to_string(),
+        tls: Default::default(),
+        bearer: Default::default(),
+        reconnect_timeout: Duration::from_secs(60),
+    };
     let mut c = client::connect(&target).await?;
     // Wait (briefly) for the agents so the first steps do not queue for nothing.
     for _ in 0..100 {
@@ -98,7 +102,12 @@ async fn drive(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let req = pb::SubmitRunRequest { spec: text, source, params: params.into_iter().collect() };
+    let req = pb::SubmitRunRequest {
+        spec: text,
+        source,
+        params: params.into_iter().collect(),
+        ..Default::default()
+    };
     let run_id = c.submit_run(req).await?.into_inner().run_id;
     if format == Format::Text {
         eprintln!("run {run_id} started on {agents} local agents");

@@ -42,6 +42,10 @@ struct Cli {
     /// Key (PEM) of the client certificate.
     #[arg(long, global = true, env = "BATON_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// How long to keep retrying when no controller answers (it restarts, or leadership
+    /// moves) before giving up.
+    #[arg(long, global = true, env = "BATON_RECONNECT_TIMEOUT", default_value = "60s", value_parser = baton_common::time::parse_duration)]
+    reconnect_timeout: std::time::Duration,
     #[command(subcommand)]
     command: Command,
 }
@@ -431,7 +435,7 @@ fn target(cli: &Cli) -> Result<client::Target, Failure> {
         cert: cli.tls_cert.clone(),
         key: cli.tls_key.clone(),
     };
-    Ok(client::Target { urls: cli.controller.clone(), tls, bearer })
+    Ok(client::Target { urls: cli.controller.clone(), tls, bearer, reconnect_timeout: cli.reconnect_timeout })
 }
 
 async fn run(cli: Cli) -> Result<u8, Failure> {
@@ -443,9 +447,15 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Validate { file, out } => validate(&file, out.format()),
         Command::Submit { file, watch, params, out } => {
             let (source, text) = read_spec(&file)?;
-            let mut c = client::connect(&target).await?;
-            let req = pb::SubmitRunRequest { spec: text, source, params: params.into_iter().collect() };
-            let run_id = c.submit_run(req).await?.into_inner().run_id;
+            // One request id for every try: a submit whose answer was lost is not
+            // made twice.
+            let req = pb::SubmitRunRequest {
+                spec: text,
+                source,
+                params: params.into_iter().collect(),
+                request_id: uuid::Uuid::new_v4().to_string(),
+            };
+            let (mut c, run_id) = client::submit(&target, req).await?;
             if watch {
                 if out.format() == Format::Text {
                     eprintln!("run {run_id} submitted");

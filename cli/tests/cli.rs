@@ -388,3 +388,37 @@ async fn a_secure_deployment_from_the_command_line() {
         o.stderr
     );
 }
+
+#[tokio::test]
+async fn submit_waits_for_a_controller_that_comes_up_and_creates_one_run() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let spec = write(dir.path(), "w.yaml", "name: later\nsteps:\n  - {id: a, tool: noop}\n");
+    let mut cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .env("BATON_CONTROLLER", &url)
+        .args(["--reconnect-timeout", "60s", "submit", &spec])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first try finds nobody and says it will retry.
+    let mut err = tokio::io::BufReader::new(cli.stderr.take().unwrap()).lines();
+    let first = err.next_line().await.unwrap().unwrap_or_default();
+    assert!(first.contains("cannot reach the controller") && first.contains("retrying in"), "{first}");
+    let db = format!("sqlite://{}", dir.path().join("c.db").display());
+    let _controller = Process::spawn(
+        "baton-controller",
+        &["--listen".to_string(), addr.to_string(), "--db".to_string(), db],
+        dir.path().join("controller.log"),
+        &[],
+    );
+    let out = cli.wait_with_output().await.unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let run_id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let list = baton(&url, &["runs", "list", "-o", "json"]).await;
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    assert_eq!(list.stdout.matches("\"id\"").count(), 1, "one run: {}", list.stdout);
+    assert!(list.stdout.contains(&run_id), "{}", list.stdout);
+}

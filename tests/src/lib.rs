@@ -493,6 +493,7 @@ pub async fn submit(c: &mut Client, spec: &str) -> String {
         spec: spec.to_string(),
         source: "test.yaml".into(),
         params: Default::default(),
+        ..Default::default()
     })
     .await
     .expect("submit")
@@ -673,7 +674,16 @@ impl Process {
 }
 
 impl Drop for Process {
+    /// SIGTERM first, so an agent removes its cgroup and a controller closes its
+    /// database; SIGKILL for what has not ended after a moment.
     fn drop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -175,6 +175,7 @@ async fn invalid_specs_are_rejected_over_grpc_and_nothing_is_stored(backend: Bac
                 spec: spec.into(),
                 source: "test.yaml".into(),
                 params: Default::default(),
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -199,7 +200,40 @@ async fn unknown_runs_are_not_found(backend: Backend) {
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
 
+async fn a_submit_repeated_with_its_request_id_returns_the_same_run(backend: Backend) {
+    let mut sb = Sandbox::builder().backend(backend).agents(1).build().await;
+    let mut c = sb.client().await;
+    let req = |id: &str| proto::SubmitRunRequest {
+        spec: "name: idem\nsteps:\n  - {id: a, tool: noop}\n".into(),
+        request_id: id.into(),
+        ..Default::default()
+    };
+    let first = c.submit_run(req("req-1")).await.unwrap().into_inner().run_id;
+    let again = c.submit_run(req("req-1")).await.unwrap().into_inner().run_id;
+    assert_eq!(first, again, "a retried submit answers with the run the first one created");
+    let other = c.submit_run(req("req-2")).await.unwrap().into_inner().run_id;
+    assert_ne!(first, other);
+    wait_run(&mut c, &first, Duration::from_secs(20)).await;
+    wait_run(&mut c, &other, Duration::from_secs(20)).await;
+    // After the run ended and the controller restarted, the store still knows the id.
+    sb.stop_controller().await;
+    sb.restart_controller().await;
+    let mut c = sb.client().await;
+    let later = c.submit_run(req("req-1")).await.unwrap().into_inner().run_id;
+    assert_eq!(first, later);
+    let runs = c.list_runs(proto::ListRunsRequest::default()).await.unwrap().into_inner().runs;
+    assert_eq!(runs.len(), 2, "two request ids, two runs: {runs:?}");
+    // Without a request id every submit is a new run; a malformed id is refused.
+    let a = c.submit_run(req("")).await.unwrap().into_inner().run_id;
+    let b = c.submit_run(req("")).await.unwrap().into_inner().run_id;
+    assert_ne!(a, b);
+    let err = c.submit_run(req("has space")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("request_id"), "{}", err.message());
+}
+
 on_both!(
+    a_submit_repeated_with_its_request_id_returns_the_same_run,
     fan_out_and_join_runs_in_dependency_order_across_agents,
     a_failing_step_skips_its_dependents_and_fails_the_run,
     canceling_a_run_kills_its_process_and_starts_nothing_more,

@@ -80,6 +80,7 @@ async fn hostile_values_arrive_byte_for_byte_and_nothing_runs() {
                 spec: text,
                 source: "injection.json".into(),
                 params: [("v".to_string(), value.to_string())].into(),
+                ..Default::default()
             })
             .await
             .expect("submit")
@@ -158,6 +159,7 @@ async fn aider_gets_the_prompt_and_files_as_data() {
             source: "aider.json".into(),
             params: [("prompt".to_string(), prompt.to_string()), ("file".to_string(), file.to_string())]
                 .into(),
+            ..Default::default()
         })
         .await
         .expect("submit")

@@ -277,6 +277,7 @@ steps:
         spec,
         source: "r.yaml".into(),
         params: [("bump".to_string(), "2".to_string())].into(),
+        ..Default::default()
     };
     let id = c.submit_run(req).await.unwrap().into_inner().run_id;
     let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;

@@ -67,6 +67,7 @@ async fn secrets_reach_their_step_and_are_kept_nowhere(backend: Backend) {
             spec: spec(&out),
             source: "secrets.json".into(),
             params: [("pass".to_string(), PARAM.to_string())].into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -165,6 +166,7 @@ async fn specs_naming_unknown_secrets_are_refused_and_deleted_ones_fail_their_st
             spec: spec.into(),
             source: "s.yaml".into(),
             params: Default::default(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

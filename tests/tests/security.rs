@@ -214,8 +214,7 @@ async fn a_step_routed_to_a_pool_that_does_not_allow_its_tool_is_refused_at_subm
         .submit_run(proto::SubmitRunRequest {
             spec: "name: p\nsteps:\n  - {id: fine, kind: compute, with: {script: 'result = 1'}}\n  - {id: sh, kind: script, with: {run: 'id'}}\n".into(),
             source: "p.yaml".into(),
-            params: Default::default(),
-        })
+            params: Default::default(), ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);

@@ -62,10 +62,22 @@ impl pb::baton_service_server::BatonService for RunApi {
                 req.spec.len()
             )));
         }
+        let request_id = req.request_id;
+        if request_id.len() > 128 || !request_id.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(Status::invalid_argument(
+                "request_id: at most 128 printable ASCII characters without spaces",
+            ));
+        }
+        if !request_id.is_empty()
+            && let Some(run_id) = self.store.run_by_request_id(&request_id).await?
+        {
+            return Ok(Response::new(pb::SubmitRunResponse { run_id }));
+        }
         let ws = spec::parse(source, &req.spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let params: BTreeMap<String, String> = req.params.into_iter().collect();
         let estimates = self.store.duration_estimates(&ws.name).await?;
-        let run_id = self.engine()?.submit(ws, params, estimates, actor).await.map_err(|e| match e {
+        let engine = self.engine()?;
+        let run_id = engine.submit(ws, params, request_id, estimates, actor).await.map_err(|e| match e {
             EngineError::Invalid(m) => Status::invalid_argument(format!("{source}: {m}")),
             other => other.into(),
         })?;

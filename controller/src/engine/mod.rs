@@ -158,6 +158,7 @@ pub(crate) enum Msg {
     Submit {
         spec: Workstream,
         params: BTreeMap<String, String>,
+        request_id: String,
         estimates: crate::store::Estimates,
         actor: String,
         reply: Reply<String>,
@@ -282,14 +283,16 @@ impl EngineHandle {
 
     /// Starts a run of a validated workstream for `actor`; returns its id once it is
     /// durable.
+    /// A submit with a `request_id` seen before answers with the run it created.
     pub async fn submit(
         &self,
         spec: Workstream,
         params: BTreeMap<String, String>,
+        request_id: String,
         estimates: crate::store::Estimates,
         actor: String,
     ) -> Result<String, EngineError> {
-        self.call(|reply| Msg::Submit { spec, params, estimates, actor, reply }).await
+        self.call(|reply| Msg::Submit { spec, params, request_id, estimates, actor, reply }).await
     }
 
     /// Cancels a run, or one step of it when `step_id` is given.
@@ -522,17 +525,22 @@ enum Timer {
     Breaker(String, String),
 }
 
-/// Final states of attempts of runs that are no longer in memory, so a result re-sent
-/// after the run ended is still recognised as a duplicate.
-struct RecentAttempts {
-    states: HashMap<String, AttemptState>,
+/// A bounded map that forgets its oldest entries: final states of attempts of runs
+/// that are no longer in memory (a result re-sent after the run ended is still
+/// recognised as a duplicate), and the runs that submits' request ids created.
+struct Recent<V> {
+    states: HashMap<String, V>,
     order: VecDeque<String>,
 }
 
-impl RecentAttempts {
+impl<V> Recent<V> {
     const CAP: usize = 100_000;
 
-    fn insert(&mut self, id: String, state: AttemptState) {
+    fn new() -> Recent<V> {
+        Recent { states: HashMap::new(), order: VecDeque::new() }
+    }
+
+    fn insert(&mut self, id: String, state: V) {
         if self.states.insert(id.clone(), state).is_none() {
             self.order.push_back(id);
         }
@@ -551,7 +559,10 @@ pub(crate) struct Engine {
     runs: HashMap<String, Run>,
     /// Every attempt of every run in `runs`.
     attempts: HashMap<String, Attempt>,
-    recent: RecentAttempts,
+    recent: Recent<AttemptState>,
+    /// Request id → run id, for the runs in memory and the latest ones before them
+    /// (older ones are found in the store before a submit reaches the engine).
+    requests: Recent<String>,
     agents: HashMap<String, Agent>,
     breakers: HashMap<breakers::BreakerKey, baton_common::breaker::Breaker>,
     router: crate::router::Router,
@@ -614,7 +625,8 @@ pub async fn start(
         fence,
         runs: HashMap::new(),
         attempts: HashMap::new(),
-        recent: RecentAttempts { states: HashMap::new(), order: VecDeque::new() },
+        recent: Recent::new(),
+        requests: Recent::new(),
         agents: HashMap::new(),
         breakers: HashMap::new(),
         router: initial_router,
@@ -724,9 +736,14 @@ impl Engine {
 
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Submit { spec, params, estimates, actor, reply } => {
+            Msg::Submit { spec, params, request_id, estimates, actor, reply } => {
                 self.pending.actor = actor;
-                let result = self.submit(spec, params, &estimates);
+                let result = match self.requests.states.get(&request_id) {
+                    // The same request again (a client retrying): its run, answered
+                    // after this batch's commit like the first answer.
+                    Some(run_id) if !request_id.is_empty() => Ok(run_id.clone()),
+                    _ => self.submit(spec, params, request_id, &estimates),
+                };
                 self.pending.reply(reply, result);
             }
             Msg::Cancel { run_id, step_id, reason, actor, reply } => {
@@ -1136,6 +1153,7 @@ impl Engine {
                 created_at: row.created_at,
                 started_at: row.started_at,
                 finished_at: row.finished_at,
+                request_id: row.request_id.clone(),
                 steps,
                 dependents,
                 next_seq: snap.last_seq.get(&row.id).copied().unwrap_or(0) + 1,
@@ -1159,6 +1177,9 @@ impl Engine {
                 &tools,
                 estimates.get(&row.workstream).unwrap_or(&Default::default()),
             );
+            if !run.request_id.is_empty() {
+                self.requests.insert(run.request_id.clone(), run.id.clone());
+            }
             self.runs.insert(run.id.clone(), run);
         }
         for row in &snap.attempts {

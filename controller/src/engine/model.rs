@@ -22,6 +22,8 @@ pub(crate) struct Run {
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    /// The client's id of the submit that created it (may be empty).
+    pub request_id: String,
     pub steps: Vec<Step>,
     /// For each step, the steps that list it in `needs`.
     pub dependents: Vec<Vec<usize>>,
@@ -67,6 +69,7 @@ impl Run {
             created_at: self.created_at,
             started_at: self.started_at,
             finished_at: self.finished_at,
+            request_id: self.request_id.clone(),
         }
     }
 

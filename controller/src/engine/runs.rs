@@ -74,6 +74,7 @@ impl Engine {
         &mut self,
         mut spec: Workstream,
         mut params: BTreeMap<String, String>,
+        request_id: String,
         history: &crate::store::Estimates,
     ) -> Result<String, EngineError> {
         // Parameters: given ones, else declared defaults; a declared one without a
@@ -180,6 +181,7 @@ impl Engine {
             created_at: now,
             started_at: None,
             finished_at: None,
+            request_id: request_id.clone(),
             steps,
             dependents,
             next_seq: 1,
@@ -206,6 +208,9 @@ impl Engine {
             self.timers.push(Reverse((d, Timer::RunDeadline(id.clone()))));
         }
         let ready: Vec<usize> = (0..n).filter(|&i| run.steps[i].state == StepState::Ready).collect();
+        if !request_id.is_empty() {
+            self.requests.insert(request_id, id.clone());
+        }
         self.runs.insert(id.clone(), run);
         for i in ready {
             self.enqueue(&id, i);

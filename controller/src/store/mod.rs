@@ -402,6 +402,15 @@ impl Store {
         Ok(Snapshot { runs, steps, attempts, last_seq, agents, breakers })
     }
 
+    /// The run a submit with this request id created, if any.
+    pub async fn run_by_request_id(&self, request_id: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT id FROM runs WHERE request_id = $1 AND request_id <> '' LIMIT 1")
+            .bind(request_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get("id")).transpose()?)
+    }
+
     /// The full id of the run whose id is `prefix` or starts with it.
     pub async fn resolve_run_id(&self, prefix: &str) -> Result<String, StoreError> {
         let prefix = prefix.trim().to_ascii_lowercase();

@@ -18,13 +18,15 @@ pub struct RunRow {
     pub created_at: i64,
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    /// The client's id of the submit that created the run (empty when none was given).
+    pub request_id: String,
 }
 
 impl Record for RunRow {
     const TABLE: &'static str = "runs";
-    const PG_RECORD: &'static str = "id text, workstream text, state text, spec text, params text, reason text, created_at bigint, started_at bigint, finished_at bigint";
+    const PG_RECORD: &'static str = "id text, workstream text, state text, spec text, params text, reason text, created_at bigint, started_at bigint, finished_at bigint, request_id text";
     const COLUMNS: &'static str =
-        "id, workstream, state, spec, params, reason, created_at, started_at, finished_at";
+        "id, workstream, state, spec, params, reason, created_at, started_at, finished_at, request_id";
     const KEY: &'static str = "id";
 
     fn bind<'q>(&'q self, q: AnyQuery<'q>) -> AnyQuery<'q> {
@@ -37,6 +39,7 @@ impl Record for RunRow {
             .bind(self.created_at)
             .bind(self.started_at)
             .bind(self.finished_at)
+            .bind(self.request_id.as_str())
     }
 
     fn decode(r: &AnyRow) -> Result<Self, sqlx::Error> {
@@ -50,6 +53,7 @@ impl Record for RunRow {
             created_at: r.try_get("created_at")?,
             started_at: r.try_get("started_at")?,
             finished_at: r.try_get("finished_at")?,
+            request_id: r.try_get("request_id")?,
         })
     }
 }

@@ -79,6 +79,7 @@ fn run_row(id: &str, state: &str, created_at: i64) -> RunRow {
         created_at,
         started_at: None,
         finished_at: None,
+        request_id: String::new(),
     }
 }
 
