@@ -727,6 +727,18 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
 }
 
 fn read_spec(file: &Path) -> Result<(String, String), Failure> {
+    // A file past the limit is refused before it is read, like the controller would.
+    if let Ok(meta) = std::fs::metadata(file)
+        && meta.is_file()
+        && meta.len() > baton_common::spec::MAX_SPEC_BYTES as u64
+    {
+        return Err(Failure::Invalid(format!(
+            "{}: the spec is {} bytes; the limit is {}",
+            file.display(),
+            meta.len(),
+            baton_common::spec::MAX_SPEC_BYTES
+        )));
+    }
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("cannot read {}", file.display()))
         .map_err(|e| Failure::Invalid(format!("{e:#}")))?;

@@ -84,6 +84,23 @@ async fn submit_watch_show_list_and_cancel() {
     assert_eq!(watch.code, 0, "{}{}", watch.stdout, watch.stderr);
     assert!(watch.stdout.contains("run_succeeded"), "{}", watch.stdout);
     assert!(watch.stdout.contains(&format!("run {run_id} succeeded")), "{}", watch.stdout);
+    // Resuming one past the last event (the reconnect recipe) ends at once with the
+    // final state, as does resuming further on.
+    let show = baton(&url, &["runs", "show", &run_id, "-o", "json"]).await;
+    let run: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    let last = run["last_seq"].as_i64().unwrap_or_else(|| panic!("last_seq in {}", show.stdout));
+    for from in [last + 1, last + 50] {
+        let from = from.to_string();
+        let resumed = tokio::time::timeout(
+            Duration::from_secs(60),
+            baton(&url, &["runs", "watch", &run_id, "--from-seq", &from]),
+        )
+        .await
+        .expect("the watch ends instead of waiting for events that will never come");
+        assert_eq!(resumed.code, 0, "{}{}", resumed.stdout, resumed.stderr);
+        assert!(resumed.stdout.contains(&format!("run {run_id} succeeded")), "{}", resumed.stdout);
+        assert!(!resumed.stdout.contains("run_succeeded"), "no event is repeated: {}", resumed.stdout);
+    }
 
     let show = baton(&url, &["runs", "show", &run_id, "-o", "json"]).await;
     let run: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
@@ -129,6 +146,23 @@ async fn submit_watch_show_list_and_cancel() {
     let out = baton(&url, &["submit", &kind]).await;
     assert_eq!(out.code, 2);
     assert!(out.stderr.contains("no router rule maps kind \"build\""), "{}", out.stderr);
+}
+
+#[tokio::test]
+async fn a_spec_past_the_size_limit_is_invalid_input_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.yaml");
+    std::fs::File::create(&big).unwrap().set_len(100 * 1024 * 1024).unwrap();
+    let big = big.display().to_string();
+    for args in [vec!["validate", big.as_str()], vec!["submit", big.as_str()]] {
+        let out = baton("http://127.0.0.1:9", &args).await;
+        assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(&format!("{big}: the spec is 104857600 bytes; the limit is 4194304")),
+            "{}",
+            out.stderr
+        );
+    }
 }
 
 #[tokio::test]

@@ -279,6 +279,13 @@ fn parse_raw(source: &str, text: &str) -> Result<RawWorkstream, SpecError> {
             format!("the spec is {} bytes; the limit is {MAX_SPEC_BYTES}", text.len()),
         ));
     }
+    if let Err((line, depth)) = check_nesting(text) {
+        return Err(fail(
+            Some(line),
+            None,
+            format!("collections nested {depth} deep; at most {MAX_NESTING} levels are allowed"),
+        ));
+    }
     if text.trim_start().starts_with('{') {
         return serde_json::from_str(text).map_err(|e| {
             fail(
@@ -292,6 +299,98 @@ fn parse_raw(source: &str, text: &str) -> Result<RawWorkstream, SpecError> {
         let (line, column) = e.location().map(|l| (Some(l.line()), Some(l.column()))).unwrap_or((None, None));
         fail(line, column, format!("invalid YAML: {}", strip_position(&e.to_string())))
     })
+}
+
+/// Deepest nesting of collections a spec may have (a real one needs a handful).
+pub const MAX_NESTING: usize = 64;
+
+/// Finds the first line where collections nest deeper than [`MAX_NESTING`], in one
+/// linear pass before the YAML parser sees the text (whose cost grows much faster than
+/// the depth). Counts indentation levels and `- ` items of block style and brackets of
+/// flow style (JSON included), skipping comments, quoted strings and block scalars.
+/// Returns the line (1-based) and the depth found there.
+fn check_nesting(text: &str) -> Result<(), (usize, usize)> {
+    let mut indents: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    // Inside a `|` or `>` block scalar: lines indented more than this are its text.
+    let mut scalar: Option<usize> = None;
+    // An open quoted string: its quote character.
+    let mut quote: Option<char> = None;
+    for (n, line) in text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        let body = line.trim();
+        if let Some(s) = scalar {
+            if body.is_empty() || indent > s {
+                continue;
+            }
+            scalar = None;
+        }
+        if quote.is_none() && flow == 0 && !body.is_empty() && !body.starts_with('#') {
+            while indents.last().is_some_and(|&i| i > indent) {
+                indents.pop();
+            }
+            if indents.last() != Some(&indent) {
+                indents.push(indent);
+            }
+        }
+        let mut items = 0;
+        // The last significant character: brackets and quotes open only where a value
+        // starts, so `it's` and `echo [a` in plain text count for nothing.
+        let mut prev: Option<char> = None;
+        let mut chars = line[indent..].chars().peekable();
+        while let Some(c) = chars.next() {
+            if let Some(q) = quote {
+                if c == '\\' && q == '"' {
+                    chars.next();
+                } else if c == q {
+                    if q == '\'' && chars.peek() == Some(&'\'') {
+                        chars.next();
+                    } else {
+                        quote = None;
+                        prev = Some(c);
+                    }
+                }
+                continue;
+            }
+            let starts_value = matches!(prev, None | Some(':' | '-' | ',' | '[' | '{' | '?'));
+            let spaced = matches!(chars.peek(), Some(' ' | '\t') | None);
+            // Whether `c` is structure (else it is text, and so is what follows it up
+            // to the next structure).
+            let structure = match c {
+                ' ' | '\t' => continue,
+                '#' => break,
+                '"' | '\'' if starts_value => {
+                    quote = Some(c);
+                    false
+                }
+                '[' | '{' if starts_value => {
+                    flow += 1;
+                    true
+                }
+                ']' | '}' if flow > 0 => {
+                    flow -= 1;
+                    true
+                }
+                ',' => flow > 0,
+                ':' | '?' => spaced || flow > 0,
+                '-' if flow == 0 && starts_value && spaced => {
+                    items += 1;
+                    true
+                }
+                '|' | '>' if flow == 0 && matches!(prev, Some(':' | '-') | None) => {
+                    scalar = Some(indent);
+                    break;
+                }
+                _ => false,
+            };
+            prev = Some(if structure { c } else { 'a' });
+            let depth = indents.len() + items + flow;
+            if depth > MAX_NESTING {
+                return Err((n + 1, depth));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Drops the " at line X column Y" suffix that the position fields already carry.
@@ -449,6 +548,9 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
             c.push(here, format!("id is {} bytes long; the limit is {MAX_ID_LEN}", id.len()));
         } else if !id.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)) {
             c.push(here, "id may only hold letters, digits, '-', '_' and '.'");
+        } else if id.chars().all(|ch| ch == '.') {
+            // Ids name directories and files (logs, worktrees): never these.
+            c.push(here, "id must not be made of dots only");
         }
         if !seen.insert(id.clone()) {
             c.push(here, "duplicate step id");
@@ -1110,5 +1212,66 @@ steps:
             e.contains(r#"step "b": with.script: ${{ params.p }} stands right after a backslash"#),
             "{e}"
         );
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing_naming_the_line() {
+        let n = 100_000;
+        let flow = format!(
+            "name: x\nsteps:\n  - id: a\n    tool: noop\n    with: {{k: {}{}}}\n",
+            "[".repeat(n),
+            "]".repeat(n)
+        );
+        let e = parse("deep.yaml", &flow).unwrap_err().to_string();
+        assert!(e.starts_with("deep.yaml:5: collections nested 65 deep; at most 64 levels"), "{e}");
+        let json = format!("{{\"name\": \"x\", \"steps\": {}{}}}", "[".repeat(n), "]".repeat(n));
+        let e = parse("deep.json", &json).unwrap_err().to_string();
+        assert!(e.contains("collections nested 65 deep"), "{e}");
+        let mut block = String::from("name: x\nsteps:\n  - id: a\n    tool: noop\n    with:\n");
+        for i in 0..100 {
+            block.push_str(&format!("{}k{i}:\n", "  ".repeat(i + 3)));
+        }
+        let e = parse("block.yaml", &block).unwrap_err().to_string();
+        assert!(e.contains("collections nested 65 deep"), "{e}");
+    }
+
+    #[test]
+    fn brackets_in_text_quotes_comments_and_scripts_are_not_nesting() {
+        let many = "[".repeat(200);
+        let spec = format!(
+            "name: x # {many}\nsteps:\n  - id: a\n    tool: shell\n    with:\n      run: |\n        echo '{many}'\n        [[ -f x ]] && echo {many}\n  - id: b\n    tool: shell\n    with: {{run: \"echo {many}\"}}\n  - id: c\n    tool: shell\n    with: {{run: 'it''s {many}'}}\n  - id: d\n    tool: shell\n    with:\n      run: echo it's {many}\n"
+        );
+        let ws = parse("ok.yaml", &spec).unwrap();
+        assert_eq!(ws.steps.len(), 4);
+        // Nesting up to the limit is fine.
+        let ok = format!(
+            "name: x\nsteps:\n  - id: a\n    tool: echo\n    with: {{k: {}{}}}\n",
+            "[".repeat(58),
+            "]".repeat(58)
+        );
+        parse("ok.yaml", &ok).unwrap();
+    }
+
+    #[test]
+    fn dot_ids_are_refused() {
+        for id in [".", "..", "..."] {
+            let e =
+                parse("d.yaml", &format!("name: d\nsteps:\n  - {{id: '{id}', tool: noop}}\n")).unwrap_err();
+            assert!(e.to_string().contains("id must not be made of dots only"), "{id}: {e}");
+        }
+        parse("d.yaml", "name: d\nsteps:\n  - {id: v1.2, tool: noop}\n").unwrap();
+    }
+
+    #[test]
+    fn alias_expansion_is_capped() {
+        let mut spec = String::from(
+            "name: x\nsteps:\n  - id: a\n    tool: noop\n    with:\n      a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n",
+        );
+        for i in 1..10 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(", ");
+            spec.push_str(&format!("      a{i}: &a{i} [{refs}]\n"));
+        }
+        let e = parse("laughs.yaml", &spec).unwrap_err().to_string();
+        assert!(e.contains("repetition limit exceeded"), "{e}");
     }
 }

@@ -232,7 +232,36 @@ async fn a_submit_repeated_with_its_request_id_returns_the_same_run(backend: Bac
     assert!(err.message().contains("request_id"), "{}", err.message());
 }
 
+async fn a_deeply_nested_spec_is_refused_at_once_and_stalls_nothing(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(1).build().await;
+    let n = 100_000;
+    let deep = format!(
+        "name: x\nsteps:\n  - id: a\n    tool: noop\n    with: {{k: {}{}}}\n",
+        "[".repeat(n),
+        "]".repeat(n)
+    );
+    let mut c = sb.client().await;
+    let mut other = sb.client().await;
+    let (bad, ok) = tokio::join!(
+        c.submit_run(proto::SubmitRunRequest {
+            spec: deep,
+            source: "deep.yaml".into(),
+            ..Default::default()
+        }),
+        other.submit_run(proto::SubmitRunRequest {
+            spec: "name: fine\nsteps:\n  - {id: a, tool: noop}\n".into(),
+            ..Default::default()
+        })
+    );
+    let e = bad.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().starts_with("deep.yaml:5: collections nested 65 deep"), "{}", e.message());
+    let id = ok.unwrap().into_inner().run_id;
+    assert_eq!(wait_run(&mut c, &id, Duration::from_secs(20)).await.state, "succeeded");
+}
+
 on_both!(
+    a_deeply_nested_spec_is_refused_at_once_and_stalls_nothing,
     a_submit_repeated_with_its_request_id_returns_the_same_run,
     fan_out_and_join_runs_in_dependency_order_across_agents,
     a_failing_step_skips_its_dependents_and_fails_the_run,

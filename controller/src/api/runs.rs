@@ -73,7 +73,13 @@ impl pb::baton_service_server::BatonService for RunApi {
         {
             return Ok(Response::new(pb::SubmitRunResponse { run_id }));
         }
-        let ws = spec::parse(source, &req.spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Parsing is CPU work bounded by the size and nesting caps; it runs on the
+        // blocking pool so that one big spec cannot hold up other calls.
+        let (source_owned, text) = (source.to_string(), req.spec);
+        let ws = tokio::task::spawn_blocking(move || spec::parse(&source_owned, &text))
+            .await
+            .map_err(|e| Status::internal(format!("parsing the spec: {e}")))?
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let params: BTreeMap<String, String> = req.params.into_iter().collect();
         let estimates = self.store.duration_estimates(&ws.name).await?;
         let engine = self.engine()?;
@@ -327,6 +333,7 @@ impl Watch {
     ) {
         let Watch { store, engine, run_id, run_events_only } = self;
         const PAGE: i64 = 1000;
+        let mut first = true;
         loop {
             // Catch up from the store.
             loop {
@@ -338,6 +345,18 @@ impl Watch {
                     }
                 };
                 let n = events.len() as i64;
+                // Resuming past the last event of a run that has ended (a client that
+                // saw it all): nothing will follow, so the stream ends now.
+                if n == 0 && std::mem::take(&mut first) {
+                    match store.get_run(&run_id).await {
+                        Ok(rec) if rec.run.state.parse::<RunState>().is_ok_and(|s| s.is_terminal()) => return,
+                        Ok(_) => {}
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
+                        }
+                    }
+                }
                 // The last event of a page carries the run's progress as it is now.
                 let progress = match events.last() {
                     Some(last) if !is_final(last) => {
