@@ -543,8 +543,9 @@ impl Agent {
             labels: self.cfg.labels.clone().into_iter().collect(),
             tools: self.tools.clone(),
             slots: self.cfg.slots,
-            running: self.held(),
+            running: self.running.values().map(|r| r.attempt.clone()).collect(),
             unacked: self.unacked.clone(),
+            queued: self.queued.iter().filter_map(|q| q.attempt.clone()).collect(),
         };
         let hello_sent = Instant::now();
         let _ = out_tx.try_send(msg(Out::Hello(hello)));

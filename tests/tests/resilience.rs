@@ -278,6 +278,47 @@ async fn an_agent_cut_off_from_the_controller_stops_its_tools(backend: Backend) 
     assert_eq!(s.attempts.last().unwrap().state, "succeeded");
 }
 
+async fn a_start_lost_with_the_stream_is_recorded_when_the_attempt_is_adopted(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(0).build().await;
+    let mut c = sb.client().await;
+    let hello = proto::Hello {
+        agent_id: "raw-agent".into(),
+        name: "raw".into(),
+        version: "test".into(),
+        tools: vec![proto::Tool { name: "sleep".into(), version: "1".into() }],
+        slots: 1,
+        ..Default::default()
+    };
+    let mut first = AgentSession::open(sb.channel_as(None).await, hello.clone()).await.unwrap();
+    let id = sb.submit("name: a\nsteps:\n  - {id: s, tool: sleep, with: {duration: 1s}}\n").await;
+    let attempt = loop {
+        match first.inbound.message().await.unwrap().and_then(|m| m.msg) {
+            Some(proto::controller_message::Msg::Assign(a)) => break a.attempt.unwrap(),
+            Some(_) => continue,
+            None => panic!("stream ended before an assignment"),
+        }
+    };
+    // The agent started it, but its Started report went down with the stream.
+    drop(first);
+    let again = proto::Hello { running: vec![attempt.clone()], ..hello };
+    let second = AgentSession::open(sb.channel_as(None).await, again).await.unwrap();
+    assert_eq!(second.welcome.adopted, vec![attempt.attempt_id.clone()]);
+    let ev = wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "attempt_started").await;
+    assert_eq!(ev.attempt_id, attempt.attempt_id);
+    let run = get_run(&mut c, &id).await;
+    let a = &step(&run, "s").attempts[0];
+    assert_eq!(a.state, "running");
+    assert!(a.started_at_ms > 0, "{a:?}");
+    second
+        .send(proto::agent_message::Msg::Finished(proto::AttemptFinished {
+            attempt: Some(attempt),
+            outcome: "succeeded".into(),
+            ..Default::default()
+        }))
+        .await;
+    assert_eq!(wait_run(&mut c, &id, Duration::from_secs(10)).await.state, "succeeded");
+}
+
 async fn an_assignment_never_started_is_lost_and_retried(backend: Backend) {
     let mut sb = Sandbox::builder().backend(backend).agents(0).build().await;
     let fake = FakeAgent::start(&sb.url(), "zz-fake", &["shell"]).await;
@@ -531,6 +572,7 @@ on_both!(
     a_frozen_agent_is_lost_its_step_reruns_elsewhere_and_its_late_reports_change_nothing,
     an_agent_cut_off_from_the_controller_stops_its_tools,
     an_assignment_never_started_is_lost_and_retried,
+    a_start_lost_with_the_stream_is_recorded_when_the_attempt_is_adopted,
     a_re_sent_result_is_applied_once,
     quarantine_holds_a_run_until_release_gives_a_fresh_budget,
     on_failure_continue_runs_independent_branches_to_the_end,

@@ -91,7 +91,7 @@ impl Engine {
         // Welcome goes first on the new stream, so decide adoption before anything
         // else is sent.
         let (adopted, abandon): (Vec<&pb::AttemptRef>, Vec<&pb::AttemptRef>) =
-            hello.running.iter().partition(|r| self.owns_live(&hello.agent_id, r));
+            hello.running.iter().chain(&hello.queued).partition(|r| self.owns_live(&hello.agent_id, r));
         self.pending.send(
             &tx,
             Out::Welcome(pb::Welcome {
@@ -113,12 +113,24 @@ impl Engine {
                 }
             }
         }
+        // A start whose report was lost with the old stream (or with a controller that
+        // died before committing it) is recorded now.
+        let started: Vec<pb::AttemptRef> = adopted
+            .iter()
+            .filter(|r| hello.running.iter().any(|x| x.attempt_id == r.attempt_id))
+            .filter(|r| self.attempts.get(&r.attempt_id).is_some_and(|a| a.state == AttemptState::Assigned))
+            .map(|r| (*r).clone())
+            .collect();
         for r in &abandon {
             self.reject(&hello.agent_id, r, "running attempt reported on reconnect");
+        }
+        for r in started {
+            self.started(&hello.agent_id, pb::AttemptStarted { attempt: Some(r), pid: 0 });
         }
         let reported: HashSet<&str> = hello
             .running
             .iter()
+            .chain(&hello.queued)
             .chain(hello.unacked.iter().filter_map(|f| f.attempt.as_ref()))
             .map(|r| r.attempt_id.as_str())
             .collect();
