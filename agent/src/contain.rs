@@ -71,7 +71,12 @@ impl Containment {
         };
         match &mode {
             Mode::Cgroup(base) => info!(cgroup = %base.display(), "each attempt runs in a cgroup of its own"),
-            Mode::ProcessGroup => info!("each attempt runs in a process group of its own"),
+            Mode::ProcessGroup => {
+                // Orphans of a tool (a daemon that left its process group) become the
+                // agent's children, where it finds and ends them with their attempt.
+                unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+                info!("each attempt runs in a process group of its own; the agent adopts their orphans")
+            }
         }
         Ok(Containment { mode, records })
     }
@@ -235,8 +240,12 @@ impl Cell {
             let _ =
                 nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pg), nix::sys::signal::Signal::SIGKILL);
         }
-        if let Some(cg) = &self.cgroup {
-            kill_cgroup(cg).await;
+        match &self.cgroup {
+            Some(cg) => kill_cgroup(cg).await,
+            None => {
+                let id = self.record.lock().map(|r| r.attempt_id.clone()).unwrap_or_default();
+                end_orphans(&id, children_of_self()).await;
+            }
         }
     }
 
@@ -259,6 +268,27 @@ impl Cell {
     }
 }
 
+/// SIGKILLs what the record at `path` names, at once and without waiting (the
+/// warden's way: the agent itself cleans up after).
+pub fn kill_now(path: &Path) {
+    let Some(r) = std::fs::read(path).ok().and_then(|b| serde_json::from_slice::<Record>(&b).ok()) else {
+        return;
+    };
+    if let Some(cg) = r.cgroup.as_ref().filter(|c| c.is_dir())
+        && std::fs::write(cg.join("cgroup.kill"), "1").is_err()
+    {
+        for pid in procs(cg) {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    if let (Some(pid), Some(t)) = (r.pid, r.start_time)
+        && start_time(pid) == Some(t)
+    {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
 /// Ends what one record names; returns how many processes were still running.
 async fn end_record(r: &Record) -> usize {
     let mut ended = 0;
@@ -274,7 +304,62 @@ async fn end_record(r: &Record) -> usize {
         let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
     }
+    if r.cgroup.is_none() {
+        // Whatever left the group: known by the attempt id in its environment.
+        ended += end_orphans(&r.attempt_id, all_processes()).await;
+    }
     ended
+}
+
+/// SIGKILLs (with their process groups) the processes among `pids` whose environment
+/// names the attempt, and reaps those that are the agent's children; returns how many.
+async fn end_orphans(attempt_id: &str, pids: Vec<i32>) -> usize {
+    if attempt_id.is_empty() {
+        return 0;
+    }
+    let mark = format!("BATON_ATTEMPT_ID={attempt_id}").into_bytes();
+    let me = std::process::id() as i32;
+    let mut n = 0;
+    for pid in pids.into_iter().filter(|&p| p != me) {
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        if !env.split(|&b| b == 0).any(|v| v == mark.as_slice()) {
+            continue;
+        }
+        n += 1;
+        let p = nix::unistd::Pid::from_raw(pid);
+        let _ = nix::sys::signal::killpg(p, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+        if parent_of(pid) == Some(me) {
+            // Not a child tokio waits for (those are the tools themselves, done by now).
+            let _ = tokio::task::spawn_blocking(move || nix::sys::wait::waitpid(p, None)).await;
+        }
+    }
+    n
+}
+
+/// The agent's children (`/proc/self/task/*/children`).
+fn children_of_self() -> Vec<i32> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        }
+    }
+    out
+}
+
+fn all_processes() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
 }
 
 /// SIGKILLs everything in a cgroup, waits (bounded) for it to empty, removes it.

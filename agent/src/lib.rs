@@ -8,6 +8,7 @@
 pub mod adapters;
 pub mod contain;
 mod scratch;
+pub mod warden;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -47,6 +48,9 @@ pub struct Config {
     pub stop_after: Option<Duration>,
     /// Contain each attempt in a cgroup of its own where this process may create them.
     pub cgroups: bool,
+    /// The agent executable, started as `--warden` beside the agent so that its tools
+    /// are ended in time even when the agent is stopped or stuck; `None`: no warden.
+    pub warden: Option<PathBuf>,
     /// Reconnect backoff bounds (exponential, jittered).
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
@@ -75,6 +79,7 @@ impl Config {
             disable_tools: Vec::new(),
             stop_after: None,
             cgroups: true,
+            warden: None,
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             metrics_listen: None,
@@ -182,6 +187,7 @@ struct Agent {
     clock: Instant,
     /// None before the first Welcome.
     lease: Option<Lease>,
+    warden: Option<warden::Warden>,
 }
 
 /// The agent's metrics.
@@ -219,6 +225,10 @@ impl AgentMetrics {
     }
 }
 
+/// Longest wait for a controller to welcome a new session (a host that accepts the
+/// connection but never answers, such as a paused controller).
+const ESTABLISH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How a session ended.
 enum SessionEnd {
     Shutdown,
@@ -251,6 +261,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         .map_err(|e| AgentError::Io { path: cfg.work_dir.join("running"), source: e })?;
     // What a previous life left running ends before any new work is taken.
     let leftovers = contain.end_leftovers().await;
+    let warden = cfg.warden.as_deref().and_then(|exe| warden::Warden::start(exe, &cfg.work_dir));
     info!(agent = %cfg.name, agent_id = %id, tools = ?tools.iter().map(|t| &t.name).collect::<Vec<_>>(), "agent starting");
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let metrics = Arc::new(AgentMetrics::new());
@@ -288,6 +299,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         contain,
         clock: Instant::now(),
         lease: None,
+        warden,
     };
     let result = agent.main_loop(shutdown).await;
     agent.contain.close();
@@ -525,16 +537,6 @@ impl Agent {
             Ok(e) => e,
             Err(e) => return SessionEnd::Broken(e),
         };
-        let channel = tokio::select! {
-            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
-            c = endpoint.connect() => match c {
-                Ok(c) => c,
-                Err(e) => return SessionEnd::Broken(format!("connect {url}: {}", baton_common::connect::error_chain(&e))),
-            }
-        };
-        let channel = tonic::service::interceptor::InterceptedService::new(channel, self.bearer.clone());
-        let mut client = pb::agent_service_client::AgentServiceClient::new(channel)
-            .max_decoding_message_size(64 * 1024 * 1024);
         let (out_tx, out_rx) = mpsc::channel::<pb::AgentMessage>(4096);
         let hello = pb::Hello {
             agent_id: self.id.clone(),
@@ -548,25 +550,49 @@ impl Agent {
             queued: self.queued.iter().filter_map(|q| q.attempt.clone()).collect(),
         };
         let hello_sent = Instant::now();
-        let _ = out_tx.try_send(msg(Out::Hello(hello)));
-        let mut inbound = tokio::select! {
-            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
-            r = client.connect(ReceiverStream::new(out_rx)) => match r {
+        let bearer = self.bearer.clone();
+        let establish = async {
+            let channel = endpoint.connect().await.map_err(|e| {
+                SessionEnd::Broken(format!("connect {url}: {}", baton_common::connect::error_chain(&e)))
+            })?;
+            let channel = tonic::service::interceptor::InterceptedService::new(channel, bearer);
+            let mut client = pb::agent_service_client::AgentServiceClient::new(channel)
+                .max_decoding_message_size(64 * 1024 * 1024);
+            let _ = out_tx.try_send(msg(Out::Hello(hello)));
+            let mut inbound = match client.connect(ReceiverStream::new(out_rx)).await {
                 Ok(r) => r.into_inner(),
                 Err(e) => {
                     let leader = e.metadata().get(baton_common::LEADER_HEADER).and_then(|v| v.to_str().ok());
-                    return match leader {
+                    return Err(match leader {
                         Some(l) if l != url => SessionEnd::Redirect(l.to_string()),
                         _ if refusal(e.code()) => SessionEnd::Refused(e.message().to_string()),
                         _ => SessionEnd::Broken(format!("connect stream: {e}")),
-                    };
+                    });
                 }
+            };
+            match inbound.message().await {
+                Ok(Some(pb::ControllerMessage { msg: Some(In::Welcome(w)) })) => Ok((inbound, w)),
+                Ok(_) => Err(SessionEnd::Broken("the controller did not welcome us".into())),
+                Err(e) => Err(SessionEnd::Broken(format!("welcome: {e}"))),
             }
         };
-        let welcome = match inbound.message().await {
-            Ok(Some(pb::ControllerMessage { msg: Some(In::Welcome(w)) })) => w,
-            Ok(_) => return SessionEnd::Broken("the controller did not welcome us".into()),
-            Err(e) => return SessionEnd::Broken(format!("welcome: {e}")),
+        // A connection that takes long to come up (a black-holed link, a controller
+        // that cannot commit) must not keep the agent from stopping its tools in time.
+        let fence_at = self.fence_deadline();
+        let established = tokio::select! {
+            _ = shutdown.cancelled() => return SessionEnd::Shutdown,
+            _ = tokio::time::sleep_until(fence_at.unwrap_or_else(tokio::time::Instant::now)), if fence_at.is_some() => {
+                self.fence_if_expired();
+                return SessionEnd::Broken("no controller answered before the lease ran out".into());
+            }
+            r = tokio::time::timeout(ESTABLISH_TIMEOUT, establish) => match r {
+                Ok(r) => r,
+                Err(_) => Err(SessionEnd::Broken(format!("no welcome from {url} within {ESTABLISH_TIMEOUT:?}"))),
+            },
+        };
+        let (mut inbound, welcome) = match established {
+            Ok(x) => x,
+            Err(end) => return end,
         };
         backoff.reset();
         if self.sessions > 0 {
@@ -599,6 +625,7 @@ impl Agent {
             stop_after,
             grace: Duration::from_millis(welcome.fence_grace_ms.max(0) as u64),
         });
+        self.update_warden();
         let mut heartbeat = tokio::time::interval(hb_every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         heartbeat.tick().await;
@@ -634,6 +661,15 @@ impl Agent {
                     }
                 }
                 _ = heartbeat.tick() => {
+                    // A controller that stopped answering is left well before the lease
+                    // runs out, so that the agent can reach another one (a new leader)
+                    // before it would have to stop its tools.
+                    if let Some(l) = self.lease
+                        && l.renewed.elapsed() > (hb_every * 3).max(l.stop_after / 2)
+                    {
+                        warn!(controller = %url, unanswered = ?l.renewed.elapsed(), "the controller does not answer; reconnecting");
+                        return SessionEnd::Broken("the controller does not answer".into());
+                    }
                     let hb = pb::Heartbeat {
                         running: self.held(),
                         free_slots: self.cfg.slots.saturating_sub(self.running.len() as u32),
@@ -696,6 +732,7 @@ impl Agent {
                 {
                     l.renewed = sent;
                 }
+                self.update_warden();
                 Ok(())
             }
             In::Welcome(_) => Ok(()),
@@ -710,8 +747,22 @@ impl Agent {
         }
     }
 
+    /// Tells the warden when the tools must be dead by, if the agent does not see to it.
+    fn update_warden(&self) {
+        if let Some(w) = &self.warden {
+            let at = self.lease.filter(|_| self.holds_work()).map(|l| l.expires() + l.grace + warden::AFTER);
+            w.set(at);
+        }
+    }
+
     fn holds_work(&self) -> bool {
         !self.running.is_empty() || !self.queued.is_empty()
+    }
+
+    /// When the lease runs out, while there is work it would have to stop then.
+    fn fence_deadline(&self) -> Option<tokio::time::Instant> {
+        let unstopped = self.running.values().any(|r| r.reason.get().is_none()) || !self.queued.is_empty();
+        unstopped.then(|| self.lease_expiry())
     }
 
     /// With the lease run out, stops every tool (within the fence grace) and drops the
@@ -898,6 +949,7 @@ impl Agent {
                 result_json: outcome.result.map(|j| redactor.json(&j)).unwrap_or_default(),
                 output_tail: output.tail(),
                 duration_ms: t0.elapsed().as_millis() as i64,
+                output_bytes: output.total_bytes(),
             };
             let _ = events.send(Event::Finished(finished));
             // Cleaning up comes after the result is on its way.
@@ -908,6 +960,7 @@ impl Agent {
         tokio::spawn(task.instrument(span.clone()));
         self.running.insert(running.attempt.attempt_id.clone(), running);
         self.metrics.running.set(&[], self.running.len() as f64);
+        self.update_warden();
         Ok(())
     }
 
@@ -937,6 +990,7 @@ impl Agent {
                 // out, so the tool is busy again at once.
                 let mut ok = self.start_queued(out);
                 self.metrics.running.set(&[], self.running.len() as f64);
+                self.update_warden();
                 if abandoned {
                     return ok;
                 }

@@ -58,6 +58,13 @@ struct Args {
     /// Log format: text or json. RUST_LOG sets the filter (default info).
     #[arg(long, env = "BATON_LOG_FORMAT", default_value = "text")]
     log_format: String,
+    /// Put each attempt in a cgroup of its own where this process may create them
+    /// (root, or systemd's Delegate=yes); false: process groups only.
+    #[arg(long, env = "BATON_CGROUPS", default_value_t = true, action = clap::ArgAction::Set)]
+    cgroups: bool,
+    /// Run as the warden of the agent whose work dir this is (started by the agent).
+    #[arg(long, hide = true)]
+    warden: Option<PathBuf>,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -80,6 +87,10 @@ fn main() -> std::process::ExitCode {
 #[tokio::main(flavor = "current_thread")]
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(work_dir) = &args.warden {
+        baton_agent::warden::run(work_dir.clone())?;
+        return Ok(());
+    }
     init_tracing(&args.log_format)?;
     let name = args.name.unwrap_or_else(|| {
         nix::unistd::gethostname()
@@ -99,6 +110,8 @@ async fn run() -> anyhow::Result<()> {
         metrics_listen: args.metrics_listen,
         tls: baton_common::connect::ClientTls { ca: args.tls_ca, cert: args.tls_cert, key: args.tls_key },
         join_token: args.join_token,
+        warden: std::env::current_exe().ok(),
+        cgroups: args.cgroups,
         ..Config::new("", "", "")
     };
     let shutdown = CancellationToken::new();

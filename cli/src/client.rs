@@ -40,6 +40,24 @@ pub async fn connect(target: &Target) -> anyhow::Result<Client> {
     Ok(client(leader(target).await?))
 }
 
+/// [`connect`], retried with backoff while no controller leads (one restarts, or a
+/// standby takes over), for up to the reconnect timeout; says so on stderr.
+pub async fn connect_waiting(target: &Target) -> anyhow::Result<Client> {
+    let deadline = tokio::time::Instant::now() + target.reconnect_timeout;
+    let mut delay = std::time::Duration::from_millis(200);
+    loop {
+        match connect(target).await {
+            Ok(c) => return Ok(c),
+            Err(e) if tokio::time::Instant::now() + delay <= deadline => {
+                eprintln!("{e:#}; retrying in {}", baton_common::time::format_duration(delay));
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Whether a call that failed this way may be made again: the controller was not
 /// reached, or went away before it answered.
 pub fn transient(s: &tonic::Status) -> bool {

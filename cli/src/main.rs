@@ -661,7 +661,10 @@ async fn tokens(target: &client::Target, cmd: TokensCommand) -> Result<u8, Failu
 }
 
 async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> {
-    let mut c = client::connect(target).await?;
+    // Following a run or its logs rides a controller restart or a leader change.
+    let follows = matches!(cmd, RunsCommand::Watch { .. } | RunsCommand::Logs { follow: true, .. });
+    let mut c =
+        if follows { client::connect_waiting(target).await? } else { client::connect(target).await? };
     match cmd {
         RunsCommand::List { state, limit, out } => {
             let req = pb::ListRunsRequest { state: state.unwrap_or_default(), limit };
@@ -697,10 +700,47 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
                 attempt: attempt.unwrap_or(0),
                 follow,
             };
-            let mut stream = c.get_logs(req).await?.into_inner();
             let mut printer = output::LogPrinter::new(whole);
-            while let Some(chunk) = stream.message().await? {
-                printer.chunk(&chunk);
+            // Bytes printed per (step, attempt): a stream opened again after a lost
+            // controller starts from the beginning, and what was printed is skipped.
+            let mut printed: std::collections::HashMap<(String, u32), usize> = Default::default();
+            let mut down_since: Option<std::time::Instant> = None;
+            loop {
+                let result = async {
+                    let mut stream = c.get_logs(req.clone()).await?.into_inner();
+                    let mut seen: std::collections::HashMap<(String, u32), usize> = Default::default();
+                    while let Some(mut chunk) = stream.message().await? {
+                        down_since = None;
+                        let key = (chunk.step_id.clone(), chunk.attempt);
+                        let at = seen.entry(key.clone()).or_default();
+                        let done = printed.entry(key).or_default();
+                        let start = *at;
+                        *at += chunk.data.len();
+                        if *at <= *done {
+                            continue;
+                        }
+                        chunk.data.drain(..done.saturating_sub(start));
+                        *done = *at;
+                        printer.chunk(&chunk);
+                    }
+                    Ok::<(), tonic::Status>(())
+                }
+                .await;
+                match result {
+                    Ok(()) => break,
+                    Err(s) if follow && client::transient(&s) => {
+                        let since = *down_since.get_or_insert_with(std::time::Instant::now);
+                        if since.elapsed() > target.reconnect_timeout {
+                            return Err(s.into());
+                        }
+                        eprintln!("lost the controller ({}); reconnecting", s.message());
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                        if let Ok(leader) = client::connect(target).await {
+                            c = leader;
+                        }
+                    }
+                    Err(s) => return Err(s.into()),
+                }
             }
             printer.finish();
         }

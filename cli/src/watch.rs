@@ -14,9 +14,6 @@ use crate::Failure;
 use crate::client::{Client, Target};
 use crate::output::{self, Format};
 
-/// How long a watch keeps trying to reach a controller that went away.
-const RECONNECT_FOR: Duration = Duration::from_secs(120);
-
 /// Follows `run_id` from `from_seq` until the run ends. Exit code 0 when it succeeded.
 /// `target` (the `--controller` list) is where to look for the leader again after a
 /// failover.
@@ -72,7 +69,7 @@ pub async fn watch(
                 ) =>
             {
                 let since = *down_since.get_or_insert_with(std::time::Instant::now);
-                if since.elapsed() > RECONNECT_FOR {
+                if since.elapsed() > target.reconnect_timeout {
                     view.clear();
                     return Err(s.into());
                 }

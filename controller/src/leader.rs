@@ -163,7 +163,7 @@ pub async fn run_terms(
         let _ = role.send(Role::Leader { engine, term: term.clone() });
         // Renew until the lease is lost, the engine stops, or we are told to stop.
         let mut last_renewal = tokio::time::Instant::now();
-        let why = loop {
+        let (why, ended) = loop {
             tokio::select! {
                 _ = stop.cancelled() => {
                     term.cancel();
@@ -173,18 +173,19 @@ pub async fn run_terms(
                     return Ok(());
                 }
                 r = &mut task => {
-                    break match r {
+                    let why = match r {
                         Ok(Ok(())) => "the engine stopped".to_string(),
                         Ok(Err(e)) => format!("the engine stopped: {e}"),
                         Err(e) => format!("the engine failed: {e}"),
                     };
+                    break (why, true);
                 }
                 _ = tokio::time::sleep(every) => {
                     match store.renew_lead(&fence, lease_ms).await {
                         Ok(true) => last_renewal = tokio::time::Instant::now(),
-                        Ok(false) => break "the lease was lost to another controller".to_string(),
+                        Ok(false) => break ("the lease was lost to another controller".to_string(), false),
                         Err(e) if last_renewal.elapsed() >= lease.lease => {
-                            break format!("the lease could not be renewed in time: {e}");
+                            break (format!("the lease could not be renewed in time: {e}"), false);
                         }
                         Err(e) => warn!(error = %e, "lease renewal failed; retrying"),
                     }
@@ -194,6 +195,9 @@ pub async fn run_terms(
         warn!(epoch, %why, "stepping down");
         let _ = role.send(Role::Standby { leader: None });
         term.cancel();
-        let _ = task.await;
+        // A task that ended already must not be awaited again.
+        if !ended {
+            let _ = task.await;
+        }
     }
 }

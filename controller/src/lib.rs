@@ -96,6 +96,15 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ControllerError> {
     config.engine.check().map_err(ControllerError::Config)?;
+    if !config.db.starts_with("sqlite:") && config.lease >= config.engine.stop_after {
+        // Safe either way; but agents then stop their tools before a standby leads, and
+        // what they ran is run again instead of adopted.
+        tracing::warn!(
+            lease = %baton_common::time::format_duration(config.lease),
+            stop_after = %baton_common::time::format_duration(config.engine.stop_after),
+            "--lease is not shorter than --stop-after: after a failover, agents will have stopped their tools and their steps run again"
+        );
+    }
     let addr = listener.local_addr().ok();
     let tls = config.tls.clone().map(tls::Tls::load).transpose().map_err(ControllerError::Tls)?;
     match config.secrets_key.clone().or_else(|| default_secrets_key(&config.db)) {
@@ -335,6 +344,9 @@ fn readiness(leadership: leader::Leadership, store: store::Store) -> baton_commo
             match tokio::time::timeout(wait, engine.gauges()).await {
                 Ok(Ok(_)) => {}
                 _ => return Err("the engine does not answer".to_string()),
+            }
+            if let Some(why) = store.refusing() {
+                return Err(format!("the database refuses writes: {why}"));
             }
             match tokio::time::timeout(wait, store.ping()).await {
                 Ok(Ok(())) => Ok(()),

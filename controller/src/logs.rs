@@ -23,14 +23,22 @@ pub struct Chunk {
     pub data: Vec<u8>,
     /// What to mask in the attempt's output.
     pub redact: Option<Arc<baton_common::redact::Redactor>>,
-    /// The attempt's output has ended (nothing more is held back for masking).
+    /// The attempt's output has ended (nothing more is held back for masking); when
+    /// it ends with a report, `offset` is the size the agent reported, and what is
+    /// missing of it is marked lost.
     pub end: bool,
 }
 
 impl Chunk {
-    /// The end of an attempt's output.
-    pub fn end(attempt_id: &str) -> Chunk {
-        Chunk { attempt_id: attempt_id.to_string(), offset: 0, data: Vec::new(), redact: None, end: true }
+    /// The end of an attempt's output, of `total` bytes when its agent said so.
+    pub fn end(attempt_id: &str, total: Option<u64>) -> Chunk {
+        Chunk {
+            attempt_id: attempt_id.to_string(),
+            offset: total.unwrap_or(0),
+            data: Vec::new(),
+            redact: None,
+            end: true,
+        }
     }
 }
 
@@ -45,12 +53,20 @@ pub struct Logs {
 }
 
 impl Logs {
-    /// Queues a chunk; drops it (with a warning) if the writer is that far behind, so a
-    /// chatty tool can never stall scheduling.
+    /// Queues a chunk; drops it (with a warning; the gap is marked when the next one or
+    /// the end comes) if the writer is that far behind, so a chatty tool can never stall
+    /// scheduling. An end is never dropped: it waits for room.
     pub fn push(&self, chunk: Chunk) {
         match self.tx.try_send(chunk) {
             Ok(()) => {
                 self.queued.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(mpsc::error::TrySendError::Full(c)) if c.end => {
+                self.queued.fetch_add(1, Ordering::SeqCst);
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(c).await;
+                });
             }
             Err(mpsc::error::TrySendError::Full(c)) => {
                 warn!(attempt_id = %c.attempt_id, bytes = c.data.len(), "output writer behind; chunk dropped");
@@ -120,12 +136,25 @@ pub fn start(store: Store, max_bytes: u64, shutdown: CancellationToken) -> Logs 
                 };
                 append(k, chunk, max_bytes, &mut rows);
             }
-            let stored = store.write_output(&rows).await;
-            done_tx.send_modify(|n| *n += taken);
-            if let Err(e) = stored {
-                warn!(error = %e, chunks = rows.len(), "cannot store attempt output");
-                continue;
+            // Output is kept until it is stored: an attempt's end is committed only
+            // after its output (see `flushed`), so nobody sees a result without it.
+            let mut delay = Duration::from_millis(50);
+            let mut tries = 0u32;
+            loop {
+                let r = store.write_output(&rows).await;
+                store.note_write("output", &r);
+                let Err(e) = r else { break };
+                tries += 1;
+                if tries == 1 || tries.is_power_of_two() {
+                    warn!(error = %e, chunks = rows.len(), tries, "cannot store attempt output yet; retrying");
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
             }
+            done_tx.send_modify(|n| *n += taken);
             let mut ids: Vec<&String> = rows.iter().map(|r| &r.attempt_id).collect();
             ids.dedup();
             for id in ids {
@@ -153,6 +182,13 @@ fn append(k: &mut Kept, chunk: Chunk, max_bytes: u64, rows: &mut Vec<OutputRow>)
         if let Some(rest) = k.redact.as_mut().map(|r| r.finish()) {
             k.redact = None;
             store_capped(k, rest, max_bytes, &mut push);
+        }
+        // What the agent wrote at the end but never reached the store.
+        let expected = chunk.offset.min(max_bytes);
+        if expected > k.received && !k.truncated {
+            let lost = expected - k.received;
+            k.received = expected;
+            push(k, format!("\n[... {lost} bytes of output lost in transit ...]\n").into_bytes());
         }
         return;
     }
@@ -258,7 +294,7 @@ mod tests {
         append(&mut k, masked(0, b"pw=sw0r"), 100, &mut rows);
         append(&mut k, masked(7, b"dfish ok sw0"), 100, &mut rows);
         append(&mut k, masked(0, b"pw=sw0r"), 100, &mut rows);
-        append(&mut k, Chunk::end("a"), 100, &mut rows);
+        append(&mut k, Chunk::end("a", None), 100, &mut rows);
         assert_eq!(text(&rows), "pw=*** ok sw0");
         assert!(rows.iter().all(|r| !String::from_utf8_lossy(&r.data).contains("sw0rd")));
     }
@@ -269,6 +305,23 @@ mod tests {
         append(&mut k, chunk(0, b"ab"), 100, &mut rows);
         append(&mut k, chunk(10, b"cd"), 100, &mut rows);
         assert_eq!(text(&rows), "ab\n[... 8 bytes of output lost in transit ...]\ncd");
+    }
+
+    #[test]
+    fn a_tail_that_never_arrived_is_marked_at_the_end() {
+        let (mut k, mut rows) = (kept(), Vec::new());
+        append(&mut k, chunk(0, b"ab"), 100, &mut rows);
+        append(&mut k, Chunk::end("a", Some(6)), 100, &mut rows);
+        assert_eq!(text(&rows), "ab\n[... 4 bytes of output lost in transit ...]\n");
+        // All of it arrived, or past the cap: nothing to mark.
+        let (mut k, mut rows) = (kept(), Vec::new());
+        append(&mut k, chunk(0, b"abcdef"), 4, &mut rows);
+        append(&mut k, Chunk::end("a", Some(6)), 4, &mut rows);
+        assert!(!text(&rows).contains("lost"), "{}", text(&rows));
+        let (mut k, mut rows) = (kept(), Vec::new());
+        append(&mut k, chunk(0, b"ab"), 100, &mut rows);
+        append(&mut k, Chunk::end("a", Some(2)), 100, &mut rows);
+        assert_eq!(text(&rows), "ab");
     }
 
     #[test]

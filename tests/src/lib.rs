@@ -316,7 +316,19 @@ impl Sandbox {
     /// Starts the in-process controller again on the same address and database.
     pub async fn restart_controller(&mut self) {
         self.stop_controller().await;
-        let listener = tokio::net::TcpListener::bind(self.addr).await.expect("rebind");
+        // The freed port may be taken for a moment by an outgoing connection of another
+        // test (ports come from the same ephemeral range): try again until it is free.
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 250 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("rebind {}: {e}", self.addr),
+            }
+        };
         self.start_controller_on(listener);
         wait_leader_with(&self.url(), &self.client_tls, self.admin_token.as_deref()).await;
     }

@@ -159,10 +159,22 @@ struct Drill {
 
 impl Drill {
     async fn start(agents: usize) -> Drill {
+        Drill::start_on(agents, None).await
+    }
+
+    /// With the database in `db_dir` (else in the drill's directory).
+    async fn start_on(agents: usize, db_dir: Option<&Path>) -> Drill {
         init_logs();
         let dir = tempfile::tempdir().unwrap();
-        let db = format!("sqlite://{}", dir.path().join("baton.db").display());
-        let admin = bootstrap(&db).await;
+        let db = format!("sqlite://{}", db_dir.unwrap_or(dir.path()).join("baton.db").display());
+        // The binary under test makes its own database (BATON_DRILL_BIN_DIR may be
+        // another build).
+        let out = Command::new(bin("baton-controller"))
+            .args(["bootstrap", "--db", &db])
+            .output()
+            .expect("bootstrap");
+        assert!(out.status.success(), "bootstrap: {}", String::from_utf8_lossy(&out.stderr));
+        let admin = String::from_utf8_lossy(&out.stdout).trim().to_string();
         let port = free_addr().port();
         let net = Net::new(agents);
         let mut d = Drill {
@@ -228,6 +240,12 @@ impl Drill {
 
     /// Agent `i` (in namespace `i`), with one slot per `slots`.
     fn start_agent(&mut self, i: usize, slots: u32) {
+        let url = format!("http://{}:{}", self.net.links[i].host_ip, self.port);
+        self.start_agent_at(i, slots, &url);
+    }
+
+    /// Agent `i`, talking to the controller at `url`.
+    fn start_agent_at(&mut self, i: usize, slots: u32, url: &str) {
         let l = &self.net.links[i];
         let work = self.dir.path().join(format!("agent-{i}"));
         let log = self.dir.path().join(format!("agent-{i}-{}.log", self.agents.len()));
@@ -235,7 +253,7 @@ impl Drill {
         let child = Command::new("ip")
             .args(["netns", "exec", &l.ns])
             .arg(bin("baton-agent"))
-            .args(["--controller", &format!("http://{}:{}", l.host_ip, self.port)])
+            .args(["--controller", url])
             .args(["--name", &format!("agent-{i}"), "--slots", &slots.to_string()])
             .arg("--work-dir")
             .arg(&work)
@@ -302,6 +320,14 @@ impl Drill {
         }
         let executions = executions(&self.dir.path().join("executions"));
         for (step, runs) in &executions {
+            if std::env::var_os("BATON_DRILL_SPANS").is_some() {
+                eprintln!(
+                    "step {step}: executions (ms) {:?}",
+                    runs.iter()
+                        .map(|(a, b)| (a / 1_000_000 % 100_000, b / 1_000_000 % 100_000))
+                        .collect::<Vec<_>>()
+                );
+            }
             r.executions += runs.len();
             for (i, a) in runs.iter().enumerate() {
                 for b in &runs[i + 1..] {
@@ -517,4 +543,397 @@ async fn an_agent_killed_and_restarted_ends_what_it_left_running_before_taking_w
             assert!(!process_alive(pid), "daemon {pid} of a killed agent's attempt survived");
         }
     }
+}
+
+/// A small tmpfs, unmounted when dropped.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn new(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        run("mount", &["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", dir.path().to_str().unwrap()]);
+        SmallDisk(dir)
+    }
+
+    /// Writes a file until the disk is full.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.path().join("filler")).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.write_all(&block[..1]);
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.0.path().join("filler")).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_pauses_the_controller_which_resumes_by_itself_and_loses_no_output() {
+    if !drills_possible() {
+        return;
+    }
+    // Room for the database and its write-ahead log (which SQLite lets grow to about
+    // 4 MB between checkpoints) once the filler is gone.
+    let disk = SmallDisk::new("16m");
+    let mut d = Drill::start_on(1, Some(disk.0.path())).await;
+    d.start_agent(0, 2);
+    d.wait_agents(1).await;
+    let mut c = d.client().await;
+    let lines = 300;
+    let mut spec = String::from("name: full\nsteps:\n");
+    for i in 0..6 {
+        spec.push_str(&format!(
+            "  - {{id: s{i}, tool: shell, with: {{run: 'for n in $(seq 1 {lines}); do echo \"s{i} line $n of output, padded to a good length\"; sleep 0.005; done'}}}}\n"
+        ));
+    }
+    let run = c
+        .submit_run(proto::SubmitRunRequest { spec, ..Default::default() })
+        .await
+        .expect("submit")
+        .into_inner()
+        .run_id;
+    wait_started(&mut c, &run, 1).await;
+    disk.fill();
+    // The controller stays up, refuses what needs a commit and says why.
+    let noop = || proto::SubmitRunRequest {
+        spec: "name: n\nsteps:\n  - {id: a, tool: noop}\n".into(),
+        ..Default::default()
+    };
+    let refused = eventually(Duration::from_secs(60), "submits to be refused", || {
+        let mut c = c.clone();
+        async move {
+            match c.submit_run(noop()).await {
+                Err(s) if s.code() == tonic::Code::Unavailable => Some(s.message().to_string()),
+                _ => None,
+            }
+        }
+    })
+    .await;
+    assert!(refused.contains("the database refuses writes"), "{refused}");
+    let ctl = d.controller.as_mut().unwrap();
+    assert!(ctl.child.try_wait().unwrap().is_none(), "the controller is still running");
+    // Reads still work meanwhile.
+    get_run(&mut c, &run).await;
+    disk.free();
+    let done = wait_run(&mut c, &run, Duration::from_secs(120)).await;
+    assert_eq!(done.state, "succeeded");
+    for s in &done.steps {
+        let text = log_text(&logs(&mut c, &run, &s.id, 0, false).await);
+        let got = text.lines().filter(|l| l.starts_with(&format!("{} line", s.id))).count();
+        assert!(
+            got == lines || text.contains("bytes of output lost"),
+            "step {}: {got} of {lines} lines and no marker:\n{text}",
+            s.id
+        );
+    }
+    let report = d.check(std::slice::from_ref(&run)).await;
+    assert_eq!(
+        (report.accepted_successes_over_one, report.lost_steps, report.event_gaps),
+        (0, 0, 0),
+        "{report:?}"
+    );
+    // And it takes new work again by itself.
+    let mut c = d.client().await;
+    c.submit_run(noop()).await.expect("a submit after the disk has room again");
+    let log = d.controller.as_ref().unwrap().logs();
+    assert!(log.contains("the database refuses") || log.contains("cannot store attempt output yet"), "{log}");
+    assert!(!log.contains("transaction depth"), "no connection is reused inside a failed transaction: {log}");
+}
+
+/// A DAG of `layers` × `width` ticking steps, each needing one or two of the layer
+/// before, of 0.1–0.5 s each.
+fn mixed_dag(d: &Drill, layers: usize, width: usize) -> String {
+    let mut spec = String::from("name: mixed\nsteps:\n");
+    for l in 0..layers {
+        for w in 0..width {
+            let id = format!("l{l}w{w}");
+            let secs = 0.1 + ((l * 7 + w * 3) % 5) as f64 * 0.1;
+            let needs = if l == 0 {
+                String::new()
+            } else {
+                let a = format!("l{}w{}", l - 1, w);
+                let b = format!("l{}w{}", l - 1, (w + 3) % width);
+                format!(", needs: [{a}, {b}]")
+            };
+            spec.push_str(&format!(
+                "  - {{id: {id}, tool: shell{needs}, with: {{run: 'exec python3 {} {id} {secs} {}'}}}}\n",
+                d.dir.path().join("ticker.py").display(),
+                d.dir.path().join("executions").display()
+            ));
+        }
+    }
+    spec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_controller_kills_loses_nothing_and_runs_nothing_twice_at_once() {
+    if !drills_possible() {
+        return;
+    }
+    let mut d = Drill::start(2).await;
+    d.start_agent(0, 4);
+    d.start_agent(1, 4);
+    d.wait_agents(2).await;
+    let mut c = d.client().await;
+    let spec = mixed_dag(&d, 20, 10);
+    let run = c
+        .submit_run(proto::SubmitRunRequest { spec, ..Default::default() })
+        .await
+        .expect("submit")
+        .into_inner()
+        .run_id;
+    let mut kills = 0;
+    let mut progressed = 0;
+    while kills < 20 {
+        // Let some work happen under this controller (a few events), then kill it.
+        let mut c = d.client().await;
+        let before = get_run(&mut c, &run).await;
+        if matches!(before.state.as_str(), "succeeded" | "failed" | "canceled") {
+            break;
+        }
+        let seen = before.last_seq;
+        eventually(Duration::from_secs(30), "the run to move on", || {
+            let mut c = c.clone();
+            let run = run.clone();
+            async move {
+                let r = c.get_run(proto::GetRunRequest { run_id: run }).await.ok()?.into_inner().run?;
+                (r.last_seq > seen + 3 || r.state == "succeeded").then_some(())
+            }
+        })
+        .await;
+        progressed += 1;
+        d.controller.as_mut().unwrap().kill9();
+        kills += 1;
+        d.start_controller().await;
+    }
+    let mut c = d.client().await;
+    let done = wait_run(&mut c, &run, Duration::from_secs(180)).await;
+    eprintln!("drill: {kills} controller kills during the run ({progressed} with progress before them)");
+    assert!(kills >= 20, "the run ended after only {kills} kills: make it longer");
+    assert_eq!(done.state, "succeeded");
+    let report = d.check(std::slice::from_ref(&run)).await;
+    report.assert_clean(1);
+    assert_eq!(report.steps, 200);
+}
+
+/// Forwards connections to `target` with every chunk of data held back 100–300 ms
+/// (in order), like a long, jittery link.
+async fn slow_link(
+    listen: std::net::SocketAddr,
+    target: std::net::SocketAddr,
+) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await.expect("bind the slow link");
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(target).await else { continue };
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            tokio::spawn(delayed(cr, sw));
+            tokio::spawn(delayed(sr, cw));
+        }
+    })
+}
+
+async fn delayed(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((at, data)) = rx.recv().await {
+            tokio::time::sleep_until(at).await;
+            if to.write_all(&data).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut last = tokio::time::Instant::now();
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let delay = Duration::from_millis(100 + rand_ms(200));
+        last = last.max(tokio::time::Instant::now() + delay);
+        if tx.send((last, buf[..n].to_vec())).is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+}
+
+fn rand_ms(max: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(max);
+    h.finish() % (max + 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_lossy_link_delays_work_but_runs_nothing_twice_at_once() {
+    if !drills_possible() {
+        return;
+    }
+    let mut d = Drill::start(2).await;
+    // Agent 0 talks through a link of 200 ± 100 ms that drops 5 % of its packets.
+    let l = &d.net.links[0];
+    let slow = free_addr().port();
+    let listen: std::net::SocketAddr = format!("{}:{slow}", l.host_ip).parse().unwrap();
+    let target: std::net::SocketAddr = format!("127.0.0.1:{}", d.port).parse().unwrap();
+    let _link = slow_link(listen, target).await;
+    for chain in ["INPUT", "OUTPUT"] {
+        let dir = if chain == "INPUT" { "-i" } else { "-o" };
+        let rule: Vec<String> = [
+            chain,
+            dir,
+            &l.host_if,
+            "-m",
+            "statistic",
+            "--mode",
+            "random",
+            "--probability",
+            "0.05",
+            "-j",
+            "DROP",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut args = vec!["-w", "-I"];
+        args.extend(rule.iter().map(String::as_str));
+        run("iptables", &args);
+        d.net.rules.lock().unwrap().push(rule);
+    }
+    d.start_agent_at(0, 2, &format!("http://{listen}"));
+    d.start_agent(1, 2);
+    d.wait_agents(2).await;
+    let mut c = d.client().await;
+    let spec = mixed_dag(&d, 6, 6);
+    let run = c
+        .submit_run(proto::SubmitRunRequest { spec, ..Default::default() })
+        .await
+        .expect("submit")
+        .into_inner()
+        .run_id;
+    let done = wait_run(&mut c, &run, Duration::from_secs(180)).await;
+    assert_eq!(done.state, "succeeded");
+    let report = d.check(std::slice::from_ref(&run)).await;
+    report.assert_clean(1);
+    let slow_ran = done.steps.iter().filter(|s| s.attempts.iter().any(|a| a.agent_name == "agent-0")).count();
+    eprintln!("drill: {slow_ran} of 36 steps ran on the agent behind the slow, lossy link");
+    assert!(slow_ran > 0, "the slow agent took part");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_stopped_past_its_lease_has_its_tools_ended_by_its_warden() {
+    if !drills_possible() {
+        return;
+    }
+    let mut d = Drill::start(2).await;
+    d.start_agent(0, 2);
+    d.wait_agents(1).await;
+    let mut c = d.client().await;
+    let run = d.submit(2, 8.0).await;
+    wait_started(&mut c, &run, 2).await;
+    d.start_agent(1, 2);
+    d.wait_agents(2).await;
+    // The agent freezes; its tools do not.
+    d.agents[&0].signal(nix::sys::signal::Signal::SIGSTOP);
+    let mut moved = std::collections::HashSet::new();
+    wait_event(&mut c, &run, Duration::from_secs(30), |e| {
+        if e.kind == "attempt_started" && e.message.contains("agent-1") {
+            moved.insert(e.step_id.clone());
+        }
+        moved.len() == 2
+    })
+    .await;
+    // Resumed only once the retries have run a while: a tool of the stopped agent that
+    // still ran would overlap them.
+    let logs = d.dir.path().join("executions");
+    eventually(Duration::from_secs(20), "the retries to run a while", || {
+        let e = executions(&logs);
+        let ok = e.len() == 2
+            && e.values().all(|runs| {
+                runs.iter().any(|(a, b)| {
+                    b - a > 1_000_000_000
+                        && runs.len() == 2
+                        && *a == runs.iter().map(|r| r.0).max().unwrap_or(0)
+                })
+            });
+        async move { ok.then_some(()) }
+    })
+    .await;
+    d.agents[&0].signal(nix::sys::signal::Signal::SIGCONT);
+    let done = wait_run(&mut c, &run, Duration::from_secs(60)).await;
+    assert_eq!(done.state, "succeeded");
+    let report = d.check(std::slice::from_ref(&run)).await;
+    report.assert_clean(1);
+    assert!(report.executions >= 4, "{report:?}");
+    let log = d.agents[&0].logs();
+    assert!(
+        log.contains("warden: the agent's lease ran out and its tools still ran; ended 2 attempt(s)"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submits_cut_off_by_controller_kills_are_retried_and_create_one_run_each() {
+    if !drills_possible() {
+        return;
+    }
+    let mut d = Drill::start(1).await;
+    let spec = d.dir.path().join("one.yaml");
+    std::fs::write(&spec, "name: one\nsteps:\n  - {id: a, tool: noop}\n").unwrap();
+    let mut clis = Vec::new();
+    for i in 0..16u64 {
+        let cli = tokio::process::Command::new(bin("baton"))
+            .args([
+                "--controller",
+                &d.local_url(),
+                "--token",
+                &d.admin,
+                "--reconnect-timeout",
+                "60s",
+                "submit",
+            ])
+            .arg(&spec)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        clis.push(cli);
+        // Killed at once or a moment later: before, during or after the submit's commit.
+        tokio::time::sleep(Duration::from_millis(i * 7 % 40)).await;
+        d.controller.as_mut().unwrap().kill9();
+        d.start_controller().await;
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    for cli in clis {
+        let out = cli.wait_with_output().await.unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        ids.insert(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    let mut c = d.client().await;
+    let runs = c
+        .list_runs(proto::ListRunsRequest { limit: 100, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    eprintln!(
+        "drill: 16 submits across 16 controller kills: {} runs, {} distinct ids answered",
+        runs.len(),
+        ids.len()
+    );
+    assert_eq!(ids.len(), 16, "each submit answered with its own run");
+    assert_eq!(runs.len(), 16, "no submit made two runs: {runs:?}");
 }

@@ -15,12 +15,14 @@ fn controller(addr: std::net::SocketAddr, db: &str, dir: &std::path::Path, name:
         db,
         "--heartbeat-interval",
         "200ms",
+        // Agents stop their tools only well after a standby has taken over (lease 2s),
+        // so they reach the new leader first and it adopts what they run.
         "--stop-after",
-        "1200ms",
+        "6s",
         "--lost-after",
-        "2s",
+        "7s",
         "--failover-grace",
-        "5s",
+        "10s",
         "--kill-grace",
         "500ms",
         "--lease",
@@ -123,6 +125,20 @@ async fn when_the_leader_is_killed_the_standby_takes_over_and_the_run_completes(
         done >= 10
     })
     .await;
+    // Followers on the command line, given both addresses, ride the failover.
+    let both = format!("{},{}", cluster.urls[0], cluster.urls[1]);
+    let follower = |args: &[&str]| {
+        tokio::process::Command::new(binary("baton"))
+            .arg("--controller")
+            .arg(&both)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let watch = follower(&["runs", "watch", &id, "-o", "jsonl"]);
+    let logs = follower(&["runs", "logs", &id, "--follow"]);
 
     cluster.controllers[0].kill9();
     let t0 = Instant::now();
@@ -135,6 +151,13 @@ async fn when_the_leader_is_killed_the_standby_takes_over_and_the_run_completes(
     assert_eq!(run.state, "succeeded", "{}", cluster.log(1));
     assert_eq!(run.steps.len(), 50);
     check_exactly_once(&mut c, &run).await;
+    let watched = watch.wait_with_output().await.unwrap();
+    let text = String::from_utf8_lossy(&watched.stdout);
+    assert!(watched.status.success(), "{text}{}", String::from_utf8_lossy(&watched.stderr));
+    assert_eq!(text.matches("\"run_succeeded\"").count(), 1, "{text}");
+    assert_eq!(text.matches("\"step_succeeded\"").count(), 50, "each event once: {text}");
+    let followed = logs.wait_with_output().await.unwrap();
+    assert!(followed.status.success(), "{}", String::from_utf8_lossy(&followed.stderr));
     let events = all_events(&mut c, &id).await;
     let epochs: Vec<i64> = events.iter().map(|e| e.epoch).collect();
     assert!(epochs.windows(2).all(|w| w[0] <= w[1]), "epochs only go up: {epochs:?}");

@@ -319,6 +319,53 @@ async fn a_start_lost_with_the_stream_is_recorded_when_the_attempt_is_adopted(ba
     assert_eq!(wait_run(&mut c, &id, Duration::from_secs(10)).await.state, "succeeded");
 }
 
+async fn without_cgroups_a_daemon_a_tool_leaves_ends_with_its_attempt_and_its_agent(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(0).build().await;
+    let mut c = sb.client().await;
+    let mut agent =
+        agent_process_with_env(&sb.url(), "no-cgroups", sb.dir.path(), &[], &[("BATON_CGROUPS", "false")]);
+    sb.wait_agents(1).await;
+    let pids = sb.dir.path().join("daemons");
+    std::fs::create_dir_all(&pids).unwrap();
+    // A daemon in a session of its own: out of the tool's process group.
+    let spec = |step: &str, then: &str| {
+        format!(
+            "name: d\nsteps:\n  - {{id: {step}, tool: shell, with: {{run: 'setsid sh -c \"echo \\$\\$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 300\" & while [ ! -e {p} ]; do sleep 0.01; done; {then}'}}}}\n",
+            p = pids.join(step).display()
+        )
+    };
+    let daemon = |step: &str| {
+        let p = pids.join(step);
+        async move {
+            eventually(Duration::from_secs(10), "the daemon's pid", || {
+                let p = p.clone();
+                async move { std::fs::read_to_string(p).ok()?.trim().parse::<i32>().ok() }
+            })
+            .await
+        }
+    };
+    let id = sb.submit(&spec("ends", "true")).await;
+    assert_eq!(wait_run(&mut c, &id, Duration::from_secs(20)).await.state, "succeeded");
+    let pid = daemon("ends").await;
+    eventually(Duration::from_secs(5), "the daemon to end with its attempt", || async move {
+        (!process_alive(pid)).then_some(())
+    })
+    .await;
+    // An agent killed while its tool runs: the daemon ends when it starts again.
+    let id = sb.submit(&spec("crash", "exec sleep 300")).await;
+    wait_event(&mut c, &id, Duration::from_secs(20), |e| e.kind == "attempt_started").await;
+    let pid = daemon("crash").await;
+    agent.kill9();
+    assert!(process_alive(pid), "the daemon outlived the agent so far");
+    let _again =
+        agent_process_with_env(&sb.url(), "no-cgroups", sb.dir.path(), &[], &[("BATON_CGROUPS", "false")]);
+    eventually(Duration::from_secs(10), "the restarted agent to end the daemon", || async move {
+        (!process_alive(pid)).then_some(())
+    })
+    .await;
+    c.cancel_run(proto::CancelRunRequest { run_id: id, ..Default::default() }).await.unwrap();
+}
+
 async fn an_assignment_never_started_is_lost_and_retried(backend: Backend) {
     let mut sb = Sandbox::builder().backend(backend).agents(0).build().await;
     let fake = FakeAgent::start(&sb.url(), "zz-fake", &["shell"]).await;
@@ -512,23 +559,25 @@ async fn oversized_requests_are_refused(backend: Backend) {
     assert!(c.list_runs(proto::ListRunsRequest::default()).await.unwrap().into_inner().runs.is_empty());
 }
 
-async fn after_a_restart_agents_get_the_failover_grace_not_the_lost_after(backend: Backend) {
-    // lost_after 2s, failover_grace 6s: an agent back 3s after the restart is adopted.
+async fn a_controller_back_within_stop_after_adopts_what_its_agents_run(backend: Backend) {
+    // An agent keeps its tools running while its lease holds (stop_after, 4s here):
+    // a controller that restarts sooner adopts them, and no attempt is added. (One that
+    // takes longer finds them stopped: see an_agent_cut_off_from_the_controller_stops_its_tools.)
     let mut engine = fast_engine();
-    engine.failover_grace = Duration::from_secs(6);
+    // On Postgres the new controller first waits out the old one's lease (2s).
+    engine.stop_after = Duration::from_secs(4);
+    engine.lost_after = Duration::from_secs(5);
+    engine.failover_grace = Duration::from_secs(8);
     let mut sb = Sandbox::builder().backend(backend).agents(0).engine(engine).build().await;
-    let agent = agent_process(&sb.url(), "slow-to-return", sb.dir.path(), &[]);
+    let _agent = agent_process(&sb.url(), "comes-back", sb.dir.path(), &[]);
     sb.wait_agents(1).await;
     let mut c = sb.client().await;
-    let id = sb.submit("name: g\nsteps:\n  - {id: s, tool: shell, with: {run: 'sleep 4'}}\n").await;
+    let id = sb.submit("name: g\nsteps:\n  - {id: s, tool: shell, with: {run: 'sleep 6'}}\n").await;
     wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "attempt_started").await;
     sb.stop_controller().await;
-    agent.signal(Signal::SIGSTOP);
     sb.restart_controller().await;
-    // Time passing is the scenario here: longer than lost_after, shorter than the grace.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    agent.signal(Signal::SIGCONT);
     let mut c = sb.client().await;
+    wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "attempt_adopted").await;
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
     assert_eq!(run.state, "succeeded");
     let s = step(&run, "s");
@@ -573,12 +622,13 @@ on_both!(
     an_agent_cut_off_from_the_controller_stops_its_tools,
     an_assignment_never_started_is_lost_and_retried,
     a_start_lost_with_the_stream_is_recorded_when_the_attempt_is_adopted,
+    without_cgroups_a_daemon_a_tool_leaves_ends_with_its_attempt_and_its_agent,
     a_re_sent_result_is_applied_once,
     quarantine_holds_a_run_until_release_gives_a_fresh_budget,
     on_failure_continue_runs_independent_branches_to_the_end,
     a_poison_step_that_keeps_killing_agents_quarantines_its_run,
     canceling_one_step_kills_it_skips_its_dependents_and_lets_the_rest_finish,
     oversized_requests_are_refused,
-    after_a_restart_agents_get_the_failover_grace_not_the_lost_after,
+    a_controller_back_within_stop_after_adopts_what_its_agents_run,
     steps_without_an_eligible_agent_wait_and_say_why,
 );

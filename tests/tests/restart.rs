@@ -13,12 +13,14 @@ fn controller_args(addr: std::net::SocketAddr, db: &str) -> Vec<String> {
         db,
         "--heartbeat-interval",
         "200ms",
+        // Longer than a restart takes (on Postgres, the dead leader's 2s lease runs out
+        // first), so agents keep their tools running for the new controller to adopt.
         "--stop-after",
-        "1200ms",
+        "4s",
         "--lost-after",
-        "2s",
-        "--failover-grace",
         "5s",
+        "--failover-grace",
+        "8s",
         "--kill-grace",
         "500ms",
         "--lease",

@@ -89,3 +89,14 @@ impl From<StoreError> for Status {
         }
     }
 }
+
+/// UNAVAILABLE with the reason while the database refuses the engine's writes; the
+/// controller retries them and resumes by itself.
+pub(crate) fn writable(store: &crate::store::Store) -> Result<(), Status> {
+    match store.refusing() {
+        None => Ok(()),
+        Some(why) => Err(Status::unavailable(format!(
+            "the database refuses writes ({why}); the controller retries and resumes by itself once it accepts them"
+        ))),
+    }
+}

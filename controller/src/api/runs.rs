@@ -43,6 +43,13 @@ impl RunApi {
     fn engine(&self) -> Result<crate::engine::EngineHandle, Status> {
         self.leadership.engine().map(|(e, _)| e)
     }
+
+    /// The engine, for a call that changes run state: UNAVAILABLE, saying why, while the
+    /// database refuses writes (the change could not be made durable).
+    fn writer(&self) -> Result<crate::engine::EngineHandle, Status> {
+        super::writable(&self.store)?;
+        self.engine()
+    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RunEvent, Status>> + Send>>;
@@ -82,7 +89,7 @@ impl pb::baton_service_server::BatonService for RunApi {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let params: BTreeMap<String, String> = req.params.into_iter().collect();
         let estimates = self.store.duration_estimates(&ws.name).await?;
-        let engine = self.engine()?;
+        let engine = self.writer()?;
         let run_id = engine.submit(ws, params, request_id, estimates, actor).await.map_err(|e| match e {
             EngineError::Invalid(m) => Status::invalid_argument(format!("{source}: {m}")),
             other => other.into(),
@@ -142,7 +149,7 @@ impl pb::baton_service_server::BatonService for RunApi {
         let id = self.store.resolve_run_id(&req.run_id).await?;
         let step = (!req.step_id.is_empty()).then_some(req.step_id);
         let whole_run = step.is_none();
-        match self.engine()?.cancel(id.clone(), step, req.reason, actor).await {
+        match self.writer()?.cancel(id.clone(), step, req.reason, actor).await {
             Ok(state) => Ok(Response::new(pb::CancelRunResponse { run_id: id, state: state.to_string() })),
             // Not in the engine: the run is final already.
             Err(EngineError::RunNotFound(_)) if whole_run => {
@@ -163,7 +170,7 @@ impl pb::baton_service_server::BatonService for RunApi {
     ) -> Result<Response<pb::ReleaseRunResponse>, Status> {
         let actor = Identity::of(&req).actor();
         let id = self.store.resolve_run_id(&req.into_inner().run_id).await?;
-        let state = self.engine()?.release(id.clone(), actor).await?;
+        let state = self.writer()?.release(id.clone(), actor).await?;
         Ok(Response::new(pb::ReleaseRunResponse { run_id: id, state: state.to_string() }))
     }
 
@@ -184,7 +191,7 @@ impl pb::baton_service_server::BatonService for RunApi {
         if req.tool.is_empty() {
             return Err(Status::invalid_argument("reset breaker: tool is empty"));
         }
-        let breakers = self.engine()?.reset_breaker(req.tool, req.agent, actor).await?;
+        let breakers = self.writer()?.reset_breaker(req.tool, req.agent, actor).await?;
         Ok(Response::new(pb::ListBreakersResponse { breakers }))
     }
 
@@ -268,7 +275,7 @@ impl pb::baton_service_server::BatonService for RunApi {
     async fn drain_agent(&self, req: Request<pb::DrainAgentRequest>) -> Result<Response<pb::Agent>, Status> {
         let actor = Identity::of(&req).actor();
         let req = req.into_inner();
-        Ok(Response::new(self.engine()?.drain(req.agent, req.undo, actor).await?))
+        Ok(Response::new(self.writer()?.drain(req.agent, req.undo, actor).await?))
     }
 
     async fn reload_router(

@@ -215,9 +215,9 @@ impl Engine {
             .iter()
             .filter(|id| !reported.contains(id.as_str()))
             .filter(|id| {
-                self.attempts
-                    .get(*id)
-                    .is_some_and(|a| a.state == AttemptState::Assigned && now - a.assigned_at > patience)
+                self.attempts.get(*id).is_some_and(|a| {
+                    a.state == AttemptState::Assigned && a.sent_at.is_some_and(|t| now - t > patience)
+                })
             })
             .cloned()
             .collect();
@@ -337,6 +337,7 @@ impl Engine {
             f.output_tail = r.text(&f.output_tail);
         }
         a.reported = true;
+        a.output_bytes = f.output_bytes;
         a.exit_code = f.exit_code;
         a.result = (!f.result_json.is_empty()).then(|| f.result_json.clone());
         a.output_tail = f.output_tail.clone();
@@ -380,9 +381,11 @@ impl Engine {
         a.finished_at = Some(now_ms());
         a.error_class = class.to_string();
         a.error = error.to_string();
-        if a.redactor.is_some() {
-            // Nothing more is held back for masking: the output has ended.
-            self.logs.push(crate::logs::Chunk::end(attempt_id));
+        if a.redactor.is_some() || a.output_bytes > 0 {
+            // The output has ended: nothing more is held back for masking, and what
+            // did not arrive of it is marked.
+            let total = a.reported.then_some(a.output_bytes);
+            self.logs.push(crate::logs::Chunk::end(attempt_id, total));
         }
         self.metrics.attempts.inc(&[to.as_str(), class]);
         self.pending.attempts.insert(a.id.clone());

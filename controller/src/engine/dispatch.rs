@@ -186,6 +186,8 @@ impl Engine {
             // wait in the agent's queue first).
             deadline_at: None,
             reported: false,
+            output_bytes: 0,
+            sent_at: None,
             ready_at,
             redactor,
         };

@@ -27,7 +27,7 @@ use baton_common::time::now_ms;
 use thiserror::Error;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, warn};
+use tracing::{debug, error};
 
 use crate::store::{Batch, EventRow, Snapshot, Store, StoreError};
 use model::{Agent, AgentState, AgentTx, Attempt, Run, Step};
@@ -863,17 +863,21 @@ impl Engine {
                 output.await;
             }
             let mut delay = Duration::from_millis(50);
-            let mut tries = 0;
+            let mut tries = 0u32;
             let mut after = Some(async move {
                 match after {
                     Some(rx) => rx.await.is_ok(),
                     None => true,
                 }
             });
+            // A database that refuses writes (a full disk, a lost connection) is waited
+            // out: nothing that needs a commit happens meanwhile (no dispatch, no
+            // acknowledgement), the API says why, and the engine goes on once a commit
+            // succeeds. Only losing the leadership ends it.
             loop {
                 let r = match after.take() {
-                    Some(a) => store.commit_after(&batch, fence.as_ref(), a).await,
-                    None => store.commit(&batch, fence.as_ref()).await,
+                    Some(a) => store.commit_noted(&batch, fence.as_ref(), a).await,
+                    None => store.commit_noted(&batch, fence.as_ref(), std::future::ready(true)).await,
                 };
                 let Err(e) = r else { break };
                 tries += 1;
@@ -884,13 +888,14 @@ impl Engine {
                     error!(error = %e, "another controller leads now; this engine stops without writing");
                     return Err(e);
                 }
-                if tries >= 6 {
-                    error!(error = %e, "store commit failed for good; stopping the engine");
-                    return Err(e);
+                if tries == 1 || tries.is_power_of_two() {
+                    error!(error = %e, tries, retry_in = ?delay, "the database refuses the engine's commit; retrying until it accepts it");
                 }
-                warn!(error = %e, tries, "store commit failed; retrying");
                 tokio::time::sleep(delay).await;
-                delay *= 2;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            if tries > 0 {
+                tracing::info!(tries, "the database accepts commits again; resuming");
             }
             let _ = stored_tx.send(());
             Ok(batch)
@@ -921,6 +926,12 @@ impl Engine {
             m.commit_batch.observe(&[], rows as f64);
         }
         m.events.add(&[], batch.events.len() as f64);
+        let now = now_ms();
+        for row in batch.attempts.iter().filter(|r| r.state == "assigned") {
+            if let Some(a) = self.attempts.get_mut(&row.id) {
+                a.sent_at.get_or_insert(now);
+            }
+        }
         for effect in effects {
             match effect {
                 // A closed session just drops the message: the agent re-syncs on Hello.

@@ -244,6 +244,11 @@ pub(crate) struct Attempt {
     pub deadline_at: Option<i64>,
     /// Its final state came from the agent's own report (not kept across restarts).
     pub reported: bool,
+    /// Output bytes its agent reported at the end (not stored with the attempt).
+    pub output_bytes: u64,
+    /// When its assignment was committed and so sent (not before: an agent cannot be
+    /// blamed for not starting what it was never sent).
+    pub sent_at: Option<i64>,
     /// When its step became ready (for dispatch latency; not kept across restarts).
     pub ready_at: Option<std::time::Instant>,
     /// What to mask in what it reports (not kept across restarts: rebuilt).
@@ -295,6 +300,9 @@ impl Attempt {
             finished_at: row.finished_at,
             deadline_at: row.deadline_at,
             reported: false,
+            output_bytes: 0,
+            // Loaded from the store: its assignment was committed.
+            sent_at: Some(baton_common::time::now_ms()),
             ready_at: None,
             redactor: None,
         })

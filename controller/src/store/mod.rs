@@ -7,7 +7,7 @@
 mod auth;
 mod rows;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -145,9 +145,23 @@ pub struct Store {
     /// One connection, for [`Store::commit`].
     writer: AnyPool,
     backend: Backend,
+    /// Why the latest write of the engine ("commit") or of attempt output ("output")
+    /// failed, until one succeeds (a full disk, say).
+    refusing: std::sync::Arc<std::sync::Mutex<BTreeMap<&'static str, String>>>,
 }
 
 const ACTIVE: &str = "('pending', 'running', 'quarantined')";
+
+/// A connection that comes back still inside a transaction (its COMMIT and ROLLBACK
+/// both failed, on a full disk say) is closed, not handed out again.
+fn release_check(
+    conn: &mut sqlx::AnyConnection,
+    _: sqlx::pool::PoolConnectionMetadata,
+) -> std::pin::Pin<Box<dyn Future<Output = Result<bool, sqlx::Error>> + Send + '_>> {
+    use sqlx::Connection;
+    let fine = !conn.is_in_transaction();
+    Box::pin(async move { Ok(fine) })
+}
 
 impl Store {
     /// Opens (creating if needed) and migrates the database at `url`.
@@ -165,7 +179,7 @@ impl Store {
         // (a commit on a connection another one wrote through since re-reads its pages).
         let pool = Self::pool(backend, url, 8).await?;
         let writer = Self::pool(backend, url, 1).await?;
-        let store = Store { pool, writer, backend };
+        let store = Store { pool, writer, backend, refusing: Default::default() };
         store.migrate().await?;
         Ok(store)
     }
@@ -179,6 +193,7 @@ impl Store {
                 AnyPoolOptions::new()
                     .max_connections(connections)
                     .test_before_acquire(false)
+                    .after_release(release_check)
                     .after_connect(|conn, _| {
                         Box::pin(async move {
                             // WAL lets API reads run beside the engine's writes; FULL keeps
@@ -200,6 +215,7 @@ impl Store {
                 AnyPoolOptions::new()
                     .max_connections(connections)
                     .test_before_acquire(false)
+                    .after_release(release_check)
                     .acquire_timeout(Duration::from_secs(10))
                     .connect(url)
                     .await?
@@ -219,6 +235,28 @@ impl Store {
         self.backend
     }
 
+    /// Why the database refuses the engine's writes right now, if it does: commits are
+    /// being retried, and nothing that needs one can be done until they succeed.
+    pub fn refusing(&self) -> Option<String> {
+        let r = self.refusing.lock().ok()?;
+        (!r.is_empty()).then(|| r.values().cloned().collect::<Vec<_>>().join("; "))
+    }
+
+    /// Notes how a write of `what` went, for [`Store::refusing`].
+    pub(crate) fn note_write<T>(&self, what: &'static str, result: &Result<T, StoreError>) {
+        if let Ok(mut r) = self.refusing.lock() {
+            match result {
+                Ok(_) => {
+                    r.remove(what);
+                }
+                Err(StoreError::Aborted | StoreError::Fenced(_)) => {}
+                Err(e) => {
+                    r.insert(what, e.to_string());
+                }
+            }
+        }
+    }
+
     pub async fn close(&self) {
         self.writer.close().await;
         self.pool.close().await;
@@ -233,6 +271,18 @@ impl Store {
     /// whole transaction is one script, one round trip.
     pub async fn commit(&self, batch: &Batch, fence: Option<&Fence>) -> Result<(), StoreError> {
         self.commit_after(batch, fence, std::future::ready(true)).await
+    }
+
+    /// [`Store::commit_after`], noting whether the database accepts writes.
+    pub async fn commit_noted(
+        &self,
+        batch: &Batch,
+        fence: Option<&Fence>,
+        after: impl Future<Output = bool>,
+    ) -> Result<(), StoreError> {
+        let r = self.commit_after(batch, fence, after).await;
+        self.note_write("commit", &r);
+        r
     }
 
     /// [`Store::commit`], written only once `after` says the commit before it is stored
@@ -527,13 +577,24 @@ impl Store {
         if rows.is_empty() {
             return Ok(());
         }
-        let mut tx = match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
-        };
-        write_rows(&mut tx, rows).await?;
-        tx.commit().await?;
-        Ok(())
+        use sqlx::Connection;
+        let mut conn = self.pool.acquire().await?;
+        let result = async {
+            let mut tx = match self.backend {
+                Backend::Sqlite => conn.begin_with("BEGIN IMMEDIATE").await?,
+                Backend::Postgres => conn.begin().await?,
+            };
+            write_rows(&mut tx, rows).await?;
+            tx.commit().await?;
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            // After a failed write (a full disk) the connection's state is in doubt; one
+            // left inside a transaction would keep SQLite from ever resetting its WAL.
+            let _ = conn.close().await;
+        }
+        result
     }
 
     /// Output chunks of an attempt with `seq >= from_seq`, in order.
@@ -709,10 +770,7 @@ pub(crate) trait Record: Sized {
 /// Multi-row upsert in chunks of power-of-two sizes, so that the driver's statement
 /// cache holds a handful of statements per table however many rows a batch has, and n
 /// rows take popcount(n) statements.
-async fn write_rows<R: Record>(
-    tx: &mut sqlx::Transaction<'static, Any>,
-    rows: &[R],
-) -> Result<(), StoreError> {
+async fn write_rows<R: Record>(tx: &mut sqlx::Transaction<'_, Any>, rows: &[R]) -> Result<(), StoreError> {
     const CHUNKS: [usize; 7] = [64, 32, 16, 8, 4, 2, 1];
     let mut rest = rows;
     while !rest.is_empty() {
