@@ -61,7 +61,10 @@ impl Containment {
         std::fs::create_dir_all(&records)?;
         let mode = match cgroups.then(|| own_cgroup_dir(agent_id)).flatten() {
             Some(base) => match std::fs::create_dir_all(&base) {
-                Ok(()) => Mode::Cgroup(base),
+                Ok(()) => {
+                    remove_stale_groups(&base);
+                    Mode::Cgroup(base)
+                }
                 Err(e) => {
                     info!(cgroup = %base.display(), error = %e, "cannot create cgroups; tools are contained by process group");
                     Mode::ProcessGroup
@@ -140,12 +143,17 @@ impl Containment {
         let cgroup = match &self.mode {
             Mode::Cgroup(base) => {
                 let dir = base.join(safe_name(&r.attempt_id));
-                // The agent's own group is made again if someone removed it while idle.
-                std::fs::create_dir_all(base)?;
-                match std::fs::create_dir(&dir) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                    Err(e) => return Err(e),
+                // The agent's own group is made again if another agent removed it as
+                // stale while it was idle (see `remove_stale_groups`).
+                let mut tries = 0;
+                loop {
+                    std::fs::create_dir_all(base)?;
+                    match std::fs::create_dir(&dir) {
+                        Ok(()) => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => break,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound && tries < 3 => tries += 1,
+                        Err(e) => return Err(e),
+                    }
                 }
                 Some(dir)
             }
@@ -392,6 +400,35 @@ fn populated(cg: &Path) -> bool {
     match std::fs::read_to_string(cg.join("cgroup.events")) {
         Ok(s) => s.lines().any(|l| l.trim() == "populated 1"),
         Err(_) => false,
+    }
+}
+
+/// Removes what agents that died on this host (or were never restarted) left in the
+/// cgroup tree beside `base`: attempt groups with no process in them for a minute, and
+/// agent groups with nothing left in them. Groups in use are never empty that long.
+fn remove_stale_groups(base: &Path) {
+    let Some(parent) = base.parent() else { return };
+    let stale = |p: &Path| {
+        procs(p).is_empty()
+            && std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|e| e > Duration::from_secs(60)))
+    };
+    for agent in std::fs::read_dir(parent).into_iter().flatten().flatten() {
+        let path = agent.path();
+        let name = agent.file_name();
+        if path == base || !name.to_string_lossy().starts_with("baton-") || !path.is_dir() {
+            continue;
+        }
+        for g in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+            if g.path().is_dir() && stale(&g.path()) {
+                let _ = std::fs::remove_dir(g.path());
+            }
+        }
+        if stale(&path) {
+            // Fails (and is left) while it still holds a group.
+            let _ = std::fs::remove_dir(&path);
+        }
     }
 }
 

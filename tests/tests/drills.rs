@@ -250,8 +250,17 @@ impl Drill {
         let work = self.dir.path().join(format!("agent-{i}"));
         let log = self.dir.path().join(format!("agent-{i}-{}.log", self.agents.len()));
         let out = std::fs::File::create(&log).unwrap();
+        // `ip netns exec` gives the agent a fresh /sys without the cgroup tree: mount it
+        // again there, so that the agent contains its attempts in cgroups as on a host.
         let child = Command::new("ip")
-            .args(["netns", "exec", &l.ns])
+            .args([
+                "netns",
+                "exec",
+                &l.ns,
+                "sh",
+                "-c",
+                "mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null; exec \"$0\" \"$@\"",
+            ])
             .arg(bin("baton-agent"))
             .args(["--controller", url])
             .args(["--name", &format!("agent-{i}"), "--slots", &slots.to_string()])
@@ -537,11 +546,10 @@ async fn an_agent_killed_and_restarted_ends_what_it_left_running_before_taking_w
     }
     let log = d.agents[&0].logs();
     assert!(log.contains("still recorded as running; ended it"), "{log}");
-    if log.contains("each attempt runs in a cgroup of its own") {
-        // Contained by cgroup: not even a daemon outlives its attempt's agent.
-        for pid in first {
-            assert!(!process_alive(pid), "daemon {pid} of a killed agent's attempt survived");
-        }
+    assert!(log.contains("each attempt runs in a cgroup of its own"), "{log}");
+    // Not even a daemon outlives its attempt's agent.
+    for pid in first {
+        assert!(!process_alive(pid), "daemon {pid} of a killed agent's attempt survived");
     }
 }
 
