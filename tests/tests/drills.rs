@@ -615,11 +615,13 @@ async fn a_full_disk_pauses_the_controller_which_resumes_by_itself_and_loses_no_
         spec: "name: n\nsteps:\n  - {id: a, tool: noop}\n".into(),
         ..Default::default()
     };
+    // A submit taken just before the first commit failed waits (its run is made
+    // durable once the disk has room): each probe gets a moment, then the next goes.
     let refused = eventually(Duration::from_secs(60), "submits to be refused", || {
         let mut c = c.clone();
         async move {
-            match c.submit_run(noop()).await {
-                Err(s) if s.code() == tonic::Code::Unavailable => Some(s.message().to_string()),
+            match tokio::time::timeout(Duration::from_secs(2), c.submit_run(noop())).await {
+                Ok(Err(s)) if s.code() == tonic::Code::Unavailable => Some(s.message().to_string()),
                 _ => None,
             }
         }
