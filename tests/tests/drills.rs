@@ -303,6 +303,11 @@ impl Drill {
                 self.dir.path().join("executions").display()
             ));
         }
+        self.submit_spec(spec).await
+    }
+
+    /// A run of `spec`; its id.
+    async fn submit_spec(&self, spec: String) -> String {
         let mut c = self.client().await;
         c.submit_run(proto::SubmitRunRequest { spec, ..Default::default() })
             .await
@@ -441,12 +446,9 @@ async fn wait_started(c: &mut Client, run: &str, n: usize) {
     .await;
 }
 
-async fn partition(how: Cut) {
-    if !drills_possible() {
-        return;
-    }
+/// Two 8-second steps running on agent 0, with agent 1 connected to take them over.
+async fn two_steps_on_agent_0() -> (Drill, Client, String) {
     let mut d = Drill::start(2).await;
-    // Both steps start on agent 0; agent 1 joins to take them over.
     d.start_agent(0, 2);
     d.wait_agents(1).await;
     let mut c = d.client().await;
@@ -454,16 +456,29 @@ async fn partition(how: Cut) {
     wait_started(&mut c, &run, 2).await;
     d.start_agent(1, 2);
     d.wait_agents(2).await;
-    d.net.cut(0, how);
-    // The steps run again on agent 1 once agent 0 is lost.
+    (d, c, run)
+}
+
+/// Until both steps of `run` have started again on agent 1.
+async fn wait_moved_to_agent_1(c: &mut Client, run: &str) {
     let mut moved = std::collections::HashSet::new();
-    wait_event(&mut c, &run, Duration::from_secs(30), |e| {
+    wait_event(c, run, Duration::from_secs(30), |e| {
         if e.kind == "attempt_started" && e.message.contains("agent-1") {
             moved.insert(e.step_id.clone());
         }
         moved.len() == 2
     })
     .await;
+}
+
+async fn partition(how: Cut) {
+    if !drills_possible() {
+        return;
+    }
+    let (d, mut c, run) = two_steps_on_agent_0().await;
+    d.net.cut(0, how);
+    // The steps run again on agent 1 once agent 0 is lost.
+    wait_moved_to_agent_1(&mut c, &run).await;
     d.net.heal();
     let done = wait_run(&mut c, &run, Duration::from_secs(60)).await;
     assert_eq!(done.state, "succeeded");
@@ -512,12 +527,7 @@ async fn an_agent_killed_and_restarted_ends_what_it_left_running_before_taking_w
             d.dir.path().join("executions").display()
         ));
     }
-    let run = c
-        .submit_run(proto::SubmitRunRequest { spec, ..Default::default() })
-        .await
-        .expect("submit")
-        .into_inner()
-        .run_id;
+    let run = d.submit_spec(spec).await;
     wait_started(&mut c, &run, 2).await;
     let first: Vec<i32> = eventually(Duration::from_secs(10), "the daemons' pids", || {
         let pids = pids.clone();
@@ -602,12 +612,7 @@ async fn a_full_disk_pauses_the_controller_which_resumes_by_itself_and_loses_no_
             "  - {{id: s{i}, tool: shell, with: {{run: 'for n in $(seq 1 {lines}); do echo \"s{i} line $n of output, padded to a good length\"; sleep 0.005; done'}}}}\n"
         ));
     }
-    let run = c
-        .submit_run(proto::SubmitRunRequest { spec, ..Default::default() })
-        .await
-        .expect("submit")
-        .into_inner()
-        .run_id;
+    let run = d.submit_spec(spec).await;
     wait_started(&mut c, &run, 1).await;
     disk.fill();
     // The controller stays up, refuses what needs a commit and says why.
@@ -692,14 +697,8 @@ async fn a_storm_of_controller_kills_loses_nothing_and_runs_nothing_twice_at_onc
     d.start_agent(0, 4);
     d.start_agent(1, 4);
     d.wait_agents(2).await;
-    let mut c = d.client().await;
     let spec = mixed_dag(&d, 20, 10);
-    let run = c
-        .submit_run(proto::SubmitRunRequest { spec, ..Default::default() })
-        .await
-        .expect("submit")
-        .into_inner()
-        .run_id;
+    let run = d.submit_spec(spec).await;
     let mut kills = 0;
     let mut progressed = 0;
     while kills < 20 {
@@ -828,12 +827,7 @@ async fn a_slow_lossy_link_delays_work_but_runs_nothing_twice_at_once() {
     d.wait_agents(2).await;
     let mut c = d.client().await;
     let spec = mixed_dag(&d, 6, 6);
-    let run = c
-        .submit_run(proto::SubmitRunRequest { spec, ..Default::default() })
-        .await
-        .expect("submit")
-        .into_inner()
-        .run_id;
+    let run = d.submit_spec(spec).await;
     let done = wait_run(&mut c, &run, Duration::from_secs(180)).await;
     assert_eq!(done.state, "succeeded");
     let report = d.check(std::slice::from_ref(&run)).await;
@@ -848,24 +842,10 @@ async fn an_agent_stopped_past_its_lease_has_its_tools_ended_by_its_warden() {
     if !drills_possible() {
         return;
     }
-    let mut d = Drill::start(2).await;
-    d.start_agent(0, 2);
-    d.wait_agents(1).await;
-    let mut c = d.client().await;
-    let run = d.submit(2, 8.0).await;
-    wait_started(&mut c, &run, 2).await;
-    d.start_agent(1, 2);
-    d.wait_agents(2).await;
+    let (d, mut c, run) = two_steps_on_agent_0().await;
     // The agent freezes; its tools do not.
     d.agents[&0].signal(nix::sys::signal::Signal::SIGSTOP);
-    let mut moved = std::collections::HashSet::new();
-    wait_event(&mut c, &run, Duration::from_secs(30), |e| {
-        if e.kind == "attempt_started" && e.message.contains("agent-1") {
-            moved.insert(e.step_id.clone());
-        }
-        moved.len() == 2
-    })
-    .await;
+    wait_moved_to_agent_1(&mut c, &run).await;
     // Resumed only once the retries have run a while: a tool of the stopped agent that
     // still ran would overlap them.
     let logs = d.dir.path().join("executions");

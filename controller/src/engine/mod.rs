@@ -876,8 +876,8 @@ impl Engine {
             // succeeds. Only losing the leadership ends it.
             loop {
                 let r = match after.take() {
-                    Some(a) => store.commit_noted(&batch, fence.as_ref(), a).await,
-                    None => store.commit_noted(&batch, fence.as_ref(), std::future::ready(true)).await,
+                    Some(a) => store.commit_after(&batch, fence.as_ref(), a).await,
+                    None => store.commit(&batch, fence.as_ref()).await,
                 };
                 let Err(e) = r else { break };
                 tries += 1;

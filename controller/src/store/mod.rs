@@ -273,22 +273,21 @@ impl Store {
         self.commit_after(batch, fence, std::future::ready(true)).await
     }
 
-    /// [`Store::commit_after`], noting whether the database accepts writes.
-    pub async fn commit_noted(
+    /// [`Store::commit`], written only once `after` says the commit before it is stored
+    /// (false: that one failed, and this one writes nothing). The statement text and
+    /// parameters are prepared meanwhile. How it went is noted for [`Store::refusing`].
+    pub async fn commit_after(
         &self,
         batch: &Batch,
         fence: Option<&Fence>,
         after: impl Future<Output = bool>,
     ) -> Result<(), StoreError> {
-        let r = self.commit_after(batch, fence, after).await;
+        let r = self.write_batch(batch, fence, after).await;
         self.note_write("commit", &r);
         r
     }
 
-    /// [`Store::commit`], written only once `after` says the commit before it is stored
-    /// (false: that one failed, and this one writes nothing). The statement text and
-    /// parameters are prepared meanwhile.
-    pub async fn commit_after(
+    async fn write_batch(
         &self,
         batch: &Batch,
         fence: Option<&Fence>,
