@@ -1,24 +1,25 @@
 //! Agent sessions and the attempts they run: hello and re-adoption, heartbeats,
 //! start and finish reports fenced by lease token, loss, deadlines.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use baton_common::pb;
 use baton_common::pb::controller_message::Msg as Out;
 use baton_common::state::AttemptState;
-use baton_common::time::{ms, now_ms};
+use baton_common::time::ms;
 use tracing::{info, warn};
 
-use super::model::{Agent, AgentState, AgentTx, Session};
-use super::{Binding, Engine, EngineError};
+use super::model::{Effect, Model};
+use super::state::{Agent, AgentState, Session};
+use super::{Binding, EngineError};
 
-impl Engine {
+impl Model {
     /// A new agent session: record the agent, adopt the attempts it still runs, abandon
     /// the ones it should not, lose the ones it no longer has, apply unacked results.
     pub(super) fn connect(
         &mut self,
         hello: pb::Hello,
-        tx: AgentTx,
+        session_id: u64,
         binding: Binding,
     ) -> Result<u64, EngineError> {
         if hello.agent_id.trim().is_empty() {
@@ -52,9 +53,7 @@ impl Engine {
                 )));
             }
         }
-        let now = now_ms();
-        let session_id = self.next_session;
-        self.next_session += 1;
+        let now = self.now();
         let lost_after = ms(self.cfg.lost_after);
         let agent = self.agents.entry(hello.agent_id.clone()).or_insert_with(|| Agent {
             id: hello.agent_id.clone(),
@@ -68,7 +67,7 @@ impl Engine {
             connected_at: now,
             last_seen: now,
             lost_at: now + lost_after,
-            running: HashSet::new(),
+            running: BTreeSet::new(),
             draining: false,
         });
         agent.name = hello.name.clone();
@@ -78,8 +77,10 @@ impl Engine {
         agent.tools = hello.tools.clone();
         agent.slots = hello.slots;
         agent.state = AgentState::Connected;
-        // Replacing the session drops the old sender, which ends the old stream.
-        agent.session = Some(Session { id: session_id, tx: tx.clone() });
+        // A replaced session's stream ends.
+        if let Some(old) = agent.session.replace(Session { id: session_id }) {
+            self.now_effects.push(Effect::Close { session: old.id });
+        }
         agent.connected_at = now;
         agent.last_seen = now;
         agent.lost_at = now + lost_after;
@@ -93,7 +94,7 @@ impl Engine {
         let (adopted, abandon): (Vec<&pb::AttemptRef>, Vec<&pb::AttemptRef>) =
             hello.running.iter().chain(&hello.queued).partition(|r| self.owns_live(&hello.agent_id, r));
         self.pending.send(
-            &tx,
+            session_id,
             Out::Welcome(pb::Welcome {
                 session_id: session_id.to_string(),
                 heartbeat_interval_ms: ms(self.cfg.heartbeat_interval),
@@ -147,7 +148,7 @@ impl Engine {
     }
 
     pub(super) fn agent_message(&mut self, agent_id: &str, session: u64, msg: pb::agent_message::Msg) {
-        let now = now_ms();
+        let now = self.now();
         let lost_after = ms(self.cfg.lost_after);
         let Some(agent) = self.agents.get_mut(agent_id) else {
             return;
@@ -170,19 +171,24 @@ impl Engine {
                 let Some(r) = o.attempt else { return };
                 if self.owns_live(agent_id, &r) {
                     let redact = self.attempts.get(&r.attempt_id).and_then(|a| a.redactor.clone());
-                    self.logs.push(crate::logs::Chunk {
+                    self.now_effect(Effect::Output(crate::logs::Chunk {
                         attempt_id: r.attempt_id,
                         offset: o.offset,
                         data: o.data,
                         redact,
                         end: false,
-                    });
+                    }));
                 } else {
                     self.reject(agent_id, &r, "output");
                 }
             }
             pb::agent_message::Msg::Finished(f) => self.finished(agent_id, f),
         }
+    }
+
+    /// The agent's open session, if any.
+    fn session_of(&self, agent_id: &str) -> Option<u64> {
+        self.agents.get(agent_id).and_then(|a| a.session.as_ref()).map(|s| s.id)
     }
 
     /// Whether `r` names a live attempt of `agent_id` under its current lease.
@@ -195,9 +201,9 @@ impl Engine {
     fn heartbeat(&mut self, agent_id: &str, hb: pb::Heartbeat) {
         // At once, not after the batch's commit: the pong only says "heard you", and a
         // slow commit must not make agents stop their tools.
-        if let Some(s) = self.agents.get(agent_id).and_then(|a| a.session.as_ref()) {
-            let pong = Out::Pong(pb::Pong { heartbeat_sent_ms: hb.sent_ms });
-            let _ = s.tx.send(Ok(pb::ControllerMessage { msg: Some(pong) }));
+        if let Some(session) = self.session_of(agent_id) {
+            let msg = Out::Pong(pb::Pong { heartbeat_sent_ms: hb.sent_ms });
+            self.now_effect(Effect::Send { session, msg });
         }
         for r in &hb.running {
             if !self.owns_live(agent_id, r) {
@@ -206,7 +212,7 @@ impl Engine {
         }
         // An assignment the agent never took up (lost in transit, or the agent broke
         // before starting it) must not hold its step forever.
-        let now = now_ms();
+        let now = self.now();
         let patience = ms(self.cfg.lost_after);
         let Some(agent) = self.agents.get(agent_id) else { return };
         let reported: HashSet<&str> = hb.running.iter().map(|r| r.attempt_id.as_str()).collect();
@@ -240,7 +246,7 @@ impl Engine {
             return;
         }
         a.state = AttemptState::Running;
-        let now = now_ms();
+        let now = self.pending.now;
         a.started_at = Some(now);
         if let Some(run) = self.runs.get(&a.run_id)
             && let Some(t) = run.spec.steps[a.step_idx].timeout_ms
@@ -249,10 +255,11 @@ impl Engine {
             // by its timeout plus kill grace; the slack covers timers firing late.
             let d = now + t as i64 + ms(self.cfg.kill_grace) + ms(super::FENCE_SLACK);
             a.deadline_at = Some(d);
-            self.timers.push(std::cmp::Reverse((d, super::Timer::Deadline(a.id.clone()))));
+            self.timers.push(std::cmp::Reverse((d, super::model::Timer::Deadline(a.id.clone()))));
         }
         if let Some(ready) = a.ready_at {
-            self.metrics.dispatch_latency.observe(&[], ready.elapsed().as_secs_f64());
+            let latency = (self.pending.now_us - ready).max(0) as f64 / 1e6;
+            self.metrics.dispatch_latency.observe(&[], latency);
         }
         self.pending.attempts.insert(a.id.clone());
         let a = a.clone();
@@ -271,7 +278,7 @@ impl Engine {
     /// re-sent, rejected when the lease is stale.
     pub(super) fn finished(&mut self, agent_id: &str, f: pb::AttemptFinished) {
         let Some(r) = f.attempt.clone() else { return };
-        let tx = self.agents.get(agent_id).and_then(|a| a.session.as_ref()).map(|s| s.tx.clone());
+        let session = self.session_of(agent_id);
         let outcome = outcome_state(&f.outcome);
         let accepted = match self.attempts.get(&r.attempt_id) {
             Some(a) if a.lease_token != r.lease_token || a.agent_id != agent_id => {
@@ -312,8 +319,8 @@ impl Engine {
                 }
             },
         };
-        if let Some(tx) = tx {
-            self.pending.send(&tx, Out::Ack(pb::Ack { attempt_id: r.attempt_id, accepted }));
+        if let Some(session) = session {
+            self.pending.send(session, Out::Ack(pb::Ack { attempt_id: r.attempt_id, accepted }));
         }
     }
 
@@ -378,23 +385,22 @@ impl Engine {
             return;
         };
         a.state = to;
-        a.finished_at = Some(now_ms());
+        a.finished_at = Some(self.pending.now);
         a.error_class = class.to_string();
         a.error = error.to_string();
         if a.redactor.is_some() || a.output_bytes > 0 {
             // The output has ended: nothing more is held back for masking, and what
             // did not arrive of it is marked.
             let total = a.reported.then_some(a.output_bytes);
-            self.logs.push(crate::logs::Chunk::end(attempt_id, total));
+            self.now_effects.push(Effect::Output(crate::logs::Chunk::end(attempt_id, total)));
         }
         self.metrics.attempts.inc(&[to.as_str(), class]);
         self.pending.attempts.insert(a.id.clone());
         if let Some(agent) = self.agents.get_mut(&a.agent_id) {
             agent.running.remove(attempt_id);
             if kill && let Some(s) = &agent.session {
-                let tx = s.tx.clone();
                 self.pending.send(
-                    &tx,
+                    s.id,
                     Out::Cancel(pb::Cancel { attempt_id: attempt_id.to_string(), reason: error.to_string() }),
                 );
             }
@@ -431,12 +437,13 @@ impl Engine {
             None => format!("{what} for unknown attempt rejected"),
         };
         warn!(agent_id, attempt_id = %r.attempt_id, run_id = %r.run_id, "{why}");
-        let tx = self.agents.get(agent_id).and_then(|a| a.session.as_ref()).map(|s| s.tx.clone());
-        if let Some(tx) = tx
+        if let Some(session) = self.session_of(agent_id)
             && what != "result"
         {
-            self.pending
-                .send(&tx, Out::Cancel(pb::Cancel { attempt_id: r.attempt_id.clone(), reason: why.clone() }));
+            self.pending.send(
+                session,
+                Out::Cancel(pb::Cancel { attempt_id: r.attempt_id.clone(), reason: why.clone() }),
+            );
         }
         if let Some(run) = self.runs.get_mut(&r.run_id)
             && !run.state.is_terminal()
@@ -456,8 +463,7 @@ impl Engine {
         a.draining = !undo;
         self.pending.agents.insert(a.id.clone());
         if !undo && let Some(s) = &a.session {
-            let tx = s.tx.clone();
-            self.pending.send(&tx, Out::Drain(pb::Drain {}));
+            self.pending.send(s.id, Out::Drain(pb::Drain {}));
         }
         info!(agent = %a.name, draining = !undo, by = %self.pending.actor, "agent drain changed");
         Ok(a.to_pb())
@@ -468,7 +474,8 @@ impl Engine {
     pub(super) fn revoke(&mut self, name: &str) -> u32 {
         let mut closed = 0;
         for agent in self.agents.values_mut().filter(|a| a.name == name) {
-            if agent.session.take().is_some() {
+            if let Some(s) = agent.session.take() {
+                self.now_effects.push(Effect::Close { session: s.id });
                 closed += 1;
             }
             if agent.state == AgentState::Connected {
@@ -486,6 +493,7 @@ impl Engine {
         };
         if agent.session.as_ref().is_some_and(|s| s.id == session) {
             agent.session = None;
+            self.now_effects.push(Effect::Close { session });
             if agent.state == AgentState::Connected {
                 agent.state = AgentState::Disconnected;
             }
@@ -496,7 +504,7 @@ impl Engine {
 
     /// Declares agents lost whose lease ran out, and loses their attempts.
     pub(super) fn sweep_agents(&mut self) {
-        let now = now_ms();
+        let now = self.now();
         let expired: Vec<String> = self
             .agents
             .values()
@@ -510,7 +518,9 @@ impl Engine {
             let silent = (now - agent.last_seen).max(0);
             warn!(agent = %agent.name, agent_id = %id, silent_ms = silent, "agent lost");
             agent.state = AgentState::Lost;
-            agent.session = None;
+            if let Some(s) = agent.session.take() {
+                self.now_effects.push(Effect::Close { session: s.id });
+            }
             let why = format!(
                 "agent {} lost: silent for {}",
                 agent.name,

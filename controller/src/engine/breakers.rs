@@ -6,11 +6,11 @@ use std::collections::HashMap;
 
 use baton_common::breaker::{Breaker, BreakerPolicy, BreakerState};
 use baton_common::pb;
-use baton_common::time::now_ms;
 use serde_json::Value;
 use tracing::{info, warn};
 
-use super::{Engine, EngineError, Timer};
+use super::EngineError;
+use super::model::{Model, Timer};
 use crate::store::BreakerRow;
 
 /// Breaker policies for the two levels: a tool as a whole (trips on its failure rate
@@ -117,7 +117,7 @@ fn policy(v: &Value, at: &str) -> Result<BreakerPolicy, String> {
 /// (tool, agent id); the agent id is empty for the tool's own breaker.
 pub(crate) type BreakerKey = (String, String);
 
-impl Engine {
+impl Model {
     /// Whether the breakers of `tool` and of (`agent_id`, `tool`) let an attempt through.
     pub(super) fn breakers_admit(&self, tool: &str, agent_id: &str) -> bool {
         let ok = |k: BreakerKey| {
@@ -144,7 +144,7 @@ impl Engine {
         failure: Option<&str>,
         run_id: &str,
     ) {
-        let now = now_ms();
+        let now = self.now();
         let mut keys = vec![(tool.to_string(), agent_id.to_string())];
         if failure != Some("agent_lost") {
             keys.push((tool.to_string(), String::new()));
@@ -226,7 +226,7 @@ impl Engine {
             state: b.state.as_str().to_string(),
             consecutive: i64::from(b.consecutive),
             opened_at: b.opened_at,
-            updated_at: now_ms(),
+            updated_at: self.now(),
         })
     }
 
@@ -263,7 +263,7 @@ impl Engine {
                 .ok_or_else(|| EngineError::Invalid(format!("no agent named {agent:?}")))?
         };
         let key = (tool.to_string(), agent_id);
-        let changed = self.breakers.get_mut(&key).is_some_and(|b| b.reset(now_ms()));
+        let changed = self.breakers.get_mut(&key).is_some_and(|b| b.reset(self.pending.now));
         if !self.breakers.contains_key(&key) {
             return Err(EngineError::Invalid(format!("no breaker for {}", self.breaker_scope(&key))));
         }

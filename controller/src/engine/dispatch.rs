@@ -4,7 +4,7 @@ use baton_common::pb;
 use baton_common::state::{AttemptState, RunState, StepState};
 use std::collections::HashMap;
 
-use baton_common::time::{format_duration, ms, now_ms};
+use baton_common::time::{format_duration, ms};
 use tracing::debug;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -13,16 +13,16 @@ use baton_common::script;
 use baton_common::template::{self, Ref};
 use serde_json::{Map, Value};
 
-use super::model::{Agent, Attempt};
+use super::model::{Model, Pending};
 use super::runs::{set_run, set_step};
-use super::{Engine, Pending};
+use super::state::{Agent, Attempt};
 use crate::router::Strategy;
 
 /// A step's rendered `with` and `env`, and the secret values (secrets, secret
 /// parameters) rendered into them.
 type Input = (Map<String, Value>, BTreeMap<String, String>, Vec<String>);
 
-impl Engine {
+impl Model {
     /// Queues a ready step for dispatch.
     pub(super) fn enqueue(&mut self, run_id: &str, idx: usize) {
         let Some(run) = self.runs.get(run_id) else { return };
@@ -129,7 +129,7 @@ impl Engine {
 
     /// Creates attempt N+1 of a ready step on `agent_id` and queues its Assign.
     fn assign(&mut self, run_id: &str, idx: usize, agent_id: &str, (with, env, mut redact): Input) {
-        let now = now_ms();
+        let now = self.now();
         // Env values whose names look secret are masked like secrets; the agent masks
         // what the step was given, the controller every secret.
         let patterned: Vec<String> = env
@@ -142,14 +142,17 @@ impl Engine {
         redact.retain(|v| v.len() >= baton_common::redact::MIN_LEN);
         redact.sort();
         redact.dedup();
+        let attempt_id = self.time_ordered_id();
+        // A fresh unguessable lease token.
+        let lease_token = format!("{:032x}", self.random_u128());
         let (Some(run), Some(agent)) = (self.runs.get_mut(run_id), self.agents.get_mut(agent_id)) else {
             return;
         };
-        let Some(session) = agent.session.as_ref() else {
+        let Some(session) = agent.session.as_ref().map(|s| s.id) else {
             return;
         };
         let p = &mut self.pending;
-        let ready_at = run.steps[idx].ready_instant;
+        let ready_at = run.steps[idx].ready_us;
         if !set_step(p, run, idx, StepState::Running) {
             return;
         }
@@ -165,14 +168,14 @@ impl Engine {
         let attempt = Attempt {
             // Time-ordered: a new attempt's key lands at the end of the store's index,
             // not on a random page.
-            id: uuid::Uuid::now_v7().to_string(),
+            id: attempt_id,
             run_id: run_id.to_string(),
             step_idx: idx,
             step_id: spec.id.clone(),
             number: step.attempts,
             agent_id: agent.id.clone(),
             agent_name: agent.name.clone(),
-            lease_token: lease_token(),
+            lease_token,
             state: AttemptState::Assigned,
             exit_code: None,
             error_class: String::new(),
@@ -210,7 +213,7 @@ impl Engine {
         let send = if agent.free_slots() > 0 { Pending::send } else { Pending::send_prefetch };
         send(
             p,
-            &session.tx,
+            session,
             pb::controller_message::Msg::Assign(pb::Assign {
                 attempt: Some(attempt.attempt_ref()),
                 number: attempt.number,
@@ -228,7 +231,7 @@ impl Engine {
     }
 }
 
-impl Engine {
+impl Model {
     /// The agent a ready step goes to now, by its router rule (the `auto` strategy when
     /// no rule matches), or `None` when no agent may take it.
     fn place(&mut self, run_id: &str, idx: usize) -> Option<String> {
@@ -348,7 +351,7 @@ impl Engine {
 
     /// Why a ready step is not running yet: "no agent with tool aider and label
     /// gpu=true", breakers, busy agents.
-    fn ready_reason(&self, run: &super::model::Run, idx: usize) -> String {
+    fn ready_reason(&self, run: &super::state::Run, idx: usize) -> String {
         let tool = run.steps[idx].tool.as_str();
         let rule = self.router.rule_for(&run.spec.steps[idx]).map(|(_, r)| r);
         let matching: Vec<&Agent> = self
@@ -409,7 +412,7 @@ impl Engine {
                 StepState::Ready if run.state == RunState::Quarantined => "run is quarantined".to_string(),
                 StepState::Ready => self.ready_reason(run, idx),
                 StepState::RetryWait => {
-                    let left = (step.next_attempt_at.unwrap_or(0) - now_ms()).max(0) as u64;
+                    let left = (step.next_attempt_at.unwrap_or(0) - self.now()).max(0) as u64;
                     format!("retry in {}", format_duration(std::time::Duration::from_millis(left)))
                 }
                 StepState::Running => match step.current.as_ref().and_then(|id| self.attempts.get(id)) {
@@ -427,9 +430,4 @@ impl Engine {
         }
         out
     }
-}
-
-/// A fresh unguessable lease token.
-fn lease_token() -> String {
-    format!("{:032x}", rand::random::<u128>())
 }

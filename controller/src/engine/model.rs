@@ -1,411 +1,882 @@
-//! The engine's in-memory view of active runs, their steps and attempts, and agents,
-//! with the conversions to and from store rows.
+//! The engine's model: all scheduling state and every decision, with no I/O.
+//!
+//! The driver feeds it [`Input`]s with the time (`apply`); it answers with the
+//! [`Effect`]s to perform at once (pongs, output chunks, reads) and gathers the rest into
+//! the pending commit: the rows to write and the messages and replies that may go out
+//! only once those rows are durable. The driver takes that commit (`take_commit`),
+//! writes it, and hands it back as [`Input::Committed`], which releases its effects. No
+//! clock, socket or entropy is touched here: time comes with each input and randomness
+//! from a seeded generator, so the same inputs make the same decisions (the simulator
+//! relies on that).
 
-use std::collections::{BTreeMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use baton_common::pb;
-use baton_common::spec::Workstream;
+use baton_common::spec::{OnFailure, Workstream};
 use baton_common::state::{AttemptState, RunState, StepState};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tracing::error;
 
-use crate::store::{AgentRow, AttemptRow, RunRow, StepRow, StoreError, parse_state};
+use super::breakers;
+use super::state::{Agent, AgentState, Attempt, Fixed, IdMap, Run, Step};
+use super::{Binding, EngineConfig, EngineError, Gauges, Live, Published};
+use crate::store::{Batch, EventRow, Snapshot, StoreError};
 
-/// A run that is not final yet.
+/// Names the caller waiting for an answer; the driver maps it to its channel.
+pub(crate) type ReplyTo = u64;
+
+/// Something that happened, for the model to decide on.
+pub(crate) enum Input {
+    Submit {
+        spec: Workstream,
+        params: BTreeMap<String, String>,
+        request_id: String,
+        estimates: crate::store::Estimates,
+        actor: String,
+        reply: ReplyTo,
+    },
+    Cancel {
+        run_id: String,
+        step_id: Option<String>,
+        reason: String,
+        actor: String,
+        reply: ReplyTo,
+    },
+    Release {
+        run_id: String,
+        actor: String,
+        reply: ReplyTo,
+    },
+    ResetBreaker {
+        tool: String,
+        agent: String,
+        actor: String,
+        reply: ReplyTo,
+    },
+    Drain {
+        agent: String,
+        undo: bool,
+        actor: String,
+        reply: ReplyTo,
+    },
+    /// A new agent stream, numbered `session` by the driver.
+    Connect {
+        hello: pb::Hello,
+        session: u64,
+        binding: Binding,
+        reply: ReplyTo,
+    },
+    Agent {
+        agent_id: String,
+        session: u64,
+        msg: pb::agent_message::Msg,
+    },
+    Disconnect {
+        agent_id: String,
+        session: u64,
+    },
+    Revoke {
+        name: String,
+        actor: String,
+        reply: ReplyTo,
+    },
+    /// A secret was stored (`Some`) or deleted (`None`).
+    SetSecret {
+        name: String,
+        value: Option<String>,
+        reply: ReplyTo,
+    },
+    SetRouter {
+        router: crate::router::Router,
+        reply: ReplyTo,
+    },
+    ListBreakers {
+        reply: ReplyTo,
+    },
+    Live {
+        run_id: String,
+        reply: ReplyTo,
+    },
+    Gauges {
+        reply: ReplyTo,
+    },
+    ListAgents {
+        reply: ReplyTo,
+    },
+    /// Due timers fire and ready steps are dispatched (after each batch of inputs).
+    Tick,
+    /// Agents whose lease ran out are lost; steps held by breakers past `max_wait`
+    /// quarantine their runs.
+    Sweep,
+    /// A commit from [`Model::take_commit`] is durable.
+    Committed(Commit),
+}
+
+/// An answer to a caller.
 #[derive(Debug)]
-pub(crate) struct Run {
-    pub id: String,
-    pub spec: Arc<Workstream>,
-    pub spec_json: String,
-    pub params_json: String,
-    pub state: RunState,
-    pub reason: String,
-    pub created_at: i64,
-    pub started_at: Option<i64>,
-    pub finished_at: Option<i64>,
-    /// The client's id of the submit that created it (may be empty).
-    pub request_id: String,
-    pub steps: Vec<Step>,
-    /// For each step, the steps that list it in `needs`.
-    pub dependents: Vec<Vec<usize>>,
-    /// Sequence number the next event gets.
-    pub next_seq: i64,
-    /// Steps not in a final state.
-    pub open: usize,
-    /// Set once a step failed for good under `on_failure: fail`: nothing new starts and
-    /// the run fails when its running steps have finished.
-    pub failing: Option<String>,
-    /// When the run fails for running too long (`deadline` in the spec).
-    pub deadline_at: Option<i64>,
-    /// Run parameters, defaults applied.
-    pub params: BTreeMap<String, String>,
-    /// Which steps have `${{ ... }}` in their input or env.
-    pub templated: Vec<bool>,
-    /// Steps ordered so that each comes after the steps it needs.
-    pub topo: Vec<usize>,
-    /// Expected duration of each step (ms), when known.
-    pub estimates: Vec<Option<i64>>,
-    /// Last ETA computation: (when, expected end), for rate limiting.
-    pub eta: Option<(i64, Option<i64>)>,
-    /// Steps per state, kept as steps move (progress is read often).
-    pub counts: [u32; 8],
-    /// What to mask in the output of its attempts: the secrets and its secret
-    /// parameters, as of a version of the secrets.
-    pub redactor: Option<(u64, Arc<baton_common::redact::Redactor>)>,
+pub(crate) enum Answer {
+    Run(Result<String, EngineError>),
+    RunState(Result<RunState, EngineError>),
+    Breakers(Result<Vec<pb::Breaker>, EngineError>),
+    Agent(Result<pb::Agent, EngineError>),
+    Session(Result<u64, EngineError>),
+    Agents(Vec<pb::Agent>),
+    Live(Option<Live>),
+    Gauges(Gauges),
+    Count(u32),
+    Done,
 }
 
-impl Run {
-    pub fn step_id(&self, idx: usize) -> &str {
-        &self.spec.steps[idx].id
+/// Something for the driver to do.
+#[derive(Debug)]
+pub(crate) enum Effect {
+    /// A message on an agent's stream (dropped when the session has closed).
+    Send {
+        session: u64,
+        msg: pb::controller_message::Msg,
+    },
+    /// Ends an agent's stream: what it sends on it is ignored from now on.
+    Close {
+        session: u64,
+    },
+    Reply {
+        to: ReplyTo,
+        answer: Answer,
+    },
+    /// A piece (or the end) of an attempt's output, for the log writer.
+    Output(crate::logs::Chunk),
+    /// A committed event, for watchers.
+    Publish(Arc<Published>),
+}
+
+/// Rows to write in one transaction, and what may happen once they are durable.
+#[derive(Debug)]
+pub(crate) struct Commit {
+    pub batch: Batch,
+    effects: Vec<Effect>,
+    finished_runs: Vec<String>,
+}
+
+impl Commit {
+    /// Whether it ends attempts, whose output must be stored before it.
+    pub fn ends_attempts(&self) -> bool {
+        self.batch.attempts.iter().any(|a| a.finished_at.is_some())
+    }
+}
+
+/// Changes made since the last commit was taken.
+#[derive(Default)]
+pub(super) struct Pending {
+    pub runs: HashSet<String, Fixed>,
+    pub steps: HashSet<(String, usize), Fixed>,
+    pub attempts: HashSet<String, Fixed>,
+    pub agents: BTreeSet<String>,
+    pub breakers: BTreeSet<breakers::BreakerKey>,
+    pub events: Vec<EventRow>,
+    effects: Vec<Effect>,
+    pub finished_runs: Vec<String>,
+    /// Some effect must not wait for company (a reply, work for an idle slot).
+    urgent: bool,
+    /// Who caused the input being applied (an API call's caller), stamped on its
+    /// events.
+    pub actor: String,
+    /// The time of the input being applied (ms since the epoch, and µs for latencies).
+    pub now: i64,
+    pub now_us: i64,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.rows() == 0 && self.effects.is_empty()
     }
 
-    pub fn to_row(&self) -> RunRow {
-        RunRow {
-            id: self.id.clone(),
-            workstream: self.spec.name.clone(),
-            state: self.state.as_str().to_string(),
-            spec: self.spec_json.clone(),
-            params: self.params_json.clone(),
-            reason: self.reason.clone(),
-            created_at: self.created_at,
-            started_at: self.started_at,
-            finished_at: self.finished_at,
-            request_id: self.request_id.clone(),
+    /// Rows the commit will write.
+    fn rows(&self) -> usize {
+        self.runs.len()
+            + self.steps.len()
+            + self.attempts.len()
+            + self.agents.len()
+            + self.breakers.len()
+            + self.events.len()
+    }
+
+    /// A message sent once the commit is durable.
+    pub fn send(&mut self, session: u64, msg: pb::controller_message::Msg) {
+        use pb::controller_message::Msg as M;
+        // Acks and pongs can wait a moment; what makes or stops work cannot.
+        self.urgent |= !matches!(msg, M::Ack(_) | M::Pong(_));
+        self.effects.push(Effect::Send { session, msg });
+    }
+
+    /// An assignment that only tops up an agent's queue (it is busy anyway).
+    pub fn send_prefetch(&mut self, session: u64, msg: pb::controller_message::Msg) {
+        self.effects.push(Effect::Send { session, msg });
+    }
+
+    /// An answer given once the commit is durable.
+    pub fn reply(&mut self, to: ReplyTo, answer: Answer) {
+        self.urgent = true;
+        self.effects.push(Effect::Reply { to, answer });
+    }
+
+    /// Appends an event to `run`'s log, stamped with the current run, step and attempt
+    /// states.
+    pub fn event(
+        &mut self,
+        run: &mut Run,
+        kind: &str,
+        step: Option<usize>,
+        attempt: Option<&Attempt>,
+        message: impl Into<String>,
+    ) {
+        let seq = run.next_seq;
+        run.next_seq += 1;
+        self.events.push(EventRow {
+            run_id: run.id.clone(),
+            seq,
+            at: self.now,
+            kind: kind.to_string(),
+            step_id: step.map(|i| run.step_id(i).to_string()).unwrap_or_default(),
+            attempt_id: attempt.map(|a| a.id.clone()).unwrap_or_default(),
+            run_state: run.state.as_str().to_string(),
+            step_state: step.map(|i| run.steps[i].state.as_str().to_string()).unwrap_or_default(),
+            attempt_state: attempt.map(|a| a.state.as_str().to_string()).unwrap_or_default(),
+            message: message.into(),
+            epoch: 0,
+            actor: self.actor.clone(),
+        });
+    }
+}
+
+/// Moving averages of an agent's recent attempts with one tool.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Stats {
+    pub success: f64,
+    pub latency_ms: f64,
+    pub samples: u64,
+}
+
+/// Timed work, fired when its time has come if it still applies.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Timer {
+    /// A step in `retry_wait` becomes ready.
+    Retry(String, usize),
+    /// An attempt past its deadline plus grace times out.
+    Deadline(String),
+    /// A run reaches its deadline.
+    RunDeadline(String),
+    /// An open breaker's cooldown ends: (tool, agent id).
+    Breaker(String, String),
+}
+
+/// A bounded map that forgets its oldest entries: final states of attempts of runs
+/// that are no longer in memory (a result re-sent after the run ended is still
+/// recognised as a duplicate), and the runs that submits' request ids created.
+pub(super) struct Recent<V> {
+    pub states: HashMap<String, V>,
+    order: VecDeque<String>,
+}
+
+impl<V> Recent<V> {
+    const CAP: usize = 100_000;
+
+    fn new() -> Recent<V> {
+        Recent { states: HashMap::new(), order: VecDeque::new() }
+    }
+
+    pub fn insert(&mut self, id: String, state: V) {
+        if self.states.insert(id.clone(), state).is_none() {
+            self.order.push_back(id);
         }
-    }
-
-    pub fn step_row(&self, idx: usize) -> StepRow {
-        let s = &self.steps[idx];
-        StepRow {
-            run_id: self.id.clone(),
-            step_id: self.spec.steps[idx].id.clone(),
-            idx: idx as i64,
-            state: s.state.as_str().to_string(),
-            tool: s.tool.clone(),
-            attempts: i64::from(s.attempts),
-            failures: i64::from(s.failures),
-            lost_count: i64::from(s.lost_count),
-            next_attempt_at: s.next_attempt_at,
-            started_at: s.started_at,
-            finished_at: s.finished_at,
-            reason: s.reason.clone(),
-            result: s.result.clone(),
-        }
-    }
-}
-
-/// Steps per state, indexed by the state's position in `StepState`.
-pub(crate) fn counts_of(states: &[StepState]) -> [u32; 8] {
-    let mut c = [0u32; 8];
-    for s in states {
-        c[*s as usize] += 1;
-    }
-    c
-}
-
-/// Which steps have `${{ ... }}` in their input or env.
-pub(crate) fn templated_of(spec: &Workstream) -> Vec<bool> {
-    spec.steps
-        .iter()
-        .map(|s| {
-            s.env.values().any(|v| v.contains("${{"))
-                || serde_json::Value::Object(s.with.clone()).to_string().contains("${{")
-        })
-        .collect()
-}
-
-/// For each step, the indexes of the steps it needs.
-pub(crate) fn needs_of(spec: &Workstream) -> Vec<Vec<usize>> {
-    let index = spec.index();
-    spec.steps
-        .iter()
-        .map(|s| s.needs.iter().filter_map(|n| index.get(n.as_str()).copied()).collect())
-        .collect()
-}
-
-/// Each step's expected duration: the same step in earlier runs, else its tool.
-pub(crate) fn estimates_for(
-    spec: &Workstream,
-    tools: &[String],
-    e: &crate::store::Estimates,
-) -> Vec<Option<i64>> {
-    spec.steps
-        .iter()
-        .zip(tools)
-        .map(|(s, t)| e.by_step.get(&s.id).or_else(|| e.by_tool.get(t)).copied())
-        .collect()
-}
-
-/// Index of each step's dependents, from the spec's `needs`.
-pub(crate) fn dependents_of(spec: &Workstream) -> Vec<Vec<usize>> {
-    let index = spec.index();
-    let mut deps = vec![Vec::new(); spec.steps.len()];
-    for (i, s) in spec.steps.iter().enumerate() {
-        for n in &s.needs {
-            if let Some(&up) = index.get(n.as_str()) {
-                deps[up].push(i);
+        while self.order.len() > Self::CAP {
+            if let Some(old) = self.order.pop_front() {
+                self.states.remove(&old);
             }
         }
     }
-    deps
 }
 
-#[derive(Debug, Clone)]
-pub(crate) struct Step {
-    pub state: StepState,
-    pub tool: String,
-    /// Attempts started so far, all causes.
-    pub attempts: u32,
-    /// Own failures counted against the retry budget (reset by a release).
-    pub failures: u32,
-    /// Attempts lost with their agent; these do not spend the step's own retries.
-    pub lost_count: u32,
-    /// Losses in a row: a step that keeps losing agents is poison.
-    pub lost_streak: u32,
-    /// When it last became ready (for `max_wait`).
-    pub ready_since: Option<i64>,
-    /// The same moment on the monotonic clock, for dispatch latency.
-    pub ready_instant: Option<std::time::Instant>,
-    /// Needs that have not succeeded yet.
-    pub waiting_on: u32,
-    pub next_attempt_at: Option<i64>,
-    pub started_at: Option<i64>,
-    pub finished_at: Option<i64>,
-    pub reason: String,
-    pub result: Option<String>,
-    /// Every attempt of this step, oldest first.
-    pub attempt_ids: Vec<String>,
-    /// The attempt that is live now, if any.
-    pub current: Option<String>,
+/// All scheduling state. See the module docs.
+pub(crate) struct Model {
+    pub(super) cfg: EngineConfig,
+    pub(super) runs: IdMap<Run>,
+    /// Every attempt of every run in `runs`.
+    pub(super) attempts: IdMap<Attempt>,
+    pub(super) recent: Recent<AttemptState>,
+    /// Request id → run id, for the runs in memory and the latest ones before them
+    /// (older ones are found in the store before a submit reaches the engine).
+    pub(super) requests: Recent<String>,
+    pub(super) agents: BTreeMap<String, Agent>,
+    pub(super) breakers: BTreeMap<breakers::BreakerKey, baton_common::breaker::Breaker>,
+    /// The only copy of the routing rules in the controller.
+    pub(super) router: crate::router::Router,
+    /// Per round-robin rule, the name of the agent it last picked.
+    pub(super) round_robin: HashMap<usize, String>,
+    /// Recent outcomes per (agent id, tool), for the `auto` strategy.
+    pub(super) stats: HashMap<(String, String), Stats>,
+    /// Ready steps per tool, in the order they became ready.
+    pub(super) ready: BTreeMap<String, VecDeque<(String, usize)>>,
+    pub(super) timers: BinaryHeap<Reverse<(i64, Timer)>>,
+    pub(super) pending: Pending,
+    /// Immediate effects of the input being applied.
+    pub(super) now_effects: Vec<Effect>,
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// The secrets, opened: specs use them as `${{ secrets.NAME }}`, and their values
+    /// are masked in what the engine keeps.
+    pub(super) secrets: HashMap<String, String>,
+    /// Bumped on every change of `secrets` (runs' cached redactors are rebuilt).
+    pub(super) secrets_version: u64,
+    /// Ids, lease tokens and retry jitter.
+    pub(super) rng: StdRng,
 }
 
-impl Step {
-    pub fn new(tool: String, waiting_on: u32) -> Step {
-        Step {
-            state: if waiting_on == 0 { StepState::Ready } else { StepState::Waiting },
-            tool,
-            attempts: 0,
-            failures: 0,
-            lost_count: 0,
-            lost_streak: 0,
-            ready_since: None,
-            ready_instant: None,
-            waiting_on,
-            next_attempt_at: None,
-            started_at: None,
-            finished_at: None,
-            reason: String::new(),
-            result: None,
-            attempt_ids: Vec::new(),
-            current: None,
+impl Model {
+    pub fn new(
+        cfg: EngineConfig,
+        metrics: Arc<crate::metrics::Metrics>,
+        secrets: HashMap<String, String>,
+        seed: u64,
+    ) -> Model {
+        let router = cfg.router.clone();
+        Model {
+            cfg,
+            runs: IdMap::default(),
+            attempts: IdMap::default(),
+            recent: Recent::new(),
+            requests: Recent::new(),
+            agents: BTreeMap::new(),
+            breakers: BTreeMap::new(),
+            router,
+            round_robin: HashMap::new(),
+            stats: HashMap::new(),
+            ready: BTreeMap::new(),
+            timers: BinaryHeap::new(),
+            pending: Pending::default(),
+            now_effects: Vec::new(),
+            metrics,
+            secrets,
+            secrets_version: 0,
+            rng: StdRng::seed_from_u64(seed),
         }
     }
 
-    pub fn from_row(row: &StepRow) -> Result<Step, StoreError> {
-        Ok(Step {
-            state: parse_state(&row.state)?,
-            tool: row.tool.clone(),
-            attempts: row.attempts as u32,
-            failures: row.failures as u32,
-            lost_count: row.lost_count as u32,
-            lost_streak: 0,
-            ready_since: None,
-            ready_instant: None,
-            waiting_on: 0,
-            next_attempt_at: row.next_attempt_at,
-            started_at: row.started_at,
-            finished_at: row.finished_at,
-            reason: row.reason.clone(),
-            result: row.result.clone(),
-            attempt_ids: Vec::new(),
-            current: None,
-        })
+    /// The time of the input being applied, in ms since the epoch.
+    pub(super) fn now(&self) -> i64 {
+        self.pending.now
     }
-}
 
-#[derive(Debug, Clone)]
-pub(crate) struct Attempt {
-    pub id: String,
-    pub run_id: String,
-    pub step_idx: usize,
-    pub step_id: String,
-    pub number: u32,
-    pub agent_id: String,
-    pub agent_name: String,
-    pub lease_token: String,
-    pub state: AttemptState,
-    pub exit_code: Option<i32>,
-    pub error_class: String,
-    pub error: String,
-    pub result: Option<String>,
-    pub output_tail: String,
-    pub assigned_at: i64,
-    pub started_at: Option<i64>,
-    pub finished_at: Option<i64>,
-    pub deadline_at: Option<i64>,
-    /// Its final state came from the agent's own report (not kept across restarts).
-    pub reported: bool,
-    /// Output bytes its agent reported at the end (not stored with the attempt).
-    pub output_bytes: u64,
-    /// When its assignment was committed and so sent (not before: an agent cannot be
-    /// blamed for not starting what it was never sent).
-    pub sent_at: Option<i64>,
-    /// When its step became ready (for dispatch latency; not kept across restarts).
-    pub ready_at: Option<std::time::Instant>,
-    /// What to mask in what it reports (not kept across restarts: rebuilt).
-    pub redactor: Option<Arc<baton_common::redact::Redactor>>,
-}
+    fn set_clock(&mut self, now_us: i64) {
+        // The wall clock may step back; latencies and event times do not.
+        self.pending.now_us = now_us.max(self.pending.now_us);
+        self.pending.now = self.pending.now_us / 1000;
+    }
 
-impl Attempt {
-    pub fn to_row(&self) -> AttemptRow {
-        AttemptRow {
-            id: self.id.clone(),
-            run_id: self.run_id.clone(),
-            step_id: self.step_id.clone(),
-            number: i64::from(self.number),
-            agent_id: self.agent_id.clone(),
-            agent_name: self.agent_name.clone(),
-            lease_token: self.lease_token.clone(),
-            state: self.state.as_str().to_string(),
-            exit_code: self.exit_code.map(i64::from),
-            error_class: self.error_class.clone(),
-            error: self.error.clone(),
-            result: self.result.clone(),
-            output_tail: self.output_tail.clone(),
-            assigned_at: self.assigned_at,
-            started_at: self.started_at,
-            finished_at: self.finished_at,
-            deadline_at: self.deadline_at,
+    /// An effect performed at once, not after the commit.
+    pub(super) fn now_effect(&mut self, e: Effect) {
+        self.now_effects.push(e);
+    }
+
+    /// Applies one input at `now_us` (µs since the epoch); returns what to do at once.
+    pub fn apply(&mut self, input: Input, now_us: i64) -> Vec<Effect> {
+        self.set_clock(now_us);
+        self.handle(input);
+        self.pending.actor.clear();
+        std::mem::take(&mut self.now_effects)
+    }
+
+    /// When the next timer fires (ms since the epoch).
+    pub fn next_timer(&self) -> Option<i64> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Whether there is anything to commit.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Rows the pending commit would write.
+    pub fn pending_rows(&self) -> usize {
+        self.pending.rows()
+    }
+
+    /// Whether the pending commit holds something that must not wait for company (a
+    /// reply, work for an idle slot, a run's end).
+    pub fn pending_urgent(&self) -> bool {
+        self.pending.urgent || !self.pending.finished_runs.is_empty()
+    }
+
+    /// Takes the pending changes as one commit.
+    pub fn take_commit(&mut self) -> Option<Commit> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let fresh = Pending { now: self.pending.now, now_us: self.pending.now_us, ..Pending::default() };
+        let pending = std::mem::replace(&mut self.pending, fresh);
+        let batch = self.build_batch(&pending);
+        Some(Commit { batch, effects: pending.effects, finished_runs: pending.finished_runs })
+    }
+
+    fn handle(&mut self, input: Input) {
+        match input {
+            Input::Submit { spec, params, request_id, estimates, actor, reply } => {
+                self.pending.actor = actor;
+                let result = match self.requests.states.get(&request_id) {
+                    // The same request again (a client retrying): its run, answered
+                    // after this commit like the first answer.
+                    Some(run_id) if !request_id.is_empty() => Ok(run_id.clone()),
+                    _ => self.submit(spec, params, request_id, &estimates),
+                };
+                self.pending.reply(reply, Answer::Run(result));
+            }
+            Input::Cancel { run_id, step_id, reason, actor, reply } => {
+                self.pending.actor = actor;
+                let result = match step_id {
+                    Some(step) => self.cancel_step(&run_id, &step, &reason),
+                    None => self.cancel_run(&run_id, &reason),
+                };
+                self.pending.reply(reply, Answer::RunState(result));
+            }
+            Input::Release { run_id, actor, reply } => {
+                self.pending.actor = actor;
+                let result = self.release(&run_id);
+                self.pending.reply(reply, Answer::RunState(result));
+            }
+            Input::ResetBreaker { tool, agent, actor, reply } => {
+                self.pending.actor = actor;
+                let result = self.reset_breaker(&tool, &agent);
+                self.pending.reply(reply, Answer::Breakers(result));
+            }
+            Input::Drain { agent, undo, actor, reply } => {
+                self.pending.actor = actor;
+                let result = self.drain(&agent, undo);
+                self.pending.reply(reply, Answer::Agent(result));
+            }
+            Input::Connect { hello, session, binding, reply } => {
+                let result = self.connect(hello, session, binding);
+                if result.is_err() {
+                    self.now_effect(Effect::Close { session });
+                }
+                self.pending.reply(reply, Answer::Session(result));
+            }
+            Input::Agent { agent_id, session, msg } => self.agent_message(&agent_id, session, msg),
+            Input::Disconnect { agent_id, session } => self.disconnect(&agent_id, session),
+            Input::Revoke { name, actor, reply } => {
+                self.pending.actor = actor;
+                let closed = self.revoke(&name);
+                self.now_effect(Effect::Reply { to: reply, answer: Answer::Count(closed) });
+            }
+            Input::SetSecret { name, value, reply } => {
+                match value {
+                    Some(v) => self.secrets.insert(name, v),
+                    None => self.secrets.remove(&name),
+                };
+                self.secrets_version += 1;
+                self.now_effect(Effect::Reply { to: reply, answer: Answer::Done });
+            }
+            Input::SetRouter { router, reply } => {
+                tracing::info!(rules = router.rules.len(), "router rules replaced");
+                self.router = router;
+                self.round_robin.clear();
+                self.now_effect(Effect::Reply { to: reply, answer: Answer::Done });
+            }
+            // Reads are answered from memory at once: they may be ahead of the
+            // database by the commit in flight.
+            Input::ListBreakers { reply } => {
+                let answer = Answer::Breakers(Ok(self.list_breakers()));
+                self.now_effect(Effect::Reply { to: reply, answer });
+            }
+            Input::Live { run_id, reply } => {
+                let reasons = self.wait_reasons(&run_id);
+                let now = self.now();
+                let live = self
+                    .runs
+                    .get_mut(&run_id)
+                    .map(|run| Live { reasons, progress: run.progress(&self.attempts, now) });
+                self.now_effect(Effect::Reply { to: reply, answer: Answer::Live(live) });
+            }
+            Input::Gauges { reply } => {
+                let answer = Answer::Gauges(self.gauges());
+                self.now_effect(Effect::Reply { to: reply, answer });
+            }
+            Input::ListAgents { reply } => {
+                let mut list: Vec<pb::Agent> = self.agents.values().map(Agent::to_pb).collect();
+                list.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+                self.now_effect(Effect::Reply { to: reply, answer: Answer::Agents(list) });
+            }
+            Input::Tick => {
+                self.fire_timers();
+                self.dispatch();
+            }
+            Input::Sweep => {
+                self.sweep_agents();
+                self.check_max_wait(self.now());
+            }
+            Input::Committed(commit) => self.committed(commit),
         }
     }
 
-    pub fn from_row(row: &AttemptRow, step_idx: usize) -> Result<Attempt, StoreError> {
-        let state: AttemptState = parse_state(&row.state)?;
-        Ok(Attempt {
-            id: row.id.clone(),
-            run_id: row.run_id.clone(),
-            step_idx,
-            step_id: row.step_id.clone(),
-            number: row.number as u32,
-            agent_id: row.agent_id.clone(),
-            agent_name: row.agent_name.clone(),
-            lease_token: row.lease_token.clone(),
-            state,
-            exit_code: row.exit_code.map(|c| c as i32),
-            error_class: row.error_class.clone(),
-            error: row.error.clone(),
-            result: row.result.clone(),
-            output_tail: row.output_tail.clone(),
-            assigned_at: row.assigned_at,
-            started_at: row.started_at,
-            finished_at: row.finished_at,
-            deadline_at: row.deadline_at,
-            reported: false,
-            output_bytes: 0,
-            // Loaded from the store: its assignment was committed.
-            sent_at: Some(baton_common::time::now_ms()),
-            ready_at: None,
-            redactor: None,
-        })
-    }
-
-    pub fn attempt_ref(&self) -> pb::AttemptRef {
-        pb::AttemptRef {
-            attempt_id: self.id.clone(),
-            lease_token: self.lease_token.clone(),
-            run_id: self.run_id.clone(),
-            step_id: self.step_id.clone(),
-        }
-    }
-}
-
-/// Connection state of an agent as the engine sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum AgentState {
-    Connected,
-    /// The stream is gone; the agent may still come back before its lease runs out.
-    Disconnected,
-    Lost,
-}
-
-impl AgentState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AgentState::Connected => "connected",
-            AgentState::Disconnected => "disconnected",
-            AgentState::Lost => "lost",
-        }
-    }
-}
-
-pub(crate) type AgentTx = tokio::sync::mpsc::UnboundedSender<Result<pb::ControllerMessage, tonic::Status>>;
-
-#[derive(Debug)]
-pub(crate) struct Session {
-    pub id: u64,
-    pub tx: AgentTx,
-}
-
-#[derive(Debug)]
-pub(crate) struct Agent {
-    pub id: String,
-    pub name: String,
-    pub version: String,
-    pub labels: BTreeMap<String, String>,
-    pub tools: Vec<pb::Tool>,
-    pub slots: u32,
-    pub state: AgentState,
-    pub session: Option<Session>,
-    pub connected_at: i64,
-    pub last_seen: i64,
-    /// When the agent counts as lost unless heard from before.
-    pub lost_at: i64,
-    /// Live attempts assigned to it.
-    pub running: HashSet<String>,
-    /// An operator drained it: no new work.
-    pub draining: bool,
-}
-
-impl Agent {
-    pub fn has_tool(&self, tool: &str) -> bool {
-        self.tools.iter().any(|t| t.name == tool)
-    }
-
-    pub fn free_slots(&self) -> u32 {
-        self.slots.saturating_sub(self.running.len() as u32)
-    }
-
-    pub fn can_take(&self, tool: &str) -> bool {
-        self.session.is_some() && !self.draining && self.free_slots() > 0 && self.has_tool(tool)
-    }
-
-    pub fn to_row(&self) -> AgentRow {
-        AgentRow {
-            id: self.id.clone(),
-            name: self.name.clone(),
-            version: self.version.clone(),
-            labels: serde_json::to_string(&self.labels).unwrap_or_else(|_| "{}".into()),
-            tools: serde_json::to_string(&self.tools).unwrap_or_else(|_| "[]".into()),
-            slots: i64::from(self.slots),
-            state: self.state.as_str().to_string(),
-            connected_at: self.connected_at,
-            last_seen_at: self.last_seen,
-            draining: self.draining,
+    fn fire_timers(&mut self) {
+        let now = self.now();
+        while let Some(Reverse((at, _))) = self.timers.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((_, timer))) = self.timers.pop() else {
+                break;
+            };
+            match timer {
+                Timer::Retry(run_id, idx) => self.retry_due(&run_id, idx, now),
+                Timer::Deadline(attempt_id) => self.deadline_due(&attempt_id, now),
+                Timer::RunDeadline(run_id) => self.run_deadline_due(&run_id, now),
+                Timer::Breaker(tool, agent_id) => self.breaker_due((tool, agent_id), now),
+            }
         }
     }
 
-    pub fn to_pb(&self) -> pb::Agent {
-        pb::Agent {
-            id: self.id.clone(),
-            name: self.name.clone(),
-            version: self.version.clone(),
-            labels: self.labels.clone().into_iter().collect(),
-            tools: self.tools.clone(),
-            slots: self.slots,
-            slots_used: self.running.len() as u32,
-            state: self.state.as_str().to_string(),
-            last_seen_ms: self.last_seen,
-            connected_at_ms: self.connected_at,
-            draining: self.draining,
+    /// A commit is durable: its effects happen, watchers hear of its events, and runs
+    /// it finished are forgotten.
+    fn committed(&mut self, commit: Commit) {
+        let now = self.now();
+        for row in commit.batch.attempts.iter().filter(|r| r.state == "assigned") {
+            if let Some(a) = self.attempts.get_mut(&row.id) {
+                a.sent_at.get_or_insert(now);
+            }
         }
+        self.now_effects.extend(commit.effects);
+        // One progress per run of the commit, shared by its events.
+        let mut progress: HashMap<String, Arc<pb::Progress>> = HashMap::new();
+        for event in commit.batch.events {
+            let p = match progress.get(&event.run_id) {
+                Some(p) => Some(p.clone()),
+                None => self.runs.get_mut(&event.run_id).map(|run| {
+                    let p = Arc::new(run.progress(&self.attempts, now));
+                    progress.insert(event.run_id.clone(), p.clone());
+                    p
+                }),
+            };
+            self.now_effects.push(Effect::Publish(Arc::new(Published { event, progress: p })));
+        }
+        for run_id in commit.finished_runs {
+            self.evict(&run_id);
+        }
+    }
+
+    fn build_batch(&self, p: &Pending) -> Batch {
+        let mut b = Batch::default();
+        for id in &p.runs {
+            if let Some(run) = self.runs.get(id) {
+                b.runs.push(run.to_row());
+            }
+        }
+        // Steps and attempts reference their run, so the run rows go first.
+        for (run_id, idx) in &p.steps {
+            if let Some(run) = self.runs.get(run_id) {
+                b.steps.push(run.step_row(*idx));
+            }
+        }
+        for id in &p.attempts {
+            if let Some(a) = self.attempts.get(id) {
+                b.attempts.push(a.to_row());
+            }
+        }
+        for id in &p.agents {
+            if let Some(a) = self.agents.get(id) {
+                b.agents.push(a.to_row());
+            }
+        }
+        for key in &p.breakers {
+            if let Some(row) = self.breaker_row(key) {
+                b.breakers.push(row);
+            }
+        }
+        b.events = p.events.clone();
+        b
+    }
+
+    /// Forgets a final run; the store keeps it.
+    fn evict(&mut self, run_id: &str) {
+        if let Some(run) = self.runs.remove(run_id) {
+            for step in &run.steps {
+                for id in &step.attempt_ids {
+                    if let Some(a) = self.attempts.remove(id) {
+                        self.recent.insert(a.id, a.state);
+                    }
+                }
+            }
+        }
+    }
+
+    fn gauges(&self) -> Gauges {
+        let mut g = Gauges::default();
+        for run in self.runs.values() {
+            for s in &run.steps {
+                *g.steps.entry(s.state.as_str().to_string()).or_default() += 1;
+            }
+        }
+        for a in self.agents.values() {
+            *g.agents.entry(a.state.as_str().to_string()).or_default() += 1;
+        }
+        for b in self.breakers.values() {
+            *g.breakers.entry(b.state.as_str().to_string()).or_default() += 1;
+        }
+        g
+    }
+
+    /// 128 bits from the model's generator.
+    pub(super) fn random_u128(&mut self) -> u128 {
+        rand::Rng::random(&mut self.rng)
+    }
+
+    /// A time-ordered id (UUID v7 from the input's time and the generator): a new
+    /// attempt's key lands at the end of the store's index, not on a random page.
+    pub(super) fn time_ordered_id(&mut self) -> String {
+        let bytes = self.random_u128().to_le_bytes();
+        let mut tail = [0u8; 10];
+        tail.copy_from_slice(&bytes[..10]);
+        uuid::Builder::from_unix_timestamp_millis(self.now().max(0) as u64, &tail).into_uuid().to_string()
+    }
+
+    /// A random id (UUID v4 from the generator).
+    pub(super) fn random_id(&mut self) -> String {
+        uuid::Builder::from_random_bytes(self.random_u128().to_le_bytes()).into_uuid().to_string()
+    }
+
+    /// A run's parameters as stored, with the sealed ones opened. One that cannot be
+    /// opened (another key) is left out, so a step that needs it fails saying so.
+    fn open_params(&self, run_id: &str, json: &str) -> BTreeMap<String, String> {
+        let mut params: BTreeMap<String, String> = serde_json::from_str(json).unwrap_or_default();
+        params.retain(|name, value| {
+            if !value.starts_with(crate::secrets::SEALED) {
+                return true;
+            }
+            let opened = self
+                .cfg
+                .secrets
+                .as_ref()
+                .ok_or_else(|| "the controller has no --secrets-key".to_string())
+                .and_then(|s| s.open(&crate::secrets::param_aad(run_id, name), value));
+            match opened {
+                Ok(v) => {
+                    *value = v;
+                    true
+                }
+                Err(e) => {
+                    error!(run_id, param = %name, error = %e, "cannot open a secret parameter");
+                    false
+                }
+            }
+        });
+        params
+    }
+
+    /// What to mask for `run_id`: every secret and the run's secret parameters, plus
+    /// `extra` values (an attempt's own); `None` when there is nothing.
+    pub(super) fn redactor(
+        &mut self,
+        run_id: &str,
+        extra: &[String],
+    ) -> Option<Arc<baton_common::redact::Redactor>> {
+        let version = self.secrets_version;
+        let run = self.runs.get_mut(run_id)?;
+        let secret_params: Vec<&String> =
+            run.spec.secret_params.iter().filter_map(|p| run.params.get(p)).collect();
+        if self.secrets.is_empty() && secret_params.is_empty() && extra.is_empty() {
+            return None;
+        }
+        let values = || self.secrets.values().chain(secret_params.iter().copied());
+        if extra.is_empty() {
+            if let Some((v, r)) = &run.redactor
+                && *v == version
+            {
+                return Some(r.clone());
+            }
+            let r = Arc::new(baton_common::redact::Redactor::new(values()));
+            run.redactor = Some((version, r.clone()));
+            return Some(r);
+        }
+        Some(Arc::new(baton_common::redact::Redactor::new(values().chain(extra.iter()))))
+    }
+
+    /// Rebuilds the state from the store's rows after a start, at `now_us`; repairs
+    /// it finds are pending (commit them before anything else).
+    pub fn load(
+        &mut self,
+        snap: Snapshot,
+        estimates: &HashMap<String, crate::store::Estimates>,
+        now_us: i64,
+    ) -> Result<(), StoreError> {
+        self.set_clock(now_us);
+        let now = self.now();
+        let grace = baton_common::time::ms(self.cfg.failover_grace);
+        for row in &snap.agents {
+            let state = if row.state == "lost" { AgentState::Lost } else { AgentState::Disconnected };
+            let agent = Agent {
+                id: row.id.clone(),
+                name: row.name.clone(),
+                version: row.version.clone(),
+                labels: serde_json::from_str(&row.labels).unwrap_or_default(),
+                tools: serde_json::from_str(&row.tools).unwrap_or_default(),
+                slots: row.slots as u32,
+                state,
+                session: None,
+                connected_at: row.connected_at,
+                last_seen: row.last_seen_at,
+                // Agents get the failover grace to come back to a restarted controller.
+                lost_at: now + grace,
+                running: BTreeSet::new(),
+                draining: row.draining,
+            };
+            self.agents.insert(agent.id.clone(), agent);
+        }
+        let mut steps_by_run: HashMap<&str, Vec<&crate::store::StepRow>> = HashMap::new();
+        for s in &snap.steps {
+            steps_by_run.entry(s.run_id.as_str()).or_default().push(s);
+        }
+        for row in &snap.runs {
+            let spec: Workstream = serde_json::from_str(&row.spec)
+                .map_err(|e| StoreError::Corrupt(format!("run {}: bad spec: {e}", row.id)))?;
+            let mut rows = steps_by_run.remove(row.id.as_str()).unwrap_or_default();
+            rows.sort_by_key(|r| r.idx);
+            if rows.len() != spec.steps.len() {
+                return Err(StoreError::Corrupt(format!(
+                    "run {} has {} step rows for {} steps",
+                    row.id,
+                    rows.len(),
+                    spec.steps.len()
+                )));
+            }
+            let mut steps = Vec::with_capacity(rows.len());
+            for (i, r) in rows.iter().enumerate() {
+                if r.idx != i as i64 {
+                    return Err(StoreError::Corrupt(format!(
+                        "run {} step {} out of order",
+                        row.id, r.step_id
+                    )));
+                }
+                steps.push(Step::from_row(r)?);
+            }
+            let index = spec.index();
+            for (i, s) in spec.steps.iter().enumerate() {
+                steps[i].waiting_on = s
+                    .needs
+                    .iter()
+                    .filter(|n| {
+                        index.get(n.as_str()).is_some_and(|&j| steps[j].state != StepState::Succeeded)
+                    })
+                    .count() as u32;
+            }
+            let dependents = super::state::dependents_of(&spec);
+            let deadline_at = spec.deadline_ms.map(|d| row.created_at + d as i64);
+            let state: RunState = crate::store::parse_state(&row.state)?;
+            let failing = steps
+                .iter()
+                .zip(&spec.steps)
+                .find(|(s, _)| s.state == StepState::Failed)
+                .filter(|_| spec.on_failure == OnFailure::Fail && state != RunState::Quarantined)
+                .map(|(_, sp)| format!("step {:?} failed", sp.id));
+            let open = steps.iter().filter(|s| !s.state.is_terminal()).count();
+            let mut run = Run {
+                open,
+                id: row.id.clone(),
+                spec: Arc::new(spec),
+                spec_json: row.spec.clone(),
+                params_json: row.params.clone(),
+                state,
+                reason: row.reason.clone(),
+                created_at: row.created_at,
+                started_at: row.started_at,
+                finished_at: row.finished_at,
+                request_id: row.request_id.clone(),
+                steps,
+                dependents,
+                next_seq: snap.last_seq.get(&row.id).copied().unwrap_or(0) + 1,
+                failing,
+                deadline_at,
+                params: self.open_params(&row.id, &row.params),
+                templated: Vec::new(),
+                topo: Vec::new(),
+                estimates: Vec::new(),
+                eta: None,
+                counts: [0; 8],
+                redactor: None,
+            };
+            run.templated = super::state::templated_of(&run.spec);
+            run.counts = super::state::counts_of(&run.steps.iter().map(|s| s.state).collect::<Vec<_>>());
+            run.topo = super::progress::topo_order(&super::state::needs_of(&run.spec));
+            let tools: Vec<String> = run.steps.iter().map(|s| s.tool.clone()).collect();
+            run.estimates = super::state::estimates_for(
+                &run.spec,
+                &tools,
+                estimates.get(&row.workstream).unwrap_or(&Default::default()),
+            );
+            if !run.request_id.is_empty() {
+                self.requests.insert(run.request_id.clone(), run.id.clone());
+            }
+            self.runs.insert(run.id.clone(), run);
+        }
+        let mut attempts: Vec<&crate::store::AttemptRow> = snap.attempts.iter().collect();
+        attempts.sort_by_key(|r| (r.run_id.as_str(), r.step_id.as_str(), r.number));
+        for row in attempts {
+            let Some(run) = self.runs.get_mut(&row.run_id) else {
+                continue;
+            };
+            let Some(idx) = run.spec.steps.iter().position(|s| s.id == row.step_id) else {
+                return Err(StoreError::Corrupt(format!(
+                    "attempt {} of unknown step {}",
+                    row.id, row.step_id
+                )));
+            };
+            let attempt = Attempt::from_row(row, idx, now)?;
+            run.steps[idx].attempt_ids.push(attempt.id.clone());
+            if !attempt.state.is_terminal() {
+                run.steps[idx].current = Some(attempt.id.clone());
+                let agent = self.agents.entry(attempt.agent_id.clone()).or_insert_with(|| Agent {
+                    id: attempt.agent_id.clone(),
+                    name: attempt.agent_name.clone(),
+                    version: String::new(),
+                    labels: BTreeMap::new(),
+                    tools: Vec::new(),
+                    slots: 0,
+                    state: AgentState::Disconnected,
+                    session: None,
+                    connected_at: 0,
+                    last_seen: 0,
+                    lost_at: now + grace,
+                    running: BTreeSet::new(),
+                    draining: false,
+                });
+                agent.running.insert(attempt.id.clone());
+                if let Some(d) = attempt.deadline_at {
+                    self.timers.push(Reverse((d, Timer::Deadline(attempt.id.clone()))));
+                }
+            }
+            let step = &mut run.steps[idx];
+            step.lost_streak = if attempt.state == AttemptState::Lost { step.lost_streak + 1 } else { 0 };
+            self.attempts.insert(attempt.id.clone(), attempt);
+        }
+        self.load_breakers(&snap.breakers);
+        // Attempts still running get what to mask again (it is not stored).
+        let live: Vec<(String, String)> = self
+            .attempts
+            .values()
+            .filter(|a| !a.state.is_terminal())
+            .map(|a| (a.id.clone(), a.run_id.clone()))
+            .collect();
+        for (id, run_id) in live {
+            let r = self.redactor(&run_id, &[]);
+            if let Some(a) = self.attempts.get_mut(&id) {
+                a.redactor = r;
+            }
+        }
+        let mut run_ids: Vec<(i64, String)> =
+            self.runs.values().map(|r| (r.created_at, r.id.clone())).collect();
+        run_ids.sort();
+        for (_, run_id) in run_ids {
+            self.resume_run(&run_id);
+        }
+        Ok(())
     }
 }

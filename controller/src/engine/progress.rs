@@ -2,12 +2,12 @@
 //! from observed durations (the same step in earlier runs of the workstream, else its
 //! tool), assuming what can run in parallel does.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use baton_common::pb;
 use baton_common::state::{AttemptState, StepState};
 
-use super::model::{Attempt, Run};
+use super::state::{Attempt, IdMap, Run};
 
 /// How often a run's ETA is recomputed at most (it walks the whole DAG).
 const ETA_EVERY_MS: i64 = 250;
@@ -39,7 +39,7 @@ pub(super) fn topo_order(run_needs: &[Vec<usize>]) -> Vec<usize> {
 
 impl Run {
     /// Current progress; `eta_ms` is -1 when some open step has no estimate.
-    pub(super) fn progress(&mut self, attempts: &HashMap<String, Attempt>, now: i64) -> pb::Progress {
+    pub(super) fn progress(&mut self, attempts: &IdMap<Attempt>, now: i64) -> pb::Progress {
         let mut by_state: BTreeMap<String, u32> = BTreeMap::new();
         let mut done = 0;
         for &state in StepState::ALL {
@@ -76,7 +76,7 @@ impl Run {
     }
 
     /// When the run should end (Unix ms), if every open step has an estimate.
-    fn finish_estimate(&self, attempts: &HashMap<String, Attempt>, now: i64) -> Option<i64> {
+    fn finish_estimate(&self, attempts: &IdMap<Attempt>, now: i64) -> Option<i64> {
         let index = self.spec.index();
         let mut finish = vec![now; self.steps.len()];
         let mut end = now;

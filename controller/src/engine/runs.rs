@@ -8,11 +8,12 @@ use std::sync::Arc;
 use baton_common::retry::{Decision, Failure};
 use baton_common::spec::{OnFailure, Workstream};
 use baton_common::state::{AttemptState, RunState, StepState};
-use baton_common::time::{format_duration, now_ms};
+use baton_common::time::format_duration;
 use tracing::{error, info, warn};
 
-use super::model::{self, Run, Step};
-use super::{Engine, EngineError, Pending, Timer};
+use super::EngineError;
+use super::model::{Model, Pending, Timer};
+use super::state::{self, Run, Step};
 
 /// Moves step `idx` of `run` to `to` if the step machine allows it, keeping the run's
 /// count of open steps; an illegal move is a bug, logged and not applied.
@@ -22,8 +23,8 @@ pub(super) fn set_step(p: &mut Pending, run: &mut Run, idx: usize, to: StepState
         Ok(to) => {
             let step = &mut run.steps[idx];
             step.state = to;
-            step.ready_since = (to == StepState::Ready).then(now_ms);
-            step.ready_instant = (to == StepState::Ready).then(std::time::Instant::now);
+            step.ready_since = (to == StepState::Ready).then_some(p.now);
+            step.ready_us = (to == StepState::Ready).then_some(p.now_us);
             run.counts[from as usize] -= 1;
             run.counts[to as usize] += 1;
             match (from.is_terminal(), to.is_terminal()) {
@@ -62,14 +63,14 @@ pub(super) fn set_run(p: &mut Pending, run: &mut Run, to: RunState) -> bool {
 fn end_step(p: &mut Pending, run: &mut Run, idx: usize, to: StepState, kind: &str, reason: &str) {
     if set_step(p, run, idx, to) {
         let step = &mut run.steps[idx];
-        step.finished_at = Some(now_ms());
+        step.finished_at = Some(p.now);
         step.reason = reason.to_string();
         step.next_attempt_at = None;
         p.event(run, kind, Some(idx), None, reason);
     }
 }
 
-impl Engine {
+impl Model {
     pub(super) fn submit(
         &mut self,
         mut spec: Workstream,
@@ -136,7 +137,7 @@ impl Engine {
         if let Some((name, _)) = params.iter().find(|(_, v)| v.contains('\0')) {
             return Err(EngineError::Invalid(format!("params.{name}: the value holds a NUL byte")));
         }
-        let id = uuid::Uuid::new_v4().to_string();
+        let id = self.random_id();
         let spec_json = serde_json::to_string(&spec).map_err(|e| EngineError::Invalid(e.to_string()))?;
         // Secret parameters are kept sealed; only the engine's memory holds them open.
         let mut stored = params.clone();
@@ -150,7 +151,7 @@ impl Engine {
             *value = sealer.seal(&crate::secrets::param_aad(&id, name), value);
         }
         let params_json = serde_json::to_string(&stored).map_err(|e| EngineError::Invalid(e.to_string()))?;
-        let now = now_ms();
+        let now = self.now();
         let steps: Vec<Step> = spec
             .steps
             .iter()
@@ -159,16 +160,16 @@ impl Engine {
                 let mut step = Step::new(tool, s.needs.len() as u32);
                 if step.state == StepState::Ready {
                     step.ready_since = Some(now);
-                    step.ready_instant = Some(std::time::Instant::now());
+                    step.ready_us = Some(self.pending.now_us);
                 }
                 step
             })
             .collect();
-        let dependents = model::dependents_of(&spec);
-        let templated = model::templated_of(&spec);
+        let dependents = state::dependents_of(&spec);
+        let templated = state::templated_of(&spec);
         let steps_states: Vec<StepState> = steps.iter().map(|s| s.state).collect();
-        let topo = super::progress::topo_order(&model::needs_of(&spec));
-        let estimates = model::estimates_for(&spec, &tools, history);
+        let topo = super::progress::topo_order(&state::needs_of(&spec));
+        let estimates = state::estimates_for(&spec, &tools, history);
         let n = steps.len();
         let deadline_at = spec.deadline_ms.map(|d| now + d as i64);
         let mut run = Run {
@@ -193,7 +194,7 @@ impl Engine {
             topo,
             estimates,
             eta: None,
-            counts: model::counts_of(&steps_states),
+            counts: state::counts_of(&steps_states),
             redactor: None,
         };
         let p = &mut self.pending;
@@ -226,7 +227,7 @@ impl Engine {
         if rule.agent_labels.is_empty() && rule.strategy != crate::router::Strategy::Fixed {
             return None;
         }
-        let mut pool: Vec<&super::model::Agent> =
+        let mut pool: Vec<&super::state::Agent> =
             self.agents.values().filter(|a| rule.admits(&a.name, &a.labels)).collect();
         if pool.is_empty() || pool.iter().any(|a| a.has_tool(tool)) {
             return None;
@@ -254,7 +255,7 @@ impl Engine {
         let p = &mut self.pending;
         if set_step(p, run, idx, StepState::Failed) {
             let step = &mut run.steps[idx];
-            step.finished_at = Some(now_ms());
+            step.finished_at = Some(p.now);
             step.reason = reason.to_string();
             p.event(run, "step_failed", Some(idx), None, reason);
             warn!(run_id, step_id = %run.step_id(idx), %reason, "step cannot start");
@@ -375,7 +376,7 @@ impl Engine {
             return;
         }
         let step = &mut run.steps[idx];
-        step.finished_at = Some(now_ms());
+        step.finished_at = Some(p.now);
         step.result = result;
         step.reason.clear();
         step.lost_streak = 0;
@@ -409,7 +410,8 @@ impl Engine {
         error: &str,
         exit_code: Option<i32>,
     ) {
-        let now = now_ms();
+        let now = self.now();
+        let jitter: f64 = rand::Rng::random(&mut self.rng);
         let poison_after = self.cfg.poison_after;
         let Some(run) = self.runs.get_mut(run_id) else { return };
         let p = &mut self.pending;
@@ -444,7 +446,7 @@ impl Engine {
             own_failures: run.steps[idx].failures,
             lost: run.steps[idx].lost_count,
         };
-        let mut decision = policy.decide(facts, rand::random::<f64>());
+        let mut decision = policy.decide(facts, jitter);
         if let Decision::Retry { delay_ms } = decision
             && let Some(deadline) = run.deadline_at
             && now + delay_ms as i64 >= deadline
@@ -558,14 +560,14 @@ impl Engine {
     /// what a crash left unfinished.
     pub(super) fn resume_run(&mut self, run_id: &str) {
         let Some(run) = self.runs.get_mut(run_id) else { return };
-        let now = now_ms();
+        let now = self.pending.now;
         let mut ready = Vec::new();
         for idx in 0..run.steps.len() {
             let step = &mut run.steps[idx];
             match step.state {
                 StepState::Ready => {
                     step.ready_since = Some(now);
-                    step.ready_instant = Some(std::time::Instant::now());
+                    step.ready_us = Some(self.pending.now_us);
                     ready.push(idx);
                 }
                 StepState::RetryWait => {
@@ -674,7 +676,7 @@ fn finish_run(p: &mut Pending, run: &mut Run, to: RunState) {
     if !set_run(p, run, to) {
         return;
     }
-    run.finished_at = Some(now_ms());
+    run.finished_at = Some(p.now);
     let kind = match to {
         RunState::Succeeded => "run_succeeded",
         RunState::Failed => "run_failed",

@@ -1,0 +1,420 @@
+//! The engine's in-memory view of active runs, their steps and attempts, and agents,
+//! with the conversions to and from store rows.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use baton_common::pb;
+use baton_common::spec::Workstream;
+use baton_common::state::{AttemptState, RunState, StepState};
+
+use crate::store::{AgentRow, AttemptRow, RunRow, StepRow, StoreError, parse_state};
+
+/// A hasher with fixed keys, so that the model's maps iterate in the same order for
+/// the same inputs (a replayed simulation makes the same decisions). Its keys are ids
+/// the controller made, not ones a client chose.
+pub(crate) type Fixed = std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
+
+/// A map keyed by ids the controller made.
+pub(crate) type IdMap<V> = HashMap<String, V, Fixed>;
+
+/// A run that is not final yet.
+#[derive(Debug)]
+pub(crate) struct Run {
+    pub id: String,
+    pub spec: Arc<Workstream>,
+    pub spec_json: String,
+    pub params_json: String,
+    pub state: RunState,
+    pub reason: String,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    /// The client's id of the submit that created it (may be empty).
+    pub request_id: String,
+    pub steps: Vec<Step>,
+    /// For each step, the steps that list it in `needs`.
+    pub dependents: Vec<Vec<usize>>,
+    /// Sequence number the next event gets.
+    pub next_seq: i64,
+    /// Steps not in a final state.
+    pub open: usize,
+    /// Set once a step failed for good under `on_failure: fail`: nothing new starts and
+    /// the run fails when its running steps have finished.
+    pub failing: Option<String>,
+    /// When the run fails for running too long (`deadline` in the spec).
+    pub deadline_at: Option<i64>,
+    /// Run parameters, defaults applied.
+    pub params: BTreeMap<String, String>,
+    /// Which steps have `${{ ... }}` in their input or env.
+    pub templated: Vec<bool>,
+    /// Steps ordered so that each comes after the steps it needs.
+    pub topo: Vec<usize>,
+    /// Expected duration of each step (ms), when known.
+    pub estimates: Vec<Option<i64>>,
+    /// Last ETA computation: (when, expected end), for rate limiting.
+    pub eta: Option<(i64, Option<i64>)>,
+    /// Steps per state, kept as steps move (progress is read often).
+    pub counts: [u32; 8],
+    /// What to mask in the output of its attempts: the secrets and its secret
+    /// parameters, as of a version of the secrets.
+    pub redactor: Option<(u64, Arc<baton_common::redact::Redactor>)>,
+}
+
+impl Run {
+    pub fn step_id(&self, idx: usize) -> &str {
+        &self.spec.steps[idx].id
+    }
+
+    pub fn to_row(&self) -> RunRow {
+        RunRow {
+            id: self.id.clone(),
+            workstream: self.spec.name.clone(),
+            state: self.state.as_str().to_string(),
+            spec: self.spec_json.clone(),
+            params: self.params_json.clone(),
+            reason: self.reason.clone(),
+            created_at: self.created_at,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            request_id: self.request_id.clone(),
+        }
+    }
+
+    pub fn step_row(&self, idx: usize) -> StepRow {
+        let s = &self.steps[idx];
+        StepRow {
+            run_id: self.id.clone(),
+            step_id: self.spec.steps[idx].id.clone(),
+            idx: idx as i64,
+            state: s.state.as_str().to_string(),
+            tool: s.tool.clone(),
+            attempts: i64::from(s.attempts),
+            failures: i64::from(s.failures),
+            lost_count: i64::from(s.lost_count),
+            next_attempt_at: s.next_attempt_at,
+            started_at: s.started_at,
+            finished_at: s.finished_at,
+            reason: s.reason.clone(),
+            result: s.result.clone(),
+        }
+    }
+}
+
+/// Steps per state, indexed by the state's position in `StepState`.
+pub(crate) fn counts_of(states: &[StepState]) -> [u32; 8] {
+    let mut c = [0u32; 8];
+    for s in states {
+        c[*s as usize] += 1;
+    }
+    c
+}
+
+/// Which steps have `${{ ... }}` in their input or env.
+pub(crate) fn templated_of(spec: &Workstream) -> Vec<bool> {
+    spec.steps
+        .iter()
+        .map(|s| {
+            s.env.values().any(|v| v.contains("${{"))
+                || serde_json::Value::Object(s.with.clone()).to_string().contains("${{")
+        })
+        .collect()
+}
+
+/// For each step, the indexes of the steps it needs.
+pub(crate) fn needs_of(spec: &Workstream) -> Vec<Vec<usize>> {
+    let index = spec.index();
+    spec.steps
+        .iter()
+        .map(|s| s.needs.iter().filter_map(|n| index.get(n.as_str()).copied()).collect())
+        .collect()
+}
+
+/// Each step's expected duration: the same step in earlier runs, else its tool.
+pub(crate) fn estimates_for(
+    spec: &Workstream,
+    tools: &[String],
+    e: &crate::store::Estimates,
+) -> Vec<Option<i64>> {
+    spec.steps
+        .iter()
+        .zip(tools)
+        .map(|(s, t)| e.by_step.get(&s.id).or_else(|| e.by_tool.get(t)).copied())
+        .collect()
+}
+
+/// Index of each step's dependents, from the spec's `needs`.
+pub(crate) fn dependents_of(spec: &Workstream) -> Vec<Vec<usize>> {
+    let index = spec.index();
+    let mut deps = vec![Vec::new(); spec.steps.len()];
+    for (i, s) in spec.steps.iter().enumerate() {
+        for n in &s.needs {
+            if let Some(&up) = index.get(n.as_str()) {
+                deps[up].push(i);
+            }
+        }
+    }
+    deps
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Step {
+    pub state: StepState,
+    pub tool: String,
+    /// Attempts started so far, all causes.
+    pub attempts: u32,
+    /// Own failures counted against the retry budget (reset by a release).
+    pub failures: u32,
+    /// Attempts lost with their agent; these do not spend the step's own retries.
+    pub lost_count: u32,
+    /// Losses in a row: a step that keeps losing agents is poison.
+    pub lost_streak: u32,
+    /// When it last became ready (for `max_wait`).
+    pub ready_since: Option<i64>,
+    /// The same moment in µs, for dispatch latency.
+    pub ready_us: Option<i64>,
+    /// Needs that have not succeeded yet.
+    pub waiting_on: u32,
+    pub next_attempt_at: Option<i64>,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub reason: String,
+    pub result: Option<String>,
+    /// Every attempt of this step, oldest first.
+    pub attempt_ids: Vec<String>,
+    /// The attempt that is live now, if any.
+    pub current: Option<String>,
+}
+
+impl Step {
+    pub fn new(tool: String, waiting_on: u32) -> Step {
+        Step {
+            state: if waiting_on == 0 { StepState::Ready } else { StepState::Waiting },
+            tool,
+            attempts: 0,
+            failures: 0,
+            lost_count: 0,
+            lost_streak: 0,
+            ready_since: None,
+            ready_us: None,
+            waiting_on,
+            next_attempt_at: None,
+            started_at: None,
+            finished_at: None,
+            reason: String::new(),
+            result: None,
+            attempt_ids: Vec::new(),
+            current: None,
+        }
+    }
+
+    pub fn from_row(row: &StepRow) -> Result<Step, StoreError> {
+        Ok(Step {
+            state: parse_state(&row.state)?,
+            tool: row.tool.clone(),
+            attempts: row.attempts as u32,
+            failures: row.failures as u32,
+            lost_count: row.lost_count as u32,
+            lost_streak: 0,
+            ready_since: None,
+            ready_us: None,
+            waiting_on: 0,
+            next_attempt_at: row.next_attempt_at,
+            started_at: row.started_at,
+            finished_at: row.finished_at,
+            reason: row.reason.clone(),
+            result: row.result.clone(),
+            attempt_ids: Vec::new(),
+            current: None,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Attempt {
+    pub id: String,
+    pub run_id: String,
+    pub step_idx: usize,
+    pub step_id: String,
+    pub number: u32,
+    pub agent_id: String,
+    pub agent_name: String,
+    pub lease_token: String,
+    pub state: AttemptState,
+    pub exit_code: Option<i32>,
+    pub error_class: String,
+    pub error: String,
+    pub result: Option<String>,
+    pub output_tail: String,
+    pub assigned_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub deadline_at: Option<i64>,
+    /// Its final state came from the agent's own report (not kept across restarts).
+    pub reported: bool,
+    /// Output bytes its agent reported at the end (not stored with the attempt).
+    pub output_bytes: u64,
+    /// When its assignment was committed and so sent (not before: an agent cannot be
+    /// blamed for not starting what it was never sent).
+    pub sent_at: Option<i64>,
+    /// When its step became ready (for dispatch latency; not kept across restarts).
+    pub ready_at: Option<i64>,
+    /// What to mask in what it reports (not kept across restarts: rebuilt).
+    pub redactor: Option<Arc<baton_common::redact::Redactor>>,
+}
+
+impl Attempt {
+    pub fn to_row(&self) -> AttemptRow {
+        AttemptRow {
+            id: self.id.clone(),
+            run_id: self.run_id.clone(),
+            step_id: self.step_id.clone(),
+            number: i64::from(self.number),
+            agent_id: self.agent_id.clone(),
+            agent_name: self.agent_name.clone(),
+            lease_token: self.lease_token.clone(),
+            state: self.state.as_str().to_string(),
+            exit_code: self.exit_code.map(i64::from),
+            error_class: self.error_class.clone(),
+            error: self.error.clone(),
+            result: self.result.clone(),
+            output_tail: self.output_tail.clone(),
+            assigned_at: self.assigned_at,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            deadline_at: self.deadline_at,
+        }
+    }
+
+    pub fn from_row(row: &AttemptRow, step_idx: usize, now: i64) -> Result<Attempt, StoreError> {
+        let state: AttemptState = parse_state(&row.state)?;
+        Ok(Attempt {
+            id: row.id.clone(),
+            run_id: row.run_id.clone(),
+            step_idx,
+            step_id: row.step_id.clone(),
+            number: row.number as u32,
+            agent_id: row.agent_id.clone(),
+            agent_name: row.agent_name.clone(),
+            lease_token: row.lease_token.clone(),
+            state,
+            exit_code: row.exit_code.map(|c| c as i32),
+            error_class: row.error_class.clone(),
+            error: row.error.clone(),
+            result: row.result.clone(),
+            output_tail: row.output_tail.clone(),
+            assigned_at: row.assigned_at,
+            started_at: row.started_at,
+            finished_at: row.finished_at,
+            deadline_at: row.deadline_at,
+            reported: false,
+            output_bytes: 0,
+            // Loaded from the store: its assignment was committed.
+            sent_at: Some(now),
+            ready_at: None,
+            redactor: None,
+        })
+    }
+
+    pub fn attempt_ref(&self) -> pb::AttemptRef {
+        pb::AttemptRef {
+            attempt_id: self.id.clone(),
+            lease_token: self.lease_token.clone(),
+            run_id: self.run_id.clone(),
+            step_id: self.step_id.clone(),
+        }
+    }
+}
+
+/// Connection state of an agent as the engine sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AgentState {
+    Connected,
+    /// The stream is gone; the agent may still come back before its lease runs out.
+    Disconnected,
+    Lost,
+}
+
+impl AgentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentState::Connected => "connected",
+            AgentState::Disconnected => "disconnected",
+            AgentState::Lost => "lost",
+        }
+    }
+}
+
+/// The sending half of an agent's stream (held by the driver, not the model).
+pub(crate) type AgentTx = tokio::sync::mpsc::UnboundedSender<Result<pb::ControllerMessage, tonic::Status>>;
+
+/// An agent's open stream, by the number the driver gave it.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub id: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Agent {
+    pub id: String,
+    pub name: String,
+    pub version: String,
+    pub labels: BTreeMap<String, String>,
+    pub tools: Vec<pb::Tool>,
+    pub slots: u32,
+    pub state: AgentState,
+    pub session: Option<Session>,
+    pub connected_at: i64,
+    pub last_seen: i64,
+    /// When the agent counts as lost unless heard from before.
+    pub lost_at: i64,
+    /// Live attempts assigned to it.
+    pub running: BTreeSet<String>,
+    /// An operator drained it: no new work.
+    pub draining: bool,
+}
+
+impl Agent {
+    pub fn has_tool(&self, tool: &str) -> bool {
+        self.tools.iter().any(|t| t.name == tool)
+    }
+
+    pub fn free_slots(&self) -> u32 {
+        self.slots.saturating_sub(self.running.len() as u32)
+    }
+
+    pub fn can_take(&self, tool: &str) -> bool {
+        self.session.is_some() && !self.draining && self.free_slots() > 0 && self.has_tool(tool)
+    }
+
+    pub fn to_row(&self) -> AgentRow {
+        AgentRow {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            version: self.version.clone(),
+            labels: serde_json::to_string(&self.labels).unwrap_or_else(|_| "{}".into()),
+            tools: serde_json::to_string(&self.tools).unwrap_or_else(|_| "[]".into()),
+            slots: i64::from(self.slots),
+            state: self.state.as_str().to_string(),
+            connected_at: self.connected_at,
+            last_seen_at: self.last_seen,
+            draining: self.draining,
+        }
+    }
+
+    pub fn to_pb(&self) -> pb::Agent {
+        pb::Agent {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            version: self.version.clone(),
+            labels: self.labels.clone().into_iter().collect(),
+            tools: self.tools.clone(),
+            slots: self.slots,
+            slots_used: self.running.len() as u32,
+            state: self.state.as_str().to_string(),
+            last_seen_ms: self.last_seen,
+            connected_at_ms: self.connected_at,
+            draining: self.draining,
+        }
+    }
+}
