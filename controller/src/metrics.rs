@@ -14,6 +14,7 @@ pub struct Metrics {
     pub agents: Family,
     pub heartbeats_late: Family,
     pub fenced: Family,
+    pub invariant_violations: Family,
     pub commit_seconds: Histogram,
     pub commit_batch: Histogram,
     pub events: Family,
@@ -57,6 +58,11 @@ impl Metrics {
                 "Reports (results, starts, heartbeats, output) rejected for a stale lease.",
                 &[],
             ),
+            invariant_violations: Family::counter(
+                "baton_invariant_violations_total",
+                "Illegal state transitions the engine refused (each one is a bug; the run's events name it).",
+                &[],
+            ),
             commit_seconds: Histogram::new(
                 "baton_store_commit_seconds",
                 "Time to commit one batch of state changes.",
@@ -83,6 +89,7 @@ impl Metrics {
             &self.agents,
             &self.heartbeats_late,
             &self.fenced,
+            &self.invariant_violations,
             &self.events,
         ] {
             f.render(&mut out);

@@ -245,7 +245,15 @@ impl Model {
         if a.state != AttemptState::Assigned {
             return;
         }
-        a.state = AttemptState::Running;
+        match a.state.transition(AttemptState::Running) {
+            Ok(to) => a.state = to,
+            Err(e) => {
+                let what = format!("attempt {}: {e}", a.id);
+                let idx = a.step_idx;
+                self.pending.violation(self.runs.get_mut(&a.run_id), Some(idx), what);
+                return;
+            }
+        }
         let now = self.pending.now;
         a.started_at = Some(now);
         if let Some(run) = self.runs.get(&a.run_id)
@@ -379,10 +387,14 @@ impl Model {
         let Some(a) = self.attempts.get_mut(attempt_id) else {
             return;
         };
-        let Ok(to) = a.state.transition(to) else {
-            warn!(attempt_id, from = %a.state, %to, "illegal attempt transition ignored");
-            debug_assert!(false, "illegal attempt transition {} -> {to}", a.state);
-            return;
+        let to = match a.state.transition(to) {
+            Ok(to) => to,
+            Err(e) => {
+                let what = format!("attempt {attempt_id}: {e}");
+                let idx = a.step_idx;
+                self.pending.violation(self.runs.get_mut(&a.run_id), Some(idx), what);
+                return;
+            }
         };
         a.state = to;
         a.finished_at = Some(self.pending.now);

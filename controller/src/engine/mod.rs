@@ -14,6 +14,8 @@ mod driver;
 mod model;
 mod progress;
 mod runs;
+#[cfg(test)]
+mod sim;
 mod state;
 
 pub use breakers::BreakerConfig;

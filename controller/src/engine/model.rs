@@ -186,6 +186,8 @@ pub(super) struct Pending {
     /// The time of the input being applied (ms since the epoch, and µs for latencies).
     pub now: i64,
     pub now_us: i64,
+    /// Illegal transitions refused while applying the input.
+    pub violations: Vec<String>,
 }
 
 impl Pending {
@@ -220,6 +222,16 @@ impl Pending {
     pub fn reply(&mut self, to: ReplyTo, answer: Answer) {
         self.urgent = true;
         self.effects.push(Effect::Reply { to, answer });
+    }
+
+    /// An illegal transition was refused: a bug in the model. It is logged, counted
+    /// (`baton_invariant_violations_total`) and kept for tests; the run's events say so.
+    pub fn violation(&mut self, run: Option<&mut Run>, step: Option<usize>, what: String) {
+        error!(run_id = run.as_ref().map(|r| r.id.as_str()).unwrap_or(""), "invariant violated: {what}");
+        if let Some(run) = run {
+            self.event(run, "invariant_violated", step, None, what.clone());
+        }
+        self.violations.push(what);
     }
 
     /// Appends an event to `run`'s log, stamped with the current run, step and attempt
@@ -331,6 +343,8 @@ pub(crate) struct Model {
     pub(super) secrets_version: u64,
     /// Ids, lease tokens and retry jitter.
     pub(super) rng: StdRng,
+    /// Illegal transitions seen (the latest ones): each is a bug in the model.
+    pub(super) violations: Vec<String>,
 }
 
 impl Model {
@@ -360,6 +374,7 @@ impl Model {
             secrets,
             secrets_version: 0,
             rng: StdRng::seed_from_u64(seed),
+            violations: Vec::new(),
         }
     }
 
@@ -384,6 +399,13 @@ impl Model {
         self.set_clock(now_us);
         self.handle(input);
         self.pending.actor.clear();
+        if !self.pending.violations.is_empty() {
+            let seen = std::mem::take(&mut self.pending.violations);
+            self.metrics.invariant_violations.add(&[], seen.len() as f64);
+            self.violations.extend(seen);
+            let over = self.violations.len().saturating_sub(100);
+            self.violations.drain(..over);
+        }
         std::mem::take(&mut self.now_effects)
     }
 
@@ -854,7 +876,17 @@ impl Model {
                 }
             }
             let step = &mut run.steps[idx];
-            step.lost_streak = if attempt.state == AttemptState::Lost { step.lost_streak + 1 } else { 0 };
+            // As the live model counts it: losses add up, the step's own outcomes reset
+            // it, cancels and live attempts leave it.
+            match attempt.state {
+                AttemptState::Lost => step.lost_streak += 1,
+                AttemptState::Succeeded | AttemptState::Failed | AttemptState::TimedOut => {
+                    step.lost_streak = 0
+                }
+                _ => {}
+            }
+            // A release starts the count again, with the losses (`lost_count`).
+            step.lost_streak = step.lost_streak.min(step.lost_count);
             self.attempts.insert(attempt.id.clone(), attempt);
         }
         self.load_breakers(&snap.breakers);
@@ -878,5 +910,64 @@ impl Model {
             self.resume_run(&run_id);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+impl Model {
+    /// Runs with changes not yet taken into a commit.
+    pub(super) fn dirty_runs(&self) -> Vec<String> {
+        let p = &self.pending;
+        let mut out: Vec<String> = p.runs.iter().cloned().collect();
+        out.extend(p.steps.iter().map(|(r, _)| r.clone()));
+        out.extend(p.attempts.iter().filter_map(|a| self.attempts.get(a).map(|a| a.run_id.clone())));
+        out
+    }
+
+    /// The durable part of the state, one line per run, step, live attempt and agent,
+    /// in a fixed order: what a model rebuilt from the rows must agree on.
+    pub(super) fn fingerprint(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut ids: Vec<&String> = self.runs.keys().collect();
+        ids.sort();
+        for id in ids {
+            let run = &self.runs[id];
+            out.push(format!(
+                "run {id} {} failing={} open={} counts={:?} next_seq={}",
+                run.state,
+                run.failing.is_some(),
+                run.open,
+                run.counts,
+                run.next_seq
+            ));
+            let dispatchable =
+                run.failing.is_none() && matches!(run.state, RunState::Pending | RunState::Running);
+            for (idx, s) in run.steps.iter().enumerate() {
+                let queued = self.ready.get(&s.tool).is_some_and(|q| q.contains(&(id.clone(), idx)));
+                out.push(format!(
+                    "run {id} step {idx} {} attempts={} failures={} lost={} streak={} waiting_on={} current={:?} next={:?} result={:?} queued={}",
+                    s.state,
+                    s.attempts,
+                    s.failures,
+                    s.lost_count,
+                    s.lost_streak,
+                    // Counted down as needs succeed; it means nothing once the step ended.
+                    if s.state.is_terminal() { 0 } else { s.waiting_on },
+                    s.current,
+                    s.next_attempt_at,
+                    s.result,
+                    queued && s.state == StepState::Ready && dispatchable
+                ));
+            }
+        }
+        let mut live: Vec<&Attempt> = self.attempts.values().filter(|a| !a.state.is_terminal()).collect();
+        live.sort_by(|a, b| a.id.cmp(&b.id));
+        for a in live {
+            out.push(format!("attempt {} {} on {} lease {}", a.id, a.state, a.agent_id, a.lease_token));
+        }
+        for a in self.agents.values().filter(|a| !a.running.is_empty()) {
+            out.push(format!("agent {} runs {:?}", a.id, a.running));
+        }
+        out
     }
 }

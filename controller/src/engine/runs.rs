@@ -9,7 +9,7 @@ use baton_common::retry::{Decision, Failure};
 use baton_common::spec::{OnFailure, Workstream};
 use baton_common::state::{AttemptState, RunState, StepState};
 use baton_common::time::format_duration;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use super::EngineError;
 use super::model::{Model, Pending, Timer};
@@ -36,8 +36,8 @@ pub(super) fn set_step(p: &mut Pending, run: &mut Run, idx: usize, to: StepState
             true
         }
         Err(e) => {
-            error!(run_id = %run.id, step_id = %run.step_id(idx), "{e}");
-            debug_assert!(false, "{e}");
+            let what = format!("step {:?}: {e}", run.step_id(idx));
+            p.violation(Some(run), Some(idx), what);
             false
         }
     }
@@ -52,8 +52,7 @@ pub(super) fn set_run(p: &mut Pending, run: &mut Run, to: RunState) -> bool {
             true
         }
         Err(e) => {
-            error!(run_id = %run.id, "{e}");
-            debug_assert!(false, "{e}");
+            p.violation(Some(run), None, e.to_string());
             false
         }
     }
