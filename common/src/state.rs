@@ -163,6 +163,24 @@ impl AttemptState {
     }
 }
 
+state_enum!(
+    /// An agent as the controller sees it: `connected ⇄ disconnected`; either `→ lost`
+    /// once its lease runs out; `lost → connected` when it comes back. `connected →
+    /// connected` is a new session replacing the old one.
+    AgentState, "agent", {
+        Connected => "connected",
+        Disconnected => "disconnected",
+        Lost => "lost",
+    }
+);
+
+impl AgentState {
+    fn can_become(self, to: Self) -> bool {
+        use AgentState::*;
+        matches!((self, to), (_, Connected) | (Connected, Disconnected) | (Connected | Disconnected, Lost))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -273,6 +291,24 @@ mod tests {
         assert!(Running.transition(Assigned).is_err());
         assert!(Running.transition(Running).is_err());
         assert!(Assigned.transition(Assigned).is_err());
+    }
+
+    #[test]
+    fn agent_transitions() {
+        use AgentState::*;
+        for (a, b) in [
+            (Connected, Disconnected),
+            (Connected, Lost),
+            (Disconnected, Lost),
+            (Lost, Connected),
+            (Disconnected, Connected),
+            (Connected, Connected),
+        ] {
+            assert_eq!(a.transition(b), Ok(b), "{a} -> {b}");
+        }
+        for (a, b) in [(Lost, Disconnected), (Lost, Lost), (Disconnected, Disconnected)] {
+            assert!(a.transition(b).is_err(), "{a} -> {b}");
+        }
     }
 
     #[test]

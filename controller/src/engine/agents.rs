@@ -9,7 +9,7 @@ use baton_common::state::AttemptState;
 use baton_common::time::ms;
 use tracing::{info, warn};
 
-use super::model::{Effect, Model};
+use super::model::{Effect, Model, Pending};
 use super::state::{Agent, AgentState, Session};
 use super::{Binding, EngineError};
 
@@ -76,7 +76,7 @@ impl Model {
         agent.labels.extend(binding.labels);
         agent.tools = hello.tools.clone();
         agent.slots = hello.slots;
-        agent.state = AgentState::Connected;
+        set_agent(&mut self.pending, agent, AgentState::Connected);
         // A replaced session's stream ends.
         if let Some(old) = agent.session.replace(Session { id: session_id }) {
             self.now_effects.push(Effect::Close { session: old.id });
@@ -491,7 +491,7 @@ impl Model {
                 closed += 1;
             }
             if agent.state == AgentState::Connected {
-                agent.state = AgentState::Disconnected;
+                set_agent(&mut self.pending, agent, AgentState::Disconnected);
             }
             self.pending.agents.insert(agent.id.clone());
             warn!(agent = %agent.name, agent_id = %agent.id, by = %self.pending.actor, "agent revoked; its session is closed");
@@ -507,7 +507,7 @@ impl Model {
             agent.session = None;
             self.now_effects.push(Effect::Close { session });
             if agent.state == AgentState::Connected {
-                agent.state = AgentState::Disconnected;
+                set_agent(&mut self.pending, agent, AgentState::Disconnected);
             }
             self.pending.agents.insert(agent_id.to_string());
             info!(agent = %agent.name, agent_id, "agent disconnected");
@@ -529,7 +529,7 @@ impl Model {
             };
             let silent = (now - agent.last_seen).max(0);
             warn!(agent = %agent.name, agent_id = %id, silent_ms = silent, "agent lost");
-            agent.state = AgentState::Lost;
+            set_agent(&mut self.pending, agent, AgentState::Lost);
             if let Some(s) = agent.session.take() {
                 self.now_effects.push(Effect::Close { session: s.id });
             }
@@ -564,11 +564,93 @@ impl Model {
     }
 }
 
+/// Moves an agent to `to` if the agent machine allows it.
+fn set_agent(p: &mut Pending, agent: &mut Agent, to: AgentState) {
+    match agent.state.transition(to) {
+        Ok(to) => agent.state = to,
+        Err(e) => p.violation(None, None, format!("agent {}: {e}", agent.id)),
+    }
+}
+
 fn outcome_state(outcome: &str) -> AttemptState {
     match outcome {
         "succeeded" => AttemptState::Succeeded,
         "timed_out" => AttemptState::TimedOut,
         "canceled" => AttemptState::Canceled,
         _ => AttemptState::Failed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use baton_common::pb;
+    use baton_common::pb::agent_message::Msg as Up;
+    use baton_common::pb::controller_message::Msg as Down;
+
+    use super::super::model::Input;
+    use super::super::testkit::{Kit, config};
+
+    const ONE: &str = "name: w\nsteps:\n  - {id: x, tool: shell, with: {run: 'true'}}\n";
+
+    fn acks(sent: &[Down]) -> Vec<bool> {
+        sent.iter().filter_map(|m| if let Down::Ack(a) = m { Some(a.accepted) } else { None }).collect()
+    }
+
+    #[test]
+    fn a_result_under_a_stale_lease_is_refused_and_the_current_one_counts() {
+        let mut k = Kit::new(config());
+        k.connect("a", 1, 1);
+        let run = k.submit(ONE);
+        let r = k.assigns(1).remove(0);
+        let stale = pb::AttemptRef { lease_token: "0".repeat(32), ..r.clone() };
+        k.finished("a", 1, &stale, "succeeded", "");
+        assert_eq!(acks(&k.take_sent(1)), vec![false]);
+        assert_eq!(k.step(&run, "x"), "running");
+        assert!(k.events(&run).contains(&"report_rejected".to_string()));
+        k.finished("a", 1, &r, "succeeded", "");
+        assert_eq!(acks(&k.take_sent(1)), vec![true]);
+        assert_eq!(k.run_state(&run), "succeeded");
+    }
+
+    #[test]
+    fn a_result_sent_twice_is_applied_once_and_acknowledged_twice() {
+        let mut k = Kit::new(config());
+        k.connect("a", 1, 1);
+        let run = k.submit("name: w\nsteps:\n  - {id: x, tool: shell, with: {run: 'true'}}\n  - {id: y, needs: x, tool: shell, with: {run: 'true'}}\n");
+        let r = k.assigns(1).remove(0);
+        k.finished("a", 1, &r, "succeeded", "");
+        k.finished("a", 1, &r, "succeeded", "");
+        let sent = k.take_sent(1);
+        assert_eq!(acks(&sent), vec![true, true]);
+        let assigns = sent.iter().filter(|m| matches!(m, Down::Assign(_))).count();
+        assert_eq!(assigns, 1, "y is assigned once");
+        let events = k.events(&run);
+        assert_eq!(events.iter().filter(|e| *e == "step_succeeded").count(), 1);
+        assert!(events.contains(&"result_redelivered".to_string()));
+    }
+
+    #[test]
+    fn a_silent_agent_is_lost_and_its_step_runs_on_another() {
+        let mut k = Kit::new(config());
+        k.connect("a", 1, 1);
+        let run = k.submit(ONE);
+        let r = k.assigns(1).remove(0);
+        k.started("a", 1, &r);
+        k.connect("b", 2, 1);
+        // b keeps talking, a says nothing past lost_after.
+        for _ in 0..12 {
+            k.now += 200 * super::super::testkit::MS;
+            k.agent("b", 2, Up::Heartbeat(pb::Heartbeat { running: vec![], free_slots: 1, sent_ms: 1 }));
+            k.apply(Input::Sweep);
+            k.settle();
+        }
+        assert_eq!(k.model.agents["a-id"].state, super::AgentState::Lost);
+        // The lost attempt is retried after its backoff, on b.
+        k.advance(5_000);
+        let again = k.assigns(2);
+        assert_eq!(again.len(), 1, "{:?}", k.events(&run));
+        assert_eq!(again[0].step_id, "x");
+        assert_ne!(again[0].attempt_id, r.attempt_id);
+        assert_eq!(k.model.attempts[&r.attempt_id].state.as_str(), "lost");
     }
 }

@@ -431,3 +431,54 @@ impl Model {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use baton_common::pb::controller_message::Msg as Down;
+
+    use super::super::testkit::{Kit, config};
+
+    const ONE: &str = "name: w\nsteps:\n  - {id: x, tool: shell, with: {run: 'true'}}\n";
+
+    #[test]
+    fn an_assign_goes_out_only_once_its_attempt_is_committed() {
+        let mut k = Kit::new(config());
+        k.connect("a", 1, 1);
+        let run = k.submit(ONE);
+        assert!(k.sent_early.iter().all(|m| !matches!(m, Down::Assign(_))), "{:?}", k.sent_early);
+        let a = k.assigns(1);
+        assert_eq!(a.len(), 1);
+        assert_eq!(k.step(&run, "x"), "running");
+        assert!(k.commits.iter().any(|b| {
+            b.attempts.iter().any(|r| r.id == a[0].attempt_id && r.lease_token == a[0].lease_token)
+        }));
+    }
+
+    #[test]
+    fn the_auto_strategy_picks_the_agent_with_more_free_slots() {
+        let mut k = Kit::new(config());
+        k.connect("small", 1, 1);
+        k.connect("big", 2, 3);
+        k.submit(ONE);
+        assert!(k.assigns(1).is_empty());
+        assert_eq!(k.assigns(2).len(), 1);
+    }
+
+    #[test]
+    fn an_agent_gets_no_more_than_its_slots_until_one_frees() {
+        let mut k = Kit::new(config());
+        k.connect("a", 1, 1);
+        let run = k.submit(
+            "name: w\nsteps:\n  - {id: x, tool: shell, with: {run: 'true'}}\n  - {id: y, tool: shell, with: {run: 'true'}}\n",
+        );
+        let first = k.assigns(1);
+        assert_eq!(first.len(), 1);
+        k.started("a", 1, &first[0]);
+        k.finished("a", 1, &first[0], "succeeded", "");
+        let second = k.assigns(1);
+        assert_eq!(second.len(), 1, "the next step goes out when the slot frees");
+        assert_ne!(second[0].step_id, first[0].step_id);
+        k.finished("a", 1, &second[0], "succeeded", "");
+        assert_eq!(k.run_state(&run), "succeeded");
+    }
+}

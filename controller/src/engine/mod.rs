@@ -17,6 +17,8 @@ mod runs;
 #[cfg(test)]
 mod sim;
 mod state;
+#[cfg(test)]
+mod testkit;
 
 pub use breakers::BreakerConfig;
 

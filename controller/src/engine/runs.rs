@@ -686,3 +686,66 @@ fn finish_run(p: &mut Pending, run: &mut Run, to: RunState) {
     info!(run_id = %run.id, state = %to, "run finished");
     p.finished_runs.push(run.id.clone());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::{Kit, config};
+
+    #[test]
+    fn a_failed_attempt_is_retried_after_its_backoff_and_not_before() {
+        let mut k = Kit::new(config());
+        k.connect("a", 1, 1);
+        let run = k.submit(
+            "name: w\nsteps:\n  - {id: x, tool: shell, with: {run: 'true'}, retry: {max_attempts: 2, backoff: {initial: 500ms, jitter: 0}}}\n",
+        );
+        let first = k.assigns(1).remove(0);
+        k.finished("a", 1, &first, "failed", "nonzero_exit");
+        assert_eq!(k.step(&run, "x"), "retry_wait");
+        k.advance(400);
+        assert!(k.assigns(1).is_empty(), "not before the backoff");
+        k.advance(200);
+        let second = k.assigns(1);
+        assert_eq!(second.len(), 1);
+        k.finished("a", 1, &second[0], "failed", "nonzero_exit");
+        assert_eq!(k.run_state(&run), "failed", "the budget of 2 attempts is spent");
+    }
+
+    #[test]
+    fn on_failure_continue_skips_only_what_depends_on_the_failure() {
+        let mut k = Kit::new(config());
+        k.connect("a", 1, 2);
+        let run = k.submit(
+            "name: w\non_failure: continue\nsteps:\n  - {id: bad, tool: shell, with: {run: 'false'}}\n  - {id: after, needs: bad, tool: shell, with: {run: 'true'}}\n  - {id: other, tool: shell, with: {run: 'true'}}\n",
+        );
+        let sent = k.assigns(1);
+        assert_eq!(sent.len(), 2);
+        let bad = sent.iter().find(|r| r.step_id == "bad").cloned().expect("bad assigned");
+        let other = sent.iter().find(|r| r.step_id == "other").cloned().expect("other assigned");
+        k.finished("a", 1, &bad, "failed", "nonzero_exit");
+        assert_eq!(k.step(&run, "after"), "skipped");
+        assert_eq!(k.run_state(&run), "running");
+        k.finished("a", 1, &other, "succeeded", "");
+        assert_eq!(k.run_state(&run), "failed", "a run with a failed step fails, after the rest ran");
+    }
+
+    #[test]
+    fn a_released_run_gives_its_failed_step_a_fresh_budget() {
+        let mut k = Kit::new(config());
+        k.connect("a", 1, 1);
+        let run = k.submit(
+            "name: w\non_failure: quarantine\nsteps:\n  - {id: x, tool: shell, with: {run: 'false'}}\n",
+        );
+        let first = k.assigns(1).remove(0);
+        k.finished("a", 1, &first, "failed", "nonzero_exit");
+        assert_eq!(k.run_state(&run), "quarantined");
+        assert!(k.assigns(1).is_empty());
+        let reply = 999;
+        k.apply(super::super::model::Input::Release { run_id: run.clone(), actor: "op".into(), reply });
+        k.settle();
+        let again = k.assigns(1);
+        assert_eq!(again.len(), 1);
+        assert_eq!(k.model.runs[&run].steps[0].failures, 0);
+        k.finished("a", 1, &again[0], "succeeded", "");
+        assert_eq!(k.run_state(&run), "succeeded");
+    }
+}

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use baton_common::pb;
 use baton_common::spec::Workstream;
+pub(crate) use baton_common::state::AgentState;
 use baton_common::state::{AttemptState, RunState, StepState};
 
 use crate::store::{AgentRow, AttemptRow, RunRow, StepRow, StoreError, parse_state};
@@ -322,25 +323,6 @@ impl Attempt {
             lease_token: self.lease_token.clone(),
             run_id: self.run_id.clone(),
             step_id: self.step_id.clone(),
-        }
-    }
-}
-
-/// Connection state of an agent as the engine sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum AgentState {
-    Connected,
-    /// The stream is gone; the agent may still come back before its lease runs out.
-    Disconnected,
-    Lost,
-}
-
-impl AgentState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AgentState::Connected => "connected",
-            AgentState::Disconnected => "disconnected",
-            AgentState::Lost => "lost",
         }
     }
 }
