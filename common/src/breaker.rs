@@ -147,6 +147,14 @@ impl Breaker {
         }
     }
 
+    /// A probe let through ended without a result that says anything of the tool (it
+    /// was canceled): its place goes to the next probe.
+    pub fn on_abandoned(&mut self) {
+        if self.state == BreakerState::HalfOpen {
+            self.probes = self.probes.saturating_sub(1);
+        }
+    }
+
     /// When the breaker leaves `open` (it admits probes from then on).
     pub fn reopens_at(&self, p: &BreakerPolicy) -> i64 {
         self.opened_at.saturating_add(p.cooldown_ms as i64)

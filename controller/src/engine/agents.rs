@@ -417,10 +417,15 @@ impl Model {
                 );
             }
         }
-        if let Some(run) = self.runs.get_mut(&a.run_id)
-            && run.steps[a.step_idx].current.as_deref() == Some(attempt_id)
+        let (run_id, idx, agent_id) = (a.run_id.clone(), a.step_idx, a.agent_id.clone());
+        if let Some(run) = self.runs.get_mut(&run_id)
+            && run.steps[idx].current.as_deref() == Some(attempt_id)
         {
-            run.steps[a.step_idx].current = None;
+            run.steps[idx].current = None;
+        }
+        if to == AttemptState::Canceled {
+            let tool = self.runs.get(&run_id).map(|r| r.steps[idx].tool.clone()).unwrap_or_default();
+            self.breakers_on_abandoned(&tool, &agent_id);
         }
     }
 

@@ -135,6 +135,16 @@ impl Model {
         }
     }
 
+    /// An attempt ended with no result for the breakers (the controller canceled it):
+    /// a probe it was frees its place.
+    pub(super) fn breakers_on_abandoned(&mut self, tool: &str, agent_id: &str) {
+        for key in [(tool.to_string(), String::new()), (tool.to_string(), agent_id.to_string())] {
+            if let Some(b) = self.breakers.get_mut(&key) {
+                b.on_abandoned();
+            }
+        }
+    }
+
     /// Feeds an attempt outcome (`None` for success) to the breakers it concerns. A lost
     /// agent says nothing about the tool, only about that agent.
     pub(super) fn breakers_on_result(
@@ -146,8 +156,12 @@ impl Model {
     ) {
         let now = self.now();
         let mut keys = vec![(tool.to_string(), agent_id.to_string())];
+        let tool_key = (tool.to_string(), String::new());
         if failure != Some("agent_lost") {
-            keys.push((tool.to_string(), String::new()));
+            keys.push(tool_key);
+        } else if let Some(b) = self.breakers.get_mut(&tool_key) {
+            // A probe of the tool that was lost with its agent frees its place.
+            b.on_abandoned();
         }
         for key in keys {
             let p = self.cfg.breakers.policy(tool, !key.1.is_empty()).clone();
@@ -318,5 +332,81 @@ mod tests {
         assert!(e.starts_with("agent: failure_rate must be within 0..1"), "{e}");
         let e = BreakerConfig::from_json(r#"{"default": {}}"#).unwrap_err();
         assert!(e.contains("unknown key \"default\""), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod probe_tests {
+    use baton_common::pb;
+    use baton_common::pb::agent_message::Msg as Up;
+
+    use super::super::model::Input;
+    use super::super::testkit::{Kit, MS, config};
+
+    const ONE: &str = "name: w\nsteps:\n  - {id: x, tool: shell, with: {run: 'true'}}\n";
+
+    /// One tool_error opens the agent's breaker; it lets a probe through 100 ms later.
+    fn touchy() -> Kit {
+        let mut cfg = config();
+        cfg.breakers.agent.consecutive_failures = 1;
+        cfg.breakers.agent.cooldown_ms = 100;
+        cfg.breakers.tool.consecutive_failures = 1;
+        cfg.breakers.tool.cooldown_ms = 100;
+        Kit::new(cfg)
+    }
+
+    #[test]
+    fn a_canceled_probe_lets_the_next_one_through() {
+        let mut k = touchy();
+        k.connect("a", 1, 1);
+        let r = k.submit(ONE);
+        let first = k.assigns(1).remove(0);
+        k.finished("a", 1, &first, "failed", "tool_error");
+        k.advance(150);
+        let probe_run = k.submit(ONE);
+        let probe = k.assigns(1);
+        assert_eq!(probe.len(), 1, "half-open: one probe");
+        k.apply(Input::Cancel {
+            run_id: probe_run,
+            step_id: None,
+            reason: String::new(),
+            actor: "t".into(),
+            reply: 1,
+        });
+        k.settle();
+        let next = k.submit(ONE);
+        assert_eq!(k.assigns(1).len(), 1, "the canceled probe's place goes to {next}");
+        let _ = r;
+    }
+
+    #[test]
+    fn a_probe_lost_with_its_agent_lets_the_next_one_through() {
+        let mut k = touchy();
+        k.connect("a", 1, 1);
+        k.connect("b", 2, 1);
+        k.submit(ONE);
+        let (session, name) = if k.assigns(1).is_empty() { (2, "b") } else { (1, "a") };
+        let first = k.model.attempts.values().next().map(|a| a.attempt_ref()).expect("an attempt");
+        k.finished(name, session, &first, "failed", "tool_error");
+        k.advance(150);
+        k.submit(ONE);
+        let (on_a, on_b) = (k.assigns(1).len(), k.assigns(2).len());
+        assert_eq!(on_a + on_b, 1, "half-open: one probe");
+        let probe_on = if on_a == 1 { 1 } else { 2 };
+        // The probe's agent goes silent and is lost; the other keeps talking.
+        let (live, live_name) = if probe_on == 1 { (2, "b") } else { (1, "a") };
+        for _ in 0..12 {
+            k.now += 200 * MS;
+            k.agent(
+                live_name,
+                live,
+                Up::Heartbeat(pb::Heartbeat { running: vec![], free_slots: 1, sent_ms: 1 }),
+            );
+            k.apply(Input::Sweep);
+            k.settle();
+        }
+        k.submit(ONE);
+        k.advance(5_000);
+        assert!(!k.assigns(live).is_empty(), "the tool's breaker still waits for the lost probe");
     }
 }

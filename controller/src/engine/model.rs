@@ -971,3 +971,28 @@ impl Model {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::{Kit, config};
+    use super::*;
+
+    #[test]
+    fn a_rebuilt_model_keeps_a_steps_loss_streak_across_a_live_attempt() {
+        let mut k = Kit::new(config());
+        k.connect("a", 1, 1);
+        let run = k.submit("name: w\nsteps:\n  - {id: x, tool: shell, with: {run: 'true'}, retry: {backoff: {initial: 1ms, jitter: 0}}}\n");
+        for session in [2, 3] {
+            // The agent comes back without the attempt: lost.
+            k.assigns(session - 1);
+            k.connect("a", session, 1);
+            k.advance(10);
+        }
+        assert_eq!(k.assigns(3).len(), 1, "a third attempt runs");
+        let live = k.model.runs[&run].steps[0].lost_streak;
+        assert_eq!(live, 2);
+        let mut again = Model::new(config(), crate::metrics::Metrics::new(), HashMap::new(), 1);
+        again.load(k.snapshot(), &HashMap::new(), k.now).expect("loads");
+        assert_eq!(again.runs[&run].steps[0].lost_streak, live);
+    }
+}

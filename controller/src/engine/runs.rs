@@ -344,6 +344,8 @@ impl Model {
         let p = &mut self.pending;
         let released = std::mem::take(&mut run.reason);
         set_run(p, run, RunState::Running);
+        // Its failed steps get a fresh budget below, so it is no longer failing.
+        run.failing = None;
         p.event(run, "run_released", None, None, format!("released from quarantine ({released})"));
         for idx in 0..run.steps.len() {
             if run.steps[idx].state == StepState::Failed && set_step(p, run, idx, StepState::Ready) {
@@ -747,5 +749,36 @@ mod tests {
         assert_eq!(k.model.runs[&run].steps[0].failures, 0);
         k.finished("a", 1, &again[0], "succeeded", "");
         assert_eq!(k.run_state(&run), "succeeded");
+    }
+}
+
+#[cfg(test)]
+mod release_tests {
+    use super::super::model::Input;
+    use super::super::testkit::{Kit, config};
+
+    #[test]
+    fn a_failing_run_quarantined_and_released_runs_again() {
+        let mut k = Kit::new(config());
+        k.connect("a", 1, 2);
+        let run = k.submit(
+            "name: w\nsteps:\n  - {id: x, tool: shell, with: {run: 'true'}}\n  - {id: y, tool: shell, with: {run: 'true'}, retry: {backoff: {initial: 1ms, jitter: 0}}}\n",
+        );
+        let sent = k.assigns(1);
+        let x = sent.iter().find(|r| r.step_id == "x").cloned().expect("x");
+        // y is lost with its agent twice (the agent comes back with x only).
+        for session in [2, 3] {
+            k.connect_running("a", session, 2, vec![x.clone()]);
+            k.advance(10);
+            assert_eq!(k.assigns(session).len(), 1);
+        }
+        // x fails for good: the run is failing, y still runs; y is lost a third time:
+        // poison, the run is quarantined.
+        k.finished("a", 3, &x, "failed", "nonzero_exit");
+        k.connect_running("a", 4, 2, vec![]);
+        assert_eq!(k.run_state(&run), "quarantined", "{:?}", k.events(&run));
+        k.apply(Input::Release { run_id: run.clone(), actor: "op".into(), reply: 2 });
+        k.settle();
+        assert_eq!(k.assigns(4).len(), 2, "released, both steps run again: {:?}", k.events(&run));
     }
 }

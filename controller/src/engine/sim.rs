@@ -275,6 +275,8 @@ struct Sim {
     events_seen: u64,
     /// Drop the first commit that records a success (to show the checks fire).
     forget_commit: bool,
+    /// Releases after the faults stopped, per run.
+    released: HashMap<String, u32>,
 }
 
 impl Sim {
@@ -340,6 +342,7 @@ impl Sim {
             dirty: BTreeSet::new(),
             events_seen: 0,
             forget_commit: false,
+            released: HashMap::new(),
             cfg,
         };
         sim.boot(model_seed).expect("an empty store loads");
@@ -579,6 +582,21 @@ impl Sim {
             let mut why: Vec<String> = why.into_iter().map(|(k, v)| format!("{k}: {v}")).collect();
             why.sort();
             out.push(format!("{id} {} [{}] ({})", r.state, steps.join(" "), why.join("; ")));
+        }
+        if let Some(m) = self.model.as_ref() {
+            for a in m.attempts.values().filter(|a| !a.state.is_terminal()) {
+                out.push(format!(
+                    "attempt {} of {}/{} {} on {} assigned at {} sent at {:?} (now {})",
+                    a.id,
+                    a.run_id,
+                    a.step_id,
+                    a.state,
+                    a.agent_name,
+                    a.assigned_at,
+                    a.sent_at,
+                    m.now()
+                ));
+            }
         }
         for (i, a) in self.agents.iter().enumerate() {
             let seen = self.model.as_ref().and_then(|m| m.agents.get(&a.id));
@@ -990,16 +1008,23 @@ impl Sim {
     }
 
     fn release_some(&mut self) -> Result<(), String> {
+        // After the faults, a run is released twice at most: a step that always fails
+        // would otherwise keep its run going for ever.
+        let healed = self.actions_left == 0;
         let held: Vec<String> = self
             .runs
             .iter()
             .filter(|id| self.rows.runs.get(*id).is_some_and(|r| r.state == "quarantined"))
+            .filter(|id| !healed || self.released.get(*id).copied().unwrap_or(0) < 2)
             .cloned()
             .collect();
         if held.is_empty() {
             return Ok(());
         }
         let run_id = held[self.rng.random_range(0..held.len())].clone();
+        if healed {
+            *self.released.entry(run_id.clone()).or_default() += 1;
+        }
         self.log(format!("release run {run_id}"));
         let reply = self.waiter(Waiter::Other);
         self.input(Input::Release { run_id, actor: "sim".into(), reply })

@@ -105,7 +105,13 @@ impl Kit {
 
     /// Connects agent `name` with `slots` and the `shell` tool as `session`.
     pub fn connect(&mut self, name: &str, session: u64, slots: u32) {
+        self.connect_running(name, session, slots, Vec::new());
+    }
+
+    /// Connects (again), saying it runs `running`.
+    pub fn connect_running(&mut self, name: &str, session: u64, slots: u32, running: Vec<pb::AttemptRef>) {
         let hello = pb::Hello {
+            running,
             agent_id: format!("{name}-id"),
             name: name.into(),
             version: "test".into(),
@@ -219,5 +225,50 @@ pub fn config() -> EngineConfig {
         failover_grace: std::time::Duration::from_millis(4000),
         kill_grace: std::time::Duration::from_millis(100),
         ..EngineConfig::default()
+    }
+}
+
+impl Kit {
+    /// The rows as a store holding every commit so far would load them.
+    pub fn snapshot(&self) -> crate::store::Snapshot {
+        let mut runs = BTreeMap::new();
+        let mut steps = BTreeMap::new();
+        let mut attempts = BTreeMap::new();
+        let mut agents = BTreeMap::new();
+        let mut breakers = BTreeMap::new();
+        let mut last_seq = HashMap::new();
+        for b in &self.commits {
+            for r in &b.runs {
+                runs.insert(r.id.clone(), r.clone());
+            }
+            for s in &b.steps {
+                steps.insert((s.run_id.clone(), s.idx), s.clone());
+            }
+            for a in &b.attempts {
+                attempts.insert(a.id.clone(), a.clone());
+            }
+            for a in &b.agents {
+                agents.insert(a.id.clone(), a.clone());
+            }
+            for r in &b.breakers {
+                breakers.insert((r.tool.clone(), r.agent_id.clone()), r.clone());
+            }
+            for e in &b.events {
+                last_seq.insert(e.run_id.clone(), e.seq);
+            }
+        }
+        let active = |id: &str| {
+            runs.get(id).is_some_and(|r: &crate::store::RunRow| {
+                !r.state.parse::<baton_common::state::RunState>().is_ok_and(|s| s.is_terminal())
+            })
+        };
+        crate::store::Snapshot {
+            steps: steps.values().filter(|s| active(&s.run_id)).cloned().collect(),
+            attempts: attempts.values().filter(|a| active(&a.run_id)).cloned().collect(),
+            last_seq: last_seq.into_iter().filter(|(id, _)| active(id)).collect(),
+            runs: runs.values().filter(|r| active(&r.id)).cloned().collect(),
+            agents: agents.into_values().collect(),
+            breakers: breakers.into_values().collect(),
+        }
     }
 }
