@@ -266,6 +266,8 @@ struct Sim {
     runs: BTreeSet<String>,
     /// Per (run, step), the attempt whose success the controller accepted.
     accepted: HashMap<(String, String), String>,
+    /// A second accepted success of a step, if one came.
+    second_success: Option<String>,
     /// Chaos actions left; then the world heals and the runs must end.
     actions_left: usize,
     trace: Vec<String>,
@@ -336,6 +338,7 @@ impl Sim {
             next_reply: 1,
             runs: BTreeSet::new(),
             accepted: HashMap::new(),
+            second_success: None,
             actions_left: sc.actions,
             trace: Vec::new(),
             inputs: 0,
@@ -751,9 +754,12 @@ impl Sim {
                     let key = (r.run_id.clone(), r.step_id.clone());
                     if let Some(prev) = self.accepted.get(&key)
                         && prev != &r.attempt_id
+                        && self.second_success.is_none()
                     {
-                        // Recorded for check(): a second accepted success.
-                        self.accepted.insert((format!("DUPLICATE {}", r.run_id), r.step_id), prev.clone());
+                        self.second_success = Some(format!(
+                            "two successes accepted for step {} of run {}: attempts {prev} and {}",
+                            r.step_id, r.run_id, r.attempt_id
+                        ));
                     }
                     self.accepted.insert(key, r.attempt_id);
                 }
@@ -1087,8 +1093,8 @@ impl Sim {
 
     /// Invariants after every event.
     fn check(&mut self) -> Result<(), String> {
-        if let Some((k, _)) = self.accepted.iter().find(|(k, _)| k.0.starts_with("DUPLICATE")) {
-            return Err(format!("two successes accepted for step {} of {}", k.1, k.0));
+        if let Some(e) = &self.second_success {
+            return Err(e.clone());
         }
         let Some(m) = self.model.as_ref() else { return Ok(()) };
         if let Some(v) = m.violations.first() {
