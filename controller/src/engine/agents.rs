@@ -1,7 +1,7 @@
 //! Agent sessions and the attempts they run: hello and re-adoption, heartbeats,
 //! start and finish reports fenced by lease token, loss, deadlines.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::HashSet;
 
 use baton_common::pb;
 use baton_common::pb::controller_message::Msg as Out;
@@ -55,21 +55,10 @@ impl Model {
         }
         let now = self.now();
         let lost_after = ms(self.cfg.lost_after);
-        let agent = self.agents.entry(hello.agent_id.clone()).or_insert_with(|| Agent {
-            id: hello.agent_id.clone(),
-            name: String::new(),
-            version: String::new(),
-            labels: BTreeMap::new(),
-            tools: Vec::new(),
-            slots: 0,
-            state: AgentState::Disconnected,
-            session: None,
-            connected_at: now,
-            last_seen: now,
-            lost_at: now + lost_after,
-            running: BTreeSet::new(),
-            draining: false,
-        });
+        let agent = self
+            .agents
+            .entry(hello.agent_id.clone())
+            .or_insert_with(|| Agent::new(&hello.agent_id, "", now, now + lost_after));
         agent.name = hello.name.clone();
         agent.version = hello.version.clone();
         agent.labels = hello.labels.clone().into_iter().collect();

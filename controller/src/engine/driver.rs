@@ -16,7 +16,7 @@ use tracing::{debug, error};
 
 use super::model::{Answer, Commit, Effect, Input, Model, ReplyTo};
 use super::state::AgentTx;
-use super::{EngineError, Msg, Published};
+use super::{Msg, Published};
 use crate::store::{Batch, Store, StoreError};
 
 /// Longest a commit with nothing urgent in it (no effects, or only acks and queue
@@ -38,9 +38,6 @@ struct InFlight {
     started: Instant,
 }
 
-/// Hands an answer to the caller waiting for it.
-type Responder = Box<dyn FnOnce(Answer) + Send>;
-
 pub(super) struct Driver {
     model: Model,
     store: Store,
@@ -52,7 +49,8 @@ pub(super) struct Driver {
     /// Open agent streams by session number.
     sessions: HashMap<u64, AgentTx>,
     next_session: u64,
-    replies: HashMap<ReplyTo, Responder>,
+    /// Callers waiting for an answer.
+    replies: HashMap<ReplyTo, oneshot::Sender<Answer>>,
     next_reply: ReplyTo,
 }
 
@@ -98,8 +96,8 @@ impl Driver {
                     self.sessions.remove(&session);
                 }
                 Effect::Reply { to, answer } => {
-                    if let Some(respond) = self.replies.remove(&to) {
-                        respond(answer);
+                    if let Some(reply) = self.replies.remove(&to) {
+                        let _ = reply.send(answer);
                     }
                 }
                 Effect::Output(chunk) => self.logs.push(chunk),
@@ -110,122 +108,23 @@ impl Driver {
         }
     }
 
-    /// Registers a caller's channel; `pick` takes its answer out of an [`Answer`].
-    fn respond<T: Send + 'static>(
-        &mut self,
-        reply: oneshot::Sender<T>,
-        pick: impl FnOnce(Answer) -> Option<T> + Send + 'static,
-    ) -> ReplyTo {
-        let id = self.next_reply;
-        self.next_reply += 1;
-        self.replies.insert(
-            id,
-            Box::new(move |answer| {
-                if let Some(v) = pick(answer) {
-                    let _ = reply.send(v);
-                }
-            }),
-        );
-        id
-    }
-
-    /// The model's input for a message, its reply channel registered.
+    /// The model's input for a message: its reply and session numbered, its answer
+    /// channel and stream registered.
     fn input(&mut self, msg: Msg) -> Input {
-        fn unexpected<T>(a: Answer) -> Result<T, EngineError> {
-            Err(EngineError::Invalid(format!("internal: unexpected answer {a:?}")))
+        let Msg { mut input, answer, stream } = msg;
+        if let Some(answer) = answer
+            && let Some(reply) = input.reply_mut()
+        {
+            *reply = self.next_reply;
+            self.replies.insert(self.next_reply, answer);
+            self.next_reply += 1;
         }
-        match msg {
-            Msg::Submit { spec, params, request_id, estimates, actor, reply } => {
-                let reply = self.respond(reply, |a| match a {
-                    Answer::Run(r) => Some(r),
-                    a => Some(unexpected(a)),
-                });
-                Input::Submit { spec, params, request_id, estimates, actor, reply }
-            }
-            Msg::Cancel { run_id, step_id, reason, actor, reply } => {
-                let reply = self.respond(reply, |a| match a {
-                    Answer::RunState(r) => Some(r),
-                    a => Some(unexpected(a)),
-                });
-                Input::Cancel { run_id, step_id, reason, actor, reply }
-            }
-            Msg::Release { run_id, actor, reply } => {
-                let reply = self.respond(reply, |a| match a {
-                    Answer::RunState(r) => Some(r),
-                    a => Some(unexpected(a)),
-                });
-                Input::Release { run_id, actor, reply }
-            }
-            Msg::ResetBreaker { tool, agent, actor, reply } => {
-                let reply = self.respond(reply, |a| match a {
-                    Answer::Breakers(r) => Some(r),
-                    a => Some(unexpected(a)),
-                });
-                Input::ResetBreaker { tool, agent, actor, reply }
-            }
-            Msg::Drain { agent, undo, actor, reply } => {
-                let reply = self.respond(reply, |a| match a {
-                    Answer::Agent(r) => Some(r),
-                    a => Some(unexpected(a)),
-                });
-                Input::Drain { agent, undo, actor, reply }
-            }
-            Msg::Connect { hello, tx, binding, reply } => {
-                let session = self.next_session;
-                self.next_session += 1;
-                self.sessions.insert(session, tx);
-                let reply = self.respond(reply, |a| match a {
-                    Answer::Session(r) => Some(r),
-                    a => Some(unexpected(a)),
-                });
-                Input::Connect { hello, session, binding, reply }
-            }
-            Msg::Agent { agent_id, session, msg } => Input::Agent { agent_id, session, msg },
-            Msg::Disconnect { agent_id, session } => Input::Disconnect { agent_id, session },
-            Msg::Revoke { name, actor, reply } => {
-                let reply = self.respond(reply, |a| match a {
-                    Answer::Count(n) => Some(n),
-                    _ => None,
-                });
-                Input::Revoke { name, actor, reply }
-            }
-            Msg::SetSecret { name, value, reply } => {
-                let reply = self.respond(reply, |_| Some(()));
-                Input::SetSecret { name, value, reply }
-            }
-            Msg::SetRouter { router, reply } => {
-                let reply = self.respond(reply, |_| Some(()));
-                Input::SetRouter { router, reply }
-            }
-            Msg::ListBreakers { reply } => {
-                let reply = self.respond(reply, |a| match a {
-                    Answer::Breakers(Ok(b)) => Some(b),
-                    _ => None,
-                });
-                Input::ListBreakers { reply }
-            }
-            Msg::Live { run_id, reply } => {
-                let reply = self.respond(reply, |a| match a {
-                    Answer::Live(l) => Some(l),
-                    _ => None,
-                });
-                Input::Live { run_id, reply }
-            }
-            Msg::Gauges { reply } => {
-                let reply = self.respond(reply, |a| match a {
-                    Answer::Gauges(g) => Some(g),
-                    _ => None,
-                });
-                Input::Gauges { reply }
-            }
-            Msg::ListAgents { reply } => {
-                let reply = self.respond(reply, |a| match a {
-                    Answer::Agents(l) => Some(l),
-                    _ => None,
-                });
-                Input::ListAgents { reply }
-            }
+        if let (Input::Connect { session, .. }, Some(tx)) = (&mut input, stream) {
+            *session = self.next_session;
+            self.sessions.insert(self.next_session, tx);
+            self.next_session += 1;
         }
+        input
     }
 
     pub async fn run(

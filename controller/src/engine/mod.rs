@@ -34,6 +34,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{EventRow, Store, StoreError};
+use model::{Answer, Input};
 use state::AgentTx;
 
 /// Timing knobs of the engine.
@@ -146,85 +147,18 @@ pub enum EngineError {
     Store(#[from] StoreError),
 }
 
-type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+/// A message into the engine: an input for the model, where its answer goes, and
+/// for a new agent stream its sending half. The driver fills in the input's reply
+/// number and session number.
+pub(crate) struct Msg {
+    input: model::Input,
+    answer: Option<oneshot::Sender<model::Answer>>,
+    stream: Option<AgentTx>,
+}
 
-/// A message into the engine.
-pub(crate) enum Msg {
-    Submit {
-        spec: Workstream,
-        params: BTreeMap<String, String>,
-        request_id: String,
-        estimates: crate::store::Estimates,
-        actor: String,
-        reply: Reply<String>,
-    },
-    Cancel {
-        run_id: String,
-        step_id: Option<String>,
-        reason: String,
-        actor: String,
-        reply: Reply<RunState>,
-    },
-    Release {
-        run_id: String,
-        actor: String,
-        reply: Reply<RunState>,
-    },
-    ListBreakers {
-        reply: oneshot::Sender<Vec<pb::Breaker>>,
-    },
-    ResetBreaker {
-        tool: String,
-        agent: String,
-        actor: String,
-        reply: Reply<Vec<pb::Breaker>>,
-    },
-    Live {
-        run_id: String,
-        reply: oneshot::Sender<Option<Live>>,
-    },
-    Gauges {
-        reply: oneshot::Sender<Gauges>,
-    },
-    SetRouter {
-        router: crate::router::Router,
-        reply: oneshot::Sender<()>,
-    },
-    Drain {
-        agent: String,
-        undo: bool,
-        actor: String,
-        reply: Reply<pb::Agent>,
-    },
-    Connect {
-        hello: pb::Hello,
-        tx: AgentTx,
-        binding: Binding,
-        reply: Reply<u64>,
-    },
-    Agent {
-        agent_id: String,
-        session: u64,
-        msg: pb::agent_message::Msg,
-    },
-    Revoke {
-        name: String,
-        actor: String,
-        reply: oneshot::Sender<u32>,
-    },
-    /// A secret was stored (`Some`) or deleted (`None`).
-    SetSecret {
-        name: String,
-        value: Option<String>,
-        reply: oneshot::Sender<()>,
-    },
-    Disconnect {
-        agent_id: String,
-        session: u64,
-    },
-    ListAgents {
-        reply: oneshot::Sender<Vec<pb::Agent>>,
-    },
+/// An answer of a kind the call does not give: a bug.
+fn unexpected(a: model::Answer) -> EngineError {
+    EngineError::Invalid(format!("internal: unexpected answer {a:?}"))
 }
 
 /// What an agent's identity lets it connect as.
@@ -270,10 +204,15 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Msg) -> Result<T, EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| EngineError::Unavailable)?;
-        rx.await.map_err(|_| EngineError::Unavailable)?
+    async fn send(&self, msg: Msg) -> Result<(), EngineError> {
+        self.tx.send(msg).await.map_err(|_| EngineError::Unavailable)
+    }
+
+    /// Applies `input` and waits for its answer.
+    async fn ask(&self, input: Input) -> Result<Answer, EngineError> {
+        let (answer, rx) = oneshot::channel();
+        self.send(Msg { input, answer: Some(answer), stream: None }).await?;
+        rx.await.map_err(|_| EngineError::Unavailable)
     }
 
     /// Starts a run of a validated workstream for `actor`; returns its id once it is
@@ -287,7 +226,10 @@ impl EngineHandle {
         estimates: crate::store::Estimates,
         actor: String,
     ) -> Result<String, EngineError> {
-        self.call(|reply| Msg::Submit { spec, params, request_id, estimates, actor, reply }).await
+        match self.ask(Input::Submit { spec, params, request_id, estimates, actor, reply: 0 }).await? {
+            Answer::Run(r) => r,
+            a => Err(unexpected(a)),
+        }
     }
 
     /// Cancels a run, or one step of it when `step_id` is given.
@@ -298,17 +240,25 @@ impl EngineHandle {
         reason: String,
         actor: String,
     ) -> Result<RunState, EngineError> {
-        self.call(|reply| Msg::Cancel { run_id, step_id, reason, actor, reply }).await
+        match self.ask(Input::Cancel { run_id, step_id, reason, actor, reply: 0 }).await? {
+            Answer::RunState(r) => r,
+            a => Err(unexpected(a)),
+        }
     }
 
     pub async fn release(&self, run_id: String, actor: String) -> Result<RunState, EngineError> {
-        self.call(|reply| Msg::Release { run_id, actor, reply }).await
+        match self.ask(Input::Release { run_id, actor, reply: 0 }).await? {
+            Answer::RunState(r) => r,
+            a => Err(unexpected(a)),
+        }
     }
 
+    /// The breakers, from the engine's memory (may be a moment ahead of the store).
     pub async fn list_breakers(&self) -> Result<Vec<pb::Breaker>, EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Msg::ListBreakers { reply }).await.map_err(|_| EngineError::Unavailable)?;
-        rx.await.map_err(|_| EngineError::Unavailable)
+        match self.ask(Input::ListBreakers { reply: 0 }).await? {
+            Answer::Breakers(r) => r,
+            a => Err(unexpected(a)),
+        }
     }
 
     pub async fn reset_breaker(
@@ -317,32 +267,39 @@ impl EngineHandle {
         agent: String,
         actor: String,
     ) -> Result<Vec<pb::Breaker>, EngineError> {
-        self.call(|reply| Msg::ResetBreaker { tool, agent, actor, reply }).await
+        match self.ask(Input::ResetBreaker { tool, agent, actor, reply: 0 }).await? {
+            Answer::Breakers(r) => r,
+            a => Err(unexpected(a)),
+        }
     }
 
     /// Replaces the routing rules; steps not yet dispatched follow the new ones.
     pub async fn set_router(&self, router: crate::router::Router) -> Result<(), EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Msg::SetRouter { router, reply }).await.map_err(|_| EngineError::Unavailable)?;
-        rx.await.map_err(|_| EngineError::Unavailable)
+        self.ask(Input::SetRouter { router, reply: 0 }).await.map(|_| ())
     }
 
     /// Stops (or resumes) new assignments to the agent with this name or id.
     pub async fn drain(&self, agent: String, undo: bool, actor: String) -> Result<pb::Agent, EngineError> {
-        self.call(|reply| Msg::Drain { agent, undo, actor, reply }).await
+        match self.ask(Input::Drain { agent, undo, actor, reply: 0 }).await? {
+            Answer::Agent(r) => r,
+            a => Err(unexpected(a)),
+        }
     }
 
-    /// Wait reasons and progress of an active run; `None` once it has ended.
+    /// Wait reasons and progress of an active run; `None` once it has ended. From the
+    /// engine's memory: may be a moment ahead of the store.
     pub async fn live(&self, run_id: String) -> Result<Option<Live>, EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Msg::Live { run_id, reply }).await.map_err(|_| EngineError::Unavailable)?;
-        rx.await.map_err(|_| EngineError::Unavailable)
+        match self.ask(Input::Live { run_id, reply: 0 }).await? {
+            Answer::Live(l) => Ok(l),
+            a => Err(unexpected(a)),
+        }
     }
 
     pub async fn gauges(&self) -> Result<Gauges, EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Msg::Gauges { reply }).await.map_err(|_| EngineError::Unavailable)?;
-        rx.await.map_err(|_| EngineError::Unavailable)
+        match self.ask(Input::Gauges { reply: 0 }).await? {
+            Answer::Gauges(g) => Ok(g),
+            a => Err(unexpected(a)),
+        }
     }
 
     /// Registers an agent session; the engine sends Welcome on `tx`.
@@ -352,7 +309,13 @@ impl EngineHandle {
         tx: AgentTx,
         binding: Binding,
     ) -> Result<u64, EngineError> {
-        self.call(|reply| Msg::Connect { hello, tx, binding, reply }).await
+        let (answer, rx) = oneshot::channel();
+        let input = Input::Connect { hello, session: 0, binding, reply: 0 };
+        self.send(Msg { input, answer: Some(answer), stream: Some(tx) }).await?;
+        match rx.await.map_err(|_| EngineError::Unavailable)? {
+            Answer::Session(r) => r,
+            a => Err(unexpected(a)),
+        }
     }
 
     /// A message of session `session`; ignored once another session replaced it.
@@ -362,31 +325,34 @@ impl EngineHandle {
         session: u64,
         msg: pb::agent_message::Msg,
     ) -> bool {
-        self.tx.send(Msg::Agent { agent_id, session, msg }).await.is_ok()
+        let input = Input::Agent { agent_id, session, msg };
+        self.send(Msg { input, answer: None, stream: None }).await.is_ok()
     }
 
     /// Tells the engine a secret's new value (`None`: deleted), after it is stored.
     pub async fn set_secret(&self, name: String, value: Option<String>) -> Result<(), EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Msg::SetSecret { name, value, reply }).await.map_err(|_| EngineError::Unavailable)?;
-        rx.await.map_err(|_| EngineError::Unavailable)
+        self.ask(Input::SetSecret { name, value, reply: 0 }).await.map(|_| ())
     }
 
     /// Closes the sessions of the agents named `name`; returns how many were open.
     pub async fn revoke(&self, name: String, actor: String) -> Result<u32, EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Msg::Revoke { name, actor, reply }).await.map_err(|_| EngineError::Unavailable)?;
-        rx.await.map_err(|_| EngineError::Unavailable)
+        match self.ask(Input::Revoke { name, actor, reply: 0 }).await? {
+            Answer::Count(n) => Ok(n),
+            a => Err(unexpected(a)),
+        }
     }
 
     pub(crate) async fn disconnect(&self, agent_id: String, session: u64) {
-        let _ = self.tx.send(Msg::Disconnect { agent_id, session }).await;
+        let input = Input::Disconnect { agent_id, session };
+        let _ = self.send(Msg { input, answer: None, stream: None }).await;
     }
 
+    /// The agents, from the engine's memory (may be a moment ahead of the store).
     pub async fn list_agents(&self) -> Result<Vec<pb::Agent>, EngineError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Msg::ListAgents { reply }).await.map_err(|_| EngineError::Unavailable)?;
-        rx.await.map_err(|_| EngineError::Unavailable)
+        match self.ask(Input::ListAgents { reply: 0 }).await? {
+            Answer::Agents(l) => Ok(l),
+            a => Err(unexpected(a)),
+        }
     }
 
     /// Committed events of all runs, as they are committed.

@@ -115,6 +115,29 @@ pub(crate) enum Input {
     Committed(Commit),
 }
 
+impl Input {
+    /// Where its answer goes, for the inputs that have one.
+    pub fn reply_mut(&mut self) -> Option<&mut ReplyTo> {
+        use Input::*;
+        match self {
+            Submit { reply, .. }
+            | Cancel { reply, .. }
+            | Release { reply, .. }
+            | ResetBreaker { reply, .. }
+            | Drain { reply, .. }
+            | Connect { reply, .. }
+            | Revoke { reply, .. }
+            | SetSecret { reply, .. }
+            | SetRouter { reply, .. }
+            | ListBreakers { reply }
+            | Live { reply, .. }
+            | Gauges { reply }
+            | ListAgents { reply } => Some(reply),
+            Agent { .. } | Disconnect { .. } | Tick | Sweep | Committed(_) => None,
+        }
+    }
+}
+
 /// An answer to a caller.
 #[derive(Debug)]
 pub(crate) enum Answer {
@@ -438,6 +461,7 @@ impl Model {
         let fresh = Pending { now: self.pending.now, now_us: self.pending.now_us, ..Pending::default() };
         let pending = std::mem::replace(&mut self.pending, fresh);
         let batch = self.build_batch(&pending);
+        let batch = Batch { events: pending.events, ..batch };
         Some(Commit { batch, effects: pending.effects, finished_runs: pending.finished_runs })
     }
 
@@ -586,6 +610,7 @@ impl Model {
         }
     }
 
+    /// The rows the pending changes touch, as they are now (events apart).
     fn build_batch(&self, p: &Pending) -> Batch {
         let mut b = Batch::default();
         for id in &p.runs {
@@ -614,7 +639,6 @@ impl Model {
                 b.breakers.push(row);
             }
         }
-        b.events = p.events.clone();
         b
     }
 
@@ -855,21 +879,10 @@ impl Model {
             run.steps[idx].attempt_ids.push(attempt.id.clone());
             if !attempt.state.is_terminal() {
                 run.steps[idx].current = Some(attempt.id.clone());
-                let agent = self.agents.entry(attempt.agent_id.clone()).or_insert_with(|| Agent {
-                    id: attempt.agent_id.clone(),
-                    name: attempt.agent_name.clone(),
-                    version: String::new(),
-                    labels: BTreeMap::new(),
-                    tools: Vec::new(),
-                    slots: 0,
-                    state: AgentState::Disconnected,
-                    session: None,
-                    connected_at: 0,
-                    last_seen: 0,
-                    lost_at: now + grace,
-                    running: BTreeSet::new(),
-                    draining: false,
-                });
+                let agent = self
+                    .agents
+                    .entry(attempt.agent_id.clone())
+                    .or_insert_with(|| Agent::new(&attempt.agent_id, &attempt.agent_name, 0, now + grace));
                 agent.running.insert(attempt.id.clone());
                 if let Some(d) = attempt.deadline_at {
                     self.timers.push(Reverse((d, Timer::Deadline(attempt.id.clone()))));

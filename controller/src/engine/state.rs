@@ -357,6 +357,26 @@ pub(crate) struct Agent {
 }
 
 impl Agent {
+    /// An agent known by id and name only, disconnected, lost at `lost_at` unless it
+    /// comes back.
+    pub fn new(id: &str, name: &str, seen: i64, lost_at: i64) -> Agent {
+        Agent {
+            id: id.to_string(),
+            name: name.to_string(),
+            version: String::new(),
+            labels: BTreeMap::new(),
+            tools: Vec::new(),
+            slots: 0,
+            state: AgentState::Disconnected,
+            session: None,
+            connected_at: seen,
+            last_seen: seen,
+            lost_at,
+            running: BTreeSet::new(),
+            draining: false,
+        }
+    }
+
     pub fn has_tool(&self, tool: &str) -> bool {
         self.tools.iter().any(|t| t.name == tool)
     }

@@ -78,14 +78,7 @@ impl Kit {
     pub fn settle(&mut self) {
         self.apply(Input::Tick);
         while let Some(c) = self.model.take_commit() {
-            self.commits.push(Batch {
-                runs: c.batch.runs.clone(),
-                steps: c.batch.steps.clone(),
-                attempts: c.batch.attempts.clone(),
-                events: c.batch.events.clone(),
-                agents: c.batch.agents.clone(),
-                breakers: c.batch.breakers.clone(),
-            });
+            self.commits.push(c.batch.clone());
             let effects = self.model.apply(Input::Committed(c), self.now);
             self.perform(effects, false);
             self.apply(Input::Tick);

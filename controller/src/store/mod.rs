@@ -74,7 +74,7 @@ pub enum Backend {
 }
 
 /// Everything the engine changed while handling one batch of messages.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Batch {
     pub runs: Vec<RunRow>,
     pub steps: Vec<StepRow>,
