@@ -1,5 +1,6 @@
-//! Compiles the protos in proto/ without a system protoc and keeps the descriptor set
-//! for server reflection.
+//! Compiles the protos in proto/ without a system protoc, keeps the descriptor set for
+//! server reflection, and generates serde impls that follow the protobuf JSON mapping
+//! (field names as in the protos, enums by name, timestamps as RFC 3339).
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -13,11 +14,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", f.display());
     }
     let fds = protox::compile(&files, [&root])?;
+    let bytes = prost::Message::encode_to_vec(&fds);
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out.join("baton_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
+    std::fs::write(out.join("baton_descriptor.bin"), &bytes)?;
     tonic_prost_build::configure()
         .build_transport(false)
-        .type_attribute(".baton.v1", "#[derive(serde::Serialize, serde::Deserialize)]")
+        .compile_well_known_types(true)
+        .extern_path(".google.protobuf", "::pbjson_types")
         .compile_fds(fds)?;
+    pbjson_build::Builder::new()
+        .register_descriptors(&bytes)?
+        .preserve_proto_field_names()
+        .emit_fields()
+        .build(&[".baton.v1"])?;
     Ok(())
 }

@@ -15,6 +15,7 @@ use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use baton_common::outcome::{FailureClass, Outcome};
 use baton_common::pb;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -118,8 +119,8 @@ impl Containment {
                     attempt_id: record.attempt_id.clone(),
                     lease_token: record.lease_token.clone(),
                 }),
-                outcome: "canceled".into(),
-                error_class: "agent_lost".into(),
+                outcome: Outcome::Canceled.to_pb(),
+                failure_class: FailureClass::AgentLost.to_pb(),
                 error: format!(
                     "the agent restarted while the attempt ran; {ended} of its processes were still running and were ended"
                 ),

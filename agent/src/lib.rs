@@ -15,9 +15,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use baton_common::pb;
+use baton_common::outcome::{FailureClass, Outcome};
 use baton_common::pb::agent_message::Msg as Out;
 use baton_common::pb::controller_message::Msg as In;
+use baton_common::{pb, proto};
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -609,12 +610,13 @@ impl Agent {
             self.unacked.retain(|f| f.attempt.as_ref().is_none_or(|a| &a.attempt_id != id));
             self.queued.retain(|q| q.attempt.as_ref().is_none_or(|a| &a.attempt_id != id));
         }
-        let hb_every = Duration::from_millis(welcome.heartbeat_interval_ms.max(50) as u64);
+        let ms = |d: &Option<proto::Duration>| d.as_ref().map_or(0, proto::duration_millis);
+        let hb_every = Duration::from_millis(ms(&welcome.heartbeat_interval).max(50) as u64);
         // The controller's stop_after (or, from one that sends none, its lease
         // timeout), cut to this agent's own when that is shorter.
-        let theirs = match welcome.stop_after_ms {
+        let theirs = match ms(&welcome.stop_after) {
             t if t > 0 => t,
-            _ => welcome.lease_timeout_ms.max(1000),
+            _ => ms(&welcome.lease_timeout).max(1000),
         };
         let mut stop_after = Duration::from_millis(theirs as u64);
         if let Some(mine) = self.cfg.stop_after {
@@ -623,7 +625,7 @@ impl Agent {
         self.lease = Some(Lease {
             renewed: hello_sent,
             stop_after,
-            grace: Duration::from_millis(welcome.fence_grace_ms.max(0) as u64),
+            grace: Duration::from_millis(ms(&welcome.fence_grace) as u64),
         });
         self.update_warden();
         let mut heartbeat = tokio::time::interval(hb_every);
@@ -796,8 +798,8 @@ impl Agent {
     fn never_started(&mut self, q: pb::Assign, why: &str) {
         let f = pb::AttemptFinished {
             attempt: q.attempt,
-            outcome: "canceled".into(),
-            error_class: "canceled".into(),
+            outcome: Outcome::Canceled.to_pb(),
+            failure_class: FailureClass::Canceled.to_pb(),
             error: why.to_string(),
             ..Default::default()
         };
@@ -842,9 +844,14 @@ impl Agent {
             Running { attempt: r.clone(), stop: stop.clone(), kill: kill.clone(), reason: reason.clone() };
         let cell = self.contain.cell(&r).map(Arc::new).map_err(|e| e.to_string());
         let adapter = self.adapters.get(&req.tool).cloned();
-        let input = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&req.input_json);
+        let input = req.input.as_ref().map(proto::json_object).unwrap_or_default();
         let scratch = self.scratch.clone();
-        let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms as u64));
+        let timeout = req
+            .timeout
+            .as_ref()
+            .map(proto::duration_millis)
+            .filter(|&t| t > 0)
+            .map(|t| Duration::from_millis(t as u64));
         if let Some(t) = timeout {
             let (stop, reason) = (stop.clone(), reason.clone());
             tokio::spawn(async move {
@@ -875,24 +882,23 @@ impl Agent {
             let t0 = Instant::now();
             let made_dir = adapter.as_ref().is_some_and(|a| a.needs_dir());
             let mut made = None;
-            let outcome = match (adapter, input) {
+            let outcome = match adapter {
                 _ if cell.is_err() => adapters::Outcome::failure(
-                    "tool_error",
+                    FailureClass::ToolError,
                     format!(
                         "cannot record the attempt in the agent's work dir: {}",
                         cell.as_ref().err().map(String::as_str).unwrap_or_default()
                     ),
                 ),
-                (None, _) => adapters::Outcome::failure(
-                    "tool_error",
+                None => adapters::Outcome::failure(
+                    FailureClass::ToolError,
                     format!("tool {:?} is not available on this agent", req.tool),
                 ),
-                (_, Err(e)) => adapters::Outcome::failure("tool_error", format!("bad tool input: {e}")),
-                (Some(adapter), Ok(input)) => {
+                Some(adapter) => {
                     let dir = if made_dir { scratch.take(&r.attempt_id).map(Some) } else { Ok(None) };
                     match dir {
                         Err(e) => adapters::Outcome::failure(
-                            "tool_error",
+                            FailureClass::ToolError,
                             format!(
                                 "cannot create a working directory under {}: {e}",
                                 scratch.root().display()
@@ -909,7 +915,9 @@ impl Agent {
                                 env: req.env.clone().into_iter().collect(),
                                 dir: dir.unwrap_or_default(),
                                 stop,
-                                kill_grace: Duration::from_millis(req.kill_grace_ms.max(0) as u64),
+                                kill_grace: Duration::from_millis(
+                                    req.kill_grace.as_ref().map_or(0, proto::duration_millis) as u64,
+                                ),
                                 kill,
                                 cell: cell.as_ref().ok().cloned(),
                                 output: output.clone(),
@@ -922,16 +930,24 @@ impl Agent {
 
             let (state, class, error) = match reason.get() {
                 Some(StopReason::Timeout) => (
-                    "timed_out",
-                    "timeout".to_string(),
+                    Outcome::TimedOut,
+                    Some(FailureClass::Timeout),
                     format!(
                         "timed out after {}",
                         baton_common::time::format_duration(timeout.unwrap_or_default())
                     ),
                 ),
-                Some(why) => ("canceled", "canceled".to_string(), format!("stopped: {why:?}").to_lowercase()),
-                None if outcome.succeeded => ("succeeded", String::new(), String::new()),
-                None => ("failed", outcome.error_class.clone(), redactor.text(&outcome.error)),
+                Some(why) => (
+                    Outcome::Canceled,
+                    Some(FailureClass::Canceled),
+                    format!("stopped: {why:?}").to_lowercase(),
+                ),
+                None if outcome.succeeded => (Outcome::Succeeded, None, String::new()),
+                None => (
+                    Outcome::Failed,
+                    Some(outcome.error_class.unwrap_or(FailureClass::ToolError)),
+                    redactor.text(&outcome.error),
+                ),
             };
             output.finish();
             // Everything it started has ended: a new life of the agent has nothing to
@@ -939,16 +955,16 @@ impl Agent {
             if let Ok(cell) = &cell {
                 cell.close();
             }
-            debug!(outcome = state, %error, "attempt finished");
+            debug!(outcome = %state, %error, "attempt finished");
             let finished = pb::AttemptFinished {
                 attempt: Some(r),
-                outcome: state.to_string(),
+                outcome: state.to_pb(),
                 exit_code: outcome.exit_code,
-                error_class: class,
+                failure_class: class.map_or(0, FailureClass::to_pb),
                 error,
-                result_json: outcome.result.map(|j| redactor.json(&j)).unwrap_or_default(),
+                result: proto::value_of_text(outcome.result.map(|j| redactor.json(&j)).as_deref()),
                 output_tail: output.tail(),
-                duration_ms: t0.elapsed().as_millis() as i64,
+                duration: Some(proto::duration(t0.elapsed().as_millis() as i64)),
                 output_bytes: output.total_bytes(),
             };
             let _ = events.send(Event::Finished(finished));
@@ -985,7 +1001,8 @@ impl Agent {
                 let id = f.attempt.as_ref().map(|a| a.attempt_id.clone()).unwrap_or_default();
                 let abandoned =
                     self.running.remove(&id).is_some_and(|r| r.reason.get() == Some(&StopReason::Abandoned));
-                self.metrics.attempts.inc(&[&f.outcome]);
+                let outcome = Outcome::from_pb(f.outcome).map_or("unknown", Outcome::as_str);
+                self.metrics.attempts.inc(&[outcome]);
                 // A slot is free: the next queued attempt starts before the result goes
                 // out, so the tool is busy again at once.
                 let mut ok = self.start_queued(out);

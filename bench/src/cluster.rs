@@ -134,7 +134,9 @@ impl Cluster {
         let mut c = self.client().await?;
         for _ in 0..600 {
             let agents = c.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents;
-            if agents.iter().filter(|a| a.state == "connected").count() >= n {
+            if agents.iter().filter(|a| a.state == baton_common::state::AgentState::Connected.to_pb()).count()
+                >= n
+            {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -165,8 +165,9 @@ async fn run_to_end(c: &mut Client, spec: String) -> anyhow::Result<(Duration, S
     let mut last = String::new();
     while let Some(ev) = s.next().await {
         let ev = ev?;
-        last = ev.run_state.clone();
-        if matches!(ev.run_state.as_str(), "succeeded" | "failed" | "canceled") {
+        let state = baton_common::state::RunState::from_pb(ev.run_state);
+        last = state.as_ref().map_or("", |s| s.as_str()).to_string();
+        if state.is_ok_and(|s| s.is_terminal()) {
             break;
         }
     }
@@ -298,7 +299,9 @@ async fn fake_agent(url: String, name: String, heartbeats: bool) -> anyhow::Resu
         };
         match m.and_then(|m| m.msg) {
             Some(pb::controller_message::Msg::Welcome(w)) => {
-                every = Duration::from_millis(w.heartbeat_interval_ms as u64)
+                every = Duration::from_millis(
+                    w.heartbeat_interval.as_ref().map_or(1000, baton_common::proto::duration_millis) as u64,
+                )
             }
             Some(pb::controller_message::Msg::Assign(_)) if !heartbeats => return Ok(Instant::now()),
             Some(_) => {}
@@ -327,7 +330,8 @@ async fn b5(o: &Options) -> anyhow::Result<Row> {
     let secs = t0.elapsed().as_secs_f64();
     let cpu1 = cluster.cpu();
     let agents = c.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents;
-    let connected = agents.iter().filter(|a| a.state == "connected").count();
+    let connected =
+        agents.iter().filter(|a| a.state == baton_common::state::AgentState::Connected.to_pb()).count();
     for t in tasks {
         t.abort();
     }

@@ -139,3 +139,10 @@ pub fn status_error(s: tonic::Status) -> anyhow::Error {
         code => anyhow!("{code:?}: {}", s.message()),
     }
 }
+
+/// `--param` values as the API takes them (strings).
+pub fn params(params: Vec<(String, String)>) -> baton_common::proto::Struct {
+    baton_common::proto::structure(
+        params.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect(),
+    )
+}

@@ -105,7 +105,7 @@ async fn drive(
     let req = pb::SubmitRunRequest {
         spec: text,
         source,
-        params: params.into_iter().collect(),
+        params: Some(crate::client::params(params.into_iter().collect())),
         ..Default::default()
     };
     let run_id = c.submit_run(req).await?.into_inner().run_id;

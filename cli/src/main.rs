@@ -61,6 +61,12 @@ enum Command {
         /// Run parameter KEY=VALUE; repeatable.
         #[arg(long = "param", value_parser = key_value)]
         params: Vec<(String, String)>,
+        /// A display name for the run.
+        #[arg(long, default_value = "")]
+        name: String,
+        /// A label KEY=VALUE to find the run by (`runs list --label`); repeatable.
+        #[arg(long = "label", value_parser = key_value)]
+        labels: Vec<(String, String)>,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -125,9 +131,17 @@ enum Command {
 enum RunsCommand {
     /// List runs, newest first.
     List {
-        /// Only runs in this state.
-        #[arg(long)]
-        state: Option<String>,
+        /// Only runs in this state (pending, running, succeeded, failed, quarantined,
+        /// canceled); repeatable.
+        #[arg(long, value_parser = run_state)]
+        state: Vec<baton_common::state::RunState>,
+        /// Only runs of this workstream.
+        #[arg(long, default_value = "")]
+        workstream: String,
+        /// Only runs with this label KEY=VALUE; repeatable.
+        #[arg(long = "label", value_parser = key_value)]
+        labels: Vec<(String, String)>,
+        /// At most this many runs.
         #[arg(long, default_value_t = 50)]
         limit: u32,
         #[command(flatten)]
@@ -175,7 +189,7 @@ enum RunsCommand {
     Report {
         run: String,
         /// md (Markdown), json, or html (one self-contained file with an SVG timeline).
-        #[arg(long, default_value = "md")]
+        #[arg(long, default_value = "md", value_parser = ["md", "json", "html"])]
         format: String,
         /// Write it to this file instead of stdout.
         #[arg(long)]
@@ -364,6 +378,13 @@ impl OutputArg {
     }
 }
 
+fn run_state(s: &str) -> Result<baton_common::state::RunState, String> {
+    s.parse().map_err(|e: baton_common::state::UnknownState| {
+        let all: Vec<&str> = baton_common::state::RunState::ALL.iter().map(|s| s.as_str()).collect();
+        format!("{e} (states: {})", all.join(", "))
+    })
+}
+
 fn key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
@@ -445,15 +466,17 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     let target = target(&cli)?;
     match cli.command {
         Command::Validate { file, out } => validate(&file, out.format()),
-        Command::Submit { file, watch, params, out } => {
+        Command::Submit { file, watch, params, name, labels, out } => {
             let (source, text) = read_spec(&file)?;
             // One request id for every try: a submit whose answer was lost is not
             // made twice.
             let req = pb::SubmitRunRequest {
                 spec: text,
                 source,
-                params: params.into_iter().collect(),
+                params: Some(client::params(params)),
                 request_id: uuid::Uuid::new_v4().to_string(),
+                name,
+                labels: labels.into_iter().collect(),
             };
             let (mut c, run_id) = client::submit(&target, req).await?;
             if watch {
@@ -501,7 +524,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         }
         Command::Agents(AgentsCommand::JoinToken { ttl, uses, labels, out }) => {
             let req = pb::CreateJoinTokenRequest {
-                ttl_ms: baton_common::time::ms(ttl),
+                ttl: Some(baton_common::proto::duration(baton_common::time::ms(ttl))),
                 uses,
                 labels: labels.into_iter().collect(),
             };
@@ -513,7 +536,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                         "join token {} for {} agent(s), valid until {}",
                         r.id,
                         r.uses,
-                        output::time(r.expires_at_ms)
+                        output::time(output::ms(&r.expires_at))
                     );
                 }
                 f => output::print_json(f, &r),
@@ -633,8 +656,8 @@ async fn tokens(target: &client::Target, cmd: TokensCommand) -> Result<u8, Failu
     let mut a = client::admin(target).await?;
     match cmd {
         TokensCommand::Create { name, role, ttl, out } => {
-            let ttl_ms = ttl.map(baton_common::time::ms).unwrap_or(0);
-            let r = a.create_token(pb::CreateTokenRequest { name, role, ttl_ms }).await?.into_inner();
+            let ttl = ttl.map(|t| baton_common::proto::duration(baton_common::time::ms(t)));
+            let r = a.create_token(pb::CreateTokenRequest { name, role, ttl }).await?.into_inner();
             match out.format() {
                 Format::Text => {
                     println!("{}", r.token);
@@ -666,9 +689,24 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
     let mut c =
         if follows { client::connect_waiting(target).await? } else { client::connect(target).await? };
     match cmd {
-        RunsCommand::List { state, limit, out } => {
-            let req = pb::ListRunsRequest { state: state.unwrap_or_default(), limit };
-            let runs = c.list_runs(req).await?.into_inner().runs;
+        RunsCommand::List { state, workstream, labels, limit, out } => {
+            let mut req = pb::ListRunsRequest {
+                states: state.iter().map(|s| s.to_pb()).collect(),
+                workstream,
+                labels: labels.into_iter().collect(),
+                page_size: limit.min(1000),
+                page_token: String::new(),
+            };
+            let mut runs = Vec::new();
+            loop {
+                let page = c.list_runs(req.clone()).await?.into_inner();
+                runs.extend(page.runs);
+                if page.next_page_token.is_empty() || runs.len() >= limit as usize {
+                    break;
+                }
+                req.page_token = page.next_page_token;
+            }
+            runs.truncate(limit as usize);
             output::runs(out.format(), &runs);
         }
         RunsCommand::Show { run, out } => {
@@ -685,9 +723,13 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
             let req = pb::CancelRunRequest { run_id: run, reason, step_id: step.clone().unwrap_or_default() };
             let resp = c.cancel_run(req).await?.into_inner();
             match (out.format(), step) {
-                (Format::Text, None) => println!("run {} {}", resp.run_id, resp.state),
+                (Format::Text, None) => println!("run {} {}", resp.run_id, output::run_state(resp.state)),
                 (Format::Text, Some(s)) => {
-                    println!("step {s} of run {} canceled; the run is {}", resp.run_id, resp.state)
+                    println!(
+                        "step {s} of run {} canceled; the run is {}",
+                        resp.run_id,
+                        output::run_state(resp.state)
+                    )
                 }
                 (f, _) => output::print_json(f, &resp),
             }
@@ -745,7 +787,13 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
             printer.finish();
         }
         RunsCommand::Report { run, format, out } => {
-            let r = c.get_report(pb::GetReportRequest { run_id: run, format }).await?.into_inner();
+            let format = match format.as_str() {
+                "json" => pb::ReportFormat::Json,
+                "html" => pb::ReportFormat::Html,
+                _ => pb::ReportFormat::Markdown,
+            };
+            let req = pb::GetReportRequest { run_id: run, format: format as i32 };
+            let r = c.get_report(req).await?.into_inner();
             match out {
                 Some(path) => {
                     std::fs::write(&path, &r.content)
@@ -758,7 +806,9 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
         RunsCommand::Release { run, out } => {
             let resp = c.release_run(pb::ReleaseRunRequest { run_id: run }).await?.into_inner();
             match out.format() {
-                Format::Text => println!("run {} released; it is {}", resp.run_id, resp.state),
+                Format::Text => {
+                    println!("run {} released; it is {}", resp.run_id, output::run_state(resp.state))
+                }
                 f => output::print_json(f, &resp),
             }
         }

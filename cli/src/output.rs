@@ -2,7 +2,9 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
-use baton_common::pb;
+use baton_common::breaker::BreakerState;
+use baton_common::state::{AgentState, RunState, StepState};
+use baton_common::{pb, proto};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +32,46 @@ fn print_list<T: Serialize>(format: Format, items: &[T]) {
         Format::Jsonl => items.iter().for_each(|i| print_json(format, i)),
         _ => print_json(format, items),
     }
+}
+
+/// Unix milliseconds of an optional timestamp; 0 when unset.
+pub fn ms(t: &Option<proto::Timestamp>) -> i64 {
+    t.as_ref().map_or(0, proto::millis)
+}
+
+/// Milliseconds of an optional span; -1 when unset.
+pub fn dur(d: &Option<proto::Duration>) -> i64 {
+    d.as_ref().map_or(-1, proto::duration_millis)
+}
+
+/// The name of an enum value of the protos: empty for unspecified, `unknown(N)` for a
+/// value this client does not know.
+fn named<S: Copy>(
+    v: i32,
+    from: fn(i32) -> Result<S, baton_common::state::UnknownState>,
+    name: fn(S) -> &'static str,
+) -> String {
+    match from(v) {
+        Ok(s) => name(s).to_string(),
+        Err(_) if v == 0 => String::new(),
+        Err(_) => format!("unknown({v})"),
+    }
+}
+
+pub fn run_state(v: i32) -> String {
+    named(v, RunState::from_pb, RunState::as_str)
+}
+
+pub fn step_state(v: i32) -> String {
+    named(v, StepState::from_pb, StepState::as_str)
+}
+
+fn agent_state(v: i32) -> String {
+    named(v, AgentState::from_pb, AgentState::as_str)
+}
+
+fn breaker_state(v: i32) -> String {
+    named(v, BreakerState::from_pb, BreakerState::as_str)
 }
 
 /// Unix milliseconds as UTC `YYYY-MM-DDTHH:MM:SSZ`; `-` for unset.
@@ -90,10 +132,10 @@ pub fn runs(format: Format, runs: &[pb::RunSummary]) {
             vec![
                 r.id.clone(),
                 r.workstream.clone(),
-                r.state.clone(),
+                run_state(r.state),
                 format!("{}/{}", p.done, p.total),
-                time(r.created_at_ms),
-                span(p.elapsed_ms),
+                time(ms(&r.created_at)),
+                span(dur(&p.elapsed)),
                 r.reason.clone(),
             ]
         })
@@ -108,12 +150,12 @@ pub fn run(format: Format, run: &pb::Run) {
     let p = run.progress.clone().unwrap_or_default();
     println!("Run:        {}", run.id);
     println!("Workstream: {}", run.workstream);
-    println!("State:      {}", run.state);
+    println!("State:      {}", run_state(run.state));
     if !run.reason.is_empty() {
         println!("Reason:     {}", run.reason);
     }
-    println!("Created:    {}", time(run.created_at_ms));
-    println!("Elapsed:    {}", span(p.elapsed_ms));
+    println!("Created:    {}", time(ms(&run.created_at)));
+    println!("Elapsed:    {}", span(dur(&p.elapsed)));
     println!("Progress:   {}/{} steps done ({:.0}%)", p.done, p.total, p.percent);
     println!();
     steps(&run.steps);
@@ -124,11 +166,9 @@ pub fn steps(steps: &[pb::Step]) {
     let rows = steps
         .iter()
         .map(|s| {
-            let duration = if s.started_at_ms > 0 && s.finished_at_ms >= s.started_at_ms {
-                span(s.finished_at_ms - s.started_at_ms)
-            } else {
-                "-".into()
-            };
+            let (started, finished) = (ms(&s.started_at), ms(&s.finished_at));
+            let duration =
+                if started > 0 && finished >= started { span(finished - started) } else { "-".into() };
             let agent = s.attempts.last().map(|a| a.agent_name.clone()).unwrap_or_default();
             let exit = s
                 .attempts
@@ -139,7 +179,7 @@ pub fn steps(steps: &[pb::Step]) {
             vec![
                 s.id.clone(),
                 s.tool.clone(),
-                s.state.clone(),
+                step_state(s.state),
                 s.attempt_count.to_string(),
                 duration,
                 if agent.is_empty() { "-".into() } else { agent },
@@ -205,10 +245,10 @@ pub fn breakers(format: Format, breakers: &[pb::Breaker]) {
             vec![
                 b.tool.clone(),
                 if b.agent_name.is_empty() { "(all agents)".into() } else { b.agent_name.clone() },
-                b.state.clone(),
+                breaker_state(b.state),
                 b.consecutive_failures.to_string(),
-                time(b.opened_at_ms),
-                time(b.half_open_at_ms),
+                time(ms(&b.opened_at)),
+                time(ms(&b.half_open_at)),
             ]
         })
         .collect();
@@ -228,9 +268,13 @@ pub fn agents(format: Format, agents: &[pb::Agent]) {
             labels.sort();
             vec![
                 a.name.clone(),
-                if a.draining { format!("{} (draining)", a.state) } else { a.state.clone() },
+                if a.draining {
+                    format!("{} (draining)", agent_state(a.state))
+                } else {
+                    agent_state(a.state)
+                },
                 format!("{}/{}", a.slots_used, a.slots),
-                format!("{} ago", span(now - a.last_seen_ms)),
+                format!("{} ago", span(now - ms(&a.last_seen))),
                 tools.join(","),
                 if labels.is_empty() { "-".into() } else { labels.join(",") },
                 a.id.clone(),
@@ -246,7 +290,7 @@ pub fn secrets(format: Format, secrets: &[pb::SecretInfo]) {
     }
     let rows = secrets
         .iter()
-        .map(|s| vec![s.name.clone(), time(s.created_at_ms), time(s.updated_at_ms), s.updated_by.clone()])
+        .map(|s| vec![s.name.clone(), time(ms(&s.created_at)), time(ms(&s.updated_at)), s.updated_by.clone()])
         .collect();
     table(&["NAME", "CREATED", "UPDATED", "UPDATED BY"], rows);
 }
@@ -259,9 +303,9 @@ pub fn tokens(format: Format, tokens: &[pb::TokenInfo]) {
     let rows = tokens
         .iter()
         .map(|t| {
-            let state = if t.revoked_at_ms > 0 {
+            let state = if t.revoked_at.is_some() {
                 "revoked"
-            } else if t.expires_at_ms > 0 && t.expires_at_ms <= now {
+            } else if t.expires_at.is_some() && ms(&t.expires_at) <= now {
                 "expired"
             } else {
                 "active"
@@ -270,8 +314,8 @@ pub fn tokens(format: Format, tokens: &[pb::TokenInfo]) {
                 t.name.clone(),
                 t.role.clone(),
                 state.to_string(),
-                time(t.created_at_ms),
-                if t.expires_at_ms > 0 { time(t.expires_at_ms) } else { "never".into() },
+                time(ms(&t.created_at)),
+                if t.expires_at.is_some() { time(ms(&t.expires_at)) } else { "never".into() },
                 t.created_by.clone(),
                 t.id.clone(),
             ]

@@ -7,7 +7,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use baton_common::pb;
-use baton_common::state::StepState;
+use baton_common::state::{RunState, StepState};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::Failure;
@@ -43,7 +43,7 @@ pub async fn watch(
                             // (An old quarantine, since released, is just history.)
                             if ev.kind == "run_quarantined"
                                 && let run = get(c, run_id).await?
-                                && run.state == "quarantined"
+                                && run.state == RunState::Quarantined.to_pb()
                             {
                                 view.finish(&run);
                                 eprintln!(
@@ -88,7 +88,7 @@ pub async fn watch(
     }
     let run = get(c, run_id).await?;
     view.finish(&run);
-    Ok(if run.state == "succeeded" { 0 } else { 1 })
+    Ok(if run.state == RunState::Succeeded.to_pb() { 0 } else { 1 })
 }
 
 async fn get(c: &mut Client, run_id: &str) -> Result<pb::Run, Failure> {
@@ -108,7 +108,7 @@ struct View {
 impl View {
     fn new(format: Format, run: &pb::Run) -> View {
         let states: HashMap<String, String> =
-            run.steps.iter().map(|s| (s.id.clone(), s.state.clone())).collect();
+            run.steps.iter().map(|s| (s.id.clone(), output::step_state(s.state))).collect();
         let total = run.steps.len() as u64;
         let bar = (format == Format::Text && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::new(total);
@@ -120,18 +120,20 @@ impl View {
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
         });
-        let eta_ms = run.progress.as_ref().map(|p| p.eta_ms).unwrap_or(-1);
+        let eta_ms = run.progress.as_ref().map_or(-1, |p| output::dur(&p.eta));
         let mut v = View { format, bar, states, total, eta_ms };
         v.refresh();
         v
     }
 
     fn event(&mut self, ev: &pb::RunEvent) {
-        if !ev.step_id.is_empty() && !ev.step_state.is_empty() {
-            self.states.insert(ev.step_id.clone(), ev.step_state.clone());
+        let step_state = output::step_state(ev.step_state);
+        if !ev.step_id.is_empty() && !step_state.is_empty() {
+            self.states.insert(ev.step_id.clone(), step_state);
         }
-        if let Some(p) = &ev.progress {
-            self.eta_ms = p.eta_ms;
+        // Events read back from the log carry no ETA; a live one updates it.
+        if let Some(eta) = ev.progress.as_ref().and_then(|p| p.eta.as_ref()) {
+            self.eta_ms = baton_common::proto::duration_millis(eta);
         }
         match self.format {
             Format::Json | Format::Jsonl => output::print_json(Format::Jsonl, ev),
@@ -190,15 +192,21 @@ impl View {
         }
         println!();
         output::steps(&run.steps);
-        let elapsed = run.progress.as_ref().map(|p| p.elapsed_ms).unwrap_or(0);
-        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        let elapsed = run.progress.as_ref().map_or(0, |p| output::dur(&p.elapsed).max(0));
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         for s in &run.steps {
-            *counts.entry(s.state.as_str()).or_default() += 1;
+            *counts.entry(output::step_state(s.state)).or_default() += 1;
         }
         let counts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
         println!();
-        print!("run {} {} in {} ({})", run.id, run.state, output::span(elapsed), counts.join(", "));
-        if !run.reason.is_empty() && run.state != "succeeded" {
+        print!(
+            "run {} {} in {} ({})",
+            run.id,
+            output::run_state(run.state),
+            output::span(elapsed),
+            counts.join(", ")
+        );
+        if !run.reason.is_empty() && run.state != RunState::Succeeded.to_pb() {
             print!(": {}", run.reason);
         }
         println!();
@@ -207,16 +215,16 @@ impl View {
 
 /// One event as a line of text.
 fn line(ev: &pb::RunEvent) -> String {
-    let t = output::time(ev.at_ms);
+    let t = output::time(output::ms(&ev.at));
     let clock = t.get(11..19).unwrap_or(&t);
     let mut s = format!("{clock}  #{:<4} {:<16}", ev.seq, ev.kind);
     if !ev.step_id.is_empty() {
         s.push_str(&format!(" {}", ev.step_id));
-        if !ev.step_state.is_empty() {
-            s.push_str(&format!(" [{}]", ev.step_state));
+        if ev.step_state != 0 {
+            s.push_str(&format!(" [{}]", output::step_state(ev.step_state)));
         }
-    } else if !ev.run_state.is_empty() {
-        s.push_str(&format!(" run [{}]", ev.run_state));
+    } else if ev.run_state != 0 {
+        s.push_str(&format!(" run [{}]", output::run_state(ev.run_state)));
     }
     if !ev.message.is_empty() {
         s.push_str(&format!("  {}", ev.message));

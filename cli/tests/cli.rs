@@ -88,7 +88,11 @@ async fn submit_watch_show_list_and_cancel() {
     // final state, as does resuming further on.
     let show = baton(&url, &["runs", "show", &run_id, "-o", "json"]).await;
     let run: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
-    let last = run["last_seq"].as_i64().unwrap_or_else(|| panic!("last_seq in {}", show.stdout));
+    // The protobuf JSON mapping: 64-bit integers as strings, enums by name.
+    let last: i64 = run["last_seq"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("last_seq in {}", show.stdout));
     for from in [last + 1, last + 50] {
         let from = from.to_string();
         let resumed = tokio::time::timeout(
@@ -104,7 +108,7 @@ async fn submit_watch_show_list_and_cancel() {
 
     let show = baton(&url, &["runs", "show", &run_id, "-o", "json"]).await;
     let run: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
-    assert_eq!(run["state"], "succeeded");
+    assert_eq!(run["state"], "RUN_STATE_SUCCEEDED");
     assert_eq!(run["steps"].as_array().unwrap().len(), 8);
     let text = baton(&url, &["runs", "show", &run_id]).await;
     assert!(text.stdout.contains("build-windows") && text.stdout.contains("succeeded"), "{}", text.stdout);
@@ -255,8 +259,8 @@ async fn quarantine_release_logs_step_cancel_and_breakers_from_the_command_line(
     assert!(out.stdout.starts_with(&format!("step long of run {id} canceled")), "{}", out.stdout);
     let show = baton(&url, &["runs", "show", &id, "-o", "json"]).await;
     let run: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
-    assert_eq!(run["state"], "failed");
-    assert_eq!(run["steps"][1]["state"], "skipped");
+    assert_eq!(run["state"], "RUN_STATE_FAILED");
+    assert_eq!(run["steps"][1]["state"], "STEP_STATE_SKIPPED");
 
     let b = baton(&url, &["breakers", "list"]).await;
     assert_eq!(b.code, 0);

@@ -4,9 +4,10 @@
 //! again. Pure: time comes in as Unix milliseconds.
 
 use std::collections::VecDeque;
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
+
+use crate::outcome::FailureClass;
 
 /// When a breaker trips and recovers, and which failure classes it counts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,7 +28,7 @@ pub struct BreakerPolicy {
     pub half_open_probes: u32,
     /// Failure classes that count against the tool. A shell step's non-zero exit is
     /// the user's failure, not the tool's, so it is not counted by default.
-    pub count: Vec<String>,
+    pub count: Vec<FailureClass>,
 }
 
 impl Default for BreakerPolicy {
@@ -39,7 +40,7 @@ impl Default for BreakerPolicy {
             min_requests: 10,
             cooldown_ms: 30_000,
             half_open_probes: 1,
-            count: vec!["tool_error".into(), "timeout".into()],
+            count: vec![FailureClass::ToolError, FailureClass::Timeout],
         }
     }
 }
@@ -54,47 +55,26 @@ impl BreakerPolicy {
             return Err("half_open_probes must be at least 1".into());
         }
         for c in &self.count {
-            if !crate::tools::FAILURE_CLASSES.contains(&c.as_str()) {
-                return Err(format!(
-                    "count: unknown failure class {c:?} (known: {})",
-                    crate::tools::FAILURE_CLASSES.join(", ")
-                ));
+            if !FailureClass::REPORTED.contains(c) {
+                return Err(format!("count: {c} is not a tool's failure (known: {})", FailureClass::known()));
             }
         }
         Ok(())
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BreakerState {
-    Closed,
-    Open,
-    HalfOpen,
-}
+crate::state::named_enum!(
+    /// `closed → open → half_open → closed | open`.
+    BreakerState, "breaker state", {
+        Closed => "closed",
+        Open => "open",
+        HalfOpen => "half_open",
+    }
+);
 
 impl BreakerState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BreakerState::Closed => "closed",
-            BreakerState::Open => "open",
-            BreakerState::HalfOpen => "half_open",
-        }
-    }
-
     pub fn parse(s: &str) -> Option<BreakerState> {
-        match s {
-            "closed" => Some(BreakerState::Closed),
-            "open" => Some(BreakerState::Open),
-            "half_open" => Some(BreakerState::HalfOpen),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for BreakerState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        s.parse().ok()
     }
 }
 
@@ -162,10 +142,15 @@ impl Breaker {
 
     /// A result: `None` for success, else the failure class. Returns the new state when
     /// it changed.
-    pub fn on_result(&mut self, p: &BreakerPolicy, now: i64, failure: Option<&str>) -> Option<BreakerState> {
+    pub fn on_result(
+        &mut self,
+        p: &BreakerPolicy,
+        now: i64,
+        failure: Option<FailureClass>,
+    ) -> Option<BreakerState> {
         let counted = match failure {
             None => false,
-            Some(class) if p.count.iter().any(|c| c == class) => true,
+            Some(class) if p.count.contains(&class) => true,
             // Not the tool's fault: neither a success nor a failure.
             Some(_) => {
                 self.probes = self.probes.saturating_sub(1);
@@ -248,7 +233,7 @@ mod tests {
             min_requests: 6,
             cooldown_ms: 500,
             half_open_probes: 1,
-            count: vec!["tool_error".into(), "timeout".into()],
+            count: vec![FailureClass::ToolError, FailureClass::Timeout],
         }
     }
 
@@ -256,9 +241,9 @@ mod tests {
     fn opens_after_consecutive_counted_failures() {
         let p = policy();
         let mut b = Breaker::new();
-        assert_eq!(b.on_result(&p, 1, Some("tool_error")), None);
-        assert_eq!(b.on_result(&p, 2, Some("timeout")), None);
-        assert_eq!(b.on_result(&p, 3, Some("tool_error")), Some(BreakerState::Open));
+        assert_eq!(b.on_result(&p, 1, Some(FailureClass::ToolError)), None);
+        assert_eq!(b.on_result(&p, 2, Some(FailureClass::Timeout)), None);
+        assert_eq!(b.on_result(&p, 3, Some(FailureClass::ToolError)), Some(BreakerState::Open));
         assert!(!b.admits(&p));
         assert_eq!(b.opened_at, 3);
     }
@@ -267,13 +252,13 @@ mod tests {
     fn uncounted_classes_and_successes_break_the_streak() {
         let p = policy();
         let mut b = Breaker::new();
-        b.on_result(&p, 1, Some("tool_error"));
-        b.on_result(&p, 2, Some("tool_error"));
-        assert_eq!(b.on_result(&p, 3, Some("nonzero_exit")), None, "not counted");
+        b.on_result(&p, 1, Some(FailureClass::ToolError));
+        b.on_result(&p, 2, Some(FailureClass::ToolError));
+        assert_eq!(b.on_result(&p, 3, Some(FailureClass::NonzeroExit)), None, "not counted");
         assert_eq!(b.consecutive, 2, "neutral: neither resets nor counts");
         b.on_result(&p, 4, None);
         assert_eq!(b.consecutive, 0);
-        assert_eq!(b.on_result(&p, 5, Some("tool_error")), None);
+        assert_eq!(b.on_result(&p, 5, Some(FailureClass::ToolError)), None);
         assert_eq!(b.state, BreakerState::Closed);
     }
 
@@ -284,19 +269,23 @@ mod tests {
         // Alternating: 50% failures, but only once six results are in.
         let mut opened = None;
         for i in 0..6 {
-            let failure = (i % 2 == 0).then_some("tool_error");
+            let failure = (i % 2 == 0).then_some(FailureClass::ToolError);
             if let Some(s) = b.on_result(&p, 100 + i, failure) {
                 opened = Some((i, s));
             }
         }
         assert_eq!(opened, None, "the sixth result is a success: 3/6 is reached only with a failure");
-        assert_eq!(b.on_result(&p, 110, Some("tool_error")), Some(BreakerState::Open));
+        assert_eq!(b.on_result(&p, 110, Some(FailureClass::ToolError)), Some(BreakerState::Open));
         // Old results leave the window.
         let mut b = Breaker::new();
         for i in 0..5 {
-            b.on_result(&p, i, Some("tool_error").filter(|_| i % 2 == 0));
+            b.on_result(&p, i, Some(FailureClass::ToolError).filter(|_| i % 2 == 0));
         }
-        assert_eq!(b.on_result(&p, 5_000, Some("tool_error")), None, "the window holds one result");
+        assert_eq!(
+            b.on_result(&p, 5_000, Some(FailureClass::ToolError)),
+            None,
+            "the window holds one result"
+        );
     }
 
     #[test]
@@ -304,7 +293,7 @@ mod tests {
         let p = BreakerPolicy { half_open_probes: 2, ..policy() };
         let mut b = Breaker::new();
         for t in 0..3 {
-            b.on_result(&p, t, Some("tool_error"));
+            b.on_result(&p, t, Some(FailureClass::ToolError));
         }
         assert_eq!(b.tick(&p, 400), None);
         assert_eq!(b.tick(&p, 502), Some(BreakerState::HalfOpen));
@@ -312,7 +301,7 @@ mod tests {
         b.on_dispatch();
         b.on_dispatch();
         assert!(!b.admits(&p), "two probes at most");
-        assert_eq!(b.on_result(&p, 600, Some("timeout")), Some(BreakerState::Open));
+        assert_eq!(b.on_result(&p, 600, Some(FailureClass::Timeout)), Some(BreakerState::Open));
         assert_eq!(b.opened_at, 600);
         assert_eq!(b.tick(&p, 1_100), Some(BreakerState::HalfOpen));
         b.on_dispatch();
@@ -335,8 +324,10 @@ mod tests {
     fn policy_check_names_the_field() {
         let bad = BreakerPolicy { failure_rate: 1.5, ..policy() };
         assert!(bad.check().unwrap_err().contains("failure_rate"));
-        let bad = BreakerPolicy { count: vec!["oops".into()], ..policy() };
-        assert!(bad.check().unwrap_err().contains("unknown failure class \"oops\""));
+        let bad = BreakerPolicy { count: vec![FailureClass::Canceled], ..policy() };
+        assert!(bad.check().unwrap_err().contains("count: canceled is not a tool's failure"));
+        let e = serde_norway::from_str::<BreakerPolicy>("count: [oops]").unwrap_err().to_string();
+        assert!(e.contains("unknown failure class \"oops\""), "{e}");
     }
 
     proptest! {
@@ -352,8 +343,8 @@ mod tests {
                 b.tick(&p, now);
                 match kind {
                     0 => { b.on_result(&p, now, None); }
-                    1 => { b.on_result(&p, now, Some("tool_error")); }
-                    2 => { b.on_result(&p, now, Some("nonzero_exit")); }
+                    1 => { b.on_result(&p, now, Some(FailureClass::ToolError)); }
+                    2 => { b.on_result(&p, now, Some(FailureClass::NonzeroExit)); }
                     _ => { if b.admits(&p) { b.on_dispatch(); } }
                 }
                 match b.state {

@@ -6,6 +6,7 @@ pub mod breaker;
 pub mod certs;
 pub mod connect;
 pub mod metrics;
+pub mod outcome;
 pub mod proto;
 pub mod redact;
 pub mod retry;

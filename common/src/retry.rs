@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::tools::FAILURE_CLASSES;
+use crate::outcome::FailureClass;
 
 /// A step's retry policy, with the workstream's defaults already applied.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -16,7 +16,7 @@ pub struct RetryPolicy {
     /// 0..=1: each delay is shortened by up to this fraction, at random.
     pub jitter: f64,
     /// Failure classes that are retried at all.
-    pub retry_on: Vec<String>,
+    pub retry_on: Vec<FailureClass>,
     /// Exit codes that fail the step at once, whatever budget is left.
     pub fail_fast_exit_codes: Vec<i32>,
     /// Attempts lost with their agent that the step survives. They do not spend
@@ -32,7 +32,7 @@ impl Default for RetryPolicy {
             max_ms: 60_000,
             multiplier: 2.0,
             jitter: 0.2,
-            retry_on: FAILURE_CLASSES.iter().map(|s| s.to_string()).collect(),
+            retry_on: FailureClass::REPORTED.to_vec(),
             fail_fast_exit_codes: Vec::new(),
             max_agent_lost: 3,
         }
@@ -50,8 +50,8 @@ pub enum Decision {
 
 /// The facts a decision is made from.
 #[derive(Debug, Clone, Copy)]
-pub struct Failure<'a> {
-    pub class: &'a str,
+pub struct Failure {
+    pub class: FailureClass,
     pub exit_code: Option<i32>,
     /// The step's own failed attempts so far, this one included (losses excluded).
     pub own_failures: u32,
@@ -61,11 +61,11 @@ pub struct Failure<'a> {
 
 impl RetryPolicy {
     /// Decides the step's fate after `f`. `random` in [0, 1) draws the jitter.
-    pub fn decide(&self, f: Failure<'_>, random: f64) -> Decision {
-        if !self.retry_on.iter().any(|c| c == f.class) {
+    pub fn decide(&self, f: Failure, random: f64) -> Decision {
+        if !self.retry_on.contains(&f.class) {
             return Decision::Fail { reason: format!("{} is not retried", f.class) };
         }
-        if f.class == "agent_lost" {
+        if f.class == FailureClass::AgentLost {
             return if f.lost <= self.max_agent_lost {
                 Decision::Retry { delay_ms: 0 }
             } else {
@@ -117,7 +117,7 @@ mod tests {
         }
     }
 
-    fn failure(class: &str, own: u32, lost: u32) -> Failure<'_> {
+    fn failure(class: FailureClass, own: u32, lost: u32) -> Failure {
         Failure { class, exit_code: Some(1), own_failures: own, lost }
     }
 
@@ -135,33 +135,41 @@ mod tests {
     #[test]
     fn retries_until_the_budget_is_spent() {
         let p = policy();
-        assert_eq!(p.decide(failure("nonzero_exit", 1, 0), 0.0), Decision::Retry { delay_ms: 100 });
-        assert_eq!(p.decide(failure("nonzero_exit", 2, 0), 0.0), Decision::Retry { delay_ms: 300 });
-        let Decision::Fail { reason } = p.decide(failure("nonzero_exit", 3, 0), 0.0) else { panic!() };
+        assert_eq!(
+            p.decide(failure(FailureClass::NonzeroExit, 1, 0), 0.0),
+            Decision::Retry { delay_ms: 100 }
+        );
+        assert_eq!(
+            p.decide(failure(FailureClass::NonzeroExit, 2, 0), 0.0),
+            Decision::Retry { delay_ms: 300 }
+        );
+        let Decision::Fail { reason } = p.decide(failure(FailureClass::NonzeroExit, 3, 0), 0.0) else {
+            panic!()
+        };
         assert_eq!(reason, "no retries left (3 of 3 attempts used)");
     }
 
     #[test]
     fn classes_not_listed_fail_at_once() {
-        let p = RetryPolicy { retry_on: vec!["timeout".into()], ..policy() };
-        assert!(matches!(p.decide(failure("nonzero_exit", 1, 0), 0.0), Decision::Fail { .. }));
-        assert!(matches!(p.decide(failure("timeout", 1, 0), 0.0), Decision::Retry { .. }));
-        assert!(matches!(p.decide(failure("agent_lost", 0, 1), 0.0), Decision::Fail { .. }));
+        let p = RetryPolicy { retry_on: vec![FailureClass::Timeout], ..policy() };
+        assert!(matches!(p.decide(failure(FailureClass::NonzeroExit, 1, 0), 0.0), Decision::Fail { .. }));
+        assert!(matches!(p.decide(failure(FailureClass::Timeout, 1, 0), 0.0), Decision::Retry { .. }));
+        assert!(matches!(p.decide(failure(FailureClass::AgentLost, 0, 1), 0.0), Decision::Fail { .. }));
     }
 
     #[test]
     fn agent_losses_have_their_own_budget() {
         let p = RetryPolicy { max_attempts: 1, max_agent_lost: 2, ..policy() };
         // The step's own budget is spent by nothing: losses retry at once.
-        assert_eq!(p.decide(failure("agent_lost", 0, 1), 0.5), Decision::Retry { delay_ms: 0 });
-        assert_eq!(p.decide(failure("agent_lost", 0, 2), 0.5), Decision::Retry { delay_ms: 0 });
-        assert!(matches!(p.decide(failure("agent_lost", 0, 3), 0.5), Decision::Fail { .. }));
+        assert_eq!(p.decide(failure(FailureClass::AgentLost, 0, 1), 0.5), Decision::Retry { delay_ms: 0 });
+        assert_eq!(p.decide(failure(FailureClass::AgentLost, 0, 2), 0.5), Decision::Retry { delay_ms: 0 });
+        assert!(matches!(p.decide(failure(FailureClass::AgentLost, 0, 3), 0.5), Decision::Fail { .. }));
     }
 
     #[test]
     fn fail_fast_exit_codes_skip_the_remaining_budget() {
         let p = RetryPolicy { fail_fast_exit_codes: vec![2], ..policy() };
-        let f = Failure { class: "nonzero_exit", exit_code: Some(2), own_failures: 1, lost: 0 };
+        let f = Failure { class: FailureClass::NonzeroExit, exit_code: Some(2), own_failures: 1, lost: 0 };
         let Decision::Fail { reason } = p.decide(f, 0.0) else { panic!() };
         assert_eq!(reason, "exit code 2 is in fail_fast_exit_codes");
         let f = Failure { exit_code: Some(1), ..f };

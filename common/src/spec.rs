@@ -9,6 +9,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::outcome::FailureClass;
 use crate::retry::RetryPolicy;
 use crate::template::{self, Ref};
 use crate::time::parse_duration;
@@ -774,15 +775,10 @@ fn retry_policy(base: &RetryPolicy, raw: &RawRetry) -> Result<RetryPolicy, Strin
         }
     }
     if let Some(classes) = &raw.retry_on {
-        for class in classes {
-            if !tools::FAILURE_CLASSES.contains(&class.as_str()) {
-                return Err(format!(
-                    "retry_on: unknown failure class {class:?} (known: {})",
-                    tools::FAILURE_CLASSES.join(", ")
-                ));
-            }
-        }
-        p.retry_on = classes.clone();
+        p.retry_on = classes
+            .iter()
+            .map(|c| FailureClass::parse_reported(c).map_err(|e| format!("retry_on: {e}")))
+            .collect::<Result<_, _>>()?;
     }
     if let Some(codes) = &raw.fail_fast_exit_codes {
         p.fail_fast_exit_codes = codes.clone();
@@ -1108,7 +1104,7 @@ steps:
         let b = &ws.steps[1];
         assert_eq!(b.retry.max_attempts, 5);
         assert_eq!(b.retry.initial_ms, 2_000, "unset fields come from the defaults");
-        assert_eq!(b.retry.retry_on, vec!["timeout"]);
+        assert_eq!(b.retry.retry_on, vec![FailureClass::Timeout]);
         assert_eq!(b.retry.fail_fast_exit_codes, vec![2, 3]);
         assert_eq!(b.retry.max_agent_lost, 1);
         assert_eq!(b.max_wait_ms, 10_000);

@@ -3,10 +3,6 @@
 //! Every state change in the engine goes through `transition`, so an illegal change is
 //! an error instead of a silent overwrite.
 
-use std::fmt;
-use std::str::FromStr;
-
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// An attempted state change that the state machine does not allow.
@@ -18,19 +14,21 @@ pub struct TransitionError {
     pub to: &'static str,
 }
 
-/// A state name that is not one of the machine's states.
+/// A name (or a protos' value, as `#N`) that is not one of the enum's.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("unknown {machine} state {name:?}")]
+#[error("unknown {machine} {name:?}")]
 pub struct UnknownState {
     pub machine: &'static str,
     pub name: String,
 }
 
-macro_rules! state_enum {
-    ($(#[$meta:meta])* $name:ident, $machine:literal, { $($variant:ident => $text:literal),+ $(,)? }) => {
+/// An enum of named values, stored and shown by name, with the matching enum of the
+/// protos: `from_pb` refuses a value it does not know (or "unspecified"), so a newer
+/// peer's value is an error, never taken for another.
+macro_rules! named_enum {
+    ($(#[$meta:meta])* $name:ident, $what:literal, { $($variant:ident => $text:literal),+ $(,)? }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(rename_all = "snake_case")]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub enum $name { $($variant),+ }
 
         impl $name {
@@ -40,6 +38,58 @@ macro_rules! state_enum {
                 match self { $($name::$variant => $text),+ }
             }
 
+            /// The value of the protos' enum field `v`.
+            pub fn from_pb(v: i32) -> Result<Self, $crate::state::UnknownState> {
+                match $crate::pb::$name::try_from(v) {
+                    $(Ok($crate::pb::$name::$variant) => Ok($name::$variant),)+
+                    _ => Err($crate::state::UnknownState { machine: $what, name: format!("#{v}") }),
+                }
+            }
+
+            /// The protos' value (as their enum fields hold it).
+            pub fn to_pb(self) -> i32 {
+                let v = match self { $($name::$variant => $crate::pb::$name::$variant),+ };
+                v as i32
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = $crate::state::UnknownState;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err($crate::state::UnknownState { machine: $what, name: s.to_string() }),
+                }
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+pub(crate) use named_enum;
+
+macro_rules! state_enum {
+    ($(#[$meta:meta])* $name:ident, $machine:literal, { $($variant:ident => $text:literal),+ $(,)? }) => {
+        named_enum!($(#[$meta])* $name, $machine, { $($variant => $text),+ });
+
+        impl $name {
             /// Moves to `to` when the machine allows it.
             pub fn transition(self, to: $name) -> Result<$name, TransitionError> {
                 if self.can_become(to) {
@@ -49,29 +99,13 @@ macro_rules! state_enum {
                 }
             }
         }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-
-        impl FromStr for $name {
-            type Err = UnknownState;
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                match s {
-                    $($text => Ok($name::$variant),)+
-                    _ => Err(UnknownState { machine: $machine, name: s.to_string() }),
-                }
-            }
-        }
     };
 }
 
 state_enum!(
     /// `pending → running → succeeded | failed | quarantined | canceled`;
     /// `quarantined → running` (release) or `→ canceled`.
-    RunState, "run", {
+    RunState, "run state", {
         Pending => "pending",
         Running => "running",
         Succeeded => "succeeded",
@@ -102,7 +136,7 @@ state_enum!(
     /// `waiting → ready → running → succeeded`; on failure `running → retry_wait → ready`
     /// or `→ failed`; `skipped` when an upstream step failed; `canceled`.
     /// `failed → ready` only when an operator releases a quarantined run.
-    StepState, "step", {
+    StepState, "step state", {
         Waiting => "waiting",
         Ready => "ready",
         Running => "running",
@@ -138,7 +172,7 @@ state_enum!(
     /// `assigned → running → succeeded | failed | timed_out | canceled | lost`.
     /// A result may arrive without a start report (the start was lost with a stream),
     /// so every final state is also reachable from `assigned`.
-    AttemptState, "attempt", {
+    AttemptState, "attempt state", {
         Assigned => "assigned",
         Running => "running",
         Succeeded => "succeeded",
@@ -167,7 +201,7 @@ state_enum!(
     /// An agent as the controller sees it: `connected ⇄ disconnected`; either `→ lost`
     /// once its lease runs out; `lost → connected` when it comes back. `connected →
     /// connected` is a new session replacing the old one.
-    AgentState, "agent", {
+    AgentState, "agent state", {
         Connected => "connected",
         Disconnected => "disconnected",
         Lost => "lost",
@@ -219,7 +253,7 @@ mod tests {
             (Canceled, Running),
         ] {
             let err = a.transition(b).unwrap_err();
-            assert_eq!(err.to_string(), format!("illegal run transition {a} -> {b}"));
+            assert_eq!(err.to_string(), format!("illegal run state transition {a} -> {b}"));
         }
         for t in [Succeeded, Failed, Canceled] {
             for &to in RunState::ALL {

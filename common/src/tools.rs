@@ -6,11 +6,10 @@
 
 use serde_json::{Map, Value};
 
+use crate::outcome::FailureClass;
+
 /// Every tool a step may name.
 pub const KNOWN_TOOLS: &[&str] = &["shell", "python", "aider", "noop", "echo", "sleep", "fail", "wait_for"];
-
-/// Failure classes a tool can report.
-pub const FAILURE_CLASSES: &[&str] = &["nonzero_exit", "timeout", "agent_lost", "tool_error"];
 
 pub fn is_known(tool: &str) -> bool {
     KNOWN_TOOLS.contains(&tool)
@@ -78,9 +77,9 @@ pub fn check_input(tool: &str, with: &Map<String, Value>) -> Result<(), String> 
         "fail" => {
             only_keys(with, &["class", "message", "exit_code"])?;
             if let Some(c) = with.get("class") {
-                let ok = c.as_str().is_some_and(|c| FAILURE_CLASSES.contains(&c) || is_expr(c));
+                let ok = c.as_str().is_some_and(|c| FailureClass::parse_reported(c).is_ok() || is_expr(c));
                 if !ok {
-                    return Err(format!("with.class must be one of {}", FAILURE_CLASSES.join(", ")));
+                    return Err(format!("with.class must be one of {}", FailureClass::known()));
                 }
             }
             Ok(())

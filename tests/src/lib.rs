@@ -18,6 +18,93 @@ pub use baton_common::auth::Role;
 pub use baton_common::pb as proto;
 pub use baton_controller::auth::AuthMode;
 
+/// Unix milliseconds of an optional timestamp of the API; 0 when unset.
+pub fn ms(t: &Option<baton_common::proto::Timestamp>) -> i64 {
+    t.as_ref().map_or(0, baton_common::proto::millis)
+}
+
+/// The name of an enum value of the API (`succeeded`, `timed_out`, ...); empty for
+/// unspecified.
+fn name<S>(
+    v: i32,
+    from: fn(i32) -> Result<S, baton_common::state::UnknownState>,
+    s: fn(S) -> &'static str,
+) -> &'static str {
+    from(v).map_or("", s)
+}
+
+/// The state of an API message by name, as tests compare it.
+pub trait StateName {
+    fn state_name(&self) -> &'static str;
+}
+
+macro_rules! state_name {
+    ($($t:ty => $e:ty),+ $(,)?) => {
+        $(impl StateName for $t {
+            fn state_name(&self) -> &'static str {
+                name(self.state, <$e>::from_pb, <$e>::as_str)
+            }
+        })+
+    };
+}
+
+use baton_common::state::{AgentState, AttemptState, RunState, StepState};
+state_name!(
+    pb::Run => RunState,
+    pb::RunSummary => RunState,
+    pb::CancelRunResponse => RunState,
+    pb::ReleaseRunResponse => RunState,
+    pb::Step => StepState,
+    pb::Attempt => AttemptState,
+    pb::Agent => AgentState,
+    pb::Breaker => baton_common::breaker::BreakerState,
+);
+
+/// A result of the API as JSON text (empty when unset), as the store keeps it.
+pub fn result_text(v: &Option<baton_common::proto::Value>) -> String {
+    baton_common::proto::text_of_value(v.as_ref())
+}
+
+/// Params for a submit.
+pub fn params(kv: &[(&str, &str)]) -> Option<baton_common::proto::Struct> {
+    let m = kv.iter().map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string()))).collect();
+    Some(baton_common::proto::structure(m))
+}
+
+/// A run's param by name, as text.
+pub fn param(run: &pb::Run, key: &str) -> Option<String> {
+    let v = run.params.as_ref()?.fields.get(key)?;
+    baton_common::proto::json(v).as_str().map(str::to_string)
+}
+
+/// An attempt's failure class by name; empty when it did not fail.
+pub fn class_name(a: &pb::Attempt) -> &'static str {
+    name(
+        a.failure_class,
+        baton_common::outcome::FailureClass::from_pb,
+        baton_common::outcome::FailureClass::as_str,
+    )
+}
+
+/// The states an event names, by name.
+pub trait EventStates {
+    fn run_state_name(&self) -> &'static str;
+    fn step_state_name(&self) -> &'static str;
+    fn attempt_state_name(&self) -> &'static str;
+}
+
+impl EventStates for pb::RunEvent {
+    fn run_state_name(&self) -> &'static str {
+        name(self.run_state, RunState::from_pb, RunState::as_str)
+    }
+    fn step_state_name(&self) -> &'static str {
+        name(self.step_state, StepState::from_pb, StepState::as_str)
+    }
+    fn attempt_state_name(&self) -> &'static str {
+        name(self.attempt_state, AttemptState::from_pb, AttemptState::as_str)
+    }
+}
+
 pub type Client = BatonServiceClient<AuthChannel>;
 pub type Admin = AdminServiceClient<AuthChannel>;
 
@@ -408,7 +495,7 @@ impl Sandbox {
         labels: std::collections::HashMap<String, String>,
     ) -> pb::CreateJoinTokenResponse {
         let mut a = self.admin_as(self.admin_token.as_deref()).await;
-        a.create_join_token(pb::CreateJoinTokenRequest { ttl_ms: 0, uses, labels })
+        a.create_join_token(pb::CreateJoinTokenRequest { ttl: None, uses, labels })
             .await
             .expect("create join token")
             .into_inner()
@@ -417,7 +504,7 @@ impl Sandbox {
     /// A new API token with `role`, made with the admin token.
     pub async fn token(&self, name: &str, role: Role) -> String {
         let mut a = self.admin_as(self.admin_token.as_deref()).await;
-        a.create_token(pb::CreateTokenRequest { name: name.into(), role: role.to_string(), ttl_ms: 0 })
+        a.create_token(pb::CreateTokenRequest { name: name.into(), role: role.to_string(), ttl: None })
             .await
             .expect("create token")
             .into_inner()
@@ -431,7 +518,7 @@ impl Sandbox {
             let mut c = c.clone();
             async move {
                 let agents = c.list_agents(pb::ListAgentsRequest {}).await.ok()?.into_inner().agents;
-                (agents.iter().filter(|a| a.state == "connected").count() >= n).then_some(())
+                (agents.iter().filter(|a| a.state_name() == "connected").count() >= n).then_some(())
             }
         })
         .await;
@@ -568,7 +655,7 @@ pub async fn wait_event(
 /// Waits until the run is final and returns it.
 pub async fn wait_run(c: &mut Client, run_id: &str, within: Duration) -> pb::Run {
     wait_event(c, run_id, within, |e| {
-        e.kind.starts_with("run_") && matches!(e.run_state.as_str(), "succeeded" | "failed" | "canceled")
+        e.kind.starts_with("run_") && matches!(e.run_state_name(), "succeeded" | "failed" | "canceled")
     })
     .await;
     get_run(c, run_id).await

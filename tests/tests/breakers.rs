@@ -40,18 +40,18 @@ async fn an_agent_whose_tool_keeps_failing_is_skipped_and_its_breaker_persists(b
     }
     let id = sb.submit(&spec).await;
     let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
-    assert_eq!(run.state, "succeeded", "steps retried on the healthy agent");
+    assert_eq!(run.state_name(), "succeeded", "steps retried on the healthy agent");
     let on_bad: Vec<&proto::Attempt> =
         run.steps.iter().flat_map(|s| &s.attempts).filter(|a| a.agent_name == "agent-1").collect();
     assert_eq!(on_bad.len(), 2, "no attempt went to agent-1 after its second failure");
-    assert!(on_bad.iter().all(|a| a.state == "failed"));
+    assert!(on_bad.iter().all(|a| a.state_name() == "failed"));
     let events = all_events(&mut c, &id).await;
     let opened = events.iter().find(|e| e.kind == "breaker_opened").expect("breaker_opened event");
     assert_eq!(opened.message, "breaker of tool shell on agent agent-1 open after a nonzero_exit failure");
 
     let list = breakers(&mut c).await;
     let state = |list: &[proto::Breaker], agent: &str| {
-        list.iter().find(|b| b.tool == "shell" && b.agent_name == agent).map(|b| b.state.clone())
+        list.iter().find(|b| b.tool == "shell" && b.agent_name == agent).map(|b| b.state_name().to_string())
     };
     assert_eq!(state(&list, "agent-1").as_deref(), Some("open"));
     assert_eq!(state(&list, "agent-2").as_deref(), Some("closed"));
@@ -91,10 +91,10 @@ async fn steps_wait_while_breakers_are_open_and_a_probe_closes_them(backend: Bac
     wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "step_ready" && e.step_id == "x").await;
     let run = get_run(&mut c, &id).await;
     let x = step(&run, "x");
-    assert_eq!(x.state, "ready");
+    assert_eq!(x.state_name(), "ready");
     assert_eq!(x.reason, "waiting: the breakers of tool shell are open on every agent that has it (agent-1)");
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
-    assert_eq!(run.state, "succeeded");
+    assert_eq!(run.state_name(), "succeeded");
     let kinds: Vec<String> = all_events(&mut c, &id)
         .await
         .into_iter()
@@ -104,7 +104,7 @@ async fn steps_wait_while_breakers_are_open_and_a_probe_closes_them(backend: Bac
     assert_eq!(kinds, vec!["breaker_opened", "breaker_half_open", "breaker_closed"]);
     let x = step(&run, "x");
     assert!(
-        x.attempts[1].assigned_at_ms - x.attempts[0].finished_at_ms >= 1000,
+        ms(&x.attempts[1].assigned_at) - ms(&x.attempts[0].finished_at) >= 1000,
         "the probe waited for the cooldown"
     );
 }
@@ -125,7 +125,7 @@ async fn waiting_on_open_breakers_past_max_wait_quarantines_the_run(backend: Bac
         "step \"y\" waited 500ms (max_wait) for an agent: the breakers of tool shell are open on every agent that has it (agent-1)"
     );
     let run = get_run(&mut c, &id).await;
-    assert_eq!(run.state, "quarantined");
+    assert_eq!(run.state_name(), "quarantined");
     assert_eq!(step(&run, "y").attempts.len(), 1, "it waited; it did not burn its retries");
 }
 

@@ -16,19 +16,19 @@ async fn fan_out_and_join_runs_in_dependency_order_across_agents(backend: Backen
     let mut c = sb.client().await;
     let id = sb.submit(HELLO).await;
     let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
-    assert_eq!(run.state, "succeeded", "{run:#?}");
+    assert_eq!(run.state_name(), "succeeded", "{run:#?}");
     assert_eq!(run.steps.len(), 8);
     let progress = run.progress.clone().unwrap();
     assert_eq!((progress.done, progress.total), (8, 8));
     for s in &run.steps {
-        assert_eq!(s.state, "succeeded", "step {}", s.id);
+        assert_eq!(s.state_name(), "succeeded", "step {}", s.id);
         assert_eq!(s.attempts.len(), 1, "step {} ran once", s.id);
         assert_eq!(s.attempts[0].exit_code, Some(0));
         // A step starts only after every step it needs has finished.
         for n in &s.needs {
             let up = step(&run, n);
             assert!(
-                s.attempts[0].assigned_at_ms >= up.finished_at_ms,
+                ms(&s.attempts[0].assigned_at) >= ms(&up.finished_at),
                 "{} started before {} finished",
                 s.id,
                 n
@@ -40,8 +40,8 @@ async fn fan_out_and_join_runs_in_dependency_order_across_agents(backend: Backen
     // The three builds ran side by side (each sleeps 300ms) on both agents.
     let builds: Vec<&proto::Attempt> =
         ["build-linux", "build-mac", "build-windows"].iter().map(|b| &step(&run, b).attempts[0]).collect();
-    let first_end = builds.iter().map(|a| a.finished_at_ms).min().unwrap();
-    let last_start = builds.iter().map(|a| a.started_at_ms).max().unwrap();
+    let first_end = builds.iter().map(|a| ms(&a.finished_at)).min().unwrap();
+    let last_start = builds.iter().map(|a| ms(&a.started_at)).max().unwrap();
     assert!(last_start < first_end, "builds did not overlap");
     let agents: std::collections::HashSet<&str> =
         run.steps.iter().map(|s| s.attempts[0].agent_name.as_str()).collect();
@@ -84,18 +84,18 @@ steps:
         )
         .await;
     let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
-    assert_eq!(run.state, "failed");
+    assert_eq!(run.state_name(), "failed");
     assert_eq!(run.reason, "step \"compile\" failed");
-    assert_eq!(step(&run, "prepare").state, "succeeded");
+    assert_eq!(step(&run, "prepare").state_name(), "succeeded");
     let compile = step(&run, "compile");
-    assert_eq!(compile.state, "failed");
+    assert_eq!(compile.state_name(), "failed");
     assert_eq!(compile.attempts[0].exit_code, Some(3));
-    assert_eq!(compile.attempts[0].error_class, "nonzero_exit");
+    assert_eq!(class_name(&compile.attempts[0]), "nonzero_exit");
     assert!(compile.attempts[0].output_tail.contains("broken"));
     assert!(compile.reason.contains("exit code 3"), "{}", compile.reason);
     for s in ["test", "publish"] {
         let st = step(&run, s);
-        assert_eq!(st.state, "skipped", "{s}");
+        assert_eq!(st.state_name(), "skipped", "{s}");
         assert!(st.attempts.is_empty(), "{s} never ran");
         assert_eq!(st.reason, "upstream step \"compile\" failed");
     }
@@ -135,22 +135,22 @@ steps:
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(resp.state, "canceled");
+    assert_eq!(resp.state_name(), "canceled");
     eventually(Duration::from_secs(3), "the tool to be killed", || async move {
         (!process_alive(pid)).then_some(())
     })
     .await;
     let run = get_run(&mut c, &id).await;
-    assert_eq!(run.state, "canceled");
+    assert_eq!(run.state_name(), "canceled");
     assert_eq!(run.reason, "test says stop");
-    assert_eq!(step(&run, "long").state, "canceled");
-    assert_eq!(step(&run, "long").attempts[0].state, "canceled");
-    assert_eq!(step(&run, "after").state, "canceled");
+    assert_eq!(step(&run, "long").state_name(), "canceled");
+    assert_eq!(step(&run, "long").attempts[0].state_name(), "canceled");
+    assert_eq!(step(&run, "after").state_name(), "canceled");
     assert!(step(&run, "after").attempts.is_empty());
     // Canceling again is harmless; the run stays canceled.
     let again =
         c.cancel_run(proto::CancelRunRequest { run_id: id.clone(), ..Default::default() }).await.unwrap();
-    assert_eq!(again.into_inner().state, "canceled");
+    assert_eq!(again.into_inner().state_name(), "canceled");
 }
 
 async fn invalid_specs_are_rejected_over_grpc_and_nothing_is_stored(backend: Backend) {
@@ -257,7 +257,7 @@ async fn a_deeply_nested_spec_is_refused_at_once_and_stalls_nothing(backend: Bac
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().starts_with("deep.yaml:5: collections nested 65 deep"), "{}", e.message());
     let id = ok.unwrap().into_inner().run_id;
-    assert_eq!(wait_run(&mut c, &id, Duration::from_secs(20)).await.state, "succeeded");
+    assert_eq!(wait_run(&mut c, &id, Duration::from_secs(20)).await.state_name(), "succeeded");
 }
 
 on_both!(

@@ -193,7 +193,7 @@ impl Drill {
         );
         d.join = a
             .create_join_token(proto::CreateJoinTokenRequest {
-                ttl_ms: 0,
+                ttl: None,
                 uses: 100,
                 labels: Default::default(),
             })
@@ -287,7 +287,7 @@ impl Drill {
             let mut c = c.clone();
             async move {
                 let agents = c.list_agents(proto::ListAgentsRequest {}).await.ok()?.into_inner().agents;
-                (agents.iter().filter(|a| a.state == "connected").count() >= n).then_some(())
+                (agents.iter().filter(|a| a.state_name() == "connected").count() >= n).then_some(())
             }
         })
         .await;
@@ -322,9 +322,9 @@ impl Drill {
         let mut r = Report::default();
         for id in runs {
             let run = get_run(&mut c, id).await;
-            r.final_runs += usize::from(matches!(run.state.as_str(), "succeeded" | "failed" | "canceled"));
+            r.final_runs += usize::from(matches!(run.state_name(), "succeeded" | "failed" | "canceled"));
             for s in &run.steps {
-                let ok = s.attempts.iter().filter(|a| a.state == "succeeded").count();
+                let ok = s.attempts.iter().filter(|a| a.state_name() == "succeeded").count();
                 r.steps += 1;
                 r.accepted_successes_over_one += ok.saturating_sub(1);
                 r.lost_steps += usize::from(ok == 0);
@@ -481,12 +481,12 @@ async fn partition(how: Cut) {
     wait_moved_to_agent_1(&mut c, &run).await;
     d.net.heal();
     let done = wait_run(&mut c, &run, Duration::from_secs(60)).await;
-    assert_eq!(done.state, "succeeded");
+    assert_eq!(done.state_name(), "succeeded");
     let report = d.check(std::slice::from_ref(&run)).await;
     report.assert_clean(1);
     assert!(report.executions >= 4, "both steps ran on both agents: {report:?}");
     for s in &done.steps {
-        assert_eq!(s.attempts[0].state, "lost", "{s:?}");
+        assert_eq!(s.attempts[0].state_name(), "lost", "{s:?}");
         assert_eq!(s.attempts[0].agent_name, "agent-0");
     }
 }
@@ -546,13 +546,13 @@ async fn an_agent_killed_and_restarted_ends_what_it_left_running_before_taking_w
     d.agents.get_mut(&0).unwrap().kill9();
     d.start_agent(0, 2);
     let done = wait_run(&mut c, &run, Duration::from_secs(60)).await;
-    assert_eq!(done.state, "succeeded");
+    assert_eq!(done.state_name(), "succeeded");
     let report = d.check(std::slice::from_ref(&run)).await;
     report.assert_clean(1);
     assert_eq!(report.executions, 4, "each step ran before the kill and after: {report:?}");
     for s in &done.steps {
-        assert_eq!(s.attempts[0].state, "lost", "{s:?}");
-        assert_eq!(s.attempts.last().unwrap().state, "succeeded", "{s:?}");
+        assert_eq!(s.attempts[0].state_name(), "lost", "{s:?}");
+        assert_eq!(s.attempts.last().unwrap().state_name(), "succeeded", "{s:?}");
     }
     let log = d.agents[&0].logs();
     assert!(log.contains("still recorded as running; ended it"), "{log}");
@@ -639,7 +639,7 @@ async fn a_full_disk_pauses_the_controller_which_resumes_by_itself_and_loses_no_
     get_run(&mut c, &run).await;
     disk.free();
     let done = wait_run(&mut c, &run, Duration::from_secs(120)).await;
-    assert_eq!(done.state, "succeeded");
+    assert_eq!(done.state_name(), "succeeded");
     for s in &done.steps {
         let text = log_text(&logs(&mut c, &run, &s.id, 0, false).await);
         let got = text.lines().filter(|l| l.starts_with(&format!("{} line", s.id))).count();
@@ -705,7 +705,7 @@ async fn a_storm_of_controller_kills_loses_nothing_and_runs_nothing_twice_at_onc
         // Let some work happen under this controller (a few events), then kill it.
         let mut c = d.client().await;
         let before = get_run(&mut c, &run).await;
-        if matches!(before.state.as_str(), "succeeded" | "failed" | "canceled") {
+        if matches!(before.state_name(), "succeeded" | "failed" | "canceled") {
             break;
         }
         let seen = before.last_seq;
@@ -714,7 +714,7 @@ async fn a_storm_of_controller_kills_loses_nothing_and_runs_nothing_twice_at_onc
             let run = run.clone();
             async move {
                 let r = c.get_run(proto::GetRunRequest { run_id: run }).await.ok()?.into_inner().run?;
-                (r.last_seq > seen + 3 || r.state == "succeeded").then_some(())
+                (r.last_seq > seen + 3 || r.state_name() == "succeeded").then_some(())
             }
         })
         .await;
@@ -727,7 +727,7 @@ async fn a_storm_of_controller_kills_loses_nothing_and_runs_nothing_twice_at_onc
     let done = wait_run(&mut c, &run, Duration::from_secs(180)).await;
     eprintln!("drill: {kills} controller kills during the run ({progressed} with progress before them)");
     assert!(kills >= 20, "the run ended after only {kills} kills: make it longer");
-    assert_eq!(done.state, "succeeded");
+    assert_eq!(done.state_name(), "succeeded");
     let report = d.check(std::slice::from_ref(&run)).await;
     report.assert_clean(1);
     assert_eq!(report.steps, 200);
@@ -829,7 +829,7 @@ async fn a_slow_lossy_link_delays_work_but_runs_nothing_twice_at_once() {
     let spec = mixed_dag(&d, 6, 6);
     let run = d.submit_spec(spec).await;
     let done = wait_run(&mut c, &run, Duration::from_secs(180)).await;
-    assert_eq!(done.state, "succeeded");
+    assert_eq!(done.state_name(), "succeeded");
     let report = d.check(std::slice::from_ref(&run)).await;
     report.assert_clean(1);
     let slow_ran = done.steps.iter().filter(|s| s.attempts.iter().any(|a| a.agent_name == "agent-0")).count();
@@ -864,7 +864,7 @@ async fn an_agent_stopped_past_its_lease_has_its_tools_ended_by_its_warden() {
     .await;
     d.agents[&0].signal(nix::sys::signal::Signal::SIGCONT);
     let done = wait_run(&mut c, &run, Duration::from_secs(60)).await;
-    assert_eq!(done.state, "succeeded");
+    assert_eq!(done.state_name(), "succeeded");
     let report = d.check(std::slice::from_ref(&run)).await;
     report.assert_clean(1);
     assert!(report.executions >= 4, "{report:?}");
@@ -914,7 +914,7 @@ async fn submits_cut_off_by_controller_kills_are_retried_and_create_one_run_each
     }
     let mut c = d.client().await;
     let runs = c
-        .list_runs(proto::ListRunsRequest { limit: 100, ..Default::default() })
+        .list_runs(proto::ListRunsRequest { page_size: 100, ..Default::default() })
         .await
         .unwrap()
         .into_inner()

@@ -26,7 +26,7 @@ async fn agents_enroll_with_a_join_token_keep_their_credential_and_run_steps() {
     let mut sb = Sandbox::builder().auth(AuthMode::Required).agents(2).build().await;
     let mut c = sb.client().await;
     let id = submit(&mut c, "name: e\nsteps:\n  - {id: a, tool: shell, with: {run: 'echo ok'}}\n  - {id: b, needs: a, tool: noop}\n").await;
-    assert_eq!(wait_run(&mut c, &id, Duration::from_secs(30)).await.state, "succeeded");
+    assert_eq!(wait_run(&mut c, &id, Duration::from_secs(30)).await.state_name(), "succeeded");
     // The credential is on the agent's disk for its user only, and only its hash in the
     // database.
     let path = sb.dir.path().join("agent-1").join("agent-credential");
@@ -71,11 +71,14 @@ async fn used_up_and_expired_join_tokens_are_refused_and_labels_come_from_the_to
 
     let mut admin = sb.admin_as(sb.admin_token.as_deref()).await;
     let short = admin
-        .create_join_token(proto::CreateJoinTokenRequest { ttl_ms: 1, ..Default::default() })
+        .create_join_token(proto::CreateJoinTokenRequest {
+            ttl: Some(baton_common::proto::duration(1)),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
-    let wait = (short.expires_at_ms - baton_common::time::now_ms()).max(0) as u64 + 1;
+    let wait = (ms(&short.expires_at) - baton_common::time::now_ms()).max(0) as u64 + 1;
     tokio::time::sleep(Duration::from_millis(wait)).await;
     let mut late = sb.agent_config("late", 1);
     late.join_token = Some(short.token);
@@ -154,12 +157,17 @@ async fn an_agent_cannot_pose_as_another_nor_report_on_its_attempts() {
         data: b"forged\n".to_vec(),
     }))
     .await;
-    for outcome in ["succeeded", "canceled"] {
+    for outcome in [proto::Outcome::Succeeded, proto::Outcome::Canceled] {
         b.send(Msg::Finished(proto::AttemptFinished {
             attempt: Some(stolen.clone()),
-            outcome: outcome.into(),
+            outcome: outcome as i32,
+            failure_class: if outcome == proto::Outcome::Canceled {
+                proto::FailureClass::Canceled as i32
+            } else {
+                0
+            },
             exit_code: Some(0),
-            result_json: "{\"by\": \"b\"}".into(),
+            result: Some(baton_common::proto::value(serde_json::json!({"by": "b"}))),
             ..Default::default()
         }))
         .await;
@@ -173,12 +181,12 @@ async fn an_agent_cannot_pose_as_another_nor_report_on_its_attempts() {
     })
     .await;
     let run = get_run(&mut c, &id).await;
-    assert_eq!(run.steps[0].state, "running", "B's reports changed nothing");
+    assert_eq!(run.steps[0].state_name(), "running", "B's reports changed nothing");
     // A finishes for real, and its result is the one accepted.
     std::fs::write(format!("{}.go", out.display()), "\n").unwrap();
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
-    assert_eq!(run.state, "succeeded");
-    assert_eq!(run.steps[0].result_json, "{\"by\":\"a\"}");
+    assert_eq!(run.state_name(), "succeeded");
+    assert_eq!(result_text(&run.steps[0].result), "{\"by\":\"a\"}");
     assert_eq!(run.steps[0].attempts.len(), 1);
     assert_eq!(run.steps[0].attempts[0].agent_name, "agent-1");
     let text = log_text(&logs(&mut c, &id, "work", 0, false).await);
@@ -200,7 +208,7 @@ async fn a_revoked_agent_is_cut_off_at_once_and_refused_afterwards() {
     assert_eq!(r.closed, 1, "its open session was closed by the call");
     let agents = c.list_agents(proto::ListAgentsRequest {}).await.unwrap().into_inner().agents;
     let doomed = agents.iter().find(|a| a.name == "doomed").unwrap();
-    assert_ne!(doomed.state, "connected", "no longer connected once the call returned");
+    assert_ne!(doomed.state_name(), "connected", "no longer connected once the call returned");
     // The agent hears of it, tries again, is refused and stops.
     let err = tokio::time::timeout(Duration::from_secs(20), task).await.unwrap().unwrap().unwrap_err();
     eprintln!("revoked agent stopped {:?} after the revoke call", started.elapsed());
@@ -221,12 +229,12 @@ async fn a_revoked_agent_is_cut_off_at_once_and_refused_afterwards() {
         let mut c = c.clone();
         async move {
             let agents = c.list_agents(proto::ListAgentsRequest {}).await.ok()?.into_inner().agents;
-            agents.iter().any(|a| a.name == "reborn" && a.state == "connected").then_some(())
+            agents.iter().any(|a| a.name == "reborn" && a.state_name() == "connected").then_some(())
         }
     })
     .await;
     // The other agent is untouched and work goes on.
     let id = submit(&mut c, "name: w\nsteps:\n  - {id: a, tool: noop}\n").await;
-    assert_eq!(wait_run(&mut c, &id, Duration::from_secs(20)).await.state, "succeeded");
+    assert_eq!(wait_run(&mut c, &id, Duration::from_secs(20)).await.state_name(), "succeeded");
     sb.stop_agent("agent-1").await;
 }

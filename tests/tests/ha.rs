@@ -78,7 +78,7 @@ impl Cluster {
             let mut c = c.clone();
             async move {
                 let agents = c.list_agents(proto::ListAgentsRequest {}).await.ok()?.into_inner().agents;
-                (agents.iter().filter(|a| a.state == "connected").count() == 2).then_some(())
+                (agents.iter().filter(|a| a.state_name() == "connected").count() == 2).then_some(())
             }
         })
         .await;
@@ -99,7 +99,7 @@ impl Drop for Cluster {
 /// Each step has exactly one accepted (succeeded) attempt and the log has no gap.
 async fn check_exactly_once(c: &mut Client, run: &proto::Run) {
     for s in &run.steps {
-        let ok = s.attempts.iter().filter(|a| a.state == "succeeded").count();
+        let ok = s.attempts.iter().filter(|a| a.state_name() == "succeeded").count();
         assert_eq!(ok, 1, "step {} has {ok} successes: {:#?}", s.id, s.attempts);
     }
     let events = all_events(c, &run.id).await;
@@ -148,7 +148,7 @@ async fn when_the_leader_is_killed_the_standby_takes_over_and_the_run_completes(
 
     let mut c = connect(&cluster.urls[1]).await;
     let run = wait_run(&mut c, &id, Duration::from_secs(60)).await;
-    assert_eq!(run.state, "succeeded", "{}", cluster.log(1));
+    assert_eq!(run.state_name(), "succeeded", "{}", cluster.log(1));
     assert_eq!(run.steps.len(), 50);
     check_exactly_once(&mut c, &run).await;
     let watched = watch.wait_with_output().await.unwrap();
@@ -172,7 +172,7 @@ async fn when_the_leader_is_killed_the_standby_takes_over_and_the_run_completes(
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(shown["state"], "succeeded");
+    assert_eq!(shown["state"], "RUN_STATE_SUCCEEDED");
     let _ = &cluster.dir;
 }
 
@@ -203,7 +203,7 @@ async fn a_paused_leader_that_comes_back_commits_nothing() {
         let mut c = c2.clone();
         async move {
             let agents = c.list_agents(proto::ListAgentsRequest {}).await.ok()?.into_inner().agents;
-            (agents.iter().filter(|a| a.state == "connected").count() == 2).then_some(())
+            (agents.iter().filter(|a| a.state_name() == "connected").count() == 2).then_some(())
         }
     })
     .await;
@@ -221,7 +221,7 @@ async fn a_paused_leader_that_comes_back_commits_nothing() {
 
     let mut c = c2.clone();
     let run = wait_run(&mut c, &id, Duration::from_secs(60)).await;
-    assert_eq!(run.state, "succeeded");
+    assert_eq!(run.state_name(), "succeeded");
     for s in &run.steps {
         assert_eq!(s.attempts.len(), 1, "no attempt was lost or rerun: {:#?}", s.attempts);
     }

@@ -79,7 +79,7 @@ async fn hostile_values_arrive_byte_for_byte_and_nothing_runs() {
             .submit_run(proto::SubmitRunRequest {
                 spec: text,
                 source: "injection.json".into(),
-                params: [("v".to_string(), value.to_string())].into(),
+                params: params(&[("v", value)]),
                 ..Default::default()
             })
             .await
@@ -90,7 +90,7 @@ async fn hostile_values_arrive_byte_for_byte_and_nothing_runs() {
         let failed: Vec<String> = run
             .steps
             .iter()
-            .filter(|s| s.state != "succeeded")
+            .filter(|s| s.state_name() != "succeeded")
             .map(|s| {
                 format!(
                     "{}: {} {}",
@@ -157,8 +157,7 @@ async fn aider_gets_the_prompt_and_files_as_data() {
         .submit_run(proto::SubmitRunRequest {
             spec: spec.to_string(),
             source: "aider.json".into(),
-            params: [("prompt".to_string(), prompt.to_string()), ("file".to_string(), file.to_string())]
-                .into(),
+            params: params(&[("prompt", prompt), ("file", file)]),
             ..Default::default()
         })
         .await
@@ -166,7 +165,7 @@ async fn aider_gets_the_prompt_and_files_as_data() {
         .into_inner()
         .run_id;
     let run = wait_run(&mut c, &id, Duration::from_secs(60)).await;
-    assert_eq!(run.state, "succeeded", "{:?}", run.steps[0]);
+    assert_eq!(run.state_name(), "succeeded", "{:?}", run.steps[0]);
     let edited = std::fs::read_to_string(repo.join(file)).unwrap();
     assert_eq!(
         edited,

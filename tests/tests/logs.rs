@@ -39,7 +39,7 @@ async fn output_past_the_cap_is_truncated_with_a_marker(backend: Backend) {
     // 200 KB of output: more than the agent keeps as tail and the controller keeps.
     let id = sb.submit("name: big\nsteps:\n  - {id: s, tool: shell, with: {run: 'yes 0123456789 | head -c 200000; echo; echo END'}}\n").await;
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
-    assert_eq!(run.state, "succeeded");
+    assert_eq!(run.state_name(), "succeeded");
     let kept = log_text(&logs(&mut c, &id, "s", 0, false).await);
     assert!(kept.starts_with("0123456789\n0123456789"), "{}", &kept[..40]);
     assert!(kept.contains("[... output truncated: the limit of 4096 bytes per attempt was reached ...]"));

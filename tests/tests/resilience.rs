@@ -36,14 +36,14 @@ steps:
     );
     let id = sb.submit(&spec).await;
     let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
-    assert_eq!(run.state, "succeeded");
+    assert_eq!(run.state_name(), "succeeded");
     let s = step(&run, "flaky");
     assert_eq!(s.attempts.len(), 3);
-    let gap = |i: usize| s.attempts[i].assigned_at_ms - s.attempts[i - 1].finished_at_ms;
+    let gap = |i: usize| ms(&s.attempts[i].assigned_at) - ms(&s.attempts[i - 1].finished_at);
     assert!(gap(1) >= 300, "first retry after >= 300ms, was {}ms", gap(1));
     assert!(gap(2) >= 600, "second retry after >= 600ms, was {}ms", gap(2));
-    assert_eq!(s.attempts[0].state, "failed");
-    assert_eq!(s.attempts[0].error_class, "nonzero_exit");
+    assert_eq!(s.attempts[0].state_name(), "failed");
+    assert_eq!(class_name(&s.attempts[0]), "nonzero_exit");
     let events = all_events(&mut c, &id).await;
     assert_eq!(events.iter().filter(|e| e.kind == "step_retry_wait").count(), 2);
 }
@@ -66,7 +66,7 @@ steps:
         )
         .await;
     let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
-    assert_eq!(run.state, "failed");
+    assert_eq!(run.state_name(), "failed");
     let fast = step(&run, "fast");
     assert_eq!(fast.attempts.len(), 1);
     assert!(fast.reason.contains("exit code 2 is in fail_fast_exit_codes"), "{}", fast.reason);
@@ -95,15 +95,15 @@ steps:
     );
     let id = sb.submit(&spec).await;
     wait_event(&mut c, &id, Duration::from_secs(20), |e| e.kind == "step_retry_wait").await;
-    let due = step(&get_run(&mut c, &id).await, "s").next_attempt_at_ms;
+    let due = ms(&step(&get_run(&mut c, &id).await, "s").next_attempt_at);
     assert!(due > 0);
     sb.restart_controller().await;
     let mut c = sb.client().await;
     let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
-    assert_eq!(run.state, "succeeded");
+    assert_eq!(run.state_name(), "succeeded");
     let second = &step(&run, "s").attempts[1];
-    assert!(second.assigned_at_ms >= due, "not early: {} < {due}", second.assigned_at_ms);
-    assert!(second.assigned_at_ms < due + 3_000, "not late: {}ms after due", second.assigned_at_ms - due);
+    assert!(ms(&second.assigned_at) >= due, "not early: {} < {due}", ms(&second.assigned_at));
+    assert!(ms(&second.assigned_at) < due + 3_000, "not late: {}ms after due", ms(&second.assigned_at) - due);
 }
 
 async fn a_run_deadline_beats_retries_and_stops_running_tools(backend: Backend) {
@@ -122,14 +122,14 @@ steps:
         )
         .await;
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
-    assert_eq!(run.state, "failed");
+    assert_eq!(run.state_name(), "failed");
     assert_eq!(run.reason, "run deadline of 1s exceeded");
     let doomed = step(&run, "doomed");
     assert_eq!(doomed.attempts.len(), 1, "no retry can finish before the deadline");
     assert!(doomed.reason.contains("deadline leaves no time"), "{}", doomed.reason);
     let slow = step(&run, "slow");
-    assert_eq!(slow.state, "canceled");
-    assert!(run.finished_at_ms - run.created_at_ms < 5_000);
+    assert_eq!(slow.state_name(), "canceled");
+    assert!(ms(&run.finished_at) - ms(&run.created_at) < 5_000);
 }
 
 async fn a_step_timeout_kills_the_whole_process_group(backend: Backend) {
@@ -149,10 +149,10 @@ steps:
     );
     let id = sb.submit(&spec).await;
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
-    assert_eq!(run.state, "failed");
+    assert_eq!(run.state_name(), "failed");
     let a = &step(&run, "hang").attempts[0];
-    assert_eq!(a.state, "timed_out");
-    assert_eq!(a.error_class, "timeout");
+    assert_eq!(a.state_name(), "timed_out");
+    assert_eq!(class_name(a), "timeout");
     assert!(a.error.contains("timed out after 700ms"), "{}", a.error);
     let bg: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     eventually(Duration::from_secs(3), "the background child to die", || async move {
@@ -182,14 +182,14 @@ async fn the_controller_times_out_an_attempt_whose_agent_is_silent_and_fences_it
     // Deadline (1s) + grace (300ms) pass long before the agent counts as lost (20s).
     let run = wait_run(&mut c, &id, Duration::from_secs(10)).await;
     let a = &step(&run, "s").attempts[0];
-    assert_eq!(a.state, "timed_out");
+    assert_eq!(a.state_name(), "timed_out");
     assert_eq!(a.error, "no result by the step timeout plus kill grace");
     agent.signal(Signal::SIGCONT);
     // Its result (a success, from its point of view) arrives late and changes nothing.
     let events = all_events(&mut c, &id).await;
     assert_eq!(events.last().unwrap().kind, "run_failed");
     let run = get_run(&mut c, &id).await;
-    assert_eq!(step(&run, "s").attempts[0].state, "timed_out");
+    assert_eq!(step(&run, "s").attempts[0].state_name(), "timed_out");
 }
 
 async fn a_frozen_agent_is_lost_its_step_reruns_elsewhere_and_its_late_reports_change_nothing(
@@ -220,19 +220,19 @@ async fn a_frozen_agent_is_lost_its_step_reruns_elsewhere_and_its_late_reports_c
         let mut c = seen.clone();
         async move {
             let agents = c.list_agents(proto::ListAgentsRequest {}).await.ok()?.into_inner().agents;
-            agents.iter().any(|a| a.name == "a-frozen" && a.state == "connected").then_some(())
+            agents.iter().any(|a| a.name == "a-frozen" && a.state_name() == "connected").then_some(())
         }
     })
     .await;
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
-    assert_eq!(run.state, "succeeded");
+    assert_eq!(run.state_name(), "succeeded");
     let s = step(&run, "s");
     assert_eq!(s.attempts.len(), 2);
-    assert_eq!((s.attempts[0].agent_name.as_str(), s.attempts[0].state.as_str()), ("a-frozen", "lost"));
-    assert_eq!(s.attempts[0].error_class, "agent_lost");
-    assert_eq!((s.attempts[1].agent_name.as_str(), s.attempts[1].state.as_str()), ("b-healthy", "succeeded"));
+    assert_eq!((s.attempts[0].agent_name.as_str(), s.attempts[0].state_name()), ("a-frozen", "lost"));
+    assert_eq!(class_name(&s.attempts[0]), "agent_lost");
+    assert_eq!((s.attempts[1].agent_name.as_str(), s.attempts[1].state_name()), ("b-healthy", "succeeded"));
     assert_eq!(
-        s.attempts.iter().filter(|a| a.state == "succeeded").count(),
+        s.attempts.iter().filter(|a| a.state_name() == "succeeded").count(),
         1,
         "exactly one accepted success"
     );
@@ -272,10 +272,10 @@ async fn an_agent_cut_off_from_the_controller_stops_its_tools(backend: Backend) 
     sb.restart_controller().await;
     let mut c = sb.client().await;
     let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
-    assert_eq!(run.state, "succeeded");
+    assert_eq!(run.state_name(), "succeeded");
     let s = step(&run, "s");
-    assert_eq!(s.attempts[0].state, "lost", "{:#?}", s.attempts);
-    assert_eq!(s.attempts.last().unwrap().state, "succeeded");
+    assert_eq!(s.attempts[0].state_name(), "lost", "{:#?}", s.attempts);
+    assert_eq!(s.attempts.last().unwrap().state_name(), "succeeded");
 }
 
 async fn a_start_lost_with_the_stream_is_recorded_when_the_attempt_is_adopted(backend: Backend) {
@@ -307,16 +307,16 @@ async fn a_start_lost_with_the_stream_is_recorded_when_the_attempt_is_adopted(ba
     assert_eq!(ev.attempt_id, attempt.attempt_id);
     let run = get_run(&mut c, &id).await;
     let a = &step(&run, "s").attempts[0];
-    assert_eq!(a.state, "running");
-    assert!(a.started_at_ms > 0, "{a:?}");
+    assert_eq!(a.state_name(), "running");
+    assert!(ms(&a.started_at) > 0, "{a:?}");
     second
         .send(proto::agent_message::Msg::Finished(proto::AttemptFinished {
             attempt: Some(attempt),
-            outcome: "succeeded".into(),
+            outcome: proto::Outcome::Succeeded as i32,
             ..Default::default()
         }))
         .await;
-    assert_eq!(wait_run(&mut c, &id, Duration::from_secs(10)).await.state, "succeeded");
+    assert_eq!(wait_run(&mut c, &id, Duration::from_secs(10)).await.state_name(), "succeeded");
 }
 
 async fn without_cgroups_a_daemon_a_tool_leaves_ends_with_its_attempt_and_its_agent(backend: Backend) {
@@ -345,7 +345,7 @@ async fn without_cgroups_a_daemon_a_tool_leaves_ends_with_its_attempt_and_its_ag
         }
     };
     let id = sb.submit(&spec("ends", "true")).await;
-    assert_eq!(wait_run(&mut c, &id, Duration::from_secs(20)).await.state, "succeeded");
+    assert_eq!(wait_run(&mut c, &id, Duration::from_secs(20)).await.state_name(), "succeeded");
     let pid = daemon("ends").await;
     eventually(Duration::from_secs(5), "the daemon to end with its attempt", || async move {
         (!process_alive(pid)).then_some(())
@@ -379,9 +379,9 @@ async fn an_assignment_never_started_is_lost_and_retried(backend: Backend) {
     assert_eq!(step(&run, "s").reason, "assigned to agent zz-fake, not started yet");
     sb.add_agent("a-real", 1);
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
-    assert_eq!(run.state, "succeeded");
+    assert_eq!(run.state_name(), "succeeded");
     let s = step(&run, "s");
-    assert_eq!(s.attempts[0].state, "lost");
+    assert_eq!(s.attempts[0].state_name(), "lost");
     assert_eq!(s.attempts[0].error, "agent zz-fake never started it");
     assert_eq!(s.attempts[1].agent_name, "a-real");
 }
@@ -406,7 +406,7 @@ async fn a_re_sent_result_is_applied_once(backend: Backend) {
     proxy.cut();
     proxy.hold_downstream(false);
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
-    assert_eq!(run.state, "succeeded");
+    assert_eq!(run.state_name(), "succeeded");
     assert_eq!(step(&run, "a").attempts.len(), 1);
     let events = all_events(&mut c, &id).await;
     let succeeded_a = events.iter().filter(|e| e.kind == "step_succeeded" && e.step_id == "a").count();
@@ -440,15 +440,15 @@ steps:
     let ev = wait_event(&mut c, &id, Duration::from_secs(20), |e| e.kind == "run_quarantined").await;
     assert!(ev.message.contains("step \"x\" failed"), "{}", ev.message);
     let run = get_run(&mut c, &id).await;
-    assert_eq!(run.state, "quarantined");
+    assert_eq!(run.state_name(), "quarantined");
     assert!(run.reason.contains("step \"x\" failed"));
-    assert_eq!(step(&run, "after").state, "waiting", "kept as it was, not skipped");
+    assert_eq!(step(&run, "after").state_name(), "waiting", "kept as it was, not skipped");
     assert_eq!(step(&run, "after").reason, "waiting for x");
     // Release: the failed step gets a fresh budget and succeeds on its second attempt.
     let resp = c.release_run(proto::ReleaseRunRequest { run_id: id.clone() }).await.unwrap().into_inner();
-    assert_eq!(resp.state, "running");
+    assert_eq!(resp.state_name(), "running");
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
-    assert_eq!(run.state, "succeeded");
+    assert_eq!(run.state_name(), "succeeded");
     assert_eq!(step(&run, "x").attempts.len(), 2);
     let err = c.release_run(proto::ReleaseRunRequest { run_id: id.clone() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
@@ -471,10 +471,10 @@ steps:
         )
         .await;
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
-    assert_eq!(run.state, "failed");
-    assert_eq!(step(&run, "bad-child").state, "skipped");
-    assert_eq!(step(&run, "slow-child").state, "succeeded", "started after the failure");
-    assert!(step(&run, "slow-child").attempts[0].assigned_at_ms > step(&run, "bad").finished_at_ms);
+    assert_eq!(run.state_name(), "failed");
+    assert_eq!(step(&run, "bad-child").state_name(), "skipped");
+    assert_eq!(step(&run, "slow-child").state_name(), "succeeded", "started after the failure");
+    assert!(ms(&step(&run, "slow-child").attempts[0].assigned_at) > ms(&step(&run, "bad").finished_at));
 }
 
 async fn a_poison_step_that_keeps_killing_agents_quarantines_its_run(backend: Backend) {
@@ -492,16 +492,16 @@ async fn a_poison_step_that_keeps_killing_agents_quarantines_its_run(backend: Ba
     let ev = wait_event(&mut c, &id, Duration::from_secs(30), |e| e.kind == "run_quarantined").await;
     assert!(ev.message.contains("lost with its agent 2 times in a row"), "{}", ev.message);
     let run = get_run(&mut c, &id).await;
-    assert_eq!(run.state, "quarantined");
+    assert_eq!(run.state_name(), "quarantined");
     let s = step(&run, "poison");
     assert_eq!(s.attempts.len(), 2);
-    assert!(s.attempts.iter().all(|a| a.state == "lost"));
+    assert!(s.attempts.iter().all(|a| a.state_name() == "lost"));
     let names: std::collections::HashSet<&str> = s.attempts.iter().map(|a| a.agent_name.as_str()).collect();
     assert_eq!(names.len(), 2, "it took down both agents");
     // An operator ends it.
     let resp =
         c.cancel_run(proto::CancelRunRequest { run_id: id.clone(), ..Default::default() }).await.unwrap();
-    assert_eq!(resp.into_inner().state, "canceled");
+    assert_eq!(resp.into_inner().state_name(), "canceled");
 }
 
 async fn canceling_one_step_kills_it_skips_its_dependents_and_lets_the_rest_finish(backend: Backend) {
@@ -529,12 +529,12 @@ async fn canceling_one_step_kills_it_skips_its_dependents_and_lets_the_rest_fini
     .await;
     assert!(t0.elapsed() < Duration::from_secs(1), "killed within a second: {:?}", t0.elapsed());
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
-    assert_eq!(run.state, "failed");
+    assert_eq!(run.state_name(), "failed");
     assert_eq!(run.reason, "step \"a\" canceled");
-    assert_eq!(step(&run, "a").state, "canceled");
-    assert_eq!(step(&run, "a-child").state, "skipped");
+    assert_eq!(step(&run, "a").state_name(), "canceled");
+    assert_eq!(step(&run, "a-child").state_name(), "skipped");
     assert!(step(&run, "a-child").attempts.is_empty());
-    assert_eq!(step(&run, "other").state, "succeeded");
+    assert_eq!(step(&run, "other").state_name(), "succeeded");
 }
 
 async fn oversized_requests_are_refused(backend: Backend) {
@@ -579,7 +579,7 @@ async fn a_controller_back_within_stop_after_adopts_what_its_agents_run(backend:
     let mut c = sb.client().await;
     wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "attempt_adopted").await;
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
-    assert_eq!(run.state, "succeeded");
+    assert_eq!(run.state_name(), "succeeded");
     let s = step(&run, "s");
     assert_eq!(s.attempts.len(), 1, "adopted, not lost: {:#?}", s.attempts);
 }
@@ -606,9 +606,9 @@ async fn steps_without_an_eligible_agent_wait_and_say_why(backend: Backend) {
     wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "step_ready" && e.step_id == "s").await;
     let run = get_run(&mut c, &id).await;
     let s = step(&run, "s");
-    assert_eq!(s.attempts[0].state, "lost", "stopped with its agent");
+    assert_eq!(s.attempts[0].state_name(), "lost", "stopped with its agent");
     assert_eq!(s.reason, "no connected agent with tool sleep (1 known but disconnected or draining)");
-    assert_eq!(run.state, "running");
+    assert_eq!(run.state_name(), "running");
 }
 
 on_both!(

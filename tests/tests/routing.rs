@@ -47,7 +47,7 @@ async fn round_robin_spreads_steps_evenly_whatever_the_free_slots(backend: Backe
     let mut c = sb.client().await;
     let id = sb.submit(&many(30, "work")).await;
     let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
-    assert_eq!(run.state, "succeeded");
+    assert_eq!(run.state_name(), "succeeded");
     let spread = per_agent(&run);
     assert_eq!(spread.len(), 3, "{spread:?}");
     for (agent, n) in &spread {
@@ -101,7 +101,7 @@ async fn auto_prefers_free_slots_and_avoids_an_agent_whose_breaker_is_open(backe
         spec.push_str(&format!("  - {{id: s{i}, tool: shell, with: {{run: 'true'}}}}\n"));
     }
     let run = wait_run(&mut c, &sb.submit(&spec).await, Duration::from_secs(20)).await;
-    assert_eq!(run.state, "succeeded");
+    assert_eq!(run.state_name(), "succeeded");
     assert_eq!(per_agent(&run), HashMap::from([("small".to_string(), 3)]));
 }
 
@@ -115,7 +115,7 @@ async fn required_labels_exclude_agents_and_the_wait_says_which(backend: Backend
     let id = sb.submit(&many(3, "train")).await;
     wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "run_submitted").await;
     let run = get_run(&mut c, &id).await;
-    assert_eq!(step(&run, "s0").state, "ready");
+    assert_eq!(step(&run, "s0").state_name(), "ready");
     assert_eq!(step(&run, "s0").reason, "no agent with tool noop and label gpu=true");
     let gpu = labeled(&sb, "gpu-box", 4, &[("gpu", "true")]);
     sb.add_agent_with(gpu);
@@ -276,12 +276,12 @@ steps:
     let req = proto::SubmitRunRequest {
         spec,
         source: "r.yaml".into(),
-        params: [("bump".to_string(), "2".to_string())].into(),
+        params: params(&[("bump", "2")]),
         ..Default::default()
     };
     let id = c.submit_run(req).await.unwrap().into_inner().run_id;
     let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
-    assert_eq!(run.state, "succeeded", "{run:#?}");
+    assert_eq!(run.state_name(), "succeeded", "{run:#?}");
     let ran_on = |s: &str| step(&run, s).attempts[0].agent_name.clone();
     assert_eq!(
         (ran_on("compute"), ran_on("edit"), ran_on("report")),
@@ -295,8 +295,8 @@ steps:
         ),
         ("python", "aider", "shell")
     );
-    assert_eq!(step(&run, "compute").result_json, r#"{"version": "1.1.0"}"#);
-    let edit: serde_json::Value = serde_json::from_str(&step(&run, "edit").result_json).unwrap();
+    assert_eq!(result_text(&step(&run, "compute").result), r#"{"version":"1.1.0"}"#);
+    let edit: serde_json::Value = serde_json::from_str(&result_text(&step(&run, "edit").result)).unwrap();
     assert_eq!(edit["changed_files"], serde_json::json!(["app.py"]), "other.py was not touched");
     assert_eq!(edit["exit_code"], 0);
     let app = std::fs::read_to_string(repo.join("app.py")).unwrap();
@@ -317,7 +317,7 @@ async fn a_missing_output_fails_the_step_before_it_runs(backend: Backend) {
         .await;
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
     let b = step(&run, "b");
-    assert_eq!(b.state, "failed");
+    assert_eq!(b.state_name(), "failed");
     assert!(b.attempts.is_empty());
     assert_eq!(b.reason, "input: steps.a.outputs.y is not set (step \"a\" has outputs: x)");
 }
@@ -337,17 +337,14 @@ async fn aider_failures_are_reported_with_their_exit_status(backend: Backend) {
     );
     let run = wait_run(&mut c, &sb.submit(&spec).await, Duration::from_secs(30)).await;
     let bad = &step(&run, "bad-model").attempts[0];
-    assert_eq!(
-        (bad.state.as_str(), bad.exit_code, bad.error_class.as_str()),
-        ("failed", Some(1), "nonzero_exit")
-    );
+    assert_eq!((bad.state_name(), bad.exit_code, class_name(bad)), ("failed", Some(1), "nonzero_exit"));
     assert!(bad.output_tail.contains("model unavailable is not available"), "{}", bad.output_tail);
     let no_repo = &step(&run, "no-repo").attempts[0];
-    assert_eq!(no_repo.error_class, "tool_error");
+    assert_eq!(class_name(no_repo), "tool_error");
     assert_eq!(no_repo.error, "with.repo /no/such/repo is not a directory");
     let plain = step(&run, "not-git");
-    assert_eq!(plain.state, "succeeded");
-    let result: serde_json::Value = serde_json::from_str(&plain.result_json).unwrap();
+    assert_eq!(plain.state_name(), "succeeded");
+    let result: serde_json::Value = serde_json::from_str(&result_text(&plain.result)).unwrap();
     assert_eq!(result["git"], false, "outside git nothing can be said about changed files");
     assert_eq!(result["changed_files"], serde_json::json!([]));
 }

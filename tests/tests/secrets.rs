@@ -66,7 +66,7 @@ async fn secrets_reach_their_step_and_are_kept_nowhere(backend: Backend) {
         .submit_run(proto::SubmitRunRequest {
             spec: spec(&out),
             source: "secrets.json".into(),
-            params: [("pass".to_string(), PARAM.to_string())].into(),
+            params: params(&[("pass", PARAM)]),
             ..Default::default()
         })
         .await
@@ -74,7 +74,7 @@ async fn secrets_reach_their_step_and_are_kept_nowhere(backend: Backend) {
         .into_inner()
         .run_id;
     let run = wait_run(&mut c, &id, Duration::from_secs(60)).await;
-    let state = |s: &str| run.steps.iter().find(|x| x.id == s).unwrap().state.clone();
+    let state = |s: &str| run.steps.iter().find(|x| x.id == s).unwrap().state_name().to_string();
     assert_eq!(state("run"), "failed");
     assert_eq!(state("raises"), "failed");
     let raises = run.steps.iter().find(|s| s.id == "raises").unwrap();
@@ -90,12 +90,12 @@ async fn secrets_reach_their_step_and_are_kept_nowhere(backend: Backend) {
     for v in ALL {
         assert!(!shown.contains(v), "runs show holds {v}: {shown}");
     }
-    assert_eq!(run.params.get("pass").map(String::as_str), Some("***"));
-    assert_eq!(run.params.get("region").map(String::as_str), Some("eu"));
+    assert_eq!(param(&run, "pass").as_deref(), Some("***"));
+    assert_eq!(param(&run, "region").as_deref(), Some("eu"));
     let env = run.steps.iter().find(|s| s.id == "env").unwrap();
-    assert_eq!(env.result_json, "{\"leak\":\"***\"}");
+    assert_eq!(result_text(&env.result), "{\"leak\":\"***\"}");
     let split = run.steps.iter().find(|s| s.id == "split").unwrap();
-    assert_eq!(split.result_json, "{\"k\":\"***\"}");
+    assert_eq!(result_text(&split.result), "{\"k\":\"***\"}");
     // Logs: masked, with the masks where the values were.
     let text = log_text(&logs(&mut c, &id, "", 0, false).await);
 
@@ -108,14 +108,14 @@ async fn secrets_reach_their_step_and_are_kept_nowhere(backend: Backend) {
     let split_lines: Vec<&str> = text.lines().filter(|l| l.trim() == "***").collect();
     assert!(!split_lines.is_empty(), "the value split over two writes is masked: {text}");
     // Reports and events.
-    for format in ["md", "json", "html"] {
+    for format in [proto::ReportFormat::Markdown, proto::ReportFormat::Json, proto::ReportFormat::Html] {
         let r = c
-            .get_report(proto::GetReportRequest { run_id: id.clone(), format: format.into() })
+            .get_report(proto::GetReportRequest { run_id: id.clone(), format: format as i32 })
             .await
             .unwrap();
         let content = r.into_inner().content;
         for v in ALL {
-            assert!(!content.contains(v), "the {format} report holds {v}");
+            assert!(!content.contains(v), "the {format:?} report holds {v}");
         }
     }
     let events = format!("{:?}", all_events(&mut c, &id).await);
@@ -187,7 +187,7 @@ async fn specs_naming_unknown_secrets_are_refused_and_deleted_ones_fail_their_st
     let mut sb = sb;
     sb.add_agent("late", 1);
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
-    assert_eq!(run.state, "failed");
+    assert_eq!(run.state_name(), "failed");
     assert!(run.steps[0].reason.contains("secrets.nope is not set"), "{}", run.steps[0].reason);
     let bad = admin
         .set_secret(proto::SetSecretRequest { name: "a.b".into(), value: "x".into() })

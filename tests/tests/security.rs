@@ -77,13 +77,13 @@ async fn a_revoked_token_fails_on_its_next_call_and_an_expired_one_soon_after_it
     let mut admin = sb.admin_as(sb.admin_token.as_deref()).await;
     let revoked =
         admin.revoke_token(proto::RevokeTokenRequest { token: "ci".into() }).await.unwrap().into_inner();
-    assert!(revoked.revoked_at_ms > 0);
+    assert!(revoked.revoked_at.is_some());
     let err = c.list_runs(proto::ListRunsRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     assert!(err.message().contains("token \"ci\" was revoked"), "{}", err.message());
     // The list shows it revoked; a second revoke finds nothing to revoke.
     let all = admin.list_tokens(proto::ListTokensRequest { all: true }).await.unwrap().into_inner().tokens;
-    assert!(all.iter().any(|t| t.name == "ci" && t.revoked_at_ms > 0));
+    assert!(all.iter().any(|t| t.name == "ci" && ms(&t.revoked_at) > 0));
     let active =
         admin.list_tokens(proto::ListTokensRequest { all: false }).await.unwrap().into_inner().tokens;
     assert!(active.iter().all(|t| t.name != "ci"));
@@ -93,11 +93,15 @@ async fn a_revoked_token_fails_on_its_next_call_and_an_expired_one_soon_after_it
     // A token that expires: works, then is refused once expired. Answers are cached for
     // at most a second, so a second after it expires no call gets through.
     let short = admin
-        .create_token(proto::CreateTokenRequest { name: "short".into(), role: "reader".into(), ttl_ms: 4000 })
+        .create_token(proto::CreateTokenRequest {
+            name: "short".into(),
+            role: "reader".into(),
+            ttl: Some(baton_common::proto::duration(4000)),
+        })
         .await
         .unwrap()
         .into_inner();
-    let expires = short.info.unwrap().expires_at_ms;
+    let expires = ms(&short.info.unwrap().expires_at);
     let mut c = sb.client_as(Some(&short.token)).await;
     c.list_runs(proto::ListRunsRequest::default()).await.expect("works before it expires");
     let wait = (expires + 1000 - baton_common::time::now_ms()).max(0) as u64;
@@ -108,16 +112,16 @@ async fn a_revoked_token_fails_on_its_next_call_and_an_expired_one_soon_after_it
 
     // Names of active tokens are unique; roles are checked.
     let dup = admin
-        .create_token(proto::CreateTokenRequest { name: "t".into(), role: "reader".into(), ttl_ms: 0 })
+        .create_token(proto::CreateTokenRequest { name: "t".into(), role: "reader".into(), ttl: None })
         .await;
     assert!(dup.is_ok());
     let dup = admin
-        .create_token(proto::CreateTokenRequest { name: "t".into(), role: "admin".into(), ttl_ms: 0 })
+        .create_token(proto::CreateTokenRequest { name: "t".into(), role: "admin".into(), ttl: None })
         .await
         .unwrap_err();
     assert!(dup.message().contains("a token named \"t\" exists"), "{}", dup.message());
     let bad = admin
-        .create_token(proto::CreateTokenRequest { name: "x".into(), role: "agent".into(), ttl_ms: 0 })
+        .create_token(proto::CreateTokenRequest { name: "x".into(), role: "agent".into(), ttl: None })
         .await
         .unwrap_err();
     assert!(bad.message().contains("cannot have role agent"), "{}", bad.message());
@@ -168,7 +172,7 @@ async fn who_submitted_and_canceled_is_in_the_events_and_the_report() {
     let canceled = events.iter().find(|e| e.kind == "run_canceled").unwrap();
     assert_eq!(canceled.actor, "token ops");
     let report = ops
-        .get_report(proto::GetReportRequest { run_id: id.clone(), format: "json".into() })
+        .get_report(proto::GetReportRequest { run_id: id.clone(), format: proto::ReportFormat::Json as i32 })
         .await
         .unwrap()
         .into_inner()
@@ -186,7 +190,7 @@ async fn who_submitted_and_canceled_is_in_the_events_and_the_report() {
         "{actions:?}"
     );
     let md = ops
-        .get_report(proto::GetReportRequest { run_id: id, format: "md".into() })
+        .get_report(proto::GetReportRequest { run_id: id, format: proto::ReportFormat::Markdown as i32 })
         .await
         .unwrap()
         .into_inner()
@@ -229,7 +233,7 @@ async fn a_step_routed_to_a_pool_that_does_not_allow_its_tool_is_refused_at_subm
     assert!(runs.is_empty(), "nothing was stored, nothing dispatched");
     let id = submit(&mut c, "name: p\nsteps:\n  - {id: fine, kind: compute, with: {script: 'result = 1'}}\n")
         .await;
-    assert_eq!(wait_run(&mut c, &id, Duration::from_secs(20)).await.state, "succeeded");
+    assert_eq!(wait_run(&mut c, &id, Duration::from_secs(20)).await.state_name(), "succeeded");
 }
 
 /// GET over plain HTTP with an optional bearer token: the status.

@@ -16,9 +16,9 @@ async fn a_run_goes_end_to_end_over_mutual_tls() {
     let mut c = sb.client().await;
     let id = submit(&mut c, "name: t\nsteps:\n  - {id: a, tool: shell, with: {run: 'echo hi'}}\n  - {id: b, needs: a, tool: noop}\n").await;
     let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
-    assert_eq!(run.state, "succeeded");
+    assert_eq!(run.state_name(), "succeeded");
     let agents = c.list_agents(proto::ListAgentsRequest {}).await.unwrap().into_inner().agents;
-    assert_eq!(agents.iter().filter(|a| a.state == "connected").count(), 2);
+    assert_eq!(agents.iter().filter(|a| a.state_name() == "connected").count(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,7 +156,10 @@ async fn sighup_reloads_the_certificate_and_keeps_the_streams_that_are_up() {
         let mut c = c.clone();
         async move {
             let agents = c.list_agents(proto::ListAgentsRequest {}).await.ok()?.into_inner().agents;
-            agents.iter().find(|a| a.name == "steady" && a.state == "connected").map(|a| a.connected_at_ms)
+            agents
+                .iter()
+                .find(|a| a.name == "steady" && a.state_name() == "connected")
+                .map(|a| ms(&a.connected_at))
         }
     })
     .await;
@@ -189,13 +192,13 @@ async fn sighup_reloads_the_certificate_and_keeps_the_streams_that_are_up() {
     // its session.
     let mut last = String::new();
     while let Some(ev) = watch.message().await.expect("the watch survived the reload") {
-        last = format!("{} {}", ev.kind, ev.run_state);
+        last = format!("{} {}", ev.kind, ev.run_state_name());
     }
     assert_eq!(last, "run_succeeded succeeded");
     let mut c2 = connect_as(&url, &new, Some(&admin)).await;
     let agents = c2.list_agents(proto::ListAgentsRequest {}).await.unwrap().into_inner().agents;
     let steady = agents.iter().find(|a| a.name == "steady").unwrap();
-    assert_eq!((steady.state.as_str(), steady.connected_at_ms), ("connected", connected_at), "same session");
+    assert_eq!((steady.state_name(), ms(&steady.connected_at)), ("connected", connected_at), "same session");
     assert!(controller.logs().contains("TLS certificate and key reloaded"), "{}", controller.logs());
 
     // A bad file is refused and the certificate in force kept.

@@ -4,6 +4,7 @@
 //! so a value that starts with `-` is still data. The result lists the files aider
 //! changed (from git) and its exit code.
 
+use baton_common::outcome::FailureClass;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -37,14 +38,17 @@ fn strings(v: Option<&Value>) -> Vec<String> {
 
 async fn run(ctx: AttemptContext) -> Outcome {
     let Some(prompt) = ctx.input.get("prompt").and_then(Value::as_str).map(str::to_string) else {
-        return Outcome::failure("tool_error", "aider needs with.prompt");
+        return Outcome::failure(FailureClass::ToolError, "aider needs with.prompt");
     };
     let repo: PathBuf = match ctx.input.get("repo").and_then(Value::as_str) {
         Some(r) => PathBuf::from(r),
         None => ctx.dir.clone(),
     };
     if !repo.is_dir() {
-        return Outcome::failure("tool_error", format!("with.repo {} is not a directory", repo.display()));
+        return Outcome::failure(
+            FailureClass::ToolError,
+            format!("with.repo {} is not a directory", repo.display()),
+        );
     }
     let files = strings(ctx.input.get("files"));
     let before = snapshot(&repo).await;

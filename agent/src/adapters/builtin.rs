@@ -1,6 +1,7 @@
 //! Built-in tools that run inside the agent without a process: `noop`, `echo`,
 //! `sleep` and `fail` (for tests and drills).
 
+use baton_common::outcome::FailureClass;
 use serde_json::Value;
 
 use super::{Adapter, AttemptContext, BoxFuture, Outcome};
@@ -64,11 +65,11 @@ impl Adapter for Sleep {
             let text = ctx.input.get("duration").and_then(Value::as_str).unwrap_or("");
             let d = match baton_common::time::parse_duration(text) {
                 Ok(d) => d,
-                Err(e) => return Outcome::failure("tool_error", format!("with.duration: {e}")),
+                Err(e) => return Outcome::failure(FailureClass::ToolError, format!("with.duration: {e}")),
             };
             tokio::select! {
                 _ = tokio::time::sleep(d) => Outcome::success(None),
-                _ = ctx.stop.cancelled() => Outcome::failure("tool_error", "stopped"),
+                _ = ctx.stop.cancelled() => Outcome::failure(FailureClass::ToolError, "stopped"),
             }
         })
     }
@@ -88,13 +89,21 @@ impl Adapter for Fail {
         false
     }
     fn run(&self, ctx: AttemptContext) -> BoxFuture<Outcome> {
-        let class = ctx.input.get("class").and_then(Value::as_str).unwrap_or("tool_error").to_string();
+        // Checked at submit; a class rendered from an expression may still be wrong.
+        let class = ctx
+            .input
+            .get("class")
+            .and_then(Value::as_str)
+            .map_or(Ok(FailureClass::ToolError), FailureClass::parse_reported);
         let message =
             ctx.input.get("message").and_then(Value::as_str).unwrap_or("failed on purpose").to_string();
         let exit_code = ctx.input.get("exit_code").and_then(Value::as_i64).map(|c| c as i32);
         Box::pin(async move {
             ctx.output.write(format!("{message}\n").as_bytes());
-            Outcome { exit_code, ..Outcome::failure(&class, message) }
+            match class {
+                Ok(class) => Outcome { exit_code, ..Outcome::failure(class, message) },
+                Err(e) => Outcome::failure(FailureClass::ToolError, format!("with.class: {e}")),
+            }
         })
     }
 }

@@ -8,6 +8,7 @@ mod python;
 mod shell;
 mod wait_for;
 
+use baton_common::outcome::FailureClass;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -71,8 +72,8 @@ impl AttemptContext {
 pub struct Outcome {
     pub succeeded: bool,
     pub exit_code: Option<i32>,
-    /// Failure class when it did not succeed: `nonzero_exit` or `tool_error`.
-    pub error_class: String,
+    /// Why it failed; `None` when it succeeded.
+    pub error_class: Option<FailureClass>,
     pub error: String,
     /// JSON result of the step, if it produced one.
     pub result: Option<String>,
@@ -80,14 +81,14 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn success(result: Option<String>) -> Outcome {
-        Outcome { succeeded: true, exit_code: None, error_class: String::new(), error: String::new(), result }
+        Outcome { succeeded: true, exit_code: None, error_class: None, error: String::new(), result }
     }
 
-    pub fn failure(class: &str, error: impl Into<String>) -> Outcome {
+    pub fn failure(class: FailureClass, error: impl Into<String>) -> Outcome {
         Outcome {
             succeeded: false,
             exit_code: None,
-            error_class: class.to_string(),
+            error_class: Some(class),
             error: error.into(),
             result: None,
         }

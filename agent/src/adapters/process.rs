@@ -2,6 +2,7 @@
 //! it started), stdout and stderr into the attempt's output, the last line of stdout
 //! kept for results, TERM then KILL on stop.
 
+use baton_common::outcome::FailureClass;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,8 +47,9 @@ pub async fn run(mut cmd: Command, ctx: &AttemptContext) -> Result<Finished, Out
     if let Some(cell) = &ctx.cell {
         cell.prepare(&mut cmd);
     }
-    let mut child =
-        cmd.spawn().map_err(|e| Outcome::failure("tool_error", format!("cannot start {program:?}: {e}")))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Outcome::failure(FailureClass::ToolError, format!("cannot start {program:?}: {e}")))?;
     if let (Some(cell), Some(pid)) = (&ctx.cell, child.id()) {
         cell.spawned(pid);
     }
@@ -84,14 +86,19 @@ pub fn exit_failure(status: &std::io::Result<ExitStatus>, program: &str) -> Opti
         Ok(s) => Some(match s.code() {
             Some(code) => Outcome {
                 exit_code: Some(code),
-                ..Outcome::failure("nonzero_exit", format!("exit code {code}"))
+                ..Outcome::failure(FailureClass::NonzeroExit, format!("exit code {code}"))
             },
             None => {
                 use std::os::unix::process::ExitStatusExt;
-                Outcome::failure("nonzero_exit", format!("killed by signal {}", s.signal().unwrap_or(0)))
+                Outcome::failure(
+                    FailureClass::NonzeroExit,
+                    format!("killed by signal {}", s.signal().unwrap_or(0)),
+                )
             }
         }),
-        Err(e) => Some(Outcome::failure("tool_error", format!("waiting for {program:?} failed: {e}"))),
+        Err(e) => {
+            Some(Outcome::failure(FailureClass::ToolError, format!("waiting for {program:?} failed: {e}")))
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! its traceback in the output. `with.python` picks the interpreter, `with.path` adds
 //! import paths.
 
+use baton_common::outcome::FailureClass;
 use serde_json::{Value, json};
 use tokio::process::Command;
 
@@ -101,22 +102,25 @@ async fn run(ctx: AttemptContext) -> Outcome {
         Some(0) => match std::fs::read_to_string(&result_file) {
             Ok(text) if text.trim() == "null" => Outcome { exit_code: Some(0), ..Outcome::success(None) },
             Ok(text) => Outcome { exit_code: Some(0), ..Outcome::success(Some(text)) },
-            Err(e) => Outcome::failure("tool_error", format!("{what} left no result: {e}")),
+            Err(e) => Outcome::failure(FailureClass::ToolError, format!("{what} left no result: {e}")),
         },
         Some(1) => {
             let why = std::fs::read_to_string(&error_file).unwrap_or_else(|_| "an exception".into());
-            Outcome { exit_code: Some(1), ..Outcome::failure("nonzero_exit", format!("{what} raised {why}")) }
+            Outcome {
+                exit_code: Some(1),
+                ..Outcome::failure(FailureClass::NonzeroExit, format!("{what} raised {why}"))
+            }
         }
         Some(3) => Outcome {
             exit_code: Some(3),
-            ..Outcome::failure("tool_error", format!("cannot load {what} (see output)"))
+            ..Outcome::failure(FailureClass::ToolError, format!("cannot load {what} (see output)"))
         },
         Some(4) => Outcome {
             exit_code: Some(4),
-            ..Outcome::failure("tool_error", format!("{what} returned a value that is not JSON"))
+            ..Outcome::failure(FailureClass::ToolError, format!("{what} returned a value that is not JSON"))
         },
         _ => process::exit_failure(&finished.status, &python)
-            .unwrap_or_else(|| Outcome::failure("tool_error", "python ended oddly")),
+            .unwrap_or_else(|| Outcome::failure(FailureClass::ToolError, "python ended oddly")),
     }
 }
 
@@ -161,7 +165,7 @@ mod tests {
         let c = ctx(dir.path(), json!({"function": "calc.ops:boom", "path": [path]}));
         let out = c.output.clone();
         let o = run(c).await;
-        assert_eq!((o.succeeded, o.error_class.as_str()), (false, "nonzero_exit"));
+        assert_eq!((o.succeeded, o.error_class), (false, Some(FailureClass::NonzeroExit)));
         assert_eq!(o.error, "calc.ops:boom raised ValueError: no way");
         let tail = out.tail();
         assert!(
@@ -177,7 +181,7 @@ mod tests {
         let c = ctx(dir.path(), json!({"function": "calc.ops:nope", "path": [path.clone()]}));
         let out = c.output.clone();
         let o = run(c).await;
-        assert_eq!(o.error_class, "tool_error");
+        assert_eq!(o.error_class, Some(FailureClass::ToolError));
         assert_eq!(o.error, "cannot load calc.ops:nope (see output)");
         assert!(out.tail().contains("has no attribute 'nope'"), "{}", out.tail());
         let o = run(ctx(dir.path(), json!({"function": "missing.mod:f"}))).await;
@@ -185,7 +189,7 @@ mod tests {
         let o = run(ctx(dir.path(), json!({"function": "calc.ops:weird", "path": [path]}))).await;
         assert_eq!(o.error, "calc.ops:weird returned a value that is not JSON");
         let o = run(ctx(dir.path(), json!({"script": "x = 1", "python": "/no/python"}))).await;
-        assert_eq!(o.error_class, "tool_error");
+        assert_eq!(o.error_class, Some(FailureClass::ToolError));
         assert!(o.error.contains("cannot start \"/no/python\""), "{}", o.error);
     }
 

@@ -4,6 +4,7 @@
 //! The step's result: outputs the script wrote to the file named in `BATON_OUTPUT`
 //! (a JSON object, or `KEY=VALUE` lines), else the last line of stdout when it is JSON.
 
+use baton_common::outcome::FailureClass;
 use serde_json::{Map, Value};
 use tokio::process::Command;
 
@@ -28,7 +29,7 @@ impl Adapter for Shell {
 async fn run(ctx: AttemptContext) -> Outcome {
     let mut cmd = match command(&ctx.input) {
         Ok(c) => c,
-        Err(e) => return Outcome::failure("tool_error", e),
+        Err(e) => return Outcome::failure(FailureClass::ToolError, e),
     };
     let outputs = ctx.dir.join("outputs");
     cmd.env("BATON_OUTPUT", &outputs);
@@ -42,7 +43,7 @@ async fn run(ctx: AttemptContext) -> Outcome {
     let result = match std::fs::read_to_string(&outputs) {
         Ok(text) if !text.trim().is_empty() => match parse_outputs(&text) {
             Ok(v) => Some(v.to_string()),
-            Err(e) => return Outcome::failure("tool_error", format!("BATON_OUTPUT: {e}")),
+            Err(e) => return Outcome::failure(FailureClass::ToolError, format!("BATON_OUTPUT: {e}")),
         },
         _ => finished.last_line.and_then(|l| serde_json::from_str::<Value>(&l).ok()).map(|v| v.to_string()),
     };
@@ -145,13 +146,16 @@ mod tests {
     async fn exit_codes_and_missing_programs_are_failures() {
         let dir = tempfile::tempdir().unwrap();
         let o = run(ctx(dir.path(), json!({"run": "exit 7"}))).await;
-        assert_eq!((o.succeeded, o.exit_code, o.error_class.as_str()), (false, Some(7), "nonzero_exit"));
+        assert_eq!(
+            (o.succeeded, o.exit_code, o.error_class),
+            (false, Some(7), Some(FailureClass::NonzeroExit))
+        );
         assert_eq!(o.error, "exit code 7");
         let o = run(ctx(dir.path(), json!({"argv": ["/no/such/program"]}))).await;
-        assert_eq!(o.error_class, "tool_error");
+        assert_eq!(o.error_class, Some(FailureClass::ToolError));
         assert!(o.error.contains("cannot start \"/no/such/program\""), "{}", o.error);
         let o = run(ctx(dir.path(), json!({}))).await;
-        assert_eq!(o.error_class, "tool_error");
+        assert_eq!(o.error_class, Some(FailureClass::ToolError));
     }
 
     #[tokio::test]
@@ -173,7 +177,7 @@ mod tests {
             run(ctx(dir.path(), json!({"run": "echo 'a=1' > $BATON_OUTPUT; echo 'oops' >> $BATON_OUTPUT"})))
                 .await;
         assert!(!o.succeeded);
-        assert_eq!(o.error_class, "tool_error");
+        assert_eq!(o.error_class, Some(FailureClass::ToolError));
         assert_eq!(o.error, "BATON_OUTPUT: line 2 is neither KEY=VALUE nor part of a JSON object");
         let o = run(ctx(dir.path(), json!({"run": "echo '{bad' > $BATON_OUTPUT"}))).await;
         assert!(o.error.starts_with("BATON_OUTPUT: invalid JSON"), "{}", o.error);

@@ -1,6 +1,7 @@
 //! `wait_for`: waits until a TCP port accepts connections (`with.tcp: "host:port"`) or
 //! a file exists (`with.file`), up to `with.timeout` (default 60s).
 
+use baton_common::outcome::FailureClass;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -34,7 +35,7 @@ async fn run(ctx: AttemptContext) -> Outcome {
         None => Duration::from_secs(60),
         Some(t) => match baton_common::time::parse_duration(t) {
             Ok(d) => d,
-            Err(e) => return Outcome::failure("tool_error", format!("with.timeout: {e}")),
+            Err(e) => return Outcome::failure(FailureClass::ToolError, format!("with.timeout: {e}")),
         },
     };
     let tcp = ctx.input.get("tcp").and_then(Value::as_str).map(str::to_string);
@@ -42,7 +43,9 @@ async fn run(ctx: AttemptContext) -> Outcome {
     let what = match (&tcp, &file) {
         (Some(t), _) => format!("tcp {t}"),
         (None, Some(f)) => format!("file {f}"),
-        (None, None) => return Outcome::failure("tool_error", "wait_for needs with.tcp or with.file"),
+        (None, None) => {
+            return Outcome::failure(FailureClass::ToolError, "wait_for needs with.tcp or with.file");
+        }
     };
     let t0 = Instant::now();
     loop {
@@ -63,12 +66,12 @@ async fn run(ctx: AttemptContext) -> Outcome {
         }
         if t0.elapsed() >= timeout {
             return Outcome::failure(
-                "tool_error",
+                FailureClass::ToolError,
                 format!("{what} not ready after {}", baton_common::time::format_duration(timeout)),
             );
         }
         tokio::select! {
-            _ = ctx.stop.cancelled() => return Outcome::failure("tool_error", "stopped"),
+            _ = ctx.stop.cancelled() => return Outcome::failure(FailureClass::ToolError, "stopped"),
             _ = tokio::time::sleep(POLL) => {}
         }
     }
@@ -106,7 +109,7 @@ mod tests {
     #[tokio::test]
     async fn a_file_that_never_appears_times_out() {
         let o = run(ctx(json!({"file": "/no/such/file", "timeout": "300ms"}))).await;
-        assert_eq!((o.succeeded, o.error_class.as_str()), (false, "tool_error"));
+        assert_eq!((o.succeeded, o.error_class), (false, Some(FailureClass::ToolError)));
         assert_eq!(o.error, "file /no/such/file not ready after 300ms");
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("ready");

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use baton_common::auth::{Role, USER_ROLES};
-use baton_common::pb;
 use baton_common::time::now_ms;
+use baton_common::{pb, proto};
 use tonic::{Request, Response, Status};
 use tracing::info;
 
@@ -32,11 +32,20 @@ impl AdminApi {
 /// Largest secret value.
 const MAX_SECRET_BYTES: usize = 64 * 1024;
 
+/// A requested lifetime in milliseconds; 0 when none was given.
+fn ttl_ms(ttl: Option<&proto::Duration>) -> Result<i64, Status> {
+    match ttl {
+        Some(d) if d.seconds < 0 || d.nanos < 0 => Err(Status::invalid_argument("ttl must not be negative")),
+        Some(d) => Ok(proto::duration_millis(d)),
+        None => Ok(0),
+    }
+}
+
 fn secret_info(r: &crate::store::SecretRow) -> pb::SecretInfo {
     pb::SecretInfo {
         name: r.name.clone(),
-        created_at_ms: r.created_at,
-        updated_at_ms: r.updated_at,
+        created_at: Some(proto::timestamp(r.created_at)),
+        updated_at: Some(proto::timestamp(r.updated_at)),
         updated_by: r.updated_by.clone(),
     }
 }
@@ -93,10 +102,10 @@ pub fn token_info(t: &TokenRow) -> pb::TokenInfo {
         id: t.id.clone(),
         name: t.name.clone(),
         role: t.role.clone(),
-        created_at_ms: t.created_at,
+        created_at: Some(proto::timestamp(t.created_at)),
         created_by: t.created_by.clone(),
-        expires_at_ms: t.expires_at.unwrap_or(0),
-        revoked_at_ms: t.revoked_at.unwrap_or(0),
+        expires_at: proto::timestamp_opt(t.expires_at.filter(|&t| t > 0)),
+        revoked_at: proto::timestamp_opt(t.revoked_at.filter(|&t| t > 0)),
     }
 }
 
@@ -128,10 +137,8 @@ impl pb::admin_service_server::AdminService for AdminApi {
                 "an API token cannot have role {role}: agents enroll with a join token (baton agents join-token)"
             )));
         }
-        if req.ttl_ms < 0 {
-            return Err(Status::invalid_argument("ttl must not be negative"));
-        }
-        let (token, row) = new_token(&req.name, role, req.ttl_ms, &actor);
+        let ttl = ttl_ms(req.ttl.as_ref())?;
+        let (token, row) = new_token(&req.name, role, ttl, &actor);
         self.store.insert_token(&row, now_ms()).await?;
         info!(token = %row.name, id = %row.id, %role, by = %actor, "API token created");
         Ok(Response::new(pb::CreateTokenResponse { token, info: Some(token_info(&row)) }))
@@ -169,10 +176,10 @@ impl pb::admin_service_server::AdminService for AdminApi {
     ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
         let actor = Identity::of(&req).actor();
         let req = req.into_inner();
-        if req.ttl_ms < 0 {
-            return Err(Status::invalid_argument("ttl must not be negative"));
-        }
-        let ttl = if req.ttl_ms == 0 { JOIN_TOKEN_TTL_MS } else { req.ttl_ms };
+        let ttl = match ttl_ms(req.ttl.as_ref())? {
+            0 => JOIN_TOKEN_TTL_MS,
+            t => t,
+        };
         let uses = if req.uses == 0 { 1 } else { req.uses };
         for k in req.labels.keys() {
             if k.trim().is_empty() {
@@ -197,7 +204,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         Ok(Response::new(pb::CreateJoinTokenResponse {
             token: minted.token,
             id: row.id,
-            expires_at_ms: row.expires_at,
+            expires_at: Some(proto::timestamp(row.expires_at)),
             uses,
         }))
     }

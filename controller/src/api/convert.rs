@@ -2,15 +2,21 @@
 
 use std::collections::HashMap;
 
+use baton_common::outcome::FailureClass;
 use baton_common::pb;
-use baton_common::spec::Workstream;
-use baton_common::state::StepState;
+use baton_common::proto::{self, timestamp, timestamp_opt};
+use baton_common::state::{AttemptState, RunState, StepState};
 use baton_common::time::now_ms;
 
 use crate::store::{AttemptRow, EventRow, RunRecord, RunRow, StateCounts};
 
+/// The protos' value of a stored state name (unspecified for one that is not known,
+/// which the store never holds).
+fn state<S: std::str::FromStr>(name: &str, to_pb: impl Fn(S) -> i32) -> i32 {
+    name.parse::<S>().map_or(0, to_pb)
+}
+
 pub fn run(rec: RunRecord) -> pb::Run {
-    let spec: Option<Workstream> = serde_json::from_str(&rec.run.spec).ok();
     let mut attempts: HashMap<String, Vec<pb::Attempt>> = HashMap::new();
     for a in &rec.attempts {
         attempts.entry(a.step_id.clone()).or_default().push(attempt(a));
@@ -21,20 +27,19 @@ pub fn run(rec: RunRecord) -> pb::Run {
         .iter()
         .map(|s| {
             *counts.entry(s.state.clone()).or_default() += 1;
-            let sp = spec.as_ref().and_then(|w| w.steps.get(s.idx as usize));
             pb::Step {
                 id: s.step_id.clone(),
-                state: s.state.clone(),
+                state: state(&s.state, StepState::to_pb),
                 tool: s.tool.clone(),
-                needs: sp.map(|x| x.needs.clone()).unwrap_or_default(),
+                needs: serde_json::from_str(&s.needs).unwrap_or_default(),
                 attempt_count: s.attempts as u32,
                 reason: s.reason.clone(),
-                started_at_ms: s.started_at.unwrap_or(0),
-                finished_at_ms: s.finished_at.unwrap_or(0),
-                next_attempt_at_ms: s.next_attempt_at.unwrap_or(0),
-                result_json: s.result.clone().unwrap_or_default(),
+                started_at: timestamp_opt(s.started_at),
+                finished_at: timestamp_opt(s.finished_at),
+                next_attempt_at: timestamp_opt(s.next_attempt_at),
+                result: proto::value_of_text(s.result.as_deref()),
                 attempts: attempts.remove(&s.step_id).unwrap_or_default(),
-                kind: sp.and_then(|x| x.kind.clone()).unwrap_or_default(),
+                kind: s.kind.clone(),
             }
         })
         .collect();
@@ -42,15 +47,22 @@ pub fn run(rec: RunRecord) -> pb::Run {
     pb::Run {
         id: rec.run.id.clone(),
         workstream: rec.run.workstream.clone(),
-        state: rec.run.state.clone(),
+        state: state(&rec.run.state, RunState::to_pb),
         reason: rec.run.reason.clone(),
-        created_at_ms: rec.run.created_at,
-        started_at_ms: rec.run.started_at.unwrap_or(0),
-        finished_at_ms: rec.run.finished_at.unwrap_or(0),
+        created_at: Some(timestamp(rec.run.created_at)),
+        started_at: timestamp_opt(rec.run.started_at),
+        finished_at: timestamp_opt(rec.run.finished_at),
         steps,
         progress: Some(progress),
         last_seq: rec.last_seq,
-        params: shown_params(&rec.run.params).into_iter().collect(),
+        params: Some(proto::structure(
+            shown_params(&rec.run.params)
+                .into_iter()
+                .map(|(k, v)| (k, serde_json::Value::String(v)))
+                .collect(),
+        )),
+        name: rec.run.name.clone(),
+        labels: labels(&rec.run.labels),
     }
 }
 
@@ -60,15 +72,15 @@ pub fn attempt(a: &AttemptRow) -> pb::Attempt {
         number: a.number as u32,
         agent_id: a.agent_id.clone(),
         agent_name: a.agent_name.clone(),
-        state: a.state.clone(),
+        state: state(&a.state, AttemptState::to_pb),
         exit_code: a.exit_code.map(|c| c as i32),
-        error_class: a.error_class.clone(),
+        failure_class: state(&a.error_class, FailureClass::to_pb),
         error: a.error.clone(),
-        assigned_at_ms: a.assigned_at,
-        started_at_ms: a.started_at.unwrap_or(0),
-        finished_at_ms: a.finished_at.unwrap_or(0),
+        assigned_at: Some(timestamp(a.assigned_at)),
+        started_at: timestamp_opt(a.started_at),
+        finished_at: timestamp_opt(a.finished_at),
         output_tail: a.output_tail.clone(),
-        result_json: a.result.clone().unwrap_or_default(),
+        result: proto::value_of_text(a.result.as_deref()),
     }
 }
 
@@ -76,11 +88,13 @@ pub fn summary(run: &RunRow, counts: &StateCounts) -> pb::RunSummary {
     pb::RunSummary {
         id: run.id.clone(),
         workstream: run.workstream.clone(),
-        state: run.state.clone(),
-        created_at_ms: run.created_at,
-        finished_at_ms: run.finished_at.unwrap_or(0),
+        state: state(&run.state, RunState::to_pb),
+        created_at: Some(timestamp(run.created_at)),
+        finished_at: timestamp_opt(run.finished_at),
         progress: Some(progress(run, counts)),
         reason: run.reason.clone(),
+        name: run.name.clone(),
+        labels: labels(&run.labels),
     }
 }
 
@@ -97,9 +111,9 @@ pub fn progress(run: &RunRow, counts: &StateCounts) -> pb::Progress {
         total,
         done,
         steps_by_state: counts.clone(),
-        percent: if total == 0 { 0.0 } else { f64::from(done) * 100.0 / f64::from(total) },
-        elapsed_ms: (end - start).max(0),
-        eta_ms: if run.finished_at.is_some() { 0 } else { -1 },
+        percent: crate::engine::percent(done, total),
+        elapsed: Some(proto::duration(end - start)),
+        eta: run.finished_at.map(|_| proto::duration(0)),
     }
 }
 
@@ -109,19 +123,32 @@ pub fn shown_params(json: &str) -> std::collections::BTreeMap<String, String> {
     params.into_iter().map(|(k, v)| (k, crate::secrets::shown(&v))).collect()
 }
 
+/// Stored labels (a JSON object of strings).
+pub fn labels(json: &str) -> HashMap<String, String> {
+    serde_json::from_str(json).unwrap_or_default()
+}
+
+/// An event with its run's progress right after it (counts by state are only known to
+/// the engine, for events it publishes).
 pub fn event(e: &EventRow) -> pb::RunEvent {
+    let (done, total) = (e.steps_done as u32, e.steps_total as u32);
     pb::RunEvent {
         run_id: e.run_id.clone(),
         seq: e.seq,
-        at_ms: e.at,
+        at: Some(timestamp(e.at)),
         kind: e.kind.clone(),
         step_id: e.step_id.clone(),
         attempt_id: e.attempt_id.clone(),
-        run_state: e.run_state.clone(),
-        step_state: e.step_state.clone(),
-        attempt_state: e.attempt_state.clone(),
+        run_state: state(&e.run_state, RunState::to_pb),
+        step_state: state(&e.step_state, StepState::to_pb),
+        attempt_state: state(&e.attempt_state, AttemptState::to_pb),
         message: e.message.clone(),
-        progress: None,
+        progress: Some(pb::Progress {
+            total,
+            done,
+            percent: crate::engine::percent(done, total),
+            ..Default::default()
+        }),
         epoch: e.epoch,
         actor: e.actor.clone(),
     }

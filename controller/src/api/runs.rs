@@ -14,9 +14,9 @@ use tonic::{Request, Response, Status};
 
 use super::{MAX_MESSAGE_BYTES, convert};
 use crate::auth::Identity;
-use crate::engine::EngineError;
+use crate::engine::{EngineError, Submission};
 use crate::leader::Leadership;
-use crate::store::Store;
+use crate::store::{RunFilter, Store};
 
 pub struct RunApi {
     leadership: Leadership,
@@ -87,10 +87,20 @@ impl pb::baton_service_server::BatonService for RunApi {
             .await
             .map_err(|e| Status::internal(format!("parsing the spec: {e}")))?
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let params: BTreeMap<String, String> = req.params.into_iter().collect();
+        let params = params_of(req.params.as_ref())?;
+        check_name(&req.name)?;
+        check_labels(&req.labels, "labels")?;
         let estimates = self.store.duration_estimates(&ws.name).await?;
         let engine = self.writer()?;
-        let run_id = engine.submit(ws, params, request_id, estimates, actor).await.map_err(|e| match e {
+        let run = Submission {
+            params,
+            request_id,
+            name: req.name,
+            labels: req.labels.into_iter().collect(),
+            estimates,
+            ..Submission::new(ws)
+        };
+        let run_id = engine.submit(run, actor).await.map_err(|e| match e {
             EngineError::Invalid(m) => Status::invalid_argument(format!("{source}: {m}")),
             other => other.into(),
         })?;
@@ -117,7 +127,7 @@ impl pb::baton_service_server::BatonService for RunApi {
                 }
             }
             if let Some(p) = &mut run.progress {
-                p.eta_ms = live.progress.eta_ms;
+                p.eta = live.progress.eta;
             }
         }
         Ok(Response::new(pb::GetRunResponse { run: Some(run) }))
@@ -128,16 +138,41 @@ impl pb::baton_service_server::BatonService for RunApi {
         req: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
         let req = req.into_inner();
-        let state = if req.state.is_empty() {
-            None
-        } else {
-            req.state.parse::<RunState>().map_err(|e| Status::invalid_argument(e.to_string()))?;
-            Some(req.state.as_str())
+        let states = req
+            .states
+            .iter()
+            .map(|&s| RunState::from_pb(s).map(|s| s.as_str().to_string()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Status::invalid_argument(format!("states: {e}")))?;
+        check_labels(&req.labels, "labels")?;
+        if req.page_size > MAX_PAGE {
+            return Err(Status::invalid_argument(format!(
+                "page_size: at most {MAX_PAGE}, not {}",
+                req.page_size
+            )));
+        }
+        let limit = if req.page_size == 0 { 50 } else { req.page_size };
+        let before = match req.page_token.as_str() {
+            "" => None,
+            t => Some(page_cursor(t)?),
         };
-        let limit = if req.limit == 0 { 50 } else { req.limit };
-        let runs = self.store.list_runs(state, limit).await?;
-        let runs = runs.iter().map(|(r, c)| convert::summary(r, c)).collect();
-        Ok(Response::new(pb::ListRunsResponse { runs }))
+        let filter = RunFilter {
+            states,
+            workstream: req.workstream,
+            labels: req.labels.into_iter().collect(),
+            before,
+            // One more than the page: whether there is a next one.
+            limit: limit + 1,
+        };
+        let mut rows = self.store.list_runs(&filter).await?;
+        let next_page_token = if rows.len() > limit as usize {
+            rows.truncate(limit as usize);
+            rows.last().map(|(r, _)| page_token(r.created_at, &r.id)).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let runs = rows.iter().map(|(r, c)| convert::summary(r, c)).collect();
+        Ok(Response::new(pb::ListRunsResponse { runs, next_page_token }))
     }
 
     async fn cancel_run(
@@ -150,12 +185,12 @@ impl pb::baton_service_server::BatonService for RunApi {
         let step = (!req.step_id.is_empty()).then_some(req.step_id);
         let whole_run = step.is_none();
         match self.writer()?.cancel(id.clone(), step, req.reason, actor).await {
-            Ok(state) => Ok(Response::new(pb::CancelRunResponse { run_id: id, state: state.to_string() })),
+            Ok(state) => Ok(Response::new(pb::CancelRunResponse { run_id: id, state: state.to_pb() })),
             // Not in the engine: the run is final already.
             Err(EngineError::RunNotFound(_)) if whole_run => {
                 let rec = self.store.get_run(&id).await?;
                 if rec.run.state == RunState::Canceled.as_str() {
-                    Ok(Response::new(pb::CancelRunResponse { run_id: id, state: rec.run.state }))
+                    Ok(Response::new(pb::CancelRunResponse { run_id: id, state: RunState::Canceled.to_pb() }))
                 } else {
                     Err(Status::failed_precondition(format!("run {id} already {}", rec.run.state)))
                 }
@@ -171,7 +206,7 @@ impl pb::baton_service_server::BatonService for RunApi {
         let actor = Identity::of(&req).actor();
         let id = self.store.resolve_run_id(&req.into_inner().run_id).await?;
         let state = self.writer()?.release(id.clone(), actor).await?;
-        Ok(Response::new(pb::ReleaseRunResponse { run_id: id, state: state.to_string() }))
+        Ok(Response::new(pb::ReleaseRunResponse { run_id: id, state: state.to_pb() }))
     }
 
     async fn list_breakers(
@@ -207,8 +242,7 @@ impl pb::baton_service_server::BatonService for RunApi {
         let live = engine.subscribe();
         let id = self.store.resolve_run_id(&req.run_id).await?;
         let (tx, rx) = mpsc::channel(256);
-        let watch =
-            Watch { store: self.store.clone(), engine, run_id: id, run_events_only: req.run_events_only };
+        let watch = Watch { store: self.store.clone(), run_id: id, run_events_only: req.run_events_only };
         tokio::spawn(watch.run(req.from_seq.max(1), live, tx, term));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -248,10 +282,9 @@ impl pb::baton_service_server::BatonService for RunApi {
         req: Request<pb::GetReportRequest>,
     ) -> Result<Response<pb::GetReportResponse>, Status> {
         let req = req.into_inner();
-        let format = if req.format.is_empty() { "md".to_string() } else { req.format.to_lowercase() };
-        if !["md", "json", "html"].contains(&format.as_str()) {
-            return Err(Status::invalid_argument(format!("report format {format:?}: use md, json or html")));
-        }
+        let format = pb::ReportFormat::try_from(req.format).map_err(|_| {
+            Status::invalid_argument(format!("format: unknown report format #{}", req.format))
+        })?;
         let id = self.store.resolve_run_id(&req.run_id).await?;
         let rec = self.store.get_run(&id).await?;
         let mut events = Vec::new();
@@ -264,12 +297,14 @@ impl pb::baton_service_server::BatonService for RunApi {
             }
         }
         let report = crate::report::build(&rec, &events);
-        let content = match format.as_str() {
-            "json" => crate::report::to_json(&report),
-            "html" => crate::report::to_html(&report),
-            _ => crate::report::to_markdown(&report),
+        let (format, content) = match format {
+            pb::ReportFormat::Json => (format, crate::report::to_json(&report)),
+            pb::ReportFormat::Html => (format, crate::report::to_html(&report)),
+            pb::ReportFormat::Markdown | pb::ReportFormat::Unspecified => {
+                (pb::ReportFormat::Markdown, crate::report::to_markdown(&report))
+            }
         };
-        Ok(Response::new(pb::GetReportResponse { format, content }))
+        Ok(Response::new(pb::GetReportResponse { format: format as i32, content }))
     }
 
     async fn drain_agent(&self, req: Request<pb::DrainAgentRequest>) -> Result<Response<pb::Agent>, Status> {
@@ -325,7 +360,6 @@ impl pb::baton_service_server::BatonService for RunApi {
 /// One WatchRun being served.
 struct Watch {
     store: Store,
-    engine: crate::engine::EngineHandle,
     run_id: String,
     run_events_only: bool,
 }
@@ -338,7 +372,7 @@ impl Watch {
         tx: mpsc::Sender<Result<pb::RunEvent, Status>>,
         shutdown: CancellationToken,
     ) {
-        let Watch { store, engine, run_id, run_events_only } = self;
+        let Watch { store, run_id, run_events_only } = self;
         const PAGE: i64 = 1000;
         let mut first = true;
         loop {
@@ -364,23 +398,12 @@ impl Watch {
                         }
                     }
                 }
-                // The last event of a page carries the run's progress as it is now.
-                let progress = match events.last() {
-                    Some(last) if !is_final(last) => {
-                        engine.live(run_id.clone()).await.ok().flatten().map(|l| l.progress)
-                    }
-                    _ => None,
-                };
-                for (i, e) in events.iter().enumerate() {
+                for e in &events {
                     if run_events_only && !e.kind.starts_with("run_") {
                         next = e.seq + 1;
                         continue;
                     }
-                    let mut ev = convert::event(e);
-                    if i + 1 == events.len() {
-                        ev.progress = progress.clone();
-                    }
-                    if tx.send(Ok(ev)).await.is_err() {
+                    if tx.send(Ok(convert::event(e))).await.is_err() {
                         return;
                     }
                     next = e.seq + 1;
@@ -413,7 +436,9 @@ impl Watch {
                     }
                     Ok(p) => {
                         let mut ev = convert::event(&p.event);
-                        ev.progress = p.progress.as_deref().cloned();
+                        if let Some(progress) = p.progress.as_deref() {
+                            ev.progress = Some(progress.clone());
+                        }
                         if tx.send(Ok(ev)).await.is_err() {
                             return;
                         }
@@ -436,4 +461,82 @@ impl Watch {
 /// The event that ends a run's log.
 fn is_final(e: &crate::store::EventRow) -> bool {
     e.kind.starts_with("run_") && e.run_state.parse::<RunState>().is_ok_and(RunState::is_terminal)
+}
+
+/// Largest `page_size` of `ListRuns`.
+const MAX_PAGE: u32 = 1000;
+
+/// Labels a run may carry at most.
+const MAX_LABELS: usize = 32;
+
+/// A run's display name: short, one line.
+fn check_name(name: &str) -> Result<(), Status> {
+    if name.chars().count() > 200 || name.chars().any(char::is_control) {
+        return Err(Status::invalid_argument("name: at most 200 characters, on one line"));
+    }
+    Ok(())
+}
+
+/// Label keys of 1 to 63 letters, digits and `._/-`; values of at most 256 characters
+/// without control characters. (Keys so made are safe inside a JSON path.)
+fn check_labels(labels: &std::collections::HashMap<String, String>, field: &str) -> Result<(), Status> {
+    if labels.len() > MAX_LABELS {
+        return Err(Status::invalid_argument(format!(
+            "{field}: at most {MAX_LABELS} labels, not {}",
+            labels.len()
+        )));
+    }
+    for (k, v) in labels {
+        let key_ok = (1..=63).contains(&k.len())
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'));
+        if !key_ok {
+            return Err(Status::invalid_argument(format!(
+                "{field}: key {k:?} must be 1 to 63 letters, digits or ._/-"
+            )));
+        }
+        if v.chars().count() > 256 || v.chars().any(char::is_control) {
+            return Err(Status::invalid_argument(format!(
+                "{field}.{k}: the value must be at most 256 characters, on one line"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Submitted params as text: strings as they are, numbers and booleans as written.
+fn params_of(params: Option<&baton_common::proto::Struct>) -> Result<BTreeMap<String, String>, Status> {
+    let Some(params) = params else { return Ok(BTreeMap::new()) };
+    let mut out = BTreeMap::new();
+    for (k, v) in baton_common::proto::json_object(params) {
+        let text = match v {
+            serde_json::Value::String(s) => s,
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            _ => {
+                return Err(Status::invalid_argument(format!(
+                    "params.{k}: must be a string, number or boolean"
+                )));
+            }
+        };
+        out.insert(k, text);
+    }
+    Ok(out)
+}
+
+/// An opaque token for the page after the run created at `at` with id `id`.
+fn page_token(at: i64, id: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{at}:{id}"))
+}
+
+/// Where the page of a `page_token` starts.
+fn page_cursor(token: &str) -> Result<(i64, String), Status> {
+    use base64::Engine;
+    let bad = || {
+        Status::invalid_argument("page_token: not a token this controller gave (pass next_page_token as is)")
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let (at, id) = text.split_once(':').ok_or_else(bad)?;
+    Ok((at.parse().map_err(|_| bad())?, id.to_string()))
 }

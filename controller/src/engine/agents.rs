@@ -3,11 +3,12 @@
 
 use std::collections::HashSet;
 
-use baton_common::pb;
+use baton_common::outcome::{FailureClass, Outcome};
 use baton_common::pb::controller_message::Msg as Out;
 use baton_common::state::AttemptState;
 use baton_common::time::ms;
-use tracing::{info, warn};
+use baton_common::{pb, proto};
+use tracing::{error, info, warn};
 
 use super::model::{Effect, Model, Pending};
 use super::state::{Agent, AgentState, Session};
@@ -86,10 +87,10 @@ impl Model {
             session_id,
             Out::Welcome(pb::Welcome {
                 session_id: session_id.to_string(),
-                heartbeat_interval_ms: ms(self.cfg.heartbeat_interval),
-                lease_timeout_ms: lost_after,
-                stop_after_ms: ms(self.cfg.stop_after),
-                fence_grace_ms: ms(self.cfg.fence_grace()),
+                heartbeat_interval: Some(proto::duration(ms(self.cfg.heartbeat_interval))),
+                lease_timeout: Some(proto::duration(lost_after)),
+                stop_after: Some(proto::duration(ms(self.cfg.stop_after))),
+                fence_grace: Some(proto::duration(ms(self.cfg.fence_grace()))),
                 adopted: adopted.iter().map(|r| r.attempt_id.clone()).collect(),
                 abandon: abandon.iter().map(|r| r.attempt_id.clone()).collect(),
             }),
@@ -276,7 +277,17 @@ impl Model {
     pub(super) fn finished(&mut self, agent_id: &str, f: pb::AttemptFinished) {
         let Some(r) = f.attempt.clone() else { return };
         let session = self.session_of(agent_id);
-        let outcome = outcome_state(&f.outcome);
+        let outcome = match reported(&f) {
+            Ok((outcome, _)) => outcome,
+            Err(e) => {
+                self.refuse_result(agent_id, &r, e);
+                if let Some(session) = session {
+                    self.pending
+                        .send(session, Out::Ack(pb::Ack { attempt_id: r.attempt_id, accepted: false }));
+                }
+                return;
+            }
+        };
         let accepted = match self.attempts.get(&r.attempt_id) {
             Some(a) if a.lease_token != r.lease_token || a.agent_id != agent_id => {
                 self.reject(agent_id, &r, "result");
@@ -325,41 +336,52 @@ impl Model {
         // The agent stopped it on its own (shutdown, no controller): an infrastructure
         // loss, not the step's failure. Cancels the controller asked for never get here:
         // their attempts are closed already.
+        let class = match reported(&f) {
+            Ok((_, class)) => class,
+            Err(_) => return,
+        };
         let (outcome, class) = match outcome {
-            AttemptState::Succeeded => (outcome, String::new()),
-            AttemptState::Canceled => (AttemptState::Lost, "agent_lost".to_string()),
-            AttemptState::TimedOut if f.error_class.is_empty() => (outcome, "timeout".to_string()),
-            _ if f.error_class.is_empty() => (outcome, "tool_error".to_string()),
-            _ => (outcome, f.error_class.clone()),
+            AttemptState::Canceled => (AttemptState::Lost, Some(FailureClass::AgentLost)),
+            _ => (outcome, class),
         };
         let Some(a) = self.attempts.get_mut(attempt_id) else { return };
         // Whatever the agent masked or not, no secret value is kept.
         let mut f = f;
         if let Some(r) = &a.redactor {
             f.error = r.text(&f.error);
-            f.result_json = r.json(&f.result_json);
             f.output_tail = r.text(&f.output_tail);
+        }
+        let mut result = proto::text_of_value(f.result.as_ref());
+        if let Some(r) = &a.redactor {
+            result = r.json(&result);
         }
         a.reported = true;
         a.output_bytes = f.output_bytes;
         a.exit_code = f.exit_code;
-        a.result = (!f.result_json.is_empty()).then(|| f.result_json.clone());
+        a.result = (!result.is_empty()).then_some(result);
         a.output_tail = f.output_tail.clone();
         let (run_id, idx, agent_id) = (a.run_id.clone(), a.step_idx, a.agent_id.clone());
         let tool = self.runs.get(&run_id).map(|r| r.steps[idx].tool.clone()).unwrap_or_default();
         let result = a.result.clone();
-        let error = if f.error.is_empty() { class.clone() } else { f.error.clone() };
-        self.close_attempt(attempt_id, outcome, &class, &error, false);
-        self.record_stats(&agent_id, &tool, outcome == AttemptState::Succeeded, f.duration_ms);
+        let error = match class {
+            Some(c) if f.error.is_empty() => c.to_string(),
+            _ => f.error.clone(),
+        };
+        let duration_ms = f.duration.as_ref().map_or(0, proto::duration_millis);
+        self.close_attempt(attempt_id, outcome, class, &error, false);
+        self.record_stats(&agent_id, &tool, outcome == AttemptState::Succeeded, duration_ms);
         if outcome != AttemptState::Lost {
-            self.metrics.step_duration.observe(&[&tool], f.duration_ms.max(0) as f64 / 1000.0);
+            self.metrics.step_duration.observe(&[&tool], duration_ms as f64 / 1000.0);
         }
-        if outcome == AttemptState::Succeeded {
-            self.breakers_on_result(&tool, &agent_id, None, &run_id);
-            self.step_succeeded(&run_id, idx, result);
-        } else {
-            self.breakers_on_result(&tool, &agent_id, Some(&class), &run_id);
-            self.attempt_failed(&run_id, idx, &class, &error, f.exit_code);
+        match class {
+            None => {
+                self.breakers_on_result(&tool, &agent_id, None, &run_id);
+                self.step_succeeded(&run_id, idx, result);
+            }
+            Some(class) => {
+                self.breakers_on_result(&tool, &agent_id, Some(class), &run_id);
+                self.attempt_failed(&run_id, idx, class, &error, f.exit_code);
+            }
         }
     }
 
@@ -369,7 +391,7 @@ impl Model {
         &mut self,
         attempt_id: &str,
         to: AttemptState,
-        class: &str,
+        class: Option<FailureClass>,
         error: &str,
         kill: bool,
     ) {
@@ -387,7 +409,7 @@ impl Model {
         };
         a.state = to;
         a.finished_at = Some(self.pending.now);
-        a.error_class = class.to_string();
+        a.error_class = class;
         a.error = error.to_string();
         if a.redactor.is_some() || a.output_bytes > 0 {
             // The output has ended: nothing more is held back for masking, and what
@@ -395,7 +417,7 @@ impl Model {
             let total = a.reported.then_some(a.output_bytes);
             self.now_effects.push(Effect::Output(crate::logs::Chunk::end(attempt_id, total)));
         }
-        self.metrics.attempts.inc(&[to.as_str(), class]);
+        self.metrics.attempts.inc(&[to.as_str(), class.map_or("", FailureClass::as_str)]);
         self.pending.attempts.insert(a.id.clone());
         if let Some(agent) = self.agents.get_mut(&a.agent_id) {
             agent.running.remove(attempt_id);
@@ -427,10 +449,25 @@ impl Model {
             return;
         }
         let (run_id, idx, agent_id) = (a.run_id.clone(), a.step_idx, a.agent_id.clone());
-        self.close_attempt(attempt_id, AttemptState::Lost, "agent_lost", why, true);
+        let lost = FailureClass::AgentLost;
+        self.close_attempt(attempt_id, AttemptState::Lost, Some(lost), why, true);
         let tool = self.runs.get(&run_id).map(|r| r.steps[idx].tool.clone()).unwrap_or_default();
-        self.breakers_on_result(&tool, &agent_id, Some("agent_lost"), &run_id);
-        self.attempt_failed(&run_id, idx, "agent_lost", why, None);
+        self.breakers_on_result(&tool, &agent_id, Some(lost), &run_id);
+        self.attempt_failed(&run_id, idx, lost, why, None);
+    }
+
+    /// A result that cannot be read (see [`reported`]): logged, put in the run's events,
+    /// and the attempt taken as lost, so that its step runs again rather than being
+    /// failed or passed on a guess.
+    fn refuse_result(&mut self, agent_id: &str, r: &pb::AttemptRef, why: String) {
+        let name = self.agents.get(agent_id).map(|a| a.name.clone()).unwrap_or_else(|| agent_id.to_string());
+        let why = format!(
+            "agent {name} reported a result this controller cannot read ({why}); is the agent newer?"
+        );
+        error!(run_id = %r.run_id, step_id = %r.step_id, attempt_id = %r.attempt_id, "{why}");
+        if self.owns_live(agent_id, r) {
+            self.lose_attempt(&r.attempt_id, &why);
+        }
     }
 
     /// A report under a lease that is no longer current: recorded, counted, and the
@@ -551,10 +588,11 @@ impl Model {
         }
         let (run_id, idx, agent_id) = (a.run_id.clone(), a.step_idx, a.agent_id.clone());
         let why = "no result by the step timeout plus kill grace";
-        self.close_attempt(attempt_id, AttemptState::TimedOut, "timeout", why, true);
+        let timeout = FailureClass::Timeout;
+        self.close_attempt(attempt_id, AttemptState::TimedOut, Some(timeout), why, true);
         let tool = self.runs.get(&run_id).map(|r| r.steps[idx].tool.clone()).unwrap_or_default();
-        self.breakers_on_result(&tool, &agent_id, Some("timeout"), &run_id);
-        self.attempt_failed(&run_id, idx, "timeout", why, None);
+        self.breakers_on_result(&tool, &agent_id, Some(timeout), &run_id);
+        self.attempt_failed(&run_id, idx, timeout, why, None);
     }
 }
 
@@ -566,13 +604,19 @@ fn set_agent(p: &mut Pending, agent: &mut Agent, to: AgentState) {
     }
 }
 
-fn outcome_state(outcome: &str) -> AttemptState {
-    match outcome {
-        "succeeded" => AttemptState::Succeeded,
-        "timed_out" => AttemptState::TimedOut,
-        "canceled" => AttemptState::Canceled,
-        _ => AttemptState::Failed,
-    }
+/// The attempt state and failure class a result reports. An outcome this controller
+/// does not know, or a failure without a class it knows, is an error: such a result
+/// comes from an agent speaking a newer protocol and is not guessed at.
+fn reported(f: &pb::AttemptFinished) -> Result<(AttemptState, Option<FailureClass>), String> {
+    let outcome = Outcome::from_pb(f.outcome).map_err(|e| e.to_string())?;
+    let state = match outcome {
+        Outcome::Succeeded => return Ok((AttemptState::Succeeded, None)),
+        Outcome::Failed => AttemptState::Failed,
+        Outcome::TimedOut => AttemptState::TimedOut,
+        Outcome::Canceled => AttemptState::Canceled,
+    };
+    let class = FailureClass::from_pb(f.failure_class).map_err(|e| format!("{outcome} with {e}"))?;
+    Ok((state, Some(class)))
 }
 
 #[cfg(test)]

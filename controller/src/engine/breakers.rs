@@ -5,7 +5,8 @@ use std::cmp::Reverse;
 use std::collections::HashMap;
 
 use baton_common::breaker::{Breaker, BreakerPolicy, BreakerState};
-use baton_common::pb;
+use baton_common::outcome::FailureClass;
+use baton_common::{pb, proto};
 use serde_json::Value;
 use tracing::{info, warn};
 
@@ -151,13 +152,13 @@ impl Model {
         &mut self,
         tool: &str,
         agent_id: &str,
-        failure: Option<&str>,
+        failure: Option<FailureClass>,
         run_id: &str,
     ) {
         let now = self.now();
         let mut keys = vec![(tool.to_string(), agent_id.to_string())];
         let tool_key = (tool.to_string(), String::new());
-        if failure != Some("agent_lost") {
+        if failure != Some(FailureClass::AgentLost) {
             keys.push(tool_key);
         } else if let Some(b) = self.breakers.get_mut(&tool_key) {
             // A probe of the tool that was lost with its agent frees its place.
@@ -254,10 +255,10 @@ impl Model {
                     tool: tool.clone(),
                     agent_id: agent_id.clone(),
                     agent_name: self.agents.get(agent_id).map(|a| a.name.clone()).unwrap_or_default(),
-                    state: b.state.as_str().to_string(),
+                    state: b.state.to_pb(),
                     consecutive_failures: b.consecutive,
-                    opened_at_ms: if b.state == BreakerState::Closed { 0 } else { b.opened_at },
-                    half_open_at_ms: if b.state == BreakerState::Open { b.reopens_at(p) } else { 0 },
+                    opened_at: (b.state != BreakerState::Closed).then(|| proto::timestamp(b.opened_at)),
+                    half_open_at: (b.state == BreakerState::Open).then(|| proto::timestamp(b.reopens_at(p))),
                 }
             })
             .collect();
@@ -317,10 +318,10 @@ mod tests {
         assert_eq!(c.tool.consecutive_failures, 0, "a tool as a whole trips on its rate only");
         let on_agent = c.policy("shell", true);
         assert_eq!((on_agent.consecutive_failures, on_agent.cooldown_ms), (2, 100));
-        assert_eq!(on_agent.count, vec!["tool_error", "nonzero_exit"]);
+        assert_eq!(on_agent.count, vec![FailureClass::ToolError, FailureClass::NonzeroExit]);
         let whole = c.policy("shell", false);
         assert_eq!(whole.failure_rate, 0.0);
-        assert_eq!(whole.count, vec!["tool_error", "nonzero_exit"]);
+        assert_eq!(whole.count, vec![FailureClass::ToolError, FailureClass::NonzeroExit]);
         assert_eq!(c.policy("python", true).count, BreakerPolicy::default().count);
     }
 

@@ -1,7 +1,7 @@
 //! Dispatch: ready steps to free agent slots, as Assign messages after commit.
 
-use baton_common::pb;
 use baton_common::state::{AttemptState, RunState, StepState};
+use baton_common::{pb, proto};
 use std::collections::HashMap;
 
 use baton_common::time::{format_duration, ms};
@@ -178,7 +178,7 @@ impl Model {
             lease_token,
             state: AttemptState::Assigned,
             exit_code: None,
-            error_class: String::new(),
+            error_class: None,
             error: String::new(),
             result: None,
             output_tail: String::new(),
@@ -199,10 +199,10 @@ impl Model {
         let step_tool = step.tool.clone();
         let request = pb::ExecutionRequest {
             tool: step.tool.clone(),
-            input_json: Value::Object(with).to_string(),
+            input: Some(proto::structure(with)),
             env: env.into_iter().collect(),
-            timeout_ms: spec.timeout_ms.map(|t| t as i64).unwrap_or(0),
-            kill_grace_ms: ms(self.cfg.kill_grace),
+            timeout: spec.timeout_ms.map(|t| proto::duration(t as i64)),
+            kill_grace: Some(proto::duration(ms(self.cfg.kill_grace))),
             // A little past the cap, so the controller sees that there was more and
             // marks the cut.
             max_output_bytes: self.cfg.max_output_bytes + 1024,

@@ -21,13 +21,14 @@ mod state;
 mod testkit;
 
 pub use breakers::BreakerConfig;
+pub use model::Submission;
+pub(crate) use progress::percent;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use baton_common::pb;
-use baton_common::spec::Workstream;
 use baton_common::state::RunState;
 use thiserror::Error;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -218,15 +219,8 @@ impl EngineHandle {
     /// Starts a run of a validated workstream for `actor`; returns its id once it is
     /// durable.
     /// A submit with a `request_id` seen before answers with the run it created.
-    pub async fn submit(
-        &self,
-        spec: Workstream,
-        params: BTreeMap<String, String>,
-        request_id: String,
-        estimates: crate::store::Estimates,
-        actor: String,
-    ) -> Result<String, EngineError> {
-        match self.ask(Input::Submit { spec, params, request_id, estimates, actor, reply: 0 }).await? {
+    pub async fn submit(&self, run: model::Submission, actor: String) -> Result<String, EngineError> {
+        match self.ask(Input::Submit { run: Box::new(run), actor, reply: 0 }).await? {
             Answer::Run(r) => r,
             a => Err(unexpected(a)),
         }

@@ -13,9 +13,9 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-use baton_common::pb;
 use baton_common::spec::{OnFailure, Workstream};
 use baton_common::state::{AttemptState, RunState, StepState};
+use baton_common::{pb, proto};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tracing::error;
@@ -31,10 +31,7 @@ pub(crate) type ReplyTo = u64;
 /// Something that happened, for the model to decide on.
 pub(crate) enum Input {
     Submit {
-        spec: Workstream,
-        params: BTreeMap<String, String>,
-        request_id: String,
-        estimates: crate::store::Estimates,
+        run: Box<Submission>,
         actor: String,
         reply: ReplyTo,
     },
@@ -181,6 +178,8 @@ pub(crate) struct Commit {
     pub batch: Batch,
     effects: Vec<Effect>,
     finished_runs: Vec<String>,
+    /// For each event of the batch, its run's step counts by state right after it.
+    event_counts: Vec<[u32; 8]>,
 }
 
 impl Commit {
@@ -190,15 +189,46 @@ impl Commit {
     }
 }
 
+/// A run to create: a checked spec and what the submit gave with it.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub spec: Workstream,
+    pub params: BTreeMap<String, String>,
+    /// The client's id of the submit (may be empty).
+    pub request_id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// Observed durations of its steps, for the ETA.
+    pub estimates: crate::store::Estimates,
+}
+
+impl Submission {
+    /// `spec` with nothing else given.
+    pub fn new(spec: Workstream) -> Submission {
+        Submission {
+            spec,
+            params: BTreeMap::new(),
+            request_id: String::new(),
+            name: String::new(),
+            labels: BTreeMap::new(),
+            estimates: Default::default(),
+        }
+    }
+}
+
 /// Changes made since the last commit was taken.
 #[derive(Default)]
 pub(super) struct Pending {
     pub runs: HashSet<String, Fixed>,
+    /// Runs (also in `runs`) not written yet.
+    pub new_runs: HashSet<String, Fixed>,
     pub steps: HashSet<(String, usize), Fixed>,
     pub attempts: HashSet<String, Fixed>,
     pub agents: BTreeSet<String>,
     pub breakers: BTreeSet<breakers::BreakerKey>,
     pub events: Vec<EventRow>,
+    /// Step counts by state of each event's run right after it (see `Commit`).
+    event_counts: Vec<[u32; 8]>,
     effects: Vec<Effect>,
     pub finished_runs: Vec<String>,
     /// Some effect must not wait for company (a reply, work for an idle slot).
@@ -282,7 +312,10 @@ impl Pending {
             message: message.into(),
             epoch: 0,
             actor: self.actor.clone(),
+            steps_done: i64::from(run.done()),
+            steps_total: run.steps.len() as i64,
         });
+        self.event_counts.push(run.counts);
     }
 }
 
@@ -462,18 +495,23 @@ impl Model {
         let pending = std::mem::replace(&mut self.pending, fresh);
         let batch = self.build_batch(&pending);
         let batch = Batch { events: pending.events, ..batch };
-        Some(Commit { batch, effects: pending.effects, finished_runs: pending.finished_runs })
+        Some(Commit {
+            batch,
+            effects: pending.effects,
+            finished_runs: pending.finished_runs,
+            event_counts: pending.event_counts,
+        })
     }
 
     fn handle(&mut self, input: Input) {
         match input {
-            Input::Submit { spec, params, request_id, estimates, actor, reply } => {
+            Input::Submit { run, actor, reply } => {
                 self.pending.actor = actor;
-                let result = match self.requests.states.get(&request_id) {
+                let result = match self.requests.states.get(&run.request_id) {
                     // The same request again (a client retrying): its run, answered
                     // after this commit like the first answer.
-                    Some(run_id) if !request_id.is_empty() => Ok(run_id.clone()),
-                    _ => self.submit(spec, params, request_id, &estimates),
+                    Some(run_id) if !run.request_id.is_empty() => Ok(run_id.clone()),
+                    _ => self.submit(*run),
                 };
                 self.pending.reply(reply, Answer::Run(result));
             }
@@ -592,18 +630,23 @@ impl Model {
             }
         }
         self.now_effects.extend(commit.effects);
-        // One progress per run of the commit, shared by its events.
-        let mut progress: HashMap<String, Arc<pb::Progress>> = HashMap::new();
-        for event in commit.batch.events {
-            let p = match progress.get(&event.run_id) {
-                Some(p) => Some(p.clone()),
-                None => self.runs.get_mut(&event.run_id).map(|run| {
-                    let p = Arc::new(run.progress(&self.attempts, now));
-                    progress.insert(event.run_id.clone(), p.clone());
-                    p
-                }),
-            };
-            self.now_effects.push(Effect::Publish(Arc::new(Published { event, progress: p })));
+        // Each event carries its run's counts right after it; the ETA, computed once
+        // per run of the commit, is as of now.
+        let mut etas: HashMap<String, (i64, Option<proto::Duration>)> = HashMap::new();
+        for (event, counts) in commit.batch.events.into_iter().zip(commit.event_counts) {
+            if !etas.contains_key(&event.run_id)
+                && let Some(run) = self.runs.get_mut(&event.run_id)
+            {
+                let start = run.started_at.unwrap_or(run.created_at);
+                etas.insert(event.run_id.clone(), (start, run.progress(&self.attempts, now).eta));
+            }
+            let progress = etas.get(&event.run_id).map(|(start, eta)| {
+                let mut p = super::progress::of_counts(&counts, event.steps_total as u32);
+                p.elapsed = Some(proto::duration(event.at - start));
+                p.eta = *eta;
+                Arc::new(p)
+            });
+            self.now_effects.push(Effect::Publish(Arc::new(Published { event, progress })));
         }
         for run_id in commit.finished_runs {
             self.evict(&run_id);
@@ -615,7 +658,11 @@ impl Model {
         let mut b = Batch::default();
         for id in &p.runs {
             if let Some(run) = self.runs.get(id) {
-                b.runs.push(run.to_row());
+                if p.new_runs.contains(id) {
+                    b.new_runs.push(run.to_row());
+                } else {
+                    b.runs.push(run.state_row());
+                }
             }
         }
         // Steps and attempts reference their run, so the run rows go first.
@@ -836,6 +883,8 @@ impl Model {
                 started_at: row.started_at,
                 finished_at: row.finished_at,
                 request_id: row.request_id.clone(),
+                name: row.name.clone(),
+                labels_json: row.labels.clone(),
                 steps,
                 dependents,
                 next_seq: snap.last_seq.get(&row.id).copied().unwrap_or(0) + 1,

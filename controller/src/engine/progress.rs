@@ -2,10 +2,8 @@
 //! from observed durations (the same step in earlier runs of the workstream, else its
 //! tool), assuming what can run in parallel does.
 
-use std::collections::BTreeMap;
-
-use baton_common::pb;
 use baton_common::state::{AttemptState, StepState};
+use baton_common::{pb, proto};
 
 use super::state::{Attempt, IdMap, Run};
 
@@ -37,21 +35,37 @@ pub(super) fn topo_order(run_needs: &[Vec<usize>]) -> Vec<usize> {
     order
 }
 
+/// Progress from step counts by state (indexed as `StepState`), without times.
+pub(crate) fn of_counts(counts: &[u32; 8], total: u32) -> pb::Progress {
+    let mut by_state = std::collections::HashMap::new();
+    let mut done = 0;
+    for &state in StepState::ALL {
+        let n = counts[state as usize];
+        if n > 0 {
+            by_state.insert(state.as_str().to_string(), n);
+            if state.is_terminal() {
+                done += n;
+            }
+        }
+    }
+    pb::Progress {
+        total,
+        done,
+        steps_by_state: by_state,
+        percent: percent(done, total),
+        elapsed: None,
+        eta: None,
+    }
+}
+
+/// `done` of `total` in percent.
+pub(crate) fn percent(done: u32, total: u32) -> f64 {
+    if total == 0 { 0.0 } else { f64::from(done) * 100.0 / f64::from(total) }
+}
+
 impl Run {
     /// Current progress; `eta_ms` is -1 when some open step has no estimate.
     pub(super) fn progress(&mut self, attempts: &IdMap<Attempt>, now: i64) -> pb::Progress {
-        let mut by_state: BTreeMap<String, u32> = BTreeMap::new();
-        let mut done = 0;
-        for &state in StepState::ALL {
-            let n = self.counts[state as usize];
-            if n > 0 {
-                by_state.insert(state.as_str().to_string(), n);
-                if state.is_terminal() {
-                    done += n;
-                }
-            }
-        }
-        let total = self.steps.len() as u32;
         let start = self.started_at.unwrap_or(self.created_at);
         let end = self.finished_at.unwrap_or(now);
         let eta_ms = if self.state.is_terminal() {
@@ -66,12 +80,9 @@ impl Run {
             }
         };
         pb::Progress {
-            total,
-            done,
-            steps_by_state: by_state.into_iter().collect(),
-            percent: if total == 0 { 0.0 } else { f64::from(done) * 100.0 / f64::from(total) },
-            elapsed_ms: (end - start).max(0),
-            eta_ms,
+            elapsed: Some(proto::duration(end - start)),
+            eta: (eta_ms >= 0).then(|| proto::duration(eta_ms)),
+            ..of_counts(&self.counts, self.steps.len() as u32)
         }
     }
 

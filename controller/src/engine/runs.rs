@@ -2,17 +2,17 @@
 //! (`fail`, `continue`, `quarantine`), release, deadlines, completion, cancel.
 
 use std::cmp::Reverse;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use baton_common::outcome::FailureClass;
 use baton_common::retry::{Decision, Failure};
-use baton_common::spec::{OnFailure, Workstream};
+use baton_common::spec::OnFailure;
 use baton_common::state::{AttemptState, RunState, StepState};
 use baton_common::time::format_duration;
 use tracing::{info, warn};
 
 use super::EngineError;
-use super::model::{Model, Pending, Timer};
+use super::model::{Model, Pending, Submission, Timer};
 use super::state::{self, Run, Step};
 
 /// Moves step `idx` of `run` to `to` if the step machine allows it, keeping the run's
@@ -70,13 +70,9 @@ fn end_step(p: &mut Pending, run: &mut Run, idx: usize, to: StepState, kind: &st
 }
 
 impl Model {
-    pub(super) fn submit(
-        &mut self,
-        mut spec: Workstream,
-        mut params: BTreeMap<String, String>,
-        request_id: String,
-        history: &crate::store::Estimates,
-    ) -> Result<String, EngineError> {
+    pub(super) fn submit(&mut self, run: Submission) -> Result<String, EngineError> {
+        let Submission { mut spec, mut params, request_id, name, labels, estimates: history } = run;
+        let history = &history;
         // Parameters: given ones, else declared defaults; a declared one without a
         // default must be given.
         for (name, default) in &spec.params {
@@ -182,6 +178,8 @@ impl Model {
             started_at: None,
             finished_at: None,
             request_id: request_id.clone(),
+            name,
+            labels_json: serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into()),
             steps,
             dependents,
             next_seq: 1,
@@ -198,6 +196,7 @@ impl Model {
         };
         let p = &mut self.pending;
         p.runs.insert(id.clone());
+        p.new_runs.insert(id.clone());
         for i in 0..n {
             p.steps.insert((id.clone(), i));
         }
@@ -278,7 +277,13 @@ impl Model {
         }
         let live: Vec<String> = run.steps.iter().filter_map(|s| s.current.clone()).collect();
         for attempt_id in live {
-            self.close_attempt(&attempt_id, AttemptState::Canceled, "canceled", reason, true);
+            self.close_attempt(
+                &attempt_id,
+                AttemptState::Canceled,
+                Some(FailureClass::Canceled),
+                reason,
+                true,
+            );
         }
         let Some(run) = self.runs.get_mut(run_id) else {
             return Err(EngineError::RunNotFound(run_id.to_string()));
@@ -321,7 +326,13 @@ impl Model {
             reason.to_string()
         };
         if let Some(attempt_id) = run.steps[idx].current.clone() {
-            self.close_attempt(&attempt_id, AttemptState::Canceled, "canceled", &reason, true);
+            self.close_attempt(
+                &attempt_id,
+                AttemptState::Canceled,
+                Some(FailureClass::Canceled),
+                &reason,
+                true,
+            );
         }
         let Some(run) = self.runs.get_mut(run_id) else {
             return Err(EngineError::RunNotFound(run_id.to_string()));
@@ -407,7 +418,7 @@ impl Model {
         &mut self,
         run_id: &str,
         idx: usize,
-        class: &str,
+        class: FailureClass,
         error: &str,
         exit_code: Option<i32>,
     ) {
@@ -417,7 +428,7 @@ impl Model {
         let Some(run) = self.runs.get_mut(run_id) else { return };
         let p = &mut self.pending;
         let step = &mut run.steps[idx];
-        if class == "agent_lost" {
+        if class == FailureClass::AgentLost {
             step.lost_count += 1;
             step.lost_streak += 1;
         } else {
@@ -431,7 +442,8 @@ impl Model {
             return;
         }
         // A step that keeps taking its agents down is poison: hold the run.
-        if class == "agent_lost" && poison_after > 0 && run.steps[idx].lost_streak >= poison_after {
+        if class == FailureClass::AgentLost && poison_after > 0 && run.steps[idx].lost_streak >= poison_after
+        {
             let reason = format!(
                 "step {step_id:?} was lost with its agent {} times in a row (poison?)",
                 run.steps[idx].lost_streak

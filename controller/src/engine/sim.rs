@@ -24,7 +24,9 @@ use baton_common::state::{AttemptState, RunState, StepState};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::model::{Answer, Commit, Effect, Input, Model};
+use baton_common::outcome::{FailureClass, Outcome};
+
+use super::model::{Answer, Commit, Effect, Input, Model, Submission};
 use super::{Binding, EngineConfig};
 use crate::store::{AgentRow, AttemptRow, Batch, BreakerRow, RunRow, Snapshot, StepRow};
 
@@ -99,8 +101,13 @@ impl Rows {
             }
             self.last_seq.insert(e.run_id.clone(), e.seq);
         }
-        for r in &b.runs {
+        for r in &b.new_runs {
             self.runs.insert(r.id.clone(), r.clone());
+        }
+        for r in &b.runs {
+            if let Some(row) = self.runs.get_mut(&r.id) {
+                row.apply(r);
+            }
         }
         for s in &b.steps {
             self.steps.insert((s.run_id.clone(), s.idx), s.clone());
@@ -735,7 +742,8 @@ impl Sim {
                 if let Some(r) = r {
                     let f = pb::AttemptFinished {
                         attempt: Some(r.clone()),
-                        outcome: "canceled".into(),
+                        outcome: Outcome::Canceled.to_pb(),
+                        failure_class: FailureClass::Canceled.to_pb(),
                         error: c.reason,
                         ..Default::default()
                     };
@@ -748,7 +756,7 @@ impl Sim {
                 let a = &mut self.agents[i];
                 if let Some(f) = a.unacked.remove(&ack.attempt_id)
                     && ack.accepted
-                    && f.outcome == "succeeded"
+                    && f.outcome == Outcome::Succeeded.to_pb()
                     && let Some(r) = f.attempt
                 {
                     let key = (r.run_id.clone(), r.step_id.clone());
@@ -777,9 +785,15 @@ impl Sim {
         while self.agents[i].running.len() < self.agents[i].slots {
             let Some(asg) = self.agents[i].queued.pop_front() else { break };
             let Some(r) = asg.attempt.clone() else { continue };
-            let run = asg.request.as_ref().map(|q| q.input_json.clone()).unwrap_or_default();
-            let (p_fail, mean) = behaviour(&run);
-            let timeout = asg.request.as_ref().map_or(0, |q| q.timeout_ms) * MS;
+            let run =
+                asg.request.as_ref().and_then(|q| q.input.as_ref()).map(baton_common::proto::json_object);
+            let (p_fail, mean) = behaviour(&serde_json::Value::Object(run.unwrap_or_default()));
+            let timeout = asg
+                .request
+                .as_ref()
+                .and_then(|q| q.timeout.as_ref())
+                .map_or(0, baton_common::proto::duration_millis)
+                * MS;
             let mut took = self.rng.random_range(mean / 2..=mean * 3 / 2 + 1) * MS;
             let mut outcome = if !self.rng.random_bool(p_fail) {
                 "succeeded"
@@ -813,17 +827,19 @@ impl Sim {
         for e in done {
             self.agents[i].running.remove(&e.r.attempt_id);
             let (outcome, class) = match e.outcome {
-                "failed" => ("failed", "nonzero_exit"),
-                "broken" => ("failed", "tool_error"),
-                o => (o, ""),
+                "failed" => (Outcome::Failed, Some(FailureClass::NonzeroExit)),
+                "broken" => (Outcome::Failed, Some(FailureClass::ToolError)),
+                "timed_out" => (Outcome::TimedOut, Some(FailureClass::Timeout)),
+                _ => (Outcome::Succeeded, None),
             };
             let f = pb::AttemptFinished {
                 attempt: Some(e.r.clone()),
-                outcome: outcome.into(),
-                error_class: class.into(),
+                outcome: outcome.to_pb(),
+                failure_class: class.map_or(0, FailureClass::to_pb),
                 exit_code: Some(if e.outcome == "succeeded" { 0 } else { 1 }),
-                result_json: if e.outcome == "succeeded" { r#"{"ok":true}"#.into() } else { String::new() },
-                duration_ms: (e.ends - e.started) / MS,
+                result: (e.outcome == "succeeded")
+                    .then(|| baton_common::proto::value(serde_json::json!({"ok": true}))),
+                duration: Some(baton_common::proto::duration((e.ends - e.started) / MS)),
                 ..Default::default()
             };
             self.agents[i].unacked.insert(e.r.attempt_id.clone(), f.clone());
@@ -842,7 +858,8 @@ impl Sim {
                 for e in stopped {
                     let f = pb::AttemptFinished {
                         attempt: Some(e.r.clone()),
-                        outcome: "canceled".into(),
+                        outcome: Outcome::Canceled.to_pb(),
+                        failure_class: FailureClass::Canceled.to_pb(),
                         error: "lease expired".into(),
                         ..Default::default()
                     };
@@ -980,14 +997,8 @@ impl Sim {
         let reply = self.waiter(Waiter::Submit);
         let request_id = format!("req-{}", self.rng.random::<u32>());
         self.log(format!("submit {} steps", spec.steps.len()));
-        self.input(Input::Submit {
-            spec,
-            params: BTreeMap::new(),
-            request_id,
-            estimates: Default::default(),
-            actor: "sim".into(),
-            reply,
-        })
+        let run = Box::new(Submission { request_id, ..Submission::new(spec) });
+        self.input(Input::Submit { run, actor: "sim".into(), reply })
     }
 
     fn pick_run(&mut self) -> Option<String> {
@@ -1227,8 +1238,7 @@ impl Sim {
 }
 
 /// The failure rate and mean duration (ms) a generated step's command asks for.
-fn behaviour(input_json: &str) -> (f64, i64) {
-    let v: serde_json::Value = serde_json::from_str(input_json).unwrap_or_default();
+fn behaviour(v: &serde_json::Value) -> (f64, i64) {
     let run = v.get("run").and_then(|r| r.as_str()).unwrap_or_default();
     let mut p = 0.0;
     let mut ms = 50;
@@ -1390,6 +1400,8 @@ fn event_sequences_must_be_dense() {
         message: String::new(),
         epoch: 0,
         actor: String::new(),
+        steps_done: 0,
+        steps_total: 1,
     };
     let b1 = Batch { events: vec![e(1)], ..Default::default() };
     let b3 = Batch { events: vec![e(3)], ..Default::default() };

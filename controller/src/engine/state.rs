@@ -4,12 +4,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use baton_common::pb;
+use baton_common::outcome::FailureClass;
 use baton_common::spec::Workstream;
 pub(crate) use baton_common::state::AgentState;
 use baton_common::state::{AttemptState, RunState, StepState};
+use baton_common::{pb, proto};
 
-use crate::store::{AgentRow, AttemptRow, RunRow, StepRow, StoreError, parse_state};
+use crate::store::{AgentRow, AttemptRow, RunRow, RunStateRow, StepRow, StoreError, parse_state};
 
 /// A hasher with fixed keys, so that the model's maps iterate in the same order for
 /// the same inputs (a replayed simulation makes the same decisions). Its keys are ids
@@ -33,6 +34,9 @@ pub(crate) struct Run {
     pub finished_at: Option<i64>,
     /// The client's id of the submit that created it (may be empty).
     pub request_id: String,
+    /// Display name and labels given at submit (labels as a JSON object).
+    pub name: String,
+    pub labels_json: String,
     pub steps: Vec<Step>,
     /// For each step, the steps that list it in `needs`.
     pub dependents: Vec<Vec<usize>>,
@@ -79,7 +83,25 @@ impl Run {
             started_at: self.started_at,
             finished_at: self.finished_at,
             request_id: self.request_id.clone(),
+            name: self.name.clone(),
+            labels: self.labels_json.clone(),
         }
+    }
+
+    /// The run row's changing part.
+    pub fn state_row(&self) -> RunStateRow {
+        RunStateRow {
+            id: self.id.clone(),
+            state: self.state.as_str().to_string(),
+            reason: self.reason.clone(),
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+        }
+    }
+
+    /// Steps in a final state.
+    pub fn done(&self) -> u32 {
+        StepState::ALL.iter().filter(|s| s.is_terminal()).map(|&s| self.counts[s as usize]).sum()
     }
 
     pub fn step_row(&self, idx: usize) -> StepRow {
@@ -98,6 +120,9 @@ impl Run {
             finished_at: s.finished_at,
             reason: s.reason.clone(),
             result: s.result.clone(),
+            needs: serde_json::to_string(&self.spec.steps[idx].needs).unwrap_or_else(|_| "[]".into()),
+            kind: self.spec.steps[idx].kind.clone().unwrap_or_default(),
+            route: String::new(),
         }
     }
 }
@@ -243,7 +268,7 @@ pub(crate) struct Attempt {
     pub lease_token: String,
     pub state: AttemptState,
     pub exit_code: Option<i32>,
-    pub error_class: String,
+    pub error_class: Option<FailureClass>,
     pub error: String,
     pub result: Option<String>,
     pub output_tail: String,
@@ -276,7 +301,7 @@ impl Attempt {
             lease_token: self.lease_token.clone(),
             state: self.state.as_str().to_string(),
             exit_code: self.exit_code.map(i64::from),
-            error_class: self.error_class.clone(),
+            error_class: self.error_class.map(FailureClass::as_str).unwrap_or_default().to_string(),
             error: self.error.clone(),
             result: self.result.clone(),
             output_tail: self.output_tail.clone(),
@@ -300,7 +325,7 @@ impl Attempt {
             lease_token: row.lease_token.clone(),
             state,
             exit_code: row.exit_code.map(|c| c as i32),
-            error_class: row.error_class.clone(),
+            error_class: row.error_class.parse().ok(),
             error: row.error.clone(),
             result: row.result.clone(),
             output_tail: row.output_tail.clone(),
@@ -413,9 +438,9 @@ impl Agent {
             tools: self.tools.clone(),
             slots: self.slots,
             slots_used: self.running.len() as u32,
-            state: self.state.as_str().to_string(),
-            last_seen_ms: self.last_seen,
-            connected_at_ms: self.connected_at,
+            state: self.state.to_pb(),
+            last_seen: Some(proto::timestamp(self.last_seen)),
+            connected_at: Some(proto::timestamp(self.connected_at)),
             draining: self.draining,
         }
     }

@@ -7,7 +7,7 @@ use baton_common::pb;
 use baton_common::pb::agent_message::Msg as Up;
 use baton_common::pb::controller_message::Msg as Down;
 
-use super::model::{Answer, Effect, Input, Model};
+use super::model::{Answer, Effect, Input, Model, Submission};
 use super::{Binding, EngineConfig};
 use crate::store::Batch;
 
@@ -121,14 +121,8 @@ impl Kit {
     pub fn submit(&mut self, yaml: &str) -> String {
         let spec = baton_common::spec::parse("test.yaml", yaml).expect("a valid spec");
         let reply = self.reply();
-        self.apply(Input::Submit {
-            spec,
-            params: BTreeMap::new(),
-            request_id: String::new(),
-            estimates: Default::default(),
-            actor: "test".into(),
-            reply,
-        });
+        let run = Box::new(Submission::new(spec));
+        self.apply(Input::Submit { run, actor: "test".into(), reply });
         self.settle();
         match self.answers.remove(&reply) {
             Some(Answer::Run(Ok(id))) => id,
@@ -169,11 +163,19 @@ impl Kit {
     }
 
     pub fn finished(&mut self, name: &str, session: u64, r: &pb::AttemptRef, outcome: &str, class: &str) {
+        use baton_common::outcome::{FailureClass, Outcome};
+        let o: Outcome = outcome.parse().expect("an outcome");
+        let class = match (o, class) {
+            (Outcome::Canceled, "") => FailureClass::Canceled.to_pb(),
+            (_, "") => 0,
+            (_, c) => c.parse::<FailureClass>().expect("a failure class").to_pb(),
+        };
         let f = pb::AttemptFinished {
             attempt: Some(r.clone()),
-            outcome: outcome.into(),
-            error_class: class.into(),
-            result_json: if outcome == "succeeded" { r#"{"n": 1}"#.into() } else { String::new() },
+            outcome: o.to_pb(),
+            failure_class: class,
+            result: (o == Outcome::Succeeded)
+                .then(|| baton_common::proto::value(serde_json::json!({"n": 1}))),
             ..Default::default()
         };
         self.agent(name, session, Up::Finished(f));
@@ -194,7 +196,10 @@ impl Kit {
         self.commits
             .iter()
             .rev()
-            .find_map(|b| b.runs.iter().find(|r| r.id == run).map(|r| r.state.clone()))
+            .find_map(|b| {
+                let updated = b.runs.iter().find(|r| r.id == run).map(|r| r.state.clone());
+                updated.or_else(|| b.new_runs.iter().find(|r| r.id == run).map(|r| r.state.clone()))
+            })
             .unwrap_or_default()
     }
 
@@ -231,8 +236,13 @@ impl Kit {
         let mut breakers = BTreeMap::new();
         let mut last_seq = HashMap::new();
         for b in &self.commits {
-            for r in &b.runs {
+            for r in &b.new_runs {
                 runs.insert(r.id.clone(), r.clone());
+            }
+            for r in &b.runs {
+                if let Some(row) = runs.get_mut(&r.id) {
+                    crate::store::RunRow::apply(row, r);
+                }
             }
             for s in &b.steps {
                 steps.insert((s.run_id.clone(), s.idx), s.clone());

@@ -17,7 +17,7 @@ use sqlx::{Any, AnyPool, AssertSqlSafe, Row};
 use thiserror::Error;
 
 pub use auth::{AgentCredentialRow, Enrollment, JoinTokenRow, SecretRow, TokenRow};
-pub use rows::{AgentRow, AttemptRow, BreakerRow, EventRow, OutputRow, RunRow, StepRow};
+pub use rows::{AgentRow, AttemptRow, BreakerRow, EventRow, OutputRow, RunRow, RunStateRow, StepRow};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -76,7 +76,10 @@ pub enum Backend {
 /// Everything the engine changed while handling one batch of messages.
 #[derive(Debug, Default, Clone)]
 pub struct Batch {
-    pub runs: Vec<RunRow>,
+    /// Runs submitted since the last batch, written whole once.
+    pub new_runs: Vec<RunRow>,
+    /// State changes of runs already written.
+    pub runs: Vec<RunStateRow>,
     pub steps: Vec<StepRow>,
     pub attempts: Vec<AttemptRow>,
     pub events: Vec<EventRow>,
@@ -91,7 +94,8 @@ impl Batch {
 
     /// Rows the batch writes.
     pub fn rows(&self) -> usize {
-        self.runs.len()
+        self.new_runs.len()
+            + self.runs.len()
             + self.steps.len()
             + self.attempts.len()
             + self.events.len()
@@ -100,6 +104,7 @@ impl Batch {
     }
 
     pub fn clear(&mut self) {
+        self.new_runs.clear();
         self.runs.clear();
         self.steps.clear();
         self.attempts.clear();
@@ -131,6 +136,26 @@ pub struct RunRecord {
 
 /// Step counts by state for one run.
 pub type StateCounts = HashMap<String, u32>;
+
+/// Which runs `Store::list_runs` returns.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    /// Any of these states; empty for all.
+    pub states: Vec<String>,
+    /// Empty for all.
+    pub workstream: String,
+    /// All of these labels with these values.
+    pub labels: BTreeMap<String, String>,
+    /// Only runs older than this (created_at, id): where the previous page ended.
+    pub before: Option<(i64, String)>,
+    pub limit: u32,
+}
+
+/// A bound parameter of a statement assembled at run time.
+enum Arg {
+    Text(String),
+    Int(i64),
+}
 
 /// Observed durations (ms) for estimating how long steps take.
 #[derive(Debug, Clone, Default)]
@@ -302,6 +327,7 @@ impl Store {
             (backend, fence) => {
                 let json = |e: serde_json::Error| StoreError::Corrupt(format!("cannot encode rows: {e}"));
                 let arrays = [
+                    serde_json::to_string(&batch.new_runs).map_err(json)?,
                     serde_json::to_string(&batch.runs).map_err(json)?,
                     serde_json::to_string(&batch.steps).map_err(json)?,
                     serde_json::to_string(&batch.attempts).map_err(json)?,
@@ -327,6 +353,7 @@ impl Store {
         // BEGIN IMMEDIATE takes the write lock up front, so the transaction never fails
         // half-way with "database is locked" on upgrading a read lock.
         let mut sql = String::from("BEGIN IMMEDIATE;\n");
+        script_rows(&mut sql, &batch.new_runs);
         script_rows(&mut sql, &batch.runs);
         script_rows(&mut sql, &batch.steps);
         script_rows(&mut sql, &batch.attempts);
@@ -337,6 +364,9 @@ impl Store {
         // Small batches recur in the same few shapes (a step done, the next assigned)
         // and are worth a cached statement; big ones rarely repeat.
         let mut q = sqlx::query(AssertSqlSafe(sql)).persistent(batch.rows() <= 16);
+        for r in &batch.new_runs {
+            q = r.bind(q);
+        }
         for r in &batch.runs {
             q = r.bind(q);
         }
@@ -376,22 +406,23 @@ impl Store {
     async fn commit_fenced(
         &self,
         backend: Backend,
-        arrays: &[String; 6],
+        arrays: &[String; 7],
         fence: Option<&Fence>,
     ) -> Result<(), StoreError> {
-        fn statements(b: Backend) -> [String; 6] {
+        fn statements(b: Backend) -> [String; 7] {
             [
-                json_insert_sql::<RunRow>(b, 1),
-                json_insert_sql::<StepRow>(b, 1),
-                json_insert_sql::<AttemptRow>(b, 1),
-                json_insert_sql::<EventRow>(b, 1),
-                json_insert_sql::<AgentRow>(b, 1),
-                json_insert_sql::<BreakerRow>(b, 1),
+                json_write_sql::<RunRow>(b, 1),
+                json_write_sql::<RunStateRow>(b, 1),
+                json_write_sql::<StepRow>(b, 1),
+                json_write_sql::<AttemptRow>(b, 1),
+                json_write_sql::<EventRow>(b, 1),
+                json_write_sql::<AgentRow>(b, 1),
+                json_write_sql::<BreakerRow>(b, 1),
             ]
         }
-        static POSTGRES: std::sync::LazyLock<[String; 6]> =
+        static POSTGRES: std::sync::LazyLock<[String; 7]> =
             std::sync::LazyLock::new(|| statements(Backend::Postgres));
-        static SQLITE: std::sync::LazyLock<[String; 6]> =
+        static SQLITE: std::sync::LazyLock<[String; 7]> =
             std::sync::LazyLock::new(|| statements(Backend::Sqlite));
         let (mut tx, sqls) = match backend {
             Backend::Sqlite => (self.writer.begin_with("BEGIN IMMEDIATE").await?, &*SQLITE),
@@ -424,17 +455,20 @@ impl Store {
     pub async fn load_active(&self) -> Result<Snapshot, StoreError> {
         let runs = fetch(
             &self.pool,
-            &format!("SELECT {} FROM runs WHERE state IN {ACTIVE} ORDER BY created_at, id", RunRow::COLUMNS),
+            &format!(
+                "SELECT {} FROM runs WHERE state IN {ACTIVE} ORDER BY created_at, id",
+                RunRow::column_list()
+            ),
         )
         .await?;
         let steps = fetch(&self.pool, &format!(
             "SELECT {} FROM steps WHERE run_id IN (SELECT id FROM runs WHERE state IN {ACTIVE}) ORDER BY run_id, idx",
-            StepRow::COLUMNS
+            StepRow::column_list()
         ))
         .await?;
         let attempts = fetch(&self.pool, &format!(
             "SELECT {} FROM step_attempts WHERE run_id IN (SELECT id FROM runs WHERE state IN {ACTIVE}) ORDER BY run_id, step_id, number",
-            AttemptRow::COLUMNS
+            AttemptRow::column_list()
         ))
         .await?;
         let seq_rows = sqlx::query(AssertSqlSafe(format!(
@@ -446,8 +480,9 @@ impl Store {
         for r in seq_rows {
             last_seq.insert(r.try_get::<String, _>("run_id")?, r.try_get::<i64, _>("seq")?);
         }
-        let agents = fetch(&self.pool, &format!("SELECT {} FROM agents", AgentRow::COLUMNS)).await?;
-        let breakers = fetch(&self.pool, &format!("SELECT {} FROM breakers", BreakerRow::COLUMNS)).await?;
+        let agents = fetch(&self.pool, &format!("SELECT {} FROM agents", AgentRow::column_list())).await?;
+        let breakers =
+            fetch(&self.pool, &format!("SELECT {} FROM breakers", BreakerRow::column_list())).await?;
         Ok(Snapshot { runs, steps, attempts, last_seq, agents, breakers })
     }
 
@@ -482,13 +517,16 @@ impl Store {
     }
 
     pub async fn get_run(&self, run_id: &str) -> Result<RunRecord, StoreError> {
-        let mut runs: Vec<RunRow> =
-            fetch_bound(&self.pool, &format!("SELECT {} FROM runs WHERE id = $1", RunRow::COLUMNS), run_id)
-                .await?;
+        let mut runs: Vec<RunRow> = fetch_bound(
+            &self.pool,
+            &format!("SELECT {} FROM runs WHERE id = $1", RunRow::column_list()),
+            run_id,
+        )
+        .await?;
         let run = runs.pop().ok_or_else(|| StoreError::RunNotFound(run_id.to_string()))?;
         let steps = fetch_bound(
             &self.pool,
-            &format!("SELECT {} FROM steps WHERE run_id = $1 ORDER BY idx", StepRow::COLUMNS),
+            &format!("SELECT {} FROM steps WHERE run_id = $1 ORDER BY idx", StepRow::column_list()),
             run_id,
         )
         .await?;
@@ -496,7 +534,7 @@ impl Store {
             &self.pool,
             &format!(
                 "SELECT {} FROM step_attempts WHERE run_id = $1 ORDER BY step_id, number",
-                AttemptRow::COLUMNS
+                AttemptRow::column_list()
             ),
             run_id,
         )
@@ -513,40 +551,79 @@ impl Store {
         Ok(row.try_get::<i64, _>("seq")?)
     }
 
-    /// The newest runs first, optionally only those in `state`, with step counts.
-    pub async fn list_runs(
-        &self,
-        state: Option<&str>,
-        limit: u32,
-    ) -> Result<Vec<(RunRow, StateCounts)>, StoreError> {
-        let limit = i64::from(limit.clamp(1, 10_000));
-        let runs: Vec<RunRow> = match state {
-            Some(s) => {
-                let q = sqlx::query(AssertSqlSafe(format!(
-                    "SELECT {} FROM runs WHERE state = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
-                    RunRow::COLUMNS
-                )))
-                .bind(s)
-                .bind(limit);
-                decode_all(q.fetch_all(&self.pool).await?)?
-            }
-            None => {
-                let q = sqlx::query(AssertSqlSafe(format!(
-                    "SELECT {} FROM runs ORDER BY created_at DESC, id DESC LIMIT $1",
-                    RunRow::COLUMNS
-                )))
-                .bind(limit);
-                decode_all(q.fetch_all(&self.pool).await?)?
-            }
+    /// One page of runs, newest first, that pass `f`, each with its step counts by
+    /// state, in one query. The rows' `spec` is left empty (a list does not show it).
+    pub async fn list_runs(&self, f: &RunFilter) -> Result<Vec<(RunRow, StateCounts)>, StoreError> {
+        let mut conds: Vec<String> = Vec::new();
+        let mut args: Vec<Arg> = Vec::new();
+        let param = |args: &mut Vec<Arg>, a: Arg| {
+            args.push(a);
+            format!("${}", args.len())
         };
-        let mut out = Vec::with_capacity(runs.len());
-        for run in runs {
-            let counts = self.step_counts(&run.id).await?;
-            out.push((run, counts));
+        if !f.states.is_empty() {
+            let ps: Vec<String> = f.states.iter().map(|st| param(&mut args, Arg::Text(st.clone()))).collect();
+            conds.push(format!("state IN ({})", ps.join(", ")));
+        }
+        if !f.workstream.is_empty() {
+            conds.push(format!("workstream = {}", param(&mut args, Arg::Text(f.workstream.clone()))));
+        }
+        for (k, v) in &f.labels {
+            let key = match self.backend {
+                // A JSON path naming the key as a quoted member (keys are checked to hold
+                // no quote).
+                Backend::Sqlite => param(&mut args, Arg::Text(format!("$.\"{k}\""))),
+                Backend::Postgres => param(&mut args, Arg::Text(k.clone())),
+            };
+            let value = param(&mut args, Arg::Text(v.clone()));
+            conds.push(match self.backend {
+                Backend::Sqlite => format!("json_extract(labels, {key}) = {value}"),
+                Backend::Postgres => format!("(labels::json ->> {key}) = {value}"),
+            });
+        }
+        if let Some((at, id)) = &f.before {
+            let at = param(&mut args, Arg::Int(*at));
+            let id = param(&mut args, Arg::Text(id.clone()));
+            conds.push(format!("(created_at < {at} OR (created_at = {at} AND id < {id}))"));
+        }
+        let limit = param(&mut args, Arg::Int(i64::from(f.limit.clamp(1, 10_000))));
+        let filter = if conds.is_empty() { String::new() } else { format!("WHERE {}", conds.join(" AND ")) };
+        let cols: Vec<String> = RunRow::COLUMNS
+            .iter()
+            .map(|c| if *c == "spec" { "'' AS spec".to_string() } else { format!("r.{c}") })
+            .collect();
+        let group: Vec<String> =
+            RunRow::COLUMNS.iter().filter(|c| **c != "spec").map(|c| format!("r.{c}")).collect();
+        let sql = format!(
+            "SELECT {}, s.state AS step_state, COUNT(s.step_id) AS n \
+             FROM (SELECT * FROM runs {filter} ORDER BY created_at DESC, id DESC LIMIT {limit}) r \
+             LEFT JOIN steps s ON s.run_id = r.id \
+             GROUP BY {}, s.state ORDER BY r.created_at DESC, r.id DESC",
+            cols.join(", "),
+            group.join(", ")
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for a in args {
+            q = match a {
+                Arg::Text(t) => q.bind(t),
+                Arg::Int(i) => q.bind(i),
+            };
+        }
+        let mut out: Vec<(RunRow, StateCounts)> = Vec::new();
+        for row in q.fetch_all(&self.pool).await? {
+            let run = RunRow::decode(&row)?;
+            let state: Option<String> = row.try_get("step_state")?;
+            let n = row.try_get::<i64, _>("n")? as u32;
+            if out.last().is_none_or(|(r, _)| r.id != run.id) {
+                out.push((run, StateCounts::new()));
+            }
+            if let (Some(state), Some((_, counts))) = (state, out.last_mut()) {
+                counts.insert(state, n);
+            }
         }
         Ok(out)
     }
 
+    #[cfg(test)]
     pub async fn step_counts(&self, run_id: &str) -> Result<StateCounts, StoreError> {
         let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM steps WHERE run_id = $1 GROUP BY state")
             .bind(run_id)
@@ -563,7 +640,7 @@ impl Store {
     pub async fn events(&self, run_id: &str, from_seq: i64, limit: i64) -> Result<Vec<EventRow>, StoreError> {
         let q = sqlx::query(AssertSqlSafe(format!(
             "SELECT {} FROM run_events WHERE run_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3",
-            EventRow::COLUMNS
+            EventRow::column_list()
         )))
         .bind(run_id)
         .bind(from_seq)
@@ -600,7 +677,7 @@ impl Store {
     pub async fn output(&self, attempt_id: &str, from_seq: i64) -> Result<Vec<OutputRow>, StoreError> {
         let q = sqlx::query(AssertSqlSafe(format!(
             "SELECT {} FROM attempt_output WHERE attempt_id = $1 AND seq >= $2 ORDER BY seq LIMIT 1000",
-            OutputRow::COLUMNS
+            OutputRow::column_list()
         )))
         .bind(attempt_id)
         .bind(from_seq);
@@ -734,7 +811,7 @@ impl Store {
     }
 
     pub async fn agents(&self) -> Result<Vec<AgentRow>, StoreError> {
-        fetch(&self.pool, &format!("SELECT {} FROM agents ORDER BY name, id", AgentRow::COLUMNS)).await
+        fetch(&self.pool, &format!("SELECT {} FROM agents ORDER BY name, id", AgentRow::column_list())).await
     }
 }
 
@@ -751,22 +828,35 @@ fn sqlite_url(url: &str) -> String {
 
 type AnyQuery<'q> = Query<'q, Any, AnyArguments>;
 
-/// A row type with a fixed column list that can be bulk-upserted and decoded.
+/// How a record's rows are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Write {
+    /// A row with an existing key replaces it (state rows).
+    Upsert,
+    /// A row with an existing key is kept as it was (append-only rows, where a retried
+    /// commit must not fail on its own earlier write).
+    Insert,
+    /// The row's columns are set on the existing row of its key (the changing part of
+    /// a row written once).
+    Update,
+}
+
+/// A row type with a fixed column list (see `record!` in rows.rs).
 pub(crate) trait Record: Sized {
     const TABLE: &'static str;
-    const COLUMNS: &'static str;
-    /// The columns with their Postgres types, for reading rows from JSON.
-    const PG_RECORD: &'static str;
+    const COLUMNS: &'static [&'static str];
+    /// The columns' Postgres types, for reading rows from JSON.
+    const PG_TYPES: &'static [&'static str];
     /// Primary key columns.
-    const KEY: &'static str;
-    /// Whether a row with an existing key replaces it (state rows) or is kept as it was
-    /// (append-only rows, where a retried commit must not fail on its own earlier write).
-    const UPSERT: bool = true;
+    const KEY: &'static [&'static str];
+    const WRITE: Write;
+    /// `COLUMNS` joined with commas.
+    fn column_list() -> &'static str;
     fn bind<'q>(&'q self, q: AnyQuery<'q>) -> AnyQuery<'q>;
     fn decode(row: &AnyRow) -> Result<Self, sqlx::Error>;
 }
 
-/// Multi-row upsert in chunks of power-of-two sizes, so that the driver's statement
+/// Multi-row inserts in chunks of power-of-two sizes, so that the driver's statement
 /// cache holds a handful of statements per table however many rows a batch has, and n
 /// rows take popcount(n) statements.
 async fn write_rows<R: Record>(tx: &mut sqlx::Transaction<'_, Any>, rows: &[R]) -> Result<(), StoreError> {
@@ -775,7 +865,7 @@ async fn write_rows<R: Record>(tx: &mut sqlx::Transaction<'_, Any>, rows: &[R]) 
     while !rest.is_empty() {
         let n = CHUNKS.iter().copied().find(|&c| c <= rest.len()).unwrap_or(1);
         let (chunk, tail) = rest.split_at(n);
-        let mut q = sqlx::query(AssertSqlSafe(insert_sql::<R>(n)));
+        let mut q = sqlx::query(AssertSqlSafe(numbered_sql::<R>(n)));
         for r in chunk {
             q = r.bind(q);
         }
@@ -785,91 +875,119 @@ async fn write_rows<R: Record>(tx: &mut sqlx::Transaction<'_, Any>, rows: &[R]) 
     Ok(())
 }
 
-/// Appends inserts of `rows` to a script, in statements of at most a few thousand
+/// Appends the writes of `rows` to a script, in statements of at most a few thousand
 /// parameters. Parameters are anonymous (`?`), bound in script order: SQLite finds a
 /// numbered or named parameter by a linear search, which makes big scripts quadratic.
 fn script_rows<R: Record>(sql: &mut String, rows: &[R]) {
-    let cols = R::COLUMNS.split(',').count();
-    let per_statement = (4000 / cols).max(1);
+    let per_statement = (4000 / R::COLUMNS.len()).max(1);
+    let tuple = format!("({})", vec!["?"; R::COLUMNS.len()].join(","));
     for chunk in rows.chunks(per_statement) {
-        sql.push_str(&format!("INSERT INTO {} ({}) VALUES ", R::TABLE, R::COLUMNS));
-        for (r, _) in chunk.iter().enumerate() {
-            if r > 0 {
-                sql.push(',');
-            }
-            sql.push('(');
-            for c in 0..cols {
-                sql.push_str(if c > 0 { ",?" } else { "?" });
-            }
-            sql.push(')');
-        }
-        sql.push_str(&conflict_clause::<R>());
+        let values = vec![tuple.as_str(); chunk.len()].join(",");
+        sql.push_str(&values_sql::<R>(&values));
         sql.push_str(";\n");
     }
 }
 
-fn insert_sql<R: Record>(rows: usize) -> String {
-    let cols: Vec<&str> = R::COLUMNS.split(',').map(str::trim).collect();
-    let mut sql = format!("INSERT INTO {} ({}) VALUES ", R::TABLE, R::COLUMNS);
-    let mut n = 0;
-    for r in 0..rows {
-        if r > 0 {
-            sql.push(',');
-        }
-        sql.push('(');
-        for c in 0..cols.len() {
-            if c > 0 {
-                sql.push(',');
-            }
-            n += 1;
-            sql.push('$');
-            sql.push_str(&n.to_string());
-        }
-        sql.push(')');
-    }
-    sql.push_str(&conflict_clause::<R>());
-    sql
+/// One statement writing `rows` rows with numbered parameters (`$1`, ...).
+fn numbered_sql<R: Record>(rows: usize) -> String {
+    let cols = R::COLUMNS.len();
+    let tuples: Vec<String> = (0..rows)
+        .map(|r| {
+            let params: Vec<String> = (1..=cols).map(|c| format!("${}", r * cols + c)).collect();
+            format!("({})", params.join(","))
+        })
+        .collect();
+    values_sql::<R>(&tuples.join(","))
 }
 
-/// What to do with a row whose key exists: replace it (state rows) or keep the old one
-/// (append-only rows, so a retried commit does not fail on its own earlier write).
+/// The statement that writes the rows of a `VALUES` list (in `COLUMNS` order) per the
+/// record's way of writing.
+fn values_sql<R: Record>(values: &str) -> String {
+    match R::WRITE {
+        Write::Upsert | Write::Insert => {
+            format!(
+                "INSERT INTO {} ({}) VALUES {values}{}",
+                R::TABLE,
+                R::column_list(),
+                conflict_clause::<R>()
+            )
+        }
+        // SQLite names the columns of a VALUES list column1, column2, ...
+        Write::Update => {
+            let col = |c: &str| {
+                let i = R::COLUMNS.iter().position(|x| *x == c).unwrap_or(0);
+                format!("v.column{}", i + 1)
+            };
+            let sets: Vec<String> = R::COLUMNS
+                .iter()
+                .filter(|c| !R::KEY.contains(c))
+                .map(|c| format!("{c} = {}", col(c)))
+                .collect();
+            let on: Vec<String> = R::KEY.iter().map(|k| format!("{}.{k} = {}", R::TABLE, col(k))).collect();
+            format!(
+                "UPDATE {} SET {} FROM (VALUES {values}) AS v WHERE {}",
+                R::TABLE,
+                sets.join(", "),
+                on.join(" AND ")
+            )
+        }
+    }
+}
+
+/// What to do with an inserted row whose key exists.
 fn conflict_clause<R: Record>() -> String {
-    let cols: Vec<&str> = R::COLUMNS.split(',').map(str::trim).collect();
-    if R::UPSERT {
-        let keys: Vec<&str> = R::KEY.split(',').map(str::trim).collect();
-        let sets: Vec<String> =
-            cols.iter().filter(|c| !keys.contains(c)).map(|c| format!("{c} = excluded.{c}")).collect();
-        format!(" ON CONFLICT ({}) DO UPDATE SET {}", R::KEY, sets.join(", "))
-    } else {
-        format!(" ON CONFLICT ({}) DO NOTHING", R::KEY)
+    let key = R::KEY.join(", ");
+    match R::WRITE {
+        Write::Upsert => {
+            let sets: Vec<String> = R::COLUMNS
+                .iter()
+                .filter(|c| !R::KEY.contains(c))
+                .map(|c| format!("{c} = excluded.{c}"))
+                .collect();
+            format!(" ON CONFLICT ({key}) DO UPDATE SET {}", sets.join(", "))
+        }
+        Write::Insert | Write::Update => format!(" ON CONFLICT ({key}) DO NOTHING"),
     }
 }
 
 /// The statement that writes the rows of a JSON array (parameter `$n`: objects keyed
 /// by column) into R's table.
-fn json_insert_sql<R: Record>(backend: Backend, n: usize) -> String {
-    let conflict = conflict_clause::<R>();
-    match backend {
+fn json_write_sql<R: Record>(backend: Backend, n: usize) -> String {
+    type Pick = Box<dyn Fn(&str) -> String>;
+    let (source, pick): (String, Pick) = match backend {
         Backend::Sqlite => {
-            let picks: Vec<String> = R::COLUMNS
-                .split(',')
-                .map(str::trim)
-                .map(|c| format!("json_extract(value, '$.{c}')"))
-                .collect();
-            // `WHERE true` lets SQLite tell the upsert clause from a join.
-            format!(
-                "INSERT INTO {} ({}) SELECT {} FROM json_each(${n}) WHERE true{conflict}",
-                R::TABLE,
-                R::COLUMNS,
-                picks.join(", ")
+            (format!("json_each(${n})"), Box::new(|c| format!("json_extract(value, '$.{c}')")))
+        }
+        Backend::Postgres => {
+            let record: Vec<String> =
+                R::COLUMNS.iter().zip(R::PG_TYPES).map(|(c, t)| format!("{c} {t}")).collect();
+            (
+                format!("json_to_recordset(${n}::json) AS x({})", record.join(", ")),
+                Box::new(|c| format!("x.{c}")),
             )
         }
-        Backend::Postgres => format!(
-            "INSERT INTO {t} ({c}) SELECT {c} FROM json_to_recordset(${n}::json) AS x({r}){conflict}",
-            t = R::TABLE,
-            c = R::COLUMNS,
-            r = R::PG_RECORD
-        ),
+    };
+    match R::WRITE {
+        Write::Upsert | Write::Insert => {
+            let picks: Vec<String> = R::COLUMNS.iter().map(|c| pick(c)).collect();
+            // `WHERE true` lets SQLite tell the upsert clause from a join.
+            format!(
+                "INSERT INTO {} ({}) SELECT {} FROM {source} WHERE true{}",
+                R::TABLE,
+                R::column_list(),
+                picks.join(", "),
+                conflict_clause::<R>()
+            )
+        }
+        Write::Update => {
+            let sets: Vec<String> = R::COLUMNS
+                .iter()
+                .filter(|c| !R::KEY.contains(c))
+                .map(|c| format!("{c} = {}", pick(c)))
+                .collect();
+            let on: Vec<String> = R::KEY.iter().map(|k| format!("{}.{k} = {}", R::TABLE, pick(k))).collect();
+            format!("UPDATE {} SET {} FROM {source} WHERE {}", R::TABLE, sets.join(", "), on.join(" AND "))
+        }
     }
 }
 

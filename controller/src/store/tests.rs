@@ -80,6 +80,18 @@ fn run_row(id: &str, state: &str, created_at: i64) -> RunRow {
         started_at: None,
         finished_at: None,
         request_id: String::new(),
+        name: String::new(),
+        labels: "{}".into(),
+    }
+}
+
+fn state_of(r: &RunRow) -> RunStateRow {
+    RunStateRow {
+        id: r.id.clone(),
+        state: r.state.clone(),
+        reason: r.reason.clone(),
+        started_at: r.started_at,
+        finished_at: r.finished_at,
     }
 }
 
@@ -98,6 +110,9 @@ fn step_row(run: &str, id: &str, idx: i64, state: &str) -> StepRow {
         finished_at: None,
         reason: String::new(),
         result: None,
+        needs: "[]".into(),
+        kind: String::new(),
+        route: String::new(),
     }
 }
 
@@ -108,7 +123,7 @@ fn event(run: &str, seq: i64, kind: &str) -> EventRow {
 async fn run_written_and_read_back(store: &Store) {
     let run_id = "0a1b2c3d-0000-4000-8000-000000000001";
     let mut batch = Batch::default();
-    batch.runs.push(run_row(run_id, "running", 1000));
+    batch.new_runs.push(run_row(run_id, "running", 1000));
     batch.steps.push(step_row(run_id, "a", 0, "succeeded"));
     batch.steps.push(step_row(run_id, "b", 1, "running"));
     batch.attempts.push(AttemptRow {
@@ -134,7 +149,7 @@ async fn run_written_and_read_back(store: &Store) {
     store.commit(&batch, None).await.unwrap();
 
     let rec = store.get_run(run_id).await.unwrap();
-    assert_eq!(rec.run, batch.runs[0]);
+    assert_eq!(rec.run, batch.new_runs[0]);
     assert_eq!(rec.steps, batch.steps);
     assert_eq!(rec.attempts, batch.attempts);
     assert_eq!(rec.last_seq, 1);
@@ -143,13 +158,13 @@ async fn run_written_and_read_back(store: &Store) {
     let mut b2 = Batch::default();
     let mut r = run_row(run_id, "succeeded", 1000);
     r.finished_at = Some(2000);
-    b2.runs.push(r.clone());
+    b2.runs.push(state_of(&r.clone()));
     let mut s = step_row(run_id, "b", 1, "succeeded");
     s.attempts = 1;
     b2.steps.push(s.clone());
     store.commit(&b2, None).await.unwrap();
     let rec = store.get_run(run_id).await.unwrap();
-    assert_eq!(rec.run, r);
+    assert_eq!(rec.run, r, "the state changed, the rest kept");
     assert_eq!(rec.steps[1], s);
     assert_eq!(store.step_counts(run_id).await.unwrap().get("succeeded"), Some(&2));
 
@@ -160,7 +175,7 @@ async fn run_written_and_read_back(store: &Store) {
 async fn events_come_back_in_order_from_any_sequence(store: &Store) {
     let run_id = "0a1b2c3d-0000-4000-8000-000000000002";
     let mut batch = Batch::default();
-    batch.runs.push(run_row(run_id, "running", 1));
+    batch.new_runs.push(run_row(run_id, "running", 1));
     // Written out of order, across several multi-row chunks.
     for seq in (1..=150).rev() {
         batch.events.push(event(run_id, seq, "e"));
@@ -177,7 +192,7 @@ async fn events_come_back_in_order_from_any_sequence(store: &Store) {
 async fn a_failing_batch_writes_nothing(store: &Store) {
     let run_id = "0a1b2c3d-0000-4000-8000-000000000003";
     let mut batch = Batch::default();
-    batch.runs.push(run_row(run_id, "pending", 1));
+    batch.new_runs.push(run_row(run_id, "pending", 1));
     batch.steps.push(step_row(run_id, "a", 0, "ready"));
     batch.events.push(event(run_id, 1, "run_submitted"));
     // An event of a run that does not exist breaks the foreign key, after the run,
@@ -188,15 +203,15 @@ async fn a_failing_batch_writes_nothing(store: &Store) {
     assert!(text.contains("foreign key"), "{err}");
     assert!(matches!(store.get_run(run_id).await, Err(StoreError::RunNotFound(_))));
     assert!(store.events(run_id, 1, 10).await.unwrap().is_empty());
-    assert!(store.list_runs(None, 10).await.unwrap().is_empty());
+    assert!(store.list_runs(&RunFilter { limit: 10, ..Default::default() }).await.unwrap().is_empty());
 }
 
 async fn a_commit_is_written_only_after_the_one_before_it(store: &Store) {
     let run_id = "0a1b2c3d-0000-4000-8000-000000000005";
     let mut first = Batch::default();
-    first.runs.push(run_row(run_id, "pending", 1));
+    first.new_runs.push(run_row(run_id, "pending", 1));
     let mut second = Batch::default();
-    second.runs.push(run_row(run_id, "running", 1));
+    second.runs.push(state_of(&run_row(run_id, "running", 1)));
     let (stored, stored_rx) = tokio::sync::oneshot::channel::<()>();
     let later = store.commit_after(&second, None, async { stored_rx.await.is_ok() });
     let before = async {
@@ -212,7 +227,7 @@ async fn a_commit_is_written_only_after_the_one_before_it(store: &Store) {
 
     // The one before failed: nothing is written.
     let mut third = Batch::default();
-    third.runs.push(run_row(run_id, "failed", 1));
+    third.runs.push(state_of(&run_row(run_id, "failed", 1)));
     let err = store.commit_after(&third, None, std::future::ready(false)).await.unwrap_err();
     assert!(matches!(err, StoreError::Aborted), "{err}");
     assert_eq!(store.get_run(run_id).await.unwrap().run.state, "running");
@@ -221,7 +236,7 @@ async fn a_commit_is_written_only_after_the_one_before_it(store: &Store) {
 async fn a_retried_commit_does_not_duplicate_events(store: &Store) {
     let run_id = "0a1b2c3d-0000-4000-8000-000000000004";
     let mut batch = Batch::default();
-    batch.runs.push(run_row(run_id, "pending", 1));
+    batch.new_runs.push(run_row(run_id, "pending", 1));
     batch.events.push(event(run_id, 1, "run_submitted"));
     store.commit(&batch, None).await.unwrap();
     store.commit(&batch, None).await.unwrap();
@@ -230,17 +245,34 @@ async fn a_retried_commit_does_not_duplicate_events(store: &Store) {
 
 async fn run_ids_resolve_by_unique_prefix(store: &Store) {
     let mut batch = Batch::default();
-    batch.runs.push(run_row("abc00000-0000-4000-8000-000000000001", "running", 1));
-    batch.runs.push(run_row("abd00000-0000-4000-8000-000000000002", "failed", 2));
+    batch.new_runs.push(run_row("abc00000-0000-4000-8000-000000000001", "running", 1));
+    let mut labeled = run_row("abd00000-0000-4000-8000-000000000002", "failed", 2);
+    labeled.labels = r#"{"team":"blue"}"#.into();
+    batch.new_runs.push(labeled);
     store.commit(&batch, None).await.unwrap();
     assert_eq!(store.resolve_run_id("abc").await.unwrap(), "abc00000-0000-4000-8000-000000000001");
     assert_eq!(store.resolve_run_id("ABD").await.unwrap(), "abd00000-0000-4000-8000-000000000002");
     assert!(matches!(store.resolve_run_id("ab").await, Err(StoreError::AmbiguousRun { .. })));
     assert!(matches!(store.resolve_run_id("ff").await, Err(StoreError::RunNotFound(_))));
     assert!(matches!(store.resolve_run_id("x%").await, Err(StoreError::RunNotFound(_))));
-    let listed = store.list_runs(None, 10).await.unwrap();
+    let all = RunFilter { limit: 10, ..Default::default() };
+    let listed = store.list_runs(&all).await.unwrap();
     assert_eq!(listed[0].0.id, "abd00000-0000-4000-8000-000000000002", "newest first");
-    assert_eq!(store.list_runs(Some("running"), 10).await.unwrap().len(), 1);
+    assert_eq!(listed[0].0.spec, "", "a list leaves specs out");
+    let running = RunFilter { states: vec!["running".into()], ..all.clone() };
+    assert_eq!(store.list_runs(&running).await.unwrap().len(), 1);
+    let after_first = RunFilter { before: Some((2, listed[0].0.id.clone())), ..all.clone() };
+    let page = store.list_runs(&after_first).await.unwrap();
+    assert_eq!(
+        page.iter().map(|(r, _)| r.id.as_str()).collect::<Vec<_>>(),
+        vec!["abc00000-0000-4000-8000-000000000001"]
+    );
+    let labeled = RunFilter { labels: [("team".to_string(), "blue".to_string())].into(), ..all.clone() };
+    assert_eq!(store.list_runs(&labeled).await.unwrap()[0].0.id, "abd00000-0000-4000-8000-000000000002");
+    let other = RunFilter { labels: [("team".to_string(), "red".to_string())].into(), ..all.clone() };
+    assert!(store.list_runs(&other).await.unwrap().is_empty());
+    let ws = RunFilter { workstream: "nope".into(), ..all };
+    assert!(store.list_runs(&ws).await.unwrap().is_empty());
 }
 
 async fn output_chunks_and_estimates(store: &Store) {
@@ -248,7 +280,7 @@ async fn output_chunks_and_estimates(store: &Store) {
     let mut batch = Batch::default();
     let mut run = run_row(run_id, "succeeded", 1);
     run.workstream = "est".into();
-    batch.runs.push(run);
+    batch.new_runs.push(run);
     let mut s = step_row(run_id, "a", 0, "succeeded");
     (s.started_at, s.finished_at) = (Some(1_000), Some(3_000));
     batch.steps.push(s);
@@ -281,7 +313,7 @@ async fn leadership_is_exclusive_and_fences_commits(store: &Store) {
     assert!(store.renew_lead(&f1, 60_000).await.unwrap());
     let run_id = "0a1b2c3d-0000-4000-8000-000000000006";
     let mut batch = Batch::default();
-    batch.runs.push(run_row(run_id, "running", 1));
+    batch.new_runs.push(run_row(run_id, "running", 1));
     store.commit(&batch, Some(&f1)).await.unwrap();
 
     // The lease runs out; another controller takes over with a new epoch.
@@ -290,7 +322,7 @@ async fn leadership_is_exclusive_and_fences_commits(store: &Store) {
     assert!(e2 > e1);
     assert!(!store.renew_lead(&f1, 60_000).await.unwrap(), "the old leader cannot renew");
     let mut late = Batch::default();
-    late.runs.push(run_row(run_id, "failed", 1));
+    late.runs.push(state_of(&run_row(run_id, "failed", 1)));
     assert!(matches!(store.commit(&late, Some(&f1)).await, Err(StoreError::Fenced(e)) if e == e1));
     assert_eq!(store.get_run(run_id).await.unwrap().run.state, "running", "the fenced write left nothing");
     store.commit(&late, Some(&Fence { holder: "c2".into(), epoch: e2 })).await.unwrap();
