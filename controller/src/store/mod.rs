@@ -912,26 +912,21 @@ fn values_sql<R: Record>(values: &str) -> String {
                 conflict_clause::<R>()
             )
         }
-        // SQLite names the columns of a VALUES list column1, column2, ...
-        Write::Update => {
-            let col = |c: &str| {
-                let i = R::COLUMNS.iter().position(|x| *x == c).unwrap_or(0);
-                format!("v.column{}", i + 1)
-            };
-            let sets: Vec<String> = R::COLUMNS
-                .iter()
-                .filter(|c| !R::KEY.contains(c))
-                .map(|c| format!("{c} = {}", col(c)))
-                .collect();
-            let on: Vec<String> = R::KEY.iter().map(|k| format!("{}.{k} = {}", R::TABLE, col(k))).collect();
-            format!(
-                "UPDATE {} SET {} FROM (VALUES {values}) AS v WHERE {}",
-                R::TABLE,
-                sets.join(", "),
-                on.join(" AND ")
-            )
-        }
+        // SQLite and Postgres name the columns of a VALUES list column1, column2, ...
+        Write::Update => update_sql::<R>(&format!("(VALUES {values}) AS v"), |c| {
+            let i = R::COLUMNS.iter().position(|x| *x == c).unwrap_or(0);
+            format!("v.column{}", i + 1)
+        }),
     }
+}
+
+/// The UPDATE that sets R's non-key columns from the rows of `from`, matched on the key;
+/// `pick` names a column of a row of `from`.
+fn update_sql<R: Record>(from: &str, pick: impl Fn(&str) -> String) -> String {
+    let sets: Vec<String> =
+        R::COLUMNS.iter().filter(|c| !R::KEY.contains(c)).map(|c| format!("{c} = {}", pick(c))).collect();
+    let on: Vec<String> = R::KEY.iter().map(|k| format!("{}.{k} = {}", R::TABLE, pick(k))).collect();
+    format!("UPDATE {} SET {} FROM {from} WHERE {}", R::TABLE, sets.join(", "), on.join(" AND "))
 }
 
 /// What to do with an inserted row whose key exists.
@@ -979,15 +974,7 @@ fn json_write_sql<R: Record>(backend: Backend, n: usize) -> String {
                 conflict_clause::<R>()
             )
         }
-        Write::Update => {
-            let sets: Vec<String> = R::COLUMNS
-                .iter()
-                .filter(|c| !R::KEY.contains(c))
-                .map(|c| format!("{c} = {}", pick(c)))
-                .collect();
-            let on: Vec<String> = R::KEY.iter().map(|k| format!("{}.{k} = {}", R::TABLE, pick(k))).collect();
-            format!("UPDATE {} SET {} FROM {source} WHERE {}", R::TABLE, sets.join(", "), on.join(" AND "))
-        }
+        Write::Update => update_sql::<R>(&source, pick),
     }
 }
 
