@@ -395,7 +395,7 @@ fn key_value(s: &str) -> Result<(String, String), String> {
 /// An error that decides the exit code.
 #[derive(Debug)]
 pub enum Failure {
-    /// Bad input: exit 2.
+    /// Bad input, or a run, step, agent or token that does not exist: exit 2.
     Invalid(String),
     /// Anything else: exit 1.
     Other(anyhow::Error),
@@ -410,7 +410,7 @@ impl From<anyhow::Error> for Failure {
 impl From<tonic::Status> for Failure {
     fn from(s: tonic::Status) -> Self {
         match s.code() {
-            tonic::Code::InvalidArgument => Failure::Invalid(s.message().to_string()),
+            tonic::Code::InvalidArgument | tonic::Code::NotFound => Failure::Invalid(s.message().to_string()),
             _ => Failure::Other(client::status_error(s)),
         }
     }

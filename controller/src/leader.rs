@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{error, info, warn};
 
+use crate::api::ApiError;
 use crate::engine::{self, EngineConfig, EngineHandle};
 use crate::store::{Fence, Store, StoreError};
 
@@ -54,9 +55,11 @@ impl Leadership {
 
 /// UNAVAILABLE for a standby, with the leader's address in the message and metadata.
 pub fn not_leader(leader: Option<&str>) -> Status {
-    let mut s = match leader {
-        Some(addr) => Status::unavailable(format!("this controller is a standby; the leader is {addr}")),
-        None => Status::unavailable("this controller is a standby and no leader is known yet"),
+    let mut s: Status = match leader {
+        Some(addr) => {
+            ApiError::unavailable(format!("this controller is a standby; the leader is {addr}")).into()
+        }
+        None => ApiError::unavailable("this controller is a standby and no leader is known yet").into(),
     };
     if let Some(addr) = leader
         && let Ok(v) = addr.parse()

@@ -70,8 +70,16 @@ async fn an_agent_whose_tool_keeps_failing_is_skipped_and_its_breaker_persists(b
         .reset_breaker(proto::ResetBreakerRequest { tool: "shell".into(), agent: "nobody".into() })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(err.code(), tonic::Code::NotFound);
     assert!(err.message().contains("no agent named \"nobody\""), "{}", err.message());
+    let err = c
+        .reset_breaker(proto::ResetBreakerRequest { tool: "nothing".into(), agent: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+    let err =
+        c.drain_agent(proto::DrainAgentRequest { agent: "nobody".into(), undo: false }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
 }
 
 async fn steps_wait_while_breakers_are_open_and_a_probe_closes_them(backend: Backend) {

@@ -515,6 +515,9 @@ async fn canceling_one_step_kills_it_skips_its_dependents_and_lets_the_rest_fini
     let id = sb.submit(&spec).await;
     wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "attempt_started" && e.step_id == "a")
         .await;
+    let req = proto::CancelRunRequest { run_id: id.clone(), reason: String::new(), step_id: "ghost".into() };
+    let err = c.cancel_run(req).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "an unknown step: {err}");
     let pid: i32 = eventually(Duration::from_secs(5), "the pid file", || {
         let p = pidfile.clone();
         async move { std::fs::read_to_string(p).ok()?.trim().parse().ok() }
@@ -553,6 +556,20 @@ async fn oversized_requests_are_refused(backend: Backend) {
     let huge = "x".repeat(5 * 1024 * 1024);
     let err = c
         .submit_run(proto::SubmitRunRequest { spec: huge, source: "huge.yaml".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    // Past the spec limit but within what the server decodes: the controller says which
+    // limit and by how much.
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("huge.yaml: spec is 5242880 bytes; the limit is 4194304"), "{err}");
+    // Past what the server decodes at all: refused before it is read.
+    let huger = "x".repeat(9 * 1024 * 1024);
+    let err = c
+        .submit_run(proto::SubmitRunRequest {
+            spec: huger,
+            source: "huger.yaml".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");

@@ -154,7 +154,7 @@ async fn a_drained_agent_takes_no_new_work_until_undrained(backend: Backend) {
     assert!(per_agent(&run).contains_key("drain-me"), "{:?}", per_agent(&run));
     let err =
         c.drain_agent(proto::DrainAgentRequest { agent: "ghost".into(), undo: false }).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(err.code(), tonic::Code::NotFound);
 }
 
 async fn reloading_the_router_applies_new_rules_and_refuses_bad_ones(backend: Backend) {

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use super::ApiError;
 use baton_common::auth::{Role, USER_ROLES};
 use baton_common::time::now_ms;
 use baton_common::{pb, proto};
@@ -35,7 +36,7 @@ const MAX_SECRET_BYTES: usize = 64 * 1024;
 /// A requested lifetime in milliseconds; 0 when none was given.
 fn ttl_ms(ttl: Option<&proto::Duration>) -> Result<i64, Status> {
     match ttl {
-        Some(d) if d.seconds < 0 || d.nanos < 0 => Err(Status::invalid_argument("ttl must not be negative")),
+        Some(d) if d.seconds < 0 || d.nanos < 0 => Err(ApiError::invalid("ttl must not be negative").into()),
         Some(d) => Ok(proto::duration_millis(d)),
         None => Ok(0),
     }
@@ -57,9 +58,9 @@ fn check_secret_name(name: &str) -> Result<(), Status> {
     if ok {
         Ok(())
     } else {
-        Err(Status::invalid_argument(format!(
+        Err(ApiError::invalid(format!(
             "secret name {name:?}: use 1 to 64 letters, digits, '-' or '_' (specs say ${{{{ secrets.NAME }}}})"
-        )))
+        )).into())
     }
 }
 
@@ -74,9 +75,10 @@ pub fn check_name(what: &str, name: &str) -> Result<(), Status> {
     if ok {
         Ok(())
     } else {
-        Err(Status::invalid_argument(format!(
+        Err(ApiError::invalid(format!(
             "{what} name {name:?}: use 1 to 64 letters, digits, '-', '_', '.' or '@'"
-        )))
+        ))
+        .into())
     }
 }
 
@@ -131,11 +133,11 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let actor = Identity::of(&req).actor();
         let req = req.into_inner();
         check_name("token", &req.name)?;
-        let role: Role = req.role.parse().map_err(Status::invalid_argument)?;
+        let role: Role = req.role.parse().map_err(ApiError::invalid)?;
         if !USER_ROLES.contains(&role) {
-            return Err(Status::invalid_argument(format!(
+            return Err(ApiError::invalid(format!(
                 "an API token cannot have role {role}: agents enroll with a join token (baton agents join-token)"
-            )));
+            )).into());
         }
         let ttl = ttl_ms(req.ttl.as_ref())?;
         let (token, row) = new_token(&req.name, role, ttl, &actor);
@@ -162,7 +164,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let actor = Identity::of(&req).actor();
         let which = req.into_inner().token;
         if which.is_empty() {
-            return Err(Status::invalid_argument("revoke token: give its name or id"));
+            return Err(ApiError::invalid("revoke token: give its name or id").into());
         }
         let row = self.store.revoke_token(&which, now_ms()).await?;
         self.auth.forget();
@@ -183,7 +185,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let uses = if req.uses == 0 { 1 } else { req.uses };
         for k in req.labels.keys() {
             if k.trim().is_empty() {
-                return Err(Status::invalid_argument("join token labels: a label key is empty"));
+                return Err(ApiError::invalid("join token labels: a label key is empty").into());
             }
         }
         let labels: std::collections::BTreeMap<String, String> = req.labels.into_iter().collect();
@@ -233,25 +235,25 @@ impl pb::admin_service_server::AdminService for AdminApi {
         let req = req.into_inner();
         check_secret_name(&req.name)?;
         if req.value.is_empty() {
-            return Err(Status::invalid_argument(format!("secret {:?}: the value is empty", req.name)));
+            return Err(ApiError::invalid(format!("secret {:?}: the value is empty", req.name)).into());
         }
         if req.value.len() > MAX_SECRET_BYTES {
-            return Err(Status::invalid_argument(format!(
+            return Err(ApiError::invalid(format!(
                 "secret {:?} is {} bytes; the limit is {MAX_SECRET_BYTES}",
                 req.name,
                 req.value.len()
-            )));
+            ))
+            .into());
         }
         if req.value.contains('\0') {
-            return Err(Status::invalid_argument(format!(
-                "secret {:?}: the value holds a NUL byte",
-                req.name
-            )));
+            return Err(
+                ApiError::invalid(format!("secret {:?}: the value holds a NUL byte", req.name)).into()
+            );
         }
         let Some(sealer) = &self.secrets else {
-            return Err(Status::failed_precondition(
-                "this controller keeps no secrets: start it with --secrets-key",
-            ));
+            return Err(
+                ApiError::conflict("this controller keeps no secrets: start it with --secrets-key").into()
+            );
         };
         // The leader uses secrets: it must hear of the new value.
         let (engine, _) = self.leadership.engine()?;

@@ -4,6 +4,7 @@
 use std::pin::Pin;
 use std::time::Duration;
 
+use super::ApiError;
 use baton_common::pb;
 use baton_common::time::now_ms;
 use tokio::sync::mpsc;
@@ -36,12 +37,13 @@ type Outbound = Pin<Box<dyn Stream<Item = Result<pb::ControllerMessage, Status>>
 /// What the caller's identity lets it connect as.
 fn binding(identity: &Identity, hello: &pb::Hello) -> Result<Binding, Status> {
     let claim = |what: &str| {
-        Status::permission_denied(format!(
+        ApiError::denied(format!(
             "{} may not connect as agent {:?} (id {}): {what}",
             identity.actor(),
             hello.name,
             hello.agent_id
         ))
+        .into()
     };
     match &identity.via {
         Via::Agent { agent_id } => {
@@ -74,11 +76,11 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
-            .map_err(|_| Status::deadline_exceeded("no hello within 10s"))??;
+            .map_err(|_| ApiError::deadline("no hello within 10s"))??;
         let hello = match first.and_then(|m| m.msg) {
             Some(pb::agent_message::Msg::Hello(h)) => h,
             _ => {
-                return Err(Status::invalid_argument("the first message of a session must be hello"));
+                return Err(ApiError::invalid("the first message of a session must be hello").into());
             }
         };
         let binding = binding(&identity, &hello)?;
@@ -116,9 +118,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
     async fn enroll(&self, req: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
         let identity = Identity::of(&req);
         let Via::JoinToken { id: join_id } = &identity.via else {
-            return Err(Status::failed_precondition(
+            return Err(ApiError::conflict(
                 "enrolling needs a join token (baton agents join-token); this controller may not require one",
-            ));
+            )
+            .into());
         };
         let req = req.into_inner();
         super::check_name("agent", &req.name)?;
@@ -126,7 +129,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             && req.agent_id.len() <= 64
             && req.agent_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
         if !id_ok {
-            return Err(Status::invalid_argument(format!("agent id {:?} is not valid", req.agent_id)));
+            return Err(ApiError::invalid(format!("agent id {:?} is not valid", req.agent_id)).into());
         }
         let minted = tokens::mint(tokens::Kind::Agent);
         let labels = self

@@ -3,6 +3,7 @@
 mod admin;
 mod agents;
 pub(crate) mod convert;
+mod error;
 mod logs;
 mod runs;
 
@@ -10,15 +11,20 @@ use baton_common::pb;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use crate::engine::EngineError;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
 pub use admin::{AdminApi, check_name, new_token};
 pub use agents::AgentApi;
+pub use error::ApiError;
 pub use runs::RunApi;
 
-/// Largest gRPC message accepted, and largest spec.
+/// Largest spec, and largest gRPC message of the agent protocol.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Largest message of the public API the server decodes: above the spec limit, so that
+/// a spec past it is refused by the handler, which names both sizes, rather than by
+/// the transport.
+const MAX_API_MESSAGE_BYTES: usize = 2 * MAX_MESSAGE_BYTES;
 
 /// The services of the API port.
 pub struct Services {
@@ -48,7 +54,7 @@ pub fn services(cx: Context) -> Services {
         cx.router_path,
         cx.shutdown,
     ))
-    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    .max_decoding_message_size(MAX_API_MESSAGE_BYTES);
     let agents = pb::agent_service_server::AgentServiceServer::new(AgentApi::new(
         cx.leadership.clone(),
         cx.store.clone(),
@@ -63,40 +69,13 @@ pub fn services(cx: Context) -> Services {
     Services { runs, agents, admin }
 }
 
-/// The one place where errors become gRPC status codes.
-impl From<EngineError> for Status {
-    fn from(e: EngineError) -> Status {
-        match e {
-            EngineError::Invalid(m) => Status::invalid_argument(m),
-            EngineError::RunNotFound(_) => Status::not_found(e.to_string()),
-            EngineError::Conflict(m) => Status::failed_precondition(m),
-            EngineError::Denied(m) => Status::permission_denied(m),
-            EngineError::Unavailable => Status::unavailable(e.to_string()),
-            EngineError::Store(s) => s.into(),
-        }
-    }
-}
-
-impl From<StoreError> for Status {
-    fn from(e: StoreError) -> Status {
-        match e {
-            StoreError::RunNotFound(_) => Status::not_found(e.to_string()),
-            StoreError::AmbiguousRun { .. } => Status::invalid_argument(e.to_string()),
-            StoreError::Conflict(m) => Status::failed_precondition(m),
-            StoreError::NotFound(m) => Status::not_found(m),
-            StoreError::Unauthenticated(m) => Status::unauthenticated(m),
-            _ => Status::internal(e.to_string()),
-        }
-    }
-}
-
 /// UNAVAILABLE with the reason while the database refuses the engine's writes; the
 /// controller retries them and resumes by itself.
 pub(crate) fn writable(store: &crate::store::Store) -> Result<(), Status> {
     match store.refusing() {
         None => Ok(()),
-        Some(why) => Err(Status::unavailable(format!(
+        Some(why) => Err(ApiError::unavailable(format!(
             "the database refuses writes ({why}); the controller retries and resumes by itself once it accepts them"
-        ))),
+        )).into()),
     }
 }

@@ -12,6 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use super::ApiError;
 use super::{MAX_MESSAGE_BYTES, convert};
 use crate::auth::Identity;
 use crate::engine::{EngineError, Submission};
@@ -64,16 +65,18 @@ impl pb::baton_service_server::BatonService for RunApi {
         let req = req.into_inner();
         let source = if req.source.is_empty() { "<request>" } else { req.source.as_str() };
         if req.spec.len() > MAX_MESSAGE_BYTES {
-            return Err(Status::invalid_argument(format!(
+            return Err(ApiError::invalid(format!(
                 "{source}: spec is {} bytes; the limit is {MAX_MESSAGE_BYTES}",
                 req.spec.len()
-            )));
+            ))
+            .into());
         }
         let request_id = req.request_id;
         if request_id.len() > 128 || !request_id.chars().all(|c| c.is_ascii_graphic()) {
-            return Err(Status::invalid_argument(
+            return Err(ApiError::invalid(
                 "request_id: at most 128 printable ASCII characters without spaces",
-            ));
+            )
+            .into());
         }
         if !request_id.is_empty()
             && let Some(run_id) = self.store.run_by_request_id(&request_id).await?
@@ -85,8 +88,8 @@ impl pb::baton_service_server::BatonService for RunApi {
         let (source_owned, text) = (source.to_string(), req.spec);
         let ws = tokio::task::spawn_blocking(move || spec::parse(&source_owned, &text))
             .await
-            .map_err(|e| Status::internal(format!("parsing the spec: {e}")))?
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| ApiError::internal(format!("parsing the spec: {e}")))?
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
         let params = params_of(req.params.as_ref())?;
         check_name(&req.name)?;
         check_labels(&req.labels, "labels")?;
@@ -101,7 +104,7 @@ impl pb::baton_service_server::BatonService for RunApi {
             ..Submission::new(ws)
         };
         let run_id = engine.submit(run, actor).await.map_err(|e| match e {
-            EngineError::Invalid(m) => Status::invalid_argument(format!("{source}: {m}")),
+            EngineError::Invalid(m) => ApiError::invalid(format!("{source}: {m}")),
             other => other.into(),
         })?;
         Ok(Response::new(pb::SubmitRunResponse { run_id }))
@@ -143,13 +146,12 @@ impl pb::baton_service_server::BatonService for RunApi {
             .iter()
             .map(|&s| RunState::from_pb(s).map(|s| s.as_str().to_string()))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| Status::invalid_argument(format!("states: {e}")))?;
+            .map_err(|e| ApiError::invalid(format!("states: {e}")))?;
         check_labels(&req.labels, "labels")?;
         if req.page_size > MAX_PAGE {
-            return Err(Status::invalid_argument(format!(
-                "page_size: at most {MAX_PAGE}, not {}",
-                req.page_size
-            )));
+            return Err(
+                ApiError::invalid(format!("page_size: at most {MAX_PAGE}, not {}", req.page_size)).into()
+            );
         }
         let limit = if req.page_size == 0 { 50 } else { req.page_size };
         let before = match req.page_token.as_str() {
@@ -192,7 +194,7 @@ impl pb::baton_service_server::BatonService for RunApi {
                 if rec.run.state == RunState::Canceled.as_str() {
                     Ok(Response::new(pb::CancelRunResponse { run_id: id, state: RunState::Canceled.to_pb() }))
                 } else {
-                    Err(Status::failed_precondition(format!("run {id} already {}", rec.run.state)))
+                    Err(ApiError::conflict(format!("run {id} already {}", rec.run.state)).into())
                 }
             }
             Err(e) => Err(e.into()),
@@ -224,7 +226,7 @@ impl pb::baton_service_server::BatonService for RunApi {
         let actor = Identity::of(&req).actor();
         let req = req.into_inner();
         if req.tool.is_empty() {
-            return Err(Status::invalid_argument("reset breaker: tool is empty"));
+            return Err(ApiError::invalid("reset breaker: tool is empty").into());
         }
         let breakers = self.writer()?.reset_breaker(req.tool, req.agent, actor).await?;
         Ok(Response::new(pb::ListBreakersResponse { breakers }))
@@ -258,12 +260,16 @@ impl pb::baton_service_server::BatonService for RunApi {
         let run_id = self.store.resolve_run_id(&req.run_id).await?;
         let rec = self.store.get_run(&run_id).await?;
         if !req.step_id.is_empty() && !rec.steps.iter().any(|s| s.step_id == req.step_id) {
-            return Err(Status::not_found(format!("run {run_id} has no step {:?}", req.step_id)));
+            return Err(ApiError::not_found(format!("run {run_id} has no step {:?}", req.step_id)).into());
         }
         if req.attempt > 0
             && !rec.attempts.iter().any(|a| a.step_id == req.step_id && a.number == i64::from(req.attempt))
         {
-            return Err(Status::not_found(format!("step {:?} has no attempt {}", req.step_id, req.attempt)));
+            return Err(ApiError::not_found(format!(
+                "step {:?} has no attempt {}",
+                req.step_id, req.attempt
+            ))
+            .into());
         }
         let (tx, rx) = mpsc::channel(64);
         let follow = super::logs::Follow {
@@ -282,9 +288,8 @@ impl pb::baton_service_server::BatonService for RunApi {
         req: Request<pb::GetReportRequest>,
     ) -> Result<Response<pb::GetReportResponse>, Status> {
         let req = req.into_inner();
-        let format = pb::ReportFormat::try_from(req.format).map_err(|_| {
-            Status::invalid_argument(format!("format: unknown report format #{}", req.format))
-        })?;
+        let format = pb::ReportFormat::try_from(req.format)
+            .map_err(|_| ApiError::invalid(format!("format: unknown report format #{}", req.format)))?;
         let id = self.store.resolve_run_id(&req.run_id).await?;
         let rec = self.store.get_run(&id).await?;
         let mut events = Vec::new();
@@ -319,10 +324,10 @@ impl pb::baton_service_server::BatonService for RunApi {
     ) -> Result<Response<pb::ReloadRouterResponse>, Status> {
         let actor = Identity::of(&req).actor();
         let Some(path) = &self.router_path else {
-            return Err(Status::failed_precondition("the controller was started without --router"));
+            return Err(ApiError::conflict("the controller was started without --router").into());
         };
         let router = crate::router::Router::load(path).map_err(|e| {
-            Status::invalid_argument(format!("{}: {e}; the rules in force are kept", path.display()))
+            ApiError::invalid(format!("{}: {e}; the rules in force are kept", path.display()))
         })?;
         let rules = router.rules.len() as u32;
         if let Ok(mut r) = self.router.lock() {
@@ -419,7 +424,7 @@ impl Watch {
             loop {
                 let e = tokio::select! {
                     _ = shutdown.cancelled() => {
-                        let _ = tx.send(Err(Status::unavailable("the controller is shutting down"))).await;
+                        let _ = tx.send(Err(ApiError::unavailable("the controller is shutting down").into())).await;
                         return;
                     }
                     _ = tx.closed() => return,
@@ -449,7 +454,9 @@ impl Watch {
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => break,
                     Err(broadcast::error::RecvError::Closed) => {
-                        let _ = tx.send(Err(Status::unavailable("the controller is shutting down"))).await;
+                        let _ = tx
+                            .send(Err(ApiError::unavailable("the controller is shutting down").into()))
+                            .await;
                         return;
                     }
                 }
@@ -472,7 +479,7 @@ const MAX_LABELS: usize = 32;
 /// A run's display name: short, one line.
 fn check_name(name: &str) -> Result<(), Status> {
     if name.chars().count() > 200 || name.chars().any(char::is_control) {
-        return Err(Status::invalid_argument("name: at most 200 characters, on one line"));
+        return Err(ApiError::invalid("name: at most 200 characters, on one line").into());
     }
     Ok(())
 }
@@ -481,23 +488,24 @@ fn check_name(name: &str) -> Result<(), Status> {
 /// without control characters. (Keys so made are safe inside a JSON path.)
 fn check_labels(labels: &std::collections::HashMap<String, String>, field: &str) -> Result<(), Status> {
     if labels.len() > MAX_LABELS {
-        return Err(Status::invalid_argument(format!(
-            "{field}: at most {MAX_LABELS} labels, not {}",
-            labels.len()
-        )));
+        return Err(
+            ApiError::invalid(format!("{field}: at most {MAX_LABELS} labels, not {}", labels.len())).into()
+        );
     }
     for (k, v) in labels {
         let key_ok = (1..=63).contains(&k.len())
             && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-'));
         if !key_ok {
-            return Err(Status::invalid_argument(format!(
+            return Err(ApiError::invalid(format!(
                 "{field}: key {k:?} must be 1 to 63 letters, digits or ._/-"
-            )));
+            ))
+            .into());
         }
         if v.chars().count() > 256 || v.chars().any(char::is_control) {
-            return Err(Status::invalid_argument(format!(
+            return Err(ApiError::invalid(format!(
                 "{field}.{k}: the value must be at most 256 characters, on one line"
-            )));
+            ))
+            .into());
         }
     }
     Ok(())
@@ -513,9 +521,9 @@ fn params_of(params: Option<&baton_common::proto::Struct>) -> Result<BTreeMap<St
             serde_json::Value::Number(n) => n.to_string(),
             serde_json::Value::Bool(b) => b.to_string(),
             _ => {
-                return Err(Status::invalid_argument(format!(
-                    "params.{k}: must be a string, number or boolean"
-                )));
+                return Err(
+                    ApiError::invalid(format!("params.{k}: must be a string, number or boolean")).into()
+                );
             }
         };
         out.insert(k, text);
@@ -533,7 +541,9 @@ fn page_token(at: i64, id: &str) -> String {
 fn page_cursor(token: &str) -> Result<(i64, String), Status> {
     use base64::Engine;
     let bad = || {
-        Status::invalid_argument("page_token: not a token this controller gave (pass next_page_token as is)")
+        Status::from(ApiError::invalid(
+            "page_token: not a token this controller gave (pass next_page_token as is)",
+        ))
     };
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
     let text = String::from_utf8(bytes).map_err(|_| bad())?;

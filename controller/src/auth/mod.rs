@@ -19,6 +19,7 @@ use tonic::codegen::http;
 use tonic::{Code, Status};
 use tracing::warn;
 
+use crate::api::ApiError;
 use crate::store::Store;
 use crate::tls::Peer;
 use table::Need;
@@ -166,16 +167,16 @@ impl Authenticator {
         let token =
             text.strip_prefix("Bearer ").or_else(|| text.strip_prefix("bearer ")).unwrap_or("").trim();
         if token.is_empty() {
-            return Err(Status::unauthenticated("the authorization header must be \"Bearer TOKEN\""));
+            return Err(ApiError::unauthenticated("the authorization header must be \"Bearer TOKEN\"").into());
         }
         self.token(token).await.map(Some)
     }
 
     /// The identity a verified client certificate names in its URI SAN.
     async fn certificate(&self, leaf: &CertificateDer<'static>) -> Result<Identity, Status> {
-        let denied = |m: String| Err(Status::unauthenticated(m));
+        let denied = |m: String| Err(ApiError::unauthenticated(m).into());
         let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
-            .map_err(|e| Status::unauthenticated(format!("unreadable client certificate: {e}")))?;
+            .map_err(|e| ApiError::unauthenticated(format!("unreadable client certificate: {e}")))?;
         let uris: Vec<&str> = cert
             .subject_alternative_name()
             .ok()
@@ -226,7 +227,7 @@ impl Authenticator {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "cannot check a credential");
-                return Err(Status::unavailable(format!("cannot check the credential: {e}")));
+                return Err(ApiError::unavailable(format!("cannot check the credential: {e}")).into());
             }
         };
         if let Ok(mut cache) = self.cache.lock() {
@@ -319,7 +320,7 @@ impl Authenticator {
             .store
             .agent_revoked(name)
             .await
-            .map_err(|e| Status::unavailable(format!("cannot check the credential: {e}")))?;
+            .map_err(|e| ApiError::unavailable(format!("cannot check the credential: {e}")))?;
         if let Ok(mut cache) = self.revocations.lock() {
             if cache.len() > 10_000 {
                 cache.clear();
@@ -351,14 +352,14 @@ impl Authenticator {
             return Ok(found.ok().flatten());
         }
         let Some(identity) = found? else {
-            return Err(Status::unauthenticated(
+            return Err(ApiError::unauthenticated(
                 "no credential: this controller requires a token (--token or BATON_TOKEN) or a client certificate",
-            ));
+            ).into());
         };
         let method = path.rsplit('/').next().unwrap_or(path);
         let allowed = match need {
             None => {
-                return Err(Status::permission_denied(format!("{path} is not an RPC of this controller")));
+                return Err(ApiError::denied(format!("{path} is not an RPC of this controller")).into());
             }
             Some(Need::Public | Need::Authenticated) => true,
             Some(Need::JoinToken) => matches!(identity.via, Via::JoinToken { .. }),
@@ -373,10 +374,8 @@ impl Authenticator {
             Some(Need::JoinToken) => "a join token".into(),
             _ => "another credential".into(),
         };
-        Err(Status::permission_denied(format!(
-            "{} ({has}) may not call {method}: it needs {needs}",
-            identity.actor()
-        )))
+        Err(ApiError::denied(format!("{} ({has}) may not call {method}: it needs {needs}", identity.actor()))
+            .into())
     }
 }
 

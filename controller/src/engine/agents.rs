@@ -501,7 +501,7 @@ impl Model {
     /// Stops (or resumes) new assignments to an agent; what it runs goes on.
     pub(super) fn drain(&mut self, agent: &str, undo: bool) -> Result<pb::Agent, EngineError> {
         let Some(a) = self.agents.values_mut().find(|a| a.name == agent || a.id == agent) else {
-            return Err(EngineError::Invalid(format!("no agent named {agent:?}")));
+            return Err(EngineError::NotFound(format!("no agent named {agent:?}")));
         };
         a.draining = !undo;
         self.pending.agents.insert(a.id.clone());

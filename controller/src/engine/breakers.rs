@@ -275,12 +275,12 @@ impl Model {
                 .values()
                 .find(|a| a.name == agent || a.id == agent)
                 .map(|a| a.id.clone())
-                .ok_or_else(|| EngineError::Invalid(format!("no agent named {agent:?}")))?
+                .ok_or_else(|| EngineError::NotFound(format!("no agent named {agent:?}")))?
         };
         let key = (tool.to_string(), agent_id);
         let changed = self.breakers.get_mut(&key).is_some_and(|b| b.reset(self.pending.now));
         if !self.breakers.contains_key(&key) {
-            return Err(EngineError::Invalid(format!("no breaker for {}", self.breaker_scope(&key))));
+            return Err(EngineError::NotFound(format!("no breaker for {}", self.breaker_scope(&key))));
         }
         if changed {
             let by = format!("reset by {}", self.pending.actor);

@@ -138,6 +138,9 @@ pub enum EngineError {
     Invalid(String),
     #[error("run {0:?} not found")]
     RunNotFound(String),
+    /// An agent, step or breaker the call names does not exist.
+    #[error("{0}")]
+    NotFound(String),
     #[error("{0}")]
     Conflict(String),
     #[error("the controller is shutting down")]

@@ -312,7 +312,7 @@ impl Model {
             return Err(EngineError::RunNotFound(run_id.to_string()));
         };
         let Some(idx) = run.spec.steps.iter().position(|s| s.id == step_id) else {
-            return Err(EngineError::Invalid(format!("run {run_id} has no step {step_id:?}")));
+            return Err(EngineError::NotFound(format!("run {run_id} has no step {step_id:?}")));
         };
         if run.steps[idx].state.is_terminal() {
             return Err(EngineError::Conflict(format!(
