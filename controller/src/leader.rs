@@ -73,8 +73,6 @@ pub fn not_leader(leader: Option<&str>) -> Status {
 pub struct EngineParts {
     pub store: Store,
     pub cfg: EngineConfig,
-    /// The routing rules in force (reloads replace them).
-    pub router: std::sync::Arc<std::sync::Mutex<crate::router::Router>>,
     pub logs: crate::logs::Logs,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
@@ -116,8 +114,7 @@ pub async fn run_terms(
     role: watch::Sender<Role>,
     stop: CancellationToken,
 ) -> Result<(), StoreError> {
-    let EngineParts { store, cfg, router, logs, metrics } = parts;
-    let current_router = || router.lock().map(|r| r.clone()).unwrap_or_default();
+    let EngineParts { store, cfg, logs, metrics } = parts;
     let lease_ms = lease.lease.as_millis() as i64;
     let every = (lease.lease / 3).max(Duration::from_millis(50));
     loop {
@@ -145,10 +142,9 @@ pub async fn run_terms(
         let fence = Fence { holder: lease.holder.clone(), epoch };
         info!(epoch, address = %lease.address, "this controller leads");
         let term = stop.child_token();
-        let cfg = EngineConfig { router: current_router(), ..cfg.clone() };
         let started = engine::start(
             store.clone(),
-            cfg,
+            cfg.clone(),
             logs.clone(),
             metrics.clone(),
             Some(fence.clone()),

@@ -119,8 +119,10 @@ pub async fn run(
         None => info!("no --secrets-key: secrets and secret parameters are refused"),
     }
     if let Some(path) = &config.router {
-        config.engine.router = router::Router::load(path)
-            .map_err(|error| ControllerError::Router { path: path.display().to_string(), error })?;
+        config.engine.router = router::Rules::new(
+            router::Router::load(path)
+                .map_err(|error| ControllerError::Router { path: path.display().to_string(), error })?,
+        );
     }
     let store = store::Store::open(&config.db).await?;
     // `stop` ends everything: a shutdown request, or (SQLite) the engine failing.
@@ -128,7 +130,7 @@ pub async fn run(
     let logs = logs::start(store.clone(), config.engine.max_output_bytes, stop.clone());
     let metrics = metrics::Metrics::new();
     let (role_tx, leadership) = leader::Leadership::channel();
-    let router = std::sync::Arc::new(std::sync::Mutex::new(config.engine.router.clone()));
+    let router = config.engine.router.clone();
     let alone = match store.backend() {
         store::Backend::Sqlite => Some(
             leader::lead_alone(
@@ -162,12 +164,8 @@ pub async fn run(
         use tokio::signal::unix::{SignalKind, signal};
         match signal(SignalKind::hangup()) {
             Ok(hup) => {
-                let reload = Reload {
-                    router_path: config.router.clone(),
-                    router: router.clone(),
-                    tls: tls.clone(),
-                    leadership: leadership.clone(),
-                };
+                let reload =
+                    Reload { router_path: config.router.clone(), router: router.clone(), tls: tls.clone() };
                 tokio::spawn(reload.on_sighup(hup, stop.clone()));
             }
             Err(e) => error!(error = %e, "cannot listen for SIGHUP; nothing will be reloaded"),
@@ -228,8 +226,7 @@ pub async fn run(
                 task.await.unwrap_or_else(|e| Err(store::StoreError::Corrupt(format!("engine task: {e}"))))
             }
             None => {
-                let parts =
-                    leader::EngineParts { store: store.clone(), cfg: config.engine, router, logs, metrics };
+                let parts = leader::EngineParts { store: store.clone(), cfg: config.engine, logs, metrics };
                 leader::run_terms(parts, lease, role_tx, stop.clone()).await
             }
         }
@@ -259,9 +256,8 @@ pub async fn run(
 /// what is in force is kept.
 struct Reload {
     router_path: Option<std::path::PathBuf>,
-    router: std::sync::Arc<std::sync::Mutex<router::Router>>,
+    router: router::Rules,
     tls: Option<std::sync::Arc<tls::Tls>>,
-    leadership: leader::Leadership,
 }
 
 impl Reload {
@@ -281,13 +277,8 @@ impl Reload {
             match router::Router::load(path) {
                 Ok(r) => {
                     let n = r.rules.len();
-                    if let Ok(mut s) = self.router.lock() {
-                        *s = r.clone();
-                    }
-                    if let Ok((engine, _)) = self.leadership.engine() {
-                        let _ = engine.set_router(r).await;
-                    }
-                    info!(path = %path.display(), rules = n, "router config reloaded");
+                    self.router.replace(r);
+                    info!(path = %path.display(), rules = n, "router config reloaded; runs submitted from now on follow it");
                 }
                 Err(e) => {
                     error!(path = %path.display(), error = %e, "router config refused; keeping the rules in force")

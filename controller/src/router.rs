@@ -18,11 +18,11 @@ use std::path::Path;
 
 use baton_common::spec::StepSpec;
 use baton_common::tools;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// How a rule picks among the agents that may run a step.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
     /// The named agents, in order: the first one that can take the step.
@@ -34,16 +34,32 @@ pub enum Strategy {
     Auto,
 }
 
-/// `*` or an exact value.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `*` or an exact value (written as such in the config and in stored routes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
 pub enum Pattern {
     Any,
     Exact(String),
 }
 
+impl From<String> for Pattern {
+    fn from(s: String) -> Pattern {
+        if s == "*" { Pattern::Any } else { Pattern::Exact(s) }
+    }
+}
+
+impl From<Pattern> for String {
+    fn from(p: Pattern) -> String {
+        match p {
+            Pattern::Any => "*".to_string(),
+            Pattern::Exact(v) => v,
+        }
+    }
+}
+
 impl Pattern {
     fn new(s: &str) -> Pattern {
-        if s == "*" { Pattern::Any } else { Pattern::Exact(s.to_string()) }
+        Pattern::from(s.to_string())
     }
 
     pub fn matches(&self, v: Option<&str>) -> bool {
@@ -61,11 +77,8 @@ pub struct Rule {
     pub step_labels: BTreeMap<String, Pattern>,
     /// The tool to run; `None` keeps the step's own.
     pub tool: Option<String>,
-    /// Labels an agent must have.
-    pub agent_labels: BTreeMap<String, Pattern>,
-    pub strategy: Strategy,
-    /// For `fixed`: agent names in order of preference.
-    pub agents: Vec<String>,
+    /// Where its steps may run.
+    pub placement: Placement,
     /// Defaults under the step's own `with`, `env` and `timeout`.
     pub with: Map<String, Value>,
     pub env: BTreeMap<String, String>,
@@ -78,17 +91,48 @@ impl Rule {
             && self.tool_match.as_ref().is_none_or(|p| p.matches(step.tool.as_deref()))
             && self.step_labels.iter().all(|(k, p)| p.matches(step.labels.get(k).map(String::as_str)))
     }
+}
+
+/// Where a step may run and how its agent is chosen: its rule's labels, strategy and
+/// agents. Decided when the run is submitted and stored with each step, so a reload of
+/// the rules applies to runs submitted after it and never moves a step of a run already
+/// going.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Placement {
+    /// The rule it came from, when one matched (it keys the round-robin turn).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<usize>,
+    /// Labels an agent must have.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, Pattern>,
+    #[serde(skip_serializing_if = "is_auto")]
+    pub strategy: Strategy,
+    /// For `fixed`: agent names in order of preference.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<String>,
+}
+
+fn is_auto(s: &Strategy) -> bool {
+    *s == Strategy::Auto
+}
+
+impl Placement {
+    /// Whether it names a pool smaller than every agent (labels or a fixed list).
+    pub fn is_pool(&self) -> bool {
+        !self.labels.is_empty() || self.strategy == Strategy::Fixed
+    }
 
     /// Whether an agent with these labels (and name) may run steps of this rule.
     pub fn admits(&self, name: &str, labels: &BTreeMap<String, String>) -> bool {
-        self.agent_labels.iter().all(|(k, p)| p.matches(labels.get(k).map(String::as_str)))
+        self.labels.iter().all(|(k, p)| p.matches(labels.get(k).map(String::as_str)))
             && (self.strategy != Strategy::Fixed || self.agents.iter().any(|a| a == name))
     }
 
     /// "label gpu=true", "labels gpu=true, zone=a", "" when the rule asks nothing.
     pub fn describe_labels(&self) -> String {
         let parts: Vec<String> = self
-            .agent_labels
+            .labels
             .iter()
             .map(|(k, p)| match p {
                 Pattern::Any => format!("{k}=*"),
@@ -109,6 +153,27 @@ pub struct Router {
     pub rules: Vec<Rule>,
 }
 
+/// The rules in force: the controller's one copy, shared by the submit path (which
+/// routes each new run with them) and reloads (which replace them whole). The engine
+/// does not read them after a submit: each step keeps the placement it was given.
+#[derive(Debug, Clone, Default)]
+pub struct Rules(std::sync::Arc<std::sync::RwLock<std::sync::Arc<Router>>>);
+
+impl Rules {
+    pub fn new(router: Router) -> Rules {
+        Rules(std::sync::Arc::new(std::sync::RwLock::new(std::sync::Arc::new(router))))
+    }
+
+    /// The rules as they are now; a reload after this does not change them.
+    pub fn current(&self) -> std::sync::Arc<Router> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn replace(&self, router: Router) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(router);
+    }
+}
+
 /// A bad router config: which rule, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}{message}", rule.map(|i| format!("rule {i}: ")).unwrap_or_default())]
@@ -117,11 +182,11 @@ pub struct RouterError {
     pub message: String,
 }
 
-/// What routing made of a step.
-#[derive(Debug, Clone)]
+/// What routing made of a step: the tool it runs and where.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Route {
     pub tool: String,
-    pub rule: Option<usize>,
+    pub placement: Placement,
 }
 
 #[derive(Deserialize)]
@@ -221,9 +286,12 @@ impl Router {
                 tool_match: r.matches.tool.as_deref().map(Pattern::new),
                 step_labels: pats(&r.matches.labels),
                 tool: r.tool,
-                agent_labels: pats(&r.labels),
-                strategy: r.strategy,
-                agents: r.agents,
+                placement: Placement {
+                    rule: Some(i),
+                    labels: pats(&r.labels),
+                    strategy: r.strategy,
+                    agents: r.agents,
+                },
                 with: r.with,
                 env: r.env,
                 timeout_ms,
@@ -242,7 +310,7 @@ impl Router {
     pub fn resolve(&self, step: &mut StepSpec) -> Result<Route, String> {
         let Some((i, rule)) = self.rule_for(step) else {
             return match &step.tool {
-                Some(t) => Ok(Route { tool: t.clone(), rule: None }),
+                Some(t) => Ok(Route { tool: t.clone(), placement: Placement::default() }),
                 None => Err(format!(
                     "no router rule maps kind {:?} to a tool",
                     step.kind.as_deref().unwrap_or("")
@@ -264,7 +332,13 @@ impl Router {
         }
         tools::check_input(&tool, &step.with)
             .map_err(|e| format!("{e} (routed to tool {tool} by rule {i})"))?;
-        Ok(Route { tool, rule: Some(i) })
+        Ok(Route { tool, placement: rule.placement.clone() })
+    }
+
+    /// The placement of a step routed before placements were stored: its rule's, as
+    /// the rules are now.
+    pub fn placement_for(&self, step: &StepSpec) -> Placement {
+        self.rule_for(step).map(|(_, r)| r.placement.clone()).unwrap_or_default()
     }
 }
 
@@ -288,22 +362,26 @@ mod tests {
         let r = Router::from_json(CONFIG).unwrap();
         let mut s = step("{id: e, kind: ai-edit, with: {prompt: fix, model: mine}}");
         let route = r.resolve(&mut s).unwrap();
-        assert_eq!((route.tool.as_str(), route.rule), ("aider", Some(0)));
+        assert_eq!((route.tool.as_str(), route.placement.rule), ("aider", Some(0)));
         assert_eq!(s.with["model"], "mine", "the step's own input wins");
         assert_eq!(s.timeout_ms, Some(20 * 60_000));
 
         let mut s = step("{id: b, kind: build, labels: {lang: rust}, with: {run: make}}");
-        assert_eq!(r.resolve(&mut s).unwrap().rule, Some(1));
+        assert_eq!(r.resolve(&mut s).unwrap().placement.rule, Some(1));
         assert_eq!(s.env.get("CI").map(String::as_str), Some("1"));
         // Without the label, the kind rule does not match: no tool at all.
         let mut s = step("{id: b, kind: build, with: {run: make}}");
         assert_eq!(r.resolve(&mut s).unwrap_err(), "no router rule maps kind \"build\" to a tool");
 
         let mut s = step("{id: s, tool: shell, with: {run: make}}");
-        assert_eq!(r.resolve(&mut s).unwrap().rule, Some(2));
+        assert_eq!(r.resolve(&mut s).unwrap().placement.rule, Some(2));
         let mut s = step("{id: n, tool: noop}");
         let route = r.resolve(&mut s).unwrap();
-        assert_eq!((route.tool.as_str(), route.rule), ("noop", None), "default: the step's own tool");
+        assert_eq!(
+            (route.tool.as_str(), route.placement.rule),
+            ("noop", None),
+            "default: the step's own tool"
+        );
     }
 
     #[test]
@@ -318,10 +396,26 @@ mod tests {
     fn agents_are_admitted_by_labels_and_fixed_lists() {
         let r = Router::from_json(CONFIG).unwrap();
         let gpu: BTreeMap<String, String> = [("gpu".to_string(), "true".to_string())].into();
-        assert!(r.rules[0].admits("g1", &gpu));
-        assert!(!r.rules[0].admits("other", &gpu), "fixed: only the named agents");
-        assert!(!r.rules[0].admits("g1", &BTreeMap::new()), "the label is required");
-        assert_eq!(r.rules[0].describe_labels(), "label gpu=true");
+        let p = &r.rules[0].placement;
+        assert!(p.admits("g1", &gpu));
+        assert!(!p.admits("other", &gpu), "fixed: only the named agents");
+        assert!(!p.admits("g1", &BTreeMap::new()), "the label is required");
+        assert_eq!(p.describe_labels(), "label gpu=true");
+    }
+
+    #[test]
+    fn placements_are_stored_as_compact_json_and_read_back() {
+        let r = Router::from_json(CONFIG).unwrap();
+        let p = &r.rules[0].placement;
+        let text = serde_json::to_string(p).unwrap();
+        assert_eq!(text, r#"{"rule":0,"labels":{"gpu":"true"},"strategy":"fixed","agents":["g1","g2"]}"#);
+        assert_eq!(&serde_json::from_str::<Placement>(&text).unwrap(), p);
+        let any = &r.rules[1].placement;
+        assert_eq!(serde_json::to_string(&Placement::default()).unwrap(), "{}");
+        let text = serde_json::to_string(any).unwrap();
+        assert_eq!(&serde_json::from_str::<Placement>(&text).unwrap(), any);
+        let wild: Placement = serde_json::from_str(r#"{"labels":{"zone":"*"}}"#).unwrap();
+        assert_eq!(wild.labels["zone"], Pattern::Any);
     }
 
     #[test]

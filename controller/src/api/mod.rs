@@ -36,7 +36,7 @@ pub struct Services {
 /// What the services of the API port share.
 pub struct Context {
     pub leadership: crate::leader::Leadership,
-    pub router: std::sync::Arc<std::sync::Mutex<crate::router::Router>>,
+    pub router: crate::router::Rules,
     pub store: Store,
     pub logs: crate::logs::Logs,
     pub router_path: Option<std::path::PathBuf>,

@@ -21,7 +21,7 @@ use crate::store::{RunFilter, Store};
 
 pub struct RunApi {
     leadership: Leadership,
-    router: std::sync::Arc<std::sync::Mutex<crate::router::Router>>,
+    router: crate::router::Rules,
     store: Store,
     logs: crate::logs::Logs,
     router_path: Option<std::path::PathBuf>,
@@ -31,7 +31,7 @@ pub struct RunApi {
 impl RunApi {
     pub fn new(
         leadership: Leadership,
-        router: std::sync::Arc<std::sync::Mutex<crate::router::Router>>,
+        router: crate::router::Rules,
         store: Store,
         logs: crate::logs::Logs,
         router_path: Option<std::path::PathBuf>,
@@ -83,30 +83,30 @@ impl pb::baton_service_server::BatonService for RunApi {
         {
             return Ok(Response::new(pb::SubmitRunResponse { run_id }));
         }
-        // Parsing is CPU work bounded by the size and nesting caps; it runs on the
-        // blocking pool so that one big spec cannot hold up other calls.
-        let (source_owned, text) = (source.to_string(), req.spec);
+        check_name(&req.name)?;
+        check_labels(&req.labels, "labels")?;
+        let params = params_of(req.params.as_ref())?;
+        let engine = self.writer()?;
+        let (name, labels) = (req.name, req.labels.into_iter().collect());
+        // Parsing, the checks and routing are CPU work bounded by the size and
+        // nesting caps; they run on the blocking pool, off the engine's loop, so that
+        // one big spec holds up neither other calls nor scheduling.
+        let (source_owned, text, rules) = (source.to_string(), req.spec, self.router.current());
         let ws = tokio::task::spawn_blocking(move || spec::parse(&source_owned, &text))
             .await
             .map_err(|e| ApiError::internal(format!("parsing the spec: {e}")))?
             .map_err(|e| ApiError::invalid(e.to_string()))?;
-        let params = params_of(req.params.as_ref())?;
-        check_name(&req.name)?;
-        check_labels(&req.labels, "labels")?;
         let estimates = self.store.duration_estimates(&ws.name).await?;
-        let engine = self.writer()?;
-        let run = Submission {
-            params,
-            request_id,
-            name: req.name,
-            labels: req.labels.into_iter().collect(),
-            estimates,
-            ..Submission::new(ws)
-        };
-        let run_id = engine.submit(run, actor).await.map_err(|e| match e {
+        let run = Submission { params, request_id, name, labels, estimates, ..Submission::new(ws) };
+        let refused = |e: EngineError| match e {
             EngineError::Invalid(m) => ApiError::invalid(format!("{source}: {m}")),
             other => other.into(),
-        })?;
+        };
+        let admitted = tokio::task::spawn_blocking(move || run.admit(&rules))
+            .await
+            .map_err(|e| ApiError::internal(format!("checking the spec: {e}")))?
+            .map_err(refused)?;
+        let run_id = engine.submit(admitted, actor).await.map_err(refused)?;
         Ok(Response::new(pb::SubmitRunResponse { run_id }))
     }
 
@@ -330,11 +330,8 @@ impl pb::baton_service_server::BatonService for RunApi {
             ApiError::invalid(format!("{}: {e}; the rules in force are kept", path.display()))
         })?;
         let rules = router.rules.len() as u32;
-        if let Ok(mut r) = self.router.lock() {
-            *r = router.clone();
-        }
-        self.engine()?.set_router(router).await?;
-        tracing::info!(path = %path.display(), rules, by = %actor, "router config reloaded");
+        self.router.replace(router);
+        tracing::info!(path = %path.display(), rules, by = %actor, "router config reloaded; runs submitted from now on follow it");
         Ok(Response::new(pb::ReloadRouterResponse { rules }))
     }
 

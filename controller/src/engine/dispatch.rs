@@ -236,11 +236,9 @@ impl Model {
     /// no rule matches), or `None` when no agent may take it.
     fn place(&mut self, run_id: &str, idx: usize) -> Option<String> {
         let run = self.runs.get(run_id)?;
-        let tool = run.steps[idx].tool.as_str();
-        let rule = self.router.rule_for(&run.spec.steps[idx]);
-        let admitted = |a: &&Agent| {
-            self.breakers_admit(tool, &a.id) && rule.is_none_or(|(_, r)| r.admits(&a.name, &a.labels))
-        };
+        let step = &run.steps[idx];
+        let (tool, rule) = (step.tool.as_str(), &step.placement);
+        let admitted = |a: &&Agent| self.breakers_admit(tool, &a.id) && rule.admits(&a.name, &a.labels);
         let mut eligible: Vec<&Agent> =
             self.agents.values().filter(|a| a.can_take(tool)).filter(admitted).collect();
         if eligible.is_empty() {
@@ -251,14 +249,14 @@ impl Model {
         if eligible.is_empty() {
             return None;
         }
-        let strategy = rule.map(|(_, r)| r.strategy).unwrap_or_default();
-        match strategy {
-            Strategy::Fixed => {
-                let order = rule.map(|(_, r)| r.agents.as_slice()).unwrap_or_default();
-                order.iter().find_map(|name| eligible.iter().find(|a| &a.name == name)).map(|a| a.id.clone())
-            }
+        match rule.strategy {
+            Strategy::Fixed => rule
+                .agents
+                .iter()
+                .find_map(|name| eligible.iter().find(|a| &a.name == name))
+                .map(|a| a.id.clone()),
             Strategy::RoundRobin => {
-                let key = rule.map(|(i, _)| i).unwrap_or(usize::MAX);
+                let key = rule.rule.unwrap_or(usize::MAX);
                 eligible.sort_by(|a, b| a.name.cmp(&b.name));
                 let last = self.round_robin.get(&key);
                 let next = eligible
@@ -352,22 +350,17 @@ impl Model {
     /// Why a ready step is not running yet: "no agent with tool aider and label
     /// gpu=true", breakers, busy agents.
     fn ready_reason(&self, run: &super::state::Run, idx: usize) -> String {
-        let tool = run.steps[idx].tool.as_str();
-        let rule = self.router.rule_for(&run.spec.steps[idx]).map(|(_, r)| r);
-        let matching: Vec<&Agent> = self
-            .agents
-            .values()
-            .filter(|a| a.has_tool(tool) && rule.is_none_or(|r| r.admits(&a.name, &a.labels)))
-            .collect();
+        let step = &run.steps[idx];
+        let (tool, rule) = (step.tool.as_str(), &step.placement);
+        let matching: Vec<&Agent> =
+            self.agents.values().filter(|a| a.has_tool(tool) && rule.admits(&a.name, &a.labels)).collect();
         let mut wanted = format!("tool {tool}");
-        if let Some(r) = rule {
-            let labels = r.describe_labels();
-            if !labels.is_empty() {
-                wanted.push_str(&format!(" and {labels}"));
-            }
-            if r.strategy == Strategy::Fixed {
-                wanted.push_str(&format!(" among {}", r.agents.join(", ")));
-            }
+        let labels = rule.describe_labels();
+        if !labels.is_empty() {
+            wanted.push_str(&format!(" and {labels}"));
+        }
+        if rule.strategy == Strategy::Fixed {
+            wanted.push_str(&format!(" among {}", rule.agents.join(", ")));
         }
         if matching.is_empty() {
             return format!("no agent with {wanted}");
@@ -439,6 +432,64 @@ mod tests {
     use super::super::testkit::{Kit, config};
 
     const ONE: &str = "name: w\nsteps:\n  - {id: x, tool: shell, with: {run: 'true'}}\n";
+
+    fn pinned_to(agent: &str) -> crate::router::Router {
+        crate::router::Router::from_json(&format!(
+            r#"{{"rules": [{{"match": {{"tool": "shell"}}, "strategy": "fixed", "agents": ["{agent}"]}}]}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_step_keeps_the_placement_it_was_submitted_with_across_a_reload_and_a_restart() {
+        let cfg =
+            super::super::EngineConfig { router: crate::router::Rules::new(pinned_to("one")), ..config() };
+        let mut k = Kit::new(cfg.clone());
+        let run = k.submit(ONE);
+        let row = k.commits.iter().flat_map(|b| &b.steps).last().cloned().unwrap();
+        assert_eq!(row.route, r#"{"rule":0,"strategy":"fixed","agents":["one"]}"#, "stored at submit");
+        // The rules change before any agent is up: the waiting step keeps its own.
+        cfg.router.replace(pinned_to("two"));
+        k.connect("two", 1, 1);
+        assert!(k.assigns(1).is_empty(), "the new rules do not move a step of an earlier run");
+        assert!(k.model.wait_reasons(&run)["x"].contains("among one"), "{:?}", k.model.wait_reasons(&run));
+        // Rebuilt from its rows, the model still has the step's placement.
+        let mut again = super::super::model::Model::new(
+            cfg.clone(),
+            crate::metrics::Metrics::new(),
+            Default::default(),
+            1,
+        );
+        again.load(k.snapshot(), &Default::default(), k.now).unwrap();
+        assert_eq!(again.runs[&run].steps[0].placement.agents, ["one"]);
+        k.connect("one", 2, 1);
+        assert_eq!(k.assigns(2).len(), 1);
+        // A run submitted after the reload follows the new rules.
+        k.submit(ONE);
+        assert_eq!(k.assigns(1).len(), 1);
+    }
+
+    #[test]
+    fn a_step_stored_without_a_placement_gets_its_rules_placement_at_load() {
+        let cfg =
+            super::super::EngineConfig { router: crate::router::Rules::new(pinned_to("one")), ..config() };
+        let mut k = Kit::new(cfg.clone());
+        let run = k.submit(ONE);
+        let mut snap = k.snapshot();
+        snap.steps.iter_mut().for_each(|s| s.route.clear());
+        let mut again =
+            super::super::model::Model::new(cfg, crate::metrics::Metrics::new(), Default::default(), 1);
+        again.load(snap, &Default::default(), k.now).unwrap();
+        let step = &again.runs[&run].steps[0];
+        assert_eq!(
+            (step.placement.agents.as_slice(), step.placement.rule),
+            (&["one".to_string()][..], Some(0))
+        );
+        assert_eq!(
+            step.route_json, r#"{"rule":0,"strategy":"fixed","agents":["one"]}"#,
+            "written on its next change"
+        );
+    }
 
     #[test]
     fn an_assign_goes_out_only_once_its_attempt_is_committed() {

@@ -7,6 +7,7 @@
 //! dispatched or acknowledged that is not durable, and the store alone rebuilds the
 //! engine after a crash. docs/architecture.md walks one step through it.
 
+mod admission;
 mod agents;
 mod breakers;
 mod dispatch;
@@ -20,8 +21,8 @@ mod state;
 #[cfg(test)]
 mod testkit;
 
+pub use admission::{Admitted, Submission};
 pub use breakers::BreakerConfig;
-pub use model::Submission;
 pub(crate) use progress::percent;
 
 use std::collections::{BTreeMap, HashMap};
@@ -62,8 +63,9 @@ pub struct EngineConfig {
     pub breakers: BreakerConfig,
     /// Output kept per attempt; the rest is cut with a marker.
     pub max_output_bytes: u64,
-    /// Routing rules at start (replaced by reloads).
-    pub router: crate::router::Router,
+    /// The routing rules in force, shared with the submit path and reloads; the engine
+    /// reads them only to place steps stored before placements were.
+    pub router: crate::router::Rules,
     /// Seals secrets and secret run parameters; without it the controller keeps none.
     pub secrets: Option<Arc<crate::secrets::SecretBox>>,
     /// Env variables whose names match these patterns have their values masked.
@@ -82,7 +84,7 @@ impl Default for EngineConfig {
             poison_after: 3,
             breakers: BreakerConfig::default(),
             max_output_bytes: 8 * 1024 * 1024,
-            router: crate::router::Router::default(),
+            router: crate::router::Rules::default(),
             secrets: None,
             redact_env: baton_common::redact::DEFAULT_ENV_PATTERNS.iter().map(|p| p.to_string()).collect(),
         }
@@ -222,7 +224,7 @@ impl EngineHandle {
     /// Starts a run of a validated workstream for `actor`; returns its id once it is
     /// durable.
     /// A submit with a `request_id` seen before answers with the run it created.
-    pub async fn submit(&self, run: model::Submission, actor: String) -> Result<String, EngineError> {
+    pub async fn submit(&self, run: Admitted, actor: String) -> Result<String, EngineError> {
         match self.ask(Input::Submit { run: Box::new(run), actor, reply: 0 }).await? {
             Answer::Run(r) => r,
             a => Err(unexpected(a)),
@@ -268,11 +270,6 @@ impl EngineHandle {
             Answer::Breakers(r) => r,
             a => Err(unexpected(a)),
         }
-    }
-
-    /// Replaces the routing rules; steps not yet dispatched follow the new ones.
-    pub async fn set_router(&self, router: crate::router::Router) -> Result<(), EngineError> {
-        self.ask(Input::SetRouter { router, reply: 0 }).await.map(|_| ())
     }
 
     /// Stops (or resumes) new assignments to the agent with this name or id.

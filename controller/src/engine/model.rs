@@ -20,6 +20,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tracing::error;
 
+use super::admission::Admitted;
 use super::breakers;
 use super::state::{Agent, AgentState, Attempt, Fixed, IdMap, Run, Step};
 use super::{Binding, EngineConfig, EngineError, Gauges, Live, Published};
@@ -31,7 +32,7 @@ pub(crate) type ReplyTo = u64;
 /// Something that happened, for the model to decide on.
 pub(crate) enum Input {
     Submit {
-        run: Box<Submission>,
+        run: Box<Admitted>,
         actor: String,
         reply: ReplyTo,
     },
@@ -86,10 +87,6 @@ pub(crate) enum Input {
         value: Option<String>,
         reply: ReplyTo,
     },
-    SetRouter {
-        router: crate::router::Router,
-        reply: ReplyTo,
-    },
     ListBreakers {
         reply: ReplyTo,
     },
@@ -125,7 +122,6 @@ impl Input {
             | Connect { reply, .. }
             | Revoke { reply, .. }
             | SetSecret { reply, .. }
-            | SetRouter { reply, .. }
             | ListBreakers { reply }
             | Live { reply, .. }
             | Gauges { reply }
@@ -186,33 +182,6 @@ impl Commit {
     /// Whether it ends attempts, whose output must be stored before it.
     pub fn ends_attempts(&self) -> bool {
         self.batch.attempts.iter().any(|a| a.finished_at.is_some())
-    }
-}
-
-/// A run to create: a checked spec and what the submit gave with it.
-#[derive(Debug, Clone)]
-pub struct Submission {
-    pub spec: Workstream,
-    pub params: BTreeMap<String, String>,
-    /// The client's id of the submit (may be empty).
-    pub request_id: String,
-    pub name: String,
-    pub labels: BTreeMap<String, String>,
-    /// Observed durations of its steps, for the ETA.
-    pub estimates: crate::store::Estimates,
-}
-
-impl Submission {
-    /// `spec` with nothing else given.
-    pub fn new(spec: Workstream) -> Submission {
-        Submission {
-            spec,
-            params: BTreeMap::new(),
-            request_id: String::new(),
-            name: String::new(),
-            labels: BTreeMap::new(),
-            estimates: Default::default(),
-        }
     }
 }
 
@@ -379,8 +348,6 @@ pub(crate) struct Model {
     pub(super) requests: Recent<String>,
     pub(super) agents: BTreeMap<String, Agent>,
     pub(super) breakers: BTreeMap<breakers::BreakerKey, baton_common::breaker::Breaker>,
-    /// The only copy of the routing rules in the controller.
-    pub(super) router: crate::router::Router,
     /// Per round-robin rule, the name of the agent it last picked.
     pub(super) round_robin: HashMap<usize, String>,
     /// Recent outcomes per (agent id, tool), for the `auto` strategy.
@@ -410,7 +377,6 @@ impl Model {
         secrets: HashMap<String, String>,
         seed: u64,
     ) -> Model {
-        let router = cfg.router.clone();
         Model {
             cfg,
             runs: IdMap::default(),
@@ -419,7 +385,6 @@ impl Model {
             requests: Recent::new(),
             agents: BTreeMap::new(),
             breakers: BTreeMap::new(),
-            router,
             round_robin: HashMap::new(),
             stats: HashMap::new(),
             ready: BTreeMap::new(),
@@ -507,10 +472,10 @@ impl Model {
         match input {
             Input::Submit { run, actor, reply } => {
                 self.pending.actor = actor;
-                let result = match self.requests.states.get(&run.request_id) {
+                let result = match self.requests.states.get(&run.run.request_id) {
                     // The same request again (a client retrying): its run, answered
                     // after this commit like the first answer.
-                    Some(run_id) if !run.request_id.is_empty() => Ok(run_id.clone()),
+                    Some(run_id) if !run.run.request_id.is_empty() => Ok(run_id.clone()),
                     _ => self.submit(*run),
                 };
                 self.pending.reply(reply, Answer::Run(result));
@@ -558,12 +523,6 @@ impl Model {
                     None => self.secrets.remove(&name),
                 };
                 self.secrets_version += 1;
-                self.now_effect(Effect::Reply { to: reply, answer: Answer::Done });
-            }
-            Input::SetRouter { router, reply } => {
-                tracing::info!(rules = router.rules.len(), "router rules replaced");
-                self.router = router;
-                self.round_robin.clear();
                 self.now_effect(Effect::Reply { to: reply, answer: Answer::Done });
             }
             // Reads are answered from memory at once: they may be ahead of the
@@ -804,6 +763,7 @@ impl Model {
         self.set_clock(now_us);
         let now = self.now();
         let grace = baton_common::time::ms(self.cfg.failover_grace);
+        let rules = self.cfg.router.current();
         for row in &snap.agents {
             let state = if row.state == "lost" { AgentState::Lost } else { AgentState::Disconnected };
             let agent = Agent {
@@ -849,7 +809,7 @@ impl Model {
                         row.id, r.step_id
                     )));
                 }
-                steps.push(Step::from_row(r)?);
+                steps.push(Step::from_row(r, || rules.placement_for(&spec.steps[i]))?);
             }
             let index = spec.index();
             for (i, s) in spec.steps.iter().enumerate() {
@@ -901,10 +861,9 @@ impl Model {
             run.templated = super::state::templated_of(&run.spec);
             run.counts = super::state::counts_of(&run.steps.iter().map(|s| s.state).collect::<Vec<_>>());
             run.topo = super::progress::topo_order(&super::state::needs_of(&run.spec));
-            let tools: Vec<String> = run.steps.iter().map(|s| s.tool.clone()).collect();
             run.estimates = super::state::estimates_for(
                 &run.spec,
-                &tools,
+                &run.steps,
                 estimates.get(&row.workstream).unwrap_or(&Default::default()),
             );
             if !run.request_id.is_empty() {

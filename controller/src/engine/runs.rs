@@ -12,7 +12,8 @@ use baton_common::time::format_duration;
 use tracing::{info, warn};
 
 use super::EngineError;
-use super::model::{Model, Pending, Submission, Timer};
+use super::admission::{Admitted, Submission};
+use super::model::{Model, Pending, Timer};
 use super::state::{self, Run, Step};
 
 /// Moves step `idx` of `run` to `to` if the step machine allows it, keeping the run's
@@ -70,67 +71,21 @@ fn end_step(p: &mut Pending, run: &mut Run, idx: usize, to: StepState, kind: &st
 }
 
 impl Model {
-    pub(super) fn submit(&mut self, run: Submission) -> Result<String, EngineError> {
-        let Submission { mut spec, mut params, request_id, name, labels, estimates: history } = run;
+    /// Creates an admitted run: the checks only the engine can make (secrets, the
+    /// agents of a pool), then its rows and its ready steps queued.
+    pub(super) fn submit(&mut self, run: Admitted) -> Result<String, EngineError> {
+        let Admitted { run, routes, secrets } = run;
+        let Submission { spec, params, request_id, name, labels, estimates: history } = run;
         let history = &history;
-        // Parameters: given ones, else declared defaults; a declared one without a
-        // default must be given.
-        for (name, default) in &spec.params {
-            if !params.contains_key(name) {
-                match default {
-                    Some(d) => {
-                        params.insert(name.clone(), d.clone());
-                    }
-                    None => {
-                        return Err(EngineError::Invalid(format!(
-                            "params.{name} has no default and was not given (--param {name}=...)"
-                        )));
-                    }
-                }
-            }
+        if let Some((step, r, name)) = secrets.iter().find(|(_, _, name)| !self.secrets.contains_key(name)) {
+            return Err(EngineError::Invalid(format!(
+                "step {step:?}: ${{{{ {r} }}}}: there is no secret named {name:?} (baton secrets set {name})"
+            )));
         }
-        if !spec.params.is_empty()
-            && let Some(extra) = params.keys().find(|k| !spec.params.contains_key(*k))
-        {
-            return Err(EngineError::Invalid(format!("params.{extra} is not declared under params")));
-        }
-        for s in &spec.steps {
-            for v in std::iter::once(serde_json::Value::Object(s.with.clone()))
-                .chain(s.env.values().map(|v| serde_json::Value::String(v.clone())))
-            {
-                for r in baton_common::template::refs(&v).map_err(EngineError::Invalid)? {
-                    match &r {
-                        baton_common::template::Ref::Param(p) if !params.contains_key(p) => {
-                            return Err(EngineError::Invalid(format!(
-                                "step {:?}: ${{{{ {r} }}}} is not set (--param {p}=...)",
-                                s.id
-                            )));
-                        }
-                        baton_common::template::Ref::Secret(name) if !self.secrets.contains_key(name) => {
-                            return Err(EngineError::Invalid(format!(
-                                "step {:?}: ${{{{ {r} }}}}: there is no secret named {name:?} (baton secrets set {name})",
-                                s.id
-                            )));
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        }
-        // Routing: the tool each step runs, with the rule's defaults folded in.
-        let mut tools = Vec::with_capacity(spec.steps.len());
-        for s in &mut spec.steps {
-            let route =
-                self.router.resolve(s).map_err(|e| EngineError::Invalid(format!("step {:?}: {e}", s.id)))?;
-            baton_common::script::check_input(&route.tool, &s.with)
-                .map_err(|e| EngineError::Invalid(format!("step {:?}: {e}", s.id)))?;
-            if let Some(why) = route.rule.and_then(|i| self.pool_refuses(i, &route.tool)) {
+        for (s, route) in spec.steps.iter().zip(&routes) {
+            if let Some(why) = self.pool_refuses(&route.placement, &route.tool) {
                 return Err(EngineError::Invalid(format!("step {:?}: {why}", s.id)));
             }
-            tools.push(route.tool);
-        }
-        if let Some((name, _)) = params.iter().find(|(_, v)| v.contains('\0')) {
-            return Err(EngineError::Invalid(format!("params.{name}: the value holds a NUL byte")));
         }
         let id = self.random_id();
         let spec_json = serde_json::to_string(&spec).map_err(|e| EngineError::Invalid(e.to_string()))?;
@@ -150,9 +105,9 @@ impl Model {
         let steps: Vec<Step> = spec
             .steps
             .iter()
-            .zip(tools.iter().cloned())
-            .map(|(s, tool)| {
-                let mut step = Step::new(tool, s.needs.len() as u32);
+            .zip(routes)
+            .map(|(s, route)| {
+                let mut step = Step::new(route, &s.needs);
                 if step.state == StepState::Ready {
                     step.ready_since = Some(now);
                     step.ready_us = Some(self.pending.now_us);
@@ -164,7 +119,7 @@ impl Model {
         let templated = state::templated_of(&spec);
         let steps_states: Vec<StepState> = steps.iter().map(|s| s.state).collect();
         let topo = super::progress::topo_order(&state::needs_of(&spec));
-        let estimates = state::estimates_for(&spec, &tools, history);
+        let estimates = state::estimates_for(&spec, &steps, history);
         let n = steps.len();
         let deadline_at = spec.deadline_ms.map(|d| now + d as i64);
         let mut run = Run {
@@ -220,9 +175,8 @@ impl Model {
     /// Why the pool a router rule sends steps to (its labels, or its fixed agents) will
     /// not run `tool`: it has agents, and none of them allows the tool. A pool with no
     /// agent yet is not judged (its agents may still come).
-    pub(super) fn pool_refuses(&self, rule: usize, tool: &str) -> Option<String> {
-        let rule = self.router.rules.get(rule)?;
-        if rule.agent_labels.is_empty() && rule.strategy != crate::router::Strategy::Fixed {
+    pub(super) fn pool_refuses(&self, rule: &crate::router::Placement, tool: &str) -> Option<String> {
+        if !rule.is_pool() {
             return None;
         }
         let mut pool: Vec<&super::state::Agent> =

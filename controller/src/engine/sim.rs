@@ -26,7 +26,8 @@ use rand::{Rng, SeedableRng};
 
 use baton_common::outcome::{FailureClass, Outcome};
 
-use super::model::{Answer, Commit, Effect, Input, Model, Submission};
+use super::admission::Submission;
+use super::model::{Answer, Commit, Effect, Input, Model};
 use super::{Binding, EngineConfig};
 use crate::store::{AgentRow, AttemptRow, Batch, BreakerRow, RunRow, Snapshot, StepRow};
 
@@ -997,7 +998,10 @@ impl Sim {
         let reply = self.waiter(Waiter::Submit);
         let request_id = format!("req-{}", self.rng.random::<u32>());
         self.log(format!("submit {} steps", spec.steps.len()));
-        let run = Box::new(Submission { request_id, ..Submission::new(spec) });
+        let run = Submission { request_id, ..Submission::new(spec) }
+            .admit(&crate::router::Router::default())
+            .map_err(|e| format!("generated spec refused: {e}\n{text}"))?;
+        let run = Box::new(run);
         self.input(Input::Submit { run, actor: "sim".into(), reply })
     }
 

@@ -10,6 +10,7 @@ pub(crate) use baton_common::state::AgentState;
 use baton_common::state::{AttemptState, RunState, StepState};
 use baton_common::{pb, proto};
 
+use crate::router::{Placement, Route};
 use crate::store::{AgentRow, AttemptRow, RunRow, RunStateRow, StepRow, StoreError, parse_state};
 
 /// A hasher with fixed keys, so that the model's maps iterate in the same order for
@@ -120,9 +121,9 @@ impl Run {
             finished_at: s.finished_at,
             reason: s.reason.clone(),
             result: s.result.clone(),
-            needs: serde_json::to_string(&self.spec.steps[idx].needs).unwrap_or_else(|_| "[]".into()),
+            needs: s.needs_json.clone(),
             kind: self.spec.steps[idx].kind.clone().unwrap_or_default(),
-            route: String::new(),
+            route: s.route_json.clone(),
         }
     }
 }
@@ -159,13 +160,13 @@ pub(crate) fn needs_of(spec: &Workstream) -> Vec<Vec<usize>> {
 /// Each step's expected duration: the same step in earlier runs, else its tool.
 pub(crate) fn estimates_for(
     spec: &Workstream,
-    tools: &[String],
+    steps: &[Step],
     e: &crate::store::Estimates,
 ) -> Vec<Option<i64>> {
     spec.steps
         .iter()
-        .zip(tools)
-        .map(|(s, t)| e.by_step.get(&s.id).or_else(|| e.by_tool.get(t)).copied())
+        .zip(steps)
+        .map(|(s, st)| e.by_step.get(&s.id).or_else(|| e.by_tool.get(&st.tool)).copied())
         .collect()
 }
 
@@ -187,6 +188,11 @@ pub(crate) fn dependents_of(spec: &Workstream) -> Vec<Vec<usize>> {
 pub(crate) struct Step {
     pub state: StepState,
     pub tool: String,
+    /// Where it may run, decided at submit.
+    pub placement: Placement,
+    /// Its `needs` and `placement` as stored, serialized once.
+    pub needs_json: String,
+    pub route_json: String,
     /// Attempts started so far, all causes.
     pub attempts: u32,
     /// Own failures counted against the retry budget (reset by a release).
@@ -213,10 +219,15 @@ pub(crate) struct Step {
 }
 
 impl Step {
-    pub fn new(tool: String, waiting_on: u32) -> Step {
+    /// A new step routed by `route`, waiting on its `needs`.
+    pub fn new(route: Route, needs: &[String]) -> Step {
+        let waiting_on = needs.len() as u32;
         Step {
             state: if waiting_on == 0 { StepState::Ready } else { StepState::Waiting },
-            tool,
+            needs_json: serde_json::to_string(needs).unwrap_or_else(|_| "[]".into()),
+            route_json: serde_json::to_string(&route.placement).unwrap_or_else(|_| "{}".into()),
+            tool: route.tool,
+            placement: route.placement,
             attempts: 0,
             failures: 0,
             lost_count: 0,
@@ -234,10 +245,25 @@ impl Step {
         }
     }
 
-    pub fn from_row(row: &StepRow) -> Result<Step, StoreError> {
+    /// The step a row holds; `placement` is the row's own, or for a row written before
+    /// placements were stored, the one its rule gives now.
+    pub fn from_row(row: &StepRow, placement: impl FnOnce() -> Placement) -> Result<Step, StoreError> {
+        let (placement, route_json) = if row.route.is_empty() {
+            let p = placement();
+            let json = serde_json::to_string(&p).unwrap_or_else(|_| "{}".into());
+            (p, json)
+        } else {
+            let p = serde_json::from_str(&row.route).map_err(|e| {
+                StoreError::Corrupt(format!("run {} step {}: bad route: {e}", row.run_id, row.step_id))
+            })?;
+            (p, row.route.clone())
+        };
         Ok(Step {
             state: parse_state(&row.state)?,
             tool: row.tool.clone(),
+            placement,
+            needs_json: row.needs.clone(),
+            route_json,
             attempts: row.attempts as u32,
             failures: row.failures as u32,
             lost_count: row.lost_count as u32,

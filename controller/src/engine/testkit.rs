@@ -7,7 +7,8 @@ use baton_common::pb;
 use baton_common::pb::agent_message::Msg as Up;
 use baton_common::pb::controller_message::Msg as Down;
 
-use super::model::{Answer, Effect, Input, Model, Submission};
+use super::admission::Submission;
+use super::model::{Answer, Effect, Input, Model};
 use super::{Binding, EngineConfig};
 use crate::store::Batch;
 
@@ -121,7 +122,7 @@ impl Kit {
     pub fn submit(&mut self, yaml: &str) -> String {
         let spec = baton_common::spec::parse("test.yaml", yaml).expect("a valid spec");
         let reply = self.reply();
-        let run = Box::new(Submission::new(spec));
+        let run = Box::new(Submission::new(spec).admit(&self.model.cfg.router.current()).expect("admitted"));
         self.apply(Input::Submit { run, actor: "test".into(), reply });
         self.settle();
         match self.answers.remove(&reply) {
