@@ -324,7 +324,7 @@ async fn credential(
     shutdown: &CancellationToken,
 ) -> Result<Credential, AgentError> {
     let path = cfg.work_dir.join("agent-credential");
-    match std::fs::read_to_string(&path) {
+    match tokio::fs::read_to_string(&path).await {
         Ok(s) if !s.trim().is_empty() => return Ok(Credential::Bearer(Some(s.trim().to_string()))),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -842,7 +842,7 @@ impl Agent {
         let reason: Arc<OnceLock<StopReason>> = Arc::new(OnceLock::new());
         let running =
             Running { attempt: r.clone(), stop: stop.clone(), kill: kill.clone(), reason: reason.clone() };
-        let cell = self.contain.cell(&r).map(Arc::new).map_err(|e| e.to_string());
+        let contain = self.contain.clone();
         let adapter = self.adapters.get(&req.tool).cloned();
         let input = req.input.as_ref().map(proto::json_object).unwrap_or_default();
         let scratch = self.scratch.clone();
@@ -881,6 +881,21 @@ impl Agent {
         let task = async move {
             let t0 = Instant::now();
             let made_dir = adapter.as_ref().is_some_and(|a| a.needs_dir());
+            // The attempt's record, cgroup and directory are file-system work: done on
+            // the blocking pool, never on the runtime's threads.
+            let (cell, dir) = {
+                let (scratch, r) = (scratch.clone(), r.clone());
+                tokio::task::spawn_blocking(move || {
+                    let cell = contain.cell(&r).map(Arc::new).map_err(|e| e.to_string());
+                    let dir = match (&cell, made_dir) {
+                        (Ok(_), true) => scratch.take(&r.attempt_id).map(Some),
+                        _ => Ok(None),
+                    };
+                    (cell, dir)
+                })
+                .await
+                .unwrap_or_else(|e| (Err(format!("preparing the attempt: {e}")), Ok(None)))
+            };
             let mut made = None;
             let outcome = match adapter {
                 _ if cell.is_err() => adapters::Outcome::failure(
@@ -894,38 +909,32 @@ impl Agent {
                     FailureClass::ToolError,
                     format!("tool {:?} is not available on this agent", req.tool),
                 ),
-                Some(adapter) => {
-                    let dir = if made_dir { scratch.take(&r.attempt_id).map(Some) } else { Ok(None) };
-                    match dir {
-                        Err(e) => adapters::Outcome::failure(
-                            FailureClass::ToolError,
-                            format!(
-                                "cannot create a working directory under {}: {e}",
-                                scratch.root().display()
+                Some(adapter) => match dir {
+                    Err(e) => adapters::Outcome::failure(
+                        FailureClass::ToolError,
+                        format!("cannot create a working directory under {}: {e}", scratch.root().display()),
+                    ),
+                    Ok(dir) => {
+                        made = dir.clone();
+                        let ctx = AttemptContext {
+                            attempt_id: r.attempt_id.clone(),
+                            run_id: r.run_id.clone(),
+                            step_id: r.step_id.clone(),
+                            number: a.number,
+                            input,
+                            env: req.env.clone().into_iter().collect(),
+                            dir: dir.unwrap_or_default(),
+                            stop,
+                            kill_grace: Duration::from_millis(
+                                req.kill_grace.as_ref().map_or(0, proto::duration_millis) as u64,
                             ),
-                        ),
-                        Ok(dir) => {
-                            made = dir.clone();
-                            let ctx = AttemptContext {
-                                attempt_id: r.attempt_id.clone(),
-                                run_id: r.run_id.clone(),
-                                step_id: r.step_id.clone(),
-                                number: a.number,
-                                input,
-                                env: req.env.clone().into_iter().collect(),
-                                dir: dir.unwrap_or_default(),
-                                stop,
-                                kill_grace: Duration::from_millis(
-                                    req.kill_grace.as_ref().map_or(0, proto::duration_millis) as u64,
-                                ),
-                                kill,
-                                cell: cell.as_ref().ok().cloned(),
-                                output: output.clone(),
-                            };
-                            adapter.run(ctx).await
-                        }
+                            kill,
+                            cell: cell.as_ref().ok().cloned(),
+                            output: output.clone(),
+                        };
+                        adapter.run(ctx).await
                     }
-                }
+                },
             };
 
             let (state, class, error) = match reason.get() {
@@ -952,8 +961,8 @@ impl Agent {
             output.finish();
             // Everything it started has ended: a new life of the agent has nothing to
             // end for it.
-            if let Ok(cell) = &cell {
-                cell.close();
+            if let Ok(cell) = cell {
+                let _ = tokio::task::spawn_blocking(move || cell.close()).await;
             }
             debug!(outcome = %state, %error, "attempt finished");
             let finished = pb::AttemptFinished {

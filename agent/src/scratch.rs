@@ -27,7 +27,8 @@ impl Scratch {
         &self.root
     }
 
-    /// An empty directory named for the attempt.
+    /// An empty directory named for the attempt. File-system work: call it on the
+    /// blocking pool.
     pub fn take(&self, attempt_id: &str) -> std::io::Result<PathBuf> {
         let dir = self.root.join(attempt_id);
         while let Some(old) = self.free.lock().ok().and_then(|mut f| f.pop()) {
@@ -45,16 +46,21 @@ impl Scratch {
         Ok(dir)
     }
 
-    /// Takes back a finished attempt's directory: kept when empty, else deleted.
+    /// Takes back a finished attempt's directory: kept when empty, else deleted (on
+    /// the blocking pool).
     pub async fn give_back(&self, dir: PathBuf) {
-        if is_empty(&dir)
-            && let Ok(mut free) = self.free.lock()
-            && free.len() < KEEP
-        {
-            free.push(dir);
-            return;
-        }
-        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
+        let free = self.free.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if is_empty(&dir)
+                && let Ok(mut free) = free.lock()
+                && free.len() < KEEP
+            {
+                free.push(dir);
+                return;
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        })
+        .await;
     }
 }
 

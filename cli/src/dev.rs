@@ -24,7 +24,7 @@ pub async fn run(
     if agents == 0 || slots == 0 {
         return Err(Failure::Invalid("--agents and --slots must be at least 1".into()));
     }
-    init_tracing();
+    let _ = baton_common::process::init_tracing("text", "warn");
     // Validate before starting anything, with the same messages as `baton validate`.
     let (source, text) = read_spec(file)?;
     baton_common::spec::parse(&source, &text).map_err(|e| Failure::Invalid(e.to_string()))?;
@@ -113,16 +113,4 @@ async fn drive(
         eprintln!("run {run_id} started on {agents} local agents");
     }
     watch::watch(&mut c, &target, &run_id, 1, format).await
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    use std::io::IsTerminal;
-    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .try_init();
 }

@@ -7,6 +7,7 @@ pub mod certs;
 pub mod connect;
 pub mod metrics;
 pub mod outcome;
+pub mod process;
 pub mod proto;
 pub mod redact;
 pub mod retry;

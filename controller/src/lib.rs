@@ -127,7 +127,12 @@ pub async fn run(
     let store = store::Store::open(&config.db).await?;
     // `stop` ends everything: a shutdown request, or (SQLite) the engine failing.
     let stop = shutdown.child_token();
-    let logs = logs::start(store.clone(), config.engine.max_output_bytes, stop.clone());
+    // Every task that outlives a call is tracked: the controller waits for them before
+    // it closes the store. The output writer stops last, once the engine has stopped
+    // pushing, and stores what is still queued first.
+    let tasks = tokio_util::task::TaskTracker::new();
+    let drain_logs = CancellationToken::new();
+    let logs = logs::start(store.clone(), config.engine.max_output_bytes, &tasks, drain_logs.clone());
     let metrics = metrics::Metrics::new();
     let (role_tx, leadership) = leader::Leadership::channel();
     let router = config.engine.router.clone();
@@ -150,7 +155,7 @@ pub async fn run(
         let listener =
             TcpListener::from_std(listener).map_err(|e| ControllerError::Metrics(e.to_string()))?;
         info!(addr = ?listener.local_addr().ok(), "metrics listening");
-        tokio::spawn(baton_common::metrics::serve(
+        tasks.spawn(baton_common::metrics::serve(
             listener,
             render_metrics(metrics.clone(), leadership.clone(), store.clone()),
             readiness(leadership.clone(), store.clone()),
@@ -166,7 +171,7 @@ pub async fn run(
             Ok(hup) => {
                 let reload =
                     Reload { router_path: config.router.clone(), router: router.clone(), tls: tls.clone() };
-                tokio::spawn(reload.on_sighup(hup, stop.clone()));
+                tasks.spawn(reload.on_sighup(hup, stop.clone()));
             }
             Err(e) => error!(error = %e, "cannot listen for SIGHUP; nothing will be reloaded"),
         }
@@ -180,6 +185,7 @@ pub async fn run(
         auth: authenticator.clone(),
         secrets: config.engine.secrets.clone(),
         shutdown: stop.clone(),
+        tasks: tasks.clone(),
     });
     // grpc.health.v1 and server reflection, so that any gRPC client can find its way.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -248,6 +254,9 @@ pub async fn run(
             })
         }
     };
+    drain_logs.cancel();
+    tasks.close();
+    tasks.wait().await;
     store.close().await;
     result
 }

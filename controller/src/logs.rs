@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tokio_util::task::TaskTracker;
+use tracing::{error, warn};
 
 use crate::store::{OutputRow, Store};
 
@@ -50,6 +51,9 @@ pub struct Logs {
     /// Chunks queued so far, and chunks the writer is done with (stored or given up).
     queued: Arc<AtomicU64>,
     done: watch::Receiver<u64>,
+    /// The writer and the sends of ends waiting for room: the controller waits for
+    /// them before it closes the store.
+    tasks: TaskTracker,
 }
 
 impl Logs {
@@ -64,7 +68,7 @@ impl Logs {
             Err(mpsc::error::TrySendError::Full(c)) if c.end => {
                 self.queued.fetch_add(1, Ordering::SeqCst);
                 let tx = self.tx.clone();
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     let _ = tx.send(c).await;
                 });
             }
@@ -103,19 +107,39 @@ struct Kept {
     redact: Option<baton_common::redact::Stream>,
 }
 
-/// Starts the writer; it stops when `shutdown` is cancelled.
-pub fn start(store: Store, max_bytes: u64, shutdown: CancellationToken) -> Logs {
+/// How long a stopping writer goes on storing what was queued before it gives up.
+const DRAIN_FOR: Duration = Duration::from_secs(10);
+
+/// Starts the writer on `tasks`. When `drain` is cancelled it stores what was queued
+/// (retrying for up to [`DRAIN_FOR`] if the database refuses it) and stops; cancel it
+/// once nothing pushes any more, and wait for `tasks` before closing the store.
+pub fn start(store: Store, max_bytes: u64, tasks: &TaskTracker, drain: CancellationToken) -> Logs {
     let (tx, mut rx) = mpsc::channel::<Chunk>(4096);
     let (written, _) = broadcast::channel(1024);
     let (done_tx, done) = watch::channel(0u64);
-    let logs = Logs { tx, written: written.clone(), queued: Arc::new(AtomicU64::new(0)), done };
-    tokio::spawn(async move {
+    let queued = Arc::new(AtomicU64::new(0));
+    let logs = Logs { tx, written: written.clone(), queued: queued.clone(), done, tasks: tasks.clone() };
+    tasks.spawn(async move {
         let mut kept: HashMap<String, Kept> = HashMap::new();
         let mut buf = Vec::new();
+        // Set once `drain` is cancelled: the time past which what is left is given up.
+        let mut give_up: Option<tokio::time::Instant> = None;
+        let deadline = |g: &Option<tokio::time::Instant>| g.unwrap_or_else(tokio::time::Instant::now);
         loop {
+            if give_up.is_some() && *done_tx.borrow() >= queued.load(Ordering::SeqCst) {
+                break;
+            }
             tokio::select! {
-                _ = shutdown.cancelled() => break,
+                biased;
                 n = rx.recv_many(&mut buf, 512) => if n == 0 { break },
+                _ = drain.cancelled(), if give_up.is_none() => {
+                    give_up = Some(tokio::time::Instant::now() + DRAIN_FOR);
+                    continue;
+                }
+                _ = tokio::time::sleep_until(deadline(&give_up)), if give_up.is_some() => {
+                    error!(chunks = queued.load(Ordering::SeqCst) - *done_tx.borrow(), "stopping with attempt output still queued; it is lost");
+                    break;
+                }
             }
             let mut rows = Vec::new();
             let taken = buf.len() as u64;
@@ -148,8 +172,14 @@ pub fn start(store: Store, max_bytes: u64, shutdown: CancellationToken) -> Logs 
                 if tries == 1 || tries.is_power_of_two() {
                     warn!(error = %e, chunks = rows.len(), tries, "cannot store attempt output yet; retrying");
                 }
+                if give_up.is_some_and(|g| tokio::time::Instant::now() >= g) {
+                    error!(error = %e, chunks = rows.len(), "stopping with attempt output the database refuses; it is lost");
+                    return;
+                }
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = drain.cancelled(), if give_up.is_none() => {
+                        give_up = Some(tokio::time::Instant::now() + DRAIN_FOR);
+                    }
                     _ = tokio::time::sleep(delay) => {}
                 }
                 delay = (delay * 2).min(Duration::from_secs(5));
@@ -263,7 +293,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
         let shutdown = CancellationToken::new();
-        let logs = start(store.clone(), 1 << 20, shutdown.clone());
+        let logs = start(store.clone(), 1 << 20, &TaskTracker::new(), shutdown.clone());
         logs.flushed().await; // nothing queued: at once
         for i in 0..200u64 {
             logs.push(chunk(i * 4, format!("{i:03}\n").as_bytes()));
@@ -273,6 +303,36 @@ mod tests {
         assert_eq!(text(&rows).lines().count(), 200, "all queued output is stored");
         assert!(text(&rows).ends_with("199\n"));
         shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_stopping_writer_stores_everything_queued_before_it_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&format!("sqlite://{}", dir.path().join("t.db").display())).await.unwrap();
+        let (tasks, drain) = (TaskTracker::new(), CancellationToken::new());
+        let logs = start(store.clone(), 1 << 20, &tasks, drain.clone());
+        for i in 0..4000u64 {
+            let attempt_id = format!("a{}", i % 7);
+            logs.push(Chunk {
+                attempt_id,
+                offset: (i / 7) * 5,
+                data: format!("{i:04}\n").into_bytes(),
+                redact: None,
+                end: false,
+            });
+        }
+        for a in 0..7 {
+            logs.push(Chunk::end(&format!("a{a}"), None));
+        }
+        drain.cancel();
+        tasks.close();
+        tasks.wait().await;
+        let mut lines = 0;
+        for a in 0..7 {
+            lines += text(&store.output(&format!("a{a}"), 1).await.unwrap()).lines().count();
+        }
+        store.close().await;
+        assert_eq!(lines, 4000, "every queued chunk was stored before the writer ended");
     }
 
     #[test]

@@ -131,7 +131,7 @@ async fn run() -> anyhow::Result<()> {
     let (auth, warning) =
         baton_controller::auth::decide(args.listen, tls.is_some(), args.insecure, auth_flag)
             .map_err(|e| anyhow::anyhow!(e))?;
-    init_tracing(&args.log_format)?;
+    baton_common::process::init_tracing(&args.log_format, "info")?;
     if let Some(w) = warning {
         tracing::warn!("{w}");
         eprintln!("WARNING: {w}");
@@ -181,7 +181,7 @@ async fn run() -> anyhow::Result<()> {
         },
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    baton_common::process::cancel_on_signal(shutdown.clone());
     baton_controller::run(listener, config, shutdown).await?;
     Ok(())
 }
@@ -199,35 +199,5 @@ async fn bootstrap(db: &str, name: &str) -> anyhow::Result<()> {
         "admin token {name:?} (id {}) created; it is shown only this once. Use it with --token or BATON_TOKEN.",
         row.id
     );
-    Ok(())
-}
-
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("shutting down");
-    shutdown.cancel();
-}
-
-fn init_tracing(format: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colors only on a terminal, and not when NO_COLOR is set.
-    use std::io::IsTerminal;
-    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    match format {
-        "text" => builder.init(),
-        "json" => builder.json().init(),
-        other => anyhow::bail!("--log-format must be text or json, not {other:?}"),
-    }
     Ok(())
 }

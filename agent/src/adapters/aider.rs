@@ -44,7 +44,7 @@ async fn run(ctx: AttemptContext) -> Outcome {
         Some(r) => PathBuf::from(r),
         None => ctx.dir.clone(),
     };
-    if !repo.is_dir() {
+    if !tokio::fs::metadata(&repo).await.is_ok_and(|m| m.is_dir()) {
         return Outcome::failure(
             FailureClass::ToolError,
             format!("with.repo {} is not a directory", repo.display()),

@@ -99,13 +99,13 @@ async fn run(ctx: AttemptContext) -> Outcome {
     };
     let what = ctx.input.get("function").and_then(Value::as_str).unwrap_or("the script").to_string();
     match finished.status.as_ref().ok().and_then(|s| s.code()) {
-        Some(0) => match std::fs::read_to_string(&result_file) {
+        Some(0) => match tokio::fs::read_to_string(&result_file).await {
             Ok(text) if text.trim() == "null" => Outcome { exit_code: Some(0), ..Outcome::success(None) },
             Ok(text) => Outcome { exit_code: Some(0), ..Outcome::success(Some(text)) },
             Err(e) => Outcome::failure(FailureClass::ToolError, format!("{what} left no result: {e}")),
         },
         Some(1) => {
-            let why = std::fs::read_to_string(&error_file).unwrap_or_else(|_| "an exception".into());
+            let why = tokio::fs::read_to_string(&error_file).await.unwrap_or_else(|_| "an exception".into());
             Outcome {
                 exit_code: Some(1),
                 ..Outcome::failure(FailureClass::NonzeroExit, format!("{what} raised {why}"))

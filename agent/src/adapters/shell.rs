@@ -40,7 +40,7 @@ async fn run(ctx: AttemptContext) -> Outcome {
     if let Some(failed) = process::exit_failure(&finished.status, "sh") {
         return failed;
     }
-    let result = match std::fs::read_to_string(&outputs) {
+    let result = match tokio::fs::read_to_string(&outputs).await {
         Ok(text) if !text.trim().is_empty() => match parse_outputs(&text) {
             Ok(v) => Some(v.to_string()),
             Err(e) => return Outcome::failure(FailureClass::ToolError, format!("BATON_OUTPUT: {e}")),

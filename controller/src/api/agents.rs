@@ -21,11 +21,12 @@ use crate::store::{Enrollment, Store};
 pub struct AgentApi {
     leadership: Leadership,
     store: Store,
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl AgentApi {
-    pub fn new(leadership: Leadership, store: Store) -> AgentApi {
-        AgentApi { leadership, store }
+    pub fn new(leadership: Leadership, store: Store, tasks: tokio_util::task::TaskTracker) -> AgentApi {
+        AgentApi { leadership, store, tasks }
     }
 }
 
@@ -89,7 +90,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let (engine, term) = self.leadership.engine()?;
         let session = engine.connect(hello, tx, binding).await?;
         let shutdown = term;
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             loop {
                 let msg = tokio::select! {
                     _ = shutdown.cancelled() => break,

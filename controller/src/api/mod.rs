@@ -43,6 +43,7 @@ pub struct Context {
     pub auth: std::sync::Arc<crate::auth::Authenticator>,
     pub secrets: Option<std::sync::Arc<crate::secrets::SecretBox>>,
     pub shutdown: CancellationToken,
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 pub fn services(cx: Context) -> Services {
@@ -53,11 +54,13 @@ pub fn services(cx: Context) -> Services {
         cx.logs,
         cx.router_path,
         cx.shutdown,
+        cx.tasks.clone(),
     ))
     .max_decoding_message_size(MAX_API_MESSAGE_BYTES);
     let agents = pb::agent_service_server::AgentServiceServer::new(AgentApi::new(
         cx.leadership.clone(),
         cx.store.clone(),
+        cx.tasks,
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let admin = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(

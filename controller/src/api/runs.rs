@@ -26,6 +26,8 @@ pub struct RunApi {
     logs: crate::logs::Logs,
     router_path: Option<std::path::PathBuf>,
     shutdown: CancellationToken,
+    /// Watches and follows run on tasks the controller waits for before it stops.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl RunApi {
@@ -36,8 +38,9 @@ impl RunApi {
         logs: crate::logs::Logs,
         router_path: Option<std::path::PathBuf>,
         shutdown: CancellationToken,
+        tasks: tokio_util::task::TaskTracker,
     ) -> RunApi {
-        RunApi { leadership, router, store, logs, router_path, shutdown }
+        RunApi { leadership, router, store, logs, router_path, shutdown, tasks }
     }
 
     /// The engine when this controller leads; UNAVAILABLE naming the leader otherwise.
@@ -245,7 +248,7 @@ impl pb::baton_service_server::BatonService for RunApi {
         let id = self.store.resolve_run_id(&req.run_id).await?;
         let (tx, rx) = mpsc::channel(256);
         let watch = Watch { store: self.store.clone(), run_id: id, run_events_only: req.run_events_only };
-        tokio::spawn(watch.run(req.from_seq.max(1), live, tx, term));
+        self.tasks.spawn(watch.run(req.from_seq.max(1), live, tx, term));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -279,7 +282,7 @@ impl pb::baton_service_server::BatonService for RunApi {
             attempt: req.attempt,
             follow: req.follow,
         };
-        tokio::spawn(follow.run(live, tx, self.shutdown.clone()));
+        self.tasks.spawn(follow.run(live, tx, self.shutdown.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
