@@ -881,20 +881,12 @@ impl Agent {
         let task = async move {
             let t0 = Instant::now();
             let made_dir = adapter.as_ref().is_some_and(|a| a.needs_dir());
-            // The attempt's record, cgroup and directory are file-system work: done on
-            // the blocking pool, never on the runtime's threads.
-            let (cell, dir) = {
-                let (scratch, r) = (scratch.clone(), r.clone());
-                tokio::task::spawn_blocking(move || {
-                    let cell = contain.cell(&r).map(Arc::new).map_err(|e| e.to_string());
-                    let dir = match (&cell, made_dir) {
-                        (Ok(_), true) => scratch.take(&r.attempt_id).map(Some),
-                        _ => Ok(None),
-                    };
-                    (cell, dir)
-                })
-                .await
-                .unwrap_or_else(|e| (Err(format!("preparing the attempt: {e}")), Ok(None)))
+            // The record, cgroup and directory are a few metadata calls on the runtime
+            // thread (see `scratch` for why); clearing a dirty directory is not.
+            let cell = contain.cell(&r).map(Arc::new).map_err(|e| e.to_string());
+            let dir = match (&cell, made_dir) {
+                (Ok(_), true) => scratch.take(&r.attempt_id).await.map(Some),
+                _ => Ok(None),
             };
             let mut made = None;
             let outcome = match adapter {
@@ -959,11 +951,6 @@ impl Agent {
                 ),
             };
             output.finish();
-            // Everything it started has ended: a new life of the agent has nothing to
-            // end for it.
-            if let Ok(cell) = cell {
-                let _ = tokio::task::spawn_blocking(move || cell.close()).await;
-            }
             debug!(outcome = %state, %error, "attempt finished");
             let finished = pb::AttemptFinished {
                 attempt: Some(r),
@@ -976,6 +963,11 @@ impl Agent {
                 duration: Some(proto::duration(t0.elapsed().as_millis() as i64)),
                 output_bytes: output.total_bytes(),
             };
+            // Everything it started has ended: a new life of the agent has nothing to
+            // end for it.
+            if let Ok(cell) = cell {
+                cell.close();
+            }
             let _ = events.send(Event::Finished(finished));
             // Cleaning up comes after the result is on its way.
             if let Some(dir) = made {

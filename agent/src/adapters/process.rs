@@ -51,8 +51,7 @@ pub async fn run(mut cmd: Command, ctx: &AttemptContext) -> Result<Finished, Out
         .spawn()
         .map_err(|e| Outcome::failure(FailureClass::ToolError, format!("cannot start {program:?}: {e}")))?;
     if let (Some(cell), Some(pid)) = (&ctx.cell, child.id()) {
-        let cell = cell.clone();
-        let _ = tokio::task::spawn_blocking(move || cell.spawned(pid)).await;
+        cell.spawned(pid);
     }
     let pgid = child.id().map(|p| Pid::from_raw(p as i32));
     let last = Arc::new(Mutex::new(Vec::new()));

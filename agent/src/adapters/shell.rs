@@ -40,7 +40,11 @@ async fn run(ctx: AttemptContext) -> Outcome {
     if let Some(failed) = process::exit_failure(&finished.status, "sh") {
         return failed;
     }
-    let result = match tokio::fs::read_to_string(&outputs).await {
+    // Most tools write no outputs: a stat tells, and only a file with something in it
+    // is read (on the blocking pool).
+    let wrote = std::fs::metadata(&outputs).is_ok_and(|m| m.len() > 0);
+    let text = if wrote { tokio::fs::read_to_string(&outputs).await } else { Ok(String::new()) };
+    let result = match text {
         Ok(text) if !text.trim().is_empty() => match parse_outputs(&text) {
             Ok(v) => Some(v.to_string()),
             Err(e) => return Outcome::failure(FailureClass::ToolError, format!("BATON_OUTPUT: {e}")),
