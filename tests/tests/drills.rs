@@ -972,7 +972,11 @@ async fn seeded_partitions_and_agent_kills_lose_nothing_and_run_nothing_twice_at
             2 => Some(Cut::ToAgent),
             _ => None,
         };
-        faults.push(format!("agent-{agent} {} for {}ms", fault.map_or("killed".into(), |f| format!("{f:?}")), hold.as_millis()));
+        faults.push(format!(
+            "agent-{agent} {} for {}ms",
+            fault.map_or("killed".into(), |f| format!("{f:?}")),
+            hold.as_millis()
+        ));
         match fault {
             Some(how) => {
                 d.net.cut(agent, how);

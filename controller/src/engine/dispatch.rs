@@ -454,13 +454,7 @@ mod tests {
         assert!(k.assigns(1).is_empty(), "the new rules do not move a step of an earlier run");
         assert!(k.model.wait_reasons(&run)["x"].contains("among one"), "{:?}", k.model.wait_reasons(&run));
         // Rebuilt from its rows, the model still has the step's placement.
-        let mut again = super::super::model::Model::new(
-            cfg.clone(),
-            crate::metrics::Metrics::new(),
-            Default::default(),
-            1,
-        );
-        again.load(k.snapshot(), &Default::default(), k.now).unwrap();
+        let again = k.rebuilt_from(k.snapshot());
         assert_eq!(again.runs[&run].steps[0].placement.agents, ["one"]);
         k.connect("one", 2, 1);
         assert_eq!(k.assigns(2).len(), 1);
@@ -477,9 +471,7 @@ mod tests {
         let run = k.submit(ONE);
         let mut snap = k.snapshot();
         snap.steps.iter_mut().for_each(|s| s.route.clear());
-        let mut again =
-            super::super::model::Model::new(cfg, crate::metrics::Metrics::new(), Default::default(), 1);
-        again.load(snap, &Default::default(), k.now).unwrap();
+        let again = k.rebuilt_from(snap);
         let step = &again.runs[&run].steps[0];
         assert_eq!(
             (step.placement.agents.as_slice(), step.placement.rule),

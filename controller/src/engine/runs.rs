@@ -569,7 +569,8 @@ fn step_failed_for_good(p: &mut Pending, run: &mut Run, idx: usize) {
         OnFailure::Fail => {
             // Nothing new starts: steps that have not started are skipped (or, waiting
             // for a retry, canceled); running ones finish.
-            if run.failing.is_none() {
+            // A quarantined run is held, not failing (see `quarantine`).
+            if run.failing.is_none() && run.state != RunState::Quarantined {
                 run.failing = Some(format!("step {failed_id:?} failed"));
             }
             skip_downstream(p, run, idx, &format!("upstream step {failed_id:?} failed"));
@@ -611,6 +612,10 @@ fn quarantine(p: &mut Pending, run: &mut Run, reason: &str) {
         return;
     }
     if set_run(p, run, RunState::Quarantined) {
+        // Held, not failing: a release gives its failed steps a fresh budget, and the
+        // rows cannot tell a failure that would have ended the run from one that held
+        // it, so a rebuilt model has no failing mark either.
+        run.failing = None;
         run.reason = reason.to_string();
         p.event(run, "run_quarantined", None, None, reason);
         warn!(run_id = %run.id, %reason, "run quarantined");
@@ -743,6 +748,9 @@ mod release_tests {
         k.finished("a", 3, &x, "failed", "nonzero_exit");
         k.connect_running("a", 4, 2, vec![]);
         assert_eq!(k.run_state(&run), "quarantined", "{:?}", k.events(&run));
+        // Rebuilt from its rows (as after a restart), it is the same held run.
+        k.settle();
+        assert_eq!(k.rebuilt_from(k.snapshot()).fingerprint(), k.model.fingerprint());
         k.apply(Input::Release { run_id: run.clone(), actor: "op".into(), reply: 2 });
         k.settle();
         assert_eq!(k.assigns(4).len(), 2, "released, both steps run again: {:?}", k.events(&run));

@@ -864,7 +864,10 @@ impl Sim {
                         error: "lease expired".into(),
                         ..Default::default()
                     };
-                    self.agents[i].unacked.insert(e.r.attempt_id.clone(), f);
+                    // Reported at once like any end (as the real agent does), and again
+                    // in the next Hello until acknowledged.
+                    self.agents[i].unacked.insert(e.r.attempt_id.clone(), f.clone());
+                    self.up(i, Up::Finished(f));
                 }
             }
             let a = &self.agents[i];

@@ -275,4 +275,12 @@ impl Kit {
             breakers: breakers.into_values().collect(),
         }
     }
+
+    /// A model loaded from `snap` (the rows), as after a restart, with this kit's
+    /// config.
+    pub fn rebuilt_from(&self, snap: crate::store::Snapshot) -> Model {
+        let mut again = Model::new(self.model.cfg.clone(), crate::metrics::Metrics::new(), HashMap::new(), 1);
+        again.load(snap, &HashMap::new(), self.now).expect("load the committed rows");
+        again
+    }
 }
