@@ -881,8 +881,9 @@ impl Agent {
         let task = async move {
             let t0 = Instant::now();
             let made_dir = adapter.as_ref().is_some_and(|a| a.needs_dir());
-            // The record, cgroup and directory are a few metadata calls on the runtime
-            // thread (see `scratch` for why); clearing a dirty directory is not.
+            // The record, cgroup and directory are a few constant-cost calls, made on
+            // the runtime thread (see `scratch` for why); deleting what a stray process
+            // left in a kept directory goes to the blocking pool.
             let cell = contain.cell(&r).map(Arc::new).map_err(|e| e.to_string());
             let dir = match (&cell, made_dir) {
                 (Ok(_), true) => scratch.take(&r.attempt_id).await.map(Some),
