@@ -192,11 +192,20 @@ pub async fn run(
     health.set_serving::<pb::baton_service_server::BatonServiceServer<api::RunApi>>().await;
     health.set_serving::<pb::agent_service_server::AgentServiceServer<api::AgentApi>>().await;
     health.set_serving::<pb::admin_service_server::AdminServiceServer<api::AdminApi>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ControllerError::Engine(format!("reflection: {e}")))?;
+    // Reflection in both versions, each listing both: grpcurl and current tools speak
+    // v1, the Python grpc_reflection client, older grpcurl, Postman and Evans v1alpha.
+    let reflection_of = || {
+        tonic_reflection::server::Builder::configure()
+            .include_reflection_service(false)
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_err =
+        |e: tonic_reflection::server::Error| ControllerError::Engine(format!("reflection: {e}"));
+    let reflection = reflection_of().build_v1().map_err(reflection_err)?;
+    let reflection_v1alpha = reflection_of().build_v1alpha().map_err(reflection_err)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     let incoming = tls::incoming(listener, tls.clone(), stop.clone());
     let address = config.advertise.clone().unwrap_or_else(|| match addr {
@@ -222,6 +231,7 @@ pub async fn run(
         .add_service(services.admin)
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
     let lease =
         leader::LeaseConfig { holder: uuid::Uuid::new_v4().to_string(), address, lease: config.lease };

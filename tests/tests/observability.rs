@@ -117,7 +117,7 @@ async fn grpc_health_is_serving_and_reflection_lists_the_services(backend: Backe
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let mut refl = ServerReflectionClient::new(channel);
+    let mut refl = ServerReflectionClient::new(channel.clone());
     let req = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -126,9 +126,50 @@ async fn grpc_health_is_serving_and_reflection_lists_the_services(backend: Backe
     let resp = stream.message().await.unwrap().unwrap();
     let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("{resp:?}") };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in ["baton.v1.BatonService", "baton.v1.AgentService", "grpc.health.v1.Health"] {
+    for want in [
+        "baton.v1.BatonService",
+        "baton.v1.AgentService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
         assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
     }
+
+    // The older protocol, which the Python grpc_reflection client, Postman and Evans
+    // speak: it lists the same services and hands out a service's file.
+    use tonic_reflection::pb::v1alpha as alpha;
+    let mut refl = alpha::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let reqs = vec![
+        alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(alpha::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            )),
+        },
+        alpha::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "baton.v1.BatonService".into(),
+            )),
+        },
+    ];
+    let mut stream = refl.server_reflection_info(tokio_stream::iter(reqs)).await.unwrap().into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        resp.message_response
+    else {
+        panic!("{resp:?}")
+    };
+    let alpha_names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert_eq!(alpha_names, names, "v1alpha lists what v1 lists");
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(files)) =
+        resp.message_response
+    else {
+        panic!("{resp:?}")
+    };
+    assert!(!files.file_descriptor_proto.is_empty(), "the file of baton.v1.BatonService");
 }
 
 async fn progress_carries_an_eta_learned_from_earlier_runs(backend: Backend) {

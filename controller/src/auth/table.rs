@@ -50,6 +50,7 @@ pub const RPCS: &[(&str, &str, Need)] = &[
     ("/grpc.health.v1.Health/", "Check", Need::Public),
     ("/grpc.health.v1.Health/", "Watch", Need::Public),
     ("/grpc.reflection.v1.ServerReflection/", "ServerReflectionInfo", Need::Role(Role::Reader)),
+    ("/grpc.reflection.v1alpha.ServerReflection/", "ServerReflectionInfo", Need::Role(Role::Reader)),
 ];
 
 /// What a call to `path` (`/package.Service/Method`) needs; `None` for an RPC that is
@@ -74,6 +75,7 @@ mod tests {
             baton_common::pb::FILE_DESCRIPTOR_SET,
             tonic_health::pb::FILE_DESCRIPTOR_SET,
             tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
         ] {
             let fds = prost_types::FileDescriptorSet::decode(set).unwrap();
             for file in fds.file {
@@ -84,8 +86,7 @@ mod tests {
                 }
             }
         }
-        let reflection_v1 = |p: &String| !p.contains("v1alpha");
-        for p in paths.iter().filter(|p| reflection_v1(p)) {
+        for p in &paths {
             assert!(need_of(p).is_some(), "{p} is not in the table of RPCs");
         }
         for (service, method, _) in RPCS {
