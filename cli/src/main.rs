@@ -4,6 +4,22 @@
 //! Exit codes: 0 success; 1 a run that did not succeed, or an error; 2 bad input
 //! (an invalid spec or bad arguments); 3 a watched run was quarantined.
 
+/// Like `println!`, to stdout through [`output::write_out`]: a closed pipe ends the
+/// program quietly with 0, as other Unix tools do.
+macro_rules! out {
+    () => { $crate::output::write_out(b"\n") };
+    ($($arg:tt)*) => {{
+        let mut line = format!($($arg)*);
+        line.push('\n');
+        $crate::output::write_out(line.as_bytes())
+    }};
+}
+
+/// Like `print!`, through [`output::write_out`].
+macro_rules! out_raw {
+    ($($arg:tt)*) => { $crate::output::write_out(format!($($arg)*).as_bytes()) };
+}
+
 mod client;
 mod dev;
 mod output;
@@ -22,8 +38,9 @@ use output::Format;
 #[derive(Debug, Parser)]
 #[command(name = "baton", version, about = "Baton: run workstreams of tools across machines")]
 struct Cli {
-    /// Controller URL (https:// with TLS); a comma-separated list finds the leader among
-    /// several.
+    /// Controller URL: https:// for TLS, http:// without; a bare HOST:PORT is https://
+    /// when TLS files are given, else http://. A comma-separated list finds the leader
+    /// among several.
     #[arg(long, global = true, env = "BATON_CONTROLLER", default_value = "http://127.0.0.1:7070")]
     controller: String,
     /// API token (see `baton tokens create`).
@@ -54,6 +71,7 @@ struct Cli {
 enum Command {
     /// Start a run of a workstream spec (YAML or JSON).
     Submit {
+        /// The spec file; `-` reads it from stdin.
         file: PathBuf,
         /// Wait for the run to end, showing progress; exit 0 only if it succeeded.
         #[arg(long)]
@@ -99,13 +117,27 @@ enum Command {
     },
     /// Check a spec without running it; exit 2 when it is invalid.
     Validate {
+        /// The spec file; `-` reads it from stdin.
         file: PathBuf,
         #[command(flatten)]
         out: OutputArg,
     },
+    /// Print a shell completion script, e.g. `baton completion bash >
+    /// /etc/bash_completion.d/baton`, or `source <(baton completion zsh)`.
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (baton.1 and one per subcommand, e.g. baton-runs-list.1) to
+    /// DIR.
+    Man {
+        /// The directory to write them to (made if missing).
+        dir: PathBuf,
+    },
     /// Run a workstream locally: a controller on SQLite and local agents in this
     /// process.
     Dev {
+        /// The spec file; `-` reads it from stdin.
         file: PathBuf,
         /// Local agents to start.
         #[arg(long, default_value_t = 2)]
@@ -149,12 +181,14 @@ enum RunsCommand {
     },
     /// Show a run with its steps and attempts.
     Show {
+        /// The run's id.
         run: String,
         #[command(flatten)]
         out: OutputArg,
     },
     /// Follow a run's events until it ends; exit 0 only if it succeeded.
     Watch {
+        /// The run's id.
         run: String,
         /// Start from this event sequence number.
         #[arg(long, default_value_t = 1)]
@@ -164,29 +198,38 @@ enum RunsCommand {
     },
     /// Cancel a run (or one step): running tools are stopped, nothing new starts.
     Cancel {
+        /// The run's id.
         run: String,
         /// Cancel only this step; the steps that need it are skipped.
         #[arg(long)]
         step: Option<String>,
+        /// Why, as events and reports show it.
         #[arg(long, default_value = "")]
         reason: String,
         #[command(flatten)]
         out: OutputArg,
     },
     /// Print attempt output: one step's (latest attempt, or --attempt N), or every
-    /// step's, each line prefixed with its step.
+    /// step's, each line prefixed with its step; with -o json, jsonl or yaml, each chunk
+    /// as an object (step_id, attempt, data in base64) as it arrives.
     Logs {
+        /// The run's id.
         run: String,
+        /// Only this step's output.
         step: Option<String>,
+        /// The attempt's number (default: the latest).
         #[arg(long, requires = "step")]
         attempt: Option<u32>,
         /// Keep printing output as it arrives, until the step (or run) ends.
         #[arg(short = 'f', long)]
         follow: bool,
+        #[command(flatten)]
+        out: OutputArg,
     },
     /// A report of a run: steps, attempts, retries, breaker trips, quarantines, the
     /// critical path and a timeline.
     Report {
+        /// The run's id.
         run: String,
         /// md (Markdown), json, or html (one self-contained file with an SVG timeline).
         #[arg(long, default_value = "md", value_parser = ["md", "json", "html"])]
@@ -197,6 +240,7 @@ enum RunsCommand {
     },
     /// Resume a quarantined run; its failed steps get a fresh retry budget.
     Release {
+        /// The run's id.
         run: String,
         #[command(flatten)]
         out: OutputArg,
@@ -212,6 +256,7 @@ enum BreakersCommand {
     },
     /// Close a tool's breaker, or its breaker on one agent.
     Reset {
+        /// The tool's name.
         tool: String,
         /// Agent name (or id).
         #[arg(long)]
@@ -232,6 +277,7 @@ enum AgentsCommand {
     Drain {
         /// Agent name (or id).
         agent: String,
+        /// Let it take work again.
         #[arg(long)]
         undo: bool,
         #[command(flatten)]
@@ -266,11 +312,13 @@ enum AgentsCommand {
 enum CertsCommand {
     /// Write DIR/ca.pem and DIR/ca-key.pem (kept 0600; keep it off the network).
     Ca {
+        /// The directory to write them to.
         #[arg(long)]
         dir: PathBuf,
     },
     /// Write DIR/NAME.pem and DIR/NAME-key.pem, signed by the CA in DIR.
     Issue {
+        /// The directory that holds the CA, where the certificate is written too.
         #[arg(long)]
         dir: PathBuf,
         /// controller (a server certificate), agent, or client (a user, with --client-role).
@@ -293,6 +341,7 @@ enum CertsCommand {
 enum SecretsCommand {
     /// Store a secret; its value is read from stdin (one trailing newline dropped).
     Set {
+        /// The secret's name, as specs refer to it.
         name: String,
         #[command(flatten)]
         out: OutputArg,
@@ -302,7 +351,9 @@ enum SecretsCommand {
         #[command(flatten)]
         out: OutputArg,
     },
+    /// Delete a secret.
     Delete {
+        /// The secret's name.
         name: String,
         #[command(flatten)]
         out: OutputArg,
@@ -335,6 +386,7 @@ enum TokensCommand {
     },
     /// Revoke a token by name or id: its next call fails.
     Revoke {
+        /// The token's name or id.
         #[arg(value_name = "TOKEN")]
         name: String,
         #[command(flatten)]
@@ -355,8 +407,8 @@ enum RouterCommand {
 
 #[derive(Debug, Args)]
 struct OutputArg {
-    /// Output format: text for people, json (one document) or jsonl (one object per
-    /// line) for programs.
+    /// Output format: text for people; json (one document), jsonl (one object per line)
+    /// or yaml for programs.
     #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
     output: OutputFormat,
 }
@@ -366,6 +418,7 @@ enum OutputFormat {
     Text,
     Json,
     Jsonl,
+    Yaml,
 }
 
 impl OutputArg {
@@ -374,6 +427,7 @@ impl OutputArg {
             OutputFormat::Text => Format::Text,
             OutputFormat::Json => Format::Json,
             OutputFormat::Jsonl => Format::Jsonl,
+            OutputFormat::Yaml => Format::Yaml,
         }
     }
 }
@@ -460,8 +514,21 @@ fn target(cli: &Cli) -> Result<client::Target, Failure> {
 }
 
 async fn run(cli: Cli) -> Result<u8, Failure> {
-    if let Command::Certs(cmd) = &cli.command {
-        return certs(cmd);
+    match &cli.command {
+        Command::Certs(cmd) => return certs(cmd),
+        Command::Completion { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(
+                *shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "baton",
+                &mut script,
+            );
+            output::write_out(&script);
+            return Ok(0);
+        }
+        Command::Man { dir } => return man_pages(dir),
+        _ => {}
     }
     let target = target(&cli)?;
     match cli.command {
@@ -486,12 +553,12 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 return watch::watch(&mut c, &target, &run_id, 1, out.format()).await;
             }
             match out.format() {
-                Format::Text => println!("{run_id}"),
+                Format::Text => out!("{run_id}"),
                 f => output::print_json(f, &serde_json::json!({ "run_id": run_id })),
             }
             Ok(0)
         }
-        Command::Certs(_) => Ok(0),
+        Command::Certs(_) | Command::Completion { .. } | Command::Man { .. } => Ok(0),
         Command::Runs(cmd) => runs(&target, cmd).await,
         Command::Tokens(cmd) => tokens(&target, cmd).await,
         Command::Secrets(cmd) => secrets(&target, cmd).await,
@@ -499,9 +566,9 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let me = client::admin(&target).await?.who_am_i(pb::WhoAmIRequest {}).await?.into_inner();
             match out.format() {
                 Format::Text if !me.auth_required => {
-                    println!("{} (authentication is off on this controller)", me.name)
+                    out!("{} (authentication is off on this controller)", me.name)
                 }
-                Format::Text => println!("{} ({}) via {}", me.name, me.role, me.via),
+                Format::Text => out!("{} ({}) via {}", me.name, me.role, me.via),
                 f => output::print_json(f, &me),
             }
             Ok(0)
@@ -516,8 +583,8 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let mut c = client::connect(&target).await?;
             let a = c.drain_agent(pb::DrainAgentRequest { agent, undo }).await?.into_inner();
             match out.format() {
-                Format::Text if a.draining => println!("agent {} is draining: it takes no new work", a.name),
-                Format::Text => println!("agent {} takes work again", a.name),
+                Format::Text if a.draining => out!("agent {} is draining: it takes no new work", a.name),
+                Format::Text => out!("agent {} takes work again", a.name),
                 f => output::print_json(f, &a),
             }
             Ok(0)
@@ -531,7 +598,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let r = client::admin(&target).await?.create_join_token(req).await?.into_inner();
             match out.format() {
                 Format::Text => {
-                    println!("{}", r.token);
+                    out!("{}", r.token);
                     eprintln!(
                         "join token {} for {} agent(s), valid until {}",
                         r.id,
@@ -550,7 +617,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 .await?
                 .into_inner();
             match out.format() {
-                Format::Text => println!("agent {} revoked ({} session(s) closed)", r.name, r.closed),
+                Format::Text => out!("agent {} revoked ({} session(s) closed)", r.name, r.closed),
                 f => output::print_json(f, &r),
             }
             Ok(0)
@@ -558,7 +625,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         Command::Router(RouterCommand::Reload) => {
             let mut c = client::connect(&target).await?;
             let r = c.reload_router(pb::ReloadRouterRequest {}).await?.into_inner();
-            println!("router reloaded: {} rules", r.rules);
+            out!("router reloaded: {} rules", r.rules);
             Ok(0)
         }
         Command::Breakers(cmd) => {
@@ -582,12 +649,36 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     }
 }
 
+/// Writes a man page for `baton` and for each of its subcommands, named by their path
+/// (`baton-runs-list.1`).
+fn man_pages(dir: &Path) -> Result<u8, Failure> {
+    fn write(cmd: clap::Command, name: String, dir: &Path, written: &mut usize) -> anyhow::Result<()> {
+        let cmd = cmd.name(name.clone());
+        let path = dir.join(format!("{name}.1"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd.clone()).render(&mut page)?;
+        std::fs::write(&path, page).with_context(|| format!("cannot write {}", path.display()))?;
+        *written += 1;
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            write(sub.clone(), format!("{name}-{}", sub.get_name()), dir, written)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot make {}", dir.display()))?;
+    let mut cmd = <Cli as clap::CommandFactory>::command();
+    cmd.build();
+    let mut written = 0;
+    write(cmd, "baton".into(), dir, &mut written)?;
+    eprintln!("{written} man pages written to {}", dir.display());
+    Ok(0)
+}
+
 fn certs(cmd: &CertsCommand) -> Result<u8, Failure> {
     use baton_common::certs::{self, Kind};
     match cmd {
         CertsCommand::Ca { dir } => {
             let (cert, key) = certs::create_ca(dir).map_err(|e| Failure::Other(anyhow::anyhow!(e)))?;
-            println!("{}", cert.display());
+            out!("{}", cert.display());
             eprintln!("CA written: {} and {} (keep the key secret)", cert.display(), key.display());
         }
         CertsCommand::Issue { dir, role, name, hosts, client_role } => {
@@ -606,7 +697,7 @@ fn certs(cmd: &CertsCommand) -> Result<u8, Failure> {
             };
             let (cert, key) =
                 certs::issue(dir, kind, name, hosts).map_err(|e| Failure::Other(anyhow::anyhow!(e)))?;
-            println!("{}", cert.display());
+            out!("{}", cert.display());
             eprintln!("certificate written: {} and {}", cert.display(), key.display());
         }
     }
@@ -633,7 +724,7 @@ async fn secrets(target: &client::Target, cmd: SecretsCommand) -> Result<u8, Fai
                 );
             }
             match out.format() {
-                Format::Text => println!("secret {} stored", info.name),
+                Format::Text => out!("secret {} stored", info.name),
                 f => output::print_json(f, &info),
             }
         }
@@ -644,7 +735,7 @@ async fn secrets(target: &client::Target, cmd: SecretsCommand) -> Result<u8, Fai
         SecretsCommand::Delete { name, out } => {
             let info = a.delete_secret(pb::DeleteSecretRequest { name }).await?.into_inner();
             match out.format() {
-                Format::Text => println!("secret {} deleted", info.name),
+                Format::Text => out!("secret {} deleted", info.name),
                 f => output::print_json(f, &info),
             }
         }
@@ -660,7 +751,7 @@ async fn tokens(target: &client::Target, cmd: TokensCommand) -> Result<u8, Failu
             let r = a.create_token(pb::CreateTokenRequest { name, role, ttl }).await?.into_inner();
             match out.format() {
                 Format::Text => {
-                    println!("{}", r.token);
+                    out!("{}", r.token);
                     if let Some(i) = &r.info {
                         eprintln!("token {:?} ({}) created; it is shown only this once", i.name, i.role);
                     }
@@ -675,7 +766,7 @@ async fn tokens(target: &client::Target, cmd: TokensCommand) -> Result<u8, Failu
         TokensCommand::Revoke { name, out } => {
             let t = a.revoke_token(pb::RevokeTokenRequest { token: name }).await?.into_inner();
             match out.format() {
-                Format::Text => println!("token {:?} ({}) revoked", t.name, t.id),
+                Format::Text => out!("token {:?} ({}) revoked", t.name, t.id),
                 f => output::print_json(f, &t),
             }
         }
@@ -723,9 +814,9 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
             let req = pb::CancelRunRequest { run_id: run, reason, step_id: step.clone().unwrap_or_default() };
             let resp = c.cancel_run(req).await?.into_inner();
             match (out.format(), step) {
-                (Format::Text, None) => println!("run {} {}", resp.run_id, output::run_state(resp.state)),
+                (Format::Text, None) => out!("run {} {}", resp.run_id, output::run_state(resp.state)),
                 (Format::Text, Some(s)) => {
-                    println!(
+                    out!(
                         "step {s} of run {} canceled; the run is {}",
                         resp.run_id,
                         output::run_state(resp.state)
@@ -734,7 +825,7 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
                 (f, _) => output::print_json(f, &resp),
             }
         }
-        RunsCommand::Logs { run, step, attempt, follow } => {
+        RunsCommand::Logs { run, step, attempt, follow, out } => {
             let whole = step.is_none();
             let req = pb::GetLogsRequest {
                 run_id: run,
@@ -742,7 +833,7 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
                 attempt: attempt.unwrap_or(0),
                 follow,
             };
-            let mut printer = output::LogPrinter::new(whole);
+            let mut printer = output::LogPrinter::new(whole, out.format());
             // Bytes printed per (step, attempt): a stream opened again after a lost
             // controller starts from the beginning, and what was printed is skipped.
             let mut printed: std::collections::HashMap<(String, u32), usize> = Default::default();
@@ -800,14 +891,14 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
                         .with_context(|| format!("cannot write {}", path.display()))?;
                     eprintln!("report written to {}", path.display());
                 }
-                None => print!("{}", r.content),
+                None => out_raw!("{}", r.content),
             }
         }
         RunsCommand::Release { run, out } => {
             let resp = c.release_run(pb::ReleaseRunRequest { run_id: run }).await?.into_inner();
             match out.format() {
                 Format::Text => {
-                    println!("run {} released; it is {}", resp.run_id, output::run_state(resp.state))
+                    out!("run {} released; it is {}", resp.run_id, output::run_state(resp.state))
                 }
                 f => output::print_json(f, &resp),
             }
@@ -816,18 +907,33 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
     Ok(0)
 }
 
+/// The spec at `file`, or on stdin for `-`, with the name its errors are reported under.
 fn read_spec(file: &Path) -> Result<(String, String), Failure> {
+    let limit = baton_common::spec::MAX_SPEC_BYTES;
+    let too_big = |source: &str, len: u64| {
+        Failure::Invalid(format!("{source}: the spec is {len} bytes; the limit is {limit}"))
+    };
+    if file == Path::new("-") {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        // One byte past the limit is enough to know it is too big.
+        std::io::stdin()
+            .take(limit as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| Failure::Invalid(format!("cannot read the spec from stdin: {e}")))?;
+        if bytes.len() > limit {
+            return Err(Failure::Invalid(format!("<stdin>: the spec is over the limit of {limit} bytes")));
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|e| Failure::Invalid(format!("<stdin>: the spec is not UTF-8: {e}")))?;
+        return Ok(("<stdin>".to_string(), text));
+    }
     // A file past the limit is refused before it is read, like the controller would.
     if let Ok(meta) = std::fs::metadata(file)
         && meta.is_file()
-        && meta.len() > baton_common::spec::MAX_SPEC_BYTES as u64
+        && meta.len() > limit as u64
     {
-        return Err(Failure::Invalid(format!(
-            "{}: the spec is {} bytes; the limit is {}",
-            file.display(),
-            meta.len(),
-            baton_common::spec::MAX_SPEC_BYTES
-        )));
+        return Err(too_big(&file.display().to_string(), meta.len()));
     }
     let text = std::fs::read_to_string(file)
         .with_context(|| format!("cannot read {}", file.display()))
@@ -841,7 +947,7 @@ fn validate(file: &Path, format: Format) -> Result<u8, Failure> {
         Ok(ws) => {
             match format {
                 Format::Text => {
-                    println!("{source}: ok, workstream {:?} with {} steps", ws.name, ws.steps.len())
+                    out!("{source}: ok, workstream {:?} with {} steps", ws.name, ws.steps.len())
                 }
                 f => output::print_json(
                     f,
@@ -860,5 +966,34 @@ fn validate(file: &Path, format: Format) -> Result<u8, Failure> {
             }
             Err(Failure::Invalid(e.to_string()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every subcommand and argument a user can see says what it is for.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            if cmd.get_about().is_none() && path != "baton" {
+                missing.push(path.to_string());
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if !arg.is_hide_set() && arg.get_help().is_none() && id != "help" && id != "version" {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "baton", &mut missing);
+        assert!(missing.is_empty(), "without help text: {missing:#?}");
     }
 }

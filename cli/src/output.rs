@@ -1,4 +1,4 @@
-//! Printing API objects as text tables or JSON. JSON goes to stdout only.
+//! Printing API objects as text tables, JSON or YAML, to stdout.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -12,21 +12,42 @@ pub enum Format {
     Text,
     Json,
     Jsonl,
+    Yaml,
 }
 
-/// One JSON document (pretty for `json`, one line for `jsonl`).
-pub fn print_json<T: Serialize + ?Sized>(format: Format, value: &T) {
-    let text = match format {
-        Format::Json => serde_json::to_string_pretty(value),
-        _ => serde_json::to_string(value),
-    };
-    match text {
-        Ok(t) => println!("{t}"),
-        Err(e) => eprintln!("error: cannot encode JSON: {e}"),
+/// Writes to stdout and flushes. When the reader went away (`baton runs show X | head
+/// -1`) the program ends quietly with 0, as other Unix tools do; any other failure to
+/// write is one line on stderr and exit 1.
+pub fn write_out(bytes: &[u8]) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(bytes).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(1);
     }
 }
 
-/// A list: one document holding the array for `json`, one object per line for `jsonl`.
+/// One document: pretty JSON for `json`, one line for `jsonl`, YAML for `yaml` (the
+/// same fields and values as the JSON).
+pub fn print_json<T: Serialize + ?Sized>(format: Format, value: &T) {
+    let text = match format {
+        Format::Json => serde_json::to_string_pretty(value).map_err(|e| e.to_string()),
+        Format::Yaml => serde_norway::to_string(value)
+            .map(|t| format!("---\n{}", t.trim_end()))
+            .map_err(|e| e.to_string()),
+        _ => serde_json::to_string(value).map_err(|e| e.to_string()),
+    };
+    match text {
+        Ok(t) => out!("{t}"),
+        Err(e) => eprintln!("error: cannot encode the output: {e}"),
+    }
+}
+
+/// A list: one document holding the array for `json` and `yaml`, one object per line
+/// for `jsonl`.
 fn print_list<T: Serialize>(format: Format, items: &[T]) {
     match format {
         Format::Jsonl => items.iter().for_each(|i| print_json(format, i)),
@@ -113,7 +134,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
             .enumerate()
             .map(|(i, c)| if i == last { c } else { format!("{c:<w$}", w = widths[i]) })
             .collect();
-        println!("{}", parts.join("  ").trim_end());
+        out!("{}", parts.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for r in rows {
@@ -148,16 +169,16 @@ pub fn run(format: Format, run: &pb::Run) {
         return print_json(format, run);
     }
     let p = run.progress.clone().unwrap_or_default();
-    println!("Run:        {}", run.id);
-    println!("Workstream: {}", run.workstream);
-    println!("State:      {}", run_state(run.state));
+    out!("Run:        {}", run.id);
+    out!("Workstream: {}", run.workstream);
+    out!("State:      {}", run_state(run.state));
     if !run.reason.is_empty() {
-        println!("Reason:     {}", run.reason);
+        out!("Reason:     {}", run.reason);
     }
-    println!("Created:    {}", time(ms(&run.created_at)));
-    println!("Elapsed:    {}", span(dur(&p.elapsed)));
-    println!("Progress:   {}/{} steps done ({:.0}%)", p.done, p.total, p.percent);
-    println!();
+    out!("Created:    {}", time(ms(&run.created_at)));
+    out!("Elapsed:    {}", span(dur(&p.elapsed)));
+    out!("Progress:   {}/{} steps done ({:.0}%)", p.done, p.total, p.percent);
+    out!();
     steps(&run.steps);
 }
 
@@ -192,45 +213,54 @@ pub fn steps(steps: &[pb::Step]) {
 }
 
 /// Writes log chunks to stdout: raw for one step, or line by line with a `step | `
-/// prefix when several steps' output is mixed.
+/// prefix when several steps' output is mixed; or as objects for programs.
 pub struct LogPrinter {
     prefixed: bool,
+    format: Format,
     partial: std::collections::HashMap<String, Vec<u8>>,
 }
 
 impl LogPrinter {
-    pub fn new(prefixed: bool) -> LogPrinter {
-        LogPrinter { prefixed, partial: Default::default() }
+    /// For programs (`-o json|jsonl|yaml`) each chunk is one object, as it arrives.
+    pub fn new(prefixed: bool, format: Format) -> LogPrinter {
+        LogPrinter { prefixed, format, partial: Default::default() }
     }
 
     pub fn chunk(&mut self, c: &pb::LogChunk) {
-        use std::io::Write;
-        let mut out = std::io::stdout().lock();
+        match self.format {
+            Format::Text => {}
+            Format::Yaml => return print_json(Format::Yaml, c),
+            _ => return print_json(Format::Jsonl, c),
+        }
         if !self.prefixed {
-            let _ = out.write_all(&c.data);
-            let _ = out.flush();
-            return;
+            return write_out(&c.data);
         }
         let buf = self.partial.entry(c.step_id.clone()).or_default();
         buf.extend_from_slice(&c.data);
+        let mut lines = Vec::new();
         while let Some(i) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=i).collect();
-            let _ = write!(out, "{} | ", c.step_id);
-            let _ = out.write_all(&line);
+            lines.extend_from_slice(c.step_id.as_bytes());
+            lines.extend_from_slice(b" | ");
+            lines.extend(buf.drain(..=i));
         }
-        let _ = out.flush();
+        if !lines.is_empty() {
+            write_out(&lines);
+        }
     }
 
     /// Prints what is left of unterminated lines.
     pub fn finish(&mut self) {
-        use std::io::Write;
-        let mut out = std::io::stdout().lock();
+        let mut lines = Vec::new();
         for (step, rest) in self.partial.drain() {
             if !rest.is_empty() {
-                let _ = write!(out, "{step} | ");
-                let _ = out.write_all(&rest);
-                let _ = writeln!(out);
+                lines.extend_from_slice(step.as_bytes());
+                lines.extend_from_slice(b" | ");
+                lines.extend(rest);
+                lines.push(b'\n');
             }
+        }
+        if !lines.is_empty() {
+            write_out(&lines);
         }
     }
 }

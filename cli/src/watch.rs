@@ -137,11 +137,12 @@ impl View {
         }
         match self.format {
             Format::Json | Format::Jsonl => output::print_json(Format::Jsonl, ev),
+            Format::Yaml => output::print_json(Format::Yaml, ev),
             Format::Text => {
                 let line = line(ev);
                 match &self.bar {
                     Some(bar) => bar.println(line),
-                    None => println!("{line}"),
+                    None => out!("{line}"),
                 }
                 self.refresh();
             }
@@ -173,7 +174,7 @@ impl View {
     fn note(&self, msg: &str) {
         match (&self.bar, self.format) {
             (Some(bar), _) => bar.println(msg),
-            (None, Format::Text) => println!("{msg}"),
+            (None, Format::Text) => out!("{msg}"),
             _ => eprintln!("{msg}"),
         }
     }
@@ -190,7 +191,7 @@ impl View {
         if self.format != Format::Text {
             return;
         }
-        println!();
+        out!();
         output::steps(&run.steps);
         let elapsed = run.progress.as_ref().map_or(0, |p| output::dur(&p.elapsed).max(0));
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -198,8 +199,8 @@ impl View {
             *counts.entry(output::step_state(s.state)).or_default() += 1;
         }
         let counts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
-        println!();
-        print!(
+        out!();
+        out_raw!(
             "run {} {} in {} ({})",
             run.id,
             output::run_state(run.state),
@@ -207,9 +208,9 @@ impl View {
             counts.join(", ")
         );
         if !run.reason.is_empty() && run.state != RunState::Succeeded.to_pb() {
-            print!(": {}", run.reason);
+            out_raw!(": {}", run.reason);
         }
-        println!();
+        out!();
     }
 }
 

@@ -460,3 +460,101 @@ async fn submit_waits_for_a_controller_that_comes_up_and_creates_one_run() {
     assert_eq!(list.stdout.matches("\"id\"").count(), 1, "one run: {}", list.stdout);
     assert!(list.stdout.contains(&run_id), "{}", list.stdout);
 }
+
+/// `baton ARGS` with its stdout a pipe whose reader has gone, as in `baton runs show X |
+/// head -0`.
+async fn baton_into_closed_pipe(controller: &str, args: &[&str]) -> Out {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    // `output()` would replace stdout with a pipe of its own.
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .env("BATON_CONTROLLER", controller)
+        .args(args)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::new(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_pipe_ends_every_read_command_quietly_with_0() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let url = sb.url();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write(
+        dir.path(),
+        "p.yaml",
+        "name: p\nsteps:\n  - {id: s, tool: shell, with: {run: 'seq 1 20000'}}\n",
+    );
+    let run = baton(&url, &["submit", &spec, "--watch"]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let id = baton(&url, &["runs", "list", "-o", "json"]).await;
+    let list: serde_json::Value = serde_json::from_str(&id.stdout).unwrap();
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    for args in [
+        vec!["runs", "show", &id],
+        vec!["runs", "show", &id, "-o", "json"],
+        vec!["runs", "list", "-o", "jsonl"],
+        vec!["runs", "report", &id],
+        vec!["runs", "logs", &id, "s"],
+        vec!["runs", "logs", &id, "-f"],
+        vec!["runs", "watch", &id],
+        vec!["agents", "list"],
+    ] {
+        let out = baton_into_closed_pipe(&url, &args).await;
+        assert_eq!((out.code, out.stderr.as_str()), (0, ""), "baton {}", args.join(" "));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_from_stdin_a_bare_address_and_yaml_output() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let bare = sb.url().trim_start_matches("http://").to_string();
+    let env = [("BATON_CONTROLLER", bare.as_str())];
+    let spec = "name: piped\nsteps:\n  - {id: a, tool: shell, with: {run: 'echo from-stdin'}}\n";
+    let out = baton_with(&env, &["submit", "-", "--watch"], spec).await;
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+
+    let out = baton_with(&env, &["runs", "list", "-o", "yaml"], "").await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let runs: serde_json::Value = serde_norway::from_str(&out.stdout).unwrap();
+    assert_eq!(runs[0]["workstream"], "piped");
+    assert_eq!(runs[0]["state"], "RUN_STATE_SUCCEEDED");
+    let id = runs[0]["id"].as_str().unwrap().to_string();
+    let logs = baton_with(&env, &["runs", "logs", &id, "a", "-o", "jsonl"], "").await;
+    let chunk: serde_json::Value = serde_json::from_str(logs.stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(chunk["step_id"], "a");
+
+    // A bad spec on stdin is named as such.
+    let out = baton_with(&env, &["validate", "-"], "name: x\nsteps: []\n").await;
+    assert_eq!(out.code, 2);
+    assert!(out.stderr.starts_with("<stdin>"), "{}", out.stderr);
+}
+
+#[tokio::test]
+async fn completion_scripts_and_man_pages() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = baton("http://127.0.0.1:9", &["completion", shell]).await;
+        assert_eq!(out.code, 0, "{shell}: {}", out.stderr);
+        assert!(out.stdout.contains("submit") && out.stdout.contains("runs"), "{shell}");
+    }
+    let bash = baton("http://127.0.0.1:9", &["completion", "bash"]).await;
+    let check = tokio::process::Command::new("bash").args(["-n", "-c", &bash.stdout]).output().await.unwrap();
+    assert!(check.status.success(), "bash -n: {}", String::from_utf8_lossy(&check.stderr));
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = baton("http://127.0.0.1:9", &["man", dir.path().to_str().unwrap()]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let page = std::fs::read_to_string(dir.path().join("baton-runs-list.1")).unwrap();
+    assert!(page.starts_with(".ie \\n(.g .ds Aq") || page.contains(".TH baton-runs-list"), "{page}");
+    assert!(page.contains("List runs, newest first"), "{page}");
+    for name in ["baton.1", "baton-submit.1", "baton-runs-logs.1", "baton-tokens-create.1"] {
+        assert!(dir.path().join(name).exists(), "{name}");
+    }
+}

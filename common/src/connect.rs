@@ -49,9 +49,27 @@ impl Interceptor for Bearer {
 /// A channel whose calls carry the bearer token.
 pub type AuthChannel = InterceptedService<tonic::transport::Channel, Bearer>;
 
-/// The endpoint for `url` (`http://` or `https://`), with TLS for `https://`. Files are
-/// read now, so that a renewed certificate is used by the next connection.
+/// `url` with its scheme: a bare `host:port` is `https://` when TLS files are given and
+/// `http://` when not.
+pub fn with_scheme(url: &str, tls: &ClientTls) -> String {
+    let url = url.trim();
+    if url.contains("://") {
+        url.to_string()
+    } else if tls.ca.is_some() || tls.cert.is_some() {
+        format!("https://{url}")
+    } else {
+        format!("http://{url}")
+    }
+}
+
+/// The endpoint for `url` (`http://`, `https://`, or a bare `host:port`, see
+/// [`with_scheme`]), with TLS for `https://`. Files are read now, so that a renewed
+/// certificate is used by the next connection.
 pub fn endpoint(url: &str, tls: &ClientTls) -> Result<Endpoint, String> {
+    let url = &with_scheme(url, tls);
+    if !url.starts_with("http://") && !url.starts_with("https://") {
+        return Err(format!("controller url {url:?}: the scheme must be http:// or https://"));
+    }
     let mut e = Endpoint::from_shared(url.to_string())
         .map_err(|e| format!("bad controller url {url:?}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
@@ -99,4 +117,21 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_without_a_scheme_is_https_with_tls_files_and_http_without() {
+        let plain = ClientTls::default();
+        let tls = ClientTls { ca: Some("ca.pem".into()), ..Default::default() };
+        assert_eq!(with_scheme("ctl:7070", &plain), "http://ctl:7070");
+        assert_eq!(with_scheme(" ctl:7070", &tls), "https://ctl:7070");
+        assert_eq!(with_scheme("https://ctl:7070", &plain), "https://ctl:7070");
+        assert!(endpoint("ctl:7070", &plain).is_ok());
+        let err = endpoint("ftp://ctl:7070", &plain).unwrap_err();
+        assert!(err.contains("must be http:// or https://"), "{err}");
+    }
 }
