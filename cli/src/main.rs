@@ -1,8 +1,9 @@
 //! `baton`: the command-line client of a Baton controller, and `baton dev`, which runs
 //! a controller and agents in one process.
 //!
-//! Exit codes: 0 success; 1 a run that did not succeed, or an error; 2 bad input
-//! (an invalid spec or bad arguments); 3 a watched run was quarantined.
+//! Exit codes: 0 success; 1 a run that did not succeed, or an error; 2 bad input (an
+//! invalid spec or bad arguments) or something named that does not exist (a run, step,
+//! attempt, agent, breaker, token, secret or context); 3 a watched run was quarantined.
 
 /// Like `println!`, to stdout through [`output::write_out`]: a closed pipe ends the
 /// program quietly with 0, as other Unix tools do.
@@ -21,6 +22,7 @@ macro_rules! out_raw {
 }
 
 mod client;
+mod context;
 mod dev;
 mod output;
 mod watch;
@@ -40,9 +42,13 @@ use output::Format;
 struct Cli {
     /// Controller URL: https:// for TLS, http:// without; a bare HOST:PORT is https://
     /// when TLS files are given, else http://. A comma-separated list finds the leader
-    /// among several.
-    #[arg(long, global = true, env = "BATON_CONTROLLER", default_value = "http://127.0.0.1:7070")]
-    controller: String,
+    /// among several. Default: the context's, else http://127.0.0.1:7070.
+    #[arg(long, global = true, env = "BATON_CONTROLLER")]
+    controller: Option<String>,
+    /// The context (a named controller in the config file, see `baton context`) to use
+    /// instead of the current one.
+    #[arg(long, global = true, env = "BATON_CONTEXT")]
+    context: Option<String>,
     /// API token (see `baton tokens create`).
     #[arg(long, global = true, env = "BATON_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -110,6 +116,10 @@ enum Command {
     /// A certificate authority for TLS: make a CA, issue certificates it signs.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Named controllers kept in ~/.config/baton/config.toml (or $BATON_CONFIG): add,
+    /// use, list, remove. Flags and environment variables override the context's values.
+    #[command(subcommand)]
+    Context(ContextCommand),
     /// Show who the controller takes you for, and your role.
     Whoami {
         #[command(flatten)]
@@ -309,6 +319,34 @@ enum AgentsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum ContextCommand {
+    /// Add (or replace) a context from the connection flags given with it: --controller
+    /// (required), --tls-ca, --tls-cert, --tls-key, --token-file.
+    Add {
+        /// The context's name.
+        name: String,
+        /// Make it the current context too.
+        #[arg(long = "use")]
+        use_it: bool,
+    },
+    /// Make a context the current one.
+    Use {
+        /// The context's name.
+        name: String,
+    },
+    /// List the contexts; the current one is marked with `*`.
+    List {
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Remove a context.
+    Remove {
+        /// The context's name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum CertsCommand {
     /// Write DIR/ca.pem and DIR/ca-key.pem (kept 0600; keep it off the network).
     Ca {
@@ -492,9 +530,25 @@ fn main() -> ExitCode {
     }
 }
 
-/// The controller list, TLS settings and token from the global flags.
+/// The controller list, TLS settings and token: from the flags (or their environment
+/// variables), else from the context, else the defaults.
 fn target(cli: &Cli) -> Result<client::Target, Failure> {
-    let token = match (&cli.token, &cli.token_file) {
+    let from_context = match context::path() {
+        Some(path) => {
+            let config = context::Config::load(&path).map_err(Failure::Other)?;
+            config
+                .pick(cli.context.as_deref().unwrap_or(""))
+                .map_err(Failure::Invalid)?
+                .map(|(_, c)| c.clone())
+        }
+        None if cli.context.is_some() => {
+            return Err(Failure::Invalid("--context: no config file (set HOME or BATON_CONFIG)".into()));
+        }
+        None => None,
+    }
+    .unwrap_or_default();
+    let token_file = cli.token_file.clone().or(from_context.token_file);
+    let token = match (&cli.token, &token_file) {
         (Some(t), _) => Some(t.clone()),
         (None, Some(path)) => Some(
             std::fs::read_to_string(path)
@@ -505,12 +559,106 @@ fn target(cli: &Cli) -> Result<client::Target, Failure> {
         (None, None) => None,
     };
     let bearer = baton_common::connect::Bearer::new(token.as_deref()).map_err(Failure::Invalid)?;
-    let tls = baton_common::connect::ClientTls {
-        ca: cli.tls_ca.clone(),
-        cert: cli.tls_cert.clone(),
-        key: cli.tls_key.clone(),
+    // A client certificate is taken whole, from the flags or from the context.
+    let (cert, key) = match (&cli.tls_cert, &cli.tls_key) {
+        (Some(c), Some(k)) => (Some(c.clone()), Some(k.clone())),
+        _ => (from_context.tls_cert, from_context.tls_key),
     };
-    Ok(client::Target { urls: cli.controller.clone(), tls, bearer, reconnect_timeout: cli.reconnect_timeout })
+    let tls = baton_common::connect::ClientTls { ca: cli.tls_ca.clone().or(from_context.tls_ca), cert, key };
+    let urls = match (&cli.controller, from_context.controller) {
+        (Some(u), _) => u.clone(),
+        (None, u) if !u.is_empty() => u,
+        _ => "http://127.0.0.1:7070".to_string(),
+    };
+    Ok(client::Target { urls, tls, bearer, reconnect_timeout: cli.reconnect_timeout })
+}
+
+/// `baton context ...`: edits the config file.
+fn contexts(cli: &Cli, cmd: &ContextCommand) -> Result<u8, Failure> {
+    let path =
+        context::path().ok_or_else(|| Failure::Invalid("no config file: set HOME or BATON_CONFIG".into()))?;
+    let mut config = context::Config::load(&path)?;
+    let missing = |name: &str, config: &context::Config| {
+        Failure::Invalid(config.pick(name).err().unwrap_or_else(|| format!("no context named {name:?}")))
+    };
+    match cmd {
+        ContextCommand::Add { name, use_it } => {
+            if name.trim().is_empty() {
+                return Err(Failure::Invalid("a context needs a name".into()));
+            }
+            if cli.token.is_some() {
+                return Err(Failure::Invalid(
+                    "a context keeps a token file, not a token: give --token-file".into(),
+                ));
+            }
+            let controller = cli.controller.clone().ok_or_else(|| {
+                Failure::Invalid(format!("baton context add {name} needs --controller URL"))
+            })?;
+            if cli.tls_cert.is_some() != cli.tls_key.is_some() {
+                return Err(Failure::Invalid(
+                    "a client certificate needs both --tls-cert and --tls-key".into(),
+                ));
+            }
+            let c = context::Context {
+                controller,
+                tls_ca: context::absolute(cli.tls_ca.clone())?,
+                tls_cert: context::absolute(cli.tls_cert.clone())?,
+                tls_key: context::absolute(cli.tls_key.clone())?,
+                token_file: context::absolute(cli.token_file.clone())?,
+            };
+            let replaced = config.contexts.insert(name.clone(), c).is_some();
+            if *use_it || config.current.is_empty() {
+                config.current = name.clone();
+            }
+            config.save(&path)?;
+            let what = if replaced { "replaced" } else { "added" };
+            eprintln!("context {name} {what} in {}", path.display());
+            if config.current == *name {
+                eprintln!("context {name} is now in use");
+            }
+        }
+        ContextCommand::Use { name } => {
+            if !config.contexts.contains_key(name) {
+                return Err(missing(name, &config));
+            }
+            config.current = name.clone();
+            config.save(&path)?;
+            eprintln!("context {name} is now in use");
+        }
+        ContextCommand::Remove { name } => {
+            if config.contexts.remove(name).is_none() {
+                return Err(missing(name, &config));
+            }
+            if config.current == *name {
+                config.current.clear();
+            }
+            config.save(&path)?;
+            eprintln!("context {name} removed");
+        }
+        ContextCommand::List { out } => match out.format() {
+            Format::Text => {
+                let rows = config
+                    .contexts
+                    .iter()
+                    .map(|(name, c)| {
+                        let file = |p: &Option<PathBuf>| {
+                            p.as_ref().map_or("-".to_string(), |p| p.display().to_string())
+                        };
+                        vec![
+                            if *name == config.current { "*".to_string() } else { String::new() },
+                            name.clone(),
+                            c.controller.clone(),
+                            file(&c.tls_ca),
+                            file(&c.token_file),
+                        ]
+                    })
+                    .collect();
+                output::table(&["CURRENT", "NAME", "CONTROLLER", "CA", "TOKEN FILE"], rows);
+            }
+            f => output::print_json(f, &config),
+        },
+    }
+    Ok(0)
 }
 
 async fn run(cli: Cli) -> Result<u8, Failure> {
@@ -528,6 +676,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             return Ok(0);
         }
         Command::Man { dir } => return man_pages(dir),
+        Command::Context(cmd) => return contexts(&cli, cmd),
         _ => {}
     }
     let target = target(&cli)?;
@@ -558,7 +707,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             }
             Ok(0)
         }
-        Command::Certs(_) | Command::Completion { .. } | Command::Man { .. } => Ok(0),
+        Command::Certs(_) | Command::Completion { .. } | Command::Man { .. } | Command::Context(_) => Ok(0),
         Command::Runs(cmd) => runs(&target, cmd).await,
         Command::Tokens(cmd) => tokens(&target, cmd).await,
         Command::Secrets(cmd) => secrets(&target, cmd).await,

@@ -120,7 +120,8 @@ pub fn span(ms: i64) -> String {
     }
 }
 
-fn table(header: &[&str], rows: Vec<Vec<String>>) {
+/// Columns aligned to their widest cell; the last column is not padded.
+pub fn table(header: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
@@ -178,8 +179,57 @@ pub fn run(format: Format, run: &pb::Run) {
     out!("Created:    {}", time(ms(&run.created_at)));
     out!("Elapsed:    {}", span(dur(&p.elapsed)));
     out!("Progress:   {}/{} steps done ({:.0}%)", p.done, p.total, p.percent);
+    if !run.name.is_empty() {
+        out!("Name:       {}", run.name);
+    }
+    if !run.labels.is_empty() {
+        let mut labels: Vec<String> = run.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        out!("Labels:     {}", labels.join(", "));
+    }
+    // Secret params come masked from the controller.
+    let params = run.params.as_ref().map(proto::json_object).unwrap_or_default();
+    if !params.is_empty() {
+        out!("Params:");
+        for (k, v) in &params {
+            out!("  {k} = {}", scalar(v));
+        }
+    }
     out!();
     steps(&run.steps);
+    let outputs: Vec<(&str, serde_json::Value)> = run
+        .steps
+        .iter()
+        .filter_map(|s| s.result.as_ref().map(|r| (s.id.as_str(), proto::json(r))))
+        .filter(|(_, v)| !v.is_null())
+        .collect();
+    if !outputs.is_empty() {
+        out!();
+        out!("Outputs:");
+        for (step, v) in outputs {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, v) in m {
+                        out!("  {step}.{k} = {}", scalar(&v));
+                    }
+                }
+                v => out!("  {step} = {}", scalar(&v)),
+            }
+        }
+    }
+}
+
+/// A JSON value on one line: strings bare (cut at 200 characters), the rest as JSON.
+fn scalar(v: &serde_json::Value) -> String {
+    let text = match v {
+        serde_json::Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    let one_line = text.replace('\n', "\\n");
+    match one_line.char_indices().nth(200) {
+        Some((i, _)) => format!("{}…", &one_line[..i]),
+        None => one_line,
+    }
 }
 
 /// The per-step summary: state, attempts, duration and why it is where it is.

@@ -531,6 +531,23 @@ async fn a_spec_from_stdin_a_bare_address_and_yaml_output() {
     let chunk: serde_json::Value = serde_json::from_str(logs.stdout.lines().next().unwrap()).unwrap();
     assert_eq!(chunk["step_id"], "a");
 
+    // `runs show` shows the params, secret ones masked, and the steps' outputs.
+    let spec = "name: shown\nparams: {who: {}, key: {secret: true}}\nsteps:\n  - {id: a, tool: shell, with: {run: 'echo greeting=hello-$WHO >> $BATON_OUTPUT'}, env: {WHO: '${{ params.who }}'}}\n";
+    let out = baton_with(
+        &env,
+        &["submit", "-", "--watch", "--param", "who=ann", "--param", "key=hunter2-secret"],
+        spec,
+    )
+    .await;
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let runs = baton_with(&env, &["runs", "list", "-o", "json"], "").await;
+    let runs: serde_json::Value = serde_json::from_str(&runs.stdout).unwrap();
+    let show = baton_with(&env, &["runs", "show", runs[0]["id"].as_str().unwrap()], "").await;
+    assert!(show.stdout.contains("  who = ann\n"), "{}", show.stdout);
+    assert!(show.stdout.contains("  key = ***\n"), "{}", show.stdout);
+    assert!(!show.stdout.contains("hunter2"), "{}", show.stdout);
+    assert!(show.stdout.contains("Outputs:\n  a.greeting = hello-ann\n"), "{}", show.stdout);
+
     // A bad spec on stdin is named as such.
     let out = baton_with(&env, &["validate", "-"], "name: x\nsteps: []\n").await;
     assert_eq!(out.code, 2);
@@ -557,4 +574,81 @@ async fn completion_scripts_and_man_pages() {
     for name in ["baton.1", "baton-submit.1", "baton-runs-logs.1", "baton-tokens-create.1"] {
         assert!(dir.path().join(name).exists(), "{name}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contexts_name_controllers_and_flags_override_them() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml").display().to_string();
+    let env = [("BATON_CONFIG", config.as_str())];
+    let ok = |o: &Out| assert_eq!(o.code, 0, "{}{}", o.stdout, o.stderr);
+
+    let add = baton_with(&env, &["context", "add", "local", "--controller", &sb.url()], "").await;
+    ok(&add);
+    assert!(add.stderr.contains("context local is now in use"), "{}", add.stderr);
+    ok(&baton_with(&env, &["context", "add", "dead", "--controller", "http://127.0.0.1:9"], "").await);
+    let list = baton_with(&env, &["context", "list"], "").await;
+    ok(&list);
+    let lines: Vec<&str> = list.stdout.lines().collect();
+    assert!(lines[1].starts_with("         dead"), "{}", list.stdout);
+    assert!(lines[2].starts_with("*        local"), "{}", list.stdout);
+
+    // The current context is used; --context and --controller override it.
+    ok(&baton_with(&env, &["runs", "list"], "").await);
+    let dead = baton_with(&env, &["--context", "dead", "runs", "list"], "").await;
+    assert_eq!(dead.code, 1);
+    assert!(dead.stderr.contains("127.0.0.1:9"), "{}", dead.stderr);
+    ok(&baton_with(&env, &["--context", "dead", "--controller", &sb.url(), "runs", "list"], "").await);
+    ok(&baton_with(&env, &["context", "use", "dead"], "").await);
+    assert_eq!(baton_with(&env, &["runs", "list"], "").await.code, 1);
+
+    let none = baton_with(&env, &["--context", "prod", "runs", "list"], "").await;
+    assert_eq!(none.code, 2);
+    assert_eq!(none.stderr.trim(), "no context named \"prod\" (contexts: dead, local)");
+    let token = baton_with(&env, &["context", "add", "t", "--controller", "x:1", "--token", "abc"], "").await;
+    assert_eq!(token.code, 2);
+    assert!(token.stderr.contains("give --token-file"), "{}", token.stderr);
+    ok(&baton_with(&env, &["context", "remove", "dead"], "").await);
+    let json = baton_with(&env, &["context", "list", "-o", "json"], "").await;
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(v["current"], serde_json::Value::Null);
+    assert_eq!(v["contexts"]["local"]["controller"], sb.url());
+}
+
+/// Whatever names something that does not exist exits 2 with one line on stderr.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_that_is_not_there_exits_2_with_one_line() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let url = sb.url();
+    let id = baton(&url, &["submit", &example("hello.yaml"), "--watch"]).await;
+    assert_eq!(id.code, 0, "{}", id.stderr);
+    let run = baton(&url, &["runs", "list", "-o", "json"]).await;
+    let run: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let run = run[0]["id"].as_str().unwrap().to_string();
+    let nope = "0190aaaa-0000-7000-8000-000000000000";
+    let mut wrong = Vec::new();
+    for args in [
+        vec!["runs", "show", nope],
+        vec!["runs", "watch", nope],
+        vec!["runs", "logs", nope],
+        vec!["runs", "logs", nope, "-f"],
+        vec!["runs", "logs", &run, "nosuchstep"],
+        vec!["runs", "logs", &run, "fetch", "--attempt", "9"],
+        vec!["runs", "report", nope],
+        vec!["runs", "cancel", nope],
+        vec!["runs", "cancel", &run, "--step", "nosuchstep"],
+        vec!["runs", "release", nope],
+        vec!["agents", "drain", "nosuchagent"],
+        vec!["breakers", "reset", "nosuchtool"],
+    ] {
+        let out = baton(&url, &args).await;
+        let what = format!("baton {}: {} {}", args.join(" "), out.code, out.stderr);
+        let line = out.stderr.trim();
+        let says = line.contains("not found") || line.starts_with("no ") || line.contains(" no ");
+        if out.code != 2 || line.lines().count() != 1 || !says {
+            wrong.push(what);
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
 }

@@ -43,16 +43,19 @@ impl Model {
                     hello.agent_id, a.name, hello.name
                 )));
             }
-            if let Some(a) = self
-                .agents
-                .values()
-                .find(|a| a.name == hello.name && a.id != hello.agent_id && a.session.is_some())
-            {
-                return Err(EngineError::Denied(format!(
-                    "agent {:?} is connected already under id {}",
-                    hello.name, a.id
-                )));
-            }
+        }
+        // Names are how operators, routing rules and events tell agents apart: two
+        // connected at once under one name (two hosts given one --name, say) would be
+        // one agent to them. Authentication or not, the second is refused.
+        if let Some(a) = self
+            .agents
+            .values()
+            .find(|a| a.name == hello.name && a.id != hello.agent_id && a.session.is_some())
+        {
+            return Err(EngineError::Denied(format!(
+                "agent {:?} is connected already under id {}: give each agent its own --name",
+                hello.name, a.id
+            )));
         }
         let now = self.now();
         let lost_after = ms(self.cfg.lost_after);
@@ -632,6 +635,19 @@ mod tests {
 
     fn acks(sent: &[Down]) -> Vec<bool> {
         sent.iter().filter_map(|m| if let Down::Ack(a) = m { Some(a.accepted) } else { None }).collect()
+    }
+
+    #[test]
+    fn a_second_agent_under_a_connected_name_is_refused() {
+        let mut k = Kit::new(config());
+        k.connect("a", 1, 1);
+        let err = k.connect_as("a", "another-host", 2).unwrap_err();
+        assert!(err.contains("agent \"a\" is connected already under id a-id"), "{err}");
+        assert_eq!(k.snapshot().agents.len(), 1);
+        // Once the first has gone, the name is free again.
+        k.apply(Input::Disconnect { agent_id: "a-id".into(), session: 1 });
+        k.settle();
+        k.connect_as("a", "another-host", 2).unwrap();
     }
 
     #[test]

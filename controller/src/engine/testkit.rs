@@ -102,6 +102,25 @@ impl Kit {
         self.connect_running(name, session, slots, Vec::new());
     }
 
+    /// Connects an agent named `name` with id `agent_id`; the engine's answer.
+    pub fn connect_as(&mut self, name: &str, agent_id: &str, session: u64) -> Result<(), String> {
+        let hello = pb::Hello {
+            agent_id: agent_id.into(),
+            name: name.into(),
+            version: "test".into(),
+            tools: vec![pb::Tool { name: "shell".into(), version: "1".into() }],
+            slots: 1,
+            ..Default::default()
+        };
+        let reply = self.reply();
+        self.apply(Input::Connect { hello, session, binding: Binding::default(), reply });
+        self.settle();
+        match self.answers.remove(&reply) {
+            Some(Answer::Session(r)) => r.map(|_| ()).map_err(|e| e.to_string()),
+            other => panic!("connect answered {other:?}"),
+        }
+    }
+
     /// Connects (again), saying it runs `running`.
     pub fn connect_running(&mut self, name: &str, session: u64, slots: u32, running: Vec<pb::AttemptRef>) {
         let hello = pb::Hello {
