@@ -32,17 +32,16 @@ impl Model {
         if hello.slots == 0 {
             return Err(EngineError::Invalid("hello: slots must be at least 1".into()));
         }
-        if binding.strict {
-            if let Some(a) = self.agents.get(&hello.agent_id)
-                && !binding.id_proven
-                && !a.name.is_empty()
-                && a.name != hello.name
-            {
-                return Err(EngineError::Denied(format!(
-                    "agent id {} belongs to agent {:?}, not {:?}",
-                    hello.agent_id, a.name, hello.name
-                )));
-            }
+        if binding.strict
+            && let Some(a) = self.agents.get(&hello.agent_id)
+            && !binding.id_proven
+            && !a.name.is_empty()
+            && a.name != hello.name
+        {
+            return Err(EngineError::Denied(format!(
+                "agent id {} belongs to agent {:?}, not {:?}",
+                hello.agent_id, a.name, hello.name
+            )));
         }
         // Names are how operators, routing rules and events tell agents apart: two
         // connected at once under one name (two hosts given one --name, say) would be
