@@ -153,6 +153,7 @@ async fn run_to_end(c: &mut Client, spec: String) -> anyhow::Result<(Duration, S
             spec,
             source: "bench".into(),
             params: Default::default(),
+            request_id: uuid::Uuid::new_v4().to_string(),
             ..Default::default()
         })
         .await?
@@ -358,6 +359,7 @@ async fn b6(o: &Options) -> anyhow::Result<Row> {
         spec: spec("b6", shape, "noop"),
         source: "bench".into(),
         params: Default::default(),
+        request_id: uuid::Uuid::new_v4().to_string(),
         ..Default::default()
     })
     .await?;

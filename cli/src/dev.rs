@@ -87,12 +87,7 @@ async fn drive(
     agents: u32,
     format: Format,
 ) -> Result<u8, Failure> {
-    let target = client::Target {
-        urls: url.to_string(),
-        tls: Default::default(),
-        bearer: Default::default(),
-        reconnect_timeout: Duration::from_secs(60),
-    };
+    let target = client::Target::new(url);
     let mut c = client::connect(&target).await?;
     // Wait (briefly) for the agents so the first steps do not queue for nothing.
     for _ in 0..100 {
@@ -103,12 +98,11 @@ async fn drive(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let req = pb::SubmitRunRequest {
-        spec: text,
         source,
         params: Some(crate::client::params(params.into_iter().collect())),
-        ..Default::default()
+        ..client::submission(text)
     };
-    let run_id = c.submit_run(req).await?.into_inner().run_id;
+    let (mut c, run_id) = client::submit(&target, req).await?;
     if format == Format::Text {
         eprintln!("run {run_id} started on {agents} local agents");
     }

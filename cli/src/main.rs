@@ -21,7 +21,7 @@ macro_rules! out_raw {
     ($($arg:tt)*) => { $crate::output::write_out(format!($($arg)*).as_bytes()) };
 }
 
-mod client;
+pub(crate) use baton_client as client;
 mod context;
 mod dev;
 mod output;
@@ -503,7 +503,17 @@ impl From<tonic::Status> for Failure {
     fn from(s: tonic::Status) -> Self {
         match s.code() {
             tonic::Code::InvalidArgument | tonic::Code::NotFound => Failure::Invalid(s.message().to_string()),
-            _ => Failure::Other(client::status_error(s)),
+            _ => Failure::Other(anyhow::anyhow!(client::describe(&s))),
+        }
+    }
+}
+
+impl From<client::Error> for Failure {
+    fn from(e: client::Error) -> Self {
+        match e {
+            client::Error::Status(s) => s.into(),
+            client::Error::Config(msg) => Failure::Invalid(msg),
+            e => Failure::Other(e.into()),
         }
     }
 }

@@ -11,7 +11,7 @@ use baton_common::state::{RunState, StepState};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::Failure;
-use crate::client::{Client, Target};
+use crate::client::{self, Client, Target};
 use crate::output::{self, Format};
 
 /// Follows `run_id` from `from_seq` until the run ends. Exit code 0 when it succeeded.
@@ -26,63 +26,30 @@ pub async fn watch(
 ) -> Result<u8, Failure> {
     let run = get(c, run_id).await?;
     let mut view = View::new(format, &run);
-    let mut next = from_seq.max(1);
-    let mut down_since: Option<std::time::Instant> = None;
+    let mut events = client::Watch::new(target, run_id, from_seq);
     loop {
-        let req = pb::WatchRunRequest { run_id: run_id.to_string(), from_seq: next, ..Default::default() };
-        let result = match c.watch_run(req).await {
-            Ok(stream) => {
-                let mut stream = stream.into_inner();
-                loop {
-                    match stream.message().await {
-                        Ok(Some(ev)) => {
-                            down_since = None;
-                            next = ev.seq + 1;
-                            view.event(&ev);
-                            // A held run waits for an operator: stop watching, say how.
-                            // (An old quarantine, since released, is just history.)
-                            if ev.kind == "run_quarantined"
-                                && let run = get(c, run_id).await?
-                                && run.state == RunState::Quarantined.to_pb()
-                            {
-                                view.finish(&run);
-                                eprintln!(
-                                    "run {run_id} is quarantined: {}\nrelease it with `baton runs release {run_id}` or cancel it with `baton runs cancel {run_id}`",
-                                    ev.message
-                                );
-                                return Ok(3);
-                            }
-                        }
-                        Ok(None) => break Ok(()),
-                        Err(s) => break Err(s),
-                    }
+        match events.next(c).await {
+            Ok(Some(client::Watched::Event(ev))) => {
+                view.event(&ev);
+                // A held run waits for an operator: stop watching, say how. (An old
+                // quarantine, since released, is just history.)
+                if ev.kind == "run_quarantined"
+                    && let run = get(c, run_id).await?
+                    && run.state == RunState::Quarantined.to_pb()
+                {
+                    view.finish(&run);
+                    eprintln!(
+                        "run {run_id} is quarantined: {}\nrelease it with `baton runs release {run_id}` or cancel it with `baton runs cancel {run_id}`",
+                        ev.message
+                    );
+                    return Ok(3);
                 }
             }
-            Err(s) => Err(s),
-        };
-        match result {
-            Ok(()) => break,
-            Err(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
-                ) =>
-            {
-                let since = *down_since.get_or_insert_with(std::time::Instant::now);
-                if since.elapsed() > target.reconnect_timeout {
-                    view.clear();
-                    return Err(s.into());
-                }
-                view.note(&format!("lost the controller ({}); reconnecting", s.message()));
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                // The leader may have changed: find it again.
-                if let Ok(leader) = crate::client::connect(target).await {
-                    *c = leader;
-                }
-            }
-            Err(s) => {
+            Ok(Some(client::Watched::Reconnecting(note))) => view.note(&note),
+            Ok(None) => break,
+            Err(e) => {
                 view.clear();
-                return Err(s.into());
+                return Err(e.into());
             }
         }
     }

@@ -561,11 +561,12 @@ async fn completion_scripts_and_man_pages() {
         assert_eq!(out.code, 0, "{shell}: {}", out.stderr);
         assert!(out.stdout.contains("submit") && out.stdout.contains("runs"), "{shell}");
     }
+    let dir = tempfile::tempdir().unwrap();
     let bash = baton("http://127.0.0.1:9", &["completion", "bash"]).await;
-    let check = tokio::process::Command::new("bash").args(["-n", "-c", &bash.stdout]).output().await.unwrap();
+    let script = write(dir.path(), "baton.bash", &bash.stdout);
+    let check = tokio::process::Command::new("bash").args(["-n", &script]).output().await.unwrap();
     assert!(check.status.success(), "bash -n: {}", String::from_utf8_lossy(&check.stderr));
 
-    let dir = tempfile::tempdir().unwrap();
     let out = baton("http://127.0.0.1:9", &["man", dir.path().to_str().unwrap()]).await;
     assert_eq!(out.code, 0, "{}", out.stderr);
     let page = std::fs::read_to_string(dir.path().join("baton-runs-list.1")).unwrap();

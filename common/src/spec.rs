@@ -27,6 +27,11 @@ pub struct Workstream {
     /// The run fails when it is still going this long after it was submitted.
     #[serde(default)]
     pub deadline_ms: Option<u64>,
+    /// How long the controller keeps a finished run of this workstream (its steps,
+    /// attempts, events and output) before pruning it; `None`: the controller's
+    /// `--retain`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retain_ms: Option<u64>,
     /// Run parameters the spec declares, with their defaults (`None`: must be given).
     #[serde(default)]
     pub params: BTreeMap<String, Option<String>>,
@@ -156,6 +161,7 @@ struct RawWorkstream {
     defaults: RawDefaults,
     on_failure: Option<OnFailure>,
     deadline: Option<Value>,
+    retain: Option<Value>,
     params: Option<BTreeMap<String, Value>>,
     steps: Option<Vec<RawStep>>,
 }
@@ -482,6 +488,20 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
             }
         },
     };
+    let retain_ms = match &raw.retain {
+        None => None,
+        Some(v) => match duration_value(v) {
+            Ok(0) => {
+                c.push(None, "retain: must be longer than 0s".to_string());
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                c.push(None, format!("retain: {e}"));
+                None
+            }
+        },
+    };
 
     let mut secret_params = std::collections::BTreeSet::new();
     let params: Option<BTreeMap<String, Option<String>>> = raw.params.as_ref().map(|p| {
@@ -669,6 +689,7 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
             description: raw.description,
             on_failure: raw.on_failure.unwrap_or_default(),
             deadline_ms,
+            retain_ms,
             params: params.unwrap_or_default(),
             secret_params,
             steps,
@@ -1126,6 +1147,10 @@ steps:
         assert!(e.contains("unknown variant `explode`"), "{e}");
         let e = err("name: r\ndeadline: tomorrow\nsteps: [{id: a, tool: noop}]\n");
         assert!(e.contains("deadline: bad duration"), "{e}");
+        let e = err("name: r\nretain: 0s\nsteps: [{id: a, tool: noop}]\n");
+        assert!(e.contains("retain: must be longer than 0s"), "{e}");
+        let ws = parse("t.yaml", "name: r\nretain: 7d\nsteps: [{id: a, tool: noop}]\n").unwrap();
+        assert_eq!(ws.retain_ms, Some(7 * 86_400_000));
     }
 
     #[test]

@@ -592,6 +592,7 @@ pub async fn submit(c: &mut Client, spec: &str) -> String {
         spec: spec.to_string(),
         source: "test.yaml".into(),
         params: Default::default(),
+        request_id: uuid::Uuid::new_v4().to_string(),
         ..Default::default()
     })
     .await

@@ -86,6 +86,7 @@ impl Run {
             request_id: self.request_id.clone(),
             name: self.name.clone(),
             labels: self.labels_json.clone(),
+            retain_ms: self.spec.retain_ms.map(|ms| ms.min(i64::MAX as u64) as i64),
         }
     }
 

@@ -45,6 +45,14 @@ pub enum StoreError {
     Unauthenticated(String),
 }
 
+/// What [`Store::prune`] deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    pub runs: u64,
+    /// Rows of every table: runs, steps, attempts, events and output chunks.
+    pub rows: u64,
+}
+
 /// Proof of leadership for a write: the controller's id and its leader epoch. A commit
 /// with a fence that is no longer current writes nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -728,6 +736,113 @@ impl Store {
             counts.insert(r.try_get("state")?, r.try_get::<i64, _>("n")? as u32);
         }
         Ok(counts)
+    }
+
+    /// Deletes finished runs (succeeded, failed or canceled) whose retention has passed
+    /// by `now_ms`: their workstream's own (`retain:`), else `default_ms` (`None`: such
+    /// runs are kept). At most `limit` runs, oldest first, each in a transaction of its
+    /// own, so that the engine's commits wait behind one run's rows at most.
+    pub async fn prune(
+        &self,
+        now_ms: i64,
+        default_ms: Option<i64>,
+        limit: i64,
+    ) -> Result<Pruned, StoreError> {
+        // Without a default, `now - i64::MAX / 4` is before any run finished.
+        let default_ms = default_ms.unwrap_or(i64::MAX / 4);
+        let ids: Vec<String> = sqlx::query(
+            "SELECT id FROM runs WHERE finished_at IS NOT NULL \
+             AND state IN ('succeeded', 'failed', 'canceled') \
+             AND finished_at < $1 - COALESCE(retain_ms, $2) ORDER BY finished_at LIMIT $3",
+        )
+        .bind(now_ms)
+        .bind(default_ms)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| r.try_get::<String, _>("id"))
+        .collect::<Result<_, _>>()?;
+        let mut pruned = Pruned::default();
+        for id in ids {
+            pruned.rows += self.delete_finished_run(&id).await?;
+            pruned.runs += 1;
+        }
+        Ok(pruned)
+    }
+
+    /// Deletes a finished run with its steps, attempts, events and output; the number of
+    /// rows deleted. A run that is not finished is refused (cancel it first).
+    pub async fn delete_finished_run(&self, run_id: &str) -> Result<u64, StoreError> {
+        use sqlx::Connection;
+        let mut conn = self.pool.acquire().await?;
+        let result = async {
+            let mut tx = match self.backend {
+                Backend::Sqlite => conn.begin_with("BEGIN IMMEDIATE").await?,
+                Backend::Postgres => conn.begin().await?,
+            };
+            let state: Option<String> = sqlx::query("SELECT state FROM runs WHERE id = $1")
+                .bind(run_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(|r| r.try_get("state"))
+                .transpose()?;
+            match state.as_deref() {
+                None => return Err(StoreError::RunNotFound(run_id.to_string())),
+                Some("succeeded" | "failed" | "canceled") => {}
+                Some(other) => {
+                    return Err(StoreError::Conflict(format!(
+                        "run {run_id} is {other}: only finished runs are deleted (cancel it first)"
+                    )));
+                }
+            }
+            let mut rows = 0;
+            for sql in [
+                "DELETE FROM attempt_output WHERE attempt_id IN (SELECT id FROM step_attempts WHERE run_id = $1)",
+                "DELETE FROM run_events WHERE run_id = $1",
+                "DELETE FROM step_attempts WHERE run_id = $1",
+                "DELETE FROM steps WHERE run_id = $1",
+                "DELETE FROM runs WHERE id = $1",
+            ] {
+                rows += sqlx::query(sql).bind(run_id).execute(&mut *tx).await?.rows_affected();
+            }
+            tx.commit().await?;
+            Ok(rows)
+        }
+        .await;
+        if matches!(result, Err(StoreError::Db(_))) {
+            let _ = conn.close().await;
+        }
+        result
+    }
+
+    /// The database's size in bytes (SQLite: its pages, the WAL apart).
+    pub async fn size_bytes(&self) -> Result<i64, StoreError> {
+        let sql = match self.backend {
+            Backend::Sqlite => {
+                "SELECT page_count * page_size AS n FROM pragma_page_count(), pragma_page_size()"
+            }
+            Backend::Postgres => "SELECT pg_database_size(current_database())::BIGINT AS n",
+        };
+        Ok(sqlx::query(sql).fetch_one(&self.pool).await?.try_get::<i64, _>("n")?)
+    }
+
+    /// Writes a consistent copy of a SQLite database to `path` while it is in use
+    /// (`VACUUM INTO`): a file that opens as a Baton database of its own. Postgres has
+    /// its own tools (pg_dump); this refuses it.
+    pub async fn backup(&self, path: &std::path::Path) -> Result<(), StoreError> {
+        if self.backend != Backend::Sqlite {
+            return Err(StoreError::Conflict(
+                "backup copies SQLite databases; back up PostgreSQL with pg_dump (see the README)".into(),
+            ));
+        }
+        if path.exists() {
+            return Err(StoreError::Conflict(format!("{} exists already; give a new file", path.display())));
+        }
+        let target =
+            path.to_str().ok_or_else(|| StoreError::Conflict("the backup path is not UTF-8".into()))?;
+        sqlx::query("VACUUM INTO $1").bind(target).execute(&self.pool).await?;
+        Ok(())
     }
 
     /// Whether the database answers.

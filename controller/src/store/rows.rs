@@ -134,6 +134,8 @@ record! {
         /// The display name given at submit.
         pub name: String,
         pub labels: String,
+        /// The workstream's own retention (`retain:`); NULL for the controller's.
+        pub retain_ms: Option<i64>,
     }
 }
 

@@ -66,6 +66,7 @@ on_both!(
     run_ids_resolve_by_unique_prefix,
     output_chunks_and_estimates,
     leadership_is_exclusive_and_fences_commits,
+    finished_runs_are_pruned_by_their_retention_with_all_their_rows,
 );
 
 fn run_row(id: &str, state: &str, created_at: i64) -> RunRow {
@@ -82,6 +83,7 @@ fn run_row(id: &str, state: &str, created_at: i64) -> RunRow {
         request_id: String::new(),
         name: String::new(),
         labels: "{}".into(),
+        retain_ms: None,
     }
 }
 
@@ -301,6 +303,65 @@ async fn output_chunks_and_estimates(store: &Store) {
     store.ping().await.unwrap();
 }
 
+/// A finished run with a step, an attempt, an event and output: 5 rows.
+async fn finished_run(
+    store: &Store,
+    id: &str,
+    state: &str,
+    finished_at: Option<i64>,
+    retain_ms: Option<i64>,
+) {
+    let mut batch = Batch::default();
+    let mut run = run_row(id, state, 1);
+    (run.finished_at, run.retain_ms) = (finished_at, retain_ms);
+    batch.new_runs.push(run);
+    batch.steps.push(step_row(id, "a", 0, "succeeded"));
+    batch.attempts.push(AttemptRow {
+        id: format!("{id}-att"),
+        run_id: id.into(),
+        step_id: "a".into(),
+        number: 1,
+        state: "succeeded".into(),
+        ..Default::default()
+    });
+    batch.events.push(event(id, 1, "run_submitted"));
+    store.commit(&batch, None).await.unwrap();
+    let out = OutputRow { attempt_id: format!("{id}-att"), seq: 1, data: b"out".to_vec() };
+    store.write_output(&[out]).await.unwrap();
+}
+
+async fn finished_runs_are_pruned_by_their_retention_with_all_their_rows(store: &Store) {
+    let old = "0a1b2c3d-0000-4000-8000-0000000000a1";
+    let own = "0a1b2c3d-0000-4000-8000-0000000000a2";
+    let recent = "0a1b2c3d-0000-4000-8000-0000000000a3";
+    let active = "0a1b2c3d-0000-4000-8000-0000000000a4";
+    finished_run(store, old, "failed", Some(1_000), None).await;
+    finished_run(store, own, "succeeded", Some(9_000), Some(500)).await;
+    finished_run(store, recent, "canceled", Some(9_000), None).await;
+    finished_run(store, active, "quarantined", None, Some(1)).await;
+    let now = 10_000;
+    // Without a default, only the run with a retention of its own goes.
+    assert_eq!(store.prune(now, None, 100).await.unwrap(), Pruned { runs: 1, rows: 5 });
+    assert!(matches!(store.get_run(own).await, Err(StoreError::RunNotFound(_))));
+    assert!(store.output(&format!("{own}-att"), 1).await.unwrap().is_empty());
+    // With one, runs finished before it, in bounded batches; the rest stay.
+    assert_eq!(store.prune(now, Some(5_000), 100).await.unwrap(), Pruned { runs: 1, rows: 5 });
+    assert!(matches!(store.get_run(old).await, Err(StoreError::RunNotFound(_))));
+    assert!(store.events(old, 1, 10).await.unwrap().is_empty());
+    for id in [recent, active] {
+        assert_eq!(store.get_run(id).await.unwrap().steps.len(), 1);
+    }
+    assert_eq!(store.prune(now, Some(5_000), 100).await.unwrap(), Pruned::default());
+    assert_eq!(store.prune(20_000, Some(5_000), 0).await.unwrap(), Pruned::default());
+
+    // Deleting by hand: finished runs only.
+    let err = store.delete_finished_run(active).await.unwrap_err();
+    assert!(err.to_string().contains("is quarantined: only finished runs are deleted"), "{err}");
+    assert_eq!(store.delete_finished_run(recent).await.unwrap(), 5);
+    assert!(matches!(store.delete_finished_run(recent).await, Err(StoreError::RunNotFound(_))));
+    assert!(store.size_bytes().await.unwrap() > 0);
+}
+
 async fn leadership_is_exclusive_and_fences_commits(store: &Store) {
     let e1 = store.acquire_lead("c1", "http://one", 60_000).await.unwrap().expect("free lead");
     assert_eq!(store.acquire_lead("c2", "http://two", 60_000).await.unwrap(), None, "one leader at a time");
@@ -338,6 +399,21 @@ async fn bad_urls_are_refused_and_postgres_urls_are_redacted_in_logs() {
 
 /// A database written before steps and events were stored clustered keeps its runs,
 /// steps and events through the migration that rebuilds those tables.
+#[tokio::test]
+async fn a_sqlite_backup_is_a_database_of_its_own() {
+    let t = sqlite_store().await;
+    let id = "0a1b2c3d-0000-4000-8000-0000000000b1";
+    finished_run(&t.store, id, "succeeded", Some(1), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("backup.db");
+    t.store.backup(&copy).await.unwrap();
+    let err = t.store.backup(&copy).await.unwrap_err();
+    assert!(err.to_string().contains("exists already"), "{err}");
+    let restored = Store::open(&format!("sqlite://{}", copy.display())).await.unwrap();
+    assert_eq!(restored.get_run(id).await.unwrap().attempts.len(), 1);
+    assert_eq!(restored.output(&format!("{id}-att"), 1).await.unwrap().len(), 1);
+}
+
 #[tokio::test]
 async fn sqlite_runs_survive_the_migration_to_clustered_tables() {
     let dir = tempfile::tempdir().unwrap();
