@@ -102,6 +102,10 @@ pub enum AgentError {
     Refused(String),
 }
 
+/// How long a stopping agent waits for the controller to acknowledge the results of
+/// the attempts it stopped.
+const SHUTDOWN_ACKS: Duration = Duration::from_secs(5);
+
 /// Why the agent stopped a tool; decides the reported outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum StopReason {
@@ -474,7 +478,7 @@ impl Agent {
                 }
                 SessionEnd::Refused(why) => {
                     error!(controller = %url, %why, "the controller refuses this agent; stopping its tools");
-                    self.stop_all(StopReason::Shutdown).await;
+                    self.stop_all(StopReason::Shutdown, None).await;
                     let hint = if self.bearer.is_set() {
                         format!(
                             "if it was revoked or its credential lost: remove {} and enroll again with a new join token",
@@ -509,7 +513,7 @@ impl Agent {
                     .unwrap_or(wake);
                 tokio::select! {
                     _ = shutdown.cancelled() => {
-                        self.stop_all(StopReason::Shutdown).await;
+                        self.stop_all(StopReason::Shutdown, None).await;
                         return Ok(());
                     }
                     _ = tokio::time::sleep_until(wake.min(stop_check)) => {
@@ -523,7 +527,7 @@ impl Agent {
                 }
             }
         }
-        self.stop_all(StopReason::Shutdown).await;
+        self.stop_all(StopReason::Shutdown, None).await;
         Ok(())
     }
 
@@ -634,10 +638,26 @@ impl Agent {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
-                    self.stop_all(StopReason::Shutdown).await;
-                    // Last results go out before the stream closes, best effort.
+                    // The stopped attempts are reported, and their acks awaited (for a
+                    // few seconds), so that the controller does not show them running
+                    // until the agent's lease runs out: it retries them at once.
+                    self.stop_all(StopReason::Shutdown, Some(&out_tx)).await;
                     while let Ok(ev) = self.events_rx.try_recv() {
                         self.on_event(ev, Some(&out_tx));
+                    }
+                    let deadline = tokio::time::Instant::now() + SHUTDOWN_ACKS;
+                    while !self.unacked.is_empty() {
+                        match tokio::time::timeout_at(deadline, inbound.message()).await {
+                            Ok(Ok(Some(pb::ControllerMessage { msg: Some(m @ In::Ack(_)) }))) => {
+                                let _ = self.on_controller(m, &out_tx);
+                            }
+                            // Nothing new is taken on while stopping.
+                            Ok(Ok(Some(_))) => {}
+                            _ => break,
+                        }
+                    }
+                    if !self.unacked.is_empty() {
+                        warn!(unacked = self.unacked.len(), "stopping before the controller acknowledged every result");
                     }
                     return SessionEnd::Shutdown;
                 }
@@ -1022,8 +1042,9 @@ impl Agent {
         }
     }
 
-    /// Stops every running tool and waits (bounded) for them to end.
-    async fn stop_all(&mut self, why: StopReason) {
+    /// Stops every running tool and waits (bounded) for them to end; their results go
+    /// to `out` when connected.
+    async fn stop_all(&mut self, why: StopReason, out: Option<&mpsc::Sender<pb::AgentMessage>>) {
         for q in std::mem::take(&mut self.queued) {
             self.never_started(q, &format!("stopped before it started: {why:?}").to_lowercase());
         }
@@ -1037,7 +1058,7 @@ impl Agent {
         while !self.running.is_empty() {
             match tokio::time::timeout_at(deadline, self.events_rx.recv()).await {
                 Ok(Some(ev)) => {
-                    self.on_event(ev, None);
+                    self.on_event(ev, out);
                 }
                 _ => break,
             }

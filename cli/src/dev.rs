@@ -48,6 +48,7 @@ pub async fn run(
         auth: baton_controller::auth::AuthMode::Off,
         tls: None,
         secrets_key: None,
+        retention: Default::default(),
         db: format!("sqlite://{}", db_path.display()),
         engine: baton_controller::EngineConfig {
             heartbeat_interval: Duration::from_millis(500),

@@ -248,6 +248,14 @@ enum RunsCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Delete a finished run with its steps, attempts, events and output (finished runs
+    /// are also pruned by the controller's --retain and a workstream's retain:).
+    Delete {
+        /// The run's id.
+        run: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
     /// Resume a quarantined run; its failed steps get a fresh retry budget.
     Release {
         /// The run's id.
@@ -1051,6 +1059,13 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
                     eprintln!("report written to {}", path.display());
                 }
                 None => out_raw!("{}", r.content),
+            }
+        }
+        RunsCommand::Delete { run, out } => {
+            let resp = c.delete_run(pb::DeleteRunRequest { run_id: run }).await?.into_inner();
+            match out.format() {
+                Format::Text => out!("run {} deleted ({} rows)", resp.run_id, resp.rows),
+                f => output::print_json(f, &resp),
             }
         }
         RunsCommand::Release { run, out } => {

@@ -653,3 +653,78 @@ async fn everything_that_is_not_there_exits_2_with_one_line() {
     }
     assert!(wrong.is_empty(), "{wrong:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_runs_are_pruned_by_retention_and_deleted_by_hand() {
+    let retention = baton_controller::Retention {
+        keep: Some(Duration::from_secs(3600)),
+        every: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let sb = Sandbox::builder().agents(1).retention(retention).build().await;
+    let url = sb.url();
+    let dir = tempfile::tempdir().unwrap();
+    let short = write(
+        dir.path(),
+        "short.yaml",
+        "name: short\nretain: 1ms\nsteps:\n  - {id: a, tool: shell, with: {run: 'echo gone'}}\n",
+    );
+    let kept = write(dir.path(), "kept.yaml", "name: kept\nsteps:\n  - {id: a, tool: noop}\n");
+    let submit = |f: String| {
+        let url = url.clone();
+        async move {
+            let out = baton(&url, &["submit", &f, "-o", "json"]).await;
+            let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+            v["run_id"].as_str().unwrap().to_string()
+        }
+    };
+    let (short_id, kept_id) = (submit(short).await, submit(kept).await);
+    assert_eq!(baton(&url, &["runs", "watch", &kept_id]).await.code, 0);
+    // The run whose workstream keeps it 1ms goes; the one under the controller's hour stays.
+    eventually(Duration::from_secs(20), "the short-lived run to be pruned", || async {
+        (baton(&url, &["runs", "show", &short_id]).await.code == 2).then_some(())
+    })
+    .await;
+    let logs = baton(&url, &["runs", "logs", &short_id]).await;
+    assert_eq!(logs.code, 2, "{}", logs.stderr);
+    assert_eq!(baton(&url, &["runs", "show", &kept_id]).await.code, 0);
+    let (_, metrics) = http_get(sb.metrics_addr, "/metrics").await;
+    assert!(metrics.contains("baton_pruned_runs_total 1"), "{metrics}");
+    assert!(metrics.contains("baton_database_bytes "), "{metrics}");
+
+    // By hand: a running run is refused, a finished one goes.
+    let long = write(
+        dir.path(),
+        "long.yaml",
+        "name: long\nsteps:\n  - {id: a, tool: sleep, with: {duration: 60s}}\n",
+    );
+    let running = baton(&url, &["submit", &long]).await.stdout.trim().to_string();
+    let refused = baton(&url, &["runs", "delete", &running]).await;
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("only finished runs are deleted (cancel it first)"),
+        "{}",
+        refused.stderr
+    );
+    // A backup of the live database opens as one of its own, with the run in it.
+    let copy = dir.path().join("backup.db");
+    let backup = std::process::Command::new(binary("baton-controller"))
+        .args(["backup", copy.to_str().unwrap(), "--db", &sb.db])
+        .output()
+        .unwrap();
+    assert!(backup.status.success(), "{}", String::from_utf8_lossy(&backup.stderr));
+    let restored =
+        baton_controller::store::Store::open(&format!("sqlite://{}", copy.display())).await.unwrap();
+    assert_eq!(restored.get_run(&kept_id).await.unwrap().run.workstream, "kept");
+    let again = std::process::Command::new(binary("baton-controller"))
+        .args(["backup", copy.to_str().unwrap(), "--db", &sb.db])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
+
+    let deleted = baton(&url, &["runs", "delete", &kept_id]).await;
+    assert_eq!(deleted.code, 0, "{}", deleted.stderr);
+    assert!(deleted.stdout.starts_with(&format!("run {kept_id} deleted (")), "{}", deleted.stdout);
+    assert_eq!(baton(&url, &["runs", "show", &kept_id]).await.code, 2);
+}

@@ -19,7 +19,7 @@ use baton_common::pb;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 pub use engine::EngineConfig;
 
@@ -47,6 +47,26 @@ pub struct Config {
     /// The key that seals secrets (created when missing). Default with SQLite: beside
     /// the database file; with Postgres there is none and secrets are refused.
     pub secrets_key: Option<std::path::PathBuf>,
+    /// How long finished runs are kept, and how often the leader prunes them.
+    pub retention: Retention,
+}
+
+/// Pruning of finished runs (see [`store::Store::prune`]).
+#[derive(Debug, Clone)]
+pub struct Retention {
+    /// How long a finished run is kept when its workstream does not say (`retain:`);
+    /// `None`: kept until deleted.
+    pub keep: Option<Duration>,
+    /// How often the leader looks for runs to prune.
+    pub every: Duration,
+    /// Runs deleted per pass at most (each in its own transaction).
+    pub batch: u32,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention { keep: None, every: Duration::from_secs(60), batch: 500 }
+    }
 }
 
 impl Config {
@@ -63,6 +83,7 @@ impl Config {
             auth: auth::AuthMode::Off,
             tls: None,
             secrets_key: None,
+            retention: Retention::default(),
         }
     }
 }
@@ -150,6 +171,13 @@ pub async fn run(
         ),
         store::Backend::Postgres => None,
     };
+    tasks.spawn(prune(
+        config.retention.clone(),
+        leadership.clone(),
+        store.clone(),
+        metrics.clone(),
+        stop.clone(),
+    ));
     let authenticator = auth::Authenticator::new(config.auth, store.clone());
     if let Some(listener) = config.metrics {
         let listener =
@@ -307,6 +335,39 @@ impl Reload {
     }
 }
 
+/// While this controller leads, deletes finished runs past their retention every
+/// `every`, in passes of at most `batch` runs; the engine's own commits go on between
+/// the runs of a pass.
+async fn prune(
+    retention: Retention,
+    leadership: leader::Leadership,
+    store: store::Store,
+    metrics: std::sync::Arc<metrics::Metrics>,
+    stop: CancellationToken,
+) {
+    let keep = retention.keep.map(|d| baton_common::time::ms(d) as i64);
+    let mut tick = tokio::time::interval(retention.every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if !matches!(leadership.role(), leader::Role::Leader { .. }) {
+            continue;
+        }
+        match store.prune(baton_common::time::now_ms(), keep, i64::from(retention.batch)).await {
+            Ok(p) if p.runs > 0 => {
+                metrics.pruned_runs.add(&[], p.runs as f64);
+                metrics.pruned_rows.add(&[], p.rows as f64);
+                info!(runs = p.runs, rows = p.rows, "finished runs past their retention pruned");
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "pruning finished runs failed; trying again later"),
+        }
+    }
+}
+
 /// Renders the metrics, reading gauges from the engine and the store first.
 fn render_metrics(
     m: std::sync::Arc<metrics::Metrics>,
@@ -330,6 +391,9 @@ fn render_metrics(
             }
             if let Ok(runs) = store.run_counts().await {
                 m.runs.set_all(gauge(runs.into_iter().collect()));
+            }
+            if let Ok(bytes) = store.size_bytes().await {
+                m.database_bytes.set(&[], bytes as f64);
             }
             m.render()
         })

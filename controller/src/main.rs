@@ -94,6 +94,14 @@ struct Args {
     /// Output kept per attempt (bytes); the rest is cut with a marker.
     #[arg(long, env = "BATON_MAX_OUTPUT", default_value_t = 8 * 1024 * 1024)]
     max_output: u64,
+    /// Keep finished runs this long (e.g. 30d), then delete them with their steps,
+    /// attempts, events and output; a workstream's `retain:` overrides it. Default:
+    /// keep them until `baton runs delete`.
+    #[arg(long, env = "BATON_RETAIN", value_parser = duration)]
+    retain: Option<Duration>,
+    /// How often the leader looks for finished runs past their retention.
+    #[arg(long, env = "BATON_PRUNE_EVERY", default_value = "1m", value_parser = duration)]
+    prune_every: Duration,
     /// Log format: text or json. RUST_LOG sets the filter (default info).
     #[arg(long, env = "BATON_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -108,6 +116,13 @@ enum Command {
         #[arg(long, default_value = "bootstrap")]
         name: String,
     },
+    /// Write a consistent copy of the SQLite database to FILE while the controller
+    /// runs (`VACUUM INTO`); start a controller on the copy to restore it. Keep the
+    /// secrets key (DB.secrets-key) with it. For PostgreSQL use pg_dump.
+    Backup {
+        /// The file to write; it must not exist.
+        file: std::path::PathBuf,
+    },
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -121,8 +136,10 @@ fn main() -> std::process::ExitCode {
 #[tokio::main]
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Some(Command::Bootstrap { name }) = &args.command {
-        return bootstrap(&args.db, name).await;
+    match &args.command {
+        Some(Command::Bootstrap { name }) => return bootstrap(&args.db, name).await,
+        Some(Command::Backup { file }) => return backup(&args.db, file).await,
+        None => {}
     }
     let auth_flag = if args.auth == "required" { AuthFlag::Required } else { AuthFlag::Auto };
     let tls = args.tls_cert.clone().zip(args.tls_key.clone()).map(|(cert, key)| {
@@ -170,6 +187,11 @@ async fn run() -> anyhow::Result<()> {
         auth,
         tls,
         secrets_key: args.secrets_key,
+        retention: baton_controller::Retention {
+            keep: args.retain,
+            every: args.prune_every,
+            ..Default::default()
+        },
         metrics: match args.metrics_listen {
             None => None,
             Some(addr) => {
@@ -183,6 +205,22 @@ async fn run() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     baton_common::process::cancel_on_signal(shutdown.clone());
     baton_controller::run(listener, config, shutdown).await?;
+    Ok(())
+}
+
+/// `baton-controller backup FILE`.
+async fn backup(db: &str, file: &std::path::Path) -> anyhow::Result<()> {
+    let store = baton_controller::store::Store::open(db).await?;
+    let result = store.backup(file).await;
+    store.close().await;
+    result?;
+    let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    eprintln!("{} written ({size} bytes): a copy of {}", file.display(), baton_controller::redact(db));
+    if let Some(key) = db.strip_prefix("sqlite://").map(|p| format!("{p}.secrets-key"))
+        && std::path::Path::new(&key).exists()
+    {
+        eprintln!("keep the secrets key {key} with it: sealed secrets cannot be read without it");
+    }
     Ok(())
 }
 

@@ -18,6 +18,9 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     pub commit_batch: Histogram,
     pub events: Family,
+    pub pruned_runs: Family,
+    pub pruned_rows: Family,
+    pub database_bytes: Family,
 }
 
 impl Metrics {
@@ -76,6 +79,21 @@ impl Metrics {
                 COUNTS,
             ),
             events: Family::counter("baton_run_events_total", "Run events committed.", &[]),
+            pruned_runs: Family::counter(
+                "baton_pruned_runs_total",
+                "Finished runs deleted because their retention passed.",
+                &[],
+            ),
+            pruned_rows: Family::counter(
+                "baton_pruned_rows_total",
+                "Rows (runs, steps, attempts, events, output chunks) deleted with pruned runs.",
+                &[],
+            ),
+            database_bytes: Family::gauge(
+                "baton_database_bytes",
+                "Size of the database (SQLite: its file without the WAL).",
+                &[],
+            ),
         })
     }
 
@@ -91,6 +109,9 @@ impl Metrics {
             &self.fenced,
             &self.invariant_violations,
             &self.events,
+            &self.pruned_runs,
+            &self.pruned_rows,
+            &self.database_bytes,
         ] {
             f.render(&mut out);
         }

@@ -212,6 +212,7 @@ pub struct SandboxBuilder {
     backend: Backend,
     auth: AuthMode,
     tls: bool,
+    retention: baton_controller::Retention,
 }
 
 impl SandboxBuilder {
@@ -256,6 +257,12 @@ impl SandboxBuilder {
         self
     }
 
+    /// How the controller prunes finished runs.
+    pub fn retention(mut self, r: baton_controller::Retention) -> Self {
+        self.retention = r;
+        self
+    }
+
     /// Starts an in-process controller and the agents, and waits until all agents are
     /// connected.
     pub async fn build(self) -> Sandbox {
@@ -292,6 +299,7 @@ impl SandboxBuilder {
             router,
             metrics_addr,
             engine: self.engine,
+            retention: self.retention,
             auth: self.auth,
             admin_token: admin,
             certs,
@@ -324,6 +332,7 @@ pub struct Sandbox {
     pub db: String,
     _test_db: TestDb,
     pub engine: baton_controller::EngineConfig,
+    pub retention: baton_controller::Retention,
     /// The router config file, when the sandbox has one (rewrite it, then reload).
     pub router: Option<PathBuf>,
     /// Where the controller serves /metrics, /healthz and /readyz.
@@ -351,6 +360,7 @@ impl Sandbox {
             backend: Backend::Sqlite,
             auth: AuthMode::Off,
             tls: false,
+            retention: Default::default(),
         }
     }
 
@@ -382,6 +392,7 @@ impl Sandbox {
                 client_ca: Some(c.join("ca.pem")),
             }),
             secrets_key: Some(self.dir.path().join("secrets.key")),
+            retention: self.retention.clone(),
         };
         let s = stop.clone();
         let task = tokio::spawn(async move {
@@ -853,6 +864,20 @@ impl tonic::codec::Decoder for RawCodec {
 }
 
 /// A free loopback port (bound, then released) for processes that need a fixed address.
+/// GET over plain HTTP: (status, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    let status = raw.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
 pub fn free_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr")

@@ -628,7 +628,45 @@ async fn steps_without_an_eligible_agent_wait_and_say_why(backend: Backend) {
     assert_eq!(run.state_name(), "running");
 }
 
+/// An agent that is stopped (SIGTERM, Ctrl-C) reports the attempts it stopped before it
+/// exits: the controller retries them at once instead of showing them running until the
+/// agent's lease runs out.
+async fn a_stopped_agent_reports_what_it_stopped_and_its_step_runs_elsewhere(backend: Backend) {
+    let engine = baton_controller::EngineConfig {
+        lost_after: Duration::from_secs(600),
+        failover_grace: Duration::from_secs(601),
+        ..fast_engine()
+    };
+    let mut sb = Sandbox::builder().backend(backend).engine(engine).agents(0).build().await;
+    sb.add_agent("leaving", 1);
+    sb.wait_agents(1).await;
+    let mut c = sb.client().await;
+    let dir = sb.dir.path().display().to_string();
+    let id = sb
+        .submit(&format!(
+            "name: w\nsteps:\n  - {{id: s, tool: shell, with: {{run: 'if [ -e {dir}/second ]; then exit 0; fi; touch {dir}/second; sleep 60'}}}}\n"
+        ))
+        .await;
+    let marker = sb.dir.path().join("second");
+    eventually(Duration::from_secs(10), "the first attempt to run", || async {
+        marker.exists().then_some(())
+    })
+    .await;
+    sb.stop_agent("leaving").await;
+    // Reported before the agent went: no lease had to run out (it is 10 minutes here).
+    let run = get_run(&mut c, &id).await;
+    let s = step(&run, "s");
+    assert_eq!(s.attempts[0].state_name(), "lost", "{:#?}", s.attempts);
+    assert!(s.attempts[0].error.contains("shutdown"), "{:#?}", s.attempts[0]);
+    assert_eq!(s.state_name(), "ready");
+    sb.add_agent("staying", 1);
+    let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
+    assert_eq!(run.state_name(), "succeeded");
+    assert_eq!(step(&run, "s").attempts[1].agent_name, "staying");
+}
+
 on_both!(
+    a_stopped_agent_reports_what_it_stopped_and_its_step_runs_elsewhere,
     retries_back_off_exponentially_then_succeed,
     fail_fast_codes_retry_on_and_budgets_end_retries,
     a_pending_retry_survives_a_controller_restart_and_fires_on_time,

@@ -357,6 +357,11 @@ class Run:
         req = pb.CancelRunRequest(run_id=self.id, reason=reason, step_id=step or "")
         return self._client._call("CancelRun", req).state
 
+    def delete(self) -> int:
+        """Deletes the run, finished, with its steps, attempts, events and output;
+        returns the number of rows deleted."""
+        return self._client._call("DeleteRun", pb.DeleteRunRequest(run_id=self.id)).rows
+
     def release(self) -> int:
         """Resumes a quarantined run; returns its state after it."""
         return self._client._call("ReleaseRun", pb.ReleaseRunRequest(run_id=self.id)).state

@@ -166,6 +166,9 @@ def test_follow_logs_and_cancel(cluster):
     assert run.cancel("enough") == pb.RUN_STATE_CANCELED
     assert list(chunks) == []
     assert run.state == "canceled"
+    assert run.delete() > 0
+    with pytest.raises(baton_client.NotFound):
+        run.get()
 
 
 def test_watch_resumes_across_a_controller_restart(cluster):

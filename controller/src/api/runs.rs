@@ -214,6 +214,20 @@ impl pb::baton_service_server::BatonService for RunApi {
         Ok(Response::new(pb::ReleaseRunResponse { run_id: id, state: state.to_pb() }))
     }
 
+    async fn delete_run(
+        &self,
+        req: Request<pb::DeleteRunRequest>,
+    ) -> Result<Response<pb::DeleteRunResponse>, Status> {
+        let actor = Identity::of(&req).actor();
+        let id = self.store.resolve_run_id(&req.into_inner().run_id).await?;
+        // Only the leader changes the database; finished runs are no longer in its
+        // engine's memory, so the store alone holds what is deleted.
+        self.writer()?;
+        let rows = self.store.delete_finished_run(&id).await?;
+        tracing::info!(run_id = %id, rows, by = %actor, "run deleted");
+        Ok(Response::new(pb::DeleteRunResponse { run_id: id, rows }))
+    }
+
     async fn list_breakers(
         &self,
         _req: Request<pb::ListBreakersRequest>,

@@ -70,7 +70,7 @@ impl Model {
         agent.slots = hello.slots;
         set_agent(&mut self.pending, agent, AgentState::Connected);
         // A replaced session's stream ends.
-        if let Some(old) = agent.session.replace(Session { id: session_id }) {
+        if let Some(old) = agent.session.replace(Session { id: session_id, stopping: false }) {
             self.now_effects.push(Effect::Close { session: old.id });
         }
         agent.connected_at = now;
@@ -174,7 +174,20 @@ impl Model {
                     self.reject(agent_id, &r, "output");
                 }
             }
-            pb::agent_message::Msg::Finished(f) => self.finished(agent_id, f),
+            pb::agent_message::Msg::Finished(f) => {
+                // An attempt the agent stopped on its own while connected (it shuts
+                // down): whatever it was sent now would be stopped too. (Cancels the
+                // controller asked for have closed their attempts already.)
+                let own_stop = f.outcome == Outcome::Canceled.to_pb()
+                    && f.attempt
+                        .as_ref()
+                        .and_then(|r| self.attempts.get(&r.attempt_id))
+                        .is_some_and(|a| !a.state.is_terminal() && a.agent_id == agent_id);
+                if own_stop && let Some(s) = self.agents.get_mut(agent_id).and_then(|a| a.session.as_mut()) {
+                    s.stopping = true;
+                }
+                self.finished(agent_id, f)
+            }
         }
     }
 

@@ -287,8 +287,7 @@ impl Model {
         const SHORT_MS: f64 = 100.0;
         // Enough queued per slot to cover a few commits' latency with short tools.
         const QUEUED_PER_SLOT: usize = 4;
-        a.session.is_some()
-            && !a.draining
+        a.takes_work()
             && a.has_tool(tool)
             && a.running.len() < (1 + QUEUED_PER_SLOT) * a.slots as usize
             && self
@@ -365,7 +364,7 @@ impl Model {
         if matching.is_empty() {
             return format!("no agent with {wanted}");
         }
-        let usable: Vec<&&Agent> = matching.iter().filter(|a| a.session.is_some() && !a.draining).collect();
+        let usable: Vec<&&Agent> = matching.iter().filter(|a| a.takes_work()).collect();
         if usable.is_empty() {
             return format!(
                 "no connected agent with {wanted} ({} known but disconnected or draining)",

@@ -386,6 +386,9 @@ pub(crate) type AgentTx = tokio::sync::mpsc::UnboundedSender<Result<pb::Controll
 #[derive(Debug)]
 pub(crate) struct Session {
     pub id: u64,
+    /// The agent stopped an attempt on its own in this session (it shuts down, or lost
+    /// its controller): it gets no new work until it connects again.
+    pub stopping: bool,
 }
 
 #[derive(Debug)]
@@ -437,8 +440,13 @@ impl Agent {
         self.slots.saturating_sub(self.running.len() as u32)
     }
 
+    /// Connected, not drained and not stopping: new work may be sent to it.
+    pub fn takes_work(&self) -> bool {
+        self.session.as_ref().is_some_and(|s| !s.stopping) && !self.draining
+    }
+
     pub fn can_take(&self, tool: &str) -> bool {
-        self.session.is_some() && !self.draining && self.free_slots() > 0 && self.has_tool(tool)
+        self.takes_work() && self.free_slots() > 0 && self.has_tool(tool)
     }
 
     pub fn to_row(&self) -> AgentRow {

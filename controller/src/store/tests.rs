@@ -399,6 +399,25 @@ async fn bad_urls_are_refused_and_postgres_urls_are_redacted_in_logs() {
 
 /// A database written before steps and events were stored clustered keeps its runs,
 /// steps and events through the migration that rebuilds those tables.
+/// A database migrated by a newer controller is refused by an older one (no
+/// downgrade), with the reason.
+#[tokio::test]
+async fn a_database_from_a_newer_controller_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("b.db").display());
+    let store = Store::open(&url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (99999, 'from the future', TRUE, X'00', 0)",
+    )
+    .execute(&store.pool)
+    .await
+    .unwrap();
+    store.close().await;
+    let err = Store::open(&url).await.err().expect("refused").to_string();
+    assert!(err.contains("migration 99999 was previously applied but is missing"), "{err}");
+}
+
 #[tokio::test]
 async fn a_sqlite_backup_is_a_database_of_its_own() {
     let t = sqlite_store().await;

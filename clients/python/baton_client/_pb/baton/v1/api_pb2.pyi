@@ -232,6 +232,20 @@ class ReleaseRunResponse(_message.Message):
     state: RunState
     def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ...) -> None: ...
 
+class DeleteRunRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class DeleteRunResponse(_message.Message):
+    __slots__ = ("run_id", "rows")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    rows: int
+    def __init__(self, run_id: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...
+
 class ListBreakersRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -61,6 +61,11 @@ class BatonServiceStub:
                 request_serializer=baton_dot_v1_dot_api__pb2.ReleaseRunRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_api__pb2.ReleaseRunResponse.FromString,
                 _registered_method=True)
+        self.DeleteRun = channel.unary_unary(
+                '/baton.v1.BatonService/DeleteRun',
+                request_serializer=baton_dot_v1_dot_api__pb2.DeleteRunRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_api__pb2.DeleteRunResponse.FromString,
+                _registered_method=True)
         self.WatchRun = channel.unary_stream(
                 '/baton.v1.BatonService/WatchRun',
                 request_serializer=baton_dot_v1_dot_api__pb2.WatchRunRequest.SerializeToString,
@@ -146,6 +151,15 @@ class BatonServiceServicer:
 
     def ReleaseRun(self, request, context):
         """Resumes a quarantined run; its failed steps get a fresh retry budget.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRun(self, request, context):
+        """Deletes a finished run (succeeded, failed or canceled) with its steps, attempts,
+        events and output. FAILED_PRECONDITION for a run that has not finished: cancel it
+        first. Finished runs are also pruned by retention (`--retain`, `retain:`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -246,6 +260,11 @@ def add_BatonServiceServicer_to_server(servicer, server):
                     servicer.ReleaseRun,
                     request_deserializer=baton_dot_v1_dot_api__pb2.ReleaseRunRequest.FromString,
                     response_serializer=baton_dot_v1_dot_api__pb2.ReleaseRunResponse.SerializeToString,
+            ),
+            'DeleteRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRun,
+                    request_deserializer=baton_dot_v1_dot_api__pb2.DeleteRunRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_api__pb2.DeleteRunResponse.SerializeToString,
             ),
             'WatchRun': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchRun,
@@ -430,6 +449,33 @@ class BatonService:
             '/baton.v1.BatonService/ReleaseRun',
             baton_dot_v1_dot_api__pb2.ReleaseRunRequest.SerializeToString,
             baton_dot_v1_dot_api__pb2.ReleaseRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.BatonService/DeleteRun',
+            baton_dot_v1_dot_api__pb2.DeleteRunRequest.SerializeToString,
+            baton_dot_v1_dot_api__pb2.DeleteRunResponse.FromString,
             options,
             channel_credentials,
             insecure,
