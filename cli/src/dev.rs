@@ -68,9 +68,17 @@ pub async fn run(
         tasks.push(tokio::spawn(baton_agent::run(cfg, shutdown.clone())));
     }
     let result = drive(&url, source, text, params, agents, format).await;
+    if let Err(Failure::Interrupted(running)) = &result {
+        // The agents stop their tools (SIGTERM, then SIGKILL after the kill grace)
+        // before they end; say what that was.
+        eprintln!("interrupted: stopping {}", stopping(running));
+    }
     shutdown.cancel();
     for t in tasks {
         let _ = t.await;
+    }
+    if matches!(result, Err(Failure::Interrupted(_))) {
+        eprintln!("stopped: the local agents and their tools have ended");
     }
     match controller.await {
         Ok(Err(e)) => eprintln!("warning: controller: {e}"),
@@ -107,5 +115,30 @@ async fn drive(
     if format == Format::Text {
         eprintln!("run {run_id} started on {agents} local agents");
     }
-    watch::watch(&mut c, &target, &run_id, 1, format).await
+    let mut watching = c.clone();
+    tokio::select! {
+        r = watch::watch(&mut watching, &target, &run_id, 1, format) => r,
+        _ = crate::interrupted() => {
+            let run = c.get_run(pb::GetRunRequest { run_id: run_id.clone() }).await?.into_inner().run;
+            let running = run
+                .map(|r| {
+                    r.steps
+                        .into_iter()
+                        .filter(|s| s.state == baton_common::state::StepState::Running.to_pb())
+                        .map(|s| s.id)
+                        .collect()
+                })
+                .unwrap_or_default();
+            Err(Failure::Interrupted(running))
+        }
+    }
+}
+
+/// The running steps an interrupted `baton dev` stops, in words.
+fn stopping(steps: &[String]) -> String {
+    match steps.len() {
+        0 => "nothing was running".to_string(),
+        1 => format!("step {} and its processes", steps[0]),
+        n => format!("{n} steps and their processes: {}", steps.join(", ")),
+    }
 }

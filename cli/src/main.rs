@@ -25,6 +25,7 @@ pub(crate) use baton_client as client;
 mod context;
 mod dev;
 mod output;
+mod style;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -69,6 +70,10 @@ struct Cli {
     /// moves) before giving up.
     #[arg(long, global = true, env = "BATON_RECONNECT_TIMEOUT", default_value = "60s", value_parser = baton_common::time::parse_duration)]
     reconnect_timeout: std::time::Duration,
+    /// Colour states in text output: auto (on a terminal, unless NO_COLOR is set or
+    /// TERM=dumb), always or never.
+    #[arg(long, global = true, env = "BATON_COLOR", value_enum, default_value = "auto")]
+    color: style::ColorChoice,
     #[command(subcommand)]
     command: Command,
 }
@@ -499,6 +504,23 @@ pub enum Failure {
     Invalid(String),
     /// Anything else: exit 1.
     Other(anyhow::Error),
+    /// Ctrl-C or SIGTERM (with the steps that were running): exit 130, as shells do.
+    Interrupted(Vec<String>),
+}
+
+/// Resolves on the first Ctrl-C (SIGINT) or SIGTERM.
+pub(crate) async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        // Without handlers the default action (ending the process) stays.
+        _ => std::future::pending().await,
+    }
 }
 
 impl From<anyhow::Error> for Failure {
@@ -528,6 +550,7 @@ impl From<client::Error> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    style::init(cli.color);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -545,6 +568,7 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
+        Err(Failure::Interrupted(_)) => ExitCode::from(130),
     }
 }
 
@@ -717,7 +741,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 if out.format() == Format::Text {
                     eprintln!("run {run_id} submitted");
                 }
-                return watch::watch(&mut c, &target, &run_id, 1, out.format()).await;
+                return watch_until_interrupted(&mut c, &target, &run_id, 1, out.format()).await;
             }
             match out.format() {
                 Format::Text => out!("{run_id}"),
@@ -975,7 +999,8 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
         }
         RunsCommand::Watch { run, from_seq, out } => {
             let id = c.get_run(pb::GetRunRequest { run_id: run }).await?.into_inner().run.map(|r| r.id);
-            return watch::watch(&mut c, target, &id.unwrap_or_default(), from_seq, out.format()).await;
+            return watch_until_interrupted(&mut c, target, &id.unwrap_or_default(), from_seq, out.format())
+                .await;
         }
         RunsCommand::Cancel { run, step, reason, out } => {
             let req = pb::CancelRunRequest { run_id: run, reason, step_id: step.clone().unwrap_or_default() };
@@ -1079,6 +1104,23 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
         }
     }
     Ok(0)
+}
+
+/// Follows a run; Ctrl-C stops following (the run goes on) and says how to resume.
+async fn watch_until_interrupted(
+    c: &mut client::Client,
+    target: &client::Target,
+    run_id: &str,
+    from_seq: i64,
+    format: Format,
+) -> Result<u8, Failure> {
+    tokio::select! {
+        r = watch::watch(c, target, run_id, from_seq, format) => r,
+        _ = interrupted() => {
+            eprintln!("\nstopped watching; run {run_id} goes on (baton runs watch {run_id}, or baton runs cancel {run_id})");
+            Err(Failure::Interrupted(Vec::new()))
+        }
+    }
 }
 
 /// The spec at `file`, or on stdin for `-`, with the name its errors are reported under.

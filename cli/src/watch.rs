@@ -3,7 +3,6 @@
 //! resuming from the last event seen.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::IsTerminal;
 use std::time::Duration;
 
 use baton_common::pb;
@@ -63,6 +62,9 @@ async fn get(c: &mut Client, run_id: &str) -> Result<pb::Run, Failure> {
     run.ok_or_else(|| Failure::Other(anyhow::anyhow!("run {run_id} not found")))
 }
 
+/// Runs with more steps than this are shown as a summary, not one line per event.
+const BIG_RUN: u64 = 50;
+
 struct View {
     format: Format,
     bar: Option<ProgressBar>,
@@ -70,6 +72,10 @@ struct View {
     total: u64,
     /// Expected time to the end from the latest event, when known.
     eta_ms: i64,
+    /// A big run: notable events only, and a summary line at every tenth of the way.
+    big: bool,
+    /// The last tenth a summary line was printed for.
+    tenth: u64,
 }
 
 impl View {
@@ -77,7 +83,7 @@ impl View {
         let states: HashMap<String, String> =
             run.steps.iter().map(|s| (s.id.clone(), output::step_state(s.state))).collect();
         let total = run.steps.len() as u64;
-        let bar = (format == Format::Text && std::io::stderr().is_terminal()).then(|| {
+        let bar = (format == Format::Text && crate::style::live()).then(|| {
             let bar = ProgressBar::new(total);
             let style = ProgressStyle::with_template(
                 "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}",
@@ -88,7 +94,8 @@ impl View {
             bar
         });
         let eta_ms = run.progress.as_ref().map_or(-1, |p| output::dur(&p.eta));
-        let mut v = View { format, bar, states, total, eta_ms };
+        let big = total > BIG_RUN;
+        let mut v = View { format, bar, states, total, eta_ms, big, tenth: 0 };
         v.refresh();
         v
     }
@@ -106,23 +113,47 @@ impl View {
             Format::Json | Format::Jsonl => output::print_json(Format::Jsonl, ev),
             Format::Yaml => output::print_json(Format::Yaml, ev),
             Format::Text => {
-                let line = line(ev);
-                match &self.bar {
-                    Some(bar) => bar.println(line),
-                    None => out!("{line}"),
+                if !self.big || notable(ev) {
+                    let line = line(ev);
+                    match &self.bar {
+                        Some(bar) => bar.println(line),
+                        None => out!("{line}"),
+                    }
+                }
+                if self.big && self.bar.is_none() {
+                    let tenth = self.done() * 10 / self.total.max(1);
+                    if tenth > self.tenth {
+                        self.tenth = tenth;
+                        out!("{}", crate::style::fit(&self.summary()));
+                    }
                 }
                 self.refresh();
             }
         }
     }
 
-    fn refresh(&mut self) {
-        let Some(bar) = &self.bar else { return };
-        let done =
-            self.states.values().filter(|s| s.parse::<StepState>().is_ok_and(StepState::is_terminal)).count()
-                as u64;
-        bar.set_length(self.total);
-        bar.set_position(done);
+    fn done(&self) -> u64 {
+        self.states.values().filter(|s| s.parse::<StepState>().is_ok_and(StepState::is_terminal)).count()
+            as u64
+    }
+
+    /// Counts per state and the running steps, on one line.
+    fn summary(&self) -> String {
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for s in self.states.values() {
+            *counts.entry(s.as_str()).or_default() += 1;
+        }
+        let counts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+        let mut line = format!("progress: {}/{} steps done ({})", self.done(), self.total, counts.join(", "));
+        let running = self.running();
+        if !running.is_empty() {
+            line.push_str(&format!("; {running}"));
+        }
+        line
+    }
+
+    /// `running: a, b, c, d +N`, or empty.
+    fn running(&self) -> String {
         let mut running: Vec<&str> =
             self.states.iter().filter(|(_, s)| s.as_str() == "running").map(|(id, _)| id.as_str()).collect();
         running.sort();
@@ -131,6 +162,20 @@ impl View {
         let mut msg = if shown.is_empty() { String::new() } else { format!("running: {}", shown.join(", ")) };
         if more > 0 {
             msg.push_str(&format!(" +{more}"));
+        }
+        msg
+    }
+
+    fn refresh(&mut self) {
+        let Some(bar) = &self.bar else { return };
+        bar.set_length(self.total);
+        bar.set_position(self.done());
+        let mut msg = self.running();
+        if self.big {
+            let failed = self.states.values().filter(|s| s.as_str() == "failed").count();
+            if failed > 0 {
+                msg = format!("{failed} failed  {msg}");
+            }
         }
         if self.eta_ms > 0 {
             msg.push_str(&format!("  eta {}", output::span(self.eta_ms)));
@@ -170,7 +215,7 @@ impl View {
         out_raw!(
             "run {} {} in {} ({})",
             run.id,
-            output::run_state(run.state),
+            crate::style::state(&output::run_state(run.state)),
             output::span(elapsed),
             counts.join(", ")
         );
@@ -178,7 +223,29 @@ impl View {
             out_raw!(": {}", run.reason);
         }
         out!();
+        // What the failing steps printed last, so that a failure reads without `runs logs`.
+        for s in run.steps.iter().filter(|s| s.state == StepState::Failed.to_pb()).take(5) {
+            let Some(a) = s.attempts.last() else { continue };
+            let lines: Vec<&str> = a.output_tail.lines().collect();
+            let exit = a.exit_code.map(|c| format!(", exit {c}")).unwrap_or_default();
+            out!();
+            let why = if a.error.is_empty() { String::new() } else { format!(": {}", a.error) };
+            out!("step {} failed (attempt {}{exit}){why}", s.id, a.number);
+            for l in &lines[lines.len().saturating_sub(5)..] {
+                out!("  | {}", crate::style::fit(l));
+            }
+        }
     }
+}
+
+/// Whether an event of a big run gets a line of its own: what went wrong or changed
+/// the run, not the routine progress of its steps.
+fn notable(ev: &pb::RunEvent) -> bool {
+    let k = ev.kind.as_str();
+    k.starts_with("run_")
+        || ["failed", "lost", "timed_out", "quarantin", "retry", "breaker", "canceled", "rejected"]
+            .iter()
+            .any(|w| k.contains(w))
 }
 
 /// One event as a line of text.
@@ -197,5 +264,6 @@ fn line(ev: &pb::RunEvent) -> String {
     if !ev.message.is_empty() {
         s.push_str(&format!("  {}", ev.message));
     }
-    s
+    let states = [output::step_state(ev.step_state), output::run_state(ev.run_state)];
+    crate::style::event_line(&s, &[states[0].as_str(), states[1].as_str()])
 }

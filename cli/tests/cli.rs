@@ -728,3 +728,108 @@ async fn finished_runs_are_pruned_by_retention_and_deleted_by_hand() {
     assert!(deleted.stdout.starts_with(&format!("run {kept_id} deleted (")), "{}", deleted.stdout);
     assert_eq!(baton(&url, &["runs", "show", &kept_id]).await.code, 2);
 }
+
+/// Ctrl-C on `baton dev` stops its tools (no process is left behind), says what it
+/// stopped, and exits 130.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_on_dev_stops_its_tools_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("pid");
+    let spec = write(
+        dir.path(),
+        "long.yaml",
+        &format!(
+            "name: long\nsteps:\n  - {{id: forever, tool: shell, with: {{run: 'echo $$ > {}; exec sleep 600'}}}}\n",
+            pid_file.display()
+        ),
+    );
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .args(["dev", &spec, "--agents", "1"])
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tool: i32 = eventually(Duration::from_secs(30), "the tool to start", || async {
+        std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()
+    })
+    .await;
+    assert!(process_alive(tool));
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted: stopping step forever and its processes"), "{stderr}");
+    assert!(stderr.contains("stopped: the local agents and their tools have ended"), "{stderr}");
+    assert!(!process_alive(tool), "the tool {tool} outlived baton dev");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_view_summarizes_big_runs_shows_failures_and_colours_on_request() {
+    let sb = Sandbox::builder().agents(2).build().await;
+    let url = sb.url();
+    let dir = tempfile::tempdir().unwrap();
+    let mut big = String::from("name: big\nsteps:\n");
+    for i in 0..200 {
+        big.push_str(&format!("  - {{id: s{i}, tool: noop}}\n"));
+    }
+    let big = write(dir.path(), "big.yaml", &big);
+    let out = baton(&url, &["submit", &big, "--watch"]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    // Not one line per event (there are more than 600): run events, ten summaries and
+    // the final table of 200 steps.
+    let summaries = lines.iter().filter(|l| l.starts_with("progress: ")).count();
+    assert_eq!(summaries, 10, "{}", out.stdout);
+    assert!(lines.contains(&"progress: 200/200 steps done (200 succeeded)"), "{}", out.stdout);
+    assert!(!out.stdout.contains("attempt_started"), "{}", out.stdout);
+    assert!(lines.len() < 260, "{} lines", lines.len());
+
+    // A failed run's summary shows what its failing step printed last.
+    let bad = write(
+        dir.path(),
+        "bad.yaml",
+        "name: bad\nsteps:\n  - {id: b, tool: shell, with: {run: 'echo one; echo two; echo the cause >&2; exit 3'}}\n",
+    );
+    let out = baton(&url, &["submit", &bad, "--watch"]).await;
+    assert_eq!(out.code, 1);
+    assert!(out.stdout.contains("step b failed (attempt 1, exit 3)"), "{}", out.stdout);
+    assert!(out.stdout.contains("  | the cause\n"), "{}", out.stdout);
+    assert!(!out.stdout.contains('\x1b'), "no colour into a pipe: {}", out.stdout);
+
+    let coloured = baton(&url, &["submit", &bad, "--watch", "--color", "always"]).await;
+    assert!(coloured.stdout.contains("\x1b[31mfailed\x1b[0m"), "{}", coloured.stdout);
+    let never = baton(&url, &["submit", &bad, "--watch", "--color", "never"]).await;
+    assert!(never.stdout.contains("step b failed") && !never.stdout.contains('\x1b'));
+
+    // On a terminal (a pty of 60 columns): coloured and cut to its width by default;
+    // NO_COLOR and TERM=dumb turn colour (and the redrawn progress line) off.
+    let baton_bin = env!("CARGO_BIN_EXE_baton");
+    let on_tty = |env: &'static str| {
+        let cmd = format!("stty rows 24 cols 60; {env} {baton_bin} --controller {url} submit {bad} --watch");
+        async move {
+            let out = tokio::process::Command::new("script")
+                .args(["-qec", &cmd, "/dev/null"])
+                .env_remove("NO_COLOR")
+                .env("TERM", "xterm")
+                .output()
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    let tty = on_tty("").await;
+    assert!(tty.contains("\x1b[31mfailed\x1b[0m"), "{tty}");
+    assert!(!on_tty("NO_COLOR=1").await.contains("\x1b[31m"));
+    let dumb = on_tty("TERM=dumb").await;
+    assert!(!dumb.contains('\x1b'), "{dumb:?}");
+    assert!(dumb.contains("step b failed"), "{dumb}");
+    // `HH:MM:SS  #1    run_submitted    run [pending]  workstream "bad" with 1 steps`
+    // is longer than 60 columns.
+    let submitted = dumb.lines().find(|l| l.contains("run_submitted")).map(str::to_string);
+    let submitted = submitted.unwrap_or_else(|| panic!("{dumb}"));
+    let submitted = submitted.trim_end_matches('\r');
+    assert_eq!(submitted.chars().count(), 60, "{submitted:?}");
+    assert!(submitted.ends_with('…'), "{submitted:?}");
+}
