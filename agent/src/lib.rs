@@ -193,7 +193,12 @@ struct Agent {
     /// None before the first Welcome.
     lease: Option<Lease>,
     warden: Option<warden::Warden>,
+    /// Since when no controller could be reached, and when that was last said.
+    unreachable: Option<(Instant, Instant)>,
 }
+
+/// How often an agent that cannot reach any controller says so again.
+const UNREACHABLE_REMINDER: Duration = Duration::from_secs(60);
 
 /// The agent's metrics.
 pub struct AgentMetrics {
@@ -267,7 +272,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
     // What a previous life left running ends before any new work is taken.
     let leftovers = contain.end_leftovers().await;
     let warden = cfg.warden.as_deref().and_then(|exe| warden::Warden::start(exe, &cfg.work_dir));
-    info!(agent = %cfg.name, agent_id = %id, tools = ?tools.iter().map(|t| &t.name).collect::<Vec<_>>(), "agent starting");
+    info!(agent = %cfg.name, agent_id = %id, tools = %tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(","), "agent starting");
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let metrics = Arc::new(AgentMetrics::new());
     if let Some(addr) = cfg.metrics_listen {
@@ -305,6 +310,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         clock: Instant::now(),
         lease: None,
         warden,
+        unreachable: None,
     };
     let result = agent.main_loop(shutdown).await;
     agent.contain.close();
@@ -364,7 +370,7 @@ async fn credential(
         match result {
             Ok(r) => {
                 write_secret(&path, &r.credential)?;
-                info!(agent = %cfg.name, labels = ?r.labels, credential = %path.display(), "enrolled with the controller");
+                info!(agent = %cfg.name, labels = %r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","), credential = %path.display(), "enrolled with the controller");
                 return Ok(Credential::Bearer(Some(r.credential)));
             }
             Err((Some(code), why)) if refusal(code) || code == tonic::Code::InvalidArgument => {
@@ -372,7 +378,7 @@ async fn credential(
             }
             Err((_, why)) => {
                 let delay = backoff.next_delay();
-                warn!(controller = %url, %why, retry_in = ?delay, "cannot enroll yet");
+                warn!(controller = %url, %why, retry_in = %baton_common::time::format_duration(delay), "cannot enroll yet");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(Credential::ShutDown),
                     _ = tokio::time::sleep(delay) => {}
@@ -474,7 +480,19 @@ impl Agent {
             match self.session(&url, &shutdown, &mut backoff).await {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Broken(why) => {
-                    debug!(controller = %url, %why, "no session");
+                    // Said at once, then once a minute while it lasts, not at every try.
+                    let now = Instant::now();
+                    match &mut self.unreachable {
+                        None => {
+                            warn!(controller = %url, %why, "no session with the controller; retrying");
+                            self.unreachable = Some((now, now));
+                        }
+                        Some((since, said)) if said.elapsed() >= UNREACHABLE_REMINDER => {
+                            warn!(controller = %url, %why, unreachable_for = %baton_common::time::format_duration(since.elapsed()), "still cannot reach a controller; retrying");
+                            *said = now;
+                        }
+                        Some(_) => debug!(controller = %url, %why, "no session"),
+                    }
                 }
                 SessionEnd::Refused(why) => {
                     error!(controller = %url, %why, "the controller refuses this agent; stopping its tools");
@@ -605,6 +623,7 @@ impl Agent {
         }
         self.sessions += 1;
         self.metrics.connected.set(&[], 1.0);
+        self.unreachable = None;
         info!(controller = %url, session = %welcome.session_id, adopted = welcome.adopted.len(), abandoned = welcome.abandon.len(), "connected");
         for id in &welcome.abandon {
             if let Some(r) = self.running.get(id) {
@@ -663,7 +682,7 @@ impl Agent {
                 }
                 _ = tokio::time::sleep_until(self.lease_expiry()) => {
                     let unanswered = self.lease.map(|l| l.renewed.elapsed()).unwrap_or_default();
-                    warn!(controller = %url, ?unanswered, "no answer from the controller; stopping running tools and reconnecting");
+                    warn!(controller = %url, unanswered = %baton_common::time::format_duration(unanswered), "no answer from the controller; stopping running tools and reconnecting");
                     self.fence_if_expired();
                     return SessionEnd::Broken("the controller does not answer".into());
                 }
@@ -689,7 +708,7 @@ impl Agent {
                     if let Some(l) = self.lease
                         && l.renewed.elapsed() > (hb_every * 3).max(l.stop_after / 2)
                     {
-                        warn!(controller = %url, unanswered = ?l.renewed.elapsed(), "the controller does not answer; reconnecting");
+                        warn!(controller = %url, unanswered = %baton_common::time::format_duration(l.renewed.elapsed()), "the controller does not answer; reconnecting");
                         return SessionEnd::Broken("the controller does not answer".into());
                     }
                     let hb = pb::Heartbeat {
@@ -795,7 +814,7 @@ impl Agent {
             return;
         }
         if self.running.values().any(|r| r.reason.get().is_none()) || !self.queued.is_empty() {
-            warn!(unanswered = ?lease.renewed.elapsed(), stop_after = ?lease.stop_after, running = self.running.len(), queued = self.queued.len(), "no answer from a controller for stop_after: stopping this agent's tools");
+            warn!(unanswered = %baton_common::time::format_duration(lease.renewed.elapsed()), stop_after = %baton_common::time::format_duration(lease.stop_after), running = self.running.len(), queued = self.queued.len(), "no answer from a controller for stop_after: stopping this agent's tools");
         }
         for q in std::mem::take(&mut self.queued) {
             self.never_started(q, "no answer from the controller; not started");

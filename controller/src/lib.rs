@@ -182,7 +182,7 @@ pub async fn run(
     if let Some(listener) = config.metrics {
         let listener =
             TcpListener::from_std(listener).map_err(|e| ControllerError::Metrics(e.to_string()))?;
-        info!(addr = ?listener.local_addr().ok(), "metrics listening");
+        info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics listening");
         tasks.spawn(baton_common::metrics::serve(
             listener,
             render_metrics(metrics.clone(), leadership.clone(), store.clone()),
@@ -249,7 +249,7 @@ pub async fn run(
         Some(f) if f.client_ca.is_some() => "on, with client certificates".to_string(),
         Some(_) => "on".to_string(),
     };
-    info!(?addr, %address, db = %redact(&config.db), tls = %tls_text, authentication = auth_text, "controller listening");
+    info!(addr = %addr.map(|a| a.to_string()).unwrap_or_default(), %address, db = %redact(&config.db), tls = %tls_text, authentication = auth_text, "controller listening");
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))

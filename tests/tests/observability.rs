@@ -358,3 +358,39 @@ on_both!(
     a_watcher_that_reconnects_misses_nothing_and_sees_nothing_twice,
     reports_tell_retries_failures_and_the_critical_path,
 );
+
+/// An agent that cannot reach its controller says so at the default level, in JSON logs
+/// whose fields are all at the top and hold no Rust debug text.
+#[tokio::test]
+async fn an_agent_without_a_controller_says_so_in_flat_json_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = format!("http://{}", free_addr());
+    let args: Vec<String> = [
+        "--controller",
+        &dead,
+        "--name",
+        "lonely",
+        "--work-dir",
+        &dir.path().join("w").display().to_string(),
+        "--log-format",
+        "json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // The agent's default level (info), whatever the test run sets.
+    let agent = Process::spawn("baton-agent", &args, dir.path().join("agent.log"), &[("RUST_LOG", "info")]);
+    let line = eventually(Duration::from_secs(20), "the agent to say it has no controller", || async {
+        agent.logs().lines().find(|l| l.contains("no session with the controller")).map(str::to_string)
+    })
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["level"], "WARN", "{line}");
+    assert_eq!(v["controller"], dead.as_str(), "{line}");
+    assert!(v["why"].as_str().is_some_and(|w| w.contains("Connection refused")), "{line}");
+    for l in agent.logs().lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert!(v.get("fields").is_none() && v.get("span").is_none(), "{l}");
+        assert!(!l.contains("Some(") && !l.contains("None"), "{l}");
+    }
+}

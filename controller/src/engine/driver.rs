@@ -270,7 +270,7 @@ impl Driver {
                     return Err(e);
                 }
                 if tries == 1 || tries.is_power_of_two() {
-                    error!(error = %e, tries, retry_in = ?delay, "the database refuses the engine's commit; retrying until it accepts it");
+                    error!(error = %e, tries, retry_in = %baton_common::time::format_duration(delay), "the database refuses the engine's commit; retrying until it accepts it");
                 }
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
