@@ -97,6 +97,26 @@ impl tracing::field::Visit for JsonVisitor<'_> {
     }
 }
 
+/// Cancels `shutdown` on the first SIGTERM or SIGINT. The handlers are registered
+/// before this returns, so a signal that comes right after is not lost.
+pub fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (term, int) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    let (Ok(mut term), Ok(mut int)) = (term, int) else {
+        tracing::error!("cannot listen for SIGTERM and SIGINT; stop this process with SIGKILL");
+        return;
+    };
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        tracing::info!("shutting down");
+        shutdown.cancel();
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,24 +159,4 @@ mod tests {
         assert_eq!(v["message"], "attempt failed");
         assert_eq!(v["level"], "INFO");
     }
-}
-
-/// Cancels `shutdown` on the first SIGTERM or SIGINT. The handlers are registered
-/// before this returns, so a signal that comes right after is not lost.
-pub fn cancel_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (term, int) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
-    let (Ok(mut term), Ok(mut int)) = (term, int) else {
-        tracing::error!("cannot listen for SIGTERM and SIGINT; stop this process with SIGKILL");
-        return;
-    };
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-            _ = shutdown.cancelled() => return,
-        }
-        tracing::info!("shutting down");
-        shutdown.cancel();
-    });
 }
