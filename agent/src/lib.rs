@@ -206,6 +206,9 @@ pub struct AgentMetrics {
     attempts: Family,
     reconnects: Family,
     connected: Family,
+    slots: Family,
+    build: Family,
+    process: baton_common::metrics::ProcessMetrics,
 }
 
 impl AgentMetrics {
@@ -223,15 +226,18 @@ impl AgentMetrics {
                 &[],
             ),
             connected: Family::gauge("baton_agent_connected", "1 while a controller session is up.", &[]),
+            slots: Family::gauge("baton_agent_slots", "Attempts this agent runs at once at most.", &[]),
+            build: baton_common::metrics::build_info("baton-agent"),
+            process: Default::default(),
         }
     }
 
     fn render(&self) -> String {
-        let mut out = String::new();
-        for f in [&self.running, &self.attempts, &self.reconnects, &self.connected] {
-            f.render(&mut out);
-        }
-        out
+        self.process.refresh();
+        let mut families =
+            vec![&self.build, &self.running, &self.slots, &self.attempts, &self.reconnects, &self.connected];
+        families.extend(self.process.families());
+        baton_common::metrics::render(&families, &[])
     }
 }
 
@@ -275,6 +281,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
     info!(agent = %cfg.name, agent_id = %id, tools = %tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(","), "agent starting");
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let metrics = Arc::new(AgentMetrics::new());
+    metrics.slots.set(&[], f64::from(cfg.slots));
     if let Some(addr) = cfg.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await

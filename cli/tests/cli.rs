@@ -444,7 +444,11 @@ async fn submit_waits_for_a_controller_that_comes_up_and_creates_one_run() {
     // The first try finds nobody and says it will retry.
     let mut err = tokio::io::BufReader::new(cli.stderr.take().unwrap()).lines();
     let first = err.next_line().await.unwrap().unwrap_or_default();
-    assert!(first.contains("cannot reach the controller") && first.contains("retrying in"), "{first}");
+    let waiting_since = std::time::Instant::now();
+    assert!(
+        first.contains("cannot reach the controller") && first.contains("retrying for up to 1m"),
+        "{first}"
+    );
     let db = format!("sqlite://{}", dir.path().join("c.db").display());
     let _controller = Process::spawn(
         "baton-controller",
@@ -452,6 +456,12 @@ async fn submit_waits_for_a_controller_that_comes_up_and_creates_one_run() {
         dir.path().join("controller.log"),
         &[],
     );
+    // The same failure is not said again at every try: once more per 10 s at most.
+    let mut again = 0;
+    while let Some(line) = err.next_line().await.unwrap() {
+        again += usize::from(line.contains("cannot reach the controller"));
+    }
+    assert!(again as u64 <= waiting_since.elapsed().as_secs() / 10, "{again} repeats");
     let out = cli.wait_with_output().await.unwrap();
     assert!(out.status.success(), "{out:?}");
     let run_id = String::from_utf8_lossy(&out.stdout).trim().to_string();

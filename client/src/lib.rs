@@ -121,16 +121,41 @@ pub async fn connect(target: &Target) -> Result<Client, Error> {
     Ok(client(leader(target).await?))
 }
 
+/// Says on stderr that a call is being retried: the first failure, then only a
+/// different one, or the same one again after 10 s, so that a wait does not fill the
+/// screen with one line.
+#[derive(Default)]
+struct RetryNote {
+    last: Option<(String, tokio::time::Instant)>,
+}
+
+impl RetryNote {
+    fn say(&mut self, what: &str, e: &Error, timeout: Duration) {
+        let text = e.to_string();
+        let now = tokio::time::Instant::now();
+        let repeat = self
+            .last
+            .as_ref()
+            .is_some_and(|(t, at)| *t == text && now.duration_since(*at) < Duration::from_secs(10));
+        if !repeat {
+            let limit = baton_common::time::format_duration(timeout);
+            eprintln!("{what}{text}; retrying for up to {limit}");
+            self.last = Some((text, now));
+        }
+    }
+}
+
 /// [`connect`], retried with backoff while no controller leads (one restarts, or a
 /// standby takes over), for up to the reconnect timeout; says so on stderr.
 pub async fn connect_waiting(target: &Target) -> Result<Client, Error> {
     let deadline = tokio::time::Instant::now() + target.reconnect_timeout;
     let mut delay = Duration::from_millis(200);
+    let mut note = RetryNote::default();
     loop {
         match connect(target).await {
             Ok(c) => return Ok(c),
             Err(e) if tokio::time::Instant::now() + delay <= deadline => {
-                eprintln!("{e}; retrying in {}", baton_common::time::format_duration(delay));
+                note.say("", &e, target.reconnect_timeout);
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
@@ -159,6 +184,7 @@ pub async fn submit(target: &Target, mut req: pb::SubmitRunRequest) -> Result<(C
     }
     let deadline = tokio::time::Instant::now() + target.reconnect_timeout;
     let mut delay = Duration::from_millis(200);
+    let mut note = RetryNote::default();
     loop {
         let failure = match connect(target).await {
             Ok(mut c) => match c.submit_run(req.clone()).await {
@@ -171,7 +197,7 @@ pub async fn submit(target: &Target, mut req: pb::SubmitRunRequest) -> Result<(C
         if tokio::time::Instant::now() + delay > deadline {
             return Err(failure);
         }
-        eprintln!("submit: {failure}; retrying in {}", baton_common::time::format_duration(delay));
+        note.say("submit: ", &failure, target.reconnect_timeout);
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
     }

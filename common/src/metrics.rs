@@ -4,35 +4,62 @@
 //! Each component owns its metrics (no global registry), so several controllers or
 //! agents in one process keep separate numbers.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family as PFamily, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram as PHistogram;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// A counter or gauge with labels.
+type Labels = Vec<(String, String)>;
+
+/// The label set of `values` under `names`.
+fn label_set(names: &[&str], values: &[&str]) -> Labels {
+    names.iter().zip(values).map(|(n, v)| (n.to_string(), v.to_string())).collect()
+}
+
+enum Values {
+    Counter(PFamily<Labels, Counter<f64, AtomicU64>>),
+    Gauge(PFamily<Labels, Gauge<f64, AtomicU64>>),
+}
+
+/// A counter or gauge with labels (a prometheus-client family).
 pub struct Family {
     name: &'static str,
     help: &'static str,
-    kind: &'static str,
     labels: &'static [&'static str],
-    values: Mutex<BTreeMap<Vec<String>, f64>>,
+    values: Values,
 }
 
 impl Family {
-    pub const fn counter(name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Family {
-        Family { name, help, kind: "counter", labels, values: Mutex::new(BTreeMap::new()) }
+    /// A counter; its name ends in `_total`, as the exposition shows it.
+    pub fn counter(name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Family {
+        let f = Family { name, help, labels, values: Values::Counter(PFamily::default()) };
+        f.touch();
+        f
     }
 
-    pub const fn gauge(name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Family {
-        Family { name, help, kind: "gauge", labels, values: Mutex::new(BTreeMap::new()) }
+    pub fn gauge(name: &'static str, help: &'static str, labels: &'static [&'static str]) -> Family {
+        let f = Family { name, help, labels, values: Values::Gauge(PFamily::default()) };
+        f.touch();
+        f
+    }
+
+    /// A metric without labels shows 0 before anything happened.
+    fn touch(&self) {
+        if self.labels.is_empty() {
+            self.add(&[], 0.0);
+        }
     }
 
     pub fn inc(&self, labels: &[&str]) {
@@ -40,40 +67,69 @@ impl Family {
     }
 
     pub fn add(&self, labels: &[&str], v: f64) {
-        if let Ok(mut m) = self.values.lock() {
-            *m.entry(labels.iter().map(|s| s.to_string()).collect()).or_default() += v;
+        let ls = label_set(self.labels, labels);
+        match &self.values {
+            Values::Counter(f) => {
+                f.get_or_create(&ls).inc_by(v);
+            }
+            Values::Gauge(f) => {
+                f.get_or_create(&ls).inc_by(v);
+            }
         }
     }
 
+    /// Sets a gauge (a counter only goes up: it is raised to `v`).
     pub fn set(&self, labels: &[&str], v: f64) {
-        if let Ok(mut m) = self.values.lock() {
-            m.insert(labels.iter().map(|s| s.to_string()).collect(), v);
+        let ls = label_set(self.labels, labels);
+        match &self.values {
+            Values::Counter(f) => {
+                let c = f.get_or_create(&ls);
+                let now = c.get();
+                if v > now {
+                    c.inc_by(v - now);
+                }
+            }
+            Values::Gauge(f) => {
+                f.get_or_create(&ls).set(v);
+            }
         }
     }
 
     /// Replaces all values of a gauge (for gauges read from state at scrape time).
     pub fn set_all(&self, values: impl IntoIterator<Item = (Vec<String>, f64)>) {
-        if let Ok(mut m) = self.values.lock() {
-            m.clear();
-            m.extend(values);
+        if let Values::Gauge(f) = &self.values {
+            f.clear();
+            for (key, v) in values {
+                let key: Vec<&str> = key.iter().map(String::as_str).collect();
+                f.get_or_create(&label_set(self.labels, &key)).set(v);
+            }
         }
     }
 
     pub fn get(&self, labels: &[&str]) -> f64 {
-        let key: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
-        self.values.lock().ok().and_then(|m| m.get(&key).copied()).unwrap_or(0.0)
+        let ls = label_set(self.labels, labels);
+        match &self.values {
+            Values::Counter(f) => f.get(&ls).map_or(0.0, |c| c.get()),
+            Values::Gauge(f) => f.get(&ls).map_or(0.0, |g| g.get()),
+        }
     }
 
-    pub fn render(&self, out: &mut String) {
-        let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
-        let _ = writeln!(out, "# TYPE {} {}", self.name, self.kind);
-        let Ok(m) = self.values.lock() else { return };
-        if m.is_empty() && self.labels.is_empty() {
-            let _ = writeln!(out, "{} 0", self.name);
+    fn register(&self, r: &mut Registry) {
+        match &self.values {
+            // The exposition adds `_total` to counters.
+            Values::Counter(f) => r.register(self.name.trim_end_matches("_total"), self.help, f.clone()),
+            Values::Gauge(f) => r.register(self.name, self.help, f.clone()),
         }
-        for (key, v) in m.iter() {
-            let _ = writeln!(out, "{}{} {}", self.name, label_text(self.labels, key, None), num(*v));
-        }
+    }
+}
+
+/// Makes the histogram of a new label set with the family's buckets.
+#[derive(Clone, Debug)]
+struct Buckets(&'static [f64]);
+
+impl MetricConstructor<PHistogram> for Buckets {
+    fn new_metric(&self) -> PHistogram {
+        PHistogram::new(self.0.iter().copied())
     }
 }
 
@@ -82,90 +138,145 @@ pub struct Histogram {
     name: &'static str,
     help: &'static str,
     labels: &'static [&'static str],
-    buckets: &'static [f64],
-    values: Mutex<BTreeMap<Vec<String>, HistogramState>>,
-}
-
-#[derive(Default)]
-struct HistogramState {
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
+    values: PFamily<Labels, PHistogram, Buckets>,
 }
 
 impl Histogram {
-    pub const fn new(
+    pub fn new(
         name: &'static str,
         help: &'static str,
         labels: &'static [&'static str],
         buckets: &'static [f64],
     ) -> Histogram {
-        Histogram { name, help, labels, buckets, values: Mutex::new(BTreeMap::new()) }
+        Histogram { name, help, labels, values: PFamily::new_with_constructor(Buckets(buckets)) }
     }
 
     pub fn observe(&self, labels: &[&str], v: f64) {
-        let Ok(mut m) = self.values.lock() else { return };
-        let s = m.entry(labels.iter().map(|s| s.to_string()).collect()).or_default();
-        if s.counts.is_empty() {
-            s.counts = vec![0; self.buckets.len()];
+        self.values.get_or_create(&label_set(self.labels, labels)).observe(v);
+    }
+}
+
+/// The metrics in the OpenMetrics text format (which Prometheus reads), in one
+/// exposition ending with `# EOF`.
+pub fn render(families: &[&Family], histograms: &[&Histogram]) -> String {
+    let mut r = Registry::default();
+    for f in families {
+        f.register(&mut r);
+    }
+    for h in histograms {
+        r.register(h.name, h.help, h.values.clone());
+    }
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, &r).is_err() {
+        out.clear();
+    }
+    out
+}
+
+/// `baton_build_info{component, version} 1`: which build runs, for dashboards and
+/// alerts on mixed versions.
+pub fn build_info(component: &'static str) -> Family {
+    let f = Family::gauge(
+        "baton_build_info",
+        "The running build: component and version.",
+        &["component", "version"],
+    );
+    f.set(&[component, env!("CARGO_PKG_VERSION")], 1.0);
+    f
+}
+
+/// Metrics of the process itself, read from /proc at each scrape: CPU time, memory,
+/// threads, file descriptors, start time (the names node and Go exporters use).
+pub struct ProcessMetrics {
+    cpu: Family,
+    resident: Family,
+    virtual_bytes: Family,
+    threads: Family,
+    open_fds: Family,
+    max_fds: Family,
+    start: Family,
+}
+
+impl Default for ProcessMetrics {
+    fn default() -> Self {
+        ProcessMetrics {
+            cpu: Family::counter(
+                "process_cpu_seconds_total",
+                "User and system CPU time spent, in seconds.",
+                &[],
+            ),
+            resident: Family::gauge("process_resident_memory_bytes", "Resident memory size in bytes.", &[]),
+            virtual_bytes: Family::gauge(
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes.",
+                &[],
+            ),
+            threads: Family::gauge("process_threads", "Threads of the process.", &[]),
+            open_fds: Family::gauge("process_open_fds", "Open file descriptors.", &[]),
+            max_fds: Family::gauge("process_max_fds", "The limit of open file descriptors.", &[]),
+            start: Family::gauge(
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch, in seconds.",
+                &[],
+            ),
         }
-        for (i, b) in self.buckets.iter().enumerate() {
-            if v <= *b {
-                s.counts[i] += 1;
+    }
+}
+
+impl ProcessMetrics {
+    /// Reads /proc now; what cannot be read keeps its last value.
+    pub fn refresh(&self) {
+        let ticks = 100.0; // USER_HZ, fixed at 100 on Linux for /proc's clock ticks
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
+            && let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r)
+        {
+            // Fields after the command name, from field 3 (state) on.
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let num = |i: usize| f.get(i - 3).and_then(|v| v.parse::<f64>().ok());
+            if let (Some(u), Some(s)) = (num(14), num(15)) {
+                self.cpu.set(&[], (u + s) / ticks);
+            }
+            if let Some(t) = num(20) {
+                self.threads.set(&[], t);
+            }
+            if let Some(v) = num(23) {
+                self.virtual_bytes.set(&[], v);
+            }
+            if let Some(pages) = num(24) {
+                self.resident.set(&[], pages * 4096.0);
+            }
+            let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+                s.lines().find_map(|l| l.strip_prefix("btime ").and_then(|v| v.trim().parse::<f64>().ok()))
+            });
+            if let (Some(boot), Some(start)) = (boot, num(22)) {
+                self.start.set(&[], boot + start / ticks);
             }
         }
-        s.sum += v;
-        s.count += 1;
-    }
-
-    pub fn count(&self, labels: &[&str]) -> u64 {
-        let key: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
-        self.values.lock().ok().and_then(|m| m.get(&key).map(|s| s.count)).unwrap_or(0)
-    }
-
-    pub fn render(&self, out: &mut String) {
-        let _ = writeln!(out, "# HELP {} {}", self.name, self.help);
-        let _ = writeln!(out, "# TYPE {} histogram", self.name);
-        let Ok(m) = self.values.lock() else { return };
-        for (key, s) in m.iter() {
-            for (i, b) in self.buckets.iter().enumerate() {
-                let le = num(*b);
-                let _ = writeln!(
-                    out,
-                    "{}_bucket{} {}",
-                    self.name,
-                    label_text(self.labels, key, Some(&le)),
-                    s.counts[i]
-                );
-            }
-            let _ = writeln!(
-                out,
-                "{}_bucket{} {}",
-                self.name,
-                label_text(self.labels, key, Some("+Inf")),
-                s.count
-            );
-            let _ = writeln!(out, "{}_sum{} {}", self.name, label_text(self.labels, key, None), num(s.sum));
-            let _ = writeln!(out, "{}_count{} {}", self.name, label_text(self.labels, key, None), s.count);
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(&[], dir.count() as f64);
+        }
+        if let Ok(limits) = std::fs::read_to_string("/proc/self/limits")
+            && let Some(max) = limits
+                .lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse::<f64>().ok())
+        {
+            self.max_fds.set(&[], max);
         }
     }
-}
 
-fn label_text(names: &[&str], values: &[String], le: Option<&str>) -> String {
-    let mut parts: Vec<String> =
-        names.iter().zip(values).map(|(n, v)| format!("{n}=\"{}\"", escape(v))).collect();
-    if let Some(le) = le {
-        parts.push(format!("le=\"{le}\""));
+    pub fn families(&self) -> [&Family; 7] {
+        [
+            &self.cpu,
+            &self.resident,
+            &self.virtual_bytes,
+            &self.threads,
+            &self.open_fds,
+            &self.max_fds,
+            &self.start,
+        ]
     }
-    if parts.is_empty() { String::new() } else { format!("{{{}}}", parts.join(",")) }
-}
-
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
-fn num(v: f64) -> String {
-    if v.fract() == 0.0 && v.abs() < 1e15 { format!("{}", v as i64) } else { format!("{v}") }
 }
 
 /// Fine latency buckets in seconds, from 50µs to 1 minute (dispatch, commits).
@@ -251,7 +362,11 @@ async fn route(path: &str, render: RenderFn, ready: ReadyFn) -> Response<Full<By
             .unwrap_or_default()
     };
     match path {
-        "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", render().await),
+        "/metrics" => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            render().await,
+        ),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/readyz" => match ready().await {
             Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n".into()),
@@ -268,21 +383,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_the_text_format() {
-        static C: Family = Family::counter("x_total", "Things.", &["kind", "class"]);
-        static G: Family = Family::gauge("up", "Up.", &[]);
-        static H: Histogram = Histogram::new("lat_seconds", "Latency.", &[], &[0.1, 1.0]);
-        C.inc(&["a", "b\"q"]);
-        C.add(&["a", "b\"q"], 2.0);
-        H.observe(&[], 0.05);
-        H.observe(&[], 0.5);
-        H.observe(&[], 5.0);
-        let mut out = String::new();
-        C.render(&mut out);
-        G.render(&mut out);
-        H.render(&mut out);
-        assert!(out.contains("# TYPE x_total counter\nx_total{kind=\"a\",class=\"b\\\"q\"} 3\n"), "{out}");
-        assert!(out.contains("up 0\n"), "{out}");
-        assert!(out.contains("lat_seconds_bucket{le=\"0.1\"} 1\nlat_seconds_bucket{le=\"1\"} 2\nlat_seconds_bucket{le=\"+Inf\"} 3\nlat_seconds_sum 5.55\nlat_seconds_count 3\n"), "{out}");
+    fn renders_the_openmetrics_text_format() {
+        let c = Family::counter("x_total", "Things.", &["kind", "class"]);
+        let g = Family::gauge("up", "Up.", &[]);
+        let h = Histogram::new("lat_seconds", "Latency.", &[], &[0.1, 1.0]);
+        c.inc(&["a", "b\"q"]);
+        c.add(&["a", "b\"q"], 2.0);
+        h.observe(&[], 0.05);
+        h.observe(&[], 0.5);
+        h.observe(&[], 5.0);
+        let p = ProcessMetrics::default();
+        p.refresh();
+        let mut families = vec![&c, &g];
+        families.extend(p.families());
+        let out = render(&families, &[&h]);
+        assert!(out.contains("# TYPE x counter\nx_total{kind=\"a\",class=\"b\\\"q\"} 3.0\n"), "{out}");
+        assert!(out.contains("up 0.0\n"), "{out}");
+        assert!(out.contains("lat_seconds_sum 5.55\nlat_seconds_count 3\nlat_seconds_bucket{le=\"0.1\"} 1\nlat_seconds_bucket{le=\"1.0\"} 2\nlat_seconds_bucket{le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.ends_with("# EOF\n"), "{out}");
+        assert!(p.resident.get(&[]) > 0.0 && p.open_fds.get(&[]) > 0.0 && p.start.get(&[]) > 1.7e9, "{out}");
+        assert_eq!(c.get(&["a", "b\"q"]), 3.0);
     }
 }

@@ -384,10 +384,13 @@ fn render_metrics(
                 Ok((engine, _)) => engine.gauges().await.ok(),
                 Err(_) => None,
             };
+            m.leader.set(&[], if gauges.is_some() { 1.0 } else { 0.0 });
             if let Some(g) = gauges {
                 m.steps.set_all(gauge(g.steps));
                 m.agents.set_all(gauge(g.agents));
                 m.breakers.set_all(gauge(g.breakers));
+                m.slots.set(&["used"], f64::from(g.slots_used));
+                m.slots.set(&["total"], f64::from(g.slots_total));
             }
             if let Ok(runs) = store.run_counts().await {
                 m.runs.set_all(gauge(runs.into_iter().collect()));

@@ -21,6 +21,10 @@ pub struct Metrics {
     pub pruned_runs: Family,
     pub pruned_rows: Family,
     pub database_bytes: Family,
+    pub build: Family,
+    pub leader: Family,
+    pub slots: Family,
+    pub process: baton_common::metrics::ProcessMetrics,
 }
 
 impl Metrics {
@@ -94,17 +98,32 @@ impl Metrics {
                 "Size of the database (SQLite: its file without the WAL).",
                 &[],
             ),
+            build: baton_common::metrics::build_info("baton-controller"),
+            leader: Family::gauge(
+                "baton_leader",
+                "1 while this controller leads, 0 while it stands by.",
+                &[],
+            ),
+            slots: Family::gauge(
+                "baton_agent_slots",
+                "Slots of the connected agents: in use, and in all.",
+                &["state"],
+            ),
+            process: Default::default(),
         })
     }
 
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        for f in [
+        self.process.refresh();
+        let mut families = vec![
+            &self.build,
+            &self.leader,
             &self.runs,
             &self.steps,
             &self.attempts,
             &self.breakers,
             &self.agents,
+            &self.slots,
             &self.heartbeats_late,
             &self.fenced,
             &self.invariant_violations,
@@ -112,12 +131,10 @@ impl Metrics {
             &self.pruned_runs,
             &self.pruned_rows,
             &self.database_bytes,
-        ] {
-            f.render(&mut out);
-        }
-        for h in [&self.dispatch_latency, &self.step_duration, &self.commit_seconds, &self.commit_batch] {
-            h.render(&mut out);
-        }
-        out
+        ];
+        families.extend(self.process.families());
+        let histograms =
+            [&self.dispatch_latency, &self.step_duration, &self.commit_seconds, &self.commit_batch];
+        baton_common::metrics::render(&families, &histograms)
     }
 }

@@ -52,6 +52,18 @@ async fn controller_and_agent_metrics_are_scraped_and_parsed(backend: Backend) {
     assert_eq!(get("baton_results_fenced_total"), 0.0);
     assert!(get("baton_run_events_total") >= 10.0);
     assert!(body.contains("# TYPE baton_dispatch_latency_seconds histogram"));
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        get(&format!("baton_build_info{{component=\"baton-controller\",version=\"{version}\"}}")),
+        1.0
+    );
+    assert_eq!(get("baton_leader"), 1.0);
+    assert_eq!(get("baton_agent_slots{state=\"used\"}"), 0.0);
+    assert!(get("baton_agent_slots{state=\"total\"}") >= 2.0);
+    assert!(get("process_resident_memory_bytes") > 0.0);
+    assert!(get("process_open_fds") > 0.0);
+    assert!(get("process_cpu_seconds_total") > 0.0);
+    assert!(body.ends_with("# EOF\n"), "OpenMetrics text");
 
     assert_eq!(http_get(sb.metrics_addr, "/healthz").await, (200, "ok\n".to_string()));
     assert_eq!(http_get(sb.metrics_addr, "/readyz").await, (200, "ready\n".to_string()));
@@ -62,6 +74,12 @@ async fn controller_and_agent_metrics_are_scraped_and_parsed(backend: Backend) {
     assert_eq!(am.get("baton_agent_running_attempts"), Some(&0.0));
     assert_eq!(am.get("baton_agent_connected"), Some(&1.0));
     assert_eq!(am.get("baton_agent_reconnects_total"), Some(&0.0));
+    assert_eq!(
+        am.get(&format!("baton_build_info{{component=\"baton-agent\",version=\"{version}\"}}")),
+        Some(&1.0)
+    );
+    assert!(am.get("baton_agent_slots").is_some_and(|s| *s >= 1.0), "{agent_body}");
+    assert!(am.get("process_resident_memory_bytes").is_some_and(|v| *v > 0.0), "{agent_body}");
     let ran: f64 =
         am.iter().filter(|(k, _)| k.starts_with("baton_agent_attempts_total")).map(|(_, v)| v).sum();
     assert_eq!(

@@ -193,6 +193,9 @@ pub struct Gauges {
     pub steps: BTreeMap<String, u32>,
     pub agents: BTreeMap<String, u32>,
     pub breakers: BTreeMap<String, u32>,
+    /// Slots of the agents that take work, and how many of them are in use.
+    pub slots_total: u32,
+    pub slots_used: u32,
 }
 
 /// A committed event, with its run's progress at the end of its batch.

@@ -670,6 +670,10 @@ impl Model {
         }
         for a in self.agents.values() {
             *g.agents.entry(a.state.as_str().to_string()).or_default() += 1;
+            if a.session.is_some() {
+                g.slots_total += a.slots;
+                g.slots_used += (a.running.len() as u32).min(a.slots);
+            }
         }
         for b in self.breakers.values() {
             *g.breakers.entry(b.state.as_str().to_string()).or_default() += 1;
