@@ -62,6 +62,9 @@ pub struct Config {
     /// A join token to enroll with, when the agent has no credential yet: it is traded
     /// once for the agent's own credential, kept in `WORK_DIR/agent-credential` (0600).
     pub join_token: Option<String>,
+    /// Where to send OpenTelemetry traces (OTLP/gRPC): a span per attempt, a child of
+    /// the controller's span for it.
+    pub otlp: Option<String>,
 }
 
 impl Config {
@@ -86,6 +89,7 @@ impl Config {
             metrics_listen: None,
             tls: Default::default(),
             join_token: None,
+            otlp: None,
         }
     }
 }
@@ -195,6 +199,7 @@ struct Agent {
     warden: Option<warden::Warden>,
     /// Since when no controller could be reached, and when that was last said.
     unreachable: Option<(Instant, Instant)>,
+    traces: Option<Arc<baton_common::trace::Exporter>>,
 }
 
 /// How often an agent that cannot reach any controller says so again.
@@ -280,6 +285,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
     let warden = cfg.warden.as_deref().and_then(|exe| warden::Warden::start(exe, &cfg.work_dir));
     info!(agent = %cfg.name, agent_id = %id, tools = %tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(","), "agent starting");
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let traces = match &cfg.otlp {
+        Some(endpoint) => {
+            let e =
+                baton_common::trace::Exporter::new(endpoint, "baton-agent").map_err(AgentError::Config)?;
+            info!(endpoint = %endpoint, "sending traces of attempts over OTLP");
+            Some(Arc::new(e))
+        }
+        None => None,
+    };
     let metrics = Arc::new(AgentMetrics::new());
     metrics.slots.set(&[], f64::from(cfg.slots));
     if let Some(addr) = cfg.metrics_listen {
@@ -318,9 +332,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         lease: None,
         warden,
         unreachable: None,
+        traces,
     };
     let result = agent.main_loop(shutdown).await;
     agent.contain.close();
+    if let Some(t) = agent.traces.take() {
+        let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+    }
     result
 }
 
@@ -910,6 +928,22 @@ impl Agent {
                 }
             });
         }
+        // The attempt's trace context: this agent's span for it when it sends traces,
+        // else the controller's; tools get it as TRACEPARENT.
+        let parent = baton_common::trace::parse_traceparent(&req.traceparent);
+        let own_span = baton_common::trace::span_id(&format!("agent:{}", r.attempt_id));
+        let traces = self.traces.clone().filter(|_| parent.is_some());
+        let mut env = req.env.clone();
+        match (parent, &traces) {
+            (Some((trace, _)), Some(_)) => {
+                env.insert("TRACEPARENT".into(), baton_common::trace::traceparent(trace, own_span));
+            }
+            (Some(_), None) => {
+                env.insert("TRACEPARENT".into(), req.traceparent.clone());
+            }
+            _ => {}
+        }
+        let agent_name = self.cfg.name.clone();
         let events = self.events_tx.clone();
         let stream_to = self.events_tx.clone();
         let stream_ref = r.clone();
@@ -926,6 +960,7 @@ impl Agent {
         debug!(tool = %req.tool, number = a.number, "attempt assigned");
         let task = async move {
             let t0 = Instant::now();
+            let started_at = std::time::SystemTime::now();
             let made_dir = adapter.as_ref().is_some_and(|a| a.needs_dir());
             // The record, cgroup and directory are a few constant-cost calls, made on
             // the runtime thread (see `scratch` for why); deleting what a stray process
@@ -961,7 +996,7 @@ impl Agent {
                             step_id: r.step_id.clone(),
                             number: a.number,
                             input,
-                            env: req.env.clone().into_iter().collect(),
+                            env: env.into_iter().collect(),
                             dir: dir.unwrap_or_default(),
                             stop,
                             kill_grace: Duration::from_millis(
@@ -999,6 +1034,25 @@ impl Agent {
             };
             output.finish();
             debug!(outcome = %state, %error, "attempt finished");
+            if let (Some(exporter), Some((trace, controller_span))) = (&traces, parent) {
+                exporter.span(baton_common::trace::SpanRecord {
+                    name: format!("execute {}", req.tool),
+                    trace,
+                    span: own_span,
+                    parent: Some(controller_span),
+                    start: started_at,
+                    end: std::time::SystemTime::now(),
+                    attributes: vec![
+                        baton_common::trace::KeyValue::new("baton.run_id", r.run_id.clone()),
+                        baton_common::trace::KeyValue::new("baton.step_id", r.step_id.clone()),
+                        baton_common::trace::KeyValue::new("baton.attempt_id", r.attempt_id.clone()),
+                        baton_common::trace::KeyValue::new("baton.tool", req.tool.clone()),
+                        baton_common::trace::KeyValue::new("baton.agent", agent_name.clone()),
+                        baton_common::trace::KeyValue::new("baton.outcome", state.to_string()),
+                    ],
+                    error: (state != Outcome::Succeeded).then(|| error.clone()),
+                });
+            }
             let finished = pb::AttemptFinished {
                 attempt: Some(r),
                 outcome: state.to_pb(),

@@ -55,6 +55,10 @@ struct Args {
     /// credential, kept in WORK_DIR/agent-credential; ignored once that exists.
     #[arg(long, env = "BATON_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+    /// Send traces (a span per attempt, child of the controller's) over OTLP/gRPC to
+    /// this endpoint, e.g. http://otel-collector:4317.
+    #[arg(long, env = "BATON_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Log format: text or json. RUST_LOG sets the filter (default info).
     #[arg(long, env = "BATON_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -110,6 +114,7 @@ async fn run() -> anyhow::Result<()> {
         metrics_listen: args.metrics_listen,
         tls: baton_common::connect::ClientTls { ca: args.tls_ca, cert: args.tls_cert, key: args.tls_key },
         join_token: args.join_token,
+        otlp: args.otlp_endpoint,
         warden: std::env::current_exe().ok(),
         cgroups: args.cgroups,
         ..Config::new("", "", "")

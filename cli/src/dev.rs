@@ -49,6 +49,7 @@ pub async fn run(
         tls: None,
         secrets_key: None,
         retention: Default::default(),
+        otlp: None,
         db: format!("sqlite://{}", db_path.display()),
         engine: baton_controller::EngineConfig {
             heartbeat_interval: Duration::from_millis(500),

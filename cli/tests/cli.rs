@@ -843,3 +843,44 @@ async fn the_live_view_summarizes_big_runs_shows_failures_and_colours_on_request
     assert_eq!(submitted.chars().count(), 60, "{submitted:?}");
     assert!(submitted.ends_with('…'), "{submitted:?}");
 }
+
+/// Ctrl-C on `submit --watch` stops watching, not the run, and says how to go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_on_a_watch_leaves_the_run_going() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write(
+        dir.path(),
+        "long.yaml",
+        "name: long\nsteps:\n  - {id: s, tool: sleep, with: {duration: 60s}}\n",
+    );
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_baton"))
+        .env("BATON_CONTROLLER", sb.url())
+        .args(["submit", &spec, "--watch"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut c = sb.client().await;
+    let run_id = eventually(Duration::from_secs(20), "the run to start", || {
+        let mut c = c.clone();
+        async move {
+            let runs =
+                c.list_runs(baton_common::pb::ListRunsRequest::default()).await.ok()?.into_inner().runs;
+            runs.first()
+                .filter(|r| r.state == baton_common::pb::RunState::Running as i32)
+                .map(|r| r.id.clone())
+        }
+    })
+    .await;
+    wait_event(&mut c, &run_id, Duration::from_secs(20), |e| e.kind == "attempt_started").await;
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = child.wait().await.unwrap();
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).await.unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains(&format!("stopped watching; run {run_id} goes on")), "{stderr}");
+    let run = get_run(&mut c, &run_id).await;
+    assert_eq!(run.state_name(), "running");
+}

@@ -17,6 +17,7 @@ pub mod state;
 pub mod template;
 pub mod time;
 pub mod tools;
+pub mod trace;
 
 pub use proto::v1 as pb;
 

@@ -401,11 +401,22 @@ fn check_nesting(text: &str) -> Result<(), (usize, usize)> {
 }
 
 /// Drops the " at line X column Y" suffix that the position fields already carry.
+/// A parser's message without its position (reported apart) and in the spec's terms,
+/// not the names of the types it is read into.
 fn strip_position(msg: &str) -> String {
-    match msg.find(" at line ") {
-        Some(i) => msg[..i].to_string(),
-        None => msg.to_string(),
-    }
+    let msg = match msg.find(" at line ") {
+        Some(i) => &msg[..i],
+        None => msg,
+    };
+    [
+        ("struct RawWorkstream", "a workstream (a mapping with name: and steps:)"),
+        ("struct RawStep", "a step (a mapping with id: and tool:)"),
+        ("struct RawDefaults", "a mapping of defaults"),
+        ("struct RawRetry", "a retry policy (a mapping)"),
+        ("struct RawBackoff", "a backoff (a mapping)"),
+    ]
+    .iter()
+    .fold(msg.to_string(), |m, (from, to)| m.replace(from, to))
 }
 
 struct Collector<'a> {
@@ -1052,6 +1063,11 @@ steps:
         let e = err("name: t\nsteps:\n  - id: x\n    tool: noop\n   bad: [\n");
         assert!(e.starts_with("ws.yaml:5:"), "{e}");
         assert!(e.contains("invalid YAML"), "{e}");
+        let e = err("nope\n");
+        assert!(e.contains("expected a workstream (a mapping with name: and steps:)"), "{e}");
+        assert!(!e.contains("Raw"), "{e}");
+        let e = err("name: x\nsteps: [3]\n");
+        assert!(!e.contains("Raw"), "{e}");
     }
 
     #[test]

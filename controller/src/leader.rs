@@ -44,6 +44,11 @@ impl Leadership {
         self.rx.borrow().clone()
     }
 
+    /// Waits for the role to change; false once it never will (the controller stops).
+    pub async fn changed(&mut self) -> bool {
+        self.rx.changed().await.is_ok()
+    }
+
     /// The engine, when this controller leads; else UNAVAILABLE naming the leader.
     pub fn engine(&self) -> Result<(EngineHandle, CancellationToken), Status> {
         match self.role() {

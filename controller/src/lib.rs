@@ -12,6 +12,7 @@ pub mod router;
 pub mod secrets;
 pub mod store;
 pub mod tls;
+pub mod traces;
 
 use std::time::Duration;
 
@@ -49,6 +50,8 @@ pub struct Config {
     pub secrets_key: Option<std::path::PathBuf>,
     /// How long finished runs are kept, and how often the leader prunes them.
     pub retention: Retention,
+    /// Where to send OpenTelemetry traces (OTLP/gRPC, `http://collector:4317`).
+    pub otlp: Option<String>,
 }
 
 /// Pruning of finished runs (see [`store::Store::prune`]).
@@ -84,6 +87,7 @@ impl Config {
             tls: None,
             secrets_key: None,
             retention: Retention::default(),
+            otlp: None,
         }
     }
 }
@@ -178,6 +182,12 @@ pub async fn run(
         metrics.clone(),
         stop.clone(),
     ));
+    if let Some(endpoint) = &config.otlp {
+        let exporter = baton_common::trace::Exporter::new(endpoint, "baton-controller")
+            .map_err(ControllerError::Config)?;
+        info!(endpoint = %endpoint, "sending traces of runs over OTLP");
+        tasks.spawn(traces::follow(leadership.clone(), std::sync::Arc::new(exporter), stop.clone()));
+    }
     let authenticator = auth::Authenticator::new(config.auth, store.clone());
     if let Some(listener) = config.metrics {
         let listener =

@@ -102,6 +102,10 @@ struct Args {
     /// How often the leader looks for finished runs past their retention.
     #[arg(long, env = "BATON_PRUNE_EVERY", default_value = "1m", value_parser = duration)]
     prune_every: Duration,
+    /// Send traces (a span per run, step and attempt) over OTLP/gRPC to this endpoint,
+    /// e.g. http://otel-collector:4317.
+    #[arg(long, env = "BATON_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Log format: text or json. RUST_LOG sets the filter (default info).
     #[arg(long, env = "BATON_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -187,6 +191,7 @@ async fn run() -> anyhow::Result<()> {
         auth,
         tls,
         secrets_key: args.secrets_key,
+        otlp: args.otlp_endpoint,
         retention: baton_controller::Retention {
             keep: args.retain,
             every: args.prune_every,

@@ -213,6 +213,7 @@ pub struct SandboxBuilder {
     auth: AuthMode,
     tls: bool,
     retention: baton_controller::Retention,
+    otlp: Option<String>,
 }
 
 impl SandboxBuilder {
@@ -254,6 +255,12 @@ impl SandboxBuilder {
     pub fn tls(mut self) -> Self {
         self.tls = true;
         self.auth = AuthMode::Required;
+        self
+    }
+
+    /// The controller and the agents send traces to this OTLP/gRPC endpoint.
+    pub fn otlp(mut self, endpoint: &str) -> Self {
+        self.otlp = Some(endpoint.to_string());
         self
     }
 
@@ -300,6 +307,7 @@ impl SandboxBuilder {
             metrics_addr,
             engine: self.engine,
             retention: self.retention,
+            otlp: self.otlp,
             auth: self.auth,
             admin_token: admin,
             certs,
@@ -333,6 +341,7 @@ pub struct Sandbox {
     _test_db: TestDb,
     pub engine: baton_controller::EngineConfig,
     pub retention: baton_controller::Retention,
+    pub otlp: Option<String>,
     /// The router config file, when the sandbox has one (rewrite it, then reload).
     pub router: Option<PathBuf>,
     /// Where the controller serves /metrics, /healthz and /readyz.
@@ -361,6 +370,7 @@ impl Sandbox {
             auth: AuthMode::Off,
             tls: false,
             retention: Default::default(),
+            otlp: None,
         }
     }
 
@@ -393,6 +403,7 @@ impl Sandbox {
             }),
             secrets_key: Some(self.dir.path().join("secrets.key")),
             retention: self.retention.clone(),
+            otlp: self.otlp.clone(),
         };
         let s = stop.clone();
         let task = tokio::spawn(async move {
@@ -450,6 +461,7 @@ impl Sandbox {
         }
         cfg.reconnect_min = Duration::from_millis(20);
         cfg.reconnect_max = Duration::from_millis(300);
+        cfg.otlp = self.otlp.clone();
         cfg
     }
 

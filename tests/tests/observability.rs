@@ -412,3 +412,91 @@ async fn an_agent_without_a_controller_says_so_in_flat_json_logs() {
         assert!(!l.contains("Some(") && !l.contains("None"), "{l}");
     }
 }
+
+/// An OTLP/gRPC trace receiver on a free port: what it was sent.
+struct Receiver(std::sync::Arc<std::sync::Mutex<Vec<(String, opentelemetry_proto::tonic::trace::v1::Span)>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for Receiver {
+    async fn export(
+        &self,
+        req: tonic::Request<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>,
+        tonic::Status,
+    > {
+        let mut got = self.0.lock().unwrap();
+        for rs in req.into_inner().resource_spans {
+            let service = rs
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|a| a.key == "service.name")
+                .and_then(|a| a.value.as_ref())
+                .map(|v| format!("{:?}", v.value))
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    got.push((service.clone(), s));
+                }
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// Traces over OTLP: a span per run, step and attempt from the controller, the agent's
+/// span for the attempt under the controller's, one trace per run (its id), and the
+/// tool sees its trace context as TRACEPARENT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_steps_and_attempts_are_traced_over_otlp_down_to_the_tool() {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let server = tonic::transport::Server::builder()
+        .add_service(TraceServiceServer::new(Receiver(spans.clone())))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    tokio::spawn(server);
+
+    let sb = Sandbox::builder().agents(1).otlp(&endpoint).build().await;
+    let mut c = sb.client().await;
+    let id = sb
+        .submit("name: traced\nsteps:\n  - {id: a, tool: shell, with: {run: 'echo \"$TRACEPARENT\"'}}\n  - {id: b, needs: a, tool: noop}\n")
+        .await;
+    let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
+    assert_eq!(run.state_name(), "succeeded");
+    let trace = baton_common::trace::trace_id(&id).unwrap().to_vec();
+    // Run, 2 steps, 2 attempts from the controller; 2 attempts from the agent.
+    let got = eventually(Duration::from_secs(30), "the spans to arrive", || {
+        let (spans, trace) = (spans.clone(), trace.clone());
+        async move {
+            let got = spans.lock().unwrap().clone();
+            (got.iter().filter(|(_, s)| s.trace_id == trace).count() >= 7).then_some(got)
+        }
+    })
+    .await;
+    let of = |name: &str| -> Vec<&opentelemetry_proto::tonic::trace::v1::Span> {
+        got.iter().map(|(_, s)| s).filter(|s| s.name == name && s.trace_id == trace).collect()
+    };
+    let (runs, steps, attempts, executes) = (of("run"), of("step"), of("attempt"), of("execute shell"));
+    assert_eq!((runs.len(), steps.len(), attempts.len(), executes.len()), (1, 2, 2, 1), "{got:#?}");
+    assert_eq!(of("execute noop").len(), 1);
+    let run_span = &runs[0];
+    assert!(run_span.parent_span_id.is_empty(), "the run is the trace's root");
+    assert!(run_span.end_time_unix_nano >= run_span.start_time_unix_nano);
+    for s in &steps {
+        assert_eq!(s.parent_span_id, run_span.span_id);
+    }
+    let step_a = baton_common::trace::step_span(&id, "a").to_vec();
+    let attempt_a = attempts.iter().find(|s| s.parent_span_id == step_a).expect("step a's attempt");
+    let exec = executes[0];
+    assert_eq!(exec.parent_span_id, attempt_a.span_id, "the agent's span is the attempt's child");
+    assert!(got.iter().any(|(service, s)| service.contains("baton-agent") && s.span_id == exec.span_id));
+
+    // The tool saw the agent's span as its parent.
+    let chunks = logs(&mut c, &id, "a", 0, false).await;
+    let logs: String = chunks.iter().map(|ch| String::from_utf8_lossy(&ch.data).into_owned()).collect();
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    assert_eq!(logs.trim(), format!("00-{}-{}-01", hex(&trace), hex(&exec.span_id)));
+}

@@ -207,6 +207,9 @@ impl Model {
             // marks the cut.
             max_output_bytes: self.cfg.max_output_bytes + 1024,
             redact,
+            traceparent: baton_common::trace::trace_id(run_id)
+                .map(|t| baton_common::trace::traceparent(t, baton_common::trace::attempt_span(&attempt.id)))
+                .unwrap_or_default(),
         };
         // Work for a free slot goes out at once; a queue top-up for a busy agent may
         // share a later commit.

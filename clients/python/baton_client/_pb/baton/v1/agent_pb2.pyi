@@ -174,7 +174,7 @@ class Welcome(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., adopted: _Optional[_Iterable[str]] = ..., abandon: _Optional[_Iterable[str]] = ..., stop_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., fence_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ExecutionRequest(_message.Message):
-    __slots__ = ("tool", "input", "env", "timeout", "kill_grace", "max_output_bytes", "redact")
+    __slots__ = ("tool", "input", "env", "timeout", "kill_grace", "max_output_bytes", "redact", "traceparent")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +189,7 @@ class ExecutionRequest(_message.Message):
     KILL_GRACE_FIELD_NUMBER: _ClassVar[int]
     MAX_OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     REDACT_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     tool: str
     input: _struct_pb2.Struct
     env: _containers.ScalarMap[str, str]
@@ -196,7 +197,8 @@ class ExecutionRequest(_message.Message):
     kill_grace: _duration_pb2.Duration
     max_output_bytes: int
     redact: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, tool: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., kill_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_output_bytes: _Optional[int] = ..., redact: _Optional[_Iterable[str]] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, tool: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., kill_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_output_bytes: _Optional[int] = ..., redact: _Optional[_Iterable[str]] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class Assign(_message.Message):
     __slots__ = ("attempt", "number", "request")
