@@ -445,7 +445,7 @@ fn readiness(leadership: leader::Leadership, store: store::Store) -> baton_commo
 }
 
 /// Where the secrets key lives by default: beside a SQLite database file.
-fn default_secrets_key(db: &str) -> Option<std::path::PathBuf> {
+pub fn default_secrets_key(db: &str) -> Option<std::path::PathBuf> {
     let path = db.strip_prefix("sqlite://").or_else(|| db.strip_prefix("sqlite:"))?;
     let path = path.split('?').next().unwrap_or("");
     (!path.is_empty() && !path.contains(":memory:"))

@@ -221,10 +221,10 @@ async fn backup(db: &str, file: &std::path::Path) -> anyhow::Result<()> {
     result?;
     let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
     eprintln!("{} written ({size} bytes): a copy of {}", file.display(), baton_controller::redact(db));
-    if let Some(key) = db.strip_prefix("sqlite://").map(|p| format!("{p}.secrets-key"))
-        && std::path::Path::new(&key).exists()
+    if let Some(key) = baton_controller::default_secrets_key(db)
+        && key.exists()
     {
-        eprintln!("keep the secrets key {key} with it: sealed secrets cannot be read without it");
+        eprintln!("keep the secrets key {} with it: sealed secrets cannot be read without it", key.display());
     }
     Ok(())
 }
