@@ -7,6 +7,7 @@
 
 pub mod adapters;
 pub mod contain;
+mod pipeline;
 mod scratch;
 pub mod warden;
 
@@ -182,6 +183,8 @@ struct Agent {
     queued: std::collections::VecDeque<pb::Assign>,
     /// Finished results not acknowledged yet, oldest first.
     unacked: Vec<pb::AttemptFinished>,
+    /// How recent attempts ended here, for the pipelined attempts that follow them.
+    outcomes: pipeline::Outcomes,
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
     draining: bool,
@@ -321,6 +324,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         running: HashMap::new(),
         queued: std::collections::VecDeque::new(),
         unacked: leftovers,
+        outcomes: pipeline::Outcomes::default(),
         events_tx,
         events_rx,
         draining: false,
@@ -757,11 +761,16 @@ impl Agent {
                     || self.queued.iter().any(|q| q.attempt.as_ref().is_some_and(|r| r.attempt_id == id));
                 if known {
                     Ok(())
-                } else if self.running.len() < self.cfg.slots as usize {
+                } else if a.after.is_empty() && self.running.len() < self.cfg.slots as usize {
                     self.start_attempt(a, Some(out))
                 } else {
+                    // Pipelined (it waits for what it follows), or beyond the slots.
                     self.queued.push_back(a);
-                    Ok(())
+                    if self.start_queued(Some(out), false) {
+                        Ok(())
+                    } else {
+                        Err("outbound stream is stuck".into())
+                    }
                 }
             }
             In::Cancel(c) => {
@@ -859,7 +868,7 @@ impl Agent {
     }
 
     /// Reports a queued attempt that will not run, as canceled.
-    fn never_started(&mut self, q: pb::Assign, why: &str) {
+    fn never_started(&mut self, q: pb::Assign, why: &str) -> pb::AttemptFinished {
         let f = pb::AttemptFinished {
             attempt: q.attempt,
             outcome: Outcome::Canceled.to_pb(),
@@ -867,18 +876,66 @@ impl Agent {
             error: why.to_string(),
             ..Default::default()
         };
-        let _ = self.events_tx.send(Event::Finished(f));
+        let _ = self.events_tx.send(Event::Finished(f.clone()));
+        f
     }
 
-    /// Starts queued attempts while slots are free.
-    fn start_queued(&mut self, out: Option<&mpsc::Sender<pb::AgentMessage>>) -> bool {
-        while self.running.len() < self.cfg.slots as usize {
-            let Some(a) = self.queued.pop_front() else { break };
+    /// Starts queued attempts while slots are free, oldest first: pipelined ones once
+    /// what they follow has succeeded here (never, reported canceled, if it did not);
+    /// with `plain`, only ordinary ones.
+    fn start_queued(&mut self, out: Option<&mpsc::Sender<pb::AgentMessage>>, plain: bool) -> bool {
+        loop {
+            let live = |id: &str| {
+                self.running.contains_key(id)
+                    || self.queued.iter().any(|q| q.attempt.as_ref().is_some_and(|r| r.attempt_id == id))
+            };
+            let mut pick = None;
+            for (i, q) in self.queued.iter().enumerate() {
+                if q.after.is_empty() {
+                    pick.get_or_insert((i, None));
+                    continue;
+                }
+                if plain {
+                    continue;
+                }
+                match self.outcomes.readiness(q, &live) {
+                    pipeline::Readiness::Now => {
+                        pick.get_or_insert((i, None));
+                    }
+                    pipeline::Readiness::Later => {}
+                    pipeline::Readiness::Never(why) => {
+                        pick = Some((i, Some(why)));
+                        break;
+                    }
+                }
+            }
+            let Some((i, never)) = pick else { return true };
+            if never.is_none() && self.running.len() >= self.cfg.slots as usize {
+                return true;
+            }
+            let Some(mut a) = self.queued.remove(i) else { return true };
+            if let Some(why) = never {
+                // Recorded at once, so that what follows it is dropped in turn.
+                let f = self.never_started(a, &format!("not started: {why}"));
+                self.outcomes.record(&f);
+                continue;
+            }
+            if let Err(e) = self.outcomes.render(&mut a) {
+                let f = pb::AttemptFinished {
+                    attempt: a.attempt,
+                    outcome: Outcome::Failed.to_pb(),
+                    failure_class: FailureClass::ToolError.to_pb(),
+                    error: format!("input: {e}"),
+                    ..Default::default()
+                };
+                self.outcomes.record(&f);
+                let _ = self.events_tx.send(Event::Finished(f));
+                continue;
+            }
             if self.start_attempt(a, out).is_err() {
                 return false;
             }
         }
-        true
     }
 
     fn start_attempt(
@@ -1106,17 +1163,23 @@ impl Agent {
                 let outcome = Outcome::from_pb(f.outcome).map_or("unknown", Outcome::as_str);
                 self.metrics.attempts.inc(&[outcome]);
                 // A slot is free: the next queued attempt starts before the result goes
-                // out, so the tool is busy again at once.
-                let mut ok = self.start_queued(out);
+                // out, so the tool is busy again at once. Pipelined ones start after it:
+                // the controller must hear of this result before their starts.
+                let mut ok = self.start_queued(out, true);
+                if !abandoned {
+                    self.unacked.push(f.clone());
+                    if let Some(out) = out {
+                        ok &= out.try_send(msg(Out::Finished(f.clone()))).is_ok();
+                    }
+                }
+                let mut ended = f;
+                if abandoned {
+                    ended.outcome = Outcome::Canceled.to_pb();
+                }
+                self.outcomes.record(&ended);
+                ok &= self.start_queued(out, false);
                 self.metrics.running.set(&[], self.running.len() as f64);
                 self.update_warden();
-                if abandoned {
-                    return ok;
-                }
-                self.unacked.push(f.clone());
-                if let Some(out) = out {
-                    ok &= out.try_send(msg(Out::Finished(f))).is_ok();
-                }
                 ok
             }
         }

@@ -28,6 +28,7 @@ pub struct Cluster {
     pub controller: Child,
     pub agents: Vec<Child>,
     heartbeat: Duration,
+    pipeline: bool,
     pg_admin: Option<String>,
 }
 
@@ -42,6 +43,7 @@ impl Cluster {
         pg_url: Option<&str>,
         agents: &[u32],
         heartbeat: Duration,
+        pipeline: bool,
     ) -> anyhow::Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("baton-bench-").tempdir()?;
         let (db, pg_admin) = match backend {
@@ -55,7 +57,7 @@ impl Cluster {
         };
         let addr = free_addr()?;
         let metrics = free_addr()?;
-        let controller = spawn_controller(addr, metrics, &db, heartbeat, dir.path())?;
+        let controller = spawn_controller(addr, metrics, &db, heartbeat, pipeline, dir.path())?;
         let mut c = Cluster {
             url: format!("http://{addr}"),
             addr,
@@ -65,6 +67,7 @@ impl Cluster {
             agents: Vec::new(),
             dir,
             heartbeat,
+            pipeline,
             pg_admin,
         };
         c.wait_leader().await?;
@@ -103,8 +106,14 @@ impl Cluster {
         let _ = self.controller.kill();
         let _ = self.controller.wait();
         let t0 = std::time::Instant::now();
-        self.controller =
-            spawn_controller(self.addr, self.metrics, &self.db, self.heartbeat, self.dir.path())?;
+        self.controller = spawn_controller(
+            self.addr,
+            self.metrics,
+            &self.db,
+            self.heartbeat,
+            self.pipeline,
+            self.dir.path(),
+        )?;
         Ok(t0)
     }
 
@@ -201,6 +210,7 @@ fn spawn_controller(
     metrics: SocketAddr,
     db: &str,
     heartbeat: Duration,
+    pipeline: bool,
     dir: &Path,
 ) -> anyhow::Result<Child> {
     let exe: PathBuf = std::env::current_exe()?;
@@ -215,6 +225,7 @@ fn spawn_controller(
             db,
         ])
         .args(["--heartbeat-interval", &format!("{}ms", heartbeat.as_millis())])
+        .args(if pipeline { &[][..] } else { &["--no-pipeline"][..] })
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -113,23 +113,64 @@ if __name__ == "__main__":
         print(time.perf_counter() - t0)
 "#;
 
+/// A Python with Dask distributed: the system's `python3` if it has it, else a venv
+/// the harness keeps under `target/bench-pyenv`, made and filled (`pip install
+/// distributed`) on first use. `None` when that fails (no pip, no index).
+fn python() -> Option<std::path::PathBuf> {
+    static PYTHON: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            let has_dask = |py: &std::path::Path| {
+                Command::new(py)
+                    .args(["-c", "import dask, distributed"])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            };
+            let system = std::path::PathBuf::from("python3");
+            if has_dask(&system) {
+                return Some(system);
+            }
+            // target/release/baton-bench → target/bench-pyenv
+            let exe = std::env::current_exe().ok()?;
+            let venv = exe.parent()?.parent()?.join("bench-pyenv");
+            let py = venv.join("bin").join("python");
+            if has_dask(&py) {
+                return Some(py);
+            }
+            eprintln!("installing dask distributed into {} for the comparison ...", venv.display());
+            let made = Command::new("python3").args(["-m", "venv"]).arg(&venv).status();
+            let pip = venv.join("bin").join("pip");
+            let installed = made.is_ok_and(|s| s.success())
+                && Command::new(&pip)
+                    .args(["install", "-q", "distributed"])
+                    .status()
+                    .is_ok_and(|s| s.success());
+            if installed && has_dask(&py) {
+                Some(py)
+            } else {
+                eprintln!("could not install dask distributed; the Dask columns stay empty");
+                None
+            }
+        })
+        .clone()
+}
+
 /// Runs the DAG on a Dask LocalCluster of 2 workers × 1 thread, each task running
-/// `true` as a subprocess. `Ok(None)` when Dask is not installed (the harness does not
-/// install it).
+/// `true` as a subprocess. `Ok(None)` when no Python with Dask can be had (see
+/// [`python`]).
 pub fn dask(shape: Shape) -> anyhow::Result<Option<Duration>> {
-    let have = Command::new("python3").args(["-c", "import dask, distributed"]).output();
-    if !have.is_ok_and(|o| o.status.success()) {
+    let Some(python) = python() else {
         return Ok(None);
-    }
+    };
     let (kind, a, b) = match shape {
         Shape::Independent(n) => ("independent", n, 0),
         Shape::Chain(n) => ("chain", n, 0),
         Shape::Layers(l, w) => ("layers", l, w),
     };
-    let out = Command::new("python3")
+    let out = Command::new(&python)
         .args(["-c", DASK_SCRIPT, kind, &a.to_string(), &b.to_string()])
         .output()
-        .context("cannot run python3")?;
+        .with_context(|| format!("cannot run {}", python.display()))?;
     if !out.status.success() {
         bail!("dask failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -139,7 +180,7 @@ pub fn dask(shape: Shape) -> anyhow::Result<Option<Duration>> {
     Ok(Some(Duration::from_secs_f64(secs)))
 }
 
-pub const DASK_HINT: &str = "Dask is not installed; for the comparison: pip install \"distributed\"";
+pub const DASK_HINT: &str = "Dask could not be installed (python3 -m venv and pip install \"distributed\" failed); the Dask columns are empty";
 
 #[cfg(test)]
 mod tests {

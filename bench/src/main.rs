@@ -35,6 +35,13 @@ struct Args {
     /// Seconds B5 runs for.
     #[arg(long, default_value_t = 60)]
     b5_seconds: u64,
+    /// Run the controllers with pipelined starts off (`baton-controller --no-pipeline`).
+    #[arg(long)]
+    no_pipeline: bool,
+    /// The `baton` CLI for the end-to-end times of B1–B3 (`baton submit FILE --watch`);
+    /// default: `baton` next to this binary (`cargo build --release -p baton`).
+    #[arg(long)]
+    baton: Option<std::path::PathBuf>,
 }
 
 /// The processes a benchmark starts (this same binary).
@@ -50,6 +57,8 @@ enum Role {
         db: String,
         #[arg(long, value_parser = baton_common::time::parse_duration)]
         heartbeat_interval: Duration,
+        #[arg(long)]
+        no_pipeline: bool,
     },
     #[command(hide = true)]
     Agent {
@@ -82,13 +91,14 @@ fn main() -> anyhow::Result<()> {
     };
     rt.block_on(async move {
         match args.role {
-            Some(Role::Controller { listen, metrics_listen, db, heartbeat_interval }) => {
+            Some(Role::Controller { listen, metrics_listen, db, heartbeat_interval, no_pipeline }) => {
                 let listener = tokio::net::TcpListener::bind(listen).await?;
                 let metrics = std::net::TcpListener::bind(metrics_listen)?;
                 metrics.set_nonblocking(true)?;
                 let mut config = baton_controller::Config::new(db);
                 config.metrics = Some(metrics);
                 config.engine.heartbeat_interval = heartbeat_interval;
+                config.engine.pipeline = !no_pipeline;
                 baton_controller::run(listener, config, CancellationToken::new()).await?;
                 Ok(())
             }
@@ -115,11 +125,20 @@ fn main() -> anyhow::Result<()> {
                         anyhow::bail!("unknown scenario {s:?} (known: {})", all.join(", "));
                     }
                 }
+                let baton = match args.baton {
+                    Some(p) => Some(p),
+                    None => {
+                        let next_to = std::env::current_exe()?.with_file_name("baton");
+                        next_to.exists().then_some(next_to)
+                    }
+                };
                 let opts = scenarios::Options {
                     backend,
                     postgres_url: args.postgres_url,
                     compare: !args.no_compare,
                     b5_seconds: args.b5_seconds,
+                    pipeline: !args.no_pipeline,
+                    baton,
                 };
                 scenarios::run_all(&chosen, &opts).await
             }

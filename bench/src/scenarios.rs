@@ -16,6 +16,10 @@ pub struct Options {
     pub postgres_url: Option<String>,
     pub compare: bool,
     pub b5_seconds: u64,
+    /// Controllers with pipelined starts.
+    pub pipeline: bool,
+    /// The `baton` CLI, for end-to-end times of B1–B3.
+    pub baton: Option<std::path::PathBuf>,
 }
 
 /// One line of the table.
@@ -34,6 +38,8 @@ struct Row {
     agent_rss: f64,
     make: Option<f64>,
     dask: Option<f64>,
+    /// `baton submit FILE --watch`, start to exit, on the same cluster right after.
+    cli: Option<f64>,
     note: String,
 }
 
@@ -72,9 +78,9 @@ pub async fn run_all(chosen: &[String], o: &Options) -> anyhow::Result<()> {
     println!("## Results ({backend})");
     println!();
     println!(
-        "| scenario | steps | makespan | steps/s | overhead/step vs make | ready→started p50 | p99 | controller CPU | agents CPU | controller RSS | agent RSS | make | Baton/make | Dask | Baton/Dask | notes |"
+        "| scenario | steps | makespan | steps/s | overhead/step vs make | ready→started p50 | p99 | controller CPU | agents CPU | controller RSS | agent RSS | make | Baton/make | CLI end to end | CLI/make | Dask | Baton/Dask | notes |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!("{}", table_line(r));
     }
@@ -107,8 +113,12 @@ fn table_line(r: &Row) -> String {
         (Some(m), Some(x)) if x > 0.0 => format!("{:.2}", m / x),
         _ => "-".into(),
     };
+    let cli_ratio = match (r.cli, r.make) {
+        (Some(c), Some(m)) if m > 0.0 => format!("{:.2}", c / m),
+        _ => "-".into(),
+    };
     format!(
-        "| {} | {} | {} | {} | {} | {} | {} | {:.2}s | {:.2}s | {:.0} MiB | {:.0} MiB | {} | {} | {} | {} | {} |",
+        "| {} | {} | {} | {} | {} | {} | {} | {:.2}s | {:.2}s | {:.0} MiB | {:.0} MiB | {} | {} | {} | {} | {} | {} | {} |",
         r.name,
         r.steps,
         fmt_s(r.makespan),
@@ -122,6 +132,8 @@ fn table_line(r: &Row) -> String {
         r.agent_rss,
         fmt_s(r.make),
         ratio(r.make),
+        fmt_s(r.cli),
+        cli_ratio,
         fmt_s(r.dask),
         ratio(r.dask),
         r.note
@@ -225,7 +237,8 @@ fn commits(before: &HashMap<String, f64>, after: &HashMap<String, f64>) -> Strin
 /// dispatch latency, CPU, memory, and (in `note`) the commits.
 async fn measure(o: &Options, name: &str, shape: Shape, tool: &str, agents: &[u32]) -> anyhow::Result<Row> {
     let cluster =
-        Cluster::start(o.backend, o.postgres_url.as_deref(), agents, Duration::from_secs(1)).await?;
+        Cluster::start(o.backend, o.postgres_url.as_deref(), agents, Duration::from_secs(1), o.pipeline)
+            .await?;
     let mut c = cluster.client().await?;
     let before = cluster.metrics().await?;
     let cpu0 = cluster.cpu();
@@ -233,7 +246,12 @@ async fn measure(o: &Options, name: &str, shape: Shape, tool: &str, agents: &[u3
     let cpu1 = cluster.cpu();
     let after = cluster.metrics().await?;
     let (ctl_rss, agent_rss) = cluster.peak_rss();
+    let cli = match (&o.baton, tool) {
+        (Some(baton), "shell") => Some(cli_run(baton, &cluster, spec(name, shape, tool))?),
+        _ => None,
+    };
     Ok(Row {
+        cli,
         name: name.to_string(),
         steps: shape.steps(),
         makespan: Some(took.as_secs_f64()),
@@ -247,6 +265,28 @@ async fn measure(o: &Options, name: &str, shape: Shape, tool: &str, agents: &[u3
         note: commits(&before, &after),
         ..Default::default()
     })
+}
+
+/// The time a user sees: `baton submit FILE --watch` from start to exit, the run's
+/// end included.
+fn cli_run(baton: &std::path::Path, cluster: &Cluster, spec: String) -> anyhow::Result<f64> {
+    let file = cluster.dir.path().join("cli.json");
+    std::fs::write(&file, spec)?;
+    let t0 = Instant::now();
+    let out = std::process::Command::new(baton)
+        .arg("submit")
+        .arg(&file)
+        .arg("--watch")
+        .env("BATON_CONTROLLER", &cluster.url)
+        .env("BATON_CONFIG", cluster.dir.path().join("no-contexts.yaml"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {}", baton.display()))?;
+    let took = t0.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!("{} submit --watch failed: {}", baton.display(), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(took)
 }
 
 async fn dag(o: &Options, name: &str, shape: Shape, agents: &[u32], make_jobs: usize) -> anyhow::Result<Row> {
@@ -312,7 +352,8 @@ async fn fake_agent(url: String, name: String, heartbeats: bool) -> anyhow::Resu
 }
 
 async fn b5(o: &Options) -> anyhow::Result<Row> {
-    let cluster = Cluster::start(o.backend, o.postgres_url.as_deref(), &[], Duration::from_secs(1)).await?;
+    let cluster =
+        Cluster::start(o.backend, o.postgres_url.as_deref(), &[], Duration::from_secs(1), o.pipeline).await?;
     let mut tasks = Vec::new();
     for i in 0..200 {
         tasks.push(tokio::spawn(fake_agent(cluster.url.clone(), format!("sim-{i}"), true)));
@@ -352,7 +393,7 @@ async fn b5(o: &Options) -> anyhow::Result<Row> {
 
 async fn b6(o: &Options) -> anyhow::Result<Row> {
     let mut cluster =
-        Cluster::start(o.backend, o.postgres_url.as_deref(), &[], Duration::from_secs(1)).await?;
+        Cluster::start(o.backend, o.postgres_url.as_deref(), &[], Duration::from_secs(1), o.pipeline).await?;
     let mut c = cluster.client().await?;
     let shape = Shape::Independent(10_000);
     c.submit_run(pb::SubmitRunRequest {
@@ -390,7 +431,9 @@ async fn b6(o: &Options) -> anyhow::Result<Row> {
 }
 
 async fn idle(o: &Options) -> anyhow::Result<Row> {
-    let cluster = Cluster::start(o.backend, o.postgres_url.as_deref(), &[1], Duration::from_secs(1)).await?;
+    let cluster =
+        Cluster::start(o.backend, o.postgres_url.as_deref(), &[1], Duration::from_secs(1), o.pipeline)
+            .await?;
     let mut c = cluster.client().await?;
     // Warm up connections and caches.
     run_to_end(&mut c, spec("idle", Shape::Independent(1), "noop")).await?;
@@ -441,12 +484,13 @@ mod tests {
             makespan: Some(0.5),
             throughput: true,
             make: Some(0.25),
+            cli: Some(0.3),
             dask: Some(1.0),
             ..Default::default()
         };
         let line = table_line(&r);
         assert!(line.starts_with("| B | 100 | 0.500s | 200 | 2.50ms |"), "{line}");
-        assert!(line.contains("| 0.250s | 2.00 | 1.000s | 0.50 |"), "{line}");
+        assert!(line.contains("| 0.250s | 2.00 | 0.300s | 1.20 | 1.000s | 0.50 |"), "{line}");
         let r = Row { name: "B6".into(), steps: 10, makespan: Some(0.1), ..Default::default() };
         assert!(table_line(&r).starts_with("| B6 | 10 | 0.100s | - | - |"), "{}", table_line(&r));
     }

@@ -234,9 +234,26 @@ fn scalar(v: &serde_json::Value) -> String {
 
 /// The per-step summary: state, attempts, duration and why it is where it is.
 pub fn steps(steps: &[pb::Step]) {
+    // Attempts by id, as `step#number`, to say what a pipelined one started after.
+    let labels: std::collections::HashMap<&str, String> = steps
+        .iter()
+        .flat_map(|s| s.attempts.iter().map(move |a| (a.id.as_str(), format!("{}#{}", s.id, a.number))))
+        .collect();
     let rows = steps
         .iter()
         .map(|s| {
+            let start = match s.attempts.last() {
+                None => "-".to_string(),
+                Some(a) if a.after.is_empty() => "ready".to_string(),
+                Some(a) => {
+                    let after: Vec<&str> = a
+                        .after
+                        .iter()
+                        .map(|id| labels.get(id.as_str()).map_or(id.as_str(), |l| l.as_str()))
+                        .collect();
+                    format!("after {}", after.join(","))
+                }
+            };
             let (started, finished) = (ms(&s.started_at), ms(&s.finished_at));
             let duration =
                 if started > 0 && finished >= started { span(finished - started) } else { "-".into() };
@@ -254,12 +271,13 @@ pub fn steps(steps: &[pb::Step]) {
                 s.attempt_count.to_string(),
                 duration,
                 if agent.is_empty() { "-".into() } else { agent },
+                start,
                 exit,
                 s.reason.clone(),
             ]
         })
         .collect();
-    table(&["STEP", "TOOL", "STATE", "ATTEMPTS", "DURATION", "AGENT", "EXIT", "REASON"], rows);
+    table(&["STEP", "TOOL", "STATE", "ATTEMPTS", "DURATION", "AGENT", "START", "EXIT", "REASON"], rows);
 }
 
 /// Writes log chunks to stdout: raw for one step, or line by line with a `step | `

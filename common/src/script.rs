@@ -78,6 +78,29 @@ pub fn render_input(
     Ok((out, env))
 }
 
+/// A step's rendered `with` and its environment.
+pub type RenderedStep = (serde_json::Map<String, Value>, std::collections::BTreeMap<String, String>);
+
+/// A step's `with` and `env` rendered for `tool`: the input as [`render_input`] gives
+/// it, and the environment with the step's own values rendered as text plus the
+/// variables its script's values travel in. The controller renders with it at
+/// dispatch, an agent for an attempt started after its predecessors (same code, same
+/// result).
+pub fn render_step(
+    tool: &str,
+    with: &serde_json::Map<String, Value>,
+    env: &std::collections::BTreeMap<String, String>,
+    lookup: &dyn Fn(&Ref) -> Result<Value, String>,
+) -> Result<RenderedStep, String> {
+    let (with, script_env) = render_input(tool, with, lookup)?;
+    let mut out = std::collections::BTreeMap::new();
+    for (k, v) in env {
+        out.insert(k.clone(), template::render_text(v, lookup)?);
+    }
+    out.extend(script_env);
+    Ok((with, out))
+}
+
 /// A script with its expressions replaced, and the environment that carries their
 /// values (`BATON_IN_n`, in order).
 #[derive(Debug, Clone, PartialEq, Eq)]

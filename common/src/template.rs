@@ -137,6 +137,19 @@ fn render_str(s: &str, lookup: &dyn Fn(&Ref) -> Result<Value, String>) -> Result
     Ok(Value::String(out))
 }
 
+/// The value of `r` (an output reference to `step`'s output `name`) from that step's
+/// result JSON, or why there is none.
+pub fn output_value(r: &Ref, step: &str, name: &str, result: Option<&str>) -> Result<Value, String> {
+    let result = result.ok_or(format!("step {step:?} produced no outputs"))?;
+    match serde_json::from_str::<Value>(result) {
+        Ok(Value::Object(m)) => m.get(name).cloned().ok_or_else(|| {
+            let names: Vec<&str> = m.keys().map(String::as_str).collect();
+            format!("{r} is not set (step {step:?} has outputs: {})", names.join(", "))
+        }),
+        _ => Err(format!("{r}: step {step:?} has no named outputs (its result is not a JSON object)")),
+    }
+}
+
 /// Renders to text (for env values and command arguments).
 pub fn render_text(s: &str, lookup: &dyn Fn(&Ref) -> Result<Value, String>) -> Result<String, String> {
     Ok(text_of(render_str(s, lookup)?))

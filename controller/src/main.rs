@@ -94,6 +94,10 @@ struct Args {
     /// Output kept per attempt (bytes); the rest is cut with a marker.
     #[arg(long, env = "BATON_MAX_OUTPUT", default_value_t = 8 * 1024 * 1024)]
     max_output: u64,
+    /// Do not assign a step ahead of time to the agent that runs all its unfinished
+    /// dependencies (pipelined starts; see the README).
+    #[arg(long, env = "BATON_NO_PIPELINE")]
+    no_pipeline: bool,
     /// Keep finished runs this long (e.g. 30d), then delete them with their steps,
     /// attempts, events and output; a workstream's `retain:` overrides it. Default:
     /// keep them until `baton runs delete`.
@@ -175,6 +179,7 @@ async fn run() -> anyhow::Result<()> {
         breakers,
         max_output_bytes: args.max_output,
         redact_env: args.redact_env,
+        pipeline: !args.no_pipeline,
         ..EngineConfig::default()
     };
     engine.check().map_err(|e| anyhow::anyhow!(e))?;

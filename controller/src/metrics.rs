@@ -9,6 +9,7 @@ pub struct Metrics {
     pub steps: Family,
     pub attempts: Family,
     pub dispatch_latency: Histogram,
+    pub pipelined: Family,
     pub step_duration: Histogram,
     pub breakers: Family,
     pub agents: Family,
@@ -39,9 +40,14 @@ impl Metrics {
             ),
             dispatch_latency: Histogram::new(
                 "baton_dispatch_latency_seconds",
-                "From a step becoming ready to its attempt starting on an agent.",
+                "From a step becoming ready to its attempt starting on an agent (pipelined starts, which begin on their agent before the controller knows the step is ready, are counted apart).",
                 &[],
                 LATENCY,
+            ),
+            pipelined: Family::counter(
+                "baton_pipelined_starts_total",
+                "Steps that ran on an attempt assigned ahead of time to the agent of their dependencies (started there when those succeeded).",
+                &[],
             ),
             step_duration: Histogram::new(
                 "baton_step_duration_seconds",
@@ -126,6 +132,7 @@ impl Metrics {
             &self.slots,
             &self.heartbeats_late,
             &self.fenced,
+            &self.pipelined,
             &self.invariant_violations,
             &self.events,
             &self.pruned_runs,

@@ -58,7 +58,12 @@ pub struct RunInfo {
 pub struct Summary {
     pub steps: usize,
     pub steps_by_state: BTreeMap<String, usize>,
+    /// Attempts made: pipelined ones dropped before they started are not among them.
     pub attempts: usize,
+    /// Attempts that started pipelined behind their upstream steps on the same agent.
+    pub pipelined: usize,
+    /// Pipelined attempts dropped before they started (an upstream step failed).
+    pub pipelined_dropped: usize,
     pub retries: usize,
     pub breaker_trips: usize,
     pub quarantines: usize,
@@ -91,6 +96,21 @@ pub struct AttemptReport {
     pub started_at_ms: Option<i64>,
     pub finished_at_ms: Option<i64>,
     pub duration_ms: Option<i64>,
+    /// A pipelined start: the attempts (`step#number`) it was assigned to start after on
+    /// its agent; empty when it was dispatched once its step was ready.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pipelined_after: Vec<String>,
+}
+
+impl AttemptReport {
+    /// How it was started: "ready" (dispatched when its step was), or "after a#1".
+    fn start(&self) -> String {
+        if self.pipelined_after.is_empty() {
+            "ready".into()
+        } else {
+            format!("after {}", self.pipelined_after.join(", "))
+        }
+    }
 }
 
 /// Something that happened, from the event log.
@@ -126,7 +146,10 @@ pub fn build(rec: &RunRecord, events: &[EventRow]) -> Report {
         .map(|w| w.steps.iter().map(|s| (s.id.as_str(), s.needs.clone())).collect())
         .unwrap_or_default();
     let mut attempts: HashMap<&str, Vec<AttemptReport>> = HashMap::new();
+    let labels: HashMap<&str, String> =
+        rec.attempts.iter().map(|a| (a.id.as_str(), format!("{}#{}", a.step_id, a.number))).collect();
     for a in &rec.attempts {
+        let after: Vec<String> = serde_json::from_str(&a.follows).unwrap_or_default();
         attempts.entry(a.step_id.as_str()).or_default().push(AttemptReport {
             number: a.number,
             agent: a.agent_name.clone(),
@@ -138,6 +161,10 @@ pub fn build(rec: &RunRecord, events: &[EventRow]) -> Report {
             started_at_ms: a.started_at,
             finished_at_ms: a.finished_at,
             duration_ms: a.finished_at.map(|f| f - a.started_at.unwrap_or(a.assigned_at)),
+            pipelined_after: after
+                .iter()
+                .map(|id| labels.get(id.as_str()).cloned().unwrap_or(id.clone()))
+                .collect(),
         });
     }
     let critical = critical_path(rec, &needs);
@@ -184,6 +211,11 @@ pub fn build(rec: &RunRecord, events: &[EventRow]) -> Report {
         }
         _ => 0,
     };
+    let dropped = rec
+        .attempts
+        .iter()
+        .filter(|a| !a.follows.is_empty() && a.started_at.is_none() && a.state == "canceled")
+        .count();
     Report {
         run: RunInfo {
             id: rec.run.id.clone(),
@@ -200,7 +232,9 @@ pub fn build(rec: &RunRecord, events: &[EventRow]) -> Report {
         summary: Summary {
             steps: rec.steps.len(),
             steps_by_state: by_state,
-            attempts: rec.attempts.len(),
+            attempts: rec.attempts.len() - dropped,
+            pipelined: rec.attempts.iter().filter(|a| !a.follows.is_empty()).count() - dropped,
+            pipelined_dropped: dropped,
             retries: retries.len(),
             breaker_trips: breaker_trips.len(),
             quarantines: quarantines.len(),
@@ -319,17 +353,18 @@ pub fn to_markdown(r: &Report) -> String {
         );
     }
     let _ = writeln!(o, "\n## Attempts\n");
-    let _ = writeln!(o, "| step | # | agent | outcome | exit | class | duration | error |");
-    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(o, "| step | # | agent | start | outcome | exit | class | duration | error |");
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|");
     for s in &r.steps {
         for a in &s.attempts {
             let exit = a.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
             let _ = writeln!(
                 o,
-                "| {} | {} | {} | {} | {exit} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {exit} | {} | {} | {} |",
                 md(&s.id),
                 a.number,
                 md(&a.agent),
+                md(&a.start()),
                 a.outcome,
                 a.error_class,
                 span(a.duration_ms),
@@ -420,16 +455,17 @@ th{{background:#f1f4f8}}.state-succeeded{{color:#17803d}}.state-failed,.state-ti
     }
     let _ = writeln!(
         o,
-        "</table>\n<h2>Attempts</h2>\n<table><tr><th>step</th><th>#</th><th>agent</th><th>outcome</th><th>exit</th><th>class</th><th>duration</th><th>error</th></tr>"
+        "</table>\n<h2>Attempts</h2>\n<table><tr><th>step</th><th>#</th><th>agent</th><th>start</th><th>outcome</th><th>exit</th><th>class</th><th>duration</th><th>error</th></tr>"
     );
     for s in &r.steps {
         for a in &s.attempts {
             let _ = writeln!(
                 o,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"state-{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"state-{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 esc(&s.id),
                 a.number,
                 esc(&a.agent),
+                esc(&a.start()),
                 esc(&a.outcome),
                 esc(&a.outcome),
                 a.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
@@ -460,9 +496,16 @@ th{{background:#f1f4f8}}.state-succeeded{{color:#17803d}}.state-failed,.state-ti
     o
 }
 
+impl AttemptReport {
+    /// A pipelined attempt dropped before it started: nothing ran, nothing to draw.
+    fn dropped(&self) -> bool {
+        !self.pipelined_after.is_empty() && self.started_at_ms.is_none() && self.outcome == "canceled"
+    }
+}
+
 /// One row per step, one bar per attempt, coloured by outcome; the critical path in bold.
 fn timeline_svg(r: &Report) -> String {
-    let rows: Vec<&StepReport> = r.steps.iter().filter(|s| !s.attempts.is_empty()).collect();
+    let rows: Vec<&StepReport> = r.steps.iter().filter(|s| s.attempts.iter().any(|a| !a.dropped())).collect();
     let t0 = rows.iter().flat_map(|s| s.attempts.iter().map(|a| a.assigned_at_ms)).min().unwrap_or(0);
     let t1 = rows
         .iter()
@@ -497,7 +540,7 @@ fn timeline_svg(r: &Report) -> String {
             y + 13.0,
             esc(&s.id)
         );
-        for a in &s.attempts {
+        for a in s.attempts.iter().filter(|a| !a.dropped()) {
             let start = a.started_at_ms.unwrap_or(a.assigned_at_ms);
             let end = a.finished_at_ms.unwrap_or(t1);
             let color = match a.outcome.as_str() {

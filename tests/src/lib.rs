@@ -77,6 +77,16 @@ pub fn param(run: &pb::Run, key: &str) -> Option<String> {
     baton_common::proto::json(v).as_str().map(str::to_string)
 }
 
+/// Whether a step never ran: it has no attempt, or only pipelined ones (assigned ahead
+/// of time behind an upstream step) that were canceled before they started.
+pub fn never_ran(s: &pb::Step) -> bool {
+    s.attempts.iter().all(|a| {
+        !a.after.is_empty()
+            && a.started_at.is_none()
+            && a.state == baton_common::state::AttemptState::Canceled.to_pb()
+    })
+}
+
 /// An attempt's failure class by name; empty when it did not fail.
 pub fn class_name(a: &pb::Attempt) -> &'static str {
     name(

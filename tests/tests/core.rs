@@ -24,11 +24,12 @@ async fn fan_out_and_join_runs_in_dependency_order_across_agents(backend: Backen
         assert_eq!(s.state_name(), "succeeded", "step {}", s.id);
         assert_eq!(s.attempts.len(), 1, "step {} ran once", s.id);
         assert_eq!(s.attempts[0].exit_code, Some(0));
-        // A step starts only after every step it needs has finished.
+        // A step starts only after every step it needs has finished (it may have been
+        // assigned before, pipelined behind them on their agent).
         for n in &s.needs {
             let up = step(&run, n);
             assert!(
-                ms(&s.attempts[0].assigned_at) >= ms(&up.finished_at),
+                ms(&s.attempts[0].started_at) >= ms(&up.finished_at),
                 "{} started before {} finished",
                 s.id,
                 n
@@ -96,7 +97,7 @@ steps:
     for s in ["test", "publish"] {
         let st = step(&run, s);
         assert_eq!(st.state_name(), "skipped", "{s}");
-        assert!(st.attempts.is_empty(), "{s} never ran");
+        assert!(never_ran(st), "{s} never ran: {:?}", st.attempts);
         assert_eq!(st.reason, "upstream step \"compile\" failed");
     }
 }
@@ -146,7 +147,7 @@ steps:
     assert_eq!(step(&run, "long").state_name(), "canceled");
     assert_eq!(step(&run, "long").attempts[0].state_name(), "canceled");
     assert_eq!(step(&run, "after").state_name(), "canceled");
-    assert!(step(&run, "after").attempts.is_empty());
+    assert!(never_ran(step(&run, "after")), "{:?}", step(&run, "after").attempts);
     // Canceling again is harmless; the run stays canceled.
     let again =
         c.cancel_run(proto::CancelRunRequest { run_id: id.clone(), ..Default::default() }).await.unwrap();
@@ -260,7 +261,72 @@ async fn a_deeply_nested_spec_is_refused_at_once_and_stalls_nothing(backend: Bac
     assert_eq!(wait_run(&mut c, &id, Duration::from_secs(20)).await.state_name(), "succeeded");
 }
 
+/// A chain on one agent: each step is assigned with its predecessor, pipelined behind
+/// it, started by the agent when it succeeds (its input rendered there from the
+/// predecessor's outputs), and accepted after it; a failure drops what follows.
+async fn a_chain_runs_pipelined_on_its_agent_and_a_failure_drops_what_follows(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(1).build().await;
+    let mut c = sb.client().await;
+    let marks = sb.dir.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    let spec = format!(
+        r#"
+name: chain
+steps:
+  - {{id: a, tool: echo, with: {{version: "1.2"}}}}
+  - id: b
+    needs: a
+    tool: shell
+    env: {{V: "${{{{ steps.a.outputs.version }}}}"}}
+    with: {{run: 'echo "b got $V" && echo "seen=$V" > "$BATON_OUTPUT"'}}
+  - id: c
+    needs: b
+    tool: shell
+    with: {{run: 'echo "c got ${{{{ steps.b.outputs.seen }}}}"; touch {m}/c'}}
+"#,
+        m = marks.display()
+    );
+    let id = sb.submit(&spec).await;
+    let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
+    assert_eq!(run.state_name(), "succeeded", "{run:#?}");
+    let (a, b, cc) = (step(&run, "a"), step(&run, "b"), step(&run, "c"));
+    for s in [b, cc] {
+        assert_eq!(s.attempts.len(), 1, "{} ran once", s.id);
+    }
+    assert_eq!(b.attempts[0].after, vec![a.attempts[0].id.clone()], "b was pipelined behind a");
+    assert_eq!(cc.attempts[0].after, vec![b.attempts[0].id.clone()], "c behind b");
+    assert!(b.attempts[0].output_tail.contains("b got 1.2"), "{}", b.attempts[0].output_tail);
+    assert!(cc.attempts[0].output_tail.contains("c got 1.2"), "{}", cc.attempts[0].output_tail);
+    let events = all_events(&mut c, &id).await;
+    assert_eq!(events.iter().filter(|e| e.kind == "attempt_assigned").count(), 3, "one Assign per step");
+    assert!(events.iter().any(|e| e.kind == "attempt_assigned" && e.message.contains("pipelined")));
+    let (_, metrics) = http_get(sb.metrics_addr, "/metrics").await;
+    assert!(metrics.contains("baton_pipelined_starts_total 2"), "{metrics}");
+    let json = c
+        .get_report(proto::GetReportRequest { run_id: id.clone(), format: proto::ReportFormat::Json as i32 })
+        .await
+        .unwrap()
+        .into_inner()
+        .content;
+    let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(report["summary"]["pipelined"], 2);
+    let c_report = report["steps"].as_array().unwrap().iter().find(|s| s["id"] == "c").unwrap();
+    assert_eq!(c_report["attempts"][0]["pipelined_after"], serde_json::json!(["b#1"]));
+
+    // b fails: c, pipelined behind it, never starts and is skipped.
+    let failing = spec.replace("echo \"b got $V\"", "exit 4").replace("name: chain", "name: chain-fails");
+    std::fs::remove_file(marks.join("c")).unwrap();
+    let id = sb.submit(&failing).await;
+    let run = wait_run(&mut c, &id, Duration::from_secs(30)).await;
+    assert_eq!(run.state_name(), "failed");
+    let cc = step(&run, "c");
+    assert_eq!(cc.state_name(), "skipped");
+    assert!(never_ran(cc), "{:?}", cc.attempts);
+    assert!(!marks.join("c").exists(), "c's tool never ran");
+}
+
 on_both!(
+    a_chain_runs_pipelined_on_its_agent_and_a_failure_drops_what_follows,
     a_deeply_nested_spec_is_refused_at_once_and_stalls_nothing,
     a_submit_repeated_with_its_request_id_returns_the_same_run,
     fan_out_and_join_runs_in_dependency_order_across_agents,

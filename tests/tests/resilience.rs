@@ -391,6 +391,9 @@ async fn a_re_sent_result_is_applied_once(backend: Backend) {
     let proxy = Proxy::start(sb.addr).await;
     let mut cfg = sb.agent_config("behind-proxy", 1);
     cfg.controllers = vec![proxy.url()];
+    // b waits for an agent with its tool (not this one, so it is not pipelined here):
+    // the run is still going when the result comes again.
+    cfg.disable_tools = vec!["noop".into()];
     sb.add_agent_with(cfg);
     sb.wait_agents(1).await;
     let mut c = sb.client().await;
@@ -405,6 +408,9 @@ async fn a_re_sent_result_is_applied_once(backend: Backend) {
         .await;
     proxy.cut();
     proxy.hold_downstream(false);
+    wait_event(&mut c, &id, Duration::from_secs(20), |e| e.kind == "result_redelivered" && e.step_id == "a")
+        .await;
+    sb.add_agent("with-noop", 1);
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
     assert_eq!(run.state_name(), "succeeded");
     assert_eq!(step(&run, "a").attempts.len(), 1);
@@ -474,7 +480,7 @@ steps:
     assert_eq!(run.state_name(), "failed");
     assert_eq!(step(&run, "bad-child").state_name(), "skipped");
     assert_eq!(step(&run, "slow-child").state_name(), "succeeded", "started after the failure");
-    assert!(ms(&step(&run, "slow-child").attempts[0].assigned_at) > ms(&step(&run, "bad").finished_at));
+    assert!(ms(&step(&run, "slow-child").attempts[0].started_at) > ms(&step(&run, "bad").finished_at));
 }
 
 async fn a_poison_step_that_keeps_killing_agents_quarantines_its_run(backend: Backend) {
@@ -536,7 +542,7 @@ async fn canceling_one_step_kills_it_skips_its_dependents_and_lets_the_rest_fini
     assert_eq!(run.reason, "step \"a\" canceled");
     assert_eq!(step(&run, "a").state_name(), "canceled");
     assert_eq!(step(&run, "a-child").state_name(), "skipped");
-    assert!(step(&run, "a-child").attempts.is_empty());
+    assert!(never_ran(step(&run, "a-child")), "{:?}", step(&run, "a-child").attempts);
     assert_eq!(step(&run, "other").state_name(), "succeeded");
 }
 

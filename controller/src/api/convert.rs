@@ -81,6 +81,7 @@ pub fn attempt(a: &AttemptRow) -> pb::Attempt {
         finished_at: timestamp_opt(a.finished_at),
         output_tail: a.output_tail.clone(),
         result: proto::value_of_text(a.result.as_deref()),
+        after: serde_json::from_str(&a.follows).unwrap_or_default(),
     }
 }
 

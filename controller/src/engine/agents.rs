@@ -331,8 +331,11 @@ impl Model {
                 }
             }
             Some(_) => {
+                // A pipelined attempt's result before its predecessors' is dropped,
+                // not accepted.
+                let held = self.is_held_back(&r.attempt_id);
                 self.apply_result(&r.attempt_id, outcome, f);
-                true
+                !held
             }
             None => match self.recent.states.get(&r.attempt_id) {
                 Some(&s) if s == outcome => true,
@@ -355,6 +358,14 @@ impl Model {
             Ok((_, class)) => class,
             Err(_) => return,
         };
+        if self.is_held_back(attempt_id) {
+            // Pipelined, and ended on its agent before the controller accepted what it
+            // was to start after (the agent did not start it, or should not have): it
+            // counts for nothing; its step is dispatched when it is ready.
+            let why = if f.error.is_empty() { format!("ended {outcome} on its agent") } else { f.error };
+            self.drop_held_back(attempt_id, &why);
+            return;
+        }
         let (outcome, class) = match outcome {
             AttemptState::Canceled => (AttemptState::Lost, Some(FailureClass::AgentLost)),
             _ => (outcome, class),
@@ -453,6 +464,9 @@ impl Model {
             let tool = self.runs.get(&run_id).map(|r| r.steps[idx].tool.clone()).unwrap_or_default();
             self.breakers_on_abandoned(&tool, &agent_id);
         }
+        self.unhold(&agent_id, attempt_id);
+        self.pipe_agents.insert(agent_id);
+        self.predecessor_ended(attempt_id, to);
     }
 
     /// An attempt is gone with its agent: lost, and retried per the step's policy.
@@ -461,6 +475,10 @@ impl Model {
             return;
         };
         if a.state.is_terminal() {
+            return;
+        }
+        if self.is_held_back(attempt_id) {
+            self.drop_held_back(attempt_id, why);
             return;
         }
         let (run_id, idx, agent_id) = (a.run_id.clone(), a.step_idx, a.agent_id.clone());
@@ -601,8 +619,12 @@ impl Model {
         if a.state.is_terminal() || a.deadline_at.is_none_or(|d| d > now) {
             return;
         }
-        let (run_id, idx, agent_id) = (a.run_id.clone(), a.step_idx, a.agent_id.clone());
         let why = "no result by the step timeout plus kill grace";
+        if self.is_held_back(attempt_id) {
+            self.drop_held_back(attempt_id, why);
+            return;
+        }
+        let (run_id, idx, agent_id) = (a.run_id.clone(), a.step_idx, a.agent_id.clone());
         let timeout = FailureClass::Timeout;
         self.close_attempt(attempt_id, AttemptState::TimedOut, Some(timeout), why, true);
         let tool = self.runs.get(&run_id).map(|r| r.steps[idx].tool.clone()).unwrap_or_default();
@@ -683,13 +705,15 @@ mod tests {
         let mut k = Kit::new(config());
         k.connect("a", 1, 1);
         let run = k.submit("name: w\nsteps:\n  - {id: x, tool: shell, with: {run: 'true'}}\n  - {id: y, needs: x, tool: shell, with: {run: 'true'}}\n");
-        let r = k.assigns(1).remove(0);
+        // x, and y pipelined after it.
+        let first = k.assigns(1);
+        let r = first[0].clone();
         k.finished("a", 1, &r, "succeeded", "");
         k.finished("a", 1, &r, "succeeded", "");
         let sent = k.take_sent(1);
         assert_eq!(acks(&sent), vec![true, true]);
         let assigns = sent.iter().filter(|m| matches!(m, Down::Assign(_))).count();
-        assert_eq!(assigns, 1, "y is assigned once");
+        assert_eq!(first.len() + assigns, 2, "y is assigned once");
         let events = k.events(&run);
         assert_eq!(events.iter().filter(|e| *e == "step_succeeded").count(), 1);
         assert!(events.contains(&"result_redelivered".to_string()));

@@ -128,6 +128,13 @@ impl Model {
         ok((tool.to_string(), String::new())) && ok((tool.to_string(), agent_id.to_string()))
     }
 
+    /// Whether both breakers of `tool` on `agent_id` are closed (or were never tripped).
+    pub(super) fn breakers_closed(&self, tool: &str, agent_id: &str) -> bool {
+        [(tool.to_string(), String::new()), (tool.to_string(), agent_id.to_string())].iter().all(|k| {
+            self.breakers.get(k).is_none_or(|b| b.state == baton_common::breaker::BreakerState::Closed)
+        })
+    }
+
     pub(super) fn breakers_on_dispatch(&mut self, tool: &str, agent_id: &str) {
         for key in [(tool.to_string(), String::new()), (tool.to_string(), agent_id.to_string())] {
             if let Some(b) = self.breakers.get_mut(&key) {

@@ -19,8 +19,16 @@ use super::state::{Agent, Attempt};
 use crate::router::Strategy;
 
 /// A step's rendered `with` and `env`, and the secret values (secrets, secret
-/// parameters) rendered into them.
-type Input = (Map<String, Value>, BTreeMap<String, String>, Vec<String>);
+/// parameters) rendered into them. For a pipelined attempt whose input reads outputs
+/// its predecessors have not reported yet, `with` and `env` are the step's templates
+/// and `values` holds the value of every other reference in them: its agent renders
+/// them (see `ExecutionRequest.render`).
+pub(super) struct Input {
+    with: Map<String, Value>,
+    env: BTreeMap<String, String>,
+    redact: Vec<String>,
+    values: Option<Map<String, Value>>,
+}
 
 impl Model {
     /// Queues a ready step for dispatch.
@@ -53,8 +61,8 @@ impl Model {
                     break;
                 }
                 match self.place(&run_id, idx) {
-                    Some(agent_id) => match self.render_input(&run_id, idx) {
-                        Ok(input) => self.assign(&run_id, idx, &agent_id, input),
+                    Some(agent_id) => match self.render_input(&run_id, idx, &[]) {
+                        Ok(input) => self.assign(&run_id, idx, &agent_id, input, Vec::new()),
                         Err(e) => self.fail_unstarted(&run_id, idx, &format!("input: {e}")),
                     },
                     None => {
@@ -77,58 +85,74 @@ impl Model {
     }
 
     /// The step's `with` and `env` with `${{ ... }}` replaced by upstream outputs and
-    /// run parameters.
-    fn render_input(&self, run_id: &str, idx: usize) -> Result<Input, String> {
+    /// run parameters; outputs of the steps in `defer` (the predecessors of a pipelined
+    /// attempt) are left for its agent to fill in.
+    pub(super) fn render_input(&self, run_id: &str, idx: usize, defer: &[usize]) -> Result<Input, String> {
         let Some(run) = self.runs.get(run_id) else { return Err("run not found".into()) };
         let spec = &run.spec.steps[idx];
         if !run.templated[idx] {
-            return Ok((spec.with.clone(), spec.env.clone(), Vec::new()));
+            return Ok(Input {
+                with: spec.with.clone(),
+                env: spec.env.clone(),
+                redact: Vec::new(),
+                values: None,
+            });
         }
         let index = run.spec.index();
         let secret = std::cell::RefCell::new(Vec::new());
+        let values = std::cell::RefCell::new(Map::new());
+        let deferred = std::cell::Cell::new(false);
         let lookup = |r: &Ref| -> Result<Value, String> {
-            match r {
+            let v = match r {
                 Ref::Param(p) => {
                     let v = run.params.get(p).ok_or(format!("{r} is not set"))?;
                     if run.spec.secret_params.contains(p) {
                         secret.borrow_mut().push(v.clone());
                     }
-                    Ok(Value::String(v.clone()))
+                    Value::String(v.clone())
                 }
                 Ref::Secret(name) => {
                     let v =
                         self.secrets.get(name).ok_or(format!("{r} is not set (no secret named {name:?})"))?;
                     secret.borrow_mut().push(v.clone());
-                    Ok(Value::String(v.clone()))
+                    Value::String(v.clone())
                 }
                 Ref::Output { step, name } => {
                     let j = *index.get(step.as_str()).ok_or(format!("no step {step:?}"))?;
-                    let result =
-                        run.steps[j].result.as_deref().ok_or(format!("step {step:?} produced no outputs"))?;
-                    match serde_json::from_str::<Value>(result) {
-                        Ok(Value::Object(m)) => m.get(name).cloned().ok_or_else(|| {
-                            let names: Vec<&str> = m.keys().map(String::as_str).collect();
-                            format!("{r} is not set (step {step:?} has outputs: {})", names.join(", "))
-                        }),
-                        _ => Err(format!(
-                            "{r}: step {step:?} has no named outputs (its result is not a JSON object)"
-                        )),
+                    if defer.contains(&j) {
+                        deferred.set(true);
+                        // A stand-in that every place a reference may stand accepts.
+                        return Ok(Value::String("0".into()));
                     }
+                    template::output_value(r, step, name, run.steps[j].result.as_deref())?
                 }
-            }
+            };
+            values.borrow_mut().insert(r.to_string(), v.clone());
+            Ok(v)
         };
         let tool = run.steps[idx].tool.as_str();
-        let (with, script_env) = script::render_input(tool, &spec.with, &lookup)?;
-        let mut env = BTreeMap::new();
-        for (k, v) in &spec.env {
-            env.insert(k.clone(), template::render_text(v, &lookup)?);
+        let (with, env) = script::render_step(tool, &spec.with, &spec.env, &lookup)?;
+        let redact = secret.into_inner();
+        if deferred.get() {
+            let (with, env) = (spec.with.clone(), spec.env.clone());
+            return Ok(Input { with, env, redact, values: Some(values.into_inner()) });
         }
-        env.extend(script_env);
-        Ok((with, env, secret.into_inner()))
+        Ok(Input { with, env, redact, values: None })
     }
 
-    /// Creates attempt N+1 of a ready step on `agent_id` and queues its Assign.
-    fn assign(&mut self, run_id: &str, idx: usize, agent_id: &str, (with, env, mut redact): Input) {
+    /// Creates attempt N+1 of a step on `agent_id` and queues its Assign: a ready step
+    /// (`after` empty), or a waiting one pipelined after the attempts `after` of its
+    /// unfinished dependencies, all on that agent.
+    pub(super) fn assign(
+        &mut self,
+        run_id: &str,
+        idx: usize,
+        agent_id: &str,
+        input: Input,
+        after: Vec<String>,
+    ) {
+        let Input { with, env, mut redact, values } = input;
+        let pipelined = !after.is_empty();
         let now = self.now();
         // Env values whose names look secret are masked like secrets; the agent masks
         // what the step was given, the controller every secret.
@@ -152,8 +176,11 @@ impl Model {
             return;
         };
         let p = &mut self.pending;
-        let ready_at = run.steps[idx].ready_us;
-        if !set_step(p, run, idx, StepState::Running) {
+        let ready_at = if pipelined { None } else { run.steps[idx].ready_us };
+        if pipelined {
+            // It stays waiting until its predecessors' results are accepted.
+            p.steps.insert((run.id.clone(), idx));
+        } else if !set_step(p, run, idx, StepState::Running) {
             return;
         }
         if run.state == RunState::Pending && set_run(p, run, RunState::Running) {
@@ -163,8 +190,10 @@ impl Model {
         let spec = &run.spec.steps[idx];
         let step = &mut run.steps[idx];
         step.attempts += 1;
-        step.started_at.get_or_insert(now);
-        step.reason.clear();
+        if !pipelined {
+            step.started_at.get_or_insert(now);
+            step.reason.clear();
+        }
         let attempt = Attempt {
             // Time-ordered: a new attempt's key lands at the end of the store's index,
             // not on a random page.
@@ -193,6 +222,7 @@ impl Model {
             sent_at: None,
             ready_at,
             redactor,
+            after,
         };
         step.attempt_ids.push(attempt.id.clone());
         step.current = Some(attempt.id.clone());
@@ -210,10 +240,13 @@ impl Model {
             traceparent: baton_common::trace::trace_id(run_id)
                 .map(|t| baton_common::trace::traceparent(t, baton_common::trace::attempt_span(&attempt.id)))
                 .unwrap_or_default(),
+            render: values.is_some(),
+            values: values.map(proto::structure),
         };
-        // Work for a free slot goes out at once; a queue top-up for a busy agent may
-        // share a later commit.
-        let send = if agent.free_slots() > 0 { Pending::send } else { Pending::send_prefetch };
+        // Work for a free slot goes out at once, and so does a pipelined attempt (it
+        // must be there before its predecessors end); a queue top-up for a busy agent
+        // may share a later commit.
+        let send = if agent.free_slots() > 0 || pipelined { Pending::send } else { Pending::send_prefetch };
         send(
             p,
             session,
@@ -221,15 +254,42 @@ impl Model {
                 attempt: Some(attempt.attempt_ref()),
                 number: attempt.number,
                 request: Some(request),
+                after: attempt.after.clone(),
             }),
         );
-        let msg = format!("attempt {} on agent {}", attempt.number, agent.name);
+        let msg = if pipelined {
+            let names: Vec<String> = attempt
+                .after
+                .iter()
+                .filter_map(|id| self.attempts.get(id))
+                .map(|a| format!("{}#{}", a.step_id, a.number))
+                .collect();
+            format!(
+                "attempt {} on agent {}, pipelined: it starts there when {} succeed{}",
+                attempt.number,
+                agent.name,
+                names.join(", "),
+                if names.len() == 1 { "s" } else { "" }
+            )
+        } else {
+            format!("attempt {} on agent {}", attempt.number, agent.name)
+        };
         p.event(run, "attempt_assigned", Some(idx), Some(&attempt), msg);
         p.attempts.insert(attempt.id.clone());
         agent.running.insert(attempt.id.clone());
+        if pipelined {
+            for before in &attempt.after {
+                self.followers.entry(before.clone()).or_default().push(attempt.id.clone());
+            }
+        }
+        let id = attempt.id.clone();
         let tool = step_tool;
         debug!(run_id, step_id = %attempt.step_id, attempt_id = %attempt.id, agent = %agent.name, "assigned");
         self.attempts.insert(attempt.id.clone(), attempt);
+        if pipelined {
+            self.hold(agent_id, &id);
+        }
+        self.pipe_agents.insert(agent_id.to_string());
         self.breakers_on_dispatch(&tool, agent_id);
     }
 }
@@ -287,16 +347,20 @@ impl Model {
     /// queue is not, and its recent attempts of the tool are short (long work must not
     /// wait behind long work while other agents free up).
     pub(super) fn can_prefetch(&self, a: &Agent, tool: &str) -> bool {
-        const SHORT_MS: f64 = 100.0;
         // Enough queued per slot to cover a few commits' latency with short tools.
         const QUEUED_PER_SLOT: usize = 4;
         a.takes_work()
             && a.has_tool(tool)
             && a.running.len() < (1 + QUEUED_PER_SLOT) * a.slots as usize
-            && self
-                .stats
-                .get(&(a.id.clone(), tool.to_string()))
-                .is_some_and(|s| s.samples >= 3 && s.latency_ms < SHORT_MS)
+            && self.is_short(a, tool)
+    }
+
+    /// Whether `a`'s recent attempts of `tool` are short (under 100 ms, three at least).
+    pub(super) fn is_short(&self, a: &Agent, tool: &str) -> bool {
+        const SHORT_MS: f64 = 100.0;
+        self.stats
+            .get(&(a.id.clone(), tool.to_string()))
+            .is_some_and(|s| s.samples >= 3 && s.latency_ms < SHORT_MS)
     }
 
     /// `auto`: a closed breaker before a half-open one, then most free slots, then the
@@ -402,7 +466,15 @@ impl Model {
                         })
                         .map(String::as_str)
                         .collect();
-                    format!("waiting for {}", pending.join(", "))
+                    match step.current.as_ref().and_then(|id| self.attempts.get(id)) {
+                        Some(a) => format!(
+                            "waiting for {}; pipelined: attempt {} on agent {} starts there when they succeed",
+                            pending.join(", "),
+                            a.number,
+                            a.agent_name
+                        ),
+                        None => format!("waiting for {}", pending.join(", ")),
+                    }
                 }
                 StepState::Ready if run.state == RunState::Quarantined => "run is quarantined".to_string(),
                 StepState::Ready => self.ready_reason(run, idx),

@@ -13,6 +13,7 @@ mod breakers;
 mod dispatch;
 mod driver;
 mod model;
+mod pipeline;
 mod progress;
 mod runs;
 #[cfg(test)]
@@ -70,6 +71,9 @@ pub struct EngineConfig {
     pub secrets: Option<Arc<crate::secrets::SecretBox>>,
     /// Env variables whose names match these patterns have their values masked.
     pub redact_env: Vec<String>,
+    /// Assign a step ahead of time to the agent that runs all its unfinished
+    /// dependencies, to start there when they succeed (see `pipeline`).
+    pub pipeline: bool,
 }
 
 impl Default for EngineConfig {
@@ -87,6 +91,7 @@ impl Default for EngineConfig {
             router: crate::router::Rules::default(),
             secrets: None,
             redact_env: baton_common::redact::DEFAULT_ENV_PATTERNS.iter().map(|p| p.to_string()).collect(),
+            pipeline: true,
         }
     }
 }

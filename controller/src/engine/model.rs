@@ -368,6 +368,12 @@ pub(crate) struct Model {
     pub(super) rng: StdRng,
     /// Illegal transitions seen (the latest ones): each is a bug in the model.
     pub(super) violations: Vec<String>,
+    /// Live attempt → the pipelined attempts that start after it (see `pipeline`).
+    pub(super) followers: IdMap<Vec<String>>,
+    /// Agents whose attempts changed: their steps' dependents may be pipelined now.
+    pub(super) pipe_agents: BTreeSet<String>,
+    /// Pipelined attempts held back (all agents' `held_back`).
+    pub(super) held: BTreeSet<String>,
 }
 
 impl Model {
@@ -396,6 +402,9 @@ impl Model {
             secrets_version: 0,
             rng: StdRng::seed_from_u64(seed),
             violations: Vec::new(),
+            followers: IdMap::default(),
+            pipe_agents: BTreeSet::new(),
+            held: BTreeSet::new(),
         }
     }
 
@@ -419,6 +428,9 @@ impl Model {
     pub fn apply(&mut self, input: Input, now_us: i64) -> Vec<Effect> {
         self.set_clock(now_us);
         self.handle(input);
+        if !self.held.is_empty() {
+            self.drop_stranded();
+        }
         self.pending.actor.clear();
         if !self.pending.violations.is_empty() {
             let seen = std::mem::take(&mut self.pending.violations);
@@ -552,6 +564,7 @@ impl Model {
             Input::Tick => {
                 self.fire_timers();
                 self.dispatch();
+                self.pipeline();
             }
             Input::Sweep => {
                 self.sweep_agents();
@@ -784,6 +797,7 @@ impl Model {
                 // Agents get the failover grace to come back to a restarted controller.
                 lost_at: now + grace,
                 running: BTreeSet::new(),
+                held_back: BTreeSet::new(),
                 draining: row.draining,
             };
             self.agents.insert(agent.id.clone(), agent);
@@ -896,6 +910,14 @@ impl Model {
                     .entry(attempt.agent_id.clone())
                     .or_insert_with(|| Agent::new(&attempt.agent_id, &attempt.agent_name, 0, now + grace));
                 agent.running.insert(attempt.id.clone());
+                // Pipelined, and its step still waits for the results it starts after.
+                if !attempt.after.is_empty() && run.steps[idx].state == StepState::Waiting {
+                    agent.held_back.insert(attempt.id.clone());
+                    self.held.insert(attempt.id.clone());
+                    for before in &attempt.after {
+                        self.followers.entry(before.clone()).or_default().push(attempt.id.clone());
+                    }
+                }
                 if let Some(d) = attempt.deadline_at {
                     self.timers.push(Reverse((d, Timer::Deadline(attempt.id.clone()))));
                 }
@@ -914,6 +936,8 @@ impl Model {
             step.lost_streak = step.lost_streak.min(step.lost_count);
             self.attempts.insert(attempt.id.clone(), attempt);
         }
+        let attempts = &self.attempts;
+        self.followers.retain(|before, _| attempts.get(before).is_some_and(|a| !a.state.is_terminal()));
         self.load_breakers(&snap.breakers);
         // Attempts still running get what to mask again (it is not stored).
         let live: Vec<(String, String)> = self
@@ -988,7 +1012,15 @@ impl Model {
         let mut live: Vec<&Attempt> = self.attempts.values().filter(|a| !a.state.is_terminal()).collect();
         live.sort_by(|a, b| a.id.cmp(&b.id));
         for a in live {
-            out.push(format!("attempt {} {} on {} lease {}", a.id, a.state, a.agent_id, a.lease_token));
+            out.push(format!(
+                "attempt {} {} on {} lease {} after {:?} held {}",
+                a.id,
+                a.state,
+                a.agent_id,
+                a.lease_token,
+                a.after,
+                self.held.contains(&a.id)
+            ));
         }
         for a in self.agents.values().filter(|a| !a.running.is_empty()) {
             out.push(format!("agent {} runs {:?}", a.id, a.running));

@@ -190,12 +190,44 @@ struct SimAgent {
     running: BTreeMap<String, Exec>,
     queued: VecDeque<pb::Assign>,
     unacked: BTreeMap<String, pb::AttemptFinished>,
+    /// Attempts that ended here in this life, and whether they succeeded: what a
+    /// pipelined attempt waits for.
+    done: HashMap<String, bool>,
     next_beat: i64,
     /// When it may dial again after a failed or broken stream.
     redial: i64,
 }
 
+/// Whether a queued attempt may start.
+enum Readiness {
+    Now,
+    /// Pipelined, and what it starts after is still running or queued here.
+    Later,
+    /// Pipelined, and what it starts after failed here or is unknown here.
+    Never,
+}
+
 impl SimAgent {
+    fn readiness(&self, q: &pb::Assign) -> Readiness {
+        let mut later = false;
+        for id in &q.after {
+            match self.done.get(id) {
+                Some(true) => {}
+                Some(false) => return Readiness::Never,
+                None if self.running.contains_key(id)
+                    || self
+                        .queued
+                        .iter()
+                        .any(|x| x.attempt.as_ref().is_some_and(|r| &r.attempt_id == id)) =>
+                {
+                    later = true
+                }
+                None => return Readiness::Never,
+            }
+        }
+        if later { Readiness::Later } else { Readiness::Now }
+    }
+
     fn held(&self) -> Vec<pb::AttemptRef> {
         self.running
             .values()
@@ -322,6 +354,7 @@ impl Sim {
                 running: BTreeMap::new(),
                 queued: VecDeque::new(),
                 unacked: BTreeMap::new(),
+                done: HashMap::new(),
                 next_beat: 0,
                 redial: 0,
             })
@@ -711,6 +744,7 @@ impl Sim {
                 a.renewed = a.renewed.max(a.opened);
                 for id in &w.abandon {
                     a.running.remove(id);
+                    a.done.insert(id.clone(), false);
                     a.queued.retain(|q| q.attempt.as_ref().is_none_or(|r| &r.attempt_id != id));
                 }
             }
@@ -748,6 +782,7 @@ impl Sim {
                         error: c.reason,
                         ..Default::default()
                     };
+                    self.agents[i].done.insert(r.attempt_id.clone(), false);
                     self.agents[i].unacked.insert(r.attempt_id.clone(), f.clone());
                     self.up(i, Up::Finished(f));
                     self.start_queued(i);
@@ -781,10 +816,41 @@ impl Sim {
         }
     }
 
-    /// Starts queued attempts on free slots.
+    /// Starts queued attempts on free slots, pipelined ones once what they start after
+    /// has succeeded here; those whose predecessors did not are reported canceled.
     fn start_queued(&mut self, i: usize) {
-        while self.agents[i].running.len() < self.agents[i].slots {
-            let Some(asg) = self.agents[i].queued.pop_front() else { break };
+        loop {
+            let a = &self.agents[i];
+            let mut pick = None;
+            for (pos, q) in a.queued.iter().enumerate() {
+                match a.readiness(q) {
+                    Readiness::Now if pick.is_none() => pick = Some((pos, true)),
+                    Readiness::Never => {
+                        pick = Some((pos, false));
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            let Some((pos, start)) = pick else { break };
+            if !start {
+                let Some(r) = self.agents[i].queued.remove(pos).and_then(|q| q.attempt) else { continue };
+                let f = pb::AttemptFinished {
+                    attempt: Some(r.clone()),
+                    outcome: Outcome::Canceled.to_pb(),
+                    failure_class: FailureClass::Canceled.to_pb(),
+                    error: "not started: what it was to start after did not succeed here".into(),
+                    ..Default::default()
+                };
+                self.agents[i].done.insert(r.attempt_id.clone(), false);
+                self.agents[i].unacked.insert(r.attempt_id.clone(), f.clone());
+                self.up(i, Up::Finished(f));
+                continue;
+            }
+            if self.agents[i].running.len() >= self.agents[i].slots {
+                break;
+            }
+            let Some(asg) = self.agents[i].queued.remove(pos) else { break };
             let Some(r) = asg.attempt.clone() else { continue };
             let run =
                 asg.request.as_ref().and_then(|q| q.input.as_ref()).map(baton_common::proto::json_object);
@@ -827,6 +893,7 @@ impl Sim {
         let done: Vec<Exec> = self.agents[i].running.values().filter(|e| e.ends <= now).cloned().collect();
         for e in done {
             self.agents[i].running.remove(&e.r.attempt_id);
+            self.agents[i].done.insert(e.r.attempt_id.clone(), e.outcome == "succeeded");
             let (outcome, class) = match e.outcome {
                 "failed" => (Outcome::Failed, Some(FailureClass::NonzeroExit)),
                 "broken" => (Outcome::Failed, Some(FailureClass::ToolError)),
@@ -857,6 +924,7 @@ impl Sim {
                 let stopped: Vec<Exec> = std::mem::take(&mut self.agents[i].running).into_values().collect();
                 self.log(format!("agent {i} stops {} tools: lease ran out", stopped.len()));
                 for e in stopped {
+                    self.agents[i].done.insert(e.r.attempt_id.clone(), false);
                     let f = pb::AttemptFinished {
                         attempt: Some(e.r.clone()),
                         outcome: Outcome::Canceled.to_pb(),
@@ -949,6 +1017,7 @@ impl Sim {
                     a.running.clear();
                     a.queued.clear();
                     a.unacked.clear();
+                    a.done.clear();
                     if let Some(s) = a.session.take() {
                         self.send(Packet::Closed { agent: i, session: s });
                     }
@@ -1156,12 +1225,40 @@ impl Sim {
                 if step.state == StepState::Running && step.current.is_none() {
                     return Err(format!("run {} step {idx} is running with no live attempt", run.id));
                 }
+                // A live attempt of a step not yet running is a pipelined one, held back
+                // until its predecessors' results are in, and only while it can go on.
+                if let Some(id) = &step.current
+                    && step.state != StepState::Running
+                {
+                    if !m.held.contains(id) {
+                        return Err(format!(
+                            "run {} step {idx} is {} with live attempt {id}",
+                            run.id, step.state
+                        ));
+                    }
+                    if step.state != StepState::Waiting || !dispatchable {
+                        return Err(format!(
+                            "run {} step {idx} is {} (run {}) and still holds pipelined attempt {id}",
+                            run.id, step.state, run.state
+                        ));
+                    }
+                }
                 if step.state == StepState::Ready
                     && dispatchable
                     && !m.ready.get(&step.tool).is_some_and(|q| q.contains(&(run.id.clone(), idx)))
                 {
                     return Err(format!("run {} step {idx} is ready but not queued for dispatch", run.id));
                 }
+            }
+        }
+        for id in &m.held {
+            let a = m.attempts.get(id).ok_or_else(|| format!("held attempt {id} is unknown"))?;
+            if a.state.is_terminal() || a.after.is_empty() {
+                return Err(format!("held attempt {id} is {} after {:?}", a.state, a.after));
+            }
+            if !m.agents.get(&a.agent_id).is_some_and(|g| g.held_back.contains(id) && g.running.contains(id))
+            {
+                return Err(format!("held attempt {id} is not held by its agent {}", a.agent_id));
             }
         }
         if self.inputs.is_multiple_of(QUIET_CHECK_EVERY) {

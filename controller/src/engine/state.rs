@@ -314,6 +314,9 @@ pub(crate) struct Attempt {
     pub ready_at: Option<i64>,
     /// What to mask in what it reports (not kept across restarts: rebuilt).
     pub redactor: Option<Arc<baton_common::redact::Redactor>>,
+    /// A pipelined attempt's predecessors: the upstream attempts on the same agent it
+    /// starts after. Empty for an attempt dispatched when its step was ready.
+    pub after: Vec<String>,
 }
 
 impl Attempt {
@@ -336,11 +339,22 @@ impl Attempt {
             started_at: self.started_at,
             finished_at: self.finished_at,
             deadline_at: self.deadline_at,
+            follows: if self.after.is_empty() {
+                String::new()
+            } else {
+                serde_json::to_string(&self.after).unwrap_or_default()
+            },
         }
     }
 
     pub fn from_row(row: &AttemptRow, step_idx: usize, now: i64) -> Result<Attempt, StoreError> {
         let state: AttemptState = parse_state(&row.state)?;
+        let after = if row.follows.is_empty() {
+            Vec::new()
+        } else {
+            serde_json::from_str(&row.follows)
+                .map_err(|e| StoreError::Corrupt(format!("attempt {}: bad follows: {e}", row.id)))?
+        };
         Ok(Attempt {
             id: row.id.clone(),
             run_id: row.run_id.clone(),
@@ -366,6 +380,7 @@ impl Attempt {
             sent_at: Some(now),
             ready_at: None,
             redactor: None,
+            after,
         })
     }
 
@@ -407,6 +422,9 @@ pub(crate) struct Agent {
     pub lost_at: i64,
     /// Live attempts assigned to it.
     pub running: BTreeSet<String>,
+    /// The pipelined ones among them whose steps still wait for their predecessors'
+    /// results: they hold no slot until then.
+    pub held_back: BTreeSet<String>,
     /// An operator drained it: no new work.
     pub draining: bool,
 }
@@ -428,6 +446,7 @@ impl Agent {
             last_seen: seen,
             lost_at,
             running: BTreeSet::new(),
+            held_back: BTreeSet::new(),
             draining: false,
         }
     }
@@ -437,7 +456,12 @@ impl Agent {
     }
 
     pub fn free_slots(&self) -> u32 {
-        self.slots.saturating_sub(self.running.len() as u32)
+        self.slots.saturating_sub(self.slots_used())
+    }
+
+    /// Slots its attempts take (a pipelined one waiting for its predecessors takes none).
+    pub fn slots_used(&self) -> u32 {
+        (self.running.len() - self.held_back.len()) as u32
     }
 
     /// Connected, not drained and not stopping: new work may be sent to it.
@@ -472,7 +496,7 @@ impl Agent {
             labels: self.labels.clone().into_iter().collect(),
             tools: self.tools.clone(),
             slots: self.slots,
-            slots_used: self.running.len() as u32,
+            slots_used: self.slots_used(),
             state: self.state.to_pb(),
             last_seen: Some(proto::timestamp(self.last_seen)),
             connected_at: Some(proto::timestamp(self.connected_at)),

@@ -202,6 +202,9 @@ record! {
         pub started_at: Option<i64>,
         pub finished_at: Option<i64>,
         pub deadline_at: Option<i64>,
+        /// A pipelined attempt's predecessors: the attempts it starts after, as a JSON
+        /// list of ids; empty for an ordinary one.
+        pub follows: String,
     }
 }
 

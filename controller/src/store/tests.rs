@@ -146,6 +146,7 @@ async fn run_written_and_read_back(store: &Store) {
         started_at: Some(6),
         finished_at: None,
         deadline_at: Some(99),
+        follows: r#"["x"]"#.into(),
     });
     batch.events.push(event(run_id, 1, "run_submitted"));
     store.commit(&batch, None).await.unwrap();

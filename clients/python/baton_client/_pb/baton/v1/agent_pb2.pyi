@@ -174,7 +174,7 @@ class Welcome(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., adopted: _Optional[_Iterable[str]] = ..., abandon: _Optional[_Iterable[str]] = ..., stop_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., fence_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ExecutionRequest(_message.Message):
-    __slots__ = ("tool", "input", "env", "timeout", "kill_grace", "max_output_bytes", "redact", "traceparent")
+    __slots__ = ("tool", "input", "env", "timeout", "kill_grace", "max_output_bytes", "redact", "traceparent", "render", "values")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +190,8 @@ class ExecutionRequest(_message.Message):
     MAX_OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     REDACT_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    RENDER_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
     tool: str
     input: _struct_pb2.Struct
     env: _containers.ScalarMap[str, str]
@@ -198,17 +200,21 @@ class ExecutionRequest(_message.Message):
     max_output_bytes: int
     redact: _containers.RepeatedScalarFieldContainer[str]
     traceparent: str
-    def __init__(self, tool: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., kill_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_output_bytes: _Optional[int] = ..., redact: _Optional[_Iterable[str]] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    render: bool
+    values: _struct_pb2.Struct
+    def __init__(self, tool: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., kill_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_output_bytes: _Optional[int] = ..., redact: _Optional[_Iterable[str]] = ..., traceparent: _Optional[str] = ..., render: _Optional[bool] = ..., values: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class Assign(_message.Message):
-    __slots__ = ("attempt", "number", "request")
+    __slots__ = ("attempt", "number", "request", "after")
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     NUMBER_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
     attempt: AttemptRef
     number: int
     request: ExecutionRequest
-    def __init__(self, attempt: _Optional[_Union[AttemptRef, _Mapping]] = ..., number: _Optional[int] = ..., request: _Optional[_Union[ExecutionRequest, _Mapping]] = ...) -> None: ...
+    after: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, attempt: _Optional[_Union[AttemptRef, _Mapping]] = ..., number: _Optional[int] = ..., request: _Optional[_Union[ExecutionRequest, _Mapping]] = ..., after: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("attempt_id", "reason")

@@ -490,7 +490,7 @@ class Step(_message.Message):
     def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[StepState, str]] = ..., tool: _Optional[str] = ..., needs: _Optional[_Iterable[str]] = ..., attempt_count: _Optional[int] = ..., reason: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class Attempt(_message.Message):
-    __slots__ = ("id", "number", "agent_id", "agent_name", "state", "exit_code", "failure_class", "error", "assigned_at", "started_at", "finished_at", "output_tail", "result")
+    __slots__ = ("id", "number", "agent_id", "agent_name", "state", "exit_code", "failure_class", "error", "assigned_at", "started_at", "finished_at", "output_tail", "result", "after")
     ID_FIELD_NUMBER: _ClassVar[int]
     NUMBER_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -504,6 +504,7 @@ class Attempt(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TAIL_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
     id: str
     number: int
     agent_id: str
@@ -517,7 +518,8 @@ class Attempt(_message.Message):
     finished_at: _timestamp_pb2.Timestamp
     output_tail: str
     result: _struct_pb2.Value
-    def __init__(self, id: _Optional[str] = ..., number: _Optional[int] = ..., agent_id: _Optional[str] = ..., agent_name: _Optional[str] = ..., state: _Optional[_Union[AttemptState, str]] = ..., exit_code: _Optional[int] = ..., failure_class: _Optional[_Union[FailureClass, str]] = ..., error: _Optional[str] = ..., assigned_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output_tail: _Optional[str] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ...) -> None: ...
+    after: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., number: _Optional[int] = ..., agent_id: _Optional[str] = ..., agent_name: _Optional[str] = ..., state: _Optional[_Union[AttemptState, str]] = ..., exit_code: _Optional[int] = ..., failure_class: _Optional[_Union[FailureClass, str]] = ..., error: _Optional[str] = ..., assigned_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output_tail: _Optional[str] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., after: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RunEvent(_message.Message):
     __slots__ = ("run_id", "seq", "at", "kind", "step_id", "attempt_id", "run_state", "step_state", "attempt_state", "message", "progress", "epoch", "actor")
