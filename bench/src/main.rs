@@ -3,7 +3,7 @@
 //! `controller` and `agent` roles) on loopback, on a fresh database.
 //!
 //! ```text
-//! cargo run --release -p baton-bench -- [b1 b2 b3 b4 b5 b6 idle] [--backend sqlite|postgres]
+//! cargo run --release -p baton-bench -- [b1 b2 b3 b4 b8 b9 b5 b6 idle] [--backend sqlite|postgres]
 //! ```
 
 mod cluster;
@@ -22,7 +22,7 @@ use cluster::Backend;
 struct Args {
     #[command(subcommand)]
     role: Option<Role>,
-    /// Scenarios to run (default: all): b1 b2 b3 b4 b5 b6 idle.
+    /// Scenarios to run (default: all): b1 b2 b3 b4 b8 b9 b5 b6 idle.
     scenarios: Vec<String>,
     #[arg(long, default_value = "sqlite")]
     backend: String,
@@ -35,6 +35,9 @@ struct Args {
     /// Seconds B5 runs for.
     #[arg(long, default_value_t = 60)]
     b5_seconds: u64,
+    /// Simulated idle agents in B5.
+    #[arg(long, default_value_t = 2000)]
+    b5_agents: usize,
     /// Run the controllers with pipelined starts off (`baton-controller --no-pipeline`).
     #[arg(long)]
     no_pipeline: bool,
@@ -114,7 +117,7 @@ fn main() -> anyhow::Result<()> {
                     "postgres" => Backend::Postgres,
                     other => anyhow::bail!("--backend must be sqlite or postgres, not {other:?}"),
                 };
-                let all = ["b1", "b2", "b3", "b4", "b5", "b6", "idle"];
+                let all = ["b1", "b2", "b3", "b4", "b8", "b9", "b5", "b6", "idle"];
                 let chosen: Vec<String> = if args.scenarios.is_empty() {
                     all.iter().map(|s| s.to_string()).collect()
                 } else {
@@ -137,6 +140,7 @@ fn main() -> anyhow::Result<()> {
                     postgres_url: args.postgres_url,
                     compare: !args.no_compare,
                     b5_seconds: args.b5_seconds,
+                    b5_agents: args.b5_agents,
                     pipeline: !args.no_pipeline,
                     baton,
                 };

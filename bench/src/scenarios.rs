@@ -16,6 +16,8 @@ pub struct Options {
     pub postgres_url: Option<String>,
     pub compare: bool,
     pub b5_seconds: u64,
+    /// Simulated agents in B5.
+    pub b5_agents: usize,
     /// Controllers with pipelined starts.
     pub pipeline: bool,
     /// The `baton` CLI, for end-to-end times of B1–B3.
@@ -65,6 +67,8 @@ pub async fn run_all(chosen: &[String], o: &Options) -> anyhow::Result<()> {
             "b2" => dag(o, "B2 chain of 1000 shell", Shape::Chain(1000), &[1, 1], 1).await?,
             "b3" => dag(o, "B3 10 layers x 100 shell", Shape::Layers(10, 100), &[1, 1], 2).await?,
             "b4" => b4(o).await?,
+            "b8" => b8(o).await?,
+            "b9" => b9(o).await?,
             "b5" => b5(o).await?,
             "b6" => b6(o).await?,
             "idle" => idle(o).await?,
@@ -151,6 +155,8 @@ fn spec(name: &str, shape: Shape, tool: &str) -> String {
         .into_iter()
         .map(|(id, needs)| match tool {
             "shell" => json!({"id": id, "needs": needs, "tool": "shell", "with": {"argv": ["true"]}}),
+            // Without an empty `needs`: 100,000 steps must fit the 4 MiB a spec may have.
+            _ if needs.is_empty() => json!({"id": id, "tool": tool}),
             _ => json!({"id": id, "needs": needs, "tool": tool}),
         })
         .collect();
@@ -307,6 +313,188 @@ async fn b4(o: &Options) -> anyhow::Result<Row> {
     Ok(row)
 }
 
+/// B8: 1,000 runs of 10 `noop` steps submitted at once (64 submits in flight), against
+/// one run of 10,000 on the same cluster; p50/p99 of each run's submit to end.
+async fn b8(o: &Options) -> anyhow::Result<Row> {
+    let cluster = Cluster::start(
+        o.backend,
+        o.postgres_url.as_deref(),
+        &[8, 8, 8, 8],
+        Duration::from_secs(1),
+        o.pipeline,
+    )
+    .await?;
+    let mut c = cluster.client().await?;
+    let (single, _) = run_to_end(&mut c, spec("b8-single", Shape::Independent(10_000), "noop")).await?;
+    let before = cluster.metrics().await?;
+    let cpu0 = cluster.cpu();
+    let t0 = Instant::now();
+    let small = spec("b8", Shape::Independent(10), "noop");
+    let labels: std::collections::HashMap<String, String> = [("bench".to_string(), "b8".to_string())].into();
+    let mut pending = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        if pending.len() >= 64
+            && let Some(r) = pending.join_next().await
+        {
+            r??;
+        }
+        let mut c = c.clone();
+        let req = pb::SubmitRunRequest {
+            spec: small.clone(),
+            source: "bench".into(),
+            request_id: format!("b8-{i}-{}", uuid::Uuid::new_v4()),
+            labels: labels.clone(),
+            ..Default::default()
+        };
+        pending.spawn(async move { c.submit_run(req).await.map(|_| ()).map_err(anyhow::Error::from) });
+    }
+    while let Some(r) = pending.join_next().await {
+        r??;
+    }
+    let open = [baton_common::state::RunState::Pending, baton_common::state::RunState::Running];
+    loop {
+        let left = c
+            .list_runs(pb::ListRunsRequest {
+                states: open.iter().map(|s| s.to_pb()).collect(),
+                labels: labels.clone(),
+                page_size: 1,
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .runs;
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = t0.elapsed().as_secs_f64();
+    let cpu1 = cluster.cpu();
+    let after = cluster.metrics().await?;
+    let mut spans = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_runs(pb::ListRunsRequest {
+                labels: labels.clone(),
+                page_size: 1000,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        for r in &page.runs {
+            if r.state != baton_common::state::RunState::Succeeded.to_pb() {
+                bail!("run {} ended {}", r.id, r.state);
+            }
+            let ms = |t: &Option<baton_common::proto::Timestamp>| {
+                t.as_ref().map_or(0.0, |t| t.seconds as f64 * 1e3 + f64::from(t.nanos) / 1e6)
+            };
+            spans.push(ms(&r.finished_at) - ms(&r.created_at));
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    spans.sort_by(f64::total_cmp);
+    let q =
+        |f: f64| spans.get(((spans.len() as f64 * f) as usize).min(spans.len().saturating_sub(1))).copied();
+    let (ctl_rss, agent_rss) = cluster.peak_rss();
+    Ok(Row {
+        name: "B8 1000 runs x 10 noop at once".into(),
+        steps: 10_000,
+        makespan: Some(took),
+        throughput: true,
+        p50_us: q(0.5).map(|ms| ms * 1e3),
+        p99_us: q(0.99).map(|ms| ms * 1e3),
+        ctl_cpu: cpu1.0 - cpu0.0,
+        agent_cpu: cpu1.1 - cpu0.1,
+        ctl_rss,
+        agent_rss,
+        note: format!(
+            "4 agents x 8 slots; p50/p99 are each run's submit to end; one run of 10000 on the same cluster took {:.3}s ({:.2}x); {}",
+            single.as_secs_f64(),
+            took / single.as_secs_f64(),
+            commits(&before, &after)
+        ),
+        ..Default::default()
+    })
+}
+
+/// Resident memory now, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0.0 };
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// B9: one run of 100,000 `noop` steps after one of 10,000 on the same cluster: the
+/// submit's time, the controller's memory per open step, and the rate at both sizes.
+async fn b9(o: &Options) -> anyhow::Result<Row> {
+    let cluster = Cluster::start(
+        o.backend,
+        o.postgres_url.as_deref(),
+        &[8, 8, 8, 8],
+        Duration::from_secs(1),
+        o.pipeline,
+    )
+    .await?;
+    let mut c = cluster.client().await?;
+    let (ten, _) = run_to_end(&mut c, spec("b9-10k", Shape::Independent(10_000), "noop")).await?;
+    let n = 100_000;
+    let text = spec("b9", Shape::Independent(n), "noop");
+    let rss0 = rss_mib(cluster.controller.id());
+    let cpu0 = cluster.cpu();
+    let t0 = Instant::now();
+    let id = c
+        .submit_run(pb::SubmitRunRequest {
+            spec: text,
+            source: "bench".into(),
+            request_id: uuid::Uuid::new_v4().to_string(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .run_id;
+    let submit = t0.elapsed().as_secs_f64();
+    let rss1 = rss_mib(cluster.controller.id());
+    let mut s = c
+        .watch_run(pb::WatchRunRequest { run_id: id.clone(), from_seq: 1, run_events_only: true })
+        .await?
+        .into_inner();
+    while let Some(ev) = s.next().await {
+        if baton_common::state::RunState::from_pb(ev?.run_state).is_ok_and(|s| s.is_terminal()) {
+            break;
+        }
+    }
+    let took = t0.elapsed().as_secs_f64();
+    let cpu1 = cluster.cpu();
+    let (ctl_rss, agent_rss) = cluster.peak_rss();
+    let per_step = |secs: f64, steps: usize| secs * 1e6 / steps as f64;
+    Ok(Row {
+        name: "B9 one run of 100000 noop".into(),
+        steps: n,
+        makespan: Some(took),
+        throughput: true,
+        ctl_cpu: cpu1.0 - cpu0.0,
+        agent_cpu: cpu1.1 - cpu0.1,
+        ctl_rss,
+        agent_rss,
+        note: format!(
+            "4 agents x 8 slots; submit {submit:.3}s; controller RSS +{:.0} B per open step right after it; {:.1}µs per step at 100000 vs {:.1}µs at 10000",
+            (rss1 - rss0).max(0.0) * 1024.0 * 1024.0 / n as f64,
+            per_step(took, n),
+            per_step(ten.as_secs_f64(), 10_000),
+        ),
+        ..Default::default()
+    })
+}
+
 /// An agent that only says hello and heartbeats (for B5), or waits for its first
 /// assignment (for B6).
 async fn fake_agent(url: String, name: String, heartbeats: bool) -> anyhow::Result<Instant> {
@@ -355,13 +543,14 @@ async fn b5(o: &Options) -> anyhow::Result<Row> {
     let cluster =
         Cluster::start(o.backend, o.postgres_url.as_deref(), &[], Duration::from_secs(1), o.pipeline).await?;
     let mut tasks = Vec::new();
-    for i in 0..200 {
+    let n = o.b5_agents;
+    for i in 0..n {
         tasks.push(tokio::spawn(fake_agent(cluster.url.clone(), format!("sim-{i}"), true)));
     }
     let mut c = cluster.client().await?;
-    for _ in 0..500 {
-        let n = c.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents.len();
-        if n >= 200 {
+    for _ in 0..3000 {
+        let up = c.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents.len();
+        if up >= n {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -380,7 +569,7 @@ async fn b5(o: &Options) -> anyhow::Result<Row> {
     let used = cpu1.0 - cpu0.0;
     let (ctl_rss, _) = cluster.peak_rss();
     Ok(Row {
-        name: "B5 200 idle agents".into(),
+        name: format!("B5 {n} idle agents"),
         ctl_cpu: used,
         ctl_rss,
         note: format!(

@@ -69,6 +69,10 @@ struct View {
     format: Format,
     bar: Option<ProgressBar>,
     states: HashMap<String, String>,
+    /// Steps per state and the running ones, kept as events come (a big run's events
+    /// must not each cost a pass over all its steps).
+    counts: BTreeMap<String, u64>,
+    running: std::collections::BTreeSet<String>,
     total: u64,
     /// Expected time to the end from the latest event, when known.
     eta_ms: i64,
@@ -80,8 +84,17 @@ struct View {
 
 impl View {
     fn new(format: Format, run: &pb::Run) -> View {
-        let states: HashMap<String, String> =
-            run.steps.iter().map(|s| (s.id.clone(), output::step_state(s.state))).collect();
+        let mut states = HashMap::new();
+        let mut counts = BTreeMap::new();
+        let mut running = std::collections::BTreeSet::new();
+        for s in &run.steps {
+            let state = output::step_state(s.state);
+            *counts.entry(state.clone()).or_default() += 1;
+            if state == "running" {
+                running.insert(s.id.clone());
+            }
+            states.insert(s.id.clone(), state);
+        }
         let total = run.steps.len() as u64;
         let bar = (format == Format::Text && crate::style::live()).then(|| {
             let bar = ProgressBar::new(total);
@@ -95,7 +108,7 @@ impl View {
         });
         let eta_ms = run.progress.as_ref().map_or(-1, |p| output::dur(&p.eta));
         let big = total > BIG_RUN;
-        let mut v = View { format, bar, states, total, eta_ms, big, tenth: 0 };
+        let mut v = View { format, bar, states, counts, running, total, eta_ms, big, tenth: 0 };
         v.refresh();
         v
     }
@@ -103,7 +116,17 @@ impl View {
     fn event(&mut self, ev: &pb::RunEvent) {
         let step_state = output::step_state(ev.step_state);
         if !ev.step_id.is_empty() && !step_state.is_empty() {
-            self.states.insert(ev.step_id.clone(), step_state);
+            if step_state == "running" {
+                self.running.insert(ev.step_id.clone());
+            } else {
+                self.running.remove(&ev.step_id);
+            }
+            *self.counts.entry(step_state.clone()).or_default() += 1;
+            if let Some(old) = self.states.insert(ev.step_id.clone(), step_state)
+                && let Some(n) = self.counts.get_mut(&old)
+            {
+                *n = n.saturating_sub(1);
+            }
         }
         // Events read back from the log carry no ETA; a live one updates it.
         if let Some(eta) = ev.progress.as_ref().and_then(|p| p.eta.as_ref()) {
@@ -133,17 +156,17 @@ impl View {
     }
 
     fn done(&self) -> u64 {
-        self.states.values().filter(|s| s.parse::<StepState>().is_ok_and(StepState::is_terminal)).count()
-            as u64
+        self.counts
+            .iter()
+            .filter(|(s, _)| s.parse::<StepState>().is_ok_and(StepState::is_terminal))
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// Counts per state and the running steps, on one line.
     fn summary(&self) -> String {
-        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-        for s in self.states.values() {
-            *counts.entry(s.as_str()).or_default() += 1;
-        }
-        let counts: Vec<String> = counts.iter().map(|(s, n)| format!("{n} {s}")).collect();
+        let counts: Vec<String> =
+            self.counts.iter().filter(|(_, n)| **n > 0).map(|(s, n)| format!("{n} {s}")).collect();
         let mut line = format!("progress: {}/{} steps done ({})", self.done(), self.total, counts.join(", "));
         let running = self.running();
         if !running.is_empty() {
@@ -154,11 +177,8 @@ impl View {
 
     /// `running: a, b, c, d +N`, or empty.
     fn running(&self) -> String {
-        let mut running: Vec<&str> =
-            self.states.iter().filter(|(_, s)| s.as_str() == "running").map(|(id, _)| id.as_str()).collect();
-        running.sort();
-        let shown: Vec<&str> = running.iter().take(4).copied().collect();
-        let more = running.len().saturating_sub(shown.len());
+        let shown: Vec<&str> = self.running.iter().take(4).map(String::as_str).collect();
+        let more = self.running.len().saturating_sub(shown.len());
         let mut msg = if shown.is_empty() { String::new() } else { format!("running: {}", shown.join(", ")) };
         if more > 0 {
             msg.push_str(&format!(" +{more}"));
@@ -172,7 +192,7 @@ impl View {
         bar.set_position(self.done());
         let mut msg = self.running();
         if self.big {
-            let failed = self.states.values().filter(|s| s.as_str() == "failed").count();
+            let failed = self.counts.get("failed").copied().unwrap_or(0);
             if failed > 0 {
                 msg = format!("{failed} failed  {msg}");
             }

@@ -142,7 +142,7 @@ pub const MAX_ID_LEN: usize = 128;
 /// Largest spec accepted, in bytes.
 pub const MAX_SPEC_BYTES: usize = 4 * 1024 * 1024;
 /// Most steps in one workstream.
-pub const MAX_STEPS: usize = 50_000;
+pub const MAX_STEPS: usize = 100_000;
 /// Longest chain of dependencies.
 pub const MAX_DEPTH: usize = 5_000;
 /// Largest `with` of one step, as JSON.
@@ -1186,7 +1186,7 @@ steps:
         for i in 0..=MAX_STEPS {
             many.push_str(&format!("  - {{id: s{i}, tool: noop}}\n"));
         }
-        assert!(err(&many).contains("the workstream has 50001 steps; the limit is 50000"));
+        assert!(err(&many).contains("the workstream has 100001 steps; the limit is 100000"));
         let mut deep = String::from("name: d\nsteps:\n  - {id: s0, tool: noop}\n");
         for i in 1..=MAX_DEPTH {
             deep.push_str(&format!("  - {{id: s{i}, tool: noop, needs: s{}}}\n", i - 1));

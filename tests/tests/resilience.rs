@@ -550,7 +550,7 @@ async fn oversized_requests_are_refused(backend: Backend) {
     let sb = Sandbox::builder().backend(backend).agents(0).build().await;
     let mut c = sb.client().await;
     let mut many = String::from("name: m\nsteps:\n");
-    for i in 0..50_001 {
+    for i in 0..=baton_common::spec::MAX_STEPS {
         many.push_str(&format!("  - {{id: s{i}, tool: noop}}\n"));
     }
     let err = c
@@ -558,7 +558,7 @@ async fn oversized_requests_are_refused(backend: Backend) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("50001 steps; the limit is 50000"), "{}", err.message());
+    assert!(err.message().contains("100001 steps; the limit is 100000"), "{}", err.message());
     let huge = "x".repeat(5 * 1024 * 1024);
     let err = c
         .submit_run(proto::SubmitRunRequest { spec: huge, source: "huge.yaml".into(), ..Default::default() })

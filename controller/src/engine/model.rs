@@ -871,6 +871,7 @@ impl Model {
                 params: self.open_params(&row.id, &row.params),
                 templated: Vec::new(),
                 topo: Vec::new(),
+                needs: Vec::new(),
                 estimates: Vec::new(),
                 eta: None,
                 counts: [0; 8],
@@ -878,7 +879,8 @@ impl Model {
             };
             run.templated = super::state::templated_of(&run.spec);
             run.counts = super::state::counts_of(&run.steps.iter().map(|s| s.state).collect::<Vec<_>>());
-            run.topo = super::progress::topo_order(&super::state::needs_of(&run.spec));
+            run.needs = super::state::needs_of(&run.spec);
+            run.topo = super::progress::topo_order(&run.needs);
             run.estimates = super::state::estimates_for(
                 &run.spec,
                 &run.steps,

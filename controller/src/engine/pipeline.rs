@@ -30,6 +30,9 @@ impl Model {
         }
         for agent_id in agents {
             let Some(agent) = self.agents.get(&agent_id) else { continue };
+            if !self.may_hold(agent, true) {
+                continue;
+            }
             let mut todo: Vec<(String, usize)> = agent
                 .running
                 .iter()
@@ -52,33 +55,32 @@ impl Model {
     fn try_pipeline(&mut self, run_id: &str, idx: usize, agent_id: &str) -> bool {
         let Some(run) = self.runs.get(run_id) else { return false };
         let step = &run.steps[idx];
+        let Some(agent) = self.agents.get(agent_id) else { return false };
+        // Each unfinished need must have a live attempt on this agent: a step waiting on
+        // more needs than the agent holds attempts is passed over at once.
         if step.state != StepState::Waiting
             || step.current.is_some()
+            || step.waiting_on as usize > agent.running.len()
             || run.failing.is_some()
             || run.state != RunState::Running
         {
             return false;
         }
-        let Some(agent) = self.agents.get(agent_id) else { return false };
         let tool = step.tool.as_str();
         if !agent.takes_work() || !agent.has_tool(tool) || !step.placement.admits(&agent.name, &agent.labels)
         {
             return false;
         }
-        let short = self.is_short(agent, tool);
-        let cap = agent.slots as usize * if short { HELD_PER_SLOT } else { 1 };
-        if agent.held_back.len() >= cap || agent.running.len() >= (1 + HELD_PER_SLOT) * agent.slots as usize {
+        if !self.may_hold(agent, self.is_short(agent, tool)) {
             return false;
         }
         // Only behind closed breakers: a probe must be a dispatch of its own.
         if !self.breakers_closed(tool, agent_id) {
             return false;
         }
-        let index = run.spec.index();
         let mut after = Vec::new();
         let mut defer = Vec::new();
-        for need in &run.spec.steps[idx].needs {
-            let Some(&j) = index.get(need.as_str()) else { return false };
+        for &j in &run.needs[idx] {
             let up = &run.steps[j];
             if up.state == StepState::Succeeded {
                 continue;
@@ -103,6 +105,13 @@ impl Model {
             // Rendered again, and failed for good, when it is ready.
             Err(_) => false,
         }
+    }
+
+    /// Whether `agent` may hold one more pipelined attempt (of a tool whose attempts
+    /// there are `short`, or not).
+    fn may_hold(&self, agent: &super::state::Agent, short: bool) -> bool {
+        let cap = agent.slots as usize * if short { HELD_PER_SLOT } else { 1 };
+        agent.held_back.len() < cap && agent.running.len() < (1 + HELD_PER_SLOT) * agent.slots as usize
     }
 
     /// The step of pipelined attempt `attempt_id` has had all its dependencies' results

@@ -118,7 +118,8 @@ impl Model {
         let dependents = state::dependents_of(&spec);
         let templated = state::templated_of(&spec);
         let steps_states: Vec<StepState> = steps.iter().map(|s| s.state).collect();
-        let topo = super::progress::topo_order(&state::needs_of(&spec));
+        let needs = state::needs_of(&spec);
+        let topo = super::progress::topo_order(&needs);
         let estimates = state::estimates_for(&spec, &steps, history);
         let n = steps.len();
         let deadline_at = spec.deadline_ms.map(|d| now + d as i64);
@@ -137,6 +138,7 @@ impl Model {
             labels_json: serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into()),
             steps,
             dependents,
+            needs,
             next_seq: 1,
             open: n,
             failing: None,

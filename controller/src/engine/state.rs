@@ -41,6 +41,8 @@ pub(crate) struct Run {
     pub steps: Vec<Step>,
     /// For each step, the steps that list it in `needs`.
     pub dependents: Vec<Vec<usize>>,
+    /// For each step, the steps it needs.
+    pub needs: Vec<Vec<usize>>,
     /// Sequence number the next event gets.
     pub next_seq: i64,
     /// Steps not in a final state.
