@@ -8,6 +8,7 @@
 
 mod cluster;
 mod compare;
+mod scale;
 mod scenarios;
 
 use std::time::Duration;
@@ -41,6 +42,10 @@ struct Args {
     /// Run the controllers with pipelined starts off (`baton-controller --no-pipeline`).
     #[arg(long)]
     no_pipeline: bool,
+    /// Instead of the scenarios, the scale curves: B1 and B4 at 1,000, 10,000 and 100,000
+    /// steps, as a table and a PNG chart at this path.
+    #[arg(long)]
+    scale: Option<std::path::PathBuf>,
     /// The `baton` CLI for the end-to-end times of B1–B3 (`baton submit FILE --watch`);
     /// default: `baton` next to this binary (`cargo build --release -p baton`).
     #[arg(long)]
@@ -144,7 +149,10 @@ fn main() -> anyhow::Result<()> {
                     pipeline: !args.no_pipeline,
                     baton,
                 };
-                scenarios::run_all(&chosen, &opts).await
+                match &args.scale {
+                    Some(chart) => scale::run(&opts, chart).await,
+                    None => scenarios::run_all(&chosen, &opts).await,
+                }
             }
         }
     })

@@ -149,11 +149,12 @@ fn print_row(r: &Row) {
 }
 
 /// A workstream of `steps` as JSON (fast to parse even at 20,000 steps).
-fn spec(name: &str, shape: Shape, tool: &str) -> String {
+pub fn spec(name: &str, shape: Shape, tool: &str) -> String {
     let steps: Vec<serde_json::Value> = shape
         .graph()
         .into_iter()
         .map(|(id, needs)| match tool {
+            "shell" if needs.is_empty() => json!({"id": id, "tool": "shell", "with": {"argv": ["true"]}}),
             "shell" => json!({"id": id, "needs": needs, "tool": "shell", "with": {"argv": ["true"]}}),
             // Without an empty `needs`: 100,000 steps must fit the 4 MiB a spec may have.
             _ if needs.is_empty() => json!({"id": id, "tool": tool}),
@@ -164,7 +165,7 @@ fn spec(name: &str, shape: Shape, tool: &str) -> String {
 }
 
 /// Submits and waits for the run's end; returns the makespan (submit to end).
-async fn run_to_end(c: &mut Client, spec: String) -> anyhow::Result<(Duration, String)> {
+pub async fn run_to_end(c: &mut Client, spec: String) -> anyhow::Result<(Duration, String)> {
     let t0 = Instant::now();
     let id = c
         .submit_run(pb::SubmitRunRequest {
@@ -313,17 +314,16 @@ async fn b4(o: &Options) -> anyhow::Result<Row> {
     Ok(row)
 }
 
+/// The cluster of B4, B8 and B9: 4 agents × 8 slots.
+async fn busy_cluster(o: &Options) -> anyhow::Result<Cluster> {
+    Cluster::start(o.backend, o.postgres_url.as_deref(), &[8, 8, 8, 8], Duration::from_secs(1), o.pipeline)
+        .await
+}
+
 /// B8: 1,000 runs of 10 `noop` steps submitted at once (64 submits in flight), against
 /// one run of 10,000 on the same cluster; p50/p99 of each run's submit to end.
 async fn b8(o: &Options) -> anyhow::Result<Row> {
-    let cluster = Cluster::start(
-        o.backend,
-        o.postgres_url.as_deref(),
-        &[8, 8, 8, 8],
-        Duration::from_secs(1),
-        o.pipeline,
-    )
-    .await?;
+    let cluster = busy_cluster(o).await?;
     let mut c = cluster.client().await?;
     let (single, _) = run_to_end(&mut c, spec("b8-single", Shape::Independent(10_000), "noop")).await?;
     let before = cluster.metrics().await?;
@@ -422,33 +422,15 @@ async fn b8(o: &Options) -> anyhow::Result<Row> {
     })
 }
 
-/// Resident memory now, in MiB.
-fn rss_mib(pid: u32) -> f64 {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0.0 };
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 /// B9: one run of 100,000 `noop` steps after one of 10,000 on the same cluster: the
 /// submit's time, the controller's memory per open step, and the rate at both sizes.
 async fn b9(o: &Options) -> anyhow::Result<Row> {
-    let cluster = Cluster::start(
-        o.backend,
-        o.postgres_url.as_deref(),
-        &[8, 8, 8, 8],
-        Duration::from_secs(1),
-        o.pipeline,
-    )
-    .await?;
+    let cluster = busy_cluster(o).await?;
     let mut c = cluster.client().await?;
     let (ten, _) = run_to_end(&mut c, spec("b9-10k", Shape::Independent(10_000), "noop")).await?;
     let n = 100_000;
     let text = spec("b9", Shape::Independent(n), "noop");
-    let rss0 = rss_mib(cluster.controller.id());
+    let rss0 = crate::cluster::status_mib(cluster.controller.id(), "VmRSS:");
     let cpu0 = cluster.cpu();
     let t0 = Instant::now();
     let id = c
@@ -462,7 +444,7 @@ async fn b9(o: &Options) -> anyhow::Result<Row> {
         .into_inner()
         .run_id;
     let submit = t0.elapsed().as_secs_f64();
-    let rss1 = rss_mib(cluster.controller.id());
+    let rss1 = crate::cluster::status_mib(cluster.controller.id(), "VmRSS:");
     let mut s = c
         .watch_run(pb::WatchRunRequest { run_id: id.clone(), from_seq: 1, run_events_only: true })
         .await?

@@ -162,7 +162,7 @@ async fn a_spec_past_the_size_limit_is_invalid_input_with_exit_2() {
         let out = baton("http://127.0.0.1:9", &args).await;
         assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
         assert!(
-            out.stderr.contains(&format!("{big}: the spec is 104857600 bytes; the limit is 4194304")),
+            out.stderr.contains(&format!("{big}: the spec is 104857600 bytes; the limit is 16777216")),
             "{}",
             out.stderr
         );

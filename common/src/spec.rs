@@ -140,7 +140,7 @@ impl fmt::Display for SpecError {
 /// Longest step id accepted.
 pub const MAX_ID_LEN: usize = 128;
 /// Largest spec accepted, in bytes.
-pub const MAX_SPEC_BYTES: usize = 4 * 1024 * 1024;
+pub const MAX_SPEC_BYTES: usize = 16 * 1024 * 1024;
 /// Most steps in one workstream.
 pub const MAX_STEPS: usize = 100_000;
 /// Longest chain of dependencies.
@@ -1181,7 +1181,7 @@ steps:
             err(&big)
         );
         let huge = "#".repeat(MAX_SPEC_BYTES + 1);
-        assert!(err(&huge).contains("the limit is 4194304"));
+        assert!(err(&huge).contains("the limit is 16777216"));
         let mut many = String::from("name: m\nsteps:\n");
         for i in 0..=MAX_STEPS {
             many.push_str(&format!("  - {{id: s{i}, tool: noop}}\n"));

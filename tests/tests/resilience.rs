@@ -559,7 +559,7 @@ async fn oversized_requests_are_refused(backend: Backend) {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("100001 steps; the limit is 100000"), "{}", err.message());
-    let huge = "x".repeat(5 * 1024 * 1024);
+    let huge = "x".repeat(17 * 1024 * 1024);
     let err = c
         .submit_run(proto::SubmitRunRequest { spec: huge, source: "huge.yaml".into(), ..Default::default() })
         .await
@@ -567,9 +567,9 @@ async fn oversized_requests_are_refused(backend: Backend) {
     // Past the spec limit but within what the server decodes: the controller says which
     // limit and by how much.
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
-    assert!(err.message().contains("huge.yaml: spec is 5242880 bytes; the limit is 4194304"), "{err}");
+    assert!(err.message().contains("huge.yaml: spec is 17825792 bytes; the limit is 16777216"), "{err}");
     // Past what the server decodes at all: refused before it is read.
-    let huger = "x".repeat(9 * 1024 * 1024);
+    let huger = "x".repeat(21 * 1024 * 1024);
     let err = c
         .submit_run(proto::SubmitRunRequest {
             spec: huger,

@@ -18,13 +18,13 @@ pub use agents::AgentApi;
 pub use error::ApiError;
 pub use runs::RunApi;
 
-/// Largest spec, and largest gRPC message of the agent protocol.
+/// Largest gRPC message of the agent protocol.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
-/// Largest message of the public API the server decodes: above the spec limit, so that
-/// a spec past it is refused by the handler, which names both sizes, rather than by
-/// the transport.
-const MAX_API_MESSAGE_BYTES: usize = 2 * MAX_MESSAGE_BYTES;
+/// Largest message of the public API the server decodes: above the spec limit (a run
+/// of 100,000 steps takes more than 4 MiB), so that a spec past it is refused by the
+/// handler, which names both sizes, rather than by the transport.
+const MAX_API_MESSAGE_BYTES: usize = baton_common::spec::MAX_SPEC_BYTES + MAX_MESSAGE_BYTES;
 
 /// The services of the API port.
 pub struct Services {

@@ -13,11 +13,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::ApiError;
-use super::{MAX_MESSAGE_BYTES, convert};
+use super::convert;
 use crate::auth::Identity;
 use crate::engine::{EngineError, Submission};
 use crate::leader::Leadership;
 use crate::store::{RunFilter, Store};
+use baton_common::spec::MAX_SPEC_BYTES;
 
 pub struct RunApi {
     leadership: Leadership,
@@ -67,9 +68,9 @@ impl pb::baton_service_server::BatonService for RunApi {
         let actor = Identity::of(&req).actor();
         let req = req.into_inner();
         let source = if req.source.is_empty() { "<request>" } else { req.source.as_str() };
-        if req.spec.len() > MAX_MESSAGE_BYTES {
+        if req.spec.len() > MAX_SPEC_BYTES {
             return Err(ApiError::invalid(format!(
-                "{source}: spec is {} bytes; the limit is {MAX_MESSAGE_BYTES}",
+                "{source}: spec is {} bytes; the limit is {MAX_SPEC_BYTES}",
                 req.spec.len()
             ))
             .into());
