@@ -177,12 +177,12 @@ impl Model {
             pb::agent_message::Msg::Finished(f) => {
                 // An attempt the agent stopped on its own while connected (it shuts
                 // down): whatever it was sent now would be stopped too. (Cancels the
-                // controller asked for have closed their attempts already.)
+                // controller asked for have closed their attempts already; a pipelined
+                // one the agent would not start says nothing of the agent.)
                 let own_stop = f.outcome == Outcome::Canceled.to_pb()
-                    && f.attempt
-                        .as_ref()
-                        .and_then(|r| self.attempts.get(&r.attempt_id))
-                        .is_some_and(|a| !a.state.is_terminal() && a.agent_id == agent_id);
+                    && f.attempt.as_ref().and_then(|r| self.attempts.get(&r.attempt_id)).is_some_and(|a| {
+                        !a.state.is_terminal() && a.agent_id == agent_id && !self.held.contains(&a.id)
+                    });
                 if own_stop && let Some(s) = self.agents.get_mut(agent_id).and_then(|a| a.session.as_mut()) {
                     s.stopping = true;
                 }

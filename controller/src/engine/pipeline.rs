@@ -354,6 +354,25 @@ mod tests {
     }
 
     #[test]
+    fn a_pipelined_attempt_its_agent_would_not_start_leaves_the_agent_taking_work() {
+        let mut k = Kit::new(config());
+        k.connect("x", 1, 1);
+        let run = k.submit(CHAIN);
+        let sent = assigns(&mut k, 1);
+        let (a, b) = (sent[0].attempt.clone().unwrap(), sent[1].attempt.clone().unwrap());
+        // The agent does not know what b follows (say it forgot it): it reports b canceled.
+        k.finished("x", 1, &b, "canceled", "");
+        assert!(k.model.agents["x-id"].takes_work(), "a dropped pipelined attempt is no shutdown");
+        let again = assigns(&mut k, 1);
+        assert_eq!(again.len(), 1, "b is pipelined behind a again");
+        let b2 = again[0].attempt.clone().unwrap();
+        assert_ne!(b2.attempt_id, b.attempt_id);
+        k.finished("x", 1, &a, "succeeded", "");
+        k.finished("x", 1, &b2, "succeeded", "");
+        assert_eq!(k.run_state(&run), "succeeded");
+    }
+
+    #[test]
     fn a_predecessor_lost_with_its_agent_takes_its_successor_with_it() {
         let mut k = Kit::new(config());
         k.connect("x", 1, 1);
