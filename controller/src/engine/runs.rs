@@ -398,11 +398,6 @@ impl Model {
         let jitter: f64 = rand::Rng::random(&mut self.rng);
         let poison_after = self.cfg.poison_after;
         let Some(run) = self.runs.get_mut(run_id) else { return };
-        if run.steps[idx].state == StepState::Waiting {
-            // A pipelined attempt that was never activated: dropped, not failed (see
-            // `drop_held_back`); nothing to decide for its step.
-            return;
-        }
         let p = &mut self.pending;
         let step = &mut run.steps[idx];
         if class == FailureClass::AgentLost {
