@@ -73,8 +73,10 @@ impl Model {
                     }
                 }
             }
-            passed.append(queue);
-            *queue = passed;
+            // Back in front, in their order: O(passed), whatever the queue's length.
+            while let Some(p) = passed.pop_back() {
+                queue.push_front(p);
+            }
         }
         ready.retain(|_, q| !q.is_empty());
         // Steps queued while dispatching go after the older ones.
@@ -98,7 +100,6 @@ impl Model {
                 values: None,
             });
         }
-        let index = run.spec.index();
         let secret = std::cell::RefCell::new(Vec::new());
         let values = std::cell::RefCell::new(Map::new());
         let deferred = std::cell::Cell::new(false);
@@ -118,7 +119,7 @@ impl Model {
                     Value::String(v.clone())
                 }
                 Ref::Output { step, name } => {
-                    let j = *index.get(step.as_str()).ok_or(format!("no step {step:?}"))?;
+                    let j = run.upstream(idx, step).ok_or(format!("no step {step:?} upstream"))?;
                     if defer.contains(&j) {
                         deferred.set(true);
                         // A stand-in that every place a reference may stand accepts.
@@ -515,6 +516,30 @@ mod tests {
     }
 
     #[test]
+    fn an_input_reads_the_outputs_of_a_step_further_up_than_its_needs() {
+        let mut k = Kit::new(super::super::EngineConfig { pipeline: false, ..config() });
+        k.connect("x", 1, 1);
+        k.submit(
+            "name: w\nsteps:\n  - {id: a, tool: shell, with: {run: 'true'}}\n  - {id: b, tool: shell, needs: [a], with: {run: 'true'}}\n  - {id: c, tool: shell, needs: [b], with: {run: 'echo ${{ steps.a.outputs.n }}'}}\n",
+        );
+        for _ in 0..2 {
+            let r = k.assigns(1).remove(0);
+            k.started("x", 1, &r);
+            k.finished("x", 1, &r, "succeeded", "");
+        }
+        let sent = k.sent.remove(&1).unwrap_or_default();
+        // A shell step gets values through its environment, never in its script.
+        let envs: Vec<_> = sent
+            .into_iter()
+            .filter_map(|m| match m {
+                Down::Assign(a) => a.request.map(|r| r.env.into_values().collect::<Vec<_>>()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(envs, [vec!["1".to_string()]], "c rendered with a's outputs, two steps up");
+    }
+
+    #[test]
     fn a_step_keeps_the_placement_it_was_submitted_with_across_a_reload_and_a_restart() {
         let cfg =
             super::super::EngineConfig { router: crate::router::Rules::new(pinned_to("one")), ..config() };
@@ -552,7 +577,8 @@ mod tests {
             (&["one".to_string()][..], Some(0))
         );
         assert_eq!(
-            step.route_json, r#"{"rule":0,"strategy":"fixed","agents":["one"]}"#,
+            again.runs[&run].step_row(0).route,
+            r#"{"rule":0,"strategy":"fixed","agents":["one"]}"#,
             "written on its next change"
         );
     }

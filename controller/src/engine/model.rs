@@ -189,8 +189,8 @@ impl Commit {
 #[derive(Default)]
 pub(super) struct Pending {
     pub runs: HashSet<String, Fixed>,
-    /// Runs (also in `runs`) not written yet.
-    pub new_runs: HashSet<String, Fixed>,
+    /// Runs (also in `runs`) not written yet, with their specs as JSON.
+    pub new_runs: HashMap<String, String, Fixed>,
     pub steps: HashSet<(String, usize), Fixed>,
     pub attempts: HashSet<String, Fixed>,
     pub agents: BTreeSet<String>,
@@ -469,8 +469,8 @@ impl Model {
             return None;
         }
         let fresh = Pending { now: self.pending.now, now_us: self.pending.now_us, ..Pending::default() };
-        let pending = std::mem::replace(&mut self.pending, fresh);
-        let batch = self.build_batch(&pending);
+        let mut pending = std::mem::replace(&mut self.pending, fresh);
+        let batch = self.build_batch(&mut pending);
         let batch = Batch { events: pending.events, ..batch };
         Some(Commit {
             batch,
@@ -626,12 +626,12 @@ impl Model {
     }
 
     /// The rows the pending changes touch, as they are now (events apart).
-    fn build_batch(&self, p: &Pending) -> Batch {
+    fn build_batch(&self, p: &mut Pending) -> Batch {
         let mut b = Batch::default();
         for id in &p.runs {
             if let Some(run) = self.runs.get(id) {
-                if p.new_runs.contains(id) {
-                    b.new_runs.push(run.to_row());
+                if let Some(spec) = p.new_runs.remove(id) {
+                    b.new_runs.push(run.to_row(spec));
                 } else {
                     b.runs.push(run.state_row());
                 }
@@ -820,6 +820,7 @@ impl Model {
                 )));
             }
             let mut steps = Vec::with_capacity(rows.len());
+            let mut last = None;
             for (i, r) in rows.iter().enumerate() {
                 if r.idx != i as i64 {
                     return Err(StoreError::Corrupt(format!(
@@ -827,7 +828,7 @@ impl Model {
                         row.id, r.step_id
                     )));
                 }
-                steps.push(Step::from_row(r, || rules.placement_for(&spec.steps[i]))?);
+                steps.push(Step::from_row(r, || rules.placement_for(&spec.steps[i]), &mut last)?);
             }
             let index = spec.index();
             for (i, s) in spec.steps.iter().enumerate() {
@@ -853,7 +854,6 @@ impl Model {
                 open,
                 id: row.id.clone(),
                 spec: Arc::new(spec),
-                spec_json: row.spec.clone(),
                 params_json: row.params.clone(),
                 state,
                 reason: row.reason.clone(),

@@ -102,12 +102,14 @@ impl Model {
         }
         let params_json = serde_json::to_string(&stored).map_err(|e| EngineError::Invalid(e.to_string()))?;
         let now = self.now();
+        let mut last = None;
         let steps: Vec<Step> = spec
             .steps
             .iter()
             .zip(routes)
             .map(|(s, route)| {
-                let mut step = Step::new(route, &s.needs);
+                let placement = state::share(&mut last, route.placement);
+                let mut step = Step::new(route.tool, placement, &s.needs);
                 if step.state == StepState::Ready {
                     step.ready_since = Some(now);
                     step.ready_us = Some(self.pending.now_us);
@@ -126,7 +128,6 @@ impl Model {
         let mut run = Run {
             id: id.clone(),
             spec: Arc::new(spec),
-            spec_json,
             params_json,
             state: RunState::Pending,
             reason: String::new(),
@@ -153,7 +154,7 @@ impl Model {
         };
         let p = &mut self.pending;
         p.runs.insert(id.clone());
-        p.new_runs.insert(id.clone());
+        p.new_runs.insert(id.clone(), spec_json);
         for i in 0..n {
             p.steps.insert((id.clone(), i));
         }

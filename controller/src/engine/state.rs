@@ -10,7 +10,7 @@ pub(crate) use baton_common::state::AgentState;
 use baton_common::state::{AttemptState, RunState, StepState};
 use baton_common::{pb, proto};
 
-use crate::router::{Placement, Route};
+use crate::router::Placement;
 use crate::store::{AgentRow, AttemptRow, RunRow, RunStateRow, StepRow, StoreError, parse_state};
 
 /// A hasher with fixed keys, so that the model's maps iterate in the same order for
@@ -26,7 +26,6 @@ pub(crate) type IdMap<V> = HashMap<String, V, Fixed>;
 pub(crate) struct Run {
     pub id: String,
     pub spec: Arc<Workstream>,
-    pub spec_json: String,
     pub params_json: String,
     pub state: RunState,
     pub reason: String,
@@ -74,12 +73,14 @@ impl Run {
         &self.spec.steps[idx].id
     }
 
-    pub fn to_row(&self) -> RunRow {
+    /// The whole row, written once at submit; `spec` is the spec as JSON, which only
+    /// that write needs (the engine does not keep it).
+    pub fn to_row(&self, spec: String) -> RunRow {
         RunRow {
             id: self.id.clone(),
             workstream: self.spec.name.clone(),
             state: self.state.as_str().to_string(),
-            spec: self.spec_json.clone(),
+            spec,
             params: self.params_json.clone(),
             reason: self.reason.clone(),
             created_at: self.created_at,
@@ -103,6 +104,25 @@ impl Run {
         }
     }
 
+    /// The step named `id` among those `idx` needs, directly or not, nearest first (a
+    /// reference to a step's outputs must name one of them). Searched rather than
+    /// indexed: an index of a big run's step ids would cost memory per step, and
+    /// references mostly name a direct need.
+    pub fn upstream(&self, idx: usize, id: &str) -> Option<usize> {
+        let mut seen = std::collections::HashSet::new();
+        let mut queue: std::collections::VecDeque<usize> = self.needs[idx].iter().copied().collect();
+        while let Some(j) = queue.pop_front() {
+            if !seen.insert(j) {
+                continue;
+            }
+            if self.spec.steps[j].id == id {
+                return Some(j);
+            }
+            queue.extend(self.needs[j].iter().copied());
+        }
+        None
+    }
+
     /// Steps in a final state.
     pub fn done(&self) -> u32 {
         StepState::ALL.iter().filter(|s| s.is_terminal()).map(|&s| self.counts[s as usize]).sum()
@@ -124,10 +144,21 @@ impl Run {
             finished_at: s.finished_at,
             reason: s.reason.clone(),
             result: s.result.clone(),
-            needs: s.needs_json.clone(),
+            // Written from what the step keeps anyway: a string per step would be
+            // much of its memory.
+            needs: serde_json::to_string(&self.spec.steps[idx].needs).unwrap_or_else(|_| "[]".into()),
             kind: self.spec.steps[idx].kind.clone().unwrap_or_default(),
-            route: s.route_json.clone(),
+            route: serde_json::to_string(&*s.placement).unwrap_or_else(|_| "{}".into()),
         }
+    }
+}
+
+/// `p` as an `Arc`, the one `last` holds when it is the same placement: a run's steps
+/// come in order and mostly share one, which is then kept once.
+pub(crate) fn share(last: &mut Option<Arc<Placement>>, p: Placement) -> Arc<Placement> {
+    match last {
+        Some(a) if **a == p => a.clone(),
+        _ => last.insert(Arc::new(p)).clone(),
     }
 }
 
@@ -191,11 +222,9 @@ pub(crate) fn dependents_of(spec: &Workstream) -> Vec<Vec<usize>> {
 pub(crate) struct Step {
     pub state: StepState,
     pub tool: String,
-    /// Where it may run, decided at submit.
-    pub placement: Placement,
-    /// Its `needs` and `placement` as stored, serialized once.
-    pub needs_json: String,
-    pub route_json: String,
+    /// Where it may run, decided at submit; shared by the steps it is the same for
+    /// (most of a run's), see [`share`].
+    pub placement: Arc<Placement>,
     /// Attempts started so far, all causes.
     pub attempts: u32,
     /// Own failures counted against the retry budget (reset by a release).
@@ -222,15 +251,13 @@ pub(crate) struct Step {
 }
 
 impl Step {
-    /// A new step routed by `route`, waiting on its `needs`.
-    pub fn new(route: Route, needs: &[String]) -> Step {
+    /// A new step that runs `tool` at `placement`, waiting on its `needs`.
+    pub fn new(tool: String, placement: Arc<Placement>, needs: &[String]) -> Step {
         let waiting_on = needs.len() as u32;
         Step {
             state: if waiting_on == 0 { StepState::Ready } else { StepState::Waiting },
-            needs_json: serde_json::to_string(needs).unwrap_or_else(|_| "[]".into()),
-            route_json: serde_json::to_string(&route.placement).unwrap_or_else(|_| "{}".into()),
-            tool: route.tool,
-            placement: route.placement,
+            tool,
+            placement,
             attempts: 0,
             failures: 0,
             lost_count: 0,
@@ -250,23 +277,24 @@ impl Step {
 
     /// The step a row holds; `placement` is the row's own, or for a row written before
     /// placements were stored, the one its rule gives now.
-    pub fn from_row(row: &StepRow, placement: impl FnOnce() -> Placement) -> Result<Step, StoreError> {
-        let (placement, route_json) = if row.route.is_empty() {
-            let p = placement();
-            let json = serde_json::to_string(&p).unwrap_or_else(|_| "{}".into());
-            (p, json)
+    /// Equal placements are shared through `last` as at submit.
+    pub fn from_row(
+        row: &StepRow,
+        placement: impl FnOnce() -> Placement,
+        last: &mut Option<Arc<Placement>>,
+    ) -> Result<Step, StoreError> {
+        let placement = if row.route.is_empty() {
+            placement()
         } else {
-            let p = serde_json::from_str(&row.route).map_err(|e| {
+            serde_json::from_str(&row.route).map_err(|e| {
                 StoreError::Corrupt(format!("run {} step {}: bad route: {e}", row.run_id, row.step_id))
-            })?;
-            (p, row.route.clone())
+            })?
         };
+        let placement = share(last, placement);
         Ok(Step {
             state: parse_state(&row.state)?,
             tool: row.tool.clone(),
             placement,
-            needs_json: row.needs.clone(),
-            route_json,
             attempts: row.attempts as u32,
             failures: row.failures as u32,
             lost_count: row.lost_count as u32,

@@ -371,7 +371,8 @@ impl Store {
         sql.push_str("COMMIT");
         // Small batches recur in the same few shapes (a step done, the next assigned)
         // and are worth a cached statement; big ones rarely repeat.
-        let mut q = sqlx::query(AssertSqlSafe(sql)).persistent(batch.rows() <= 16);
+        let persistent = batch.rows() <= 16;
+        let mut q = sqlx::query(AssertSqlSafe(sql)).persistent(persistent);
         for r in &batch.new_runs {
             q = r.bind(q);
         }
@@ -398,6 +399,16 @@ impl Store {
         }
         let mut conn = self.writer.acquire().await?;
         match q.execute(&mut *conn).await {
+            // The driver keeps the last one-off script prepared until the next one
+            // replaces it: for a big submit, every statement of it, megabytes that
+            // would stay until the next big batch. A trivial one-off lets it go.
+            // The commit stands whatever happens to this.
+            Ok(_) if !persistent => {
+                if let Err(e) = sqlx::query("SELECT 1").persistent(false).execute(&mut *conn).await {
+                    tracing::debug!(error = %e, "cannot release the prepared script");
+                }
+                Ok(())
+            }
             Ok(_) => Ok(()),
             Err(e) => {
                 // The script stopped part-way inside its transaction: undo it, or drop
