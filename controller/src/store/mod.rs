@@ -401,9 +401,10 @@ impl Store {
         match q.execute(&mut *conn).await {
             // The driver keeps the last one-off script prepared until the next one
             // replaces it: for a big submit, every statement of it, megabytes that
-            // would stay until the next big batch. A trivial one-off lets it go.
+            // would stay until the next big batch. A trivial one-off lets it go (not
+            // after every batch: it is a round trip on the writer's critical path).
             // The commit stands whatever happens to this.
-            Ok(_) if !persistent => {
+            Ok(_) if batch.rows() >= 4096 => {
                 if let Err(e) = sqlx::query("SELECT 1").persistent(false).execute(&mut *conn).await {
                     tracing::debug!(error = %e, "cannot release the prepared script");
                 }
