@@ -455,17 +455,13 @@ impl Model {
     pub(super) fn wait_reasons(&self, run_id: &str) -> HashMap<String, String> {
         let mut out = HashMap::new();
         let Some(run) = self.runs.get(run_id) else { return out };
-        let index = run.spec.index();
         for (idx, step) in run.steps.iter().enumerate() {
             let why = match step.state {
                 StepState::Waiting => {
-                    let pending: Vec<&str> = run.spec.steps[idx]
-                        .needs
+                    let pending: Vec<&str> = run.needs[idx]
                         .iter()
-                        .filter(|n| {
-                            index.get(n.as_str()).is_some_and(|&j| run.steps[j].state != StepState::Succeeded)
-                        })
-                        .map(String::as_str)
+                        .filter(|&&j| run.steps[j].state != StepState::Succeeded)
+                        .map(|&j| run.step_id(j))
                         .collect();
                     match step.current.as_ref().and_then(|id| self.attempts.get(id)) {
                         Some(a) => format!(

@@ -88,7 +88,6 @@ impl Run {
 
     /// When the run should end (Unix ms), if every open step has an estimate.
     fn finish_estimate(&self, attempts: &IdMap<Attempt>, now: i64) -> Option<i64> {
-        let index = self.spec.index();
         let mut finish = vec![now; self.steps.len()];
         let mut end = now;
         for &i in &self.topo {
@@ -114,13 +113,7 @@ impl Run {
                     (started + est).max(now)
                 }
                 _ => {
-                    let after_needs = self.spec.steps[i]
-                        .needs
-                        .iter()
-                        .filter_map(|n| index.get(n.as_str()))
-                        .map(|&j| finish[j])
-                        .max()
-                        .unwrap_or(now);
+                    let after_needs = self.needs[i].iter().map(|&j| finish[j]).max().unwrap_or(now);
                     after_needs.max(s.next_attempt_at.unwrap_or(now)).max(now) + est
                 }
             };
