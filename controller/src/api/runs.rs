@@ -17,7 +17,7 @@ use super::convert;
 use crate::auth::Identity;
 use crate::engine::{EngineError, Submission};
 use crate::leader::Leadership;
-use crate::store::{RunFilter, Store};
+use crate::store::{Estimates, RunFilter, Store, StoreError};
 use baton_common::spec::MAX_SPEC_BYTES;
 
 pub struct RunApi {
@@ -29,6 +29,38 @@ pub struct RunApi {
     shutdown: CancellationToken,
     /// Watches and follows run on tasks the controller waits for before it stops.
     tasks: tokio_util::task::TaskTracker,
+    estimates: EstimateCache,
+}
+
+/// Duration estimates per workstream, read from the history at most once per
+/// [`EstimateCache::FRESH`]: they only feed the ETA, and a burst of submits (a thousand
+/// runs at once) would otherwise run the history queries once each (a tenth of the
+/// controller's CPU in such a burst).
+#[derive(Default)]
+struct EstimateCache(std::sync::Mutex<std::collections::HashMap<String, (std::time::Instant, Estimates)>>);
+
+impl EstimateCache {
+    const FRESH: std::time::Duration = std::time::Duration::from_millis(500);
+    /// Workstreams remembered at most; past that, the stale ones are forgotten.
+    const MAX: usize = 1024;
+
+    async fn get(&self, store: &Store, workstream: &str) -> Result<Estimates, StoreError> {
+        let fresh = |at: &std::time::Instant| at.elapsed() < Self::FRESH;
+        if let Ok(map) = self.0.lock()
+            && let Some((at, e)) = map.get(workstream)
+            && fresh(at)
+        {
+            return Ok(e.clone());
+        }
+        let e = store.duration_estimates(workstream).await?;
+        if let Ok(mut map) = self.0.lock() {
+            if map.len() >= Self::MAX {
+                map.retain(|_, (at, _)| fresh(at));
+            }
+            map.insert(workstream.to_string(), (std::time::Instant::now(), e.clone()));
+        }
+        Ok(e)
+    }
 }
 
 impl RunApi {
@@ -41,7 +73,16 @@ impl RunApi {
         shutdown: CancellationToken,
         tasks: tokio_util::task::TaskTracker,
     ) -> RunApi {
-        RunApi { leadership, router, store, logs, router_path, shutdown, tasks }
+        RunApi {
+            leadership,
+            router,
+            store,
+            logs,
+            router_path,
+            shutdown,
+            tasks,
+            estimates: EstimateCache::default(),
+        }
     }
 
     /// The engine when this controller leads; UNAVAILABLE naming the leader otherwise.
@@ -100,7 +141,7 @@ impl pb::baton_service_server::BatonService for RunApi {
             .await
             .map_err(|e| ApiError::internal(format!("parsing the spec: {e}")))?
             .map_err(|e| ApiError::invalid(e.to_string()))?;
-        let estimates = self.store.duration_estimates(&ws.name).await?;
+        let estimates = self.estimates.get(&self.store, &ws.name).await?;
         let run = Submission { params, request_id, name, labels, estimates, ..Submission::new(ws) };
         let refused = |e: EngineError| match e {
             EngineError::Invalid(m) => ApiError::invalid(format!("{source}: {m}")),
