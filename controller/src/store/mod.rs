@@ -45,6 +45,9 @@ pub enum StoreError {
     Unauthenticated(String),
 }
 
+/// Rows of a batch from which the writer lets go of what the batch made it hold.
+const BIG_BATCH_ROWS: usize = 4096;
+
 /// What [`Store::prune`] deleted.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Pruned {
@@ -346,7 +349,7 @@ impl Store {
                 if !after.await {
                     return Err(StoreError::Aborted);
                 }
-                self.commit_fenced(backend, &arrays, fence).await
+                self.commit_fenced(backend, &arrays, fence, batch.rows() >= BIG_BATCH_ROWS).await
             }
         }
     }
@@ -404,7 +407,7 @@ impl Store {
             // would stay until the next big batch. A trivial one-off lets it go (not
             // after every batch: it is a round trip on the writer's critical path).
             // The commit stands whatever happens to this.
-            Ok(_) if batch.rows() >= 4096 => {
+            Ok(_) if batch.rows() >= BIG_BATCH_ROWS => {
                 if let Err(e) = sqlx::query("SELECT 1").persistent(false).execute(&mut *conn).await {
                     tracing::debug!(error = %e, "cannot release the prepared script");
                 }
@@ -422,12 +425,15 @@ impl Store {
         }
     }
 
-    /// A transaction that checks the fence first, then writes each table.
+    /// A transaction that checks the fence first, then writes each table. After a
+    /// `big` one the connection is closed (the pool opens another): its write buffer
+    /// keeps the size of the biggest message it sent, here the whole batch's rows.
     async fn commit_fenced(
         &self,
         backend: Backend,
         arrays: &[String; 7],
         fence: Option<&Fence>,
+        big: bool,
     ) -> Result<(), StoreError> {
         fn statements(b: Backend) -> [String; 7] {
             [
@@ -444,9 +450,11 @@ impl Store {
             std::sync::LazyLock::new(|| statements(Backend::Postgres));
         static SQLITE: std::sync::LazyLock<[String; 7]> =
             std::sync::LazyLock::new(|| statements(Backend::Sqlite));
+        use sqlx::Connection;
+        let mut conn = self.writer.acquire().await?;
         let (mut tx, sqls) = match backend {
-            Backend::Sqlite => (self.writer.begin_with("BEGIN IMMEDIATE").await?, &*SQLITE),
-            Backend::Postgres => (self.writer.begin().await?, &*POSTGRES),
+            Backend::Sqlite => (conn.begin_with("BEGIN IMMEDIATE").await?, &*SQLITE),
+            Backend::Postgres => (conn.begin().await?, &*POSTGRES),
         };
         if let Some(f) = fence {
             let row = sqlx::query(AssertSqlSafe(format!(
@@ -467,6 +475,12 @@ impl Store {
             }
         }
         tx.commit().await?;
+        if big {
+            // The commit stands whatever closing does.
+            if let Err(e) = conn.close().await {
+                tracing::debug!(error = %e, "closing the writer's connection after a big batch");
+            }
+        }
         Ok(())
     }
 
