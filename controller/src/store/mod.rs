@@ -374,8 +374,7 @@ impl Store {
         sql.push_str("COMMIT");
         // Small batches recur in the same few shapes (a step done, the next assigned)
         // and are worth a cached statement; big ones rarely repeat.
-        let persistent = batch.rows() <= 16;
-        let mut q = sqlx::query(AssertSqlSafe(sql)).persistent(persistent);
+        let mut q = sqlx::query(AssertSqlSafe(sql)).persistent(batch.rows() <= 16);
         for r in &batch.new_runs {
             q = r.bind(q);
         }
