@@ -11,7 +11,6 @@
 //! in `WORK_DIR/running/`. An agent that starts again ends what those records name
 //! before it takes work, and reports those attempts as stopped.
 
-use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -214,40 +213,11 @@ pub struct Cell {
 }
 
 impl Cell {
-    /// Makes `cmd`'s process join the attempt's cgroup and die with the agent, before
-    /// it runs anything of its own.
-    pub fn prepare(&self, cmd: &mut tokio::process::Command) {
-        let procs = self
-            .cgroup
-            .as_ref()
-            .and_then(|c| CString::new(c.join("cgroup.procs").into_os_string().into_encoded_bytes()).ok());
-        let parent = std::process::id() as libc::pid_t;
-        // Only async-signal-safe calls between fork and exec.
-        let hook = move || -> std::io::Result<()> {
-            unsafe {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The agent died between fork and prctl: nobody will end this one.
-                if libc::getppid() != parent {
-                    return Err(std::io::Error::other("the agent is gone"));
-                }
-                if let Some(p) = &procs {
-                    let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                    if fd < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    let n = libc::write(fd, b"0\n".as_ptr().cast(), 2);
-                    libc::close(fd);
-                    if n < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-            }
-            Ok(())
-        };
-        unsafe {
-            cmd.pre_exec(hook);
+    /// Makes `cmd`'s process join the attempt's cgroup before it runs anything of its
+    /// own (it dies with the agent in any case: see [`crate::spawn`]).
+    pub fn prepare(&self, cmd: &mut crate::spawn::Command) {
+        if let Some(cg) = &self.cgroup {
+            cmd.cgroup(cg.join("cgroup.procs"));
         }
     }
 
@@ -531,6 +501,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_tool_starts_inside_its_attempts_cgroup() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Containment::open(dir.path(), "test-agent-cgroup-join", true).unwrap();
+        let Mode::Cgroup(base) = c.mode().clone() else {
+            // Drills and CI run as root with cgroup v2, where this must not skip.
+            assert!(std::env::var_os("BATON_REQUIRE_DRILLS").is_none(), "no cgroups to test with");
+            return;
+        };
+        let r = pb::AttemptRef { attempt_id: "in-group".into(), ..Default::default() };
+        let cell = c.cell(&r).unwrap();
+        // The tool's first process already lists the group as its own.
+        let mut cmd = crate::spawn::Command::new("cat");
+        cmd.arg("/proc/self/cgroup");
+        cell.prepare(&mut cmd);
+        let mut child = cmd.spawn().unwrap();
+        cell.spawned(child.id());
+        let mut out = String::new();
+        use tokio::io::AsyncReadExt;
+        child.stdout.take().unwrap().read_to_string(&mut out).await.unwrap();
+        assert!(child.wait().await.unwrap().success());
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let own = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap().trim_end_matches('/').to_string();
+        let name = base.file_name().unwrap().to_string_lossy();
+        let v2 = out.lines().find(|l| l.starts_with("0::"));
+        assert_eq!(v2, Some(format!("0::{own}/{name}/in-group").as_str()), "{out}");
+        cell.end(Some(child.id() as i32)).await;
+        cell.close();
+        c.close();
+    }
+
+    #[tokio::test]
     async fn leftovers_of_a_previous_life_are_ended_and_reported() {
         let dir = tempfile::tempdir().unwrap();
         let c = Containment::open(dir.path(), "test-agent-leftovers", false).unwrap();
@@ -541,12 +542,11 @@ mod tests {
             lease_token: "l".into(),
         };
         let cell = c.cell(&r).unwrap();
-        let mut cmd = tokio::process::Command::new("sleep");
-        cmd.arg("60").process_group(0);
+        let mut cmd = crate::spawn::Command::new("sleep");
+        cmd.arg("60");
         cell.prepare(&mut cmd);
         let mut child = cmd.spawn().unwrap();
-        let pid = child.id().unwrap();
-        cell.spawned(pid);
+        cell.spawned(child.id());
         // A new life finds the record and ends the process.
         let again = Containment::open(dir.path(), "test-agent-leftovers", false).unwrap();
         let reported = again.end_leftovers().await;

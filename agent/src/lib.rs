@@ -9,6 +9,7 @@ pub mod adapters;
 pub mod contain;
 mod pipeline;
 mod scratch;
+pub mod spawn;
 pub mod warden;
 
 use std::collections::{BTreeMap, HashMap};

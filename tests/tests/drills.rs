@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use baton_tests::*;
@@ -45,7 +45,51 @@ fn run(cmd: &str, args: &[&str]) {
     assert!(out.status.success(), "{cmd} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
-static NETS: AtomicU32 = AtomicU32::new(0);
+/// Claims a /30 subnet of 10.214.0.0/16 for one link, across processes (nextest runs
+/// each drill in a process of its own, at the same time as others): a file per subnet
+/// holds the claimant's pid, and a claim whose process is gone is taken over.
+struct Claim {
+    net: u32,
+    file: PathBuf,
+}
+
+impl Claim {
+    fn take() -> Claim {
+        let dir = std::env::temp_dir().join("baton-drill-nets");
+        std::fs::create_dir_all(&dir).unwrap();
+        let me = std::process::id();
+        for k in 0..250 {
+            let net = (me + k) % 250;
+            let file = dir.join(net.to_string());
+            let claimed = |f: &Path| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(f)
+                    .and_then(|mut h| std::io::Write::write_all(&mut h, me.to_string().as_bytes()))
+                    .is_ok()
+            };
+            if claimed(&file) {
+                return Claim { net, file };
+            }
+            // A claim of a process that is gone (killed before it could remove it).
+            let holder = std::fs::read_to_string(&file).ok().and_then(|s| s.trim().parse::<u32>().ok());
+            if holder.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists())
+                && std::fs::remove_file(&file).is_ok()
+                && claimed(&file)
+            {
+                return Claim { net, file };
+            }
+        }
+        panic!("no free subnet for a drill's link in 10.214.0.0/16");
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.file);
+    }
+}
 
 /// Which way a cut drops packets.
 #[derive(Debug, Clone, Copy)]
@@ -68,19 +112,22 @@ struct Link {
     ns: String,
     host_if: String,
     host_ip: String,
+    /// Released once the link is deleted (see `Drop for Net`).
+    claim: Option<Claim>,
 }
 
 impl Net {
     fn new(agents: usize) -> Net {
-        let n = NETS.fetch_add(1, Ordering::SeqCst);
-        let tag = format!("{}{n}", std::process::id() % 10_000);
         let mut links = Vec::new();
-        for i in 0..agents {
-            let ns = format!("bd{tag}n{i}");
-            let host_if = format!("bd{tag}h{i}");
-            let ns_if = format!("bd{tag}a{i}");
-            let net = (std::process::id() % 50 + 10 * n + i as u32) % 250;
+        for _ in 0..agents {
+            // Names and addresses follow the claimed subnet: unique while it is held.
+            let claim = Claim::take();
+            let net = claim.net;
+            let ns = format!("bdn{net}");
+            let host_if = format!("bdh{net}");
+            let ns_if = format!("bda{net}");
             let (host_ip, ns_ip) = (format!("10.214.{net}.1"), format!("10.214.{net}.2"));
+            let _ = Command::new("ip").args(["link", "del", &host_if]).output();
             let _ = Command::new("ip").args(["netns", "del", &ns]).output();
             run("ip", &["netns", "add", &ns]);
             run("ip", &["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
@@ -90,7 +137,7 @@ impl Net {
             run("ip", &["-n", &ns, "addr", "add", &format!("{ns_ip}/30"), "dev", &ns_if]);
             run("ip", &["-n", &ns, "link", "set", &ns_if, "up"]);
             run("ip", &["-n", &ns, "link", "set", "lo", "up"]);
-            links.push(Link { ns, host_if, host_ip });
+            links.push(Link { ns, host_if, host_ip, claim: Some(claim) });
         }
         Net { links, rules: std::sync::Mutex::new(Vec::new()) }
     }
@@ -130,9 +177,11 @@ impl Net {
 impl Drop for Net {
     fn drop(&mut self) {
         self.heal();
-        for l in &self.links {
+        for l in &mut self.links {
             let _ = Command::new("ip").args(["link", "del", &l.host_if]).output();
             let _ = Command::new("ip").args(["netns", "del", &l.ns]).output();
+            // The subnet is free for others only once its link is gone.
+            drop(l.claim.take());
         }
     }
 }

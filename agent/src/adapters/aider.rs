@@ -52,7 +52,7 @@ async fn run(ctx: AttemptContext) -> Outcome {
     }
     let files = strings(ctx.input.get("files"));
     let before = snapshot(&repo).await;
-    let mut cmd = Command::new("aider");
+    let mut cmd = crate::spawn::Command::new("aider");
     cmd.arg(format!("--message={prompt}")).arg("--yes-always").arg("--no-auto-commits");
     if let Some(model) = ctx.input.get("model").and_then(Value::as_str) {
         cmd.arg(format!("--model={model}"));

@@ -10,9 +10,9 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::Command;
 
 use super::{AttemptContext, Outcome, Output};
+use crate::spawn::{Child, Command};
 
 /// How long output readers may lag behind the process's exit (a background child can
 /// hold the pipes open forever).
@@ -32,28 +32,23 @@ pub struct Finished {
 /// stops it when `ctx.stop` fires. Whatever the tool leaves running in its process
 /// group is killed when it exits.
 pub async fn run(mut cmd: Command, ctx: &AttemptContext) -> Result<Finished, Outcome> {
-    let program = cmd.as_std().get_program().to_string_lossy().into_owned();
+    let program = cmd.get_program().to_string_lossy().into_owned();
     cmd.current_dir(&ctx.dir)
         .envs(&ctx.env)
         .env("BATON_RUN_ID", &ctx.run_id)
         .env("BATON_STEP_ID", &ctx.step_id)
         .env("BATON_ATTEMPT_ID", &ctx.attempt_id)
-        .env("BATON_ATTEMPT", ctx.number.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+        .env("BATON_ATTEMPT", ctx.number.to_string());
     if let Some(cell) = &ctx.cell {
         cell.prepare(&mut cmd);
     }
     let mut child = cmd
         .spawn()
         .map_err(|e| Outcome::failure(FailureClass::ToolError, format!("cannot start {program:?}: {e}")))?;
-    if let (Some(cell), Some(pid)) = (&ctx.cell, child.id()) {
-        cell.spawned(pid);
+    if let Some(cell) = &ctx.cell {
+        cell.spawned(child.id());
     }
-    let pgid = child.id().map(|p| Pid::from_raw(p as i32));
+    let pgid = Some(Pid::from_raw(child.id() as i32));
     let last = Arc::new(Mutex::new(Vec::new()));
     let readers = [
         child.stdout.take().map(|s| tokio::spawn(pump(s, ctx.output.clone(), Some(last.clone())))),
@@ -105,7 +100,7 @@ pub fn exit_failure(status: &std::io::Result<ExitStatus>, program: &str) -> Opti
 /// SIGTERM to the group, SIGKILL after the grace period (or when `kill` fires).
 async fn stop_group(
     pgid: Option<Pid>,
-    child: &mut tokio::process::Child,
+    child: &mut Child,
     grace: Duration,
     kill: &tokio_util::sync::CancellationToken,
 ) -> std::io::Result<ExitStatus> {

@@ -4,9 +4,9 @@
 //! its traceback in the output. `with.python` picks the interpreter, `with.path` adds
 //! import paths.
 
+use crate::spawn::Command;
 use baton_common::outcome::FailureClass;
 use serde_json::{Value, json};
-use tokio::process::Command;
 
 use super::{Adapter, AttemptContext, BoxFuture, Outcome, process};
 

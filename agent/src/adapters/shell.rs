@@ -4,9 +4,9 @@
 //! The step's result: outputs the script wrote to the file named in `BATON_OUTPUT`
 //! (a JSON object, or `KEY=VALUE` lines), else the last line of stdout when it is JSON.
 
+use crate::spawn::Command;
 use baton_common::outcome::FailureClass;
 use serde_json::{Map, Value};
-use tokio::process::Command;
 
 use super::{Adapter, AttemptContext, BoxFuture, Outcome, process};
 
