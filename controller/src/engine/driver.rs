@@ -236,6 +236,7 @@ impl Driver {
         for e in &mut batch.events {
             e.epoch = epoch;
         }
+        let batch = Arc::new(batch);
         let store = self.store.clone();
         let fence = self.fence.clone();
         let (stored_tx, stored) = oneshot::channel();
@@ -257,8 +258,8 @@ impl Driver {
             // succeeds. Only losing the leadership ends it.
             loop {
                 let r = match after.take() {
-                    Some(a) => store.commit_after(&batch, fence.as_ref(), a).await,
-                    None => store.commit(&batch, fence.as_ref()).await,
+                    Some(a) => store.commit_after(batch.clone(), fence.as_ref(), a).await,
+                    None => store.commit(batch.clone(), fence.as_ref()).await,
                 };
                 let Err(e) = r else { break };
                 tries += 1;
@@ -279,7 +280,8 @@ impl Driver {
                 tracing::info!(tries, "the database accepts commits again; resuming");
             }
             let _ = stored_tx.send(());
-            Ok(batch)
+            // The writer has let go of its reference by now; a copy only if not.
+            Ok(Arc::try_unwrap(batch).unwrap_or_else(|b| (*b).clone()))
         });
         Some(InFlight { task, stored: Some(stored), commit, started: Instant::now() })
     }

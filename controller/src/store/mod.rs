@@ -2,13 +2,16 @@
 //! serves SQLite (embedded default) and Postgres; only the DDL differs per backend.
 //!
 //! The engine writes through [`Store::commit`]: one [`Batch`] of row upserts and event
-//! inserts in one transaction. Everything else here is a read.
+//! inserts in one transaction, on SQLite by a thread of its own (see `sqlite`).
+//! Everything else here is a read, or a write beside the engine's.
 
 mod auth;
 mod rows;
+mod sqlite;
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyArguments, AnyPoolOptions, AnyRow};
@@ -23,6 +26,8 @@ pub use rows::{AgentRow, AttemptRow, BreakerRow, EventRow, OutputRow, RunRow, Ru
 pub enum StoreError {
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("unsupported database url {0:?}: use sqlite://PATH or postgres://...")]
@@ -45,7 +50,8 @@ pub enum StoreError {
     Unauthenticated(String),
 }
 
-/// Rows of a batch from which the writer lets go of what the batch made it hold.
+/// Rows of a batch after which the Postgres writer's connection is closed (its write
+/// buffer keeps the size of the biggest message it sent).
 const BIG_BATCH_ROWS: usize = 4096;
 
 /// What [`Store::prune`] deleted.
@@ -76,6 +82,9 @@ pub struct LeaderInfo {
 
 /// Postgres server time in Unix milliseconds: leases are measured on one clock.
 const PG_NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+
+/// The same on SQLite.
+const SQLITE_NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
 
 /// Which SQL dialect the pool speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,12 +187,21 @@ pub struct Estimates {
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
-    /// One connection, for [`Store::commit`].
-    writer: AnyPool,
+    /// Where [`Store::commit`] writes.
+    writer: Writer,
     backend: Backend,
     /// Why the latest write of the engine ("commit") or of attempt output ("output")
     /// failed, until one succeeds (a full disk, say).
     refusing: std::sync::Arc<std::sync::Mutex<BTreeMap<&'static str, String>>>,
+}
+
+/// The engine's writer: its own connection, where the page and statement caches stay
+/// warm (a commit on a connection another one wrote through since re-reads its pages).
+#[derive(Clone)]
+enum Writer {
+    Sqlite(sqlite::Writer),
+    /// A pool of one connection.
+    Postgres(AnyPool),
 }
 
 const ACTIVE: &str = "('pending', 'running', 'quarantined')";
@@ -210,14 +228,22 @@ impl Store {
         } else {
             return Err(StoreError::BadUrl(url.to_string()));
         };
-        // The engine's commits go through a connection of their own: they run one at a
-        // time anyway, and on that connection the page and statement caches stay warm
-        // (a commit on a connection another one wrote through since re-reads its pages).
         let pool = Self::pool(backend, url, 8).await?;
-        let writer = Self::pool(backend, url, 1).await?;
-        let store = Store { pool, writer, backend, refusing: Default::default() };
-        store.migrate().await?;
-        Ok(store)
+        Self::migrate(backend, &pool).await?;
+        let writer = match backend {
+            Backend::Sqlite => {
+                let options = sqlx::sqlite::SqliteConnectOptions::from_str(&sqlite_url(url))?;
+                let path = options.get_filename();
+                if path.to_string_lossy().contains(":memory:") {
+                    return Err(StoreError::BadUrl(format!(
+                        "{url} (an in-memory database is not shared between connections)"
+                    )));
+                }
+                Writer::Sqlite(sqlite::Writer::open(path)?)
+            }
+            Backend::Postgres => Writer::Postgres(Self::pool(backend, url, 1).await?),
+        };
+        Ok(Store { pool, writer, backend, refusing: Default::default() })
     }
 
     async fn pool(backend: Backend, url: &str, connections: u32) -> Result<AnyPool, StoreError> {
@@ -259,10 +285,10 @@ impl Store {
         })
     }
 
-    async fn migrate(&self) -> Result<(), StoreError> {
-        match self.backend {
-            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(&self.pool).await?,
-            Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&self.pool).await?,
+    async fn migrate(backend: Backend, pool: &AnyPool) -> Result<(), StoreError> {
+        match backend {
+            Backend::Sqlite => sqlx::migrate!("./migrations/sqlite").run(pool).await?,
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(pool).await?,
         }
         Ok(())
     }
@@ -294,7 +320,10 @@ impl Store {
     }
 
     pub async fn close(&self) {
-        self.writer.close().await;
+        match &self.writer {
+            Writer::Sqlite(w) => w.close().await,
+            Writer::Postgres(p) => p.close().await,
+        }
         self.pool.close().await;
     }
 
@@ -302,40 +331,47 @@ impl Store {
     /// transaction first checks (and locks) the leader row: a deposed leader commits
     /// nothing, and a takeover waits for a commit in flight.
     ///
-    /// Each table's rows travel as one JSON array through one fixed statement, so a
-    /// commit costs the same few round trips however many rows it has; on SQLite the
-    /// whole transaction is one script, one round trip.
-    pub async fn commit(&self, batch: &Batch, fence: Option<&Fence>) -> Result<(), StoreError> {
+    /// On Postgres each table's rows travel as one JSON array through one fixed
+    /// statement, so a commit costs the same few round trips however many rows it has.
+    pub async fn commit(
+        &self,
+        batch: impl Into<Arc<Batch>>,
+        fence: Option<&Fence>,
+    ) -> Result<(), StoreError> {
         self.commit_after(batch, fence, std::future::ready(true)).await
     }
 
     /// [`Store::commit`], written only once `after` says the commit before it is stored
-    /// (false: that one failed, and this one writes nothing). The statement text and
-    /// parameters are prepared meanwhile. How it went is noted for [`Store::refusing`].
+    /// (false: that one failed, and this one writes nothing). How it went is noted for
+    /// [`Store::refusing`].
     pub async fn commit_after(
         &self,
-        batch: &Batch,
+        batch: impl Into<Arc<Batch>>,
         fence: Option<&Fence>,
         after: impl Future<Output = bool>,
     ) -> Result<(), StoreError> {
-        let r = self.write_batch(batch, fence, after).await;
+        let r = self.write_batch(batch.into(), fence, after).await;
         self.note_write("commit", &r);
         r
     }
 
     async fn write_batch(
         &self,
-        batch: &Batch,
+        batch: Arc<Batch>,
         fence: Option<&Fence>,
         after: impl Future<Output = bool>,
     ) -> Result<(), StoreError> {
         if batch.is_empty() {
             return if after.await { Ok(()) } else { Err(StoreError::Aborted) };
         }
-        match (self.backend, fence) {
-            // One controller on SQLite: nothing to fence, one round trip.
-            (Backend::Sqlite, None) => self.commit_sqlite(batch, after).await,
-            (backend, fence) => {
+        match &self.writer {
+            Writer::Sqlite(w) => {
+                if !after.await {
+                    return Err(StoreError::Aborted);
+                }
+                w.commit(batch, fence.cloned()).await
+            }
+            Writer::Postgres(pool) => {
                 let json = |e: serde_json::Error| StoreError::Corrupt(format!("cannot encode rows: {e}"));
                 let arrays = [
                     serde_json::to_string(&batch.new_runs).map_err(json)?,
@@ -349,116 +385,37 @@ impl Store {
                 if !after.await {
                     return Err(StoreError::Aborted);
                 }
-                self.commit_fenced(backend, &arrays, fence, batch.rows() >= BIG_BATCH_ROWS).await
+                Self::commit_postgres(pool, &arrays, fence, batch.rows() >= BIG_BATCH_ROWS).await
             }
         }
     }
 
-    /// The whole transaction as one script of multi-row inserts with numbered
-    /// parameters: one round trip to SQLite, whatever the batch holds.
-    async fn commit_sqlite(
-        &self,
-        batch: &Batch,
-        after: impl Future<Output = bool>,
-    ) -> Result<(), StoreError> {
-        // BEGIN IMMEDIATE takes the write lock up front, so the transaction never fails
-        // half-way with "database is locked" on upgrading a read lock.
-        let mut sql = String::from("BEGIN IMMEDIATE;\n");
-        script_rows(&mut sql, &batch.new_runs);
-        script_rows(&mut sql, &batch.runs);
-        script_rows(&mut sql, &batch.steps);
-        script_rows(&mut sql, &batch.attempts);
-        script_rows(&mut sql, &batch.events);
-        script_rows(&mut sql, &batch.agents);
-        script_rows(&mut sql, &batch.breakers);
-        sql.push_str("COMMIT");
-        // Small batches recur in the same few shapes (a step done, the next assigned)
-        // and are worth a cached statement; big ones rarely repeat.
-        let mut q = sqlx::query(AssertSqlSafe(sql)).persistent(batch.rows() <= 16);
-        for r in &batch.new_runs {
-            q = r.bind(q);
-        }
-        for r in &batch.runs {
-            q = r.bind(q);
-        }
-        for r in &batch.steps {
-            q = r.bind(q);
-        }
-        for r in &batch.attempts {
-            q = r.bind(q);
-        }
-        for r in &batch.events {
-            q = r.bind(q);
-        }
-        for r in &batch.agents {
-            q = r.bind(q);
-        }
-        for r in &batch.breakers {
-            q = r.bind(q);
-        }
-        if !after.await {
-            return Err(StoreError::Aborted);
-        }
-        let mut conn = self.writer.acquire().await?;
-        match q.execute(&mut *conn).await {
-            // The driver keeps the last one-off script prepared until the next one
-            // replaces it: for a big submit, every statement of it, megabytes that
-            // would stay until the next big batch. A trivial one-off lets it go (not
-            // after every batch: it is a round trip on the writer's critical path).
-            // The commit stands whatever happens to this.
-            Ok(_) if batch.rows() >= BIG_BATCH_ROWS => {
-                if let Err(e) = sqlx::query("SELECT 1").persistent(false).execute(&mut *conn).await {
-                    tracing::debug!(error = %e, "cannot release the prepared script");
-                }
-                Ok(())
-            }
-            Ok(_) => Ok(()),
-            Err(e) => {
-                // The script stopped part-way inside its transaction: undo it, or drop
-                // the connection if even that fails.
-                if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err() {
-                    let _ = conn.close().await;
-                }
-                Err(e.into())
-            }
-        }
-    }
-
-    /// A transaction that checks the fence first, then writes each table. After a
-    /// `big` one the connection is closed (the pool opens another): its write buffer
-    /// keeps the size of the biggest message it sent, here the whole batch's rows.
-    async fn commit_fenced(
-        &self,
-        backend: Backend,
+    /// A Postgres transaction that checks the fence first, then writes each table.
+    /// After a `big` one the connection is closed (the pool opens another): its write
+    /// buffer keeps the size of the biggest message it sent, here the whole batch's rows.
+    async fn commit_postgres(
+        writer: &AnyPool,
         arrays: &[String; 7],
         fence: Option<&Fence>,
         big: bool,
     ) -> Result<(), StoreError> {
-        fn statements(b: Backend) -> [String; 7] {
+        static STATEMENTS: std::sync::LazyLock<[String; 7]> = std::sync::LazyLock::new(|| {
             [
-                json_write_sql::<RunRow>(b, 1),
-                json_write_sql::<RunStateRow>(b, 1),
-                json_write_sql::<StepRow>(b, 1),
-                json_write_sql::<AttemptRow>(b, 1),
-                json_write_sql::<EventRow>(b, 1),
-                json_write_sql::<AgentRow>(b, 1),
-                json_write_sql::<BreakerRow>(b, 1),
+                json_write_sql::<RunRow>(),
+                json_write_sql::<RunStateRow>(),
+                json_write_sql::<StepRow>(),
+                json_write_sql::<AttemptRow>(),
+                json_write_sql::<EventRow>(),
+                json_write_sql::<AgentRow>(),
+                json_write_sql::<BreakerRow>(),
             ]
-        }
-        static POSTGRES: std::sync::LazyLock<[String; 7]> =
-            std::sync::LazyLock::new(|| statements(Backend::Postgres));
-        static SQLITE: std::sync::LazyLock<[String; 7]> =
-            std::sync::LazyLock::new(|| statements(Backend::Sqlite));
+        });
         use sqlx::Connection;
-        let mut conn = self.writer.acquire().await?;
-        let (mut tx, sqls) = match backend {
-            Backend::Sqlite => (conn.begin_with("BEGIN IMMEDIATE").await?, &*SQLITE),
-            Backend::Postgres => (conn.begin().await?, &*POSTGRES),
-        };
+        let mut conn = writer.acquire().await?;
+        let mut tx = conn.begin().await?;
         if let Some(f) = fence {
             let row = sqlx::query(AssertSqlSafe(format!(
-                "UPDATE leader SET holder = holder WHERE id = 1 AND holder = $1 AND epoch = $2 AND lease_until > {}",
-                self.now_sql()
+                "UPDATE leader SET holder = holder WHERE id = 1 AND holder = $1 AND epoch = $2 AND lease_until > {PG_NOW_MS}"
             )))
             .bind(f.holder.as_str())
             .bind(f.epoch)
@@ -468,7 +425,7 @@ impl Store {
                 return Err(StoreError::Fenced(f.epoch));
             }
         }
-        for (sql, rows) in sqls.iter().zip(arrays) {
+        for (sql, rows) in STATEMENTS.iter().zip(arrays) {
             if rows != "[]" {
                 sqlx::query(AssertSqlSafe(sql.as_str())).bind(rows.as_str()).execute(&mut *tx).await?;
             }
@@ -880,7 +837,7 @@ impl Store {
     fn now_sql(&self) -> String {
         match self.backend {
             Backend::Postgres => PG_NOW_MS.to_string(),
-            Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)".to_string(),
+            Backend::Sqlite => SQLITE_NOW_MS.to_string(),
         }
     }
 
@@ -992,7 +949,11 @@ pub(crate) trait Record: Sized {
     const WRITE: Write;
     /// `COLUMNS` joined with commas.
     fn column_list() -> &'static str;
+    /// The SQLite statement that writes one row ([`row_sql`]).
+    fn row_sql() -> &'static str;
     fn bind<'q>(&'q self, q: AnyQuery<'q>) -> AnyQuery<'q>;
+    /// Binds the row's columns to `?1`... of a [`Record::row_sql`] statement.
+    fn bind_sqlite(&self, stmt: &mut rusqlite::Statement<'_>) -> rusqlite::Result<()>;
     fn decode(row: &AnyRow) -> Result<Self, sqlx::Error>;
 }
 
@@ -1013,19 +974,6 @@ async fn write_rows<R: Record>(tx: &mut sqlx::Transaction<'_, Any>, rows: &[R]) 
         rest = tail;
     }
     Ok(())
-}
-
-/// Appends the writes of `rows` to a script, in statements of at most a few thousand
-/// parameters. Parameters are anonymous (`?`), bound in script order: SQLite finds a
-/// numbered or named parameter by a linear search, which makes big scripts quadratic.
-fn script_rows<R: Record>(sql: &mut String, rows: &[R]) {
-    let per_statement = (4000 / R::COLUMNS.len()).max(1);
-    let tuple = format!("({})", vec!["?"; R::COLUMNS.len()].join(","));
-    for chunk in rows.chunks(per_statement) {
-        let values = vec![tuple.as_str(); chunk.len()].join(",");
-        sql.push_str(&values_sql::<R>(&values));
-        sql.push_str(";\n");
-    }
 }
 
 /// One statement writing `rows` rows with numbered parameters (`$1`, ...).
@@ -1085,29 +1033,17 @@ fn conflict_clause<R: Record>() -> String {
     }
 }
 
-/// The statement that writes the rows of a JSON array (parameter `$n`: objects keyed
-/// by column) into R's table.
-fn json_write_sql<R: Record>(backend: Backend, n: usize) -> String {
-    type Pick = Box<dyn Fn(&str) -> String>;
-    let (source, pick): (String, Pick) = match backend {
-        Backend::Sqlite => {
-            (format!("json_each(${n})"), Box::new(|c| format!("json_extract(value, '$.{c}')")))
-        }
-        Backend::Postgres => {
-            let record: Vec<String> =
-                R::COLUMNS.iter().zip(R::PG_TYPES).map(|(c, t)| format!("{c} {t}")).collect();
-            (
-                format!("json_to_recordset(${n}::json) AS x({})", record.join(", ")),
-                Box::new(|c| format!("x.{c}")),
-            )
-        }
-    };
+/// The Postgres statement that writes the rows of a JSON array (parameter `$1`:
+/// objects keyed by column) into R's table.
+fn json_write_sql<R: Record>() -> String {
+    let record: Vec<String> = R::COLUMNS.iter().zip(R::PG_TYPES).map(|(c, t)| format!("{c} {t}")).collect();
+    let source = format!("json_to_recordset($1::json) AS x({})", record.join(", "));
+    let pick = |c: &str| format!("x.{c}");
     match R::WRITE {
         Write::Upsert | Write::Insert => {
             let picks: Vec<String> = R::COLUMNS.iter().map(|c| pick(c)).collect();
-            // `WHERE true` lets SQLite tell the upsert clause from a join.
             format!(
-                "INSERT INTO {} ({}) SELECT {} FROM {source} WHERE true{}",
+                "INSERT INTO {} ({}) SELECT {} FROM {source}{}",
                 R::TABLE,
                 R::column_list(),
                 picks.join(", "),
@@ -1115,6 +1051,28 @@ fn json_write_sql<R: Record>(backend: Backend, n: usize) -> String {
             )
         }
         Write::Update => update_sql::<R>(&source, pick),
+    }
+}
+
+/// The SQLite statement that writes one row (parameters `?1`... in `COLUMNS` order).
+fn row_sql<R: Record>() -> String {
+    let n = R::COLUMNS.len();
+    match R::WRITE {
+        Write::Upsert | Write::Insert => {
+            let params: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
+            values_sql::<R>(&format!("({})", params.join(", ")))
+        }
+        Write::Update => {
+            let param =
+                |c: &str| format!("?{}", R::COLUMNS.iter().position(|x| *x == c).map_or(0, |i| i + 1));
+            let sets: Vec<String> = R::COLUMNS
+                .iter()
+                .filter(|c| !R::KEY.contains(c))
+                .map(|c| format!("{c} = {}", param(c)))
+                .collect();
+            let on: Vec<String> = R::KEY.iter().map(|k| format!("{k} = {}", param(k))).collect();
+            format!("UPDATE {} SET {} WHERE {}", R::TABLE, sets.join(", "), on.join(" AND "))
+        }
     }
 }
 

@@ -103,9 +103,23 @@ macro_rules! record {
                 &LIST
             }
 
+            fn row_sql() -> &'static str {
+                static SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(super::row_sql::<$name>);
+                &SQL
+            }
+
             fn bind<'q>(&'q self, q: AnyQuery<'q>) -> AnyQuery<'q> {
                 $( let q = Column::bind(&self.$field, q); )+
                 q
+            }
+
+            fn bind_sqlite(&self, stmt: &mut rusqlite::Statement<'_>) -> rusqlite::Result<()> {
+                let mut i = 0;
+                $(
+                    i += 1;
+                    stmt.raw_bind_parameter(i, &self.$field)?;
+                )+
+                Ok(())
             }
 
             fn decode(r: &AnyRow) -> Result<Self, sqlx::Error> {

@@ -149,7 +149,7 @@ async fn run_written_and_read_back(store: &Store) {
         follows: r#"["x"]"#.into(),
     });
     batch.events.push(event(run_id, 1, "run_submitted"));
-    store.commit(&batch, None).await.unwrap();
+    store.commit(batch.clone(), None).await.unwrap();
 
     let rec = store.get_run(run_id).await.unwrap();
     assert_eq!(rec.run, batch.new_runs[0]);
@@ -165,7 +165,7 @@ async fn run_written_and_read_back(store: &Store) {
     let mut s = step_row(run_id, "b", 1, "succeeded");
     s.attempts = 1;
     b2.steps.push(s.clone());
-    store.commit(&b2, None).await.unwrap();
+    store.commit(b2.clone(), None).await.unwrap();
     let rec = store.get_run(run_id).await.unwrap();
     assert_eq!(rec.run, r, "the state changed, the rest kept");
     assert_eq!(rec.steps[1], s);
@@ -183,7 +183,7 @@ async fn events_come_back_in_order_from_any_sequence(store: &Store) {
     for seq in (1..=150).rev() {
         batch.events.push(event(run_id, seq, "e"));
     }
-    store.commit(&batch, None).await.unwrap();
+    store.commit(batch.clone(), None).await.unwrap();
     let all = store.events(run_id, 1, 1000).await.unwrap();
     assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=150).collect::<Vec<_>>());
     let tail = store.events(run_id, 140, 5).await.unwrap();
@@ -201,7 +201,7 @@ async fn a_failing_batch_writes_nothing(store: &Store) {
     // An event of a run that does not exist breaks the foreign key, after the run,
     // step and first event rows were written inside the transaction.
     batch.events.push(event("no-such-run", 1, "bogus"));
-    let err = store.commit(&batch, None).await.unwrap_err();
+    let err = store.commit(batch.clone(), None).await.unwrap_err();
     let text = err.to_string().to_lowercase();
     assert!(text.contains("foreign key"), "{err}");
     assert!(matches!(store.get_run(run_id).await, Err(StoreError::RunNotFound(_))));
@@ -216,11 +216,11 @@ async fn a_commit_is_written_only_after_the_one_before_it(store: &Store) {
     let mut second = Batch::default();
     second.runs.push(state_of(&run_row(run_id, "running", 1)));
     let (stored, stored_rx) = tokio::sync::oneshot::channel::<()>();
-    let later = store.commit_after(&second, None, async { stored_rx.await.is_ok() });
+    let later = store.commit_after(second.clone(), None, async { stored_rx.await.is_ok() });
     let before = async {
         // `later` has been polled and is waiting: it must not have written yet.
         assert!(matches!(store.get_run(run_id).await, Err(StoreError::RunNotFound(_))));
-        store.commit(&first, None).await.unwrap();
+        store.commit(first.clone(), None).await.unwrap();
         assert_eq!(store.get_run(run_id).await.unwrap().run.state, "pending");
         stored.send(()).unwrap();
     };
@@ -231,7 +231,7 @@ async fn a_commit_is_written_only_after_the_one_before_it(store: &Store) {
     // The one before failed: nothing is written.
     let mut third = Batch::default();
     third.runs.push(state_of(&run_row(run_id, "failed", 1)));
-    let err = store.commit_after(&third, None, std::future::ready(false)).await.unwrap_err();
+    let err = store.commit_after(third.clone(), None, std::future::ready(false)).await.unwrap_err();
     assert!(matches!(err, StoreError::Aborted), "{err}");
     assert_eq!(store.get_run(run_id).await.unwrap().run.state, "running");
 }
@@ -241,8 +241,8 @@ async fn a_retried_commit_does_not_duplicate_events(store: &Store) {
     let mut batch = Batch::default();
     batch.new_runs.push(run_row(run_id, "pending", 1));
     batch.events.push(event(run_id, 1, "run_submitted"));
-    store.commit(&batch, None).await.unwrap();
-    store.commit(&batch, None).await.unwrap();
+    store.commit(batch.clone(), None).await.unwrap();
+    store.commit(batch.clone(), None).await.unwrap();
     assert_eq!(store.events(run_id, 1, 10).await.unwrap().len(), 1);
 }
 
@@ -252,7 +252,7 @@ async fn run_ids_resolve_by_unique_prefix(store: &Store) {
     let mut labeled = run_row("abd00000-0000-4000-8000-000000000002", "failed", 2);
     labeled.labels = r#"{"team":"blue"}"#.into();
     batch.new_runs.push(labeled);
-    store.commit(&batch, None).await.unwrap();
+    store.commit(batch.clone(), None).await.unwrap();
     assert_eq!(store.resolve_run_id("abc").await.unwrap(), "abc00000-0000-4000-8000-000000000001");
     assert_eq!(store.resolve_run_id("ABD").await.unwrap(), "abd00000-0000-4000-8000-000000000002");
     assert!(matches!(store.resolve_run_id("ab").await, Err(StoreError::AmbiguousRun { .. })));
@@ -287,7 +287,7 @@ async fn output_chunks_and_estimates(store: &Store) {
     let mut s = step_row(run_id, "a", 0, "succeeded");
     (s.started_at, s.finished_at) = (Some(1_000), Some(3_000));
     batch.steps.push(s);
-    store.commit(&batch, None).await.unwrap();
+    store.commit(batch.clone(), None).await.unwrap();
     let e = store.duration_estimates("est").await.unwrap();
     assert_eq!(e.by_step.get("a"), Some(&2_000));
     assert_eq!(e.by_tool.get("shell"), Some(&2_000));
@@ -326,7 +326,7 @@ async fn finished_run(
         ..Default::default()
     });
     batch.events.push(event(id, 1, "run_submitted"));
-    store.commit(&batch, None).await.unwrap();
+    store.commit(batch.clone(), None).await.unwrap();
     let out = OutputRow { attempt_id: format!("{id}-att"), seq: 1, data: b"out".to_vec() };
     store.write_output(&[out]).await.unwrap();
 }
@@ -376,7 +376,7 @@ async fn leadership_is_exclusive_and_fences_commits(store: &Store) {
     let run_id = "0a1b2c3d-0000-4000-8000-000000000006";
     let mut batch = Batch::default();
     batch.new_runs.push(run_row(run_id, "running", 1));
-    store.commit(&batch, Some(&f1)).await.unwrap();
+    store.commit(batch.clone(), Some(&f1)).await.unwrap();
 
     // The lease runs out; another controller takes over with a new epoch.
     store.release_lead(&f1).await.unwrap();
@@ -385,9 +385,9 @@ async fn leadership_is_exclusive_and_fences_commits(store: &Store) {
     assert!(!store.renew_lead(&f1, 60_000).await.unwrap(), "the old leader cannot renew");
     let mut late = Batch::default();
     late.runs.push(state_of(&run_row(run_id, "failed", 1)));
-    assert!(matches!(store.commit(&late, Some(&f1)).await, Err(StoreError::Fenced(e)) if e == e1));
+    assert!(matches!(store.commit(late.clone(), Some(&f1)).await, Err(StoreError::Fenced(e)) if e == e1));
     assert_eq!(store.get_run(run_id).await.unwrap().run.state, "running", "the fenced write left nothing");
-    store.commit(&late, Some(&Fence { holder: "c2".into(), epoch: e2 })).await.unwrap();
+    store.commit(late.clone(), Some(&Fence { holder: "c2".into(), epoch: e2 })).await.unwrap();
     assert_eq!(store.get_run(run_id).await.unwrap().run.state, "failed");
 }
 
@@ -488,6 +488,6 @@ async fn sqlite_runs_survive_the_migration_to_clustered_tables() {
     let mut b = Batch::default();
     b.steps.push(step_row(run_id, "b", 1, "succeeded"));
     b.events.push(event(run_id, 3, "step_succeeded"));
-    store.commit(&b, None).await.unwrap();
+    store.commit(b.clone(), None).await.unwrap();
     assert_eq!(store.get_run(run_id).await.unwrap().last_seq, 3);
 }
