@@ -118,7 +118,7 @@ async fn drive(
     }
     let mut watching = c.clone();
     tokio::select! {
-        r = watch::watch(&mut watching, &target, &run_id, 1, format) => r,
+        r = watch::watch(&mut watching, &target, &run_id, 1, format, None) => r,
         _ = crate::interrupted() => {
             let run = c.get_run(pb::GetRunRequest { run_id: run_id.clone() }).await?.into_inner().run;
             let running = run

@@ -741,7 +741,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 if out.format() == Format::Text {
                     eprintln!("run {run_id} submitted");
                 }
-                return watch_until_interrupted(&mut c, &target, &run_id, 1, out.format()).await;
+                return watch_until_interrupted(&mut c, &target, &run_id, 1, out.format(), None).await;
             }
             match out.format() {
                 Format::Text => out!("{run_id}"),
@@ -998,9 +998,9 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
             }
         }
         RunsCommand::Watch { run, from_seq, out } => {
-            let id = c.get_run(pb::GetRunRequest { run_id: run }).await?.into_inner().run.map(|r| r.id);
-            return watch_until_interrupted(&mut c, target, &id.unwrap_or_default(), from_seq, out.format())
-                .await;
+            let run = c.get_run(pb::GetRunRequest { run_id: run }).await?.into_inner().run;
+            let id = run.as_ref().map(|r| r.id.clone()).unwrap_or_default();
+            return watch_until_interrupted(&mut c, target, &id, from_seq, out.format(), run).await;
         }
         RunsCommand::Cancel { run, step, reason, out } => {
             let req = pb::CancelRunRequest { run_id: run, reason, step_id: step.clone().unwrap_or_default() };
@@ -1113,9 +1113,10 @@ async fn watch_until_interrupted(
     run_id: &str,
     from_seq: i64,
     format: Format,
+    known: Option<pb::Run>,
 ) -> Result<u8, Failure> {
     tokio::select! {
-        r = watch::watch(c, target, run_id, from_seq, format) => r,
+        r = watch::watch(c, target, run_id, from_seq, format, known) => r,
         _ = interrupted() => {
             eprintln!("\nstopped watching; run {run_id} goes on (baton runs watch {run_id}, or baton runs cancel {run_id})");
             Err(Failure::Interrupted(Vec::new()))

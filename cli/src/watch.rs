@@ -15,16 +15,25 @@ use crate::output::{self, Format};
 
 /// Follows `run_id` from `from_seq` until the run ends. Exit code 0 when it succeeded.
 /// `target` (the `--controller` list) is where to look for the leader again after a
-/// failover.
+/// failover. `known`: the run as the caller just read it, if it did.
+///
+/// Watched from its first event, a run's steps are learnt from its events: reading the
+/// whole run first (a big one takes tens of milliseconds, while it starts) is left to
+/// the end, for the final table.
 pub async fn watch(
     c: &mut Client,
     target: &Target,
     run_id: &str,
     from_seq: i64,
     format: Format,
+    known: Option<pb::Run>,
 ) -> Result<u8, Failure> {
-    let run = get(c, run_id).await?;
-    let mut view = View::new(format, &run);
+    let run = match known {
+        Some(run) => Some(run),
+        None if from_seq <= 1 => None,
+        None => Some(get(c, run_id).await?),
+    };
+    let mut view = View::new(format, run.as_ref());
     let mut events = client::Watch::new(target, run_id, from_seq);
     loop {
         match events.next(c).await {
@@ -83,11 +92,13 @@ struct View {
 }
 
 impl View {
-    fn new(format: Format, run: &pb::Run) -> View {
+    /// A view of `run` as read, or (`None`) of a run known only by its events to come.
+    fn new(format: Format, run: Option<&pb::Run>) -> View {
         let mut states = HashMap::new();
         let mut counts = BTreeMap::new();
         let mut running = std::collections::BTreeSet::new();
-        for s in &run.steps {
+        let steps = run.map_or(&[][..], |r| r.steps.as_slice());
+        for s in steps {
             let state = output::step_state(s.state);
             *counts.entry(state.clone()).or_default() += 1;
             if state == "running" {
@@ -95,7 +106,7 @@ impl View {
             }
             states.insert(s.id.clone(), state);
         }
-        let total = run.steps.len() as u64;
+        let total = steps.len() as u64;
         let bar = (format == Format::Text && crate::style::live()).then(|| {
             let bar = ProgressBar::new(total);
             let style = ProgressStyle::with_template(
@@ -106,7 +117,7 @@ impl View {
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
         });
-        let eta_ms = run.progress.as_ref().map_or(-1, |p| output::dur(&p.eta));
+        let eta_ms = run.and_then(|r| r.progress.as_ref()).map_or(-1, |p| output::dur(&p.eta));
         let big = total > BIG_RUN;
         let mut v = View { format, bar, states, counts, running, total, eta_ms, big, tenth: 0 };
         v.refresh();
@@ -114,6 +125,13 @@ impl View {
     }
 
     fn event(&mut self, ev: &pb::RunEvent) {
+        // A run known by its events learns its size from the first.
+        if let Some(p) = &ev.progress
+            && u64::from(p.total) > self.total
+        {
+            self.total = u64::from(p.total);
+            self.big = self.total > BIG_RUN;
+        }
         let step_state = output::step_state(ev.step_state);
         if !ev.step_id.is_empty() && !step_state.is_empty() {
             if step_state == "running" {
@@ -165,8 +183,13 @@ impl View {
 
     /// Counts per state and the running steps, on one line.
     fn summary(&self) -> String {
-        let counts: Vec<String> =
+        let mut counts: Vec<String> =
             self.counts.iter().filter(|(_, n)| **n > 0).map(|(s, n)| format!("{n} {s}")).collect();
+        // Steps no event has named yet are waiting.
+        let unseen = self.total.saturating_sub(self.states.len() as u64);
+        if unseen > 0 && !self.states.is_empty() {
+            counts.push(format!("{unseen} not started"));
+        }
         let mut line = format!("progress: {}/{} steps done ({})", self.done(), self.total, counts.join(", "));
         let running = self.running();
         if !running.is_empty() {
