@@ -665,6 +665,8 @@ impl Agent {
         }
         let ms = |d: &Option<proto::Duration>| d.as_ref().map_or(0, proto::duration_millis);
         let hb_every = Duration::from_millis(ms(&welcome.heartbeat_interval).max(50) as u64);
+        let idle_every = Duration::from_millis(ms(&welcome.idle_heartbeat_interval) as u64).max(hb_every);
+        let mut last_heartbeat = Instant::now();
         // The controller's stop_after (or, from one that sends none, its lease
         // timeout), cut to this agent's own when that is shorter.
         let theirs = match ms(&welcome.stop_after) {
@@ -718,8 +720,18 @@ impl Agent {
                 }
                 m = inbound.message() => match m {
                     Ok(Some(pb::ControllerMessage { msg: Some(m) })) => {
+                        let was_idle = self.holds_no_work();
                         if let Err(e) = self.on_controller(m, &out_tx) {
                             return SessionEnd::Broken(e);
+                        }
+                        // Work arrived after a quiet spell: the lease was renewed up to
+                        // an idle interval ago, so renew it now, not at the next tick.
+                        if was_idle && !self.holds_no_work() {
+                            last_heartbeat = Instant::now();
+                            heartbeat.reset();
+                            if out_tx.try_send(self.heartbeat()).is_err() {
+                                return SessionEnd::Broken("outbound stream is stuck".into());
+                            }
                         }
                     }
                     Ok(Some(_)) => {}
@@ -732,21 +744,22 @@ impl Agent {
                     }
                 }
                 _ = heartbeat.tick() => {
+                    let idle = self.holds_no_work();
+                    let every = if idle { idle_every } else { hb_every };
                     // A controller that stopped answering is left well before the lease
                     // runs out, so that the agent can reach another one (a new leader)
                     // before it would have to stop its tools.
                     if let Some(l) = self.lease
-                        && l.renewed.elapsed() > (hb_every * 3).max(l.stop_after / 2)
+                        && l.renewed.elapsed() > (every * 3).max(l.stop_after / 2)
                     {
                         warn!(controller = %url, unanswered = %baton_common::time::format_duration(l.renewed.elapsed()), "the controller does not answer; reconnecting");
                         return SessionEnd::Broken("the controller does not answer".into());
                     }
-                    let hb = pb::Heartbeat {
-                        running: self.held(),
-                        free_slots: self.cfg.slots.saturating_sub(self.running.len() as u32),
-                        sent_ms: self.clock.elapsed().as_millis() as u64,
-                    };
-                    if out_tx.try_send(msg(Out::Heartbeat(hb))).is_err() {
+                    if !heartbeat_due(idle, last_heartbeat.elapsed(), hb_every, idle_every) {
+                        continue;
+                    }
+                    last_heartbeat = Instant::now();
+                    if out_tx.try_send(self.heartbeat()).is_err() {
                         return SessionEnd::Broken("outbound stream is stuck".into());
                     }
                 }
@@ -857,6 +870,20 @@ impl Agent {
         for r in self.running.values() {
             r.stop_within(StopReason::Unreachable, lease.grace);
         }
+    }
+
+    fn heartbeat(&self) -> pb::AgentMessage {
+        msg(Out::Heartbeat(pb::Heartbeat {
+            running: self.held(),
+            free_slots: self.cfg.slots.saturating_sub(self.running.len() as u32),
+            sent_ms: self.clock.elapsed().as_millis() as u64,
+        }))
+    }
+
+    /// Nothing running, queued or waiting for its acknowledgement: the agent heartbeats
+    /// at the idle interval.
+    fn holds_no_work(&self) -> bool {
+        self.running.is_empty() && self.queued.is_empty() && self.unacked.is_empty()
     }
 
     /// Every attempt this agent holds: running or queued.
@@ -1210,6 +1237,12 @@ impl Agent {
     }
 }
 
+/// Whether a heartbeat goes out at this tick (every `hb_every`): at each one while the
+/// agent holds work, else once `idle_every` has (nearly) passed since the last.
+fn heartbeat_due(idle: bool, since_last: Duration, hb_every: Duration, idle_every: Duration) -> bool {
+    !idle || since_last + hb_every / 2 >= idle_every
+}
+
 fn msg(m: Out) -> pb::AgentMessage {
     pb::AgentMessage { msg: Some(m) }
 }
@@ -1246,6 +1279,19 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_agent_heartbeats_at_the_idle_interval_and_a_busy_one_at_every_tick() {
+        let (hb, idle) = (Duration::from_secs(1), Duration::from_secs(4));
+        assert!(heartbeat_due(false, Duration::from_secs(1), hb, idle));
+        // Idle: every fourth tick (ticks come a little early or late).
+        assert!(!heartbeat_due(true, Duration::from_millis(1000), hb, idle));
+        assert!(!heartbeat_due(true, Duration::from_millis(2990), hb, idle));
+        assert!(heartbeat_due(true, Duration::from_millis(3600), hb, idle));
+        assert!(heartbeat_due(true, Duration::from_millis(4010), hb, idle));
+        // Without an idle interval of its own, every tick.
+        assert!(heartbeat_due(true, Duration::from_millis(990), hb, hb));
+    }
 
     #[test]
     fn backoff_grows_is_jittered_and_capped() {

@@ -477,8 +477,8 @@ async fn b9(o: &Options) -> anyhow::Result<Row> {
     })
 }
 
-/// An agent that only says hello and heartbeats (for B5), or waits for its first
-/// assignment (for B6).
+/// An agent that only says hello and heartbeats (for B5; idle, at the idle interval),
+/// or waits for its first assignment (for B6).
 async fn fake_agent(url: String, name: String, heartbeats: bool) -> anyhow::Result<Instant> {
     use pb::agent_message::Msg;
     let ch = tonic::transport::Endpoint::from_shared(url)?.connect().await?;
@@ -509,9 +509,13 @@ async fn fake_agent(url: String, name: String, heartbeats: bool) -> anyhow::Resu
             inbound.message().await?
         };
         match m.and_then(|m| m.msg) {
+            // It holds no work: it heartbeats at the idle interval, as an agent does.
             Some(pb::controller_message::Msg::Welcome(w)) => {
+                let ms = |d: &Option<baton_common::proto::Duration>| {
+                    d.as_ref().map_or(0, baton_common::proto::duration_millis)
+                };
                 every = Duration::from_millis(
-                    w.heartbeat_interval.as_ref().map_or(1000, baton_common::proto::duration_millis) as u64,
+                    ms(&w.idle_heartbeat_interval).max(ms(&w.heartbeat_interval)) as u64
                 )
             }
             Some(pb::controller_message::Msg::Assign(_)) if !heartbeats => return Ok(Instant::now()),

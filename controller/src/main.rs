@@ -44,6 +44,10 @@ struct Args {
     /// How often agents send heartbeats.
     #[arg(long, env = "BATON_HEARTBEAT_INTERVAL", default_value = "2s", value_parser = duration)]
     heartbeat_interval: Duration,
+    /// How often an agent that holds no work sends a heartbeat (default: four heartbeat
+    /// intervals, at most a third of --lost-after).
+    #[arg(long, env = "BATON_IDLE_HEARTBEAT_INTERVAL", value_parser = duration)]
+    idle_heartbeat_interval: Option<Duration>,
     /// An agent whose heartbeats went unanswered this long stops its tools by itself,
     /// so that a step retried elsewhere never runs twice; sent to agents on connect.
     #[arg(long, env = "BATON_STOP_AFTER", default_value = "10s", value_parser = duration)]
@@ -171,6 +175,7 @@ async fn run() -> anyhow::Result<()> {
     };
     let engine = EngineConfig {
         heartbeat_interval: args.heartbeat_interval,
+        idle_heartbeat_interval: args.idle_heartbeat_interval,
         stop_after: args.stop_after,
         lost_after: args.lost_after,
         failover_grace: args.failover_grace,

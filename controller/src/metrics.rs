@@ -13,6 +13,7 @@ pub struct Metrics {
     pub step_duration: Histogram,
     pub breakers: Family,
     pub agents: Family,
+    pub heartbeats: Family,
     pub heartbeats_late: Family,
     pub fenced: Family,
     pub invariant_violations: Family,
@@ -61,9 +62,10 @@ impl Metrics {
                 "Agents by state (connected, disconnected, lost).",
                 &["state"],
             ),
+            heartbeats: Family::counter("baton_heartbeats_total", "Heartbeats received from agents.", &[]),
             heartbeats_late: Family::counter(
                 "baton_heartbeats_late_total",
-                "Agent messages that came more than two heartbeat intervals after the previous one.",
+                "Agent messages that came more than two heartbeat intervals (idle ones: idle intervals) after the previous one.",
                 &[],
             ),
             fenced: Family::counter(
@@ -130,6 +132,7 @@ impl Metrics {
             &self.breakers,
             &self.agents,
             &self.slots,
+            &self.heartbeats,
             &self.heartbeats_late,
             &self.fenced,
             &self.pipelined,

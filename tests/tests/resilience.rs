@@ -671,6 +671,48 @@ async fn a_stopped_agent_reports_what_it_stopped_and_its_step_runs_elsewhere(bac
     assert_eq!(step(&run, "s").attempts[1].agent_name, "staying");
 }
 
+/// The controller's count of heartbeats received.
+async fn heartbeats(sb: &Sandbox) -> u64 {
+    let (_, metrics) = http_get(sb.metrics_addr, "/metrics").await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("baton_heartbeats_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no baton_heartbeats_total in {metrics}")) as u64
+}
+
+/// An agent that holds no work heartbeats at the idle interval, stays connected, and
+/// takes work up again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_agent_heartbeats_at_the_idle_interval_and_stays_connected() {
+    let engine = fast_engine();
+    let (every, idle) = (engine.heartbeat_interval, engine.idle_heartbeat());
+    assert!(idle >= every * 3, "the test needs an idle interval well above the heartbeat's");
+    let sb = Sandbox::builder().engine(engine).agents(1).build().await;
+    let mut c = sb.client().await;
+    let agent = || async {
+        let mut c = sb.client().await;
+        c.list_agents(proto::ListAgentsRequest {}).await.unwrap().into_inner().agents.remove(0)
+    };
+    let before = agent().await;
+    let h0 = heartbeats(&sb).await;
+    // The window is the measurement: what an idle agent sends in 15 heartbeat intervals.
+    let window = every * 15;
+    tokio::time::sleep(window).await;
+    let sent = heartbeats(&sb).await - h0;
+    let most = (window.as_millis() / idle.as_millis()) as u64 + 2;
+    assert!(sent <= most, "{sent} heartbeats in {window:?}, at most {most} at one per {idle:?}");
+    assert!(sent >= 1, "an idle agent still heartbeats");
+    let after = agent().await;
+    assert_eq!(after.state_name(), "connected");
+    assert_eq!(after.connected_at, before.connected_at, "the same session: no reconnect for lack of answers");
+    // Work after the quiet spell runs, its lease renewed at the busy rate.
+    let id = sb.submit("name: w\nsteps:\n  - {id: s, tool: sleep, with: {duration: 2s}}\n").await;
+    let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
+    assert_eq!(run.state_name(), "succeeded", "{run:#?}");
+    assert_eq!(step(&run, "s").attempts.len(), 1, "not stopped for a lapsed lease");
+}
+
 on_both!(
     a_stopped_agent_reports_what_it_stopped_and_its_step_runs_elsewhere,
     retries_back_off_exponentially_then_succeed,

@@ -90,6 +90,7 @@ impl Model {
             Out::Welcome(pb::Welcome {
                 session_id: session_id.to_string(),
                 heartbeat_interval: Some(proto::duration(ms(self.cfg.heartbeat_interval))),
+                idle_heartbeat_interval: Some(proto::duration(ms(self.cfg.idle_heartbeat()))),
                 lease_timeout: Some(proto::duration(lost_after)),
                 stop_after: Some(proto::duration(ms(self.cfg.stop_after))),
                 fence_grace: Some(proto::duration(ms(self.cfg.fence_grace()))),
@@ -150,7 +151,10 @@ impl Model {
         if agent.session.as_ref().is_none_or(|s| s.id != session) {
             return;
         }
-        if now - agent.last_seen > 2 * ms(self.cfg.heartbeat_interval) {
+        // An agent that holds no work heartbeats at the idle interval.
+        let every =
+            if agent.running.is_empty() { self.cfg.idle_heartbeat() } else { self.cfg.heartbeat_interval };
+        if now - agent.last_seen > 2 * ms(every) {
             self.metrics.heartbeats_late.inc(&[]);
         }
         agent.last_seen = now;
@@ -204,6 +208,7 @@ impl Model {
     }
 
     fn heartbeat(&mut self, agent_id: &str, hb: pb::Heartbeat) {
+        self.metrics.heartbeats.inc(&[]);
         // At once, not after the batch's commit: the pong only says "heard you", and a
         // slow commit must not make agents stop their tools.
         if let Some(session) = self.session_of(agent_id) {

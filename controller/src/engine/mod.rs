@@ -45,6 +45,9 @@ use state::AgentTx;
 pub struct EngineConfig {
     /// How often agents send heartbeats.
     pub heartbeat_interval: Duration,
+    /// How often an agent that holds no work sends one; `None`: four heartbeat
+    /// intervals, at most a third of `lost_after` (see [`EngineConfig::idle_heartbeat`]).
+    pub idle_heartbeat_interval: Option<Duration>,
     /// An agent that has had no answer to its heartbeats for this long stops its tools
     /// by itself (self-fencing), so a step re-assigned elsewhere never runs twice.
     pub stop_after: Duration,
@@ -80,6 +83,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             heartbeat_interval: Duration::from_secs(2),
+            idle_heartbeat_interval: None,
             stop_after: Duration::from_secs(10),
             lost_after: Duration::from_secs(15),
             failover_grace: Duration::from_secs(30),
@@ -122,6 +126,16 @@ impl EngineConfig {
                 f(FENCE_SLACK)
             ));
         }
+        if let Some(idle) = self.idle_heartbeat_interval
+            && (idle < self.heartbeat_interval || idle * 2 > self.lost_after)
+        {
+            return Err(format!(
+                "--idle-heartbeat-interval ({}) must be at least --heartbeat-interval ({}) and at most half of --lost-after ({}): an idle agent must not count as lost",
+                f(idle),
+                f(self.heartbeat_interval),
+                f(self.lost_after)
+            ));
+        }
         if self.failover_grace <= self.lost_after {
             return Err(format!(
                 "--failover-grace ({}) must be longer than --lost-after ({})",
@@ -130,6 +144,14 @@ impl EngineConfig {
             ));
         }
         Ok(())
+    }
+
+    /// How often an agent that holds no work sends a heartbeat: as set, else four
+    /// heartbeat intervals but at most a third of `lost_after`, never less than one.
+    pub fn idle_heartbeat(&self) -> Duration {
+        self.idle_heartbeat_interval
+            .unwrap_or_else(|| (self.heartbeat_interval * 4).min(self.lost_after / 3))
+            .max(self.heartbeat_interval)
     }
 
     /// What an agent that stops its tools for lack of a controller gives them between
