@@ -120,7 +120,7 @@ async fn drive(
     tokio::select! {
         r = watch::watch(&mut watching, &target, &run_id, 1, format, None) => r,
         _ = crate::interrupted() => {
-            let run = c.get_run(pb::GetRunRequest { run_id: run_id.clone() }).await?.into_inner().run;
+            let run = c.get_run(pb::GetRunRequest { run_id: run_id.clone(), ..Default::default() }).await?.into_inner().run;
             let running = run
                 .map(|r| {
                     r.steps

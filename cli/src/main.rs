@@ -992,13 +992,15 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
             output::runs(out.format(), &runs);
         }
         RunsCommand::Show { run, out } => {
-            let run = c.get_run(pb::GetRunRequest { run_id: run }).await?.into_inner().run;
+            let run =
+                c.get_run(pb::GetRunRequest { run_id: run, ..Default::default() }).await?.into_inner().run;
             if let Some(run) = run {
                 output::run(out.format(), &run);
             }
         }
         RunsCommand::Watch { run, from_seq, out } => {
-            let run = c.get_run(pb::GetRunRequest { run_id: run }).await?.into_inner().run;
+            let run =
+                c.get_run(pb::GetRunRequest { run_id: run, ..Default::default() }).await?.into_inner().run;
             let id = run.as_ref().map(|r| r.id.clone()).unwrap_or_default();
             return watch_until_interrupted(&mut c, target, &id, from_seq, out.format(), run).await;
         }

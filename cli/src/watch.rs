@@ -66,8 +66,10 @@ pub async fn watch(
     Ok(if run.state == RunState::Succeeded.to_pb() { 0 } else { 1 })
 }
 
+/// The run as its table shows it (without each step's needs).
 async fn get(c: &mut Client, run_id: &str) -> Result<pb::Run, Failure> {
-    let run = c.get_run(pb::GetRunRequest { run_id: run_id.to_string() }).await?.into_inner().run;
+    let req = pb::GetRunRequest { run_id: run_id.to_string(), view: pb::RunView::Summary as i32 };
+    let run = c.get_run(req).await?.into_inner().run;
     run.ok_or_else(|| Failure::Other(anyhow::anyhow!("run {run_id} not found")))
 }
 

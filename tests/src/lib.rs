@@ -635,7 +635,7 @@ pub async fn submit(c: &mut Client, spec: &str) -> String {
 }
 
 pub async fn get_run(c: &mut Client, run_id: &str) -> pb::Run {
-    c.get_run(pb::GetRunRequest { run_id: run_id.to_string() })
+    c.get_run(pb::GetRunRequest { run_id: run_id.to_string(), ..Default::default() })
         .await
         .expect("get run")
         .into_inner()

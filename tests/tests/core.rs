@@ -47,6 +47,23 @@ async fn fan_out_and_join_runs_in_dependency_order_across_agents(backend: Backen
     let agents: std::collections::HashSet<&str> =
         run.steps.iter().map(|s| s.attempts[0].agent_name.as_str()).collect();
     assert_eq!(agents.len(), 2, "both agents took work: {agents:?}");
+    // The summary view is the same run without the steps' needs.
+    let summary = c
+        .get_run(proto::GetRunRequest { run_id: id.clone(), view: proto::RunView::Summary as i32 })
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    assert!(run.steps.iter().any(|s| !s.needs.is_empty()));
+    assert!(summary.steps.iter().all(|s| s.needs.is_empty()));
+    let without_needs = |r: &proto::Run| {
+        let mut r = r.clone();
+        r.steps.iter_mut().for_each(|s| s.needs.clear());
+        r.progress = None;
+        r
+    };
+    assert_eq!(without_needs(&summary), without_needs(&run));
 
     // The event log is gapless, ends with the run's end, and every step transition is in it.
     let events = all_events(&mut c, &id).await;
@@ -191,7 +208,10 @@ async fn invalid_specs_are_rejected_over_grpc_and_nothing_is_stored(backend: Bac
 async fn unknown_runs_are_not_found(backend: Backend) {
     let sb = Sandbox::builder().backend(backend).agents(0).build().await;
     let mut c = sb.client().await;
-    let err = c.get_run(proto::GetRunRequest { run_id: "deadbeef".into() }).await.unwrap_err();
+    let err = c
+        .get_run(proto::GetRunRequest { run_id: "deadbeef".into(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
     assert!(err.message().contains("\"deadbeef\""), "{}", err.message());
     let err = c

@@ -762,7 +762,12 @@ async fn a_storm_of_controller_kills_loses_nothing_and_runs_nothing_twice_at_onc
             let mut c = c.clone();
             let run = run.clone();
             async move {
-                let r = c.get_run(proto::GetRunRequest { run_id: run }).await.ok()?.into_inner().run?;
+                let r = c
+                    .get_run(proto::GetRunRequest { run_id: run, ..Default::default() })
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .run?;
                 (r.last_seq > seen + 3 || r.state_name() == "succeeded").then_some(())
             }
         })

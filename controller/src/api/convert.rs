@@ -16,7 +16,8 @@ fn state<S: std::str::FromStr>(name: &str, to_pb: impl Fn(S) -> i32) -> i32 {
     name.parse::<S>().map_or(0, to_pb)
 }
 
-pub fn run(rec: RunRecord) -> pb::Run {
+/// The API's view of a stored run; `summary` leaves out each step's needs.
+pub fn run(rec: RunRecord, summary: bool) -> pb::Run {
     let mut attempts: HashMap<String, Vec<pb::Attempt>> = HashMap::new();
     for a in &rec.attempts {
         attempts.entry(a.step_id.clone()).or_default().push(attempt(a));
@@ -31,7 +32,7 @@ pub fn run(rec: RunRecord) -> pb::Run {
                 id: s.step_id.clone(),
                 state: state(&s.state, StepState::to_pb),
                 tool: s.tool.clone(),
-                needs: serde_json::from_str(&s.needs).unwrap_or_default(),
+                needs: if summary { Vec::new() } else { serde_json::from_str(&s.needs).unwrap_or_default() },
                 attempt_count: s.attempts as u32,
                 reason: s.reason.clone(),
                 started_at: timestamp_opt(s.started_at),

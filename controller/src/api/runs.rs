@@ -156,7 +156,9 @@ impl pb::baton_service_server::BatonService for RunApi {
     }
 
     async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Result<Response<pb::GetRunResponse>, Status> {
-        let id = self.store.resolve_run_id(&req.into_inner().run_id).await?;
+        let req = req.into_inner();
+        let summary = req.view == pb::RunView::Summary as i32;
+        let id = self.store.resolve_run_id(&req.run_id).await?;
         // Ask the engine first: what it says may be a little older than the rows, never
         // newer.
         // A standby serves what the shared database holds, without live details.
@@ -165,7 +167,7 @@ impl pb::baton_service_server::BatonService for RunApi {
             Err(_) => None,
         };
         let rec = self.store.get_run(&id).await?;
-        let mut run = convert::run(rec);
+        let mut run = convert::run(rec, summary);
         if let Some(live) = live {
             for step in &mut run.steps {
                 if step.reason.is_empty()
