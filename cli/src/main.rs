@@ -268,6 +268,17 @@ enum RunsCommand {
         #[command(flatten)]
         out: OutputArg,
     },
+    /// Run a failed or canceled run again in place: its failed, canceled and skipped
+    /// steps get a fresh retry budget; succeeded steps keep their outputs.
+    Retry {
+        /// The run's id.
+        run: String,
+        /// Follow the retried run until it ends; exit 0 only if it succeeded.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        out: OutputArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -1092,6 +1103,18 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
             let resp = c.delete_run(pb::DeleteRunRequest { run_id: run }).await?.into_inner();
             match out.format() {
                 Format::Text => out!("run {} deleted ({} rows)", resp.run_id, resp.rows),
+                f => output::print_json(f, &resp),
+            }
+        }
+        RunsCommand::Retry { run, watch, out } => {
+            let resp = c.retry_run(pb::RetryRunRequest { run_id: run }).await?.into_inner();
+            if watch {
+                eprintln!("run {} retried", resp.run_id);
+                return watch_until_interrupted(&mut c, target, &resp.run_id, resp.seq, out.format(), None)
+                    .await;
+            }
+            match out.format() {
+                Format::Text => out!("run {} retried; it is {}", resp.run_id, output::run_state(resp.state)),
                 f => output::print_json(f, &resp),
             }
         }

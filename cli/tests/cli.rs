@@ -884,3 +884,71 @@ async fn ctrl_c_on_a_watch_leaves_the_run_going() {
     let run = get_run(&mut c, &run_id).await;
     assert_eq!(run.state_name(), "running");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_run_is_retried_in_place_and_its_succeeded_steps_do_not_run_again() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let url = sb.url();
+    let dir = tempfile::tempdir().unwrap();
+    let counter = dir.path().join("n");
+    let ran_a = dir.path().join("a-ran");
+    // b fails the first time it runs and succeeds after; c needs b.
+    let spec = write(
+        dir.path(),
+        "r.yaml",
+        &format!(
+            "name: r\nsteps:\n  - {{id: a, tool: shell, with: {{run: 'echo a >> {a}'}}}}\n  - {{id: b, needs: a, tool: shell, retry: {{max_attempts: 1}}, with: {{run: 'n=$(cat {f} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {f}; test $n -gt 1'}}}}\n  - {{id: c, needs: b, tool: shell, with: {{run: 'echo c'}}}}\n",
+            a = ran_a.display(),
+            f = counter.display()
+        ),
+    );
+    let out = baton(&url, &["submit", &spec, "--watch"]).await;
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    let list = baton(&url, &["runs", "list", "--state", "failed", "-o", "json"]).await;
+    let list: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    let id = list[0]["id"].as_str().unwrap().to_string();
+
+    let out = baton(&url, &["runs", "retry", &id, "--watch"]).await;
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains(&format!("run {id} retried")), "{}", out.stderr);
+    let show = baton(&url, &["runs", "show", &id, "-o", "json"]).await;
+    let run: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    assert_eq!(run["state"], "RUN_STATE_SUCCEEDED");
+    // Attempts that ran (a pipelined one dropped when b failed never started).
+    let ran: Vec<usize> = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["attempts"].as_array().unwrap().iter().filter(|a| a.get("started_at").is_some()).count())
+        .collect();
+    assert_eq!(ran, vec![1, 2, 1], "{}", show.stdout);
+    assert_eq!(std::fs::read_to_string(&ran_a).unwrap(), "a\n", "a ran once");
+
+    // Its whole log, watched from the start, goes past the first end to the second.
+    let w = baton(&url, &["runs", "watch", &id]).await;
+    assert_eq!(w.code, 0, "{}{}", w.stdout, w.stderr);
+    assert!(w.stdout.contains("retried"), "{}", w.stdout);
+    let report = baton(&url, &["runs", "report", &id]).await;
+    assert!(report.stdout.contains("run_retried: retried: 2 steps run again"), "{}", report.stdout);
+
+    // A run that succeeded has nothing to retry; a running one is not retried.
+    let again = baton(&url, &["runs", "retry", &id]).await;
+    assert_eq!(again.code, 1, "{}", again.stderr);
+    assert!(again.stderr.contains("succeeded: there is nothing to retry"), "{}", again.stderr);
+    let long =
+        write(dir.path(), "l.yaml", "name: l\nsteps:\n  - {id: s, tool: sleep, with: {duration: 60s}}\n");
+    let lid = baton(&url, &["submit", &long]).await.stdout.trim().to_string();
+    let busy = baton(&url, &["runs", "retry", &lid]).await;
+    assert_eq!(busy.code, 1, "{}", busy.stderr);
+    assert!(busy.stderr.contains("only a failed or canceled run can be retried"), "{}", busy.stderr);
+    // A canceled run is retried too.
+    assert_eq!(baton(&url, &["runs", "cancel", &lid]).await.code, 0);
+    let r = baton(&url, &["runs", "retry", &lid]).await;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout.trim(), format!("run {lid} retried; it is running"));
+    let mut c = sb.client().await;
+    let started =
+        wait_event(&mut c, &lid, Duration::from_secs(10), |e| e.kind == "attempt_started" && e.seq > 1).await;
+    assert_eq!(started.step_id, "s");
+    assert_eq!(baton(&url, &["runs", "cancel", &lid]).await.code, 0);
+}

@@ -104,7 +104,8 @@ macro_rules! state_enum {
 
 state_enum!(
     /// `pending → running → succeeded | failed | quarantined | canceled`;
-    /// `quarantined → running` (release) or `→ canceled`.
+    /// `quarantined → running` (release) or `→ canceled`; `failed | canceled → running`
+    /// when a caller retries the run.
     RunState, "run state", {
         Pending => "pending",
         Running => "running",
@@ -116,7 +117,8 @@ state_enum!(
 );
 
 impl RunState {
-    /// Final: nothing changes a run in this state any more.
+    /// Final: nothing changes a run in this state any more, unless a caller retries a
+    /// failed or canceled one (`RetryRun`).
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed | Self::Canceled)
     }
@@ -128,6 +130,7 @@ impl RunState {
             (Pending, Running | Failed | Quarantined | Canceled)
                 | (Running, Succeeded | Failed | Quarantined | Canceled)
                 | (Quarantined, Running | Canceled)
+                | (Failed | Canceled, Running)
         )
     }
 }
@@ -135,7 +138,8 @@ impl RunState {
 state_enum!(
     /// `waiting → ready → running → succeeded`; on failure `running → retry_wait → ready`
     /// or `→ failed`; `skipped` when an upstream step failed; `canceled`.
-    /// `failed → ready` only when an operator releases a quarantined run.
+    /// `failed → ready` only when an operator releases a quarantined run; `failed |
+    /// canceled | skipped → waiting` when a caller retries a failed or canceled run.
     StepState, "step state", {
         Waiting => "waiting",
         Ready => "ready",
@@ -149,7 +153,7 @@ state_enum!(
 );
 
 impl StepState {
-    /// Final for the run as it stands (a release may still revive `failed`).
+    /// Final for the run as it stands (a release or a retry may still revive it).
     pub fn is_terminal(self) -> bool {
         matches!(self, Self::Succeeded | Self::Failed | Self::Skipped | Self::Canceled)
     }
@@ -163,6 +167,7 @@ impl StepState {
                 | (Running, Succeeded | RetryWait | Failed | Canceled)
                 | (RetryWait, Ready | Failed | Canceled)
                 | (Failed, Ready)
+                | (Failed | Canceled | Skipped, Waiting)
         )
     }
 }
@@ -234,6 +239,8 @@ mod tests {
             (Running, Canceled),
             (Quarantined, Running),
             (Quarantined, Canceled),
+            (Failed, Running),
+            (Canceled, Running),
         ] {
             assert_eq!(a.transition(b), Ok(b), "{a} -> {b}");
         }
@@ -249,14 +256,16 @@ mod tests {
             (Quarantined, Succeeded),
             (Quarantined, Failed),
             (Succeeded, Running),
-            (Failed, Running),
-            (Canceled, Running),
+            (Failed, Pending),
+            (Canceled, Succeeded),
         ] {
             let err = a.transition(b).unwrap_err();
             assert_eq!(err.to_string(), format!("illegal run state transition {a} -> {b}"));
         }
+        // A retry brings a failed or canceled run back to running; nothing else moves a
+        // final run.
         for t in [Succeeded, Failed, Canceled] {
-            for &to in RunState::ALL {
+            for &to in RunState::ALL.iter().filter(|&&to| !(t != Succeeded && to == Running)) {
                 assert!(t.transition(to).is_err(), "{t} is terminal but became {to}");
             }
         }
@@ -281,6 +290,9 @@ mod tests {
             (RetryWait, Failed),
             (RetryWait, Canceled),
             (Failed, Ready),
+            (Failed, Waiting),
+            (Canceled, Waiting),
+            (Skipped, Waiting),
         ] {
             assert_eq!(a.transition(b), Ok(b), "{a} -> {b}");
         }
@@ -306,7 +318,7 @@ mod tests {
         }
         for &to in StepState::ALL {
             assert!(Succeeded.transition(to).is_err());
-            assert!(Canceled.transition(to).is_err());
+            assert!(to == Waiting || Canceled.transition(to).is_err());
         }
     }
 
@@ -374,19 +386,19 @@ mod tests {
             }
         }
 
-        /// A run reaches at most one final state and never leaves it.
+        /// A final run leaves its state only for `running` (a retry), and only from
+        /// `failed` or `canceled`: a succeeded run never moves again.
         #[test]
         fn run_final_states_absorb(seq in proptest::collection::vec(0usize..6, 1..40)) {
             let mut s = RunState::Pending;
-            let mut finals = 0;
             for i in seq {
                 if let Ok(next) = s.transition(RunState::ALL[i]) {
-                    prop_assert!(!s.is_terminal());
-                    if next.is_terminal() { finals += 1; }
+                    if s.is_terminal() {
+                        prop_assert!(s != RunState::Succeeded && next == RunState::Running);
+                    }
                     s = next;
                 }
             }
-            prop_assert!(finals <= 1);
         }
     }
 }

@@ -39,6 +39,7 @@ __all__ = [
     "Unauthenticated",
     "PermissionDenied",
     "Unavailable",
+    "FailedPrecondition",
     "pb",
     "TERMINAL",
 ]
@@ -80,12 +81,18 @@ class Unavailable(BatonError):
     """No controller answered (for longer than the reconnect timeout, where retried)."""
 
 
+class FailedPrecondition(BatonError):
+    """The run is not in a state that allows the call: retrying one that succeeded,
+    releasing one that is not quarantined, deleting one that has not ended."""
+
+
 _ERRORS = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
 }
 
 
@@ -365,6 +372,12 @@ class Run:
     def release(self) -> int:
         """Resumes a quarantined run; returns its state after it."""
         return self._client._call("ReleaseRun", pb.ReleaseRunRequest(run_id=self.id)).state
+
+    def retry(self) -> int:
+        """Runs a failed or canceled run again in place (its failed, canceled and
+        skipped steps; succeeded ones keep their outputs); returns the sequence number
+        of its ``run_retried`` event, to ``watch`` the retry from."""
+        return self._client._call("RetryRun", pb.RetryRunRequest(run_id=self.id)).seq
 
     def report(self, fmt: str = "json") -> Union[str, Dict[str, Any]]:
         """The run's report: ``json`` (as a dict), ``md`` or ``html`` (as text)."""

@@ -171,6 +171,25 @@ def test_follow_logs_and_cancel(cluster):
         run.get()
 
 
+def test_a_canceled_run_is_retried_and_watched_from_its_retry(cluster):
+    c = cluster["client"]
+    run = c.submit("name: again\nsteps:\n  - {id: s, tool: shell, with: {run: 'echo started; sleep 60'}}\n")
+    chunks = c.logs(run.id, step="s", follow=True)
+    assert next(chunks).data == b"started\n"
+    assert run.cancel() == pb.RUN_STATE_CANCELED
+    seq = run.retry()
+    events = run.watch(from_seq=seq)
+    first = next(events)
+    assert (first.seq, first.kind) == (seq, "run_retried")
+    assert run.state == "running"
+    assert run.cancel() == pb.RUN_STATE_CANCELED
+    assert [e.kind for e in events][-1] == "run_canceled"
+    done = c.submit(SPEC, wait=True)
+    with pytest.raises(baton_client.FailedPrecondition) as e:
+        done.retry()
+    assert "nothing to retry" in e.value.message
+
+
 def test_watch_resumes_across_a_controller_restart(cluster):
     c, ctl = cluster["client"], cluster["controller"]
     gate = cluster["dir"] / "gate"

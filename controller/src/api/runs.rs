@@ -258,6 +258,20 @@ impl pb::baton_service_server::BatonService for RunApi {
         Ok(Response::new(pb::ReleaseRunResponse { run_id: id, state: state.to_pb() }))
     }
 
+    async fn retry_run(
+        &self,
+        req: Request<pb::RetryRunRequest>,
+    ) -> Result<Response<pb::RetryRunResponse>, Status> {
+        let actor = Identity::of(&req).actor();
+        let id = self.store.resolve_run_id(&req.into_inner().run_id).await?;
+        let engine = self.writer()?;
+        // A run that has ended is no longer in the engine's memory: it comes back from
+        // its rows, which do not change once it has ended.
+        let stored = self.store.load_run(&id).await?;
+        let seq = engine.retry(id.clone(), stored, actor).await?;
+        Ok(Response::new(pb::RetryRunResponse { run_id: id, state: RunState::Running.to_pb(), seq }))
+    }
+
     async fn delete_run(
         &self,
         req: Request<pb::DeleteRunRequest>,
@@ -439,7 +453,9 @@ impl Watch {
         const PAGE: i64 = 1000;
         let mut first = true;
         loop {
-            // Catch up from the store.
+            // Catch up from the store. A final event ends the log unless events follow
+            // it: the run was retried, and its log goes on.
+            let mut ended = false;
             loop {
                 let events = match store.events(&run_id, next, PAGE).await {
                     Ok(e) => e,
@@ -462,19 +478,19 @@ impl Watch {
                     }
                 }
                 for e in &events {
+                    next = e.seq + 1;
+                    ended = is_final(e);
                     if run_events_only && !e.kind.starts_with("run_") {
-                        next = e.seq + 1;
                         continue;
                     }
                     if tx.send(Ok(convert::event(e))).await.is_err() {
                         return;
                     }
-                    next = e.seq + 1;
-                    if is_final(e) {
-                        return;
-                    }
                 }
                 if n < PAGE {
+                    if ended {
+                        return;
+                    }
                     break;
                 }
             }

@@ -27,6 +27,7 @@ pub const RPCS: &[(&str, &str, Need)] = &[
     (BATON, "ListRuns", Need::Role(Role::Reader)),
     (BATON, "CancelRun", Need::Role(Role::Operator)),
     (BATON, "ReleaseRun", Need::Role(Role::Operator)),
+    (BATON, "RetryRun", Need::Role(Role::Operator)),
     (BATON, "DeleteRun", Need::Role(Role::Operator)),
     (BATON, "WatchRun", Need::Role(Role::Reader)),
     (BATON, "GetLogs", Need::Role(Role::Reader)),

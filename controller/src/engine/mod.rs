@@ -282,6 +282,20 @@ impl EngineHandle {
         }
     }
 
+    /// Runs a failed or canceled run again in place (see `RetryRun`); `stored` is the
+    /// run as the store holds it. Returns the sequence number of its `run_retried` event.
+    pub async fn retry(
+        &self,
+        run_id: String,
+        stored: crate::store::Snapshot,
+        actor: String,
+    ) -> Result<i64, EngineError> {
+        match self.ask(Input::Retry { run_id, stored: Box::new(stored), actor, reply: 0 }).await? {
+            Answer::Retried(r) => r,
+            a => Err(unexpected(a)),
+        }
+    }
+
     /// The breakers, from the engine's memory (may be a moment ahead of the store).
     pub async fn list_breakers(&self) -> Result<Vec<pb::Breaker>, EngineError> {
         match self.ask(Input::ListBreakers { reply: 0 }).await? {

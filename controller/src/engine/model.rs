@@ -48,6 +48,14 @@ pub(crate) enum Input {
         actor: String,
         reply: ReplyTo,
     },
+    /// Retry a failed or canceled run, read back from the store (`stored`: its rows,
+    /// which the engine uses when it no longer holds the run).
+    Retry {
+        run_id: String,
+        stored: Box<Snapshot>,
+        actor: String,
+        reply: ReplyTo,
+    },
     ResetBreaker {
         tool: String,
         agent: String,
@@ -117,6 +125,7 @@ impl Input {
             Submit { reply, .. }
             | Cancel { reply, .. }
             | Release { reply, .. }
+            | Retry { reply, .. }
             | ResetBreaker { reply, .. }
             | Drain { reply, .. }
             | Connect { reply, .. }
@@ -136,6 +145,8 @@ impl Input {
 pub(crate) enum Answer {
     Run(Result<String, EngineError>),
     RunState(Result<RunState, EngineError>),
+    /// A retried run: the sequence number of its `run_retried` event.
+    Retried(Result<i64, EngineError>),
     Breakers(Result<Vec<pb::Breaker>, EngineError>),
     Agent(Result<pb::Agent, EngineError>),
     Session(Result<u64, EngineError>),
@@ -505,6 +516,11 @@ impl Model {
                 let result = self.release(&run_id);
                 self.pending.reply(reply, Answer::RunState(result));
             }
+            Input::Retry { run_id, stored, actor, reply } => {
+                self.pending.actor = actor;
+                let result = self.retry(&run_id, *stored);
+                self.pending.reply(reply, Answer::Retried(result));
+            }
             Input::ResetBreaker { tool, agent, actor, reply } => {
                 self.pending.actor = actor;
                 let result = self.reset_breaker(&tool, &agent);
@@ -661,8 +677,12 @@ impl Model {
         b
     }
 
-    /// Forgets a final run; the store keeps it.
+    /// Forgets a final run; the store keeps it. (A run retried since it finished is
+    /// running again and stays.)
     fn evict(&mut self, run_id: &str) {
+        if self.runs.get(run_id).is_none_or(|r| !r.state.is_terminal()) {
+            return;
+        }
         if let Some(run) = self.runs.remove(run_id) {
             for step in &run.steps {
                 for id in &step.attempt_ids {
@@ -780,7 +800,6 @@ impl Model {
         self.set_clock(now_us);
         let now = self.now();
         let grace = baton_common::time::ms(self.cfg.failover_grace);
-        let rules = self.cfg.router.current();
         for row in &snap.agents {
             let state = if row.state == "lost" { AgentState::Lost } else { AgentState::Disconnected };
             let agent = Agent {
@@ -802,6 +821,42 @@ impl Model {
             };
             self.agents.insert(agent.id.clone(), agent);
         }
+        self.insert_runs(&snap, estimates, now)?;
+        let attempts = &self.attempts;
+        self.followers.retain(|before, _| attempts.get(before).is_some_and(|a| !a.state.is_terminal()));
+        self.load_breakers(&snap.breakers);
+        // Attempts still running get what to mask again (it is not stored).
+        let live: Vec<(String, String)> = self
+            .attempts
+            .values()
+            .filter(|a| !a.state.is_terminal())
+            .map(|a| (a.id.clone(), a.run_id.clone()))
+            .collect();
+        for (id, run_id) in live {
+            let r = self.redactor(&run_id, &[]);
+            if let Some(a) = self.attempts.get_mut(&id) {
+                a.redactor = r;
+            }
+        }
+        let mut run_ids: Vec<(i64, String)> =
+            self.runs.values().map(|r| (r.created_at, r.id.clone())).collect();
+        run_ids.sort();
+        for (_, run_id) in run_ids {
+            self.resume_run(&run_id);
+        }
+        Ok(())
+    }
+
+    /// Puts the runs of `snap` (rows of runs, their steps and attempts) into the
+    /// state as they were stored: at a start, and for a retried run.
+    pub(super) fn insert_runs(
+        &mut self,
+        snap: &Snapshot,
+        estimates: &HashMap<String, crate::store::Estimates>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let grace = baton_common::time::ms(self.cfg.failover_grace);
+        let rules = self.cfg.router.current();
         let mut steps_by_run: HashMap<&str, Vec<&crate::store::StepRow>> = HashMap::new();
         for s in &snap.steps {
             steps_by_run.entry(s.run_id.as_str()).or_default().push(s);
@@ -937,28 +992,6 @@ impl Model {
             // A release starts the count again, with the losses (`lost_count`).
             step.lost_streak = step.lost_streak.min(step.lost_count);
             self.attempts.insert(attempt.id.clone(), attempt);
-        }
-        let attempts = &self.attempts;
-        self.followers.retain(|before, _| attempts.get(before).is_some_and(|a| !a.state.is_terminal()));
-        self.load_breakers(&snap.breakers);
-        // Attempts still running get what to mask again (it is not stored).
-        let live: Vec<(String, String)> = self
-            .attempts
-            .values()
-            .filter(|a| !a.state.is_terminal())
-            .map(|a| (a.id.clone(), a.run_id.clone()))
-            .collect();
-        for (id, run_id) in live {
-            let r = self.redactor(&run_id, &[]);
-            if let Some(a) = self.attempts.get_mut(&id) {
-                a.redactor = r;
-            }
-        }
-        let mut run_ids: Vec<(i64, String)> =
-            self.runs.values().map(|r| (r.created_at, r.id.clone())).collect();
-        run_ids.sort();
-        for (_, run_id) in run_ids {
-            self.resume_run(&run_id);
         }
         Ok(())
     }

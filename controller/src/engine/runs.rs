@@ -15,6 +15,7 @@ use super::EngineError;
 use super::admission::{Admitted, Submission};
 use super::model::{Model, Pending, Timer};
 use super::state::{self, Run, Step};
+use crate::store::Snapshot;
 
 /// Moves step `idx` of `run` to `to` if the step machine allows it, keeping the run's
 /// count of open steps; an illegal move is a bug, logged and not applied.
@@ -341,6 +342,89 @@ impl Model {
         Ok(RunState::Running)
     }
 
+    /// Runs a failed or canceled run again in place: its failed, canceled and skipped
+    /// steps get a fresh retry budget and run again; succeeded steps keep their results.
+    /// A run that ended is no longer held; `stored` (its rows) brings it back.
+    /// Returns the sequence number of the run's `run_retried` event.
+    pub(super) fn retry(&mut self, run_id: &str, stored: Snapshot) -> Result<i64, EngineError> {
+        if !self.runs.contains_key(run_id) {
+            let Some(row) = stored.runs.iter().find(|r| r.id == run_id) else {
+                return Err(EngineError::RunNotFound(run_id.to_string()));
+            };
+            let state: RunState = crate::store::parse_state(&row.state)?;
+            retryable(run_id, state)?;
+            let now = self.now();
+            if let Err(e) = self.insert_runs(&stored, &Default::default(), now) {
+                self.runs.remove(run_id);
+                return Err(e.into());
+            }
+        }
+        let Some(run) = self.runs.get_mut(run_id) else {
+            return Err(EngineError::RunNotFound(run_id.to_string()));
+        };
+        retryable(run_id, run.state)?;
+        let p = &mut self.pending;
+        let was = std::mem::take(&mut run.reason);
+        if !set_run(p, run, RunState::Running) {
+            return Err(EngineError::Conflict(format!("run {run_id} cannot be retried")));
+        }
+        run.finished_at = None;
+        run.failing = None;
+        // The run's deadline counts again from the retry.
+        run.deadline_at = run.spec.deadline_ms.map(|d| p.now + d as i64);
+        let mut again = 0;
+        for idx in 0..run.steps.len() {
+            let from = run.steps[idx].state;
+            if matches!(from, StepState::Failed | StepState::Canceled | StepState::Skipped)
+                && set_step(p, run, idx, StepState::Waiting)
+            {
+                let step = &mut run.steps[idx];
+                step.failures = 0;
+                step.lost_count = 0;
+                step.lost_streak = 0;
+                step.next_attempt_at = None;
+                step.started_at = None;
+                step.finished_at = None;
+                step.current = None;
+                step.result = None;
+                step.reason.clear();
+                again += 1;
+            }
+        }
+        let seq = run.next_seq;
+        p.event(
+            run,
+            "run_retried",
+            None,
+            None,
+            format!("retried: {again} steps run again (it had ended: {was})"),
+        );
+        // Each step waits again for the needs that have not succeeded.
+        for idx in 0..run.steps.len() {
+            let waiting_on =
+                run.needs[idx].iter().filter(|&&j| run.steps[j].state != StepState::Succeeded).count();
+            run.steps[idx].waiting_on = waiting_on as u32;
+        }
+        let mut ready = Vec::new();
+        for idx in 0..run.steps.len() {
+            if run.steps[idx].state == StepState::Waiting
+                && run.steps[idx].waiting_on == 0
+                && set_step(p, run, idx, StepState::Ready)
+            {
+                p.event(run, "step_ready", Some(idx), None, "retried with a fresh retry budget");
+                ready.push(idx);
+            }
+        }
+        if let Some(d) = run.deadline_at {
+            self.timers.push(Reverse((d, Timer::RunDeadline(run_id.to_string()))));
+        }
+        info!(run_id, steps = again, "run retried");
+        for idx in ready {
+            self.enqueue(run_id, idx);
+        }
+        Ok(seq)
+    }
+
     /// Step `idx` succeeded: its dependents may become ready, the run may be done.
     pub(super) fn step_succeeded(&mut self, run_id: &str, idx: usize, result: Option<String>) {
         let Some(run) = self.runs.get_mut(run_id) else { return };
@@ -573,6 +657,19 @@ impl Model {
     }
 }
 
+/// Only a failed or canceled run can be retried.
+fn retryable(run_id: &str, state: RunState) -> Result<(), EngineError> {
+    match state {
+        RunState::Failed | RunState::Canceled => Ok(()),
+        RunState::Succeeded => {
+            Err(EngineError::Conflict(format!("run {run_id} succeeded: there is nothing to retry")))
+        }
+        s => Err(EngineError::Conflict(format!(
+            "run {run_id} is {s}: only a failed or canceled run can be retried"
+        ))),
+    }
+}
+
 /// Step `idx` failed with no retry left; the run's `on_failure` decides what follows.
 fn step_failed_for_good(p: &mut Pending, run: &mut Run, idx: usize) {
     let failed_id = run.step_id(idx).to_string();
@@ -740,6 +837,102 @@ mod tests {
         assert_eq!(k.model.runs[&run].steps[0].failures, 0);
         k.finished("a", 1, &again[0], "succeeded", "");
         assert_eq!(k.run_state(&run), "succeeded");
+    }
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::super::model::{Answer, Input};
+    use super::super::testkit::{Kit, config};
+
+    const SPEC: &str = "name: w\nsteps:\n  - {id: a, tool: shell, with: {run: 'true'}}\n  - {id: b, needs: a, tool: shell, with: {run: 'false'}, retry: {max_attempts: 1}}\n  - {id: c, needs: b, tool: shell, with: {run: 'true'}}\n";
+
+    fn retry(k: &mut Kit, run: &str, reply: u64) -> Result<i64, String> {
+        let stored = Box::new(k.stored_run(run));
+        k.apply(Input::Retry { run_id: run.to_string(), stored, actor: "op".into(), reply });
+        k.settle();
+        match k.answers.remove(&reply) {
+            Some(Answer::Retried(r)) => r.map_err(|e| e.to_string()),
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_retried_run_runs_its_failed_and_skipped_steps_again_and_keeps_what_succeeded() {
+        // One step at a time: without pipelined starts, each assignment is the next step.
+        let mut k = Kit::new(crate::engine::EngineConfig { pipeline: false, ..config() });
+        k.connect("a", 1, 1);
+        let run = k.submit(SPEC);
+        let a = k.assigns(1).remove(0);
+        k.finished("a", 1, &a, "succeeded", "");
+        let b = k.assigns(1).remove(0);
+        k.finished("a", 1, &b, "failed", "nonzero_exit");
+        assert_eq!(k.run_state(&run), "failed");
+        assert!(!k.model.runs.contains_key(&run), "an ended run is forgotten");
+
+        let seq = retry(&mut k, &run, 900).expect("retry");
+        assert_eq!(k.run_state(&run), "running");
+        assert_eq!(k.events(&run).iter().filter(|e| *e == "run_retried").count(), 1);
+        let retried_at =
+            k.commits.iter().flat_map(|b| &b.events).find(|e| e.kind == "run_retried").map(|e| e.seq);
+        assert_eq!(retried_at, Some(seq));
+        assert_eq!(k.step(&run, "a"), "succeeded");
+        assert_eq!(k.step(&run, "c"), "waiting");
+        // Only b is dispatched again, as its second attempt.
+        let again = k.assigns(1);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].step_id, "b");
+        assert_ne!(again[0].attempt_id, b.attempt_id);
+        let r = &k.model.runs[&run];
+        assert_eq!(r.steps[1].attempts, 2);
+        assert_eq!(r.steps[1].failures, 0, "a fresh retry budget");
+        // What the rows say agrees with memory.
+        assert_eq!(k.rebuilt_from(k.snapshot()).fingerprint(), k.model.fingerprint());
+
+        k.finished("a", 1, &again[0], "succeeded", "");
+        let c = k.assigns(1).remove(0);
+        assert_eq!(c.step_id, "c");
+        k.finished("a", 1, &c, "succeeded", "");
+        assert_eq!(k.run_state(&run), "succeeded");
+        let attempts_of = |step: &str| {
+            k.commits
+                .iter()
+                .flat_map(|b| &b.attempts)
+                .filter(|a| a.step_id == step)
+                .map(|a| a.id.clone())
+                .collect::<std::collections::BTreeSet<_>>()
+                .len()
+        };
+        assert_eq!(attempts_of("a"), 1, "the step that succeeded ran once");
+        assert_eq!(attempts_of("b"), 2);
+        assert_eq!(attempts_of("c"), 1);
+
+        let e = retry(&mut k, &run, 901).unwrap_err();
+        assert!(e.contains("succeeded: there is nothing to retry"), "{e}");
+    }
+
+    #[test]
+    fn only_an_ended_failed_or_canceled_run_is_retried() {
+        // One step at a time: without pipelined starts, each assignment is the next step.
+        let mut k = Kit::new(crate::engine::EngineConfig { pipeline: false, ..config() });
+        k.connect("a", 1, 1);
+        let run = k.submit(SPEC);
+        let e = retry(&mut k, &run, 900).unwrap_err();
+        assert!(e.contains("is running: only a failed or canceled run can be retried"), "{e}");
+        // A canceled run: everything not done runs again.
+        k.apply(Input::Cancel {
+            run_id: run.clone(),
+            step_id: None,
+            reason: String::new(),
+            actor: "op".into(),
+            reply: 901,
+        });
+        k.settle();
+        assert_eq!(k.run_state(&run), "canceled");
+        retry(&mut k, &run, 902).expect("retry a canceled run");
+        assert_eq!(k.run_state(&run), "running");
+        assert_eq!(k.step(&run, "b"), "waiting");
+        assert!(!k.assigns(1).is_empty(), "its first step is dispatched again");
     }
 }
 

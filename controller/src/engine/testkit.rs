@@ -249,6 +249,19 @@ pub fn config() -> EngineConfig {
 impl Kit {
     /// The rows as a store holding every commit so far would load them.
     pub fn snapshot(&self) -> crate::store::Snapshot {
+        self.rows(|r| !r.state.parse::<baton_common::state::RunState>().is_ok_and(|s| s.is_terminal()))
+    }
+
+    /// One run's rows as the store holds them, whatever its state (what a retry reads).
+    pub fn stored_run(&self, run: &str) -> crate::store::Snapshot {
+        let mut snap = self.rows(|r| r.id == run);
+        snap.agents.clear();
+        snap.breakers.clear();
+        snap
+    }
+
+    /// The rows of every commit so far, of the runs `keep` selects.
+    fn rows(&self, keep: impl Fn(&crate::store::RunRow) -> bool) -> crate::store::Snapshot {
         let mut runs = BTreeMap::new();
         let mut steps = BTreeMap::new();
         let mut attempts = BTreeMap::new();
@@ -280,11 +293,7 @@ impl Kit {
                 last_seq.insert(e.run_id.clone(), e.seq);
             }
         }
-        let active = |id: &str| {
-            runs.get(id).is_some_and(|r: &crate::store::RunRow| {
-                !r.state.parse::<baton_common::state::RunState>().is_ok_and(|s| s.is_terminal())
-            })
-        };
+        let active = |id: &str| runs.get(id).is_some_and(&keep);
         crate::store::Snapshot {
             steps: steps.values().filter(|s| active(&s.run_id)).cloned().collect(),
             attempts: attempts.values().filter(|a| active(&a.run_id)).cloned().collect(),

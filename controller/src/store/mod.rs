@@ -443,37 +443,72 @@ impl Store {
     /// Everything the engine needs to resume: non-final runs with their steps, attempts
     /// and last event numbers, and the known agents.
     pub async fn load_active(&self) -> Result<Snapshot, StoreError> {
-        let runs = fetch(
-            &self.pool,
+        let runs = format!("SELECT id FROM runs WHERE state IN {ACTIVE}");
+        let mut snap = self.load_runs(&runs, None).await?;
+        snap.agents = fetch(&self.pool, &format!("SELECT {} FROM agents", AgentRow::column_list())).await?;
+        snap.breakers =
+            fetch(&self.pool, &format!("SELECT {} FROM breakers", BreakerRow::column_list())).await?;
+        Ok(snap)
+    }
+
+    /// One run with its steps, attempts and last event number, as `load_active` reads
+    /// runs (for a retry of a run that has ended); no agents or breakers.
+    pub async fn load_run(&self, run_id: &str) -> Result<Snapshot, StoreError> {
+        let snap = self.load_runs("SELECT id FROM runs WHERE id = $1", Some(run_id)).await?;
+        if snap.runs.is_empty() {
+            return Err(StoreError::RunNotFound(run_id.to_string()));
+        }
+        Ok(snap)
+    }
+
+    /// The runs whose ids `ids` (a query, with `$1` bound to `bind`) selects, with their
+    /// steps, attempts and last event numbers.
+    async fn load_runs(&self, ids: &str, bind: Option<&str>) -> Result<Snapshot, StoreError> {
+        async fn get<R: Record>(pool: &AnyPool, sql: &str, bind: Option<&str>) -> Result<Vec<R>, StoreError> {
+            match bind {
+                Some(v) => fetch_bound(pool, sql, v).await,
+                None => fetch(pool, sql).await,
+            }
+        }
+        let pool = &self.pool;
+        let runs = get(
+            pool,
             &format!(
-                "SELECT {} FROM runs WHERE state IN {ACTIVE} ORDER BY created_at, id",
+                "SELECT {} FROM runs WHERE id IN ({ids}) ORDER BY created_at, id",
                 RunRow::column_list()
             ),
+            bind,
         )
         .await?;
-        let steps = fetch(&self.pool, &format!(
-            "SELECT {} FROM steps WHERE run_id IN (SELECT id FROM runs WHERE state IN {ACTIVE}) ORDER BY run_id, idx",
-            StepRow::column_list()
-        ))
+        let steps = get(
+            pool,
+            &format!(
+                "SELECT {} FROM steps WHERE run_id IN ({ids}) ORDER BY run_id, idx",
+                StepRow::column_list()
+            ),
+            bind,
+        )
         .await?;
-        let attempts = fetch(&self.pool, &format!(
-            "SELECT {} FROM step_attempts WHERE run_id IN (SELECT id FROM runs WHERE state IN {ACTIVE}) ORDER BY run_id, step_id, number",
-            AttemptRow::column_list()
-        ))
+        let attempts = get(
+            pool,
+            &format!(
+                "SELECT {} FROM step_attempts WHERE run_id IN ({ids}) ORDER BY run_id, step_id, number",
+                AttemptRow::column_list()
+            ),
+            bind,
+        )
         .await?;
-        let seq_rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT run_id, MAX(seq) AS seq FROM run_events WHERE run_id IN (SELECT id FROM runs WHERE state IN {ACTIVE}) GROUP BY run_id"
-        )))
-        .fetch_all(&self.pool)
-        .await?;
+        let seq =
+            format!("SELECT run_id, MAX(seq) AS seq FROM run_events WHERE run_id IN ({ids}) GROUP BY run_id");
+        let mut q = sqlx::query(AssertSqlSafe(seq));
+        if let Some(v) = bind {
+            q = q.bind(v.to_string());
+        }
         let mut last_seq = HashMap::new();
-        for r in seq_rows {
+        for r in q.fetch_all(pool).await? {
             last_seq.insert(r.try_get::<String, _>("run_id")?, r.try_get::<i64, _>("seq")?);
         }
-        let agents = fetch(&self.pool, &format!("SELECT {} FROM agents", AgentRow::column_list())).await?;
-        let breakers =
-            fetch(&self.pool, &format!("SELECT {} FROM breakers", BreakerRow::column_list())).await?;
-        Ok(Snapshot { runs, steps, attempts, last_seq, agents, breakers })
+        Ok(Snapshot { runs, steps, attempts, last_seq, agents: Vec::new(), breakers: Vec::new() })
     }
 
     /// The run a submit with this request id created, if any.

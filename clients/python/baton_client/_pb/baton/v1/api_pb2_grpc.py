@@ -61,6 +61,11 @@ class BatonServiceStub:
                 request_serializer=baton_dot_v1_dot_api__pb2.ReleaseRunRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_api__pb2.ReleaseRunResponse.FromString,
                 _registered_method=True)
+        self.RetryRun = channel.unary_unary(
+                '/baton.v1.BatonService/RetryRun',
+                request_serializer=baton_dot_v1_dot_api__pb2.RetryRunRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_api__pb2.RetryRunResponse.FromString,
+                _registered_method=True)
         self.DeleteRun = channel.unary_unary(
                 '/baton.v1.BatonService/DeleteRun',
                 request_serializer=baton_dot_v1_dot_api__pb2.DeleteRunRequest.SerializeToString,
@@ -156,6 +161,16 @@ class BatonServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryRun(self, request, context):
+        """Runs a failed or canceled run again in place: its failed, canceled and skipped
+        steps get a fresh retry budget and run again; succeeded steps keep their outputs
+        and are not run again. FAILED_PRECONDITION for a run that succeeded or has not
+        ended. The run's events go on from where they were (`run_retried`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteRun(self, request, context):
         """Deletes a finished run (succeeded, failed or canceled) with its steps, attempts,
         events and output. FAILED_PRECONDITION for a run that has not finished: cancel it
@@ -167,7 +182,8 @@ class BatonServiceServicer:
 
     def WatchRun(self, request, context):
         """Streams a run's events from `from_seq` (inclusive) on; ends after the event that
-        makes the run terminal. A client that reconnects with last seen seq + 1 misses nothing.
+        makes the run terminal and is the last of its log (a retried run's log goes on past
+        its first end). A client that reconnects with last seen seq + 1 misses nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -260,6 +276,11 @@ def add_BatonServiceServicer_to_server(servicer, server):
                     servicer.ReleaseRun,
                     request_deserializer=baton_dot_v1_dot_api__pb2.ReleaseRunRequest.FromString,
                     response_serializer=baton_dot_v1_dot_api__pb2.ReleaseRunResponse.SerializeToString,
+            ),
+            'RetryRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryRun,
+                    request_deserializer=baton_dot_v1_dot_api__pb2.RetryRunRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_api__pb2.RetryRunResponse.SerializeToString,
             ),
             'DeleteRun': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteRun,
@@ -449,6 +470,33 @@ class BatonService:
             '/baton.v1.BatonService/ReleaseRun',
             baton_dot_v1_dot_api__pb2.ReleaseRunRequest.SerializeToString,
             baton_dot_v1_dot_api__pb2.ReleaseRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.BatonService/RetryRun',
+            baton_dot_v1_dot_api__pb2.RetryRunRequest.SerializeToString,
+            baton_dot_v1_dot_api__pb2.RetryRunResponse.FromString,
             options,
             channel_credentials,
             insecure,
