@@ -268,6 +268,28 @@ enum RunsCommand {
         #[command(flatten)]
         out: OutputArg,
     },
+    /// Start a new run that repeats RUN from one step: that step and the steps
+    /// downstream of it run again; every other step that succeeded is reused with its
+    /// outputs. Prints the new run's id.
+    #[command(group(clap::ArgGroup::new("start").required(true).args(["from", "only"])))]
+    Rerun {
+        /// The run's id.
+        run: String,
+        /// Run this step and every step downstream of it again.
+        #[arg(long)]
+        from: Option<String>,
+        /// Run this step alone again; reuse every other.
+        #[arg(long)]
+        only: Option<String>,
+        /// Run parameter KEY=VALUE over the old run's; repeatable.
+        #[arg(long = "param", value_parser = key_value)]
+        params: Vec<(String, String)>,
+        /// Follow the new run until it ends; exit 0 only if it succeeded.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        out: OutputArg,
+    },
     /// Run a failed or canceled run again in place: its failed, canceled and skipped
     /// steps get a fresh retry budget; succeeded steps keep their outputs.
     Retry {
@@ -1103,6 +1125,26 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
             let resp = c.delete_run(pb::DeleteRunRequest { run_id: run }).await?.into_inner();
             match out.format() {
                 Format::Text => out!("run {} deleted ({} rows)", resp.run_id, resp.rows),
+                f => output::print_json(f, &resp),
+            }
+        }
+        RunsCommand::Rerun { run, from, only, params, watch, out } => {
+            let req = pb::RerunRunRequest {
+                run_id: run,
+                only: only.is_some(),
+                from_step: only.or(from).unwrap_or_default(),
+                params: Some(client::params(params)),
+                request_id: uuid::Uuid::new_v4().to_string(),
+            };
+            let resp = c.rerun_run(req).await?.into_inner();
+            if watch {
+                if out.format() == Format::Text {
+                    eprintln!("run {} started ({} steps reused)", resp.run_id, resp.reused);
+                }
+                return watch_until_interrupted(&mut c, target, &resp.run_id, 1, out.format(), None).await;
+            }
+            match out.format() {
+                Format::Text => out!("{}", resp.run_id),
                 f => output::print_json(f, &resp),
             }
         }

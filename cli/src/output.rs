@@ -187,6 +187,12 @@ pub fn run(format: Format, run: &pb::Run) {
         labels.sort();
         out!("Labels:     {}", labels.join(", "));
     }
+    if !run.rerun_of.is_empty() {
+        out!("Rerun of:   {}", run.rerun_of);
+    }
+    if !run.reruns.is_empty() {
+        out!("Reruns:     {}", run.reruns.join(", "));
+    }
     // Secret params come masked from the controller.
     let params = run.params.as_ref().map(proto::json_object).unwrap_or_default();
     if !params.is_empty() {

@@ -44,11 +44,11 @@ pub fn live() -> bool {
     !style().dumb && std::io::stderr().is_terminal()
 }
 
-/// The ANSI colour of a state's name: green done, red failed, yellow waiting for
+/// The ANSI colour of a state's name: green done (or reused), red failed, yellow waiting for
 /// someone, blue at work, dim not run.
 fn code(state: &str) -> Option<&'static str> {
     Some(match state {
-        "succeeded" => "32",
+        "succeeded" | "reused" => "32",
         "failed" | "timed_out" | "lost" => "31",
         "quarantined" | "retry_wait" => "33",
         "running" | "assigned" => "34",

@@ -952,3 +952,79 @@ async fn a_failed_run_is_retried_in_place_and_its_succeeded_steps_do_not_run_aga
     assert_eq!(started.step_id, "s");
     assert_eq!(baton(&url, &["runs", "cancel", &lid]).await.code, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rerun_from_a_step_reuses_what_is_upstream_and_links_both_runs() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let url = sb.url();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    // a gives an output; d stands apart; b needs a; c needs b, reads a's output, and
+    // fails the first time it runs.
+    let spec = write(
+        dir.path(),
+        "r.yaml",
+        &format!(
+            "name: rr\nsteps:\n  - {{id: a, tool: shell, with: {{run: 'echo a >> {d}/a; echo x=1 >> $BATON_OUTPUT'}}}}\n  - {{id: d, tool: shell, with: {{run: 'echo d >> {d}/d'}}}}\n  - {{id: b, needs: a, tool: shell, with: {{run: 'echo b >> {d}/b'}}}}\n  - {{id: c, needs: b, tool: shell, retry: {{max_attempts: 1}}, env: {{X: '${{{{ steps.a.outputs.x }}}}'}}, with: {{run: 'echo c >> {d}/c; echo a said $X; test $(wc -l < {d}/c) -gt 1'}}}}\n"
+        ),
+    );
+    let lines =
+        |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default().lines().count();
+    let out = baton(&url, &["submit", &spec, "--watch"]).await;
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    let list = baton(&url, &["runs", "list", "--state", "failed", "-o", "json"]).await;
+    let list: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    let old = list[0]["id"].as_str().unwrap().to_string();
+
+    let bad = baton(&url, &["runs", "rerun", &old, "--from", "nope"]).await;
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(bad.stderr.contains("has no step \"nope\""), "{}", bad.stderr);
+
+    let out = baton(&url, &["runs", "rerun", &old, "--from", "b", "--watch"]).await;
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("(2 steps reused)"), "{}", out.stderr);
+    assert_eq!((lines("a"), lines("d"), lines("b"), lines("c")), (1, 1, 2, 2), "a and d not run again");
+    let show = |id: String| {
+        let url = url.clone();
+        async move {
+            let out = baton(&url, &["runs", "show", &id, "-o", "json"]).await;
+            serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap()
+        }
+    };
+    let list = baton(&url, &["runs", "list", "--state", "succeeded", "-o", "json"]).await;
+    let list: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    let new = list[0]["id"].as_str().unwrap().to_string();
+    let run = show(new.clone()).await;
+    assert_eq!(run["rerun_of"], old.as_str());
+    let states: Vec<(&str, &str)> = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["id"].as_str().unwrap(), s["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        states,
+        vec![
+            ("a", "STEP_STATE_REUSED"),
+            ("d", "STEP_STATE_REUSED"),
+            ("b", "STEP_STATE_SUCCEEDED"),
+            ("c", "STEP_STATE_SUCCEEDED")
+        ]
+    );
+    assert!(
+        run["steps"][0]["attempts"].as_array().is_none_or(|a| a.is_empty()),
+        "a reused step makes no attempt"
+    );
+    assert_eq!(run["steps"][0]["result"]["x"], "1", "it keeps its outputs");
+    // c read the output a gave in the old run.
+    let logs = baton(&url, &["runs", "logs", &new, "c"]).await;
+    assert_eq!(logs.stdout, "a said 1\n");
+    assert_eq!(show(old.clone()).await["reruns"], serde_json::json!([new.clone()]));
+
+    // --only: b alone runs again; c is reused from the rerun.
+    let only = baton(&url, &["runs", "rerun", &new, "--only", "b", "--watch"]).await;
+    assert_eq!(only.code, 0, "{}{}", only.stdout, only.stderr);
+    assert_eq!((lines("a"), lines("d"), lines("b"), lines("c")), (1, 1, 3, 2));
+    let text = baton(&url, &["runs", "show", &new]).await;
+    assert!(text.stdout.contains(&format!("Rerun of:   {old}")), "{}", text.stdout);
+}

@@ -140,6 +140,8 @@ state_enum!(
     /// or `→ failed`; `skipped` when an upstream step failed; `canceled`.
     /// `failed → ready` only when an operator releases a quarantined run; `failed |
     /// canceled | skipped → waiting` when a caller retries a failed or canceled run.
+    /// `reused` (taken over from the run a rerun repeats) is where a step starts and
+    /// stays.
     StepState, "step state", {
         Waiting => "waiting",
         Ready => "ready",
@@ -149,13 +151,23 @@ state_enum!(
         Failed => "failed",
         Skipped => "skipped",
         Canceled => "canceled",
+        Reused => "reused",
     }
 );
+
+/// How many step states there are (for counts indexed by state).
+pub const STEP_STATES: usize = 9;
 
 impl StepState {
     /// Final for the run as it stands (a release or a retry may still revive it).
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Failed | Self::Skipped | Self::Canceled)
+        matches!(self, Self::Succeeded | Self::Failed | Self::Skipped | Self::Canceled | Self::Reused)
+    }
+
+    /// Its outputs are there for the steps that need it: it succeeded in this run, or
+    /// in the run this one reruns (`reused`).
+    pub fn is_success(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Reused)
     }
 
     fn can_become(self, to: Self) -> bool {
@@ -316,8 +328,10 @@ mod tests {
         ] {
             assert!(a.transition(b).is_err(), "{a} -> {b} must be rejected");
         }
+        assert_eq!(StepState::ALL.len(), STEP_STATES);
         for &to in StepState::ALL {
             assert!(Succeeded.transition(to).is_err());
+            assert!(Reused.transition(to).is_err());
             assert!(to == Waiting || Canceled.transition(to).is_err());
         }
     }

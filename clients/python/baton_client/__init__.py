@@ -349,10 +349,9 @@ class Run:
 
     def wait(self) -> pb.Run:
         """Waits until the run has ended, or is quarantined (it then waits for an
-        operator); returns it."""
+        operator); returns it. (The watch ends after the run's last end: a retried
+        run's log goes on past its first.)"""
         for ev in self.watch(run_events_only=True):
-            if ev.run_state in TERMINAL:
-                break
             if ev.kind == "run_quarantined":
                 run = self.get()
                 if run.state == pb.RUN_STATE_QUARANTINED:
@@ -372,6 +371,26 @@ class Run:
     def release(self) -> int:
         """Resumes a quarantined run; returns its state after it."""
         return self._client._call("ReleaseRun", pb.ReleaseRunRequest(run_id=self.id)).state
+
+    def rerun(
+        self,
+        from_step: Optional[str] = None,
+        *,
+        only: Optional[str] = None,
+        params: Optional[Mapping[str, Any]] = None,
+    ) -> "Run":
+        """A new run that repeats this one from ``from_step`` (that step and every step
+        downstream of it run again) or, with ``only``, runs that step alone again; every
+        other step that succeeded is reused with its outputs. ``params`` are set over
+        this run's. Returns the new run."""
+        if (from_step is None) == (only is None):
+            raise ValueError("rerun: give from_step or only, not both")
+        req = pb.RerunRunRequest(
+            run_id=self.id, from_step=only or from_step, only=only is not None, request_id=str(uuid.uuid4())
+        )
+        if params:
+            req.params.update(dict(params))
+        return Run(self._client, self._client._call("RerunRun", req).run_id)
 
     def retry(self) -> int:
         """Runs a failed or canceled run again in place (its failed, canceled and

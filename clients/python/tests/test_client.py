@@ -8,6 +8,7 @@ import os
 import pathlib
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -184,10 +185,29 @@ def test_a_canceled_run_is_retried_and_watched_from_its_retry(cluster):
     assert run.state == "running"
     assert run.cancel() == pb.RUN_STATE_CANCELED
     assert [e.kind for e in events][-1] == "run_canceled"
+    # Waiting on a retried run waits for its last end, not its first.
+    run.retry()
+    threading.Timer(0.5, lambda: run.cancel("again")).start()
+    ended = run.wait()
+    assert (ended.state, ended.reason) == (pb.RUN_STATE_CANCELED, "again")
     done = c.submit(SPEC, wait=True)
     with pytest.raises(baton_client.FailedPrecondition) as e:
         done.retry()
     assert "nothing to retry" in e.value.message
+
+
+def test_a_rerun_reuses_upstream_outputs_and_links_back(cluster):
+    c = cluster["client"]
+    old = c.submit(SPEC, params={"who": "bo"}, wait=True)
+    new = old.rerun("after")
+    assert new.wait().state == pb.RUN_STATE_SUCCEEDED
+    got = new.get()
+    assert got.rerun_of == old.id
+    assert [pb.StepState.Name(s.state) for s in got.steps] == ["STEP_STATE_REUSED", "STEP_STATE_SUCCEEDED"]
+    assert new.outputs()["hello"] == {"greeting": "hi bo"}
+    assert list(old.get().reruns) == [new.id]
+    with pytest.raises(baton_client.NotFound):
+        old.rerun("nope")
 
 
 def test_watch_resumes_across_a_controller_restart(cluster):

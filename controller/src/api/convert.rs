@@ -64,6 +64,8 @@ pub fn run(rec: RunRecord, summary: bool) -> pb::Run {
         )),
         name: rec.run.name.clone(),
         labels: labels(&rec.run.labels),
+        rerun_of: rec.run.rerun_of.clone(),
+        reruns: rec.reruns.clone(),
     }
 }
 

@@ -117,12 +117,7 @@ impl pb::baton_service_server::BatonService for RunApi {
             .into());
         }
         let request_id = req.request_id;
-        if request_id.len() > 128 || !request_id.chars().all(|c| c.is_ascii_graphic()) {
-            return Err(ApiError::invalid(
-                "request_id: at most 128 printable ASCII characters without spaces",
-            )
-            .into());
-        }
+        check_request_id(&request_id)?;
         if !request_id.is_empty()
             && let Some(run_id) = self.store.run_by_request_id(&request_id).await?
         {
@@ -270,6 +265,58 @@ impl pb::baton_service_server::BatonService for RunApi {
         let stored = self.store.load_run(&id).await?;
         let seq = engine.retry(id.clone(), stored, actor).await?;
         Ok(Response::new(pb::RetryRunResponse { run_id: id, state: RunState::Running.to_pb(), seq }))
+    }
+
+    async fn rerun_run(
+        &self,
+        req: Request<pb::RerunRunRequest>,
+    ) -> Result<Response<pb::RerunRunResponse>, Status> {
+        let actor = Identity::of(&req).actor();
+        let req = req.into_inner();
+        check_request_id(&req.request_id)?;
+        let overrides = params_of(req.params.as_ref())?;
+        let old = self.store.resolve_run_id(&req.run_id).await?;
+        if !req.request_id.is_empty()
+            && let Some(run_id) = self.store.run_by_request_id(&req.request_id).await?
+        {
+            return Ok(Response::new(pb::RerunRunResponse { run_id, reused: 0 }));
+        }
+        let engine = self.writer()?;
+        let rec = self.store.get_run(&old).await?;
+        let ws: spec::Workstream = serde_json::from_str(&rec.run.spec)
+            .map_err(|e| ApiError::internal(format!("run {old}: its stored spec does not parse: {e}")))?;
+        let Some(from) = ws.steps.iter().position(|s| s.id == req.from_step) else {
+            return Err(ApiError::not_found(format!("run {old} has no step {:?}", req.from_step)).into());
+        };
+        let again = rerun_steps(&ws, from, req.only);
+        let reused: BTreeMap<String, Option<String>> = rec
+            .steps
+            .iter()
+            .filter(|s| !again.contains(&(s.idx as usize)))
+            .filter(|s| s.state.parse::<baton_common::state::StepState>().is_ok_and(|st| st.is_success()))
+            .map(|s| (s.step_id.clone(), s.result.clone()))
+            .collect();
+        let n = reused.len() as u32;
+        // The old run's params (secret ones still sealed for it), the new ones over them.
+        let mut params: BTreeMap<String, String> = serde_json::from_str(&rec.run.params).unwrap_or_default();
+        params.extend(overrides);
+        let labels = serde_json::from_str(&rec.run.labels).unwrap_or_default();
+        let estimates = self.estimates.get(&self.store, &ws.name).await?;
+        let run = Submission {
+            params,
+            request_id: req.request_id,
+            name: rec.run.name.clone(),
+            labels,
+            estimates,
+            rerun: Some(crate::engine::Rerun { of: old.clone(), reused }),
+            ..Submission::new(ws)
+        };
+        let rules = self.router.current();
+        let admitted = tokio::task::spawn_blocking(move || run.admit(&rules))
+            .await
+            .map_err(|e| ApiError::internal(format!("checking the spec: {e}")))??;
+        let run_id = engine.submit(admitted, actor).await?;
+        Ok(Response::new(pb::RerunRunResponse { run_id, reused: n }))
     }
 
     async fn delete_run(
@@ -586,6 +633,43 @@ fn check_labels(labels: &std::collections::HashMap<String, String>, field: &str)
 }
 
 /// Submitted params as text: strings as they are, numbers and booleans as written.
+/// The steps a rerun from step `from` runs again: `from` and, unless `only`, every
+/// step downstream of it, by index.
+fn rerun_steps(ws: &spec::Workstream, from: usize, only: bool) -> std::collections::HashSet<usize> {
+    let mut again = std::collections::HashSet::from([from]);
+    if only {
+        return again;
+    }
+    let index = ws.index();
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); ws.steps.len()];
+    for (i, s) in ws.steps.iter().enumerate() {
+        for n in &s.needs {
+            if let Some(&j) = index.get(n.as_str()) {
+                dependents[j].push(i);
+            }
+        }
+    }
+    let mut queue = vec![from];
+    while let Some(j) = queue.pop() {
+        for &d in &dependents[j] {
+            if again.insert(d) {
+                queue.push(d);
+            }
+        }
+    }
+    again
+}
+
+/// A client's request id: at most 128 printable ASCII characters without spaces.
+fn check_request_id(id: &str) -> Result<(), Status> {
+    if id.len() > 128 || !id.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(
+            ApiError::invalid("request_id: at most 128 printable ASCII characters without spaces").into()
+        );
+    }
+    Ok(())
+}
+
 fn params_of(params: Option<&baton_common::proto::Struct>) -> Result<BTreeMap<String, String>, Status> {
     let Some(params) = params else { return Ok(BTreeMap::new()) };
     let mut out = BTreeMap::new();

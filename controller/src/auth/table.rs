@@ -28,6 +28,7 @@ pub const RPCS: &[(&str, &str, Need)] = &[
     (BATON, "CancelRun", Need::Role(Role::Operator)),
     (BATON, "ReleaseRun", Need::Role(Role::Operator)),
     (BATON, "RetryRun", Need::Role(Role::Operator)),
+    (BATON, "RerunRun", Need::Role(Role::Submitter)),
     (BATON, "DeleteRun", Need::Role(Role::Operator)),
     (BATON, "WatchRun", Need::Role(Role::Reader)),
     (BATON, "GetLogs", Need::Role(Role::Reader)),

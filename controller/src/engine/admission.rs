@@ -23,6 +23,17 @@ pub struct Submission {
     pub labels: BTreeMap<String, String>,
     /// Observed durations of its steps, for the ETA.
     pub estimates: crate::store::Estimates,
+    /// For a rerun: the run it repeats and what it takes over from it.
+    pub rerun: Option<Rerun>,
+}
+
+/// What a rerun takes over from the run it repeats.
+#[derive(Debug, Clone, Default)]
+pub struct Rerun {
+    /// The run it repeats.
+    pub of: String,
+    /// Steps taken over (`reused`), by id, with their stored results.
+    pub reused: BTreeMap<String, Option<String>>,
 }
 
 /// A submission that passed [`Submission::admit`]: parameters complete, each step
@@ -46,6 +57,7 @@ impl Submission {
             name: String::new(),
             labels: BTreeMap::new(),
             estimates: Default::default(),
+            rerun: None,
         }
     }
 

@@ -460,7 +460,7 @@ impl Model {
                 StepState::Waiting => {
                     let pending: Vec<&str> = run.needs[idx]
                         .iter()
-                        .filter(|&&j| run.steps[j].state != StepState::Succeeded)
+                        .filter(|&&j| !run.steps[j].state.is_success())
                         .map(|&j| run.step_id(j))
                         .collect();
                     match step.current.as_ref().and_then(|id| self.attempts.get(id)) {

@@ -22,7 +22,7 @@ mod state;
 #[cfg(test)]
 mod testkit;
 
-pub use admission::{Admitted, Submission};
+pub use admission::{Admitted, Rerun, Submission};
 pub use breakers::BreakerConfig;
 pub(crate) use progress::percent;
 

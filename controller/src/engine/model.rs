@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDequ
 use std::sync::Arc;
 
 use baton_common::spec::{OnFailure, Workstream};
-use baton_common::state::{AttemptState, RunState, StepState};
+use baton_common::state::{AttemptState, RunState, STEP_STATES, StepState};
 use baton_common::{pb, proto};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -186,7 +186,7 @@ pub(crate) struct Commit {
     effects: Vec<Effect>,
     finished_runs: Vec<String>,
     /// For each event of the batch, its run's step counts by state right after it.
-    event_counts: Vec<[u32; 8]>,
+    event_counts: Vec<[u32; STEP_STATES]>,
 }
 
 impl Commit {
@@ -208,7 +208,7 @@ pub(super) struct Pending {
     pub breakers: BTreeSet<breakers::BreakerKey>,
     pub events: Vec<EventRow>,
     /// Step counts by state of each event's run right after it (see `Commit`).
-    event_counts: Vec<[u32; 8]>,
+    event_counts: Vec<[u32; STEP_STATES]>,
     effects: Vec<Effect>,
     pub finished_runs: Vec<String>,
     /// Some effect must not wait for company (a reply, work for an idle slot).
@@ -890,9 +890,7 @@ impl Model {
                 steps[i].waiting_on = s
                     .needs
                     .iter()
-                    .filter(|n| {
-                        index.get(n.as_str()).is_some_and(|&j| steps[j].state != StepState::Succeeded)
-                    })
+                    .filter(|n| index.get(n.as_str()).is_some_and(|&j| !steps[j].state.is_success()))
                     .count() as u32;
             }
             let dependents = super::state::dependents_of(&spec);
@@ -929,8 +927,9 @@ impl Model {
                 needs: Vec::new(),
                 estimates: Vec::new(),
                 eta: None,
-                counts: [0; 8],
+                counts: [0; STEP_STATES],
                 redactor: None,
+                rerun_of: row.rerun_of.clone(),
             };
             run.templated = super::state::templated_of(&run.spec);
             run.counts = super::state::counts_of(&run.steps.iter().map(|s| s.state).collect::<Vec<_>>());

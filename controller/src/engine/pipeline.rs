@@ -82,7 +82,7 @@ impl Model {
         let mut defer = Vec::new();
         for &j in &run.needs[idx] {
             let up = &run.steps[j];
-            if up.state == StepState::Succeeded {
+            if up.state.is_success() {
                 continue;
             }
             let live = up.current.as_ref().and_then(|id| self.attempts.get(id));

@@ -2,7 +2,7 @@
 //! from observed durations (the same step in earlier runs of the workstream, else its
 //! tool), assuming what can run in parallel does.
 
-use baton_common::state::{AttemptState, StepState};
+use baton_common::state::{AttemptState, STEP_STATES, StepState};
 use baton_common::{pb, proto};
 
 use super::state::{Attempt, IdMap, Run};
@@ -36,7 +36,7 @@ pub(super) fn topo_order(run_needs: &[Vec<usize>]) -> Vec<usize> {
 }
 
 /// Progress from step counts by state (indexed as `StepState`), without times.
-pub(crate) fn of_counts(counts: &[u32; 8], total: u32) -> pb::Progress {
+pub(crate) fn of_counts(counts: &[u32; STEP_STATES], total: u32) -> pb::Progress {
     let mut by_state = std::collections::HashMap::new();
     let mut done = 0;
     for &state in StepState::ALL {

@@ -76,7 +76,7 @@ impl Model {
     /// agents of a pool), then its rows and its ready steps queued.
     pub(super) fn submit(&mut self, run: Admitted) -> Result<String, EngineError> {
         let Admitted { run, routes, secrets } = run;
-        let Submission { spec, params, request_id, name, labels, estimates: history } = run;
+        let Submission { spec, mut params, request_id, name, labels, estimates: history, rerun } = run;
         let history = &history;
         if let Some((step, r, name)) = secrets.iter().find(|(_, _, name)| !self.secrets.contains_key(name)) {
             return Err(EngineError::Invalid(format!(
@@ -86,6 +86,24 @@ impl Model {
         for (s, route) in spec.steps.iter().zip(&routes) {
             if let Some(why) = self.pool_refuses(&route.placement, &route.tool) {
                 return Err(EngineError::Invalid(format!("step {:?}: {why}", s.id)));
+            }
+        }
+        if let Some(r) = &rerun {
+            // A rerun takes the parameters of the run it repeats, its secret ones sealed
+            // for that run: they are opened here and sealed again for the new one.
+            for (name, value) in params.iter_mut().filter(|(_, v)| v.starts_with(crate::secrets::SEALED)) {
+                let opened = self
+                    .cfg
+                    .secrets
+                    .as_ref()
+                    .ok_or_else(|| "this controller keeps no secrets (--secrets-key)".to_string())
+                    .and_then(|s| s.open(&crate::secrets::param_aad(&r.of, name), value));
+                *value = opened.map_err(|e| {
+                    EngineError::Invalid(format!(
+                        "params.{name}: the secret value of run {} cannot be opened: {e}",
+                        r.of
+                    ))
+                })?;
             }
         }
         let id = self.random_id();
@@ -104,24 +122,45 @@ impl Model {
         let params_json = serde_json::to_string(&stored).map_err(|e| EngineError::Invalid(e.to_string()))?;
         let now = self.now();
         let mut last = None;
-        let steps: Vec<Step> = spec
+        let mut steps: Vec<Step> = spec
             .steps
             .iter()
             .zip(routes)
             .map(|(s, route)| {
                 let placement = state::share(&mut last, route.placement);
-                let mut step = Step::new(route.tool, placement, &s.needs);
-                if step.state == StepState::Ready {
-                    step.ready_since = Some(now);
-                    step.ready_us = Some(self.pending.now_us);
-                }
-                step
+                Step::new(route.tool, placement, &s.needs)
             })
             .collect();
+        let needs = state::needs_of(&spec);
+        let rerun_of = rerun.as_ref().map(|r| r.of.clone()).unwrap_or_default();
+        let mut reused = Vec::new();
+        if let Some(r) = rerun {
+            for (idx, s) in spec.steps.iter().enumerate() {
+                if let Some(result) = r.reused.get(&s.id) {
+                    let step = &mut steps[idx];
+                    step.state = StepState::Reused;
+                    step.result = result.clone();
+                    step.finished_at = Some(now);
+                    step.reason = format!("reused from run {}", r.of);
+                    reused.push(idx);
+                }
+            }
+            for idx in 0..steps.len() {
+                if steps[idx].state.is_terminal() {
+                    continue;
+                }
+                let waiting_on = needs[idx].iter().filter(|&&j| !steps[j].state.is_success()).count();
+                steps[idx].waiting_on = waiting_on as u32;
+                steps[idx].state = if waiting_on == 0 { StepState::Ready } else { StepState::Waiting };
+            }
+        }
+        for step in steps.iter_mut().filter(|s| s.state == StepState::Ready) {
+            step.ready_since = Some(now);
+            step.ready_us = Some(self.pending.now_us);
+        }
         let dependents = state::dependents_of(&spec);
         let templated = state::templated_of(&spec);
         let steps_states: Vec<StepState> = steps.iter().map(|s| s.state).collect();
-        let needs = state::needs_of(&spec);
         let topo = super::progress::topo_order(&needs);
         let estimates = state::estimates_for(&spec, &steps, history);
         let n = steps.len();
@@ -142,7 +181,7 @@ impl Model {
             dependents,
             needs,
             next_seq: 1,
-            open: n,
+            open: n - reused.len(),
             failing: None,
             deadline_at,
             templated,
@@ -152,6 +191,7 @@ impl Model {
             eta: None,
             counts: state::counts_of(&steps_states),
             redactor: None,
+            rerun_of,
         };
         let p = &mut self.pending;
         p.runs.insert(id.clone());
@@ -159,8 +199,19 @@ impl Model {
         for i in 0..n {
             p.steps.insert((id.clone(), i));
         }
-        let msg = format!("workstream {:?} with {n} steps", run.spec.name);
+        let msg = match run.rerun_of.as_str() {
+            "" => format!("workstream {:?} with {n} steps", run.spec.name),
+            of => format!(
+                "workstream {:?} with {n} steps, a rerun of run {of} ({} steps reused)",
+                run.spec.name,
+                reused.len()
+            ),
+        };
         p.event(&mut run, "run_submitted", None, None, msg);
+        for idx in reused {
+            let why = run.steps[idx].reason.clone();
+            p.event(&mut run, "step_reused", Some(idx), None, why);
+        }
         info!(run_id = %id, workstream = %run.spec.name, steps = n, "run submitted");
         if let Some(d) = deadline_at {
             self.timers.push(Reverse((d, Timer::RunDeadline(id.clone()))));
@@ -401,8 +452,7 @@ impl Model {
         );
         // Each step waits again for the needs that have not succeeded.
         for idx in 0..run.steps.len() {
-            let waiting_on =
-                run.needs[idx].iter().filter(|&&j| run.steps[j].state != StepState::Succeeded).count();
+            let waiting_on = run.needs[idx].iter().filter(|&&j| !run.steps[j].state.is_success()).count();
             run.steps[idx].waiting_on = waiting_on as u32;
         }
         let mut ready = Vec::new();
@@ -743,7 +793,7 @@ pub(super) fn check_done(p: &mut Pending, run: &mut Run) {
     if run.open > 0 || run.state.is_terminal() || run.state == RunState::Quarantined {
         return;
     }
-    if run.steps.iter().all(|s| s.state == StepState::Succeeded) {
+    if run.steps.iter().all(|s| s.state.is_success()) {
         finish_run(p, run, RunState::Succeeded);
     } else {
         if run.reason.is_empty() {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use baton_common::outcome::FailureClass;
 use baton_common::spec::Workstream;
 pub(crate) use baton_common::state::AgentState;
-use baton_common::state::{AttemptState, RunState, StepState};
+use baton_common::state::{AttemptState, RunState, STEP_STATES, StepState};
 use baton_common::{pb, proto};
 
 use crate::router::Placement;
@@ -62,10 +62,12 @@ pub(crate) struct Run {
     /// Last ETA computation: (when, expected end), for rate limiting.
     pub eta: Option<(i64, Option<i64>)>,
     /// Steps per state, kept as steps move (progress is read often).
-    pub counts: [u32; 8],
+    pub counts: [u32; STEP_STATES],
     /// What to mask in the output of its attempts: the secrets and its secret
     /// parameters, as of a version of the secrets.
     pub redactor: Option<(u64, Arc<baton_common::redact::Redactor>)>,
+    /// The run this one reruns (empty for a submitted run).
+    pub rerun_of: String,
 }
 
 impl Run {
@@ -90,6 +92,7 @@ impl Run {
             name: self.name.clone(),
             labels: self.labels_json.clone(),
             retain_ms: self.spec.retain_ms.map(|ms| ms.min(i64::MAX as u64) as i64),
+            rerun_of: self.rerun_of.clone(),
         }
     }
 
@@ -163,8 +166,8 @@ pub(crate) fn share(last: &mut Option<Arc<Placement>>, p: Placement) -> Arc<Plac
 }
 
 /// Steps per state, indexed by the state's position in `StepState`.
-pub(crate) fn counts_of(states: &[StepState]) -> [u32; 8] {
-    let mut c = [0u32; 8];
+pub(crate) fn counts_of(states: &[StepState]) -> [u32; STEP_STATES] {
+    let mut c = [0u32; STEP_STATES];
     for s in states {
         c[*s as usize] += 1;
     }

@@ -152,6 +152,8 @@ pub struct RunRecord {
     pub steps: Vec<StepRow>,
     pub attempts: Vec<AttemptRow>,
     pub last_seq: i64,
+    /// The runs that rerun this one, oldest first.
+    pub reruns: Vec<String>,
 }
 
 /// Step counts by state for one run.
@@ -565,7 +567,15 @@ impl Store {
         )
         .await?;
         let last_seq = self.last_seq(run_id).await?;
-        Ok(RunRecord { run, steps, attempts, last_seq })
+        let reruns =
+            sqlx::query("SELECT id FROM runs WHERE rerun_of = $1 AND rerun_of <> '' ORDER BY created_at, id")
+                .bind(run_id)
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|r| r.try_get("id"))
+                .collect::<Result<_, _>>()?;
+        Ok(RunRecord { run, steps, attempts, last_seq, reruns })
     }
 
     pub async fn last_seq(&self, run_id: &str) -> Result<i64, StoreError> {

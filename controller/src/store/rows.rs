@@ -150,6 +150,8 @@ record! {
         pub labels: String,
         /// The workstream's own retention (`retain:`); NULL for the controller's.
         pub retain_ms: Option<i64>,
+        /// The run this one reruns (`RerunRun`); empty for a submitted run.
+        pub rerun_of: String,
     }
 }
 

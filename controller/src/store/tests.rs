@@ -67,6 +67,7 @@ on_both!(
     output_chunks_and_estimates,
     leadership_is_exclusive_and_fences_commits,
     finished_runs_are_pruned_by_their_retention_with_all_their_rows,
+    an_ended_run_loads_alone_and_its_reruns_link_back,
 );
 
 fn run_row(id: &str, state: &str, created_at: i64) -> RunRow {
@@ -84,6 +85,7 @@ fn run_row(id: &str, state: &str, created_at: i64) -> RunRow {
         name: String::new(),
         labels: "{}".into(),
         retain_ms: None,
+        rerun_of: String::new(),
     }
 }
 
@@ -173,6 +175,45 @@ async fn run_written_and_read_back(store: &Store) {
 
     // Final runs are not part of what the engine reloads.
     assert!(store.load_active().await.unwrap().runs.is_empty());
+}
+
+async fn an_ended_run_loads_alone_and_its_reruns_link_back(store: &Store) {
+    let old = "0a1b2c3d-0000-4000-8000-0000000000a1";
+    let mut batch = Batch::default();
+    batch.new_runs.push(run_row(old, "failed", 1000));
+    batch.new_runs.push(run_row("0a1b2c3d-0000-4000-8000-0000000000a9", "running", 999));
+    batch.steps.push(step_row(old, "a", 0, "succeeded"));
+    batch.steps.push(step_row(old, "b", 1, "failed"));
+    batch.events.push(event(old, 1, "run_submitted"));
+    batch.events.push(event(old, 2, "run_failed"));
+    store.commit(batch, None).await.unwrap();
+    // What a retry reads: the run alone, with its steps and last event number.
+    let snap = store.load_run(old).await.unwrap();
+    assert_eq!(snap.runs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec![old]);
+    assert_eq!(snap.steps.len(), 2);
+    assert_eq!(snap.last_seq.get(old), Some(&2));
+    assert!(matches!(
+        store.load_run("0a1b2c3d-0000-4000-8000-0000000000ff").await,
+        Err(StoreError::RunNotFound(_))
+    ));
+
+    let mut reruns = Batch::default();
+    for (id, at) in
+        [("0a1b2c3d-0000-4000-8000-0000000000b2", 3000), ("0a1b2c3d-0000-4000-8000-0000000000b1", 2000)]
+    {
+        let mut r = run_row(id, "running", at);
+        r.rerun_of = old.into();
+        reruns.new_runs.push(r);
+    }
+    store.commit(reruns, None).await.unwrap();
+    let rec = store.get_run(old).await.unwrap();
+    assert_eq!(
+        rec.reruns,
+        vec!["0a1b2c3d-0000-4000-8000-0000000000b1", "0a1b2c3d-0000-4000-8000-0000000000b2"]
+    );
+    let new = store.get_run("0a1b2c3d-0000-4000-8000-0000000000b1").await.unwrap();
+    assert_eq!(new.run.rerun_of, old);
+    assert!(new.reruns.is_empty());
 }
 
 async fn events_come_back_in_order_from_any_sequence(store: &Store) {

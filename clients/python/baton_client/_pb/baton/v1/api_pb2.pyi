@@ -33,6 +33,7 @@ class StepState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STEP_STATE_FAILED: _ClassVar[StepState]
     STEP_STATE_SKIPPED: _ClassVar[StepState]
     STEP_STATE_CANCELED: _ClassVar[StepState]
+    STEP_STATE_REUSED: _ClassVar[StepState]
 
 class AttemptState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -103,6 +104,7 @@ STEP_STATE_SUCCEEDED: StepState
 STEP_STATE_FAILED: StepState
 STEP_STATE_SKIPPED: StepState
 STEP_STATE_CANCELED: StepState
+STEP_STATE_REUSED: StepState
 ATTEMPT_STATE_UNSPECIFIED: AttemptState
 ATTEMPT_STATE_ASSIGNED: AttemptState
 ATTEMPT_STATE_RUNNING: AttemptState
@@ -256,6 +258,28 @@ class RetryRunResponse(_message.Message):
     state: RunState
     seq: int
     def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class RerunRunRequest(_message.Message):
+    __slots__ = ("run_id", "from_step", "only", "params", "request_id")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_STEP_FIELD_NUMBER: _ClassVar[int]
+    ONLY_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    from_step: str
+    only: bool
+    params: _struct_pb2.Struct
+    request_id: str
+    def __init__(self, run_id: _Optional[str] = ..., from_step: _Optional[str] = ..., only: _Optional[bool] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class RerunRunResponse(_message.Message):
+    __slots__ = ("run_id", "reused")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    REUSED_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    reused: int
+    def __init__(self, run_id: _Optional[str] = ..., reused: _Optional[int] = ...) -> None: ...
 
 class DeleteRunRequest(_message.Message):
     __slots__ = ("run_id",)
@@ -427,7 +451,7 @@ class RunSummary(_message.Message):
     def __init__(self, id: _Optional[str] = ..., workstream: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., reason: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "workstream", "state", "reason", "created_at", "started_at", "finished_at", "steps", "progress", "last_seq", "params", "name", "labels")
+    __slots__ = ("id", "workstream", "state", "reason", "created_at", "started_at", "finished_at", "steps", "progress", "last_seq", "params", "name", "labels", "rerun_of", "reruns")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -448,6 +472,8 @@ class Run(_message.Message):
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    RERUN_OF_FIELD_NUMBER: _ClassVar[int]
+    RERUNS_FIELD_NUMBER: _ClassVar[int]
     id: str
     workstream: str
     state: RunState
@@ -461,7 +487,9 @@ class Run(_message.Message):
     params: _struct_pb2.Struct
     name: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, id: _Optional[str] = ..., workstream: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., reason: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., last_seq: _Optional[int] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    rerun_of: str
+    reruns: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., workstream: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., reason: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., last_seq: _Optional[int] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., rerun_of: _Optional[str] = ..., reruns: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("total", "done", "steps_by_state", "percent", "elapsed", "eta")

@@ -66,6 +66,11 @@ class BatonServiceStub:
                 request_serializer=baton_dot_v1_dot_api__pb2.RetryRunRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_api__pb2.RetryRunResponse.FromString,
                 _registered_method=True)
+        self.RerunRun = channel.unary_unary(
+                '/baton.v1.BatonService/RerunRun',
+                request_serializer=baton_dot_v1_dot_api__pb2.RerunRunRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_api__pb2.RerunRunResponse.FromString,
+                _registered_method=True)
         self.DeleteRun = channel.unary_unary(
                 '/baton.v1.BatonService/DeleteRun',
                 request_serializer=baton_dot_v1_dot_api__pb2.DeleteRunRequest.SerializeToString,
@@ -166,6 +171,17 @@ class BatonServiceServicer:
         steps get a fresh retry budget and run again; succeeded steps keep their outputs
         and are not run again. FAILED_PRECONDITION for a run that succeeded or has not
         ended. The run's events go on from where they were (`run_retried`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RerunRun(self, request, context):
+        """Starts a new run of a run's spec that repeats it from one step: that step and every
+        step downstream of it run again (with `only`, that step alone); every other step
+        that succeeded is taken over with its outputs (state `reused`, no attempt made),
+        and one that did not runs again too. Params are the old run's, with `params` set
+        over them. The runs link both ways (`Run.rerun_of`, `Run.reruns`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -281,6 +297,11 @@ def add_BatonServiceServicer_to_server(servicer, server):
                     servicer.RetryRun,
                     request_deserializer=baton_dot_v1_dot_api__pb2.RetryRunRequest.FromString,
                     response_serializer=baton_dot_v1_dot_api__pb2.RetryRunResponse.SerializeToString,
+            ),
+            'RerunRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.RerunRun,
+                    request_deserializer=baton_dot_v1_dot_api__pb2.RerunRunRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_api__pb2.RerunRunResponse.SerializeToString,
             ),
             'DeleteRun': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteRun,
@@ -497,6 +518,33 @@ class BatonService:
             '/baton.v1.BatonService/RetryRun',
             baton_dot_v1_dot_api__pb2.RetryRunRequest.SerializeToString,
             baton_dot_v1_dot_api__pb2.RetryRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerunRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.BatonService/RerunRun',
+            baton_dot_v1_dot_api__pb2.RerunRunRequest.SerializeToString,
+            baton_dot_v1_dot_api__pb2.RerunRunResponse.FromString,
             options,
             channel_credentials,
             insecure,
