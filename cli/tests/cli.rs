@@ -1028,3 +1028,31 @@ async fn a_rerun_from_a_step_reuses_what_is_upstream_and_links_both_runs() {
     let text = baton(&url, &["runs", "show", &new]).await;
     assert!(text.stdout.contains(&format!("Rerun of:   {old}")), "{}", text.stdout);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_matrix_step_runs_each_combination_within_max_parallel_and_its_join_gets_the_list() {
+    let sb = Sandbox::builder().agents(2).build().await;
+    let url = sb.url();
+    let dir = tempfile::tempdir().unwrap();
+    let lock = dir.path().join("lock");
+    // Each expansion holds a lock while it runs: two at once would fail one of them.
+    let spec = write(
+        dir.path(),
+        "m.yaml",
+        &format!(
+            "name: mx\nsteps:\n  - id: test\n    tool: shell\n    matrix: {{n: [1, 2, 3]}}\n    max_parallel: 1\n    with: {{run: 'mkdir {l} || exit 9; echo v=${{{{ matrix.n }}}} >> $BATON_OUTPUT; sleep 0.3; rmdir {l}'}}\n  - id: join\n    needs: test\n    tool: shell\n    env: {{ALL: '${{{{ steps.test.outputs.v }}}}'}}\n    with: {{run: 'echo \"all=$ALL\"'}}\n",
+            l = lock.display()
+        ),
+    );
+    let out = baton(&url, &["submit", &spec, "--watch"]).await;
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let list = baton(&url, &["runs", "list", "-o", "json"]).await;
+    let list: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    let show = baton(&url, &["runs", "show", &id, "-o", "json"]).await;
+    let run: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    let ids: Vec<&str> = run["steps"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["test[n=1]", "test[n=2]", "test[n=3]", "join"]);
+    let logs = baton(&url, &["runs", "logs", &id, "join"]).await;
+    assert_eq!(logs.stdout, "all=[\"1\",\"2\",\"3\"]\n");
+}

@@ -625,6 +625,7 @@ mod tests {
             Ref::Param(p) => Ok(json!(format!("<{p}>"))),
             Ref::Output { .. } => Ok(json!([1, "two"])),
             Ref::Secret(s) => Ok(json!(format!("secret-{s}"))),
+            Ref::Matrix(m) => Ok(json!(format!("matrix-{m}"))),
         }
     }
 

@@ -89,6 +89,15 @@ pub struct StepSpec {
     /// is open, before its run is quarantined.
     #[serde(default = "default_max_wait")]
     pub max_wait_ms: u64,
+    /// For an expansion of a matrix step: the id of the step as written (its group),
+    /// and the values of its combination (`${{ matrix.NAME }}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub matrix: BTreeMap<String, String>,
+    /// At most this many expansions of its group run at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parallel: Option<u32>,
 }
 
 fn default_max_wait() -> u64 {
@@ -149,6 +158,8 @@ pub const MAX_DEPTH: usize = 5_000;
 pub const MAX_WITH_BYTES: usize = 64 * 1024;
 /// Most attempts a retry policy may ask for.
 pub const MAX_ATTEMPTS: u32 = 100;
+/// Most combinations one matrix step may expand into.
+pub const MAX_MATRIX: usize = 256;
 
 /// The spec as written, before validation.
 #[derive(Debug, Deserialize)]
@@ -213,6 +224,9 @@ struct RawStep {
     labels: BTreeMap<String, Value>,
     retry: Option<RawRetry>,
     max_wait: Option<Value>,
+    /// `{NAME: [values], ..., exclude: [{...}], include: [{...}]}`.
+    matrix: Option<Map<String, Value>>,
+    max_parallel: Option<u32>,
 }
 
 /// `needs: a` or `needs: [a, b]`.
@@ -569,6 +583,8 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
 
     let mut steps = Vec::with_capacity(raw_steps.len());
     let mut seen: HashSet<String> = HashSet::new();
+    // Matrix steps by id, with the ids of their expansions.
+    let mut groups: HashMap<String, Vec<String>> = HashMap::new();
     for (i, rs) in raw_steps.into_iter().enumerate() {
         let id = rs.id.unwrap_or_default();
         if id.trim().is_empty() {
@@ -653,8 +669,8 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
         };
         let mut first = first.into_iter();
         needs.retain(|_| first.next().unwrap_or(true));
-        steps.push(StepSpec {
-            id,
+        let step = StepSpec {
+            id: id.clone(),
             needs,
             tool: rs.tool,
             kind: rs.kind,
@@ -664,7 +680,61 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
             labels,
             retry,
             max_wait_ms,
-        });
+            group: None,
+            matrix: BTreeMap::new(),
+            max_parallel: None,
+        };
+        match (&rs.matrix, rs.max_parallel) {
+            (None, None) => steps.push(step),
+            (None, Some(_)) => c.push(here, "max_parallel: only a matrix step has expansions to limit"),
+            (Some(m), max_parallel) => {
+                if max_parallel == Some(0) {
+                    c.push(here, "max_parallel must be at least 1");
+                }
+                match combinations(m) {
+                    Ok(combos) => {
+                        let names: Vec<String> = combos.iter().map(|m| expansion_id(&step.id, m)).collect();
+                        groups.insert(step.id.clone(), names.clone());
+                        for (combo, name) in combos.into_iter().zip(names) {
+                            seen.insert(name.clone());
+                            steps.push(StepSpec {
+                                id: name,
+                                group: Some(step.id.clone()),
+                                matrix: combo,
+                                max_parallel,
+                                ..step.clone()
+                            });
+                        }
+                        if steps.len() > MAX_STEPS {
+                            c.push(
+                                here,
+                                format!(
+                                    "its matrix makes the workstream {} steps; the limit is {MAX_STEPS}",
+                                    steps.len()
+                                ),
+                            );
+                            return Err(SpecError { origin: source.to_string(), problems: c.problems });
+                        }
+                    }
+                    Err(e) => c.push(here, format!("matrix: {e}")),
+                }
+            }
+        }
+    }
+    // A need naming a matrix step is a need of every one of its expansions.
+    if !groups.is_empty() {
+        for s in &mut steps {
+            if s.needs.iter().any(|n| groups.contains_key(n)) {
+                let mut expanded = Vec::with_capacity(s.needs.len());
+                for n in std::mem::take(&mut s.needs) {
+                    match groups.get(&n) {
+                        Some(members) => expanded.extend(members.iter().cloned()),
+                        None => expanded.push(n),
+                    }
+                }
+                s.needs = expanded;
+            }
+        }
     }
 
     let ids: HashSet<&str> = steps.iter().map(|s| s.id.as_str()).collect();
@@ -690,7 +760,7 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
             c.push(Some(&step), format!("dependency chain is {depth} steps deep; the limit is {MAX_DEPTH}"));
         }
         if cycles.is_empty() {
-            check_refs(&mut c, &steps, params.as_ref());
+            check_refs(&mut c, &steps, params.as_ref(), &groups);
         }
     }
 
@@ -712,7 +782,12 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
 
 /// Output references must name an upstream step (an ancestor, so its outputs exist
 /// when the step starts); parameters, when the spec declares them, must be declared.
-fn check_refs(c: &mut Collector<'_>, steps: &[StepSpec], params: Option<&BTreeMap<String, Option<String>>>) {
+fn check_refs(
+    c: &mut Collector<'_>,
+    steps: &[StepSpec],
+    params: Option<&BTreeMap<String, Option<String>>>,
+    groups: &HashMap<String, Vec<String>>,
+) {
     let index: HashMap<&str, usize> = steps.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
     for s in steps {
         let env: Vec<Value> = s.env.values().map(|v| Value::String(v.clone())).collect();
@@ -734,6 +809,18 @@ fn check_refs(c: &mut Collector<'_>, steps: &[StepSpec], params: Option<&BTreeMa
         let ancestors = ancestors_of(steps, &index, &s.id);
         for r in refs {
             match &r {
+                // A matrix step's outputs: the list of its expansions'.
+                Ref::Output { step, .. }
+                    if groups.get(step).is_some_and(|m| m.iter().all(|e| ancestors.contains(e.as_str()))) => {
+                }
+                Ref::Matrix(name) if !s.matrix.contains_key(name) => {
+                    let why = if s.group.is_some() {
+                        "is not set in this combination"
+                    } else {
+                        "is only set in a matrix step"
+                    };
+                    c.push(Some(&s.id), format!("${{{{ {r} }}}}: matrix.{name} {why}"));
+                }
                 Ref::Output { step, .. } if !ancestors.contains(step.as_str()) => {
                     let what = if index.contains_key(step.as_str()) {
                         "is not upstream of it"
@@ -749,6 +836,108 @@ fn check_refs(c: &mut Collector<'_>, steps: &[StepSpec], params: Option<&BTreeMa
             }
         }
     }
+}
+
+/// The combinations a `matrix:` makes, as GitHub Actions does: the product of its
+/// dimensions, less those an `exclude` entry matches, then each `include` entry either
+/// added to the combinations it matches (when it only adds keys) or as one of its own.
+fn combinations(m: &Map<String, Value>) -> Result<Vec<BTreeMap<String, String>>, String> {
+    let name_ok =
+        |k: &str| !k.is_empty() && k.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_".contains(ch));
+    let value = |k: &str, v: &Value| -> Result<String, String> {
+        let s = match v {
+            Value::String(s) => s.clone(),
+            Value::Number(_) | Value::Bool(_) => v.to_string(),
+            other => return Err(format!("{k}: values must be strings, numbers or booleans, not {other}")),
+        };
+        // Values name the expansions (`test[os=debian]`): no room for separators.
+        if s.is_empty() || !s.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.+".contains(ch)) {
+            return Err(format!("{k}: value {s:?} may only hold letters, digits, '-', '_', '.' and '+'"));
+        }
+        Ok(s)
+    };
+    let entries = |key: &str| -> Result<Vec<BTreeMap<String, String>>, String> {
+        match m.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(list)) => list
+                .iter()
+                .map(|e| match e {
+                    Value::Object(o) if !o.is_empty() => o
+                        .iter()
+                        .map(|(k, v)| {
+                            if !name_ok(k) {
+                                return Err(format!("{key}: invalid name {k:?}"));
+                            }
+                            value(&format!("{key}.{k}"), v).map(|v| (k.clone(), v))
+                        })
+                        .collect(),
+                    _ => Err(format!("{key}: each entry must be a non-empty mapping of names to values")),
+                })
+                .collect(),
+            Some(_) => Err(format!("{key} must be a list of mappings")),
+        }
+    };
+    let mut dims: Vec<(String, Vec<String>)> = Vec::new();
+    for (k, v) in m.iter().filter(|(k, _)| !matches!(k.as_str(), "include" | "exclude")) {
+        if !name_ok(k) {
+            return Err(format!("invalid name {k:?} (letters, digits, '-' and '_')"));
+        }
+        let Value::Array(values) = v else { return Err(format!("{k} must be a list of values")) };
+        if values.is_empty() {
+            return Err(format!("{k} has no values"));
+        }
+        dims.push((k.clone(), values.iter().map(|v| value(k, v)).collect::<Result<_, _>>()?));
+    }
+    let mut combos: Vec<BTreeMap<String, String>> =
+        if dims.is_empty() { Vec::new() } else { vec![BTreeMap::new()] };
+    for (k, values) in &dims {
+        if combos.len().saturating_mul(values.len()) > MAX_MATRIX {
+            return Err(format!("more than {MAX_MATRIX} combinations"));
+        }
+        combos = combos
+            .iter()
+            .flat_map(|c| {
+                values.iter().map(move |v| {
+                    let mut c = c.clone();
+                    c.insert(k.clone(), v.clone());
+                    c
+                })
+            })
+            .collect();
+    }
+    let matches = |c: &BTreeMap<String, String>, e: &BTreeMap<String, String>| {
+        e.iter().all(|(k, v)| c.get(k) == Some(v))
+    };
+    let exclude = entries("exclude")?;
+    combos.retain(|c| !exclude.iter().any(|e| matches(c, e)));
+    for e in entries("include")? {
+        let (own, extra): (BTreeMap<_, _>, BTreeMap<_, _>) =
+            e.clone().into_iter().partition(|(k, _)| dims.iter().any(|(d, _)| d == k));
+        let mut added = false;
+        if !extra.is_empty() {
+            for c in combos.iter_mut().filter(|c| matches(c, &own)) {
+                c.extend(extra.clone());
+                added = true;
+            }
+        }
+        if !added {
+            combos.push(e);
+        }
+    }
+    combos.dedup();
+    if combos.is_empty() {
+        return Err("no combinations (every one is excluded, or there are no dimensions)".into());
+    }
+    if combos.len() > MAX_MATRIX {
+        return Err(format!("{} combinations; the limit is {MAX_MATRIX}", combos.len()));
+    }
+    Ok(combos)
+}
+
+/// An expansion's id: `test[os=debian,py=3.11]`, names in order.
+fn expansion_id(id: &str, combo: &BTreeMap<String, String>) -> String {
+    let values: Vec<String> = combo.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{id}[{}]", values.join(","))
 }
 
 /// Every step that `id` depends on, directly or not.
@@ -1310,5 +1499,87 @@ steps:
         }
         let e = parse("laughs.yaml", &spec).unwrap_err().to_string();
         assert!(e.contains("repetition limit exceeded"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod matrix_tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        parse("ws.yaml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_matrix_step_expands_into_one_step_per_combination_and_its_dependents_need_them_all() {
+        let ws = parse(
+            "ws.yaml",
+            r#"
+name: m
+steps:
+  - id: build
+    tool: noop
+  - id: test
+    needs: build
+    tool: shell
+    matrix: {os: [debian, alpine], py: ["3.11", 3.12], exclude: [{os: alpine, py: "3.11"}], include: [{os: windows, py: "3.12"}, {os: debian, extra: yes}]}
+    max_parallel: 2
+    with: {run: 'echo ${{ matrix.os }} ${{ matrix.py }}'}
+  - id: report
+    needs: test
+    tool: shell
+    env: {ALL: '${{ steps.test.outputs.v }}', EACH: '${{ steps.test.outputs }}'}
+    with: {run: 'echo "$ALL"'}
+"#,
+        )
+        .unwrap();
+        let ids: Vec<&str> = ws.steps.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            vec![
+                "build",
+                "test[extra=yes,os=debian,py=3.11]",
+                "test[extra=yes,os=debian,py=3.12]",
+                "test[os=alpine,py=3.12]",
+                "test[os=windows,py=3.12]",
+                "report"
+            ]
+        );
+        let t = &ws.steps[1];
+        assert_eq!(t.group.as_deref(), Some("test"));
+        assert_eq!(t.max_parallel, Some(2));
+        assert_eq!(t.needs, vec!["build"]);
+        assert_eq!(t.matrix.get("os").map(String::as_str), Some("debian"));
+        assert_eq!(t.matrix.get("extra").map(String::as_str), Some("yes"));
+        assert_eq!(ws.steps[5].needs, ids[1..5].iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_bad_matrix_is_refused_naming_the_step() {
+        let step = |m: &str| format!("name: m\nsteps:\n  - {{id: t, tool: noop, matrix: {m}}}\n");
+        assert!(
+            err(&step("{os: []}")).contains(r#"step "t": matrix: os has no values"#),
+            "{}",
+            err(&step("{os: []}"))
+        );
+        let e = err(&step("{os: [a], exclude: [{os: a}]}"));
+        assert!(e.contains("matrix: no combinations"), "{e}");
+        let e = err(&step("{a: [1,2,3,4,5,6,7,8], b: [1,2,3,4,5,6,7,8], c: [1,2,3,4,5]}"));
+        assert!(e.contains("more than 256 combinations"), "{e}");
+        let e = err(&step("{os: ['a b']}"));
+        assert!(e.contains(r#"os: value "a b" may only hold"#), "{e}");
+        let e = err(&step("{os: [[1]]}"));
+        assert!(e.contains("values must be strings, numbers or booleans"), "{e}");
+        let e = err("name: m\nsteps:\n  - {id: t, tool: noop, max_parallel: 2}\n");
+        assert!(e.contains("max_parallel: only a matrix step"), "{e}");
+        let e = err("name: m\nsteps:\n  - {id: t, tool: shell, with: {run: 'echo ${{ matrix.os }}'}}\n");
+        assert!(e.contains("matrix.os is only set in a matrix step"), "{e}");
+        let e = err(
+            "name: m\nsteps:\n  - {id: t, tool: shell, matrix: {a: [x]}, with: {run: 'echo ${{ matrix.os }}'}}\n",
+        );
+        assert!(e.contains("matrix.os is not set in this combination"), "{e}");
+        // The group's own id stays taken.
+        let e = err("name: m\nsteps:\n  - {id: t, tool: noop, matrix: {a: [x]}}\n  - {id: t, tool: noop}\n");
+        assert!(e.contains("duplicate step id"), "{e}");
     }
 }

@@ -1,5 +1,7 @@
-//! `${{ steps.ID.outputs.NAME }}`, `${{ params.NAME }}` and `${{ secrets.NAME }}` in
-//! step inputs and env.
+//! `${{ steps.ID.outputs.NAME }}` (`${{ steps.ID.outputs }}`: all of them),
+//! `${{ params.NAME }}`, `${{ secrets.NAME }}` and `${{ matrix.NAME }}` in step inputs
+//! and env. Where ID names a matrix step, the value is the list of its expansions'
+//! values, in their order.
 //!
 //! A string that is exactly one expression becomes the referenced JSON value itself;
 //! expressions inside longer strings are replaced by their text (strings as they are,
@@ -11,17 +13,26 @@ use serde_json::{Map, Value};
 /// What an expression refers to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Ref {
-    Output { step: String, name: String },
+    /// An output of an upstream step; every output (its result object) when `name`
+    /// is empty.
+    Output {
+        step: String,
+        name: String,
+    },
     Param(String),
     Secret(String),
+    /// A value of the step's matrix combination.
+    Matrix(String),
 }
 
 impl std::fmt::Display for Ref {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Ref::Output { step, name } if name.is_empty() => write!(f, "steps.{step}.outputs"),
             Ref::Output { step, name } => write!(f, "steps.{step}.outputs.{name}"),
             Ref::Param(name) => write!(f, "params.{name}"),
             Ref::Secret(name) => write!(f, "secrets.{name}"),
+            Ref::Matrix(name) => write!(f, "matrix.{name}"),
         }
     }
 }
@@ -64,6 +75,16 @@ fn parse_ref(expr: &str) -> Result<Ref, String> {
         {
             return Ok(Ref::Output { step: step.to_string(), name: name.to_string() });
         }
+        if let Some(step) = rest.strip_suffix(".outputs")
+            && valid(step)
+        {
+            return Ok(Ref::Output { step: step.to_string(), name: String::new() });
+        }
+    } else if let Some(name) = expr.strip_prefix("matrix.")
+        && valid(name)
+        && !name.contains('.')
+    {
+        return Ok(Ref::Matrix(name.to_string()));
     } else if let Some(name) = expr.strip_prefix("params.")
         && valid(name)
         && !name.contains('.')
@@ -76,7 +97,7 @@ fn parse_ref(expr: &str) -> Result<Ref, String> {
         return Ok(Ref::Secret(name.to_string()));
     }
     Err(format!(
-        "bad expression ${{{{ {expr} }}}}: expected steps.ID.outputs.NAME, params.NAME or secrets.NAME"
+        "bad expression ${{{{ {expr} }}}}: expected steps.ID.outputs.NAME, steps.ID.outputs, params.NAME, secrets.NAME or matrix.NAME"
     ))
 }
 
@@ -142,6 +163,7 @@ fn render_str(s: &str, lookup: &dyn Fn(&Ref) -> Result<Value, String>) -> Result
 pub fn output_value(r: &Ref, step: &str, name: &str, result: Option<&str>) -> Result<Value, String> {
     let result = result.ok_or(format!("step {step:?} produced no outputs"))?;
     match serde_json::from_str::<Value>(result) {
+        Ok(v @ Value::Object(_)) if name.is_empty() => Ok(v),
         Ok(Value::Object(m)) => m.get(name).cloned().ok_or_else(|| {
             let names: Vec<&str> = m.keys().map(String::as_str).collect();
             format!("{r} is not set (step {step:?} has outputs: {})", names.join(", "))

@@ -285,10 +285,16 @@ impl pb::baton_service_server::BatonService for RunApi {
         let rec = self.store.get_run(&old).await?;
         let ws: spec::Workstream = serde_json::from_str(&rec.run.spec)
             .map_err(|e| ApiError::internal(format!("run {old}: its stored spec does not parse: {e}")))?;
-        let Some(from) = ws.steps.iter().position(|s| s.id == req.from_step) else {
+        // A step, or a matrix step: all of its expansions.
+        let from: Vec<usize> = (0..ws.steps.len())
+            .filter(|&i| {
+                ws.steps[i].id == req.from_step || ws.steps[i].group.as_deref() == Some(&req.from_step)
+            })
+            .collect();
+        if from.is_empty() {
             return Err(ApiError::not_found(format!("run {old} has no step {:?}", req.from_step)).into());
-        };
-        let again = rerun_steps(&ws, from, req.only);
+        }
+        let again = rerun_steps(&ws, &from, req.only);
         let reused: BTreeMap<String, Option<String>> = rec
             .steps
             .iter()
@@ -633,10 +639,10 @@ fn check_labels(labels: &std::collections::HashMap<String, String>, field: &str)
 }
 
 /// Submitted params as text: strings as they are, numbers and booleans as written.
-/// The steps a rerun from step `from` runs again: `from` and, unless `only`, every
-/// step downstream of it, by index.
-fn rerun_steps(ws: &spec::Workstream, from: usize, only: bool) -> std::collections::HashSet<usize> {
-    let mut again = std::collections::HashSet::from([from]);
+/// The steps a rerun from steps `from` runs again: those and, unless `only`, every
+/// step downstream of them, by index.
+fn rerun_steps(ws: &spec::Workstream, from: &[usize], only: bool) -> std::collections::HashSet<usize> {
+    let mut again: std::collections::HashSet<usize> = from.iter().copied().collect();
     if only {
         return again;
     }
@@ -649,7 +655,7 @@ fn rerun_steps(ws: &spec::Workstream, from: usize, only: bool) -> std::collectio
             }
         }
     }
-    let mut queue = vec![from];
+    let mut queue = from.to_vec();
     while let Some(j) = queue.pop() {
         for &d in &dependents[j] {
             if again.insert(d) {

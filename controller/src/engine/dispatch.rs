@@ -60,6 +60,19 @@ impl Model {
                     queue.push_front((run_id, idx));
                     break;
                 }
+                // A matrix step's max_parallel: its next expansion waits for one to end.
+                if self
+                    .runs
+                    .get(&run_id)
+                    .and_then(|r| r.group_running(idx))
+                    .is_some_and(|(n, limit)| n >= limit)
+                {
+                    passed.push_back((run_id, idx));
+                    if passed.len() >= SCAN {
+                        break;
+                    }
+                    continue;
+                }
                 match self.place(&run_id, idx) {
                     Some(agent_id) => match self.render_input(&run_id, idx, &[]) {
                         Ok(input) => self.assign(&run_id, idx, &agent_id, input, Vec::new()),
@@ -118,15 +131,41 @@ impl Model {
                     secret.borrow_mut().push(v.clone());
                     Value::String(v.clone())
                 }
-                Ref::Output { step, name } => {
-                    let j = run.upstream(idx, step).ok_or(format!("no step {step:?} upstream"))?;
-                    if defer.contains(&j) {
-                        deferred.set(true);
-                        // A stand-in that every place a reference may stand accepts.
-                        return Ok(Value::String("0".into()));
-                    }
-                    template::output_value(r, step, name, run.steps[j].result.as_deref())?
+                Ref::Matrix(name) => {
+                    Value::String(spec.matrix.get(name).ok_or(format!("{r} is not set"))?.clone())
                 }
+                Ref::Output { step, name } => match run.upstream(idx, step) {
+                    Some(j) => {
+                        if defer.contains(&j) {
+                            deferred.set(true);
+                            // A stand-in that every place a reference may stand accepts.
+                            return Ok(Value::String("0".into()));
+                        }
+                        template::output_value(r, step, name, run.steps[j].result.as_deref())?
+                    }
+                    // A matrix step: the list of its expansions' values, in their order.
+                    None => {
+                        let members = run.group_members(step);
+                        if members.is_empty() {
+                            return Err(format!("no step {step:?} upstream"));
+                        }
+                        if members.iter().any(|j| defer.contains(j)) {
+                            return Err(format!("{r} is read when every expansion has ended"));
+                        }
+                        let values = members
+                            .iter()
+                            .map(|&j| {
+                                template::output_value(
+                                    r,
+                                    run.step_id(j),
+                                    name,
+                                    run.steps[j].result.as_deref(),
+                                )
+                            })
+                            .collect::<Result<Vec<_>, _>>()?;
+                        Value::Array(values)
+                    }
+                },
             };
             values.borrow_mut().insert(r.to_string(), v.clone());
             Ok(v)
@@ -474,7 +513,12 @@ impl Model {
                     }
                 }
                 StepState::Ready if run.state == RunState::Quarantined => "run is quarantined".to_string(),
-                StepState::Ready => self.ready_reason(run, idx),
+                StepState::Ready => match run.group_running(idx) {
+                    Some((n, limit)) if n >= limit => {
+                        format!("{n} of its matrix's expansions are running (max_parallel {limit})")
+                    }
+                    _ => self.ready_reason(run, idx),
+                },
                 StepState::RetryWait => {
                     let left = (step.next_attempt_at.unwrap_or(0) - self.now()).max(0) as u64;
                     format!("retry in {}", format_duration(std::time::Duration::from_millis(left)))

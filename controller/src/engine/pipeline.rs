@@ -56,6 +56,10 @@ impl Model {
         let Some(run) = self.runs.get(run_id) else { return false };
         let step = &run.steps[idx];
         let Some(agent) = self.agents.get(agent_id) else { return false };
+        // An expansion under a max_parallel starts only when dispatched, which counts.
+        if run.spec.steps[idx].max_parallel.is_some() {
+            return false;
+        }
         // Each unfinished need must have a live attempt on this agent: a step waiting on
         // more needs than the agent holds attempts is passed over at once.
         if step.state != StepState::Waiting

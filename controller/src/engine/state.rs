@@ -126,6 +126,29 @@ impl Run {
         None
     }
 
+    /// The expansions of matrix step `group`, in their order (they are next to each
+    /// other in the spec); none when no step has that group.
+    pub fn group_members(&self, group: &str) -> Vec<usize> {
+        let steps = &self.spec.steps;
+        let Some(first) = steps.iter().position(|s| s.group.as_deref() == Some(group)) else {
+            return Vec::new();
+        };
+        (first..steps.len()).take_while(|&i| steps[i].group.as_deref() == Some(group)).collect()
+    }
+
+    /// How many expansions of step `idx`'s group are running, when it has a
+    /// `max_parallel`; `None` when nothing limits it.
+    pub fn group_running(&self, idx: usize) -> Option<(u32, u32)> {
+        let spec = &self.spec.steps[idx];
+        let (group, limit) = (spec.group.as_deref()?, spec.max_parallel?);
+        let steps = &self.spec.steps;
+        let in_group = |i: &usize| steps[*i].group.as_deref() == Some(group);
+        let before = (0..idx).rev().take_while(in_group);
+        let after = (idx..steps.len()).take_while(in_group);
+        let running = before.chain(after).filter(|&i| self.steps[i].state == StepState::Running).count();
+        Some((running as u32, limit))
+    }
+
     /// Steps in a final state.
     pub fn done(&self) -> u32 {
         StepState::ALL.iter().filter(|s| s.is_terminal()).map(|&s| self.counts[s as usize]).sum()
