@@ -1056,3 +1056,42 @@ async fn a_matrix_step_runs_each_combination_within_max_parallel_and_its_join_ge
     let logs = baton(&url, &["runs", "logs", &id, "join"]).await;
     assert_eq!(logs.stdout, "all=[\"1\",\"2\",\"3\"]\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditions_skip_without_failing_and_cleanup_runs_after_a_failure() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let url = sb.url();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    // Nothing changed: deploy is skipped (and what needs it), the run succeeds.
+    let spec = write(
+        dir.path(),
+        "c.yaml",
+        &format!(
+            "name: cond\nparams: {{env: prod}}\nsteps:\n  - {{id: check, tool: shell, with: {{run: 'echo changed=false >> $BATON_OUTPUT'}}}}\n  - {{id: deploy, needs: check, if: \"${{{{ steps.check.outputs.changed == true && params.env == 'prod' }}}}\", tool: shell, with: {{run: 'touch {d}/deployed'}}}}\n  - {{id: announce, needs: deploy, tool: shell, with: {{run: 'touch {d}/announced'}}}}\n  - {{id: cleanup, needs: deploy, when: always, tool: shell, with: {{run: 'touch {d}/cleaned'}}}}\n"
+        ),
+    );
+    let out = baton(&url, &["submit", &spec, "--watch"]).await;
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(!dir.path().join("deployed").exists() && !dir.path().join("announced").exists());
+    assert!(dir.path().join("cleaned").exists(), "cleanup runs whatever happened upstream");
+    let list = baton(&url, &["runs", "list", "-o", "json"]).await;
+    let list: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    let show = baton(&url, &["runs", "show", &id, "-o", "json"]).await;
+    let run: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    assert_eq!(run["steps"][1]["state"], "STEP_STATE_SKIPPED");
+    assert!(run["steps"][1]["reason"].as_str().unwrap().contains("condition false"), "{}", show.stdout);
+
+    // A failing step: cleanup and on_failure notification still run; the run fails.
+    let spec = write(
+        dir.path(),
+        "f.yaml",
+        &format!(
+            "name: fails\nsteps:\n  - {{id: build, tool: shell, with: {{run: 'exit 3'}}}}\n  - {{id: test, needs: build, tool: shell, with: {{run: 'true'}}}}\n  - {{id: notify, needs: test, when: on_failure, tool: shell, with: {{run: 'touch {d}/notified'}}}}\n  - {{id: logs, needs: test, when: always, tool: shell, with: {{run: 'touch {d}/collected'}}}}\n"
+        ),
+    );
+    let out = baton(&url, &["submit", &spec, "--watch"]).await;
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    assert!(dir.path().join("notified").exists() && dir.path().join("collected").exists());
+}

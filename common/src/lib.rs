@@ -5,6 +5,7 @@ pub mod auth;
 pub mod breaker;
 pub mod certs;
 pub mod connect;
+pub mod expr;
 pub mod metrics;
 pub mod outcome;
 pub mod process;

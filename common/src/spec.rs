@@ -98,6 +98,34 @@ pub struct StepSpec {
     /// At most this many expansions of its group run at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_parallel: Option<u32>,
+    /// `if:`: the step runs only when this holds (see [`crate::expr`]); else it is
+    /// skipped, which fails nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+    /// Which outcomes of the steps it needs let it run.
+    #[serde(default, skip_serializing_if = "When::is_default")]
+    pub when: When,
+}
+
+/// Which outcomes of the steps it needs let a step run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum When {
+    /// Every step it needs succeeded (else it is skipped with them).
+    #[default]
+    OnSuccess,
+    /// Every step it needs has ended, whatever the outcome, also in a failing run:
+    /// cleanup, notification, collecting logs.
+    Always,
+    /// Every step it needs has ended and one of them did not succeed; else it is
+    /// skipped.
+    OnFailure,
+}
+
+impl When {
+    pub fn is_default(&self) -> bool {
+        *self == When::OnSuccess
+    }
 }
 
 fn default_max_wait() -> u64 {
@@ -227,6 +255,9 @@ struct RawStep {
     /// `{NAME: [values], ..., exclude: [{...}], include: [{...}]}`.
     matrix: Option<Map<String, Value>>,
     max_parallel: Option<u32>,
+    #[serde(rename = "if")]
+    condition: Option<String>,
+    when: Option<When>,
 }
 
 /// `needs: a` or `needs: [a, b]`.
@@ -683,6 +714,17 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
             group: None,
             matrix: BTreeMap::new(),
             max_parallel: None,
+            condition: match rs.condition {
+                Some(text) => match crate::expr::parse(&text) {
+                    Ok(_) => Some(text),
+                    Err(e) => {
+                        c.push(here, format!("if: {e}"));
+                        None
+                    }
+                },
+                None => None,
+            },
+            when: rs.when.unwrap_or_default(),
         };
         match (&rs.matrix, rs.max_parallel) {
             (None, None) => steps.push(step),
@@ -797,6 +839,9 @@ fn check_refs(
                 Ok(r) => refs.extend(r),
                 Err(e) => c.push(Some(&s.id), e),
             }
+        }
+        if let Some(Ok(e)) = s.condition.as_deref().map(crate::expr::parse) {
+            refs.extend(e.refs());
         }
         if refs.is_empty() {
             continue;
@@ -1552,6 +1597,25 @@ steps:
         assert_eq!(t.matrix.get("os").map(String::as_str), Some("debian"));
         assert_eq!(t.matrix.get("extra").map(String::as_str), Some("yes"));
         assert_eq!(ws.steps[5].needs, ids[1..5].iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn conditions_and_when_are_checked_at_submit() {
+        let ws = parse(
+            "ws.yaml",
+            "name: c\nsteps:\n  - {id: a, tool: noop}\n  - {id: b, needs: a, tool: noop, if: 'steps.a.outputs.x == 1', when: always}\n",
+        )
+        .unwrap();
+        assert_eq!(ws.steps[1].condition.as_deref(), Some("steps.a.outputs.x == 1"));
+        assert_eq!(ws.steps[1].when, When::Always);
+        let e = err("name: c\nsteps:\n  - {id: a, tool: noop, if: 'params.x =='}\n");
+        assert!(e.contains(r#"step "a": if: the condition ends too soon"#), "{e}");
+        let e = err(
+            "name: c\nsteps:\n  - {id: a, tool: noop}\n  - {id: b, tool: noop, if: 'steps.a.outputs.x'}\n",
+        );
+        assert!(e.contains(r#"step "b": ${{ steps.a.outputs.x }}: step "a" is not upstream of it"#), "{e}");
+        let e = err("name: c\nsteps:\n  - {id: a, tool: noop, when: sometimes}\n");
+        assert!(e.contains("unknown variant `sometimes`"), "{e}");
     }
 
     #[test]

@@ -14,9 +14,10 @@ use baton_common::template::{self, Ref};
 use serde_json::{Map, Value};
 
 use super::model::{Model, Pending};
-use super::runs::{set_run, set_step};
+use super::runs::{check_done, end_step, set_run, set_step, skip_downstream};
 use super::state::{Agent, Attempt};
 use crate::router::Strategy;
+use baton_common::spec::When;
 
 /// A step's rendered `with` and `env`, and the secret values (secrets, secret
 /// parameters) rendered into them. For a pipelined attempt whose input reads outputs
@@ -31,8 +32,19 @@ pub(super) struct Input {
 }
 
 impl Model {
-    /// Queues a ready step for dispatch.
+    /// Queues a ready step for dispatch, once its `if:` holds (and, for `when:
+    /// on_failure`, a step it needs did not succeed); else it is skipped now, and a
+    /// condition that cannot be evaluated fails it.
     pub(super) fn enqueue(&mut self, run_id: &str, idx: usize) {
+        let Some(run) = self.runs.get(run_id) else { return };
+        let spec = &run.spec.steps[idx];
+        if spec.condition.is_some() || spec.when == When::OnFailure {
+            match self.skip_reason(run_id, idx) {
+                Ok(None) => {}
+                Ok(Some(why)) => return self.skip_step(run_id, idx, &why),
+                Err(e) => return self.fail_unstarted(run_id, idx, &format!("if: {e}")),
+            }
+        }
         let Some(run) = self.runs.get(run_id) else { return };
         let tool = run.steps[idx].tool.clone();
         self.ready.entry(tool).or_default().push_back((run_id.to_string(), idx));
@@ -50,7 +62,7 @@ impl Model {
             while let Some((run_id, idx)) = queue.pop_front() {
                 let dispatchable = self.runs.get(&run_id).is_some_and(|r| {
                     r.steps[idx].state == StepState::Ready
-                        && r.failing.is_none()
+                        && (r.failing.is_none() || r.spec.steps[idx].when != When::OnSuccess)
                         && matches!(r.state, RunState::Pending | RunState::Running)
                 });
                 if !dispatchable {
@@ -99,6 +111,42 @@ impl Model {
         self.ready = ready;
     }
 
+    /// Why ready step `idx` is not to run: its `if:` is false, or it runs `on_failure`
+    /// and every step it needs succeeded. `None`: it runs.
+    fn skip_reason(&self, run_id: &str, idx: usize) -> Result<Option<String>, String> {
+        let Some(run) = self.runs.get(run_id) else { return Ok(None) };
+        let spec = &run.spec.steps[idx];
+        if spec.when == When::OnFailure && run.needs[idx].iter().all(|&j| run.steps[j].state.is_success()) {
+            return Ok(Some("skipped: no step it needs failed (when: on_failure)".into()));
+        }
+        let Some(text) = &spec.condition else { return Ok(None) };
+        let cond = baton_common::expr::parse(text)?;
+        let lookup = |r: &Ref| -> Result<Value, String> {
+            match r {
+                Ref::Param(p) => {
+                    run.params.get(p).map(|v| Value::String(v.clone())).ok_or(format!("{r} is not set"))
+                }
+                Ref::Matrix(m) => {
+                    spec.matrix.get(m).map(|v| Value::String(v.clone())).ok_or(format!("{r} is not set"))
+                }
+                Ref::Secret(_) => Err(format!("{r}: a condition may not read secrets")),
+                Ref::Output { step, name } => output_of(run, idx, r, step, name, &[]),
+            }
+        };
+        Ok((!cond.holds(&lookup)?).then(|| format!("skipped: condition false ({})", text.trim())))
+    }
+
+    /// Skips ready step `idx` (its condition is false): the steps that need it follow
+    /// the usual rule; the run does not fail for it.
+    fn skip_step(&mut self, run_id: &str, idx: usize, why: &str) {
+        let Some(run) = self.runs.get_mut(run_id) else { return };
+        let p = &mut self.pending;
+        end_step(p, run, idx, StepState::Skipped, "step_skipped", why);
+        let below = format!("upstream step {:?} was skipped", run.step_id(idx));
+        skip_downstream(p, run, idx, &below);
+        check_done(p, run);
+    }
+
     /// The step's `with` and `env` with `${{ ... }}` replaced by upstream outputs and
     /// run parameters; outputs of the steps in `defer` (the predecessors of a pipelined
     /// attempt) are left for its agent to fill in.
@@ -134,38 +182,16 @@ impl Model {
                 Ref::Matrix(name) => {
                     Value::String(spec.matrix.get(name).ok_or(format!("{r} is not set"))?.clone())
                 }
-                Ref::Output { step, name } => match run.upstream(idx, step) {
-                    Some(j) => {
-                        if defer.contains(&j) {
-                            deferred.set(true);
-                            // A stand-in that every place a reference may stand accepts.
-                            return Ok(Value::String("0".into()));
-                        }
-                        template::output_value(r, step, name, run.steps[j].result.as_deref())?
+                Ref::Output { step, name } => {
+                    if let Some(j) = run.upstream(idx, step)
+                        && defer.contains(&j)
+                    {
+                        deferred.set(true);
+                        // A stand-in that every place a reference may stand accepts.
+                        return Ok(Value::String("0".into()));
                     }
-                    // A matrix step: the list of its expansions' values, in their order.
-                    None => {
-                        let members = run.group_members(step);
-                        if members.is_empty() {
-                            return Err(format!("no step {step:?} upstream"));
-                        }
-                        if members.iter().any(|j| defer.contains(j)) {
-                            return Err(format!("{r} is read when every expansion has ended"));
-                        }
-                        let values = members
-                            .iter()
-                            .map(|&j| {
-                                template::output_value(
-                                    r,
-                                    run.step_id(j),
-                                    name,
-                                    run.steps[j].result.as_deref(),
-                                )
-                            })
-                            .collect::<Result<Vec<_>, _>>()?;
-                        Value::Array(values)
-                    }
-                },
+                    output_of(run, idx, r, step, name, defer)?
+                }
             };
             values.borrow_mut().insert(r.to_string(), v.clone());
             Ok(v)
@@ -538,6 +564,33 @@ impl Model {
         }
         out
     }
+}
+
+/// The value of output reference `r` for step `idx`: of the upstream step `step`, or
+/// of a matrix step, the list of its expansions' values in their order.
+fn output_of(
+    run: &super::state::Run,
+    idx: usize,
+    r: &Ref,
+    step: &str,
+    name: &str,
+    defer: &[usize],
+) -> Result<Value, String> {
+    if let Some(j) = run.upstream(idx, step) {
+        return template::output_value(r, step, name, run.steps[j].result.as_deref());
+    }
+    let members = run.group_members(step);
+    if members.is_empty() {
+        return Err(format!("no step {step:?} upstream"));
+    }
+    if members.iter().any(|j| defer.contains(j)) {
+        return Err(format!("{r} is read when every expansion has ended"));
+    }
+    let values = members
+        .iter()
+        .map(|&j| template::output_value(r, run.step_id(j), name, run.steps[j].result.as_deref()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Value::Array(values))
 }
 
 #[cfg(test)]

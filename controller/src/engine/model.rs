@@ -221,6 +221,9 @@ pub(super) struct Pending {
     pub now_us: i64,
     /// Illegal transitions refused while applying the input.
     pub violations: Vec<String>,
+    /// Steps made ready where the model could not queue them (see `skip_downstream`);
+    /// queued before the input is done.
+    pub newly_ready: Vec<(String, usize)>,
 }
 
 impl Pending {
@@ -439,6 +442,9 @@ impl Model {
     pub fn apply(&mut self, input: Input, now_us: i64) -> Vec<Effect> {
         self.set_clock(now_us);
         self.handle(input);
+        while let Some((run_id, idx)) = self.pending.newly_ready.pop() {
+            self.enqueue(&run_id, idx);
+        }
         if !self.held.is_empty() {
             self.drop_stranded();
         }
@@ -844,6 +850,9 @@ impl Model {
         for (_, run_id) in run_ids {
             self.resume_run(&run_id);
         }
+        while let Some((run_id, idx)) = self.pending.newly_ready.pop() {
+            self.enqueue(&run_id, idx);
+        }
         Ok(())
     }
 
@@ -890,7 +899,11 @@ impl Model {
                 steps[i].waiting_on = s
                     .needs
                     .iter()
-                    .filter(|n| index.get(n.as_str()).is_some_and(|&j| !steps[j].state.is_success()))
+                    .filter(|n| {
+                        index
+                            .get(n.as_str())
+                            .is_some_and(|&j| !super::state::need_met(s.when, steps[j].state))
+                    })
                     .count() as u32;
             }
             let dependents = super::state::dependents_of(&spec);

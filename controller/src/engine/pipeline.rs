@@ -56,8 +56,11 @@ impl Model {
         let Some(run) = self.runs.get(run_id) else { return false };
         let step = &run.steps[idx];
         let Some(agent) = self.agents.get(agent_id) else { return false };
-        // An expansion under a max_parallel starts only when dispatched, which counts.
-        if run.spec.steps[idx].max_parallel.is_some() {
+        // An expansion under a max_parallel starts only when dispatched, which counts;
+        // a step with a condition, or that runs whatever happened upstream, is decided
+        // when it is ready.
+        let spec = &run.spec.steps[idx];
+        if spec.max_parallel.is_some() || spec.condition.is_some() || !spec.when.is_default() {
             return false;
         }
         // Each unfinished need must have a live attempt on this agent: a step waiting on

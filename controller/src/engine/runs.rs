@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use baton_common::outcome::FailureClass;
 use baton_common::retry::{Decision, Failure};
-use baton_common::spec::OnFailure;
+use baton_common::spec::{OnFailure, When};
 use baton_common::state::{AttemptState, RunState, StepState};
 use baton_common::time::format_duration;
 use tracing::{info, warn};
@@ -61,7 +61,7 @@ pub(super) fn set_run(p: &mut Pending, run: &mut Run, to: RunState) -> bool {
 }
 
 /// Ends step `idx` in `to` (failed, skipped, canceled) with `reason` and an event.
-fn end_step(p: &mut Pending, run: &mut Run, idx: usize, to: StepState, kind: &str, reason: &str) {
+pub(super) fn end_step(p: &mut Pending, run: &mut Run, idx: usize, to: StepState, kind: &str, reason: &str) {
     if set_step(p, run, idx, to) {
         let step = &mut run.steps[idx];
         step.finished_at = Some(p.now);
@@ -149,7 +149,9 @@ impl Model {
                 if steps[idx].state.is_terminal() {
                     continue;
                 }
-                let waiting_on = needs[idx].iter().filter(|&&j| !steps[j].state.is_success()).count();
+                let when = spec.steps[idx].when;
+                let waiting_on =
+                    needs[idx].iter().filter(|&&j| !state::need_met(when, steps[j].state)).count();
                 steps[idx].waiting_on = waiting_on as u32;
                 steps[idx].state = if waiting_on == 0 { StepState::Ready } else { StepState::Waiting };
             }
@@ -452,7 +454,9 @@ impl Model {
         );
         // Each step waits again for the needs that have not succeeded.
         for idx in 0..run.steps.len() {
-            let waiting_on = run.needs[idx].iter().filter(|&&j| !run.steps[j].state.is_success()).count();
+            let when = run.spec.steps[idx].when;
+            let waiting_on =
+                run.needs[idx].iter().filter(|&&j| !state::need_met(when, run.steps[j].state)).count();
             run.steps[idx].waiting_on = waiting_on as u32;
         }
         let mut ready = Vec::new();
@@ -491,8 +495,9 @@ impl Model {
         p.event(run, "step_succeeded", Some(idx), attempt, "");
         let mut ready = Vec::new();
         let mut pipelined = Vec::new();
-        if run.failing.is_none() {
-            for d in run.dependents[idx].clone() {
+        for d in run.dependents[idx].clone() {
+            // A failing run starts nothing new but what runs whatever happened upstream.
+            if run.failing.is_none() || run.spec.steps[d].when != When::OnSuccess {
                 let s = &mut run.steps[d];
                 s.waiting_on = s.waiting_on.saturating_sub(1);
                 if s.waiting_on != 0 || s.state != StepState::Waiting {
@@ -742,11 +747,19 @@ fn step_failed_for_good(p: &mut Pending, run: &mut Run, idx: usize) {
             skip_downstream(p, run, idx, &format!("upstream step {failed_id:?} failed"));
             let why = format!("run stopped: step {failed_id:?} failed");
             for i in 0..run.steps.len() {
+                // Steps that run whatever happened upstream still do.
+                if run.spec.steps[i].when != When::OnSuccess {
+                    continue;
+                }
                 match run.steps[i].state {
                     StepState::Waiting | StepState::Ready => {
-                        end_step(p, run, i, StepState::Skipped, "step_skipped", &why)
+                        end_step(p, run, i, StepState::Skipped, "step_skipped", &why);
+                        skip_downstream(p, run, i, &why);
                     }
-                    StepState::RetryWait => end_step(p, run, i, StepState::Canceled, "step_canceled", &why),
+                    StepState::RetryWait => {
+                        end_step(p, run, i, StepState::Canceled, "step_canceled", &why);
+                        skip_downstream(p, run, i, &why);
+                    }
                     _ => {}
                 }
             }
@@ -755,19 +768,28 @@ fn step_failed_for_good(p: &mut Pending, run: &mut Run, idx: usize) {
     check_done(p, run);
 }
 
-/// Skips every not-yet-started step downstream of `idx`.
-fn skip_downstream(p: &mut Pending, run: &mut Run, idx: usize, why: &str) {
-    let mut seen = vec![false; run.steps.len()];
-    let mut stack = run.dependents[idx].clone();
-    while let Some(i) = stack.pop() {
-        if !seen[i] {
-            seen[i] = true;
-            stack.extend(run.dependents[i].iter().copied());
-        }
-    }
-    for (i, &down) in seen.iter().enumerate() {
-        if down && matches!(run.steps[i].state, StepState::Waiting | StepState::Ready) {
-            end_step(p, run, i, StepState::Skipped, "step_skipped", why);
+/// Step `idx` ended without succeeding: the steps downstream of it that run only on
+/// success are skipped (and so on down), and those that run whatever happened upstream
+/// (`when: always`, `on_failure`) count one more need as ended, and become ready when it
+/// was the last (queued through `Pending::newly_ready`).
+pub(super) fn skip_downstream(p: &mut Pending, run: &mut Run, idx: usize, why: &str) {
+    let mut ended = vec![idx];
+    while let Some(i) = ended.pop() {
+        for d in run.dependents[i].clone() {
+            let step = &mut run.steps[d];
+            if run.spec.steps[d].when != When::OnSuccess {
+                if step.state != StepState::Waiting {
+                    continue;
+                }
+                step.waiting_on = step.waiting_on.saturating_sub(1);
+                if step.waiting_on == 0 && set_step(p, run, d, StepState::Ready) {
+                    p.event(run, "step_ready", Some(d), None, "");
+                    p.newly_ready.push((run.id.clone(), d));
+                }
+            } else if matches!(step.state, StepState::Waiting | StepState::Ready) {
+                end_step(p, run, d, StepState::Skipped, "step_skipped", why);
+                ended.push(d);
+            }
         }
     }
 }
@@ -793,7 +815,9 @@ pub(super) fn check_done(p: &mut Pending, run: &mut Run) {
     if run.open > 0 || run.state.is_terminal() || run.state == RunState::Quarantined {
         return;
     }
-    if run.steps.iter().all(|s| s.state.is_success()) {
+    // Skipped steps fail nothing by themselves: a step is skipped because a step above
+    // it failed or was canceled (which fails the run), or because a condition said so.
+    if !run.steps.iter().any(|s| matches!(s.state, StepState::Failed | StepState::Canceled)) {
         finish_run(p, run, RunState::Succeeded);
     } else {
         if run.reason.is_empty() {
@@ -983,6 +1007,90 @@ mod retry_tests {
         assert_eq!(k.run_state(&run), "running");
         assert_eq!(k.step(&run, "b"), "waiting");
         assert!(!k.assigns(1).is_empty(), "its first step is dispatched again");
+    }
+}
+
+#[cfg(test)]
+mod condition_tests {
+    use super::super::testkit::{Kit, config};
+
+    fn kit() -> Kit {
+        let mut k = Kit::new(crate::engine::EngineConfig { pipeline: false, ..config() });
+        k.connect("a", 1, 4);
+        k
+    }
+
+    fn reason(k: &Kit, run: &str, step: &str) -> String {
+        let r = &k.model.runs[run];
+        let idx = r.spec.steps.iter().position(|s| s.id == step).expect("step");
+        r.steps[idx].reason.clone()
+    }
+
+    #[test]
+    fn a_false_condition_skips_its_step_and_what_needs_it_and_fails_nothing() {
+        let mut k = kit();
+        let run = k.submit(
+            "name: w\nsteps:\n  - {id: a, tool: shell, with: {run: 'true'}}\n  - {id: b, needs: a, if: '${{ steps.a.outputs.n == 2 }}', tool: shell, with: {run: 'true'}}\n  - {id: c, needs: b, tool: shell, with: {run: 'true'}}\n  - {id: d, needs: a, if: 'steps.a.outputs.n == 1 && true', tool: shell, with: {run: 'true'}}\n",
+        );
+        let a = k.assigns(1).remove(0);
+        k.finished("a", 1, &a, "succeeded", "");
+        assert_eq!(k.step(&run, "b"), "skipped");
+        assert!(reason(&k, &run, "b").contains("condition false"), "{}", reason(&k, &run, "b"));
+        assert_eq!(k.step(&run, "c"), "skipped");
+        assert_eq!(k.rebuilt_from(k.snapshot()).fingerprint(), k.model.fingerprint());
+        let d = k.assigns(1);
+        assert_eq!(d.iter().map(|a| a.step_id.as_str()).collect::<Vec<_>>(), vec!["d"]);
+        k.finished("a", 1, &d[0], "succeeded", "");
+        assert_eq!(k.run_state(&run), "succeeded");
+    }
+
+    #[test]
+    fn a_condition_that_cannot_be_evaluated_fails_its_step() {
+        let mut k = kit();
+        let run = k.submit(
+            "name: w\nsteps:\n  - {id: a, tool: shell, with: {run: 'true'}}\n  - {id: b, needs: a, if: 'steps.a.outputs.missing == 1', tool: shell, with: {run: 'true'}}\n",
+        );
+        let a = k.assigns(1).remove(0);
+        k.finished("a", 1, &a, "succeeded", "");
+        assert_eq!(k.run_state(&run), "failed");
+        let b = k.commits.iter().flat_map(|c| &c.steps).rfind(|r| r.step_id == "b").expect("b's row");
+        assert_eq!(b.state, "failed");
+        assert!(b.reason.starts_with("if: steps.a.outputs.missing is not set"), "{}", b.reason);
+    }
+
+    #[test]
+    fn an_always_step_runs_after_a_failure_and_the_run_still_fails() {
+        let mut k = kit();
+        let run = k.submit(
+            "name: w\nsteps:\n  - {id: a, tool: shell, retry: {max_attempts: 1}, with: {run: 'false'}}\n  - {id: b, needs: a, tool: shell, with: {run: 'true'}}\n  - {id: cleanup, needs: b, when: always, tool: shell, with: {run: 'true'}}\n  - {id: notify, needs: a, when: on_failure, tool: shell, with: {run: 'true'}}\n",
+        );
+        let a = k.assigns(1).remove(0);
+        k.finished("a", 1, &a, "failed", "nonzero_exit");
+        assert_eq!(k.step(&run, "b"), "skipped");
+        assert_eq!(k.run_state(&run), "running", "cleanup and notify are to run");
+        assert_eq!(k.rebuilt_from(k.snapshot()).fingerprint(), k.model.fingerprint());
+        let mut next: Vec<_> = k.assigns(1);
+        next.sort_by(|x, y| x.step_id.cmp(&y.step_id));
+        assert_eq!(next.iter().map(|a| a.step_id.as_str()).collect::<Vec<_>>(), vec!["cleanup", "notify"]);
+        for x in &next {
+            k.finished("a", 1, x, "succeeded", "");
+        }
+        assert_eq!(k.run_state(&run), "failed");
+    }
+
+    #[test]
+    fn an_on_failure_step_is_skipped_when_everything_it_needs_succeeded() {
+        let mut k = kit();
+        let run = k.submit(
+            "name: w\nsteps:\n  - {id: a, tool: shell, with: {run: 'true'}}\n  - {id: notify, needs: a, when: on_failure, tool: shell, with: {run: 'true'}}\n  - {id: cleanup, needs: a, when: always, tool: shell, with: {run: 'true'}}\n",
+        );
+        let a = k.assigns(1).remove(0);
+        k.finished("a", 1, &a, "succeeded", "");
+        assert_eq!(k.step(&run, "notify"), "skipped");
+        let c = k.assigns(1);
+        assert_eq!(c.iter().map(|a| a.step_id.as_str()).collect::<Vec<_>>(), vec!["cleanup"]);
+        k.finished("a", 1, &c[0], "succeeded", "");
+        assert_eq!(k.run_state(&run), "succeeded");
     }
 }
 

@@ -189,6 +189,14 @@ pub(crate) fn share(last: &mut Option<Arc<Placement>>, p: Placement) -> Arc<Plac
 }
 
 /// Steps per state, indexed by the state's position in `StepState`.
+/// Whether a step run `when` may go on past a need in state `need`.
+pub(crate) fn need_met(when: baton_common::spec::When, need: StepState) -> bool {
+    match when {
+        baton_common::spec::When::OnSuccess => need.is_success(),
+        _ => need.is_terminal(),
+    }
+}
+
 pub(crate) fn counts_of(states: &[StepState]) -> [u32; STEP_STATES] {
     let mut c = [0u32; STEP_STATES];
     for s in states {
