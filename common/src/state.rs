@@ -103,7 +103,8 @@ macro_rules! state_enum {
 }
 
 state_enum!(
-    /// `pending → running → succeeded | failed | quarantined | canceled`;
+    /// `pending → running → succeeded | failed | quarantined | canceled` (`pending →
+    /// succeeded` when every step was skipped by its condition before any ran);
     /// `quarantined → running` (release) or `→ canceled`; `failed | canceled → running`
     /// when a caller retries the run.
     RunState, "run state", {
@@ -127,7 +128,7 @@ impl RunState {
         use RunState::*;
         matches!(
             (self, to),
-            (Pending, Running | Failed | Quarantined | Canceled)
+            (Pending, Running | Succeeded | Failed | Quarantined | Canceled)
                 | (Running, Succeeded | Failed | Quarantined | Canceled)
                 | (Quarantined, Running | Canceled)
                 | (Failed | Canceled, Running)
@@ -242,6 +243,7 @@ mod tests {
         use RunState::*;
         for (a, b) in [
             (Pending, Running),
+            (Pending, Succeeded),
             (Pending, Canceled),
             (Pending, Failed),
             (Pending, Quarantined),
@@ -262,7 +264,6 @@ mod tests {
     fn run_illegal_transitions() {
         use RunState::*;
         for (a, b) in [
-            (Pending, Succeeded),
             (Running, Pending),
             (Running, Running),
             (Quarantined, Succeeded),

@@ -895,6 +895,7 @@ impl Model {
                 steps.push(Step::from_row(r, || rules.placement_for(&spec.steps[i]), &mut last)?);
             }
             let index = spec.index();
+            let held = row.state == RunState::Quarantined.as_str();
             for (i, s) in spec.steps.iter().enumerate() {
                 steps[i].waiting_on = s
                     .needs
@@ -902,7 +903,7 @@ impl Model {
                     .filter(|n| {
                         index
                             .get(n.as_str())
-                            .is_some_and(|&j| !super::state::need_met(s.when, steps[j].state))
+                            .is_some_and(|&j| !super::state::need_met(s.when, steps[j].state, held))
                     })
                     .count() as u32;
             }

@@ -151,7 +151,7 @@ impl Model {
                 }
                 let when = spec.steps[idx].when;
                 let waiting_on =
-                    needs[idx].iter().filter(|&&j| !state::need_met(when, steps[j].state)).count();
+                    needs[idx].iter().filter(|&&j| !state::need_met(when, steps[j].state, false)).count();
                 steps[idx].waiting_on = waiting_on as u32;
                 steps[idx].state = if waiting_on == 0 { StepState::Ready } else { StepState::Waiting };
             }
@@ -384,6 +384,7 @@ impl Model {
                 p.event(run, "step_ready", Some(idx), None, "released with a fresh retry budget");
             }
         }
+        run.recount_unconditional();
         // Steps that became ready while the run was held wait in no queue.
         let ready: Vec<usize> =
             (0..run.steps.len()).filter(|&i| run.steps[i].state == StepState::Ready).collect();
@@ -454,10 +455,7 @@ impl Model {
         );
         // Each step waits again for the needs that have not succeeded.
         for idx in 0..run.steps.len() {
-            let when = run.spec.steps[idx].when;
-            let waiting_on =
-                run.needs[idx].iter().filter(|&&j| !state::need_met(when, run.steps[j].state)).count();
-            run.steps[idx].waiting_on = waiting_on as u32;
+            run.steps[idx].waiting_on = run.unmet_needs(idx);
         }
         let mut ready = Vec::new();
         for idx in 0..run.steps.len() {
@@ -498,8 +496,11 @@ impl Model {
         for d in run.dependents[idx].clone() {
             // A failing run starts nothing new but what runs whatever happened upstream.
             if run.failing.is_none() || run.spec.steps[d].when != When::OnSuccess {
+                run.steps[d].waiting_on = match run.spec.steps[d].when {
+                    When::OnSuccess => run.steps[d].waiting_on.saturating_sub(1),
+                    _ => run.unmet_needs(d),
+                };
                 let s = &mut run.steps[d];
-                s.waiting_on = s.waiting_on.saturating_sub(1);
                 if s.waiting_on != 0 || s.state != StepState::Waiting {
                     continue;
                 }
@@ -596,6 +597,8 @@ impl Model {
             Decision::Retry { .. } => {
                 let reason = format!("{class}: {error}; not retried: the run is stopping");
                 end_step(p, run, idx, StepState::Failed, "step_failed", &reason);
+                let why = format!("upstream step {step_id:?} failed");
+                skip_downstream(p, run, idx, &why);
                 check_done(p, run);
             }
             Decision::Fail { reason: why } => {
@@ -781,8 +784,9 @@ pub(super) fn skip_downstream(p: &mut Pending, run: &mut Run, idx: usize, why: &
                 if step.state != StepState::Waiting {
                     continue;
                 }
-                step.waiting_on = step.waiting_on.saturating_sub(1);
-                if step.waiting_on == 0 && set_step(p, run, d, StepState::Ready) {
+                let unmet = run.unmet_needs(d);
+                run.steps[d].waiting_on = unmet;
+                if unmet == 0 && set_step(p, run, d, StepState::Ready) {
                     p.event(run, "step_ready", Some(d), None, "");
                     p.newly_ready.push((run.id.clone(), d));
                 }
@@ -805,6 +809,7 @@ fn quarantine(p: &mut Pending, run: &mut Run, reason: &str) {
         // it, so a rebuilt model has no failing mark either.
         run.failing = None;
         run.reason = reason.to_string();
+        run.recount_unconditional();
         p.event(run, "run_quarantined", None, None, reason);
         warn!(run_id = %run.id, %reason, "run quarantined");
     }

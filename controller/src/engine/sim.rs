@@ -1358,7 +1358,7 @@ fn behaviour(v: &serde_json::Value) -> (f64, i64) {
 }
 
 /// A random workstream: a DAG of up to 10 steps with random retry, timeout and
-/// failure policies.
+/// failure policies, conditions and `when:`.
 fn random_spec(rng: &mut StdRng, n: usize) -> String {
     let steps = rng.random_range(1..=10);
     let on_failure = ["fail", "continue", "quarantine"][rng.random_range(0..3)];
@@ -1374,6 +1374,15 @@ fn random_spec(rng: &mut StdRng, n: usize) -> String {
         let needs: Vec<String> = (0..i).filter(|_| rng.random_bool(0.3)).map(|j| format!("s{j}")).collect();
         if !needs.is_empty() {
             s.push_str(&format!("    needs: [{}]\n", needs.join(", ")));
+            if rng.random_bool(0.15) {
+                s.push_str(&format!("    when: {}\n", ["always", "on_failure"][rng.random_range(0..2)]));
+            }
+        }
+        if rng.random_bool(0.1) {
+            s.push_str(&format!(
+                "    if: '{}'\n",
+                ["true", "false", "!false && 1 < 2"][rng.random_range(0..3)]
+            ));
         }
         if rng.random_bool(0.5) {
             s.push_str(&format!(

@@ -149,6 +149,23 @@ impl Run {
         Some((running as u32, limit))
     }
 
+    /// How many of step `idx`'s needs keep it waiting, as its `when` counts them.
+    pub fn unmet_needs(&self, idx: usize) -> u32 {
+        let (when, held) = (self.spec.steps[idx].when, self.state == RunState::Quarantined);
+        self.needs[idx].iter().filter(|&&j| !need_met(when, self.steps[j].state, held)).count() as u32
+    }
+
+    /// Counts again what keeps each open step that runs whatever happened upstream
+    /// waiting (after its run was held or released: a held run's failed steps are not
+    /// over).
+    pub fn recount_unconditional(&mut self) {
+        for idx in 0..self.steps.len() {
+            if !self.spec.steps[idx].when.is_default() && !self.steps[idx].state.is_terminal() {
+                self.steps[idx].waiting_on = self.unmet_needs(idx);
+            }
+        }
+    }
+
     /// Steps in a final state.
     pub fn done(&self) -> u32 {
         StepState::ALL.iter().filter(|s| s.is_terminal()).map(|&s| self.counts[s as usize]).sum()
@@ -189,11 +206,12 @@ pub(crate) fn share(last: &mut Option<Arc<Placement>>, p: Placement) -> Arc<Plac
 }
 
 /// Steps per state, indexed by the state's position in `StepState`.
-/// Whether a step run `when` may go on past a need in state `need`.
-pub(crate) fn need_met(when: baton_common::spec::When, need: StepState) -> bool {
+/// Whether a step run `when` may go on past a need in state `need`. In a held
+/// (quarantined) run a failed step is not over: a release runs it again.
+pub(crate) fn need_met(when: baton_common::spec::When, need: StepState, held: bool) -> bool {
     match when {
         baton_common::spec::When::OnSuccess => need.is_success(),
-        _ => need.is_terminal(),
+        _ => need.is_terminal() && !(held && need == StepState::Failed),
     }
 }
 
