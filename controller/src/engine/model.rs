@@ -908,7 +908,8 @@ impl Model {
                     .count() as u32;
             }
             let dependents = super::state::dependents_of(&spec);
-            let deadline_at = spec.deadline_ms.map(|d| row.created_at + d as i64);
+            // Stored since retries count it again; rows from before, from the submit.
+            let deadline_at = row.deadline_at.or(spec.deadline_ms.map(|d| row.created_at + d as i64));
             let state: RunState = crate::store::parse_state(&row.state)?;
             let failing = steps
                 .iter()

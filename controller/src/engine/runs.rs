@@ -991,6 +991,22 @@ mod retry_tests {
     }
 
     #[test]
+    fn a_retry_counts_the_deadline_again_and_a_restart_keeps_it() {
+        let mut k = Kit::new(crate::engine::EngineConfig { pipeline: false, ..config() });
+        k.connect("a", 1, 1);
+        let run =
+            k.submit("name: w\ndeadline: 1s\nsteps:\n  - {id: s, tool: shell, with: {run: 'sleep 9'}}\n");
+        let _first = k.assigns(1);
+        k.advance(1500);
+        assert_eq!(k.run_state(&run), "failed", "its deadline passed");
+        retry(&mut k, &run, 900).expect("retry");
+        assert_eq!(k.run_state(&run), "running", "the deadline counts again from the retry");
+        let live = k.model.runs[&run].deadline_at;
+        assert_eq!(live, Some(k.model.now() + 1000));
+        assert_eq!(k.rebuilt_from(k.snapshot()).runs[&run].deadline_at, live, "a restart keeps it");
+    }
+
+    #[test]
     fn only_an_ended_failed_or_canceled_run_is_retried() {
         // One step at a time: without pipelined starts, each assignment is the next step.
         let mut k = Kit::new(crate::engine::EngineConfig { pipeline: false, ..config() });

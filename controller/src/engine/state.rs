@@ -93,6 +93,7 @@ impl Run {
             labels: self.labels_json.clone(),
             retain_ms: self.spec.retain_ms.map(|ms| ms.min(i64::MAX as u64) as i64),
             rerun_of: self.rerun_of.clone(),
+            deadline_at: self.deadline_at,
         }
     }
 
@@ -104,6 +105,7 @@ impl Run {
             reason: self.reason.clone(),
             started_at: self.started_at,
             finished_at: self.finished_at,
+            deadline_at: self.deadline_at,
         }
     }
 

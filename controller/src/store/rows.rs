@@ -152,6 +152,8 @@ record! {
         pub retain_ms: Option<i64>,
         /// The run this one reruns (`RerunRun`); empty for a submitted run.
         pub rerun_of: String,
+        /// When its `deadline` fails it (a retry counts it again); NULL without one.
+        pub deadline_at: Option<i64>,
     }
 }
 
@@ -163,6 +165,7 @@ record! {
         pub reason: String,
         pub started_at: Option<i64>,
         pub finished_at: Option<i64>,
+        pub deadline_at: Option<i64>,
     }
 }
 
@@ -173,6 +176,7 @@ impl RunRow {
         self.reason.clone_from(&s.reason);
         self.started_at = s.started_at;
         self.finished_at = s.finished_at;
+        self.deadline_at = s.deadline_at;
     }
 }
 

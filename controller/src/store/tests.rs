@@ -86,6 +86,7 @@ fn run_row(id: &str, state: &str, created_at: i64) -> RunRow {
         labels: "{}".into(),
         retain_ms: None,
         rerun_of: String::new(),
+        deadline_at: None,
     }
 }
 
@@ -96,6 +97,7 @@ fn state_of(r: &RunRow) -> RunStateRow {
         reason: r.reason.clone(),
         started_at: r.started_at,
         finished_at: r.finished_at,
+        deadline_at: r.deadline_at,
     }
 }
 
