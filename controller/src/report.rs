@@ -402,7 +402,7 @@ pub fn to_html(r: &Report) -> String {
 body{{font-family:system-ui,sans-serif;margin:2rem;color:#1d2430;background:#fff}}\
 h1{{font-size:1.4rem}}h2{{font-size:1.1rem;margin-top:2rem}}\
 table{{border-collapse:collapse;font-size:.9rem}}td,th{{border:1px solid #d5dae1;padding:.3rem .6rem;text-align:left;vertical-align:top}}\
-th{{background:#f1f4f8}}.state-succeeded{{color:#17803d}}.state-failed,.state-timed_out,.state-lost{{color:#b42318}}\
+th{{background:#f1f4f8}}.state-succeeded,.state-reused{{color:#17803d}}.state-failed,.state-timed_out,.state-lost{{color:#b42318}}\
 .state-skipped,.state-canceled{{color:#7a8190}}.crit{{font-weight:600}}\
 .facts{{display:flex;gap:2rem;flex-wrap:wrap}}.facts div{{background:#f1f4f8;padding:.6rem 1rem;border-radius:6px}}\n\
 </style></head><body>\n<h1>{}</h1>\n",
