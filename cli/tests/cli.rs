@@ -36,6 +36,21 @@ fn example(name: &str) -> String {
     format!("{}/../examples/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The id of the newest run (in `state`, when given), by `runs list`.
+async fn newest_run(url: &str, state: Option<&str>) -> String {
+    let mut args = vec!["runs", "list", "-o", "json"];
+    args.extend(state.map(|s| ["--state", s]).into_iter().flatten());
+    let out = baton(url, &args).await;
+    let list: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    list[0]["id"].as_str().unwrap().to_string()
+}
+
+/// `runs show RUN -o json`, parsed.
+async fn shown(url: &str, id: &str) -> serde_json::Value {
+    let out = baton(url, &["runs", "show", id, "-o", "json"]).await;
+    serde_json::from_str(&out.stdout).unwrap()
+}
+
 #[tokio::test]
 async fn validate_accepts_the_examples_and_rejects_bad_specs_with_exit_2() {
     let ok = baton("http://127.0.0.1:9", &["validate", &example("hello.yaml")]).await;
@@ -904,15 +919,12 @@ async fn a_failed_run_is_retried_in_place_and_its_succeeded_steps_do_not_run_aga
     );
     let out = baton(&url, &["submit", &spec, "--watch"]).await;
     assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
-    let list = baton(&url, &["runs", "list", "--state", "failed", "-o", "json"]).await;
-    let list: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
-    let id = list[0]["id"].as_str().unwrap().to_string();
+    let id = newest_run(&url, Some("failed")).await;
 
     let out = baton(&url, &["runs", "retry", &id, "--watch"]).await;
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
     assert!(out.stderr.contains(&format!("run {id} retried")), "{}", out.stderr);
-    let show = baton(&url, &["runs", "show", &id, "-o", "json"]).await;
-    let run: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    let run = shown(&url, &id).await;
     assert_eq!(run["state"], "RUN_STATE_SUCCEEDED");
     // Attempts that ran (a pipelined one dropped when b failed never started).
     let ran: Vec<usize> = run["steps"]
@@ -921,7 +933,7 @@ async fn a_failed_run_is_retried_in_place_and_its_succeeded_steps_do_not_run_aga
         .iter()
         .map(|s| s["attempts"].as_array().unwrap().iter().filter(|a| a.get("started_at").is_some()).count())
         .collect();
-    assert_eq!(ran, vec![1, 2, 1], "{}", show.stdout);
+    assert_eq!(ran, vec![1, 2, 1], "{run}");
     assert_eq!(std::fs::read_to_string(&ran_a).unwrap(), "a\n", "a ran once");
 
     // Its whole log, watched from the start, goes past the first end to the second.
@@ -972,9 +984,7 @@ async fn a_rerun_from_a_step_reuses_what_is_upstream_and_links_both_runs() {
         |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default().lines().count();
     let out = baton(&url, &["submit", &spec, "--watch"]).await;
     assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
-    let list = baton(&url, &["runs", "list", "--state", "failed", "-o", "json"]).await;
-    let list: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
-    let old = list[0]["id"].as_str().unwrap().to_string();
+    let old = newest_run(&url, Some("failed")).await;
 
     let bad = baton(&url, &["runs", "rerun", &old, "--from", "nope"]).await;
     assert_eq!(bad.code, 2, "{}", bad.stderr);
@@ -984,17 +994,8 @@ async fn a_rerun_from_a_step_reuses_what_is_upstream_and_links_both_runs() {
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
     assert!(out.stderr.contains("(2 steps reused)"), "{}", out.stderr);
     assert_eq!((lines("a"), lines("d"), lines("b"), lines("c")), (1, 1, 2, 2), "a and d not run again");
-    let show = |id: String| {
-        let url = url.clone();
-        async move {
-            let out = baton(&url, &["runs", "show", &id, "-o", "json"]).await;
-            serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap()
-        }
-    };
-    let list = baton(&url, &["runs", "list", "--state", "succeeded", "-o", "json"]).await;
-    let list: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
-    let new = list[0]["id"].as_str().unwrap().to_string();
-    let run = show(new.clone()).await;
+    let new = newest_run(&url, Some("succeeded")).await;
+    let run = shown(&url, &new).await;
     assert_eq!(run["rerun_of"], old.as_str());
     let states: Vec<(&str, &str)> = run["steps"]
         .as_array()
@@ -1019,7 +1020,7 @@ async fn a_rerun_from_a_step_reuses_what_is_upstream_and_links_both_runs() {
     // c read the output a gave in the old run.
     let logs = baton(&url, &["runs", "logs", &new, "c"]).await;
     assert_eq!(logs.stdout, "a said 1\n");
-    assert_eq!(show(old.clone()).await["reruns"], serde_json::json!([new.clone()]));
+    assert_eq!(shown(&url, &old).await["reruns"], serde_json::json!([new.clone()]));
 
     // --only: b alone runs again; c is reused from the rerun.
     let only = baton(&url, &["runs", "rerun", &new, "--only", "b", "--watch"]).await;
@@ -1046,11 +1047,8 @@ async fn a_matrix_step_runs_each_combination_within_max_parallel_and_its_join_ge
     );
     let out = baton(&url, &["submit", &spec, "--watch"]).await;
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
-    let list = baton(&url, &["runs", "list", "-o", "json"]).await;
-    let list: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
-    let id = list[0]["id"].as_str().unwrap().to_string();
-    let show = baton(&url, &["runs", "show", &id, "-o", "json"]).await;
-    let run: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    let id = newest_run(&url, None).await;
+    let run = shown(&url, &id).await;
     let ids: Vec<&str> = run["steps"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
     assert_eq!(ids, vec!["test[n=1]", "test[n=2]", "test[n=3]", "join"]);
     let logs = baton(&url, &["runs", "logs", &id, "join"]).await;
@@ -1075,13 +1073,10 @@ async fn conditions_skip_without_failing_and_cleanup_runs_after_a_failure() {
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
     assert!(!dir.path().join("deployed").exists() && !dir.path().join("announced").exists());
     assert!(dir.path().join("cleaned").exists(), "cleanup runs whatever happened upstream");
-    let list = baton(&url, &["runs", "list", "-o", "json"]).await;
-    let list: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
-    let id = list[0]["id"].as_str().unwrap().to_string();
-    let show = baton(&url, &["runs", "show", &id, "-o", "json"]).await;
-    let run: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    let id = newest_run(&url, None).await;
+    let run = shown(&url, &id).await;
     assert_eq!(run["steps"][1]["state"], "STEP_STATE_SKIPPED");
-    assert!(run["steps"][1]["reason"].as_str().unwrap().contains("condition false"), "{}", show.stdout);
+    assert!(run["steps"][1]["reason"].as_str().unwrap().contains("condition false"), "{run}");
 
     // A failing step: cleanup and on_failure notification still run; the run fails.
     let spec = write(
