@@ -96,6 +96,9 @@ enum Command {
         /// A label KEY=VALUE to find the run by (`runs list --label`); repeatable.
         #[arg(long = "label", value_parser = key_value)]
         labels: Vec<(String, String)>,
+        /// Run every step, also those whose result the step cache holds.
+        #[arg(long)]
+        no_cache: bool,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -108,6 +111,9 @@ enum Command {
     /// Inspect and reset circuit breakers.
     #[command(subcommand)]
     Breakers(BreakersCommand),
+    /// The step cache: results of steps with `cache:`.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Manage the controller's routing rules.
     #[command(subcommand)]
     Router(RouterCommand),
@@ -287,6 +293,9 @@ enum RunsCommand {
         /// Follow the new run until it ends; exit 0 only if it succeeded.
         #[arg(long)]
         watch: bool,
+        /// Run the steps that run again also when the step cache holds their result.
+        #[arg(long)]
+        no_cache: bool,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -300,6 +309,31 @@ enum RunsCommand {
         watch: bool,
         #[command(flatten)]
         out: OutputArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheCommand {
+    /// Cached results, newest first.
+    List {
+        /// Only those of this workstream.
+        #[arg(long)]
+        workstream: Option<String>,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Forget cached results: those steps run again.
+    #[command(group(clap::ArgGroup::new("which").required(true).multiple(true).args(["workstream", "key", "all"])))]
+    Purge {
+        /// Those of this workstream.
+        #[arg(long)]
+        workstream: Option<String>,
+        /// Those whose key starts with this.
+        #[arg(long)]
+        key: Option<String>,
+        /// Every one.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -757,7 +791,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     let target = target(&cli)?;
     match cli.command {
         Command::Validate { file, out } => validate(&file, out.format()),
-        Command::Submit { file, watch, params, name, labels, out } => {
+        Command::Submit { file, watch, params, name, labels, no_cache, out } => {
             let (source, text) = read_spec(&file)?;
             // One request id for every try: a submit whose answer was lost is not
             // made twice.
@@ -768,6 +802,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 request_id: uuid::Uuid::new_v4().to_string(),
                 name,
                 labels: labels.into_iter().collect(),
+                no_cache,
             };
             let (mut c, run_id) = client::submit(&target, req).await?;
             if watch {
@@ -850,6 +885,22 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             let mut c = client::connect(&target).await?;
             let r = c.reload_router(pb::ReloadRouterRequest {}).await?.into_inner();
             out!("router reloaded: {} rules", r.rules);
+            Ok(0)
+        }
+        Command::Cache(CacheCommand::List { workstream, out }) => {
+            let mut c = client::connect(&target).await?;
+            let req = pb::ListCacheRequest { workstream: workstream.unwrap_or_default() };
+            output::cache(out.format(), &c.list_cache(req).await?.into_inner().entries);
+            Ok(0)
+        }
+        Command::Cache(CacheCommand::Purge { workstream, key, all: _ }) => {
+            let mut c = client::connect(&target).await?;
+            let req = pb::PurgeCacheRequest {
+                workstream: workstream.unwrap_or_default(),
+                key_prefix: key.unwrap_or_default(),
+            };
+            let n = c.purge_cache(req).await?.into_inner().purged;
+            out!("{n} cached results forgotten");
             Ok(0)
         }
         Command::Breakers(cmd) => {
@@ -1128,13 +1179,14 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
                 f => output::print_json(f, &resp),
             }
         }
-        RunsCommand::Rerun { run, from, only, params, watch, out } => {
+        RunsCommand::Rerun { run, from, only, params, watch, no_cache, out } => {
             let req = pb::RerunRunRequest {
                 run_id: run,
                 only: only.is_some(),
                 from_step: only.or(from).unwrap_or_default(),
                 params: Some(client::params(params)),
                 request_id: uuid::Uuid::new_v4().to_string(),
+                no_cache,
             };
             let resp = c.rerun_run(req).await?.into_inner();
             if watch {

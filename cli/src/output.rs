@@ -339,6 +339,26 @@ impl LogPrinter {
     }
 }
 
+pub fn cache(format: Format, entries: &[pb::CacheEntry]) {
+    if format != Format::Text {
+        return print_list(format, entries);
+    }
+    let rows = entries
+        .iter()
+        .map(|e| {
+            vec![
+                e.key[..12.min(e.key.len())].to_string(),
+                e.workstream.clone(),
+                e.step_id.clone(),
+                e.run_id.clone(),
+                time(ms(&e.created_at)),
+                time(ms(&e.expires_at)),
+            ]
+        })
+        .collect();
+    table(&["KEY", "WORKSTREAM", "STEP", "RUN", "CREATED", "EXPIRES"], rows);
+}
+
 pub fn breakers(format: Format, breakers: &[pb::Breaker]) {
     if format != Format::Text {
         return print_list(format, breakers);

@@ -1090,3 +1090,54 @@ async fn conditions_skip_without_failing_and_cleanup_runs_after_a_failure() {
     assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
     assert!(dir.path().join("notified").exists() && dir.path().join("collected").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_step_runs_once_for_the_same_input_and_again_when_it_changes() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let url = sb.url();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let spec = write(
+        dir.path(),
+        "k.yaml",
+        &format!(
+            "name: cached\nparams: {{v: a}}\nsteps:\n  - {{id: build, tool: shell, cache: {{ttl: 1h}}, with: {{run: 'echo ran >> {d}/runs; echo out=${{{{ params.v }}}} >> $BATON_OUTPUT'}}}}\n  - {{id: use, needs: build, tool: shell, env: {{OUT: '${{{{ steps.build.outputs.out }}}}'}}, with: {{run: 'echo got $OUT'}}}}\n"
+        ),
+    );
+    let runs = || std::fs::read_to_string(dir.path().join("runs")).unwrap_or_default().lines().count();
+    let submit = |args: Vec<&str>| {
+        let url = url.clone();
+        let args: Vec<String> = args.into_iter().map(str::to_string).collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = baton(&url, &args).await;
+            assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+            newest_run(&url, None).await
+        }
+    };
+    submit(vec!["submit", &spec, "--watch"]).await;
+    assert_eq!(runs(), 1);
+    // The same input: build makes no attempt, and use gets its outputs.
+    let second = submit(vec!["submit", &spec, "--watch"]).await;
+    assert_eq!(runs(), 1, "a second identical run makes no attempt");
+    let run = shown(&url, &second).await;
+    assert_eq!(run["steps"][0]["state"], "STEP_STATE_CACHED");
+    assert!(run["steps"][0]["attempts"].as_array().is_none_or(|a| a.is_empty()));
+    assert_eq!(baton(&url, &["runs", "logs", &second, "use"]).await.stdout, "got a\n");
+    // One byte of its input changed: one attempt.
+    submit(vec!["submit", &spec, "--param", "v=b", "--watch"]).await;
+    assert_eq!(runs(), 2);
+    // --no-cache runs it whatever the cache holds.
+    submit(vec!["submit", &spec, "--no-cache", "--watch"]).await;
+    assert_eq!(runs(), 3);
+    let list = baton(&url, &["cache", "list", "-o", "json"]).await;
+    let list: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+    assert_eq!(list[0]["step_id"], "build");
+    let bad = baton(&url, &["cache", "purge"]).await;
+    assert_eq!(bad.code, 2, "purge names what to forget: {}", bad.stderr);
+    let purge = baton(&url, &["cache", "purge", "--workstream", "cached"]).await;
+    assert_eq!(purge.stdout.trim(), "2 cached results forgotten", "{}", purge.stderr);
+    submit(vec!["submit", &spec, "--watch"]).await;
+    assert_eq!(runs(), 4, "after a purge it runs again");
+}

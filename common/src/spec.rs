@@ -105,7 +105,24 @@ pub struct StepSpec {
     /// Which outcomes of the steps it needs let it run.
     #[serde(default, skip_serializing_if = "When::is_default")]
     pub when: When,
+    /// `cache:`: a successful attempt's outputs stand for later ones with the same key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CachePolicy>,
 }
+
+/// A step's `cache:`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CachePolicy {
+    /// A key of the spec's own (it may hold `${{ ... }}`) instead of the hash of the
+    /// tool, its rendered input and its env.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// How long a cached result stands.
+    pub ttl_ms: u64,
+}
+
+/// How long a cached result stands unless `cache.ttl` says: 7 days.
+pub const DEFAULT_CACHE_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 
 /// Which outcomes of the steps it needs let a step run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,6 +275,8 @@ struct RawStep {
     #[serde(rename = "if")]
     condition: Option<String>,
     when: Option<When>,
+    /// `true`, or `{key: ..., ttl: ...}`.
+    cache: Option<Value>,
 }
 
 /// `needs: a` or `needs: [a, b]`.
@@ -725,6 +744,13 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
                 None => None,
             },
             when: rs.when.unwrap_or_default(),
+            cache: match rs.cache.as_ref().map(cache_policy).transpose() {
+                Ok(c) => c.flatten(),
+                Err(e) => {
+                    c.push(here, format!("cache: {e}"));
+                    None
+                }
+            },
         };
         match (&rs.matrix, rs.max_parallel) {
             (None, None) => steps.push(step),
@@ -842,6 +868,12 @@ fn check_refs(
         }
         if let Some(Ok(e)) = s.condition.as_deref().map(crate::expr::parse) {
             refs.extend(e.refs());
+        }
+        if let Some(key) = s.cache.as_ref().and_then(|c| c.key.clone()) {
+            match template::refs(&Value::String(key)) {
+                Ok(r) => refs.extend(r),
+                Err(e) => c.push(Some(&s.id), format!("cache.key: {e}")),
+            }
         }
         if refs.is_empty() {
             continue;
@@ -977,6 +1009,31 @@ fn combinations(m: &Map<String, Value>) -> Result<Vec<BTreeMap<String, String>>,
         return Err(format!("{} combinations; the limit is {MAX_MATRIX}", combos.len()));
     }
     Ok(combos)
+}
+
+/// A step's `cache:`: `true` (`false` for none), or `{key: TEXT, ttl: DURATION}`.
+fn cache_policy(v: &Value) -> Result<Option<CachePolicy>, String> {
+    let mut policy = CachePolicy { key: None, ttl_ms: DEFAULT_CACHE_TTL_MS };
+    match v {
+        Value::Null | Value::Bool(false) => return Ok(None),
+        Value::Bool(true) => {}
+        Value::Object(m) => {
+            for (k, v) in m {
+                match (k.as_str(), v) {
+                    ("key", Value::String(s)) if !s.trim().is_empty() => policy.key = Some(s.clone()),
+                    ("key", _) => return Err("key must be a non-empty string".into()),
+                    ("ttl", v) => match duration_value(v) {
+                        Ok(0) => return Err("ttl must be longer than 0s".into()),
+                        Ok(ms) => policy.ttl_ms = ms,
+                        Err(e) => return Err(format!("ttl: {e}")),
+                    },
+                    (other, _) => return Err(format!("unknown key {other:?} (expected key, ttl)")),
+                }
+            }
+        }
+        _ => return Err("expected true or a mapping with key and ttl".into()),
+    }
+    Ok(Some(policy))
 }
 
 /// An expansion's id: `test[os=debian,py=3.11]`, names in order.

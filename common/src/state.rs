@@ -142,7 +142,7 @@ state_enum!(
     /// `failed → ready` only when an operator releases a quarantined run; `failed |
     /// canceled | skipped → waiting` when a caller retries a failed or canceled run.
     /// `reused` (taken over from the run a rerun repeats) is where a step starts and
-    /// stays.
+    /// stays; `ready → cached` when an earlier attempt with the same cache key stands.
     StepState, "step state", {
         Waiting => "waiting",
         Ready => "ready",
@@ -153,22 +153,27 @@ state_enum!(
         Skipped => "skipped",
         Canceled => "canceled",
         Reused => "reused",
+        Cached => "cached",
     }
 );
 
 /// How many step states there are (for counts indexed by state).
-pub const STEP_STATES: usize = 9;
+pub const STEP_STATES: usize = 10;
 
 impl StepState {
     /// Final for the run as it stands (a release or a retry may still revive it).
     pub fn is_terminal(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Failed | Self::Skipped | Self::Canceled | Self::Reused)
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::Skipped | Self::Canceled | Self::Reused | Self::Cached
+        )
     }
 
-    /// Its outputs are there for the steps that need it: it succeeded in this run, or
-    /// in the run this one reruns (`reused`).
+    /// Its outputs are there for the steps that need it: it succeeded in this run, in
+    /// the run this one reruns (`reused`), or in an earlier attempt with the same cache
+    /// key (`cached`).
     pub fn is_success(self) -> bool {
-        matches!(self, Self::Succeeded | Self::Reused)
+        matches!(self, Self::Succeeded | Self::Reused | Self::Cached)
     }
 
     fn can_become(self, to: Self) -> bool {
@@ -181,6 +186,7 @@ impl StepState {
                 | (RetryWait, Ready | Failed | Canceled)
                 | (Failed, Ready)
                 | (Failed | Canceled | Skipped, Waiting)
+                | (Ready, Cached)
         )
     }
 }
@@ -306,6 +312,7 @@ mod tests {
             (Failed, Waiting),
             (Canceled, Waiting),
             (Skipped, Waiting),
+            (Ready, Cached),
         ] {
             assert_eq!(a.transition(b), Ok(b), "{a} -> {b}");
         }
@@ -333,6 +340,7 @@ mod tests {
         for &to in StepState::ALL {
             assert!(Succeeded.transition(to).is_err());
             assert!(Reused.transition(to).is_err());
+            assert!(Cached.transition(to).is_err());
             assert!(to == Waiting || Canceled.transition(to).is_err());
         }
     }

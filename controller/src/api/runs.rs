@@ -137,7 +137,15 @@ impl pb::baton_service_server::BatonService for RunApi {
             .map_err(|e| ApiError::internal(format!("parsing the spec: {e}")))?
             .map_err(|e| ApiError::invalid(e.to_string()))?;
         let estimates = self.estimates.get(&self.store, &ws.name).await?;
-        let run = Submission { params, request_id, name, labels, estimates, ..Submission::new(ws) };
+        let run = Submission {
+            params,
+            request_id,
+            name,
+            labels,
+            estimates,
+            no_cache: req.no_cache,
+            ..Submission::new(ws)
+        };
         let refused = |e: EngineError| match e {
             EngineError::Invalid(m) => ApiError::invalid(format!("{source}: {m}")),
             other => other.into(),
@@ -315,6 +323,7 @@ impl pb::baton_service_server::BatonService for RunApi {
             labels,
             estimates,
             rerun: Some(crate::engine::Rerun { of: old.clone(), reused }),
+            no_cache: req.no_cache,
             ..Submission::new(ws)
         };
         let rules = self.router.current();
@@ -323,6 +332,41 @@ impl pb::baton_service_server::BatonService for RunApi {
             .map_err(|e| ApiError::internal(format!("checking the spec: {e}")))??;
         let run_id = engine.submit(admitted, actor).await?;
         Ok(Response::new(pb::RerunRunResponse { run_id, reused: n }))
+    }
+
+    async fn list_cache(
+        &self,
+        req: Request<pb::ListCacheRequest>,
+    ) -> Result<Response<pb::ListCacheResponse>, Status> {
+        let rows = self.store.list_cache(&req.into_inner().workstream).await?;
+        let entries = rows
+            .into_iter()
+            .map(|r| pb::CacheEntry {
+                key: r.cache_key,
+                workstream: r.workstream,
+                step_id: r.step_id,
+                run_id: r.run_id,
+                created_at: Some(baton_common::proto::timestamp(r.created_at)),
+                expires_at: Some(baton_common::proto::timestamp(r.expires_at)),
+            })
+            .collect();
+        Ok(Response::new(pb::ListCacheResponse { entries }))
+    }
+
+    async fn purge_cache(
+        &self,
+        req: Request<pb::PurgeCacheRequest>,
+    ) -> Result<Response<pb::PurgeCacheResponse>, Status> {
+        let req = req.into_inner();
+        if !req.key_prefix.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(
+                ApiError::invalid(format!("key_prefix {:?}: keys are hexadecimal", req.key_prefix)).into()
+            );
+        }
+        // The engine forgets them first, so that no step takes one over meanwhile.
+        self.writer()?.purge_cache(req.workstream.clone(), req.key_prefix.to_ascii_lowercase()).await?;
+        let purged = self.store.purge_cache(&req.workstream, &req.key_prefix).await?;
+        Ok(Response::new(pb::PurgeCacheResponse { purged: purged as u32 }))
     }
 
     async fn delete_run(

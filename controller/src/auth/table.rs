@@ -29,6 +29,8 @@ pub const RPCS: &[(&str, &str, Need)] = &[
     (BATON, "ReleaseRun", Need::Role(Role::Operator)),
     (BATON, "RetryRun", Need::Role(Role::Operator)),
     (BATON, "RerunRun", Need::Role(Role::Submitter)),
+    (BATON, "ListCache", Need::Role(Role::Reader)),
+    (BATON, "PurgeCache", Need::Role(Role::Operator)),
     (BATON, "DeleteRun", Need::Role(Role::Operator)),
     (BATON, "WatchRun", Need::Role(Role::Reader)),
     (BATON, "GetLogs", Need::Role(Role::Reader)),

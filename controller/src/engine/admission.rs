@@ -25,6 +25,8 @@ pub struct Submission {
     pub estimates: crate::store::Estimates,
     /// For a rerun: the run it repeats and what it takes over from it.
     pub rerun: Option<Rerun>,
+    /// Run every step, whatever the step cache holds.
+    pub no_cache: bool,
 }
 
 /// What a rerun takes over from the run it repeats.
@@ -58,6 +60,7 @@ impl Submission {
             labels: BTreeMap::new(),
             estimates: Default::default(),
             rerun: None,
+            no_cache: false,
         }
     }
 

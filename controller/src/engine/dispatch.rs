@@ -29,6 +29,19 @@ pub(super) struct Input {
     env: BTreeMap<String, String>,
     redact: Vec<String>,
     values: Option<Map<String, Value>>,
+    /// For a step with `cache:`, what its key hashes.
+    cache_source: Option<String>,
+}
+
+impl Input {
+    /// The step's cache key: hex SHA-256 of its tool with its rendered input and env
+    /// (secret values masked), or with its own `cache.key`.
+    pub(super) fn cache_key(&self) -> Option<String> {
+        use sha2::Digest;
+        let source = self.cache_source.as_ref()?;
+        let digest = sha2::Sha256::digest(source.as_bytes());
+        Some(digest.iter().map(|b| format!("{b:02x}")).collect())
+    }
 }
 
 impl Model {
@@ -87,7 +100,10 @@ impl Model {
                 }
                 match self.place(&run_id, idx) {
                     Some(agent_id) => match self.render_input(&run_id, idx, &[]) {
-                        Ok(input) => self.assign(&run_id, idx, &agent_id, input, Vec::new()),
+                        Ok(input) => match self.cached(&run_id, &input) {
+                            Some(entry) => self.step_cached(&run_id, idx, &entry),
+                            None => self.assign(&run_id, idx, &agent_id, input, Vec::new()),
+                        },
                         Err(e) => self.fail_unstarted(&run_id, idx, &format!("input: {e}")),
                     },
                     None => {
@@ -109,6 +125,16 @@ impl Model {
             ready.entry(tool).or_default().append(&mut q);
         }
         self.ready = ready;
+    }
+
+    /// The unexpired cache entry for a step's input, unless its run was submitted with
+    /// `--no-cache`.
+    fn cached(&self, run_id: &str, input: &Input) -> Option<crate::store::CacheRow> {
+        if self.runs.get(run_id).is_none_or(|r| r.no_cache) {
+            return None;
+        }
+        let now = self.now();
+        input.cache_key().and_then(|k| self.cache.get(&k)).filter(|e| e.expires_at > now).cloned()
     }
 
     /// Why ready step `idx` is not to run: its `if:` is false, or it runs `on_failure`
@@ -153,13 +179,11 @@ impl Model {
     pub(super) fn render_input(&self, run_id: &str, idx: usize, defer: &[usize]) -> Result<Input, String> {
         let Some(run) = self.runs.get(run_id) else { return Err("run not found".into()) };
         let spec = &run.spec.steps[idx];
-        if !run.templated[idx] {
-            return Ok(Input {
-                with: spec.with.clone(),
-                env: spec.env.clone(),
-                redact: Vec::new(),
-                values: None,
-            });
+        let tool = run.steps[idx].tool.as_str();
+        if !run.templated[idx] && spec.cache.as_ref().is_none_or(|c| c.key.is_none()) {
+            let (with, env) = (spec.with.clone(), spec.env.clone());
+            let cache_source = spec.cache.as_ref().map(|_| cache_source(tool, &with, &env, &[]));
+            return Ok(Input { with, env, redact: Vec::new(), values: None, cache_source });
         }
         let secret = std::cell::RefCell::new(Vec::new());
         let values = std::cell::RefCell::new(Map::new());
@@ -196,14 +220,21 @@ impl Model {
             values.borrow_mut().insert(r.to_string(), v.clone());
             Ok(v)
         };
-        let tool = run.steps[idx].tool.as_str();
         let (with, env) = script::render_step(tool, &spec.with, &spec.env, &lookup)?;
+        let own_key = match spec.cache.as_ref().and_then(|c| c.key.as_deref()) {
+            Some(k) => Some(template::render_text(k, &lookup)?),
+            None => None,
+        };
         let redact = secret.into_inner();
         if deferred.get() {
             let (with, env) = (spec.with.clone(), spec.env.clone());
-            return Ok(Input { with, env, redact, values: Some(values.into_inner()) });
+            return Ok(Input { with, env, redact, values: Some(values.into_inner()), cache_source: None });
         }
-        Ok(Input { with, env, redact, values: None })
+        let cache_source = spec.cache.as_ref().map(|_| match &own_key {
+            Some(k) => format!("{tool}\0key\0{k}"),
+            None => cache_source(tool, &with, &env, &redact),
+        });
+        Ok(Input { with, env, redact, values: None, cache_source })
     }
 
     /// Creates attempt N+1 of a step on `agent_id` and queues its Assign: a ready step
@@ -217,7 +248,7 @@ impl Model {
         input: Input,
         after: Vec<String>,
     ) {
-        let Input { with, env, mut redact, values } = input;
+        let Input { with, env, mut redact, values, .. } = input;
         let pipelined = !after.is_empty();
         let now = self.now();
         // Env values whose names look secret are masked like secrets; the agent masks
@@ -564,6 +595,22 @@ impl Model {
         }
         out
     }
+}
+
+/// What a step's cache key hashes: its tool, its rendered input and its env, with the
+/// secret values in them masked (a changed secret does not change the key, nor does the
+/// key tell anything of it).
+fn cache_source(
+    tool: &str,
+    with: &Map<String, Value>,
+    env: &BTreeMap<String, String>,
+    secrets: &[String],
+) -> String {
+    let mut text = format!("{tool}\0{}\0{}", Value::Object(with.clone()), serde_json::json!(env));
+    for s in secrets.iter().filter(|s| !s.is_empty()) {
+        text = text.replace(s.as_str(), "***");
+    }
+    text
 }
 
 /// The value of output reference `r` for step `idx`: of the upstream step `step`, or

@@ -296,6 +296,14 @@ impl EngineHandle {
         }
     }
 
+    /// Forgets cached results (see `PurgeCache`); returns how many it held.
+    pub async fn purge_cache(&self, workstream: String, key_prefix: String) -> Result<u32, EngineError> {
+        match self.ask(Input::PurgeCache { workstream, key_prefix, reply: 0 }).await? {
+            Answer::Count(n) => Ok(n),
+            a => Err(unexpected(a)),
+        }
+    }
+
     /// The breakers, from the engine's memory (may be a moment ahead of the store).
     pub async fn list_breakers(&self) -> Result<Vec<pb::Breaker>, EngineError> {
         match self.ask(Input::ListBreakers { reply: 0 }).await? {

@@ -48,6 +48,12 @@ pub(crate) enum Input {
         actor: String,
         reply: ReplyTo,
     },
+    /// Forget cached results (of a workstream, by key prefix; all when both are empty).
+    PurgeCache {
+        workstream: String,
+        key_prefix: String,
+        reply: ReplyTo,
+    },
     /// Retry a failed or canceled run, read back from the store (`stored`: its rows,
     /// which the engine uses when it no longer holds the run).
     Retry {
@@ -126,6 +132,7 @@ impl Input {
             | Cancel { reply, .. }
             | Release { reply, .. }
             | Retry { reply, .. }
+            | PurgeCache { reply, .. }
             | ResetBreaker { reply, .. }
             | Drain { reply, .. }
             | Connect { reply, .. }
@@ -221,6 +228,8 @@ pub(super) struct Pending {
     pub now_us: i64,
     /// Illegal transitions refused while applying the input.
     pub violations: Vec<String>,
+    /// Cache entries made by steps that succeeded.
+    pub cache: Vec<crate::store::CacheRow>,
     /// Steps made ready where the model could not queue them (see `skip_downstream`);
     /// queued before the input is done.
     pub newly_ready: Vec<(String, usize)>,
@@ -388,6 +397,8 @@ pub(crate) struct Model {
     pub(super) pipe_agents: BTreeSet<String>,
     /// Pipelined attempts held back (all agents' `held_back`).
     pub(super) held: BTreeSet<String>,
+    /// The step cache (`cache:`) by key, as stored: expired entries are not used.
+    pub(super) cache: HashMap<String, crate::store::CacheRow>,
 }
 
 impl Model {
@@ -417,6 +428,7 @@ impl Model {
             rng: StdRng::seed_from_u64(seed),
             violations: Vec::new(),
             followers: IdMap::default(),
+            cache: HashMap::new(),
             pipe_agents: BTreeSet::new(),
             held: BTreeSet::new(),
         }
@@ -521,6 +533,14 @@ impl Model {
                 self.pending.actor = actor;
                 let result = self.release(&run_id);
                 self.pending.reply(reply, Answer::RunState(result));
+            }
+            Input::PurgeCache { workstream, key_prefix, reply } => {
+                let before = self.cache.len();
+                self.cache.retain(|k, r| {
+                    !((workstream.is_empty() || r.workstream == workstream) && k.starts_with(&key_prefix))
+                });
+                let purged = (before - self.cache.len()) as u32;
+                self.now_effect(Effect::Reply { to: reply, answer: Answer::Count(purged) });
             }
             Input::Retry { run_id, stored, actor, reply } => {
                 self.pending.actor = actor;
@@ -680,6 +700,7 @@ impl Model {
                 b.breakers.push(row);
             }
         }
+        b.cache = std::mem::take(&mut p.cache);
         b
     }
 
@@ -831,6 +852,7 @@ impl Model {
         let attempts = &self.attempts;
         self.followers.retain(|before, _| attempts.get(before).is_some_and(|a| !a.state.is_terminal()));
         self.load_breakers(&snap.breakers);
+        self.cache = snap.cache.iter().map(|r| (r.cache_key.clone(), r.clone())).collect();
         // Attempts still running get what to mask again (it is not stored).
         let live: Vec<(String, String)> = self
             .attempts
@@ -945,6 +967,7 @@ impl Model {
                 counts: [0; STEP_STATES],
                 redactor: None,
                 rerun_of: row.rerun_of.clone(),
+                no_cache: row.no_cache != 0,
             };
             run.templated = super::state::templated_of(&run.spec);
             run.counts = super::state::counts_of(&run.steps.iter().map(|s| s.state).collect::<Vec<_>>());

@@ -60,7 +60,11 @@ impl Model {
         // a step with a condition, or that runs whatever happened upstream, is decided
         // when it is ready.
         let spec = &run.spec.steps[idx];
-        if spec.max_parallel.is_some() || spec.condition.is_some() || !spec.when.is_default() {
+        if spec.max_parallel.is_some()
+            || spec.condition.is_some()
+            || !spec.when.is_default()
+            || spec.cache.is_some()
+        {
             return false;
         }
         // Each unfinished need must have a live attempt on this agent: a step waiting on

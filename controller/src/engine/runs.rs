@@ -76,7 +76,8 @@ impl Model {
     /// agents of a pool), then its rows and its ready steps queued.
     pub(super) fn submit(&mut self, run: Admitted) -> Result<String, EngineError> {
         let Admitted { run, routes, secrets } = run;
-        let Submission { spec, mut params, request_id, name, labels, estimates: history, rerun } = run;
+        let Submission { spec, mut params, request_id, name, labels, estimates: history, rerun, no_cache } =
+            run;
         let history = &history;
         if let Some((step, r, name)) = secrets.iter().find(|(_, _, name)| !self.secrets.contains_key(name)) {
             return Err(EngineError::Invalid(format!(
@@ -194,6 +195,7 @@ impl Model {
             counts: state::counts_of(&steps_states),
             redactor: None,
             rerun_of,
+            no_cache,
         };
         let p = &mut self.pending;
         p.runs.insert(id.clone());
@@ -479,18 +481,60 @@ impl Model {
 
     /// Step `idx` succeeded: its dependents may become ready, the run may be done.
     pub(super) fn step_succeeded(&mut self, run_id: &str, idx: usize, result: Option<String>) {
+        // Its result stands for later attempts with the same key (`cache:`).
+        if self.runs.get(run_id).is_some_and(|r| r.spec.steps[idx].cache.is_some())
+            && let Ok(input) = self.render_input(run_id, idx, &[])
+            && let (Some(key), Some(run)) = (input.cache_key(), self.runs.get(run_id))
+            && let Some(policy) = &run.spec.steps[idx].cache
+        {
+            let now = self.now();
+            let row = crate::store::CacheRow {
+                cache_key: key.clone(),
+                workstream: run.spec.name.clone(),
+                step_id: run.step_id(idx).to_string(),
+                run_id: run_id.to_string(),
+                result: result.clone(),
+                created_at: now,
+                expires_at: now.saturating_add(policy.ttl_ms.min(i64::MAX as u64) as i64),
+            };
+            self.pending.cache.push(row.clone());
+            self.cache.insert(key, row);
+        }
+        self.step_done(run_id, idx, result, None);
+    }
+
+    /// Ready step `idx` takes over a cached result (`cached`, no attempt made).
+    pub(super) fn step_cached(&mut self, run_id: &str, idx: usize, entry: &crate::store::CacheRow) {
+        let why = format!(
+            "cached: the result of step {:?} of run {} (key {})",
+            entry.step_id,
+            entry.run_id,
+            &entry.cache_key[..12.min(entry.cache_key.len())]
+        );
+        self.step_done(run_id, idx, entry.result.clone(), Some(why));
+    }
+
+    /// Step `idx` succeeded (or, with `cached`, took over a cached result): its
+    /// dependents may become ready, the run may be done.
+    fn step_done(&mut self, run_id: &str, idx: usize, result: Option<String>, cached: Option<String>) {
         let Some(run) = self.runs.get_mut(run_id) else { return };
         let p = &mut self.pending;
-        if !set_step(p, run, idx, StepState::Succeeded) {
+        let to = if cached.is_some() { StepState::Cached } else { StepState::Succeeded };
+        if !set_step(p, run, idx, to) {
             return;
         }
         let step = &mut run.steps[idx];
         step.finished_at = Some(p.now);
         step.result = result;
-        step.reason.clear();
+        step.reason = cached.clone().unwrap_or_default();
         step.lost_streak = 0;
-        let attempt = step.attempt_ids.last().and_then(|id| self.attempts.get(id));
-        p.event(run, "step_succeeded", Some(idx), attempt, "");
+        match cached {
+            Some(why) => p.event(run, "step_cached", Some(idx), None, why),
+            None => {
+                let attempt = step.attempt_ids.last().and_then(|id| self.attempts.get(id));
+                p.event(run, "step_succeeded", Some(idx), attempt, "");
+            }
+        }
         let mut ready = Vec::new();
         let mut pipelined = Vec::new();
         for d in run.dependents[idx].clone() {
@@ -1112,6 +1156,62 @@ mod condition_tests {
         assert_eq!(c.iter().map(|a| a.step_id.as_str()).collect::<Vec<_>>(), vec!["cleanup"]);
         k.finished("a", 1, &c[0], "succeeded", "");
         assert_eq!(k.run_state(&run), "succeeded");
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::super::model::Input;
+    use super::super::testkit::{Kit, config};
+
+    fn spec(arg: &str) -> String {
+        format!(
+            "name: w\nparams: {{v: \"1\"}}\nsteps:\n  - {{id: a, tool: shell, cache: true, with: {{run: 'echo {arg} ${{{{ params.v }}}}'}}}}\n  - {{id: b, needs: a, tool: shell, with: {{run: 'true'}}}}\n"
+        )
+    }
+
+    fn run_to_end(k: &mut Kit, run: &str) -> Vec<String> {
+        let mut ran = Vec::new();
+        while let Some(a) = k.assigns(1).pop() {
+            ran.push(a.step_id.clone());
+            k.finished("a", 1, &a, "succeeded", "");
+        }
+        assert_eq!(k.run_state(run), "succeeded");
+        ran
+    }
+
+    fn submit(k: &mut Kit, text: &str, no_cache: bool) -> String {
+        let ws = baton_common::spec::parse("w.yaml", text).unwrap();
+        let sub = crate::engine::Submission { no_cache, ..crate::engine::Submission::new(ws) };
+        let admitted = sub.admit(&k.model.cfg.router.current()).unwrap();
+        k.apply(Input::Submit { run: Box::new(admitted), actor: "t".into(), reply: 77 });
+        k.settle();
+        match k.answers.remove(&77) {
+            Some(super::super::model::Answer::Run(Ok(id))) => id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_cached_step_makes_no_attempt_until_its_input_changes() {
+        let mut k = Kit::new(crate::engine::EngineConfig { pipeline: false, ..config() });
+        k.connect("a", 1, 1);
+        let first = submit(&mut k, &spec("x"), false);
+        assert_eq!(run_to_end(&mut k, &first), vec!["a", "b"]);
+        // The same input: a is taken over from the cache.
+        let second = submit(&mut k, &spec("x"), false);
+        assert_eq!(run_to_end(&mut k, &second), vec!["b"]);
+        assert!(k.events(&second).contains(&"step_cached".to_string()));
+        // One byte changed: it runs again.
+        let third = submit(&mut k, &spec("y"), false);
+        assert_eq!(run_to_end(&mut k, &third), vec!["a", "b"]);
+        // --no-cache: every step runs.
+        let fourth = submit(&mut k, &spec("x"), true);
+        assert_eq!(run_to_end(&mut k, &fourth), vec!["a", "b"]);
+        // A restart keeps the cache.
+        let again = k.rebuilt_from(k.snapshot());
+        assert_eq!(again.cache.len(), 2);
+        assert_eq!(again.cache, k.model.cache);
     }
 }
 

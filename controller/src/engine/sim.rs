@@ -152,6 +152,7 @@ impl Rows {
             runs,
             agents: self.agents.values().cloned().collect(),
             breakers: self.breakers.values().cloned().collect(),
+            cache: Vec::new(),
         }
     }
 }

@@ -68,6 +68,8 @@ pub(crate) struct Run {
     pub redactor: Option<(u64, Arc<baton_common::redact::Redactor>)>,
     /// The run this one reruns (empty for a submitted run).
     pub rerun_of: String,
+    /// Submitted with `--no-cache`: every step runs.
+    pub no_cache: bool,
 }
 
 impl Run {
@@ -94,6 +96,7 @@ impl Run {
             retain_ms: self.spec.retain_ms.map(|ms| ms.min(i64::MAX as u64) as i64),
             rerun_of: self.rerun_of.clone(),
             deadline_at: self.deadline_at,
+            no_cache: i64::from(self.no_cache),
         }
     }
 

@@ -39,6 +39,7 @@ impl Kit {
             last_seq: HashMap::new(),
             agents: vec![],
             breakers: vec![],
+            cache: vec![],
         };
         model.load(snapshot, &HashMap::new(), now).expect("empty load");
         Kit {
@@ -301,6 +302,7 @@ impl Kit {
             runs: runs.values().filter(|r| active(&r.id)).cloned().collect(),
             agents: agents.into_values().collect(),
             breakers: breakers.into_values().collect(),
+            cache: self.commits.iter().flat_map(|b| b.cache.iter().cloned()).collect(),
         }
     }
 

@@ -20,7 +20,9 @@ use sqlx::{Any, AnyPool, AssertSqlSafe, Row};
 use thiserror::Error;
 
 pub use auth::{AgentCredentialRow, Enrollment, JoinTokenRow, SecretRow, TokenRow};
-pub use rows::{AgentRow, AttemptRow, BreakerRow, EventRow, OutputRow, RunRow, RunStateRow, StepRow};
+pub use rows::{
+    AgentRow, AttemptRow, BreakerRow, CacheRow, EventRow, OutputRow, RunRow, RunStateRow, StepRow,
+};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -105,6 +107,8 @@ pub struct Batch {
     pub events: Vec<EventRow>,
     pub agents: Vec<AgentRow>,
     pub breakers: Vec<BreakerRow>,
+    /// Results of steps with `cache:` that succeeded.
+    pub cache: Vec<CacheRow>,
 }
 
 impl Batch {
@@ -121,6 +125,7 @@ impl Batch {
             + self.events.len()
             + self.agents.len()
             + self.breakers.len()
+            + self.cache.len()
     }
 
     pub fn clear(&mut self) {
@@ -131,6 +136,7 @@ impl Batch {
         self.events.clear();
         self.agents.clear();
         self.breakers.clear();
+        self.cache.clear();
     }
 }
 
@@ -143,6 +149,8 @@ pub struct Snapshot {
     pub last_seq: HashMap<String, i64>,
     pub agents: Vec<AgentRow>,
     pub breakers: Vec<BreakerRow>,
+    /// The step cache.
+    pub cache: Vec<CacheRow>,
 }
 
 /// A run as read back for the API: the run row, its steps and all their attempts.
@@ -383,6 +391,7 @@ impl Store {
                     serde_json::to_string(&batch.events).map_err(json)?,
                     serde_json::to_string(&batch.agents).map_err(json)?,
                     serde_json::to_string(&batch.breakers).map_err(json)?,
+                    serde_json::to_string(&batch.cache).map_err(json)?,
                 ];
                 if !after.await {
                     return Err(StoreError::Aborted);
@@ -397,11 +406,11 @@ impl Store {
     /// buffer keeps the size of the biggest message it sent, here the whole batch's rows.
     async fn commit_postgres(
         writer: &AnyPool,
-        arrays: &[String; 7],
+        arrays: &[String; 8],
         fence: Option<&Fence>,
         big: bool,
     ) -> Result<(), StoreError> {
-        static STATEMENTS: std::sync::LazyLock<[String; 7]> = std::sync::LazyLock::new(|| {
+        static STATEMENTS: std::sync::LazyLock<[String; 8]> = std::sync::LazyLock::new(|| {
             [
                 json_write_sql::<RunRow>(),
                 json_write_sql::<RunStateRow>(),
@@ -410,6 +419,7 @@ impl Store {
                 json_write_sql::<EventRow>(),
                 json_write_sql::<AgentRow>(),
                 json_write_sql::<BreakerRow>(),
+                json_write_sql::<CacheRow>(),
             ]
         });
         use sqlx::Connection;
@@ -450,7 +460,34 @@ impl Store {
         snap.agents = fetch(&self.pool, &format!("SELECT {} FROM agents", AgentRow::column_list())).await?;
         snap.breakers =
             fetch(&self.pool, &format!("SELECT {} FROM breakers", BreakerRow::column_list())).await?;
+        snap.cache =
+            fetch(&self.pool, &format!("SELECT {} FROM step_cache", CacheRow::column_list())).await?;
         Ok(snap)
+    }
+
+    /// The step cache, newest first (of one workstream, when given).
+    pub async fn list_cache(&self, workstream: &str) -> Result<Vec<CacheRow>, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM step_cache WHERE workstream = $1 OR $1 = '' ORDER BY created_at DESC, cache_key",
+            CacheRow::column_list()
+        );
+        fetch_bound(&self.pool, &sql, workstream).await
+    }
+
+    /// Deletes cached results (of a workstream, by key prefix; all when both are empty);
+    /// returns how many.
+    pub async fn purge_cache(&self, workstream: &str, key_prefix: &str) -> Result<u64, StoreError> {
+        // Keys are hex: a prefix of them needs no LIKE escaping.
+        if !key_prefix.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Ok(0);
+        }
+        let done =
+            sqlx::query("DELETE FROM step_cache WHERE ($1 = '' OR workstream = $1) AND cache_key LIKE $2")
+                .bind(workstream)
+                .bind(format!("{}%", key_prefix.to_ascii_lowercase()))
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected())
     }
 
     /// One run with its steps, attempts and last event number, as `load_active` reads
@@ -510,7 +547,15 @@ impl Store {
         for r in q.fetch_all(pool).await? {
             last_seq.insert(r.try_get::<String, _>("run_id")?, r.try_get::<i64, _>("seq")?);
         }
-        Ok(Snapshot { runs, steps, attempts, last_seq, agents: Vec::new(), breakers: Vec::new() })
+        Ok(Snapshot {
+            runs,
+            steps,
+            attempts,
+            last_seq,
+            agents: Vec::new(),
+            breakers: Vec::new(),
+            cache: Vec::new(),
+        })
     }
 
     /// The run a submit with this request id created, if any.

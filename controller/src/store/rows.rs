@@ -154,6 +154,8 @@ record! {
         pub rerun_of: String,
         /// When its `deadline` fails it (a retry counts it again); NULL without one.
         pub deadline_at: Option<i64>,
+        /// 1: submitted with `--no-cache` (every step runs).
+        pub no_cache: i64,
     }
 }
 
@@ -292,5 +294,18 @@ record! {
         pub attempt_id: String,
         pub seq: i64,
         pub data: Vec<u8>,
+    }
+}
+
+record! {
+    /// A cached step result (`cache:`), by key, until `expires_at`.
+    pub struct CacheRow in "step_cache", key (cache_key), Upsert {
+        pub cache_key: String,
+        pub workstream: String,
+        pub step_id: String,
+        pub run_id: String,
+        pub result: Option<String>,
+        pub created_at: i64,
+        pub expires_at: i64,
     }
 }

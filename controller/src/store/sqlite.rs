@@ -126,6 +126,7 @@ fn write(conn: &mut Connection, b: &Batch, fence: Option<&Fence>) -> Result<(), 
     rows(&tx, &b.events)?;
     rows(&tx, &b.agents)?;
     rows(&tx, &b.breakers)?;
+    rows(&tx, &b.cache)?;
     tx.commit()?;
     Ok(())
 }

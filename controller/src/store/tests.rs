@@ -68,6 +68,7 @@ on_both!(
     leadership_is_exclusive_and_fences_commits,
     finished_runs_are_pruned_by_their_retention_with_all_their_rows,
     an_ended_run_loads_alone_and_its_reruns_link_back,
+    cached_results_are_written_listed_loaded_and_purged,
 );
 
 fn run_row(id: &str, state: &str, created_at: i64) -> RunRow {
@@ -87,6 +88,7 @@ fn run_row(id: &str, state: &str, created_at: i64) -> RunRow {
         retain_ms: None,
         rerun_of: String::new(),
         deadline_at: None,
+        no_cache: 0,
     }
 }
 
@@ -216,6 +218,33 @@ async fn an_ended_run_loads_alone_and_its_reruns_link_back(store: &Store) {
     let new = store.get_run("0a1b2c3d-0000-4000-8000-0000000000b1").await.unwrap();
     assert_eq!(new.run.rerun_of, old);
     assert!(new.reruns.is_empty());
+}
+
+async fn cached_results_are_written_listed_loaded_and_purged(store: &Store) {
+    let row = |key: &str, ws: &str, at: i64| CacheRow {
+        cache_key: key.into(),
+        workstream: ws.into(),
+        step_id: "a".into(),
+        run_id: "0a1b2c3d-0000-4000-8000-0000000000c1".into(),
+        result: Some(r#"{"x":1}"#.into()),
+        created_at: at,
+        expires_at: at + 1000,
+    };
+    let batch = Batch {
+        cache: vec![row("ab01", "w1", 1), row("ab02", "w2", 2), row("cd03", "w1", 3)],
+        ..Default::default()
+    };
+    store.commit(batch, None).await.unwrap();
+    // The same key again replaces it.
+    let again = Batch { cache: vec![row("ab01", "w1", 4)], ..Default::default() };
+    store.commit(again, None).await.unwrap();
+    let all = store.list_cache("").await.unwrap();
+    assert_eq!(all.iter().map(|r| r.cache_key.as_str()).collect::<Vec<_>>(), vec!["ab01", "cd03", "ab02"]);
+    assert_eq!(store.list_cache("w1").await.unwrap().len(), 2);
+    assert_eq!(store.load_active().await.unwrap().cache.len(), 3);
+    assert_eq!(store.purge_cache("w1", "ab").await.unwrap(), 1);
+    assert_eq!(store.purge_cache("", "").await.unwrap(), 2);
+    assert!(store.list_cache("").await.unwrap().is_empty());
 }
 
 async fn events_come_back_in_order_from_any_sequence(store: &Store) {

@@ -34,6 +34,7 @@ class StepState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STEP_STATE_SKIPPED: _ClassVar[StepState]
     STEP_STATE_CANCELED: _ClassVar[StepState]
     STEP_STATE_REUSED: _ClassVar[StepState]
+    STEP_STATE_CACHED: _ClassVar[StepState]
 
 class AttemptState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -105,6 +106,7 @@ STEP_STATE_FAILED: StepState
 STEP_STATE_SKIPPED: StepState
 STEP_STATE_CANCELED: StepState
 STEP_STATE_REUSED: StepState
+STEP_STATE_CACHED: StepState
 ATTEMPT_STATE_UNSPECIFIED: AttemptState
 ATTEMPT_STATE_ASSIGNED: AttemptState
 ATTEMPT_STATE_RUNNING: AttemptState
@@ -140,7 +142,7 @@ REPORT_FORMAT_JSON: ReportFormat
 REPORT_FORMAT_HTML: ReportFormat
 
 class SubmitRunRequest(_message.Message):
-    __slots__ = ("spec", "source", "params", "request_id", "name", "labels")
+    __slots__ = ("spec", "source", "params", "request_id", "name", "labels", "no_cache")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -154,13 +156,15 @@ class SubmitRunRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    NO_CACHE_FIELD_NUMBER: _ClassVar[int]
     spec: str
     source: str
     params: _struct_pb2.Struct
     request_id: str
     name: str
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, spec: _Optional[str] = ..., source: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., request_id: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    no_cache: bool
+    def __init__(self, spec: _Optional[str] = ..., source: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., request_id: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., no_cache: _Optional[bool] = ...) -> None: ...
 
 class SubmitRunResponse(_message.Message):
     __slots__ = ("run_id",)
@@ -259,19 +263,63 @@ class RetryRunResponse(_message.Message):
     seq: int
     def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., seq: _Optional[int] = ...) -> None: ...
 
+class ListCacheRequest(_message.Message):
+    __slots__ = ("workstream",)
+    WORKSTREAM_FIELD_NUMBER: _ClassVar[int]
+    workstream: str
+    def __init__(self, workstream: _Optional[str] = ...) -> None: ...
+
+class CacheEntry(_message.Message):
+    __slots__ = ("key", "workstream", "step_id", "run_id", "created_at", "expires_at")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    WORKSTREAM_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    workstream: str
+    step_id: str
+    run_id: str
+    created_at: _timestamp_pb2.Timestamp
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, key: _Optional[str] = ..., workstream: _Optional[str] = ..., step_id: _Optional[str] = ..., run_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListCacheResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[CacheEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[CacheEntry, _Mapping]]] = ...) -> None: ...
+
+class PurgeCacheRequest(_message.Message):
+    __slots__ = ("workstream", "key_prefix")
+    WORKSTREAM_FIELD_NUMBER: _ClassVar[int]
+    KEY_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    workstream: str
+    key_prefix: str
+    def __init__(self, workstream: _Optional[str] = ..., key_prefix: _Optional[str] = ...) -> None: ...
+
+class PurgeCacheResponse(_message.Message):
+    __slots__ = ("purged",)
+    PURGED_FIELD_NUMBER: _ClassVar[int]
+    purged: int
+    def __init__(self, purged: _Optional[int] = ...) -> None: ...
+
 class RerunRunRequest(_message.Message):
-    __slots__ = ("run_id", "from_step", "only", "params", "request_id")
+    __slots__ = ("run_id", "from_step", "only", "params", "request_id", "no_cache")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_STEP_FIELD_NUMBER: _ClassVar[int]
     ONLY_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    NO_CACHE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     from_step: str
     only: bool
     params: _struct_pb2.Struct
     request_id: str
-    def __init__(self, run_id: _Optional[str] = ..., from_step: _Optional[str] = ..., only: _Optional[bool] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    no_cache: bool
+    def __init__(self, run_id: _Optional[str] = ..., from_step: _Optional[str] = ..., only: _Optional[bool] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., request_id: _Optional[str] = ..., no_cache: _Optional[bool] = ...) -> None: ...
 
 class RerunRunResponse(_message.Message):
     __slots__ = ("run_id", "reused")

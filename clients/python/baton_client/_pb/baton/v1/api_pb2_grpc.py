@@ -71,6 +71,16 @@ class BatonServiceStub:
                 request_serializer=baton_dot_v1_dot_api__pb2.RerunRunRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_api__pb2.RerunRunResponse.FromString,
                 _registered_method=True)
+        self.ListCache = channel.unary_unary(
+                '/baton.v1.BatonService/ListCache',
+                request_serializer=baton_dot_v1_dot_api__pb2.ListCacheRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_api__pb2.ListCacheResponse.FromString,
+                _registered_method=True)
+        self.PurgeCache = channel.unary_unary(
+                '/baton.v1.BatonService/PurgeCache',
+                request_serializer=baton_dot_v1_dot_api__pb2.PurgeCacheRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_api__pb2.PurgeCacheResponse.FromString,
+                _registered_method=True)
         self.DeleteRun = channel.unary_unary(
                 '/baton.v1.BatonService/DeleteRun',
                 request_serializer=baton_dot_v1_dot_api__pb2.DeleteRunRequest.SerializeToString,
@@ -182,6 +192,21 @@ class BatonServiceServicer:
         that succeeded is taken over with its outputs (state `reused`, no attempt made),
         and one that did not runs again too. Params are the old run's, with `params` set
         over them. The runs link both ways (`Run.rerun_of`, `Run.reruns`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCache(self, request, context):
+        """The step cache: results of steps with `cache:` by key, until they expire.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PurgeCache(self, request, context):
+        """Forgets cached results (all, or of a workstream, or by key prefix): those steps run
+        again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -302,6 +327,16 @@ def add_BatonServiceServicer_to_server(servicer, server):
                     servicer.RerunRun,
                     request_deserializer=baton_dot_v1_dot_api__pb2.RerunRunRequest.FromString,
                     response_serializer=baton_dot_v1_dot_api__pb2.RerunRunResponse.SerializeToString,
+            ),
+            'ListCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCache,
+                    request_deserializer=baton_dot_v1_dot_api__pb2.ListCacheRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_api__pb2.ListCacheResponse.SerializeToString,
+            ),
+            'PurgeCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeCache,
+                    request_deserializer=baton_dot_v1_dot_api__pb2.PurgeCacheRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_api__pb2.PurgeCacheResponse.SerializeToString,
             ),
             'DeleteRun': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteRun,
@@ -545,6 +580,60 @@ class BatonService:
             '/baton.v1.BatonService/RerunRun',
             baton_dot_v1_dot_api__pb2.RerunRunRequest.SerializeToString,
             baton_dot_v1_dot_api__pb2.RerunRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.BatonService/ListCache',
+            baton_dot_v1_dot_api__pb2.ListCacheRequest.SerializeToString,
+            baton_dot_v1_dot_api__pb2.ListCacheResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.BatonService/PurgeCache',
+            baton_dot_v1_dot_api__pb2.PurgeCacheRequest.SerializeToString,
+            baton_dot_v1_dot_api__pb2.PurgeCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,
