@@ -611,6 +611,8 @@ impl Model {
             Input::Sweep => {
                 self.sweep_agents();
                 self.check_max_wait(self.now());
+                let now = self.now();
+                self.cache.retain(|_, r| r.expires_at > now);
             }
             Input::Committed(commit) => self.committed(commit),
         }
@@ -852,7 +854,12 @@ impl Model {
         let attempts = &self.attempts;
         self.followers.retain(|before, _| attempts.get(before).is_some_and(|a| !a.state.is_terminal()));
         self.load_breakers(&snap.breakers);
-        self.cache = snap.cache.iter().map(|r| (r.cache_key.clone(), r.clone())).collect();
+        self.cache = snap
+            .cache
+            .iter()
+            .filter(|r| r.expires_at > now)
+            .map(|r| (r.cache_key.clone(), r.clone()))
+            .collect();
         // Attempts still running get what to mask again (it is not stored).
         let live: Vec<(String, String)> = self
             .attempts

@@ -820,6 +820,8 @@ impl Store {
         default_ms: Option<i64>,
         limit: i64,
     ) -> Result<Pruned, StoreError> {
+        // Cached results past their ttl are never used again (the engine drops them too).
+        sqlx::query("DELETE FROM step_cache WHERE expires_at <= $1").bind(now_ms).execute(&self.pool).await?;
         // Without a default, `now - i64::MAX / 4` is before any run finished.
         let default_ms = default_ms.unwrap_or(i64::MAX / 4);
         let ids: Vec<String> = sqlx::query(

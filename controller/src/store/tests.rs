@@ -242,6 +242,11 @@ async fn cached_results_are_written_listed_loaded_and_purged(store: &Store) {
     assert_eq!(all.iter().map(|r| r.cache_key.as_str()).collect::<Vec<_>>(), vec!["ab01", "cd03", "ab02"]);
     assert_eq!(store.list_cache("w1").await.unwrap().len(), 2);
     assert_eq!(store.load_active().await.unwrap().cache.len(), 3);
+    // Pruning drops those past their ttl (ab02 ends at 1002, cd03 at 1003, ab01 at 1004).
+    store.prune(1003, None, 10).await.unwrap();
+    assert_eq!(store.list_cache("").await.unwrap().len(), 1);
+    let back = Batch { cache: vec![row("ab02", "w2", 2), row("cd03", "w1", 3)], ..Default::default() };
+    store.commit(back, None).await.unwrap();
     assert_eq!(store.purge_cache("w1", "ab").await.unwrap(), 1);
     assert_eq!(store.purge_cache("", "").await.unwrap(), 2);
     assert!(store.list_cache("").await.unwrap().is_empty());
