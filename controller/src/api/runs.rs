@@ -690,15 +690,7 @@ fn rerun_steps(ws: &spec::Workstream, from: &[usize], only: bool) -> std::collec
     if only {
         return again;
     }
-    let index = ws.index();
-    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); ws.steps.len()];
-    for (i, s) in ws.steps.iter().enumerate() {
-        for n in &s.needs {
-            if let Some(&j) = index.get(n.as_str()) {
-                dependents[j].push(i);
-            }
-        }
-    }
+    let dependents = crate::engine::dependents_of(ws);
     let mut queue = from.to_vec();
     while let Some(j) = queue.pop() {
         for &d in &dependents[j] {

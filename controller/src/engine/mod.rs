@@ -25,6 +25,7 @@ mod testkit;
 pub use admission::{Admitted, Rerun, Submission};
 pub use breakers::BreakerConfig;
 pub(crate) use progress::percent;
+pub(crate) use state::dependents_of;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
