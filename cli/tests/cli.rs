@@ -1141,3 +1141,56 @@ async fn a_cached_step_runs_once_for_the_same_input_and_again_when_it_changes() 
     submit(vec!["submit", &spec, "--watch"]).await;
     assert_eq!(runs(), 4, "after a purge it runs again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_for_each_step_expands_at_run_time_across_a_restart_and_its_join_gets_the_list() {
+    let mut sb = Sandbox::builder().agents(2).build().await;
+    let url = sb.url();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    // list makes the items; each expansion marks that it started, then waits for `go`.
+    let spec = write(
+        dir.path(),
+        "f.yaml",
+        &format!(
+            "name: fe\nsteps:\n  - {{id: list, tool: shell, with: {{run: 'echo {{\\\"files\\\": [\\\"a.txt\\\", \\\"b.txt\\\", \\\"c.txt\\\"]}} > $BATON_OUTPUT'}}}}\n  - id: fan\n    needs: list\n    for_each: '${{{{ steps.list.outputs.files }}}}'\n    tool: shell\n    with: {{run: 'echo ${{{{ index }}}} >> {d}/ran-${{{{ item }}}}; while [ ! -e {d}/go ]; do sleep 0.05; done; echo size=${{{{ index }}}}0 >> $BATON_OUTPUT'}}\n  - {{id: join, needs: fan, tool: shell, env: {{ALL: '${{{{ steps.fan.outputs.size }}}}'}}, with: {{run: 'echo \"all=$ALL\"'}}}}\n"
+        ),
+    );
+    let out = baton(&url, &["submit", &spec]).await;
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let id = out.stdout.trim().to_string();
+    let ran = |f: &str| std::fs::read_to_string(dir.path().join(format!("ran-{f}"))).unwrap_or_default();
+    eventually(Duration::from_secs(20), "every expansion started", || async {
+        ["a.txt", "b.txt", "c.txt"].iter().all(|f| !ran(f).is_empty()).then_some(())
+    })
+    .await;
+    // The expansion is durable: a restarted controller has the same steps and runs
+    // none of them twice.
+    sb.restart_controller().await;
+    std::fs::write(dir.path().join("go"), "").unwrap();
+    let w = baton(&url, &["runs", "watch", &id]).await;
+    assert_eq!(w.code, 0, "{}{}", w.stdout, w.stderr);
+    assert_eq!((ran("a.txt"), ran("b.txt"), ran("c.txt")), ("0\n".into(), "1\n".into(), "2\n".into()));
+    let run = shown(&url, &id).await;
+    let ids: Vec<&str> = run["steps"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["list", "fan", "join", "fan[0]", "fan[1]", "fan[2]"]);
+    assert_eq!(run["steps"][1]["reason"], "for_each: all 3 expansions succeeded");
+    let logs = baton(&url, &["runs", "logs", &id, "join"]).await;
+    assert_eq!(logs.stdout, "all=[\"00\",\"10\",\"20\"]\n");
+    assert!(
+        w.stdout.contains("for_each: 3 items from ${{ steps.list.outputs.files }}: fan[0], fan[1], fan[2]"),
+        "{}",
+        w.stdout
+    );
+
+    // A rerun from one expansion runs it and the join again, and reuses the rest.
+    let again = baton(&url, &["runs", "rerun", &id, "--from", "fan[1]", "--watch"]).await;
+    assert_eq!(again.code, 0, "{}{}", again.stdout, again.stderr);
+    assert_eq!((ran("a.txt"), ran("b.txt"), ran("c.txt")), ("0\n".into(), "1\n1\n".into(), "2\n".into()));
+    // A rerun from the list expands anew.
+    let again = baton(&url, &["runs", "rerun", &id, "--from", "list", "--watch"]).await;
+    assert_eq!(again.code, 0, "{}{}", again.stdout, again.stderr);
+    assert_eq!(ran("a.txt"), "0\n0\n");
+    let new = newest_run(&url, None).await;
+    assert_eq!(shown(&url, &new).await["steps"].as_array().unwrap().len(), 6);
+}

@@ -626,6 +626,8 @@ mod tests {
             Ref::Output { .. } => Ok(json!([1, "two"])),
             Ref::Secret(s) => Ok(json!(format!("secret-{s}"))),
             Ref::Matrix(m) => Ok(json!(format!("matrix-{m}"))),
+            Ref::Item(_) => Ok(json!({"k": "v"})),
+            Ref::Index => Ok(json!(3)),
         }
     }
 

@@ -108,6 +108,45 @@ pub struct StepSpec {
     /// `cache:`: a successful attempt's outputs stand for later ones with the same key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CachePolicy>,
+    /// `for_each:`: the step expands at run time into one step per item of the list
+    /// this reference (`${{ steps.ID.outputs.NAME }}`, exactly one expression) gives
+    /// once the steps it needs have ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_each: Option<String>,
+    /// On a `for_each` step that has expanded: how many items it expanded into. Its
+    /// expansions follow it in `needs`, so it ends when they have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expanded: Option<u32>,
+    /// On an expansion of a `for_each` step (whose id is its `group`): its item
+    /// (`${{ item }}`) and the item's position in the list (`${{ index }}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub item: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+}
+
+impl StepSpec {
+    /// The step `${{ steps.ID.outputs... }}` of its `for_each` reads, and that
+    /// reference.
+    pub fn for_each_source(&self) -> Option<Ref> {
+        self.for_each.as_deref().and_then(|text| for_each_ref(text).ok())
+    }
+}
+
+/// The reference a `for_each:` is: exactly one `${{ steps.ID.outputs.NAME }}` (or
+/// `${{ steps.ID.outputs }}`).
+pub fn for_each_ref(text: &str) -> Result<Ref, String> {
+    match template::parse(text.trim())?.as_slice() {
+        [template::Part::Expr(r @ Ref::Output { .. })] => Ok(r.clone()),
+        _ => Err(format!(
+            "{text:?} is not one ${{{{ steps.ID.outputs.NAME }}}} expression (the list an upstream step produced)"
+        )),
+    }
+}
+
+/// The id of item `index` of `for_each` step `id`.
+pub fn item_id(id: &str, index: usize) -> String {
+    format!("{id}[{index}]")
 }
 
 /// A step's `cache:`.
@@ -205,6 +244,8 @@ pub const MAX_WITH_BYTES: usize = 64 * 1024;
 pub const MAX_ATTEMPTS: u32 = 100;
 /// Most combinations one matrix step may expand into.
 pub const MAX_MATRIX: usize = 256;
+/// Most items one `for_each` step may expand into.
+pub const MAX_FOR_EACH: usize = 1024;
 
 /// The spec as written, before validation.
 #[derive(Debug, Deserialize)]
@@ -277,6 +318,7 @@ struct RawStep {
     when: Option<When>,
     /// `true`, or `{key: ..., ttl: ...}`.
     cache: Option<Value>,
+    for_each: Option<String>,
 }
 
 /// `needs: a` or `needs: [a, b]`.
@@ -751,42 +793,59 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
                     None
                 }
             },
-        };
-        match (&rs.matrix, rs.max_parallel) {
-            (None, None) => steps.push(step),
-            (None, Some(_)) => c.push(here, "max_parallel: only a matrix step has expansions to limit"),
-            (Some(m), max_parallel) => {
-                if max_parallel == Some(0) {
-                    c.push(here, "max_parallel must be at least 1");
-                }
-                match combinations(m) {
-                    Ok(combos) => {
-                        let names: Vec<String> = combos.iter().map(|m| expansion_id(&step.id, m)).collect();
-                        groups.insert(step.id.clone(), names.clone());
-                        for (combo, name) in combos.into_iter().zip(names) {
-                            seen.insert(name.clone());
-                            steps.push(StepSpec {
-                                id: name,
-                                group: Some(step.id.clone()),
-                                matrix: combo,
-                                max_parallel,
-                                ..step.clone()
-                            });
-                        }
-                        if steps.len() > MAX_STEPS {
-                            c.push(
-                                here,
-                                format!(
-                                    "its matrix makes the workstream {} steps; the limit is {MAX_STEPS}",
-                                    steps.len()
-                                ),
-                            );
-                            return Err(SpecError { origin: source.to_string(), problems: c.problems });
-                        }
+            for_each: match rs.for_each {
+                Some(text) => match for_each_ref(&text) {
+                    Ok(_) => Some(text),
+                    Err(e) => {
+                        c.push(here, format!("for_each: {e}"));
+                        None
                     }
-                    Err(e) => c.push(here, format!("matrix: {e}")),
-                }
+                },
+                None => None,
+            },
+            expanded: None,
+            item: None,
+            index: None,
+        };
+        if rs.max_parallel == Some(0) {
+            c.push(here, "max_parallel must be at least 1");
+        }
+        match (&rs.matrix, rs.max_parallel) {
+            (Some(_), _) if step.for_each.is_some() => {
+                c.push(here, "a step expands by matrix or by for_each, not both")
             }
+            (None, max_parallel) if step.for_each.is_some() => steps.push(StepSpec { max_parallel, ..step }),
+            (None, None) => steps.push(step),
+            (None, Some(_)) => {
+                c.push(here, "max_parallel: only a matrix or for_each step has expansions to limit")
+            }
+            (Some(m), max_parallel) => match combinations(m) {
+                Ok(combos) => {
+                    let names: Vec<String> = combos.iter().map(|m| expansion_id(&step.id, m)).collect();
+                    groups.insert(step.id.clone(), names.clone());
+                    for (combo, name) in combos.into_iter().zip(names) {
+                        seen.insert(name.clone());
+                        steps.push(StepSpec {
+                            id: name,
+                            group: Some(step.id.clone()),
+                            matrix: combo,
+                            max_parallel,
+                            ..step.clone()
+                        });
+                    }
+                    if steps.len() > MAX_STEPS {
+                        c.push(
+                            here,
+                            format!(
+                                "its matrix makes the workstream {} steps; the limit is {MAX_STEPS}",
+                                steps.len()
+                            ),
+                        );
+                        return Err(SpecError { origin: source.to_string(), problems: c.problems });
+                    }
+                }
+                Err(e) => c.push(here, format!("matrix: {e}")),
+            },
         }
     }
     // A need naming a matrix step is a need of every one of its expansions.
@@ -867,7 +926,14 @@ fn check_refs(
             }
         }
         if let Some(Ok(e)) = s.condition.as_deref().map(crate::expr::parse) {
-            refs.extend(e.refs());
+            for r in e.refs() {
+                if matches!(r, Ref::Item(_) | Ref::Index) && s.for_each.is_some() {
+                    let why = "the condition is decided once, before the step expands into its items";
+                    c.push(Some(&s.id), format!("if: {r} is not set there: {why}"));
+                } else {
+                    refs.push(r);
+                }
+            }
         }
         if let Some(key) = s.cache.as_ref().and_then(|c| c.key.clone()) {
             match template::refs(&Value::String(key)) {
@@ -875,7 +941,8 @@ fn check_refs(
                 Err(e) => c.push(Some(&s.id), format!("cache.key: {e}")),
             }
         }
-        if refs.is_empty() {
+        let source = s.for_each_source();
+        if refs.is_empty() && source.is_none() {
             continue;
         }
         if let Some(tool) = &s.tool
@@ -884,19 +951,21 @@ fn check_refs(
             c.push(Some(&s.id), e);
         }
         let ancestors = ancestors_of(steps, &index, &s.id);
-        for r in refs {
-            match &r {
+        let problem = |r: &Ref| -> Option<String> {
+            match r {
                 // A matrix step's outputs: the list of its expansions'.
                 Ref::Output { step, .. }
-                    if groups.get(step).is_some_and(|m| m.iter().all(|e| ancestors.contains(e.as_str()))) => {
+                    if groups.get(step).is_some_and(|m| m.iter().all(|e| ancestors.contains(e.as_str()))) =>
+                {
+                    None
                 }
-                Ref::Matrix(name) if !s.matrix.contains_key(name) => {
-                    let why = if s.group.is_some() {
-                        "is not set in this combination"
-                    } else {
-                        "is only set in a matrix step"
-                    };
-                    c.push(Some(&s.id), format!("${{{{ {r} }}}}: matrix.{name} {why}"));
+                Ref::Matrix(name) if !s.matrix.contains_key(name) => Some(if s.group.is_some() {
+                    format!("matrix.{name} is not set in this combination")
+                } else {
+                    format!("matrix.{name} is only set in a matrix step")
+                }),
+                Ref::Item(_) | Ref::Index if s.for_each.is_none() && s.item.is_none() => {
+                    Some(format!("{r} is only set in a for_each step"))
                 }
                 Ref::Output { step, .. } if !ancestors.contains(step.as_str()) => {
                     let what = if index.contains_key(step.as_str()) {
@@ -904,13 +973,23 @@ fn check_refs(
                     } else {
                         "does not exist"
                     };
-                    c.push(Some(&s.id), format!("${{{{ {r} }}}}: step {step:?} {what} (list it in needs)"));
+                    Some(format!("step {step:?} {what} (list it in needs)"))
                 }
                 Ref::Param(p) if params.is_some_and(|ps| !ps.contains_key(p)) => {
-                    c.push(Some(&s.id), format!("${{{{ {r} }}}}: params.{p} is not declared under params"));
+                    Some(format!("params.{p} is not declared under params"))
                 }
-                _ => {}
+                _ => None,
             }
+        };
+        for r in refs {
+            if let Some(why) = problem(&r) {
+                c.push(Some(&s.id), format!("${{{{ {r} }}}}: {why}"));
+            }
+        }
+        if let Some(r) = source
+            && let Some(why) = problem(&r)
+        {
+            c.push(Some(&s.id), format!("for_each: ${{{{ {r} }}}}: {why}"));
         }
     }
 }
@@ -1214,6 +1293,23 @@ impl Workstream {
     /// Position of each step id in `steps`.
     pub fn index(&self) -> HashMap<&str, usize> {
         self.steps.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect()
+    }
+
+    /// Whether step `s` is an expansion of `for_each` step `id`.
+    pub fn is_item_of(s: &StepSpec, id: &str) -> bool {
+        s.item.is_some() && s.group.as_deref() == Some(id)
+    }
+
+    /// Takes back the expansion of `for_each` step `id`: its expansions go, and it
+    /// expands again when it runs.
+    pub fn unexpand(&mut self, id: &str) {
+        let items: HashSet<String> =
+            self.steps.iter().filter(|s| Self::is_item_of(s, id)).map(|s| s.id.clone()).collect();
+        self.steps.retain(|s| !Self::is_item_of(s, id));
+        if let Some(t) = self.steps.iter_mut().find(|s| s.id == id) {
+            t.needs.retain(|n| !items.contains(n));
+            t.expanded = None;
+        }
     }
 }
 
@@ -1692,7 +1788,7 @@ steps:
         let e = err(&step("{os: [[1]]}"));
         assert!(e.contains("values must be strings, numbers or booleans"), "{e}");
         let e = err("name: m\nsteps:\n  - {id: t, tool: noop, max_parallel: 2}\n");
-        assert!(e.contains("max_parallel: only a matrix step"), "{e}");
+        assert!(e.contains("max_parallel: only a matrix or for_each step"), "{e}");
         let e = err("name: m\nsteps:\n  - {id: t, tool: shell, with: {run: 'echo ${{ matrix.os }}'}}\n");
         assert!(e.contains("matrix.os is only set in a matrix step"), "{e}");
         let e = err(
@@ -1702,5 +1798,84 @@ steps:
         // The group's own id stays taken.
         let e = err("name: m\nsteps:\n  - {id: t, tool: noop, matrix: {a: [x]}}\n  - {id: t, tool: noop}\n");
         assert!(e.contains("duplicate step id"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod for_each_tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        parse("f.yaml", text).unwrap_err().to_string()
+    }
+
+    const LIST: &str = "name: f\nsteps:\n  - {id: list, tool: noop}\n";
+
+    #[test]
+    fn a_for_each_step_keeps_its_source_and_expands_only_at_run_time() {
+        let ws = parse(
+            "f.yaml",
+            &format!("{LIST}  - {{id: fan, needs: list, tool: shell, for_each: '${{{{ steps.list.outputs.files }}}}', max_parallel: 2, with: {{run: 'echo ${{{{ item.path }}}} ${{{{ index }}}}'}}}}\n"),
+        )
+        .unwrap();
+        assert_eq!(ws.steps.len(), 2);
+        let fan = &ws.steps[1];
+        assert_eq!(fan.max_parallel, Some(2));
+        assert_eq!(fan.expanded, None);
+        assert_eq!(fan.for_each_source(), Some(Ref::Output { step: "list".into(), name: "files".into() }));
+    }
+
+    #[test]
+    fn a_bad_for_each_is_refused_naming_the_step() {
+        let step =
+            |rest: &str| format!("{LIST}  - {{id: fan, tool: shell, with: {{run: 'true'}}, {rest}}}\n");
+        let e = err(&step("needs: list, for_each: 'a b'"));
+        assert!(
+            e.contains(r#"step "fan": for_each: "a b" is not one ${{ steps.ID.outputs.NAME }} expression"#),
+            "{e}"
+        );
+        let e = err(&step("for_each: '${{ steps.list.outputs.files }}'"));
+        assert!(
+            e.contains(r#"step "fan": for_each: ${{ steps.list.outputs.files }}: step "list" is not upstream of it (list it in needs)"#),
+            "{e}"
+        );
+        let e = err(&step("needs: list, for_each: '${{ steps.nope.outputs.files }}'"));
+        assert!(e.contains(r#"step "nope" does not exist"#), "{e}");
+        let e = err(&step("needs: list, for_each: '${{ params.files }}'"));
+        assert!(e.contains("is not one ${{ steps.ID.outputs.NAME }} expression"), "{e}");
+        let e = err(&step("needs: list, for_each: '${{ steps.list.outputs.f }}', matrix: {a: [x]}"));
+        assert!(e.contains("a step expands by matrix or by for_each, not both"), "{e}");
+        let e = err(&step("needs: list, for_each: '${{ steps.list.outputs.f }}', if: 'item == 1'"));
+        assert!(
+            e.contains("if: item is not set there: the condition is decided once, before the step expands"),
+            "{e}"
+        );
+        let e = err(&format!("{LIST}  - {{id: x, tool: shell, with: {{run: 'echo ${{{{ item }}}}'}}}}\n"));
+        assert!(e.contains(r#"step "x": ${{ item }}: item is only set in a for_each step"#), "{e}");
+        let e = err(&format!("{LIST}  - {{id: x, tool: shell, with: {{run: 'echo ${{{{ index }}}}'}}}}\n"));
+        assert!(e.contains("index is only set in a for_each step"), "{e}");
+    }
+
+    #[test]
+    fn unexpand_takes_back_the_expansions() {
+        let mut ws = parse(
+            "f.yaml",
+            &format!("{LIST}  - {{id: fan, needs: list, tool: noop, for_each: '${{{{ steps.list.outputs.f }}}}'}}\n"),
+        )
+        .unwrap();
+        let before = ws.clone();
+        let item = StepSpec {
+            id: item_id("fan", 0),
+            group: Some("fan".into()),
+            item: Some(Value::from(1)),
+            index: Some(0),
+            for_each: None,
+            ..ws.steps[1].clone()
+        };
+        ws.steps.push(item);
+        ws.steps[1].needs.push("fan[0]".into());
+        ws.steps[1].expanded = Some(1);
+        ws.unexpand("fan");
+        assert_eq!(ws, before);
     }
 }

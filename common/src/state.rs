@@ -143,6 +143,8 @@ state_enum!(
     /// canceled | skipped → waiting` when a caller retries a failed or canceled run.
     /// `reused` (taken over from the run a rerun repeats) is where a step starts and
     /// stays; `ready → cached` when an earlier attempt with the same cache key stands.
+    /// A `for_each` step makes no attempt: `ready → waiting` when it expands (it waits
+    /// for its expansions), `ready → succeeded` when they have all succeeded.
     StepState, "step state", {
         Waiting => "waiting",
         Ready => "ready",
@@ -186,7 +188,7 @@ impl StepState {
                 | (RetryWait, Ready | Failed | Canceled)
                 | (Failed, Ready)
                 | (Failed | Canceled | Skipped, Waiting)
-                | (Ready, Cached)
+                | (Ready, Cached | Waiting | Succeeded)
         )
     }
 }
@@ -313,6 +315,8 @@ mod tests {
             (Canceled, Waiting),
             (Skipped, Waiting),
             (Ready, Cached),
+            (Ready, Waiting),
+            (Ready, Succeeded),
         ] {
             assert_eq!(a.transition(b), Ok(b), "{a} -> {b}");
         }
@@ -324,7 +328,6 @@ mod tests {
         for (a, b) in [
             (Waiting, Running),
             (Waiting, Succeeded),
-            (Ready, Succeeded),
             (Running, Ready),
             (Running, Waiting),
             (RetryWait, Running),

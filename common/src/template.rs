@@ -1,7 +1,8 @@
 //! `${{ steps.ID.outputs.NAME }}` (`${{ steps.ID.outputs }}`: all of them),
-//! `${{ params.NAME }}`, `${{ secrets.NAME }}` and `${{ matrix.NAME }}` in step inputs
-//! and env. Where ID names a matrix step, the value is the list of its expansions'
-//! values, in their order.
+//! `${{ params.NAME }}`, `${{ secrets.NAME }}`, `${{ matrix.NAME }}` and, in a
+//! `for_each` step, `${{ item }}` (`${{ item.NAME }}`: a field of it) and
+//! `${{ index }}` in step inputs and env. Where ID names a matrix or for_each step,
+//! the value is the list of its expansions' values, in their order.
 //!
 //! A string that is exactly one expression becomes the referenced JSON value itself;
 //! expressions inside longer strings are replaced by their text (strings as they are,
@@ -23,6 +24,11 @@ pub enum Ref {
     Secret(String),
     /// A value of the step's matrix combination.
     Matrix(String),
+    /// The item a `for_each` expansion runs for; a field of it when the name is not
+    /// empty.
+    Item(String),
+    /// The position of a `for_each` expansion's item in its list, from 0.
+    Index,
 }
 
 impl std::fmt::Display for Ref {
@@ -33,6 +39,9 @@ impl std::fmt::Display for Ref {
             Ref::Param(name) => write!(f, "params.{name}"),
             Ref::Secret(name) => write!(f, "secrets.{name}"),
             Ref::Matrix(name) => write!(f, "matrix.{name}"),
+            Ref::Item(name) if name.is_empty() => write!(f, "item"),
+            Ref::Item(name) => write!(f, "item.{name}"),
+            Ref::Index => write!(f, "index"),
         }
     }
 }
@@ -67,6 +76,11 @@ pub fn parse(s: &str) -> Result<Vec<Part<'_>>, String> {
 
 fn parse_ref(expr: &str) -> Result<Ref, String> {
     let valid = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    match expr {
+        "item" => return Ok(Ref::Item(String::new())),
+        "index" => return Ok(Ref::Index),
+        _ => {}
+    }
     if let Some(rest) = expr.strip_prefix("steps.") {
         if let Some((step, name)) = rest.rsplit_once(".outputs.")
             && valid(step)
@@ -85,6 +99,11 @@ fn parse_ref(expr: &str) -> Result<Ref, String> {
         && !name.contains('.')
     {
         return Ok(Ref::Matrix(name.to_string()));
+    } else if let Some(name) = expr.strip_prefix("item.")
+        && valid(name)
+        && !name.contains('.')
+    {
+        return Ok(Ref::Item(name.to_string()));
     } else if let Some(name) = expr.strip_prefix("params.")
         && valid(name)
         && !name.contains('.')
@@ -97,7 +116,7 @@ fn parse_ref(expr: &str) -> Result<Ref, String> {
         return Ok(Ref::Secret(name.to_string()));
     }
     Err(format!(
-        "bad expression ${{{{ {expr} }}}}: expected steps.ID.outputs.NAME, steps.ID.outputs, params.NAME, secrets.NAME or matrix.NAME"
+        "bad expression ${{{{ {expr} }}}}: expected steps.ID.outputs.NAME, steps.ID.outputs, params.NAME, secrets.NAME, matrix.NAME, item, item.NAME or index"
     ))
 }
 
@@ -169,6 +188,34 @@ pub fn output_value(r: &Ref, step: &str, name: &str, result: Option<&str>) -> Re
             format!("{r} is not set (step {step:?} has outputs: {})", names.join(", "))
         }),
         _ => Err(format!("{r}: step {step:?} has no named outputs (its result is not a JSON object)")),
+    }
+}
+
+/// The value of `${{ item }}` or `${{ item.NAME }}` (`r`) for a `for_each` expansion
+/// whose item is `item`.
+pub fn item_value(r: &Ref, name: &str, item: Option<&Value>) -> Result<Value, String> {
+    let item = item.ok_or(format!("{r} is only set in a for_each step"))?;
+    if name.is_empty() {
+        return Ok(item.clone());
+    }
+    match item {
+        Value::Object(m) => m.get(name).cloned().ok_or_else(|| {
+            let names: Vec<&str> = m.keys().map(String::as_str).collect();
+            format!("{r} is not set (the item has fields: {})", names.join(", "))
+        }),
+        other => Err(format!("{r}: the item is {}, not an object", kind_of(other))),
+    }
+}
+
+/// What kind of JSON value `v` is, for messages.
+pub fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
     }
 }
 

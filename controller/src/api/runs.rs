@@ -291,9 +291,9 @@ impl pb::baton_service_server::BatonService for RunApi {
         }
         let engine = self.writer()?;
         let rec = self.store.get_run(&old).await?;
-        let ws: spec::Workstream = serde_json::from_str(&rec.run.spec)
+        let mut ws: spec::Workstream = serde_json::from_str(&rec.run.spec)
             .map_err(|e| ApiError::internal(format!("run {old}: its stored spec does not parse: {e}")))?;
-        // A step, or a matrix step: all of its expansions.
+        // A step, or a matrix or for_each step: all of its expansions.
         let from: Vec<usize> = (0..ws.steps.len())
             .filter(|&i| {
                 ws.steps[i].id == req.from_step || ws.steps[i].group.as_deref() == Some(&req.from_step)
@@ -302,11 +302,11 @@ impl pb::baton_service_server::BatonService for RunApi {
         if from.is_empty() {
             return Err(ApiError::not_found(format!("run {old} has no step {:?}", req.from_step)).into());
         }
-        let again = rerun_steps(&ws, &from, req.only);
+        let again = rerun_steps(&mut ws, &from, req.only);
         let reused: BTreeMap<String, Option<String>> = rec
             .steps
             .iter()
-            .filter(|s| !again.contains(&(s.idx as usize)))
+            .filter(|s| !again.contains(&s.step_id) && ws.steps.iter().any(|w| w.id == s.step_id))
             .filter(|s| s.state.parse::<baton_common::state::StepState>().is_ok_and(|st| st.is_success()))
             .map(|s| (s.step_id.clone(), s.result.clone()))
             .collect();
@@ -682,24 +682,49 @@ fn check_labels(labels: &std::collections::HashMap<String, String>, field: &str)
     Ok(())
 }
 
-/// Submitted params as text: strings as they are, numbers and booleans as written.
-/// The steps a rerun from steps `from` runs again: those and, unless `only`, every
-/// step downstream of them, by index.
-fn rerun_steps(ws: &spec::Workstream, from: &[usize], only: bool) -> std::collections::HashSet<usize> {
+/// The ids of the steps a rerun from steps `from` runs again: those and, unless `only`,
+/// every step downstream of them. A `for_each` step whose list is made again expands
+/// anew, so its old expansions are taken out of `ws`; one whose expansion reruns ends
+/// again with it.
+fn rerun_steps(ws: &mut spec::Workstream, from: &[usize], only: bool) -> std::collections::HashSet<String> {
     let mut again: std::collections::HashSet<usize> = from.iter().copied().collect();
     if only {
-        return again;
-    }
-    let dependents = crate::engine::dependents_of(ws);
-    let mut queue = from.to_vec();
-    while let Some(j) = queue.pop() {
-        for &d in &dependents[j] {
-            if again.insert(d) {
-                queue.push(d);
+        let index = ws.index();
+        again.extend(from.iter().filter_map(|&i| {
+            let s = &ws.steps[i];
+            s.item.as_ref().and(s.group.as_deref()).and_then(|g| index.get(g).copied())
+        }));
+    } else {
+        let dependents = crate::engine::dependents_of(ws);
+        let mut queue = from.to_vec();
+        while let Some(j) = queue.pop() {
+            for &d in &dependents[j] {
+                if again.insert(d) {
+                    queue.push(d);
+                }
             }
         }
     }
-    again
+    let ids: std::collections::HashSet<String> = again.iter().map(|&i| ws.steps[i].id.clone()).collect();
+    let anew: Vec<String> = ws
+        .steps
+        .iter()
+        .filter(|s| s.expanded.is_some())
+        .filter(|s| {
+            s.for_each_source().is_some_and(|r| match r {
+                baton_common::template::Ref::Output { step, .. } => ws
+                    .steps
+                    .iter()
+                    .any(|u| ids.contains(&u.id) && (u.id == step || u.group.as_deref() == Some(&step))),
+                _ => false,
+            })
+        })
+        .map(|s| s.id.clone())
+        .collect();
+    for id in anew {
+        ws.unexpand(&id);
+    }
+    ids
 }
 
 /// A client's request id: at most 128 printable ASCII characters without spaces.
@@ -712,6 +737,7 @@ fn check_request_id(id: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// Submitted params as text: strings as they are, numbers and booleans as written.
 fn params_of(params: Option<&baton_common::proto::Struct>) -> Result<BTreeMap<String, String>, Status> {
     let Some(params) = params else { return Ok(BTreeMap::new()) };
     let mut out = BTreeMap::new();

@@ -47,10 +47,19 @@ impl Input {
 impl Model {
     /// Queues a ready step for dispatch, once its `if:` holds (and, for `when:
     /// on_failure`, a step it needs did not succeed); else it is skipped now, and a
-    /// condition that cannot be evaluated fails it.
+    /// condition that cannot be evaluated fails it. A `for_each`
+    /// step is not queued: it expands (after its `if:`), or, ready again once expanded,
+    /// ends with its expansions.
     pub(super) fn enqueue(&mut self, run_id: &str, idx: usize) {
         let Some(run) = self.runs.get(run_id) else { return };
+        // Made ready earlier in the same input, and ended since (its run was stopped).
+        if run.steps[idx].state != StepState::Ready {
+            return;
+        }
         let spec = &run.spec.steps[idx];
+        if spec.expanded.is_some() {
+            return self.fan_out(run_id, idx);
+        }
         if spec.condition.is_some() || spec.when == When::OnFailure {
             match self.skip_reason(run_id, idx) {
                 Ok(None) => {}
@@ -59,6 +68,9 @@ impl Model {
             }
         }
         let Some(run) = self.runs.get(run_id) else { return };
+        if run.spec.steps[idx].for_each.is_some() {
+            return self.fan_out(run_id, idx);
+        }
         let tool = run.steps[idx].tool.clone();
         self.ready.entry(tool).or_default().push_back((run_id.to_string(), idx));
     }
@@ -156,6 +168,10 @@ impl Model {
                     spec.matrix.get(m).map(|v| Value::String(v.clone())).ok_or(format!("{r} is not set"))
                 }
                 Ref::Secret(_) => Err(format!("{r}: a condition may not read secrets")),
+                Ref::Item(name) => template::item_value(r, name, spec.item.as_ref()),
+                Ref::Index => {
+                    spec.index.map(Value::from).ok_or(format!("{r} is only set in a for_each step"))
+                }
                 Ref::Output { step, name } => output_of(run, idx, r, step, name, &[]),
             }
         };
@@ -205,6 +221,10 @@ impl Model {
                 }
                 Ref::Matrix(name) => {
                     Value::String(spec.matrix.get(name).ok_or(format!("{r} is not set"))?.clone())
+                }
+                Ref::Item(name) => template::item_value(r, name, spec.item.as_ref())?,
+                Ref::Index => {
+                    spec.index.map(Value::from).ok_or(format!("{r} is only set in a for_each step"))?
                 }
                 Ref::Output { step, name } => {
                     if let Some(j) = run.upstream(idx, step)
@@ -553,6 +573,10 @@ impl Model {
         let Some(run) = self.runs.get(run_id) else { return out };
         for (idx, step) in run.steps.iter().enumerate() {
             let why = match step.state {
+                StepState::Waiting if run.spec.steps[idx].expanded.is_some() => {
+                    let n = run.spec.steps[idx].expanded.unwrap_or(0);
+                    format!("for_each: {} of its {n} expansions still to end", step.waiting_on)
+                }
                 StepState::Waiting => {
                     let pending: Vec<&str> = run.needs[idx]
                         .iter()
@@ -572,7 +596,7 @@ impl Model {
                 StepState::Ready if run.state == RunState::Quarantined => "run is quarantined".to_string(),
                 StepState::Ready => match run.group_running(idx) {
                     Some((n, limit)) if n >= limit => {
-                        format!("{n} of its matrix's expansions are running (max_parallel {limit})")
+                        format!("{n} of its group's expansions are running (max_parallel {limit})")
                     }
                     _ => self.ready_reason(run, idx),
                 },
@@ -614,8 +638,8 @@ fn cache_source(
 }
 
 /// The value of output reference `r` for step `idx`: of the upstream step `step`, or
-/// of a matrix step, the list of its expansions' values in their order.
-fn output_of(
+/// of a matrix or `for_each` step, the list of its expansions' values in their order.
+pub(super) fn output_of(
     run: &super::state::Run,
     idx: usize,
     r: &Ref,
@@ -624,7 +648,22 @@ fn output_of(
     defer: &[usize],
 ) -> Result<Value, String> {
     if let Some(j) = run.upstream(idx, step) {
-        return template::output_value(r, step, name, run.steps[j].result.as_deref());
+        let result = run.steps[j].result.as_deref();
+        if run.spec.steps[j].for_each.is_none() {
+            return template::output_value(r, step, name, result);
+        }
+        // A for_each step's result is the list of its expansions' outputs.
+        let result = result.ok_or(format!("step {step:?} produced no outputs"))?;
+        let list: Vec<Value> = serde_json::from_str(result).unwrap_or_default();
+        let values = list
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let text = (!v.is_null()).then(|| v.to_string());
+                template::output_value(r, &baton_common::spec::item_id(step, i), name, text.as_deref())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(Value::Array(values));
     }
     let members = run.group_members(step);
     if members.is_empty() {

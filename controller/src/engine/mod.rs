@@ -12,6 +12,7 @@ mod agents;
 mod breakers;
 mod dispatch;
 mod driver;
+mod fanout;
 mod model;
 mod pipeline;
 mod progress;

@@ -209,6 +209,8 @@ pub(super) struct Pending {
     pub runs: HashSet<String, Fixed>,
     /// Runs (also in `runs`) not written yet, with their specs as JSON.
     pub new_runs: HashMap<String, String, Fixed>,
+    /// Runs whose spec grew (a `for_each` step expanded): it is written again.
+    pub specs: BTreeSet<String>,
     pub steps: HashSet<(String, usize), Fixed>,
     pub attempts: HashSet<String, Fixed>,
     pub agents: BTreeSet<String>,
@@ -243,6 +245,7 @@ impl Pending {
     /// Rows the commit will write.
     fn rows(&self) -> usize {
         self.runs.len()
+            + self.specs.len()
             + self.steps.len()
             + self.attempts.len()
             + self.agents.len()
@@ -674,11 +677,21 @@ impl Model {
         let mut b = Batch::default();
         for id in &p.runs {
             if let Some(run) = self.runs.get(id) {
-                if let Some(spec) = p.new_runs.remove(id) {
+                if let Some(mut spec) = p.new_runs.remove(id) {
+                    if p.specs.remove(id) {
+                        spec = serde_json::to_string(&*run.spec).unwrap_or(spec);
+                    }
                     b.new_runs.push(run.to_row(spec));
                 } else {
                     b.runs.push(run.state_row());
                 }
+            }
+        }
+        for id in std::mem::take(&mut p.specs) {
+            if let Some(run) = self.runs.get(&id)
+                && let Ok(spec) = serde_json::to_string(&*run.spec)
+            {
+                b.specs.push(crate::store::RunSpecRow { id, spec });
             }
         }
         // Steps and attempts reference their run, so the run rows go first.

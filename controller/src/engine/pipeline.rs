@@ -58,12 +58,13 @@ impl Model {
         let Some(agent) = self.agents.get(agent_id) else { return false };
         // An expansion under a max_parallel starts only when dispatched, which counts;
         // a step with a condition, or that runs whatever happened upstream, is decided
-        // when it is ready.
+        // when it is ready; a for_each step makes no attempt.
         let spec = &run.spec.steps[idx];
         if spec.max_parallel.is_some()
             || spec.condition.is_some()
             || !spec.when.is_default()
             || spec.cache.is_some()
+            || spec.for_each.is_some()
         {
             return false;
         }

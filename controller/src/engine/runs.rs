@@ -17,6 +17,16 @@ use super::model::{Model, Pending, Timer};
 use super::state::{self, Run, Step};
 use crate::store::Snapshot;
 
+/// How a step came to succeed.
+pub(super) enum Done {
+    /// An attempt of it succeeded.
+    Ran,
+    /// It took over a cached result (why).
+    Cached(String),
+    /// It is a `for_each` step whose expansions all succeeded (how many).
+    Joined(String),
+}
+
 /// Moves step `idx` of `run` to `to` if the step machine allows it, keeping the run's
 /// count of open steps; an illegal move is a bug, logged and not applied.
 pub(super) fn set_step(p: &mut Pending, run: &mut Run, idx: usize, to: StepState) -> bool {
@@ -342,7 +352,19 @@ impl Model {
         } else {
             reason.to_string()
         };
-        if let Some(attempt_id) = run.steps[idx].current.clone() {
+        // A for_each step's expansions go with it.
+        let expansions: Vec<usize> = run.needs[idx]
+            .iter()
+            .copied()
+            .filter(|&j| baton_common::spec::Workstream::is_item_of(&run.spec.steps[j], step_id))
+            .filter(|&j| !run.steps[j].state.is_terminal())
+            .collect();
+        let live: Vec<String> =
+            expansions.iter().chain([&idx]).filter_map(|&j| run.steps[j].current.clone()).collect();
+        for attempt_id in live {
+            if self.attempts.get(&attempt_id).is_none_or(|a| a.state.is_terminal()) {
+                continue;
+            }
             self.close_attempt(
                 &attempt_id,
                 AttemptState::Canceled,
@@ -355,6 +377,11 @@ impl Model {
             return Err(EngineError::RunNotFound(run_id.to_string()));
         };
         let p = &mut self.pending;
+        for j in expansions {
+            if !run.steps[j].state.is_terminal() {
+                end_step(p, run, j, StepState::Canceled, "step_canceled", &reason);
+            }
+        }
         end_step(p, run, idx, StepState::Canceled, "step_canceled", &reason);
         skip_downstream(p, run, idx, &format!("upstream step {step_id:?} was canceled"));
         check_done(p, run);
@@ -500,7 +527,7 @@ impl Model {
             self.pending.cache.push(row.clone());
             self.cache.insert(key, row);
         }
-        self.step_done(run_id, idx, result, None);
+        self.step_done(run_id, idx, result, Done::Ran);
     }
 
     /// Ready step `idx` takes over a cached result (`cached`, no attempt made).
@@ -511,26 +538,33 @@ impl Model {
             entry.run_id,
             &entry.cache_key[..12.min(entry.cache_key.len())]
         );
-        self.step_done(run_id, idx, entry.result.clone(), Some(why));
+        self.step_done(run_id, idx, entry.result.clone(), Done::Cached(why));
     }
 
-    /// Step `idx` succeeded (or, with `cached`, took over a cached result): its
-    /// dependents may become ready, the run may be done.
-    fn step_done(&mut self, run_id: &str, idx: usize, result: Option<String>, cached: Option<String>) {
+    /// Step `idx` succeeded (or took over a cached result, or joined its `for_each`
+    /// expansions): its dependents may become ready, the run may be done.
+    pub(super) fn step_done(&mut self, run_id: &str, idx: usize, result: Option<String>, how: Done) {
         let Some(run) = self.runs.get_mut(run_id) else { return };
         let p = &mut self.pending;
-        let to = if cached.is_some() { StepState::Cached } else { StepState::Succeeded };
+        let to = if matches!(how, Done::Cached(_)) { StepState::Cached } else { StepState::Succeeded };
         if !set_step(p, run, idx, to) {
             return;
         }
         let step = &mut run.steps[idx];
         step.finished_at = Some(p.now);
         step.result = result;
-        step.reason = cached.clone().unwrap_or_default();
         step.lost_streak = 0;
-        match cached {
-            Some(why) => p.event(run, "step_cached", Some(idx), None, why),
-            None => {
+        match how {
+            Done::Cached(why) => {
+                step.reason.clone_from(&why);
+                p.event(run, "step_cached", Some(idx), None, why);
+            }
+            Done::Joined(why) => {
+                step.reason.clone_from(&why);
+                p.event(run, "step_succeeded", Some(idx), None, why);
+            }
+            Done::Ran => {
+                step.reason.clear();
                 let attempt = step.attempt_ids.last().and_then(|id| self.attempts.get(id));
                 p.event(run, "step_succeeded", Some(idx), attempt, "");
             }

@@ -184,6 +184,19 @@ impl Kit {
     }
 
     pub fn finished(&mut self, name: &str, session: u64, r: &pb::AttemptRef, outcome: &str, class: &str) {
+        self.finished_with(name, session, r, outcome, class, serde_json::json!({"n": 1}));
+    }
+
+    /// `finished`, with `result` as a successful attempt's outputs.
+    pub fn finished_with(
+        &mut self,
+        name: &str,
+        session: u64,
+        r: &pb::AttemptRef,
+        outcome: &str,
+        class: &str,
+        result: serde_json::Value,
+    ) {
         use baton_common::outcome::{FailureClass, Outcome};
         let o: Outcome = outcome.parse().expect("an outcome");
         let class = match (o, class) {
@@ -195,8 +208,7 @@ impl Kit {
             attempt: Some(r.clone()),
             outcome: o.to_pb(),
             failure_class: class,
-            result: (o == Outcome::Succeeded)
-                .then(|| baton_common::proto::value(serde_json::json!({"n": 1}))),
+            result: (o == Outcome::Succeeded).then(|| baton_common::proto::value(result)),
             ..Default::default()
         };
         self.agent(name, session, Up::Finished(f));
@@ -276,6 +288,11 @@ impl Kit {
             for r in &b.runs {
                 if let Some(row) = runs.get_mut(&r.id) {
                     crate::store::RunRow::apply(row, r);
+                }
+            }
+            for r in &b.specs {
+                if let Some(row) = runs.get_mut(&r.id) {
+                    row.spec.clone_from(&r.spec);
                 }
             }
             for s in &b.steps {

@@ -21,7 +21,7 @@ use thiserror::Error;
 
 pub use auth::{AgentCredentialRow, Enrollment, JoinTokenRow, SecretRow, TokenRow};
 pub use rows::{
-    AgentRow, AttemptRow, BreakerRow, CacheRow, EventRow, OutputRow, RunRow, RunStateRow, StepRow,
+    AgentRow, AttemptRow, BreakerRow, CacheRow, EventRow, OutputRow, RunRow, RunSpecRow, RunStateRow, StepRow,
 };
 
 #[derive(Debug, Error)]
@@ -102,6 +102,9 @@ pub struct Batch {
     pub new_runs: Vec<RunRow>,
     /// State changes of runs already written.
     pub runs: Vec<RunStateRow>,
+    /// Specs of runs already written that grew (`for_each` expansions), written
+    /// before their new steps.
+    pub specs: Vec<RunSpecRow>,
     pub steps: Vec<StepRow>,
     pub attempts: Vec<AttemptRow>,
     pub events: Vec<EventRow>,
@@ -120,6 +123,7 @@ impl Batch {
     pub fn rows(&self) -> usize {
         self.new_runs.len()
             + self.runs.len()
+            + self.specs.len()
             + self.steps.len()
             + self.attempts.len()
             + self.events.len()
@@ -131,6 +135,7 @@ impl Batch {
     pub fn clear(&mut self) {
         self.new_runs.clear();
         self.runs.clear();
+        self.specs.clear();
         self.steps.clear();
         self.attempts.clear();
         self.events.clear();
@@ -386,6 +391,7 @@ impl Store {
                 let arrays = [
                     serde_json::to_string(&batch.new_runs).map_err(json)?,
                     serde_json::to_string(&batch.runs).map_err(json)?,
+                    serde_json::to_string(&batch.specs).map_err(json)?,
                     serde_json::to_string(&batch.steps).map_err(json)?,
                     serde_json::to_string(&batch.attempts).map_err(json)?,
                     serde_json::to_string(&batch.events).map_err(json)?,
@@ -406,14 +412,15 @@ impl Store {
     /// buffer keeps the size of the biggest message it sent, here the whole batch's rows.
     async fn commit_postgres(
         writer: &AnyPool,
-        arrays: &[String; 8],
+        arrays: &[String; 9],
         fence: Option<&Fence>,
         big: bool,
     ) -> Result<(), StoreError> {
-        static STATEMENTS: std::sync::LazyLock<[String; 8]> = std::sync::LazyLock::new(|| {
+        static STATEMENTS: std::sync::LazyLock<[String; 9]> = std::sync::LazyLock::new(|| {
             [
                 json_write_sql::<RunRow>(),
                 json_write_sql::<RunStateRow>(),
+                json_write_sql::<RunSpecRow>(),
                 json_write_sql::<StepRow>(),
                 json_write_sql::<AttemptRow>(),
                 json_write_sql::<EventRow>(),

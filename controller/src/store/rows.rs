@@ -183,6 +183,15 @@ impl RunRow {
 }
 
 record! {
+    /// A run's spec written again: a `for_each` step expanded into steps it did not
+    /// have at submit.
+    pub struct RunSpecRow in "runs", key (id), Update {
+        pub id: String,
+        pub spec: String,
+    }
+}
+
+record! {
     /// A step. `needs` is a JSON list of step ids; `route` the placement its router rule
     /// decided at submit (JSON; empty when no rule matched).
     pub struct StepRow in "steps", key (run_id, step_id), Upsert {

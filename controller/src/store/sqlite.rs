@@ -121,6 +121,7 @@ fn write(conn: &mut Connection, b: &Batch, fence: Option<&Fence>) -> Result<(), 
     }
     rows(&tx, &b.new_runs)?;
     rows(&tx, &b.runs)?;
+    rows(&tx, &b.specs)?;
     rows(&tx, &b.steps)?;
     rows(&tx, &b.attempts)?;
     rows(&tx, &b.events)?;

@@ -175,6 +175,15 @@ async fn run_written_and_read_back(store: &Store) {
     let rec = store.get_run(run_id).await.unwrap();
     assert_eq!(rec.run, r, "the state changed, the rest kept");
     assert_eq!(rec.steps[1], s);
+
+    // A grown spec (a for_each expanded) is written with its new steps, the rest kept.
+    let mut b3 = Batch::default();
+    b3.specs.push(RunSpecRow { id: run_id.into(), spec: r#"{"grown":true}"#.into() });
+    b3.steps.push(step_row(run_id, "b[0]", 2, "ready"));
+    store.commit(b3, None).await.unwrap();
+    let rec = store.get_run(run_id).await.unwrap();
+    assert_eq!(rec.run, RunRow { spec: r#"{"grown":true}"#.into(), ..r.clone() });
+    assert_eq!(rec.steps.len(), 3);
     assert_eq!(store.step_counts(run_id).await.unwrap().get("succeeded"), Some(&2));
 
     // Final runs are not part of what the engine reloads.
