@@ -6,6 +6,7 @@
 //! and are re-sent in the next Hello.
 
 pub mod adapters;
+mod artifacts;
 pub mod contain;
 mod pipeline;
 mod scratch;
@@ -204,6 +205,8 @@ struct Agent {
     /// Since when no controller could be reached, and when that was last said.
     unreachable: Option<(Instant, Instant)>,
     traces: Option<Arc<baton_common::trace::Exporter>>,
+    /// The current session's client, for artifacts (none between sessions).
+    transfer: tokio::sync::watch::Sender<Option<artifacts::Transfer>>,
 }
 
 /// How often an agent that cannot reach any controller says so again.
@@ -338,6 +341,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
         warden,
         unreachable: None,
         traces,
+        transfer: tokio::sync::watch::channel(None).0,
     };
     let result = agent.main_loop(shutdown).await;
     agent.contain.close();
@@ -507,7 +511,9 @@ impl Agent {
                     self.cfg.controllers[(target - 1) % self.cfg.controllers.len()].clone()
                 }
             };
-            match self.session(&url, &shutdown, &mut backoff).await {
+            let end = self.session(&url, &shutdown, &mut backoff).await;
+            self.transfer.send_replace(None);
+            match end {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Broken(why) => {
                     // Said at once, then once a minute while it lasts, not at every try.
@@ -611,6 +617,7 @@ impl Agent {
             let channel = tonic::service::interceptor::InterceptedService::new(channel, bearer);
             let mut client = pb::agent_service_client::AgentServiceClient::new(channel)
                 .max_decoding_message_size(64 * 1024 * 1024);
+            let transfer = client.clone();
             let _ = out_tx.try_send(msg(Out::Hello(hello)));
             let mut inbound = match client.connect(ReceiverStream::new(out_rx)).await {
                 Ok(r) => r.into_inner(),
@@ -624,7 +631,7 @@ impl Agent {
                 }
             };
             match inbound.message().await {
-                Ok(Some(pb::ControllerMessage { msg: Some(In::Welcome(w)) })) => Ok((inbound, w)),
+                Ok(Some(pb::ControllerMessage { msg: Some(In::Welcome(w)) })) => Ok((inbound, w, transfer)),
                 Ok(_) => Err(SessionEnd::Broken("the controller did not welcome us".into())),
                 Err(e) => Err(SessionEnd::Broken(format!("welcome: {e}"))),
             }
@@ -643,10 +650,11 @@ impl Agent {
                 Err(_) => Err(SessionEnd::Broken(format!("no welcome from {url} within {ESTABLISH_TIMEOUT:?}"))),
             },
         };
-        let (mut inbound, welcome) = match established {
+        let (mut inbound, welcome, transfer) = match established {
             Ok(x) => x,
             Err(end) => return end,
         };
+        self.transfer.send_replace(Some(transfer));
         backoff.reset();
         if self.sessions > 0 {
             self.metrics.reconnects.inc(&[]);
@@ -1029,6 +1037,8 @@ impl Agent {
             _ => {}
         }
         let agent_name = self.cfg.name.clone();
+        let link = self.transfer.subscribe();
+        let (inputs, globs) = (req.inputs.clone(), req.artifacts.clone());
         let events = self.events_tx.clone();
         let stream_to = self.events_tx.clone();
         let stream_ref = r.clone();
@@ -1056,6 +1066,7 @@ impl Agent {
                 _ => Ok(None),
             };
             let mut made = None;
+            let mut stored = Vec::new();
             let outcome = match adapter {
                 _ if cell.is_err() => adapters::Outcome::failure(
                     FailureClass::ToolError,
@@ -1073,8 +1084,17 @@ impl Agent {
                         FailureClass::ToolError,
                         format!("cannot create a working directory under {}: {e}", scratch.root().display()),
                     ),
+                    Ok(None) if !inputs.is_empty() || !globs.is_empty() => adapters::Outcome::failure(
+                        FailureClass::ToolError,
+                        format!(
+                            "tool {:?} has no working directory: it takes no inputs or artifacts",
+                            req.tool
+                        ),
+                    ),
                     Ok(dir) => {
                         made = dir.clone();
+                        let work = dir.clone().unwrap_or_default();
+                        let (ref_, stop_) = (r.clone(), stop.clone());
                         let ctx = AttemptContext {
                             attempt_id: r.attempt_id.clone(),
                             run_id: r.run_id.clone(),
@@ -1091,7 +1111,26 @@ impl Agent {
                             cell: cell.as_ref().ok().cloned(),
                             output: output.clone(),
                         };
-                        adapter.run(ctx).await
+                        match artifacts::fetch(&link, &stop_, &ref_, &inputs, &work).await {
+                            Err(e) => {
+                                adapters::Outcome::failure(FailureClass::ToolError, format!("inputs: {e}"))
+                            }
+                            Ok(_) => {
+                                let mut outcome = adapter.run(ctx).await;
+                                if outcome.succeeded && !globs.is_empty() {
+                                    match artifacts::upload(&link, &stop_, &ref_, &globs, &work).await {
+                                        Ok(infos) => stored = infos,
+                                        Err(e) => {
+                                            outcome = adapters::Outcome::failure(
+                                                FailureClass::ToolError,
+                                                format!("artifacts: {e}"),
+                                            )
+                                        }
+                                    }
+                                }
+                                outcome
+                            }
+                        }
                     }
                 },
             };
@@ -1148,6 +1187,7 @@ impl Agent {
                 output_tail: output.tail(),
                 duration: Some(proto::duration(t0.elapsed().as_millis() as i64)),
                 output_bytes: output.total_bytes(),
+                artifacts: stored,
             };
             // Everything it started has ended: a new life of the agent has nothing to
             // end for it.

@@ -50,6 +50,8 @@ pub async fn run(
         secrets_key: None,
         retention: Default::default(),
         otlp: None,
+        artifacts: None,
+        artifact_max_bytes: baton_controller::artifacts::DEFAULT_MAX_BYTES,
         db: format!("sqlite://{}", db_path.display()),
         engine: baton_controller::EngineConfig {
             heartbeat_interval: Duration::from_millis(500),

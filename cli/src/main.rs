@@ -247,6 +247,17 @@ enum RunsCommand {
         #[command(flatten)]
         out: OutputArg,
     },
+    /// List the files a run's steps left (`artifacts:` in the spec); with --download,
+    /// fetch them into DIR/STEP/PATH, each checked against its SHA-256.
+    Artifacts {
+        /// The run's id.
+        run: String,
+        /// Write the artifacts under this directory.
+        #[arg(long, value_name = "DIR")]
+        download: Option<PathBuf>,
+        #[command(flatten)]
+        out: OutputArg,
+    },
     /// A report of a run: steps, attempts, retries, breaker trips, quarantines, the
     /// critical path and a timeline.
     Report {
@@ -1200,6 +1211,27 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
                 f => output::print_json(f, &resp),
             }
         }
+        RunsCommand::Artifacts { run, download, out } => {
+            let list = c.list_artifacts(pb::ListArtifactsRequest { run_id: run }).await?.into_inner();
+            let Some(dir) = download else {
+                output::artifacts(out.format(), &list.artifacts);
+                return Ok(0);
+            };
+            for a in &list.artifacts {
+                let path = download_artifact(&mut c, &list.run_id, a, &dir).await?;
+                if out.format() == Format::Text {
+                    out!(
+                        "{} ({} bytes, sha256 {})",
+                        path.display(),
+                        a.size,
+                        &a.sha256[..12.min(a.sha256.len())]
+                    );
+                }
+            }
+            if out.format() != Format::Text {
+                output::artifacts(out.format(), &list.artifacts);
+            }
+        }
         RunsCommand::Retry { run, watch, out } => {
             let resp = c.retry_run(pb::RetryRunRequest { run_id: run }).await?.into_inner();
             if watch {
@@ -1303,6 +1335,58 @@ fn validate(file: &Path, format: Format) -> Result<u8, Failure> {
             Err(Failure::Invalid(e.to_string()))
         }
     }
+}
+
+/// Fetches one artifact into `dir/STEP/PATH`, checked against its size and SHA-256;
+/// written beside its place first and moved there once whole.
+async fn download_artifact(
+    c: &mut client::Client,
+    run_id: &str,
+    a: &pb::ArtifactInfo,
+    dir: &std::path::Path,
+) -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    use tokio::io::AsyncWriteExt;
+    baton_common::artifacts::check_path(&a.path).map_err(anyhow::Error::msg)?;
+    baton_common::artifacts::check_path(&a.step_id).map_err(anyhow::Error::msg)?;
+    let path = dir.join(&a.step_id).join(&a.path);
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent)
+            .await
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let part = path.with_extension("part");
+    let mut f =
+        tokio::fs::File::create(&part).await.with_context(|| format!("cannot write {}", part.display()))?;
+    let req = pb::GetArtifactRequest {
+        run_id: run_id.to_string(),
+        step_id: a.step_id.clone(),
+        path: a.path.clone(),
+    };
+    let mut stream = c.get_artifact(req).await?.into_inner();
+    let mut sum = baton_common::artifacts::Checksum::default();
+    let mut n = 0u64;
+    while let Some(chunk) = stream.message().await? {
+        sum.update(&chunk.data);
+        n += chunk.data.len() as u64;
+        f.write_all(&chunk.data).await.with_context(|| format!("cannot write {}", part.display()))?;
+    }
+    f.flush().await?;
+    let got = sum.finish();
+    if n != a.size || got != a.sha256 {
+        let _ = tokio::fs::remove_file(&part).await;
+        anyhow::bail!(
+            "{} of step {} arrived damaged: {n} bytes with SHA-256 {got}, expected {} bytes with {}",
+            a.path,
+            a.step_id,
+            a.size,
+            a.sha256
+        );
+    }
+    tokio::fs::rename(&part, &path)
+        .await
+        .with_context(|| format!("cannot move {} into place", part.display()))?;
+    Ok(path)
 }
 
 #[cfg(test)]

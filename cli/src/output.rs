@@ -359,6 +359,25 @@ pub fn cache(format: Format, entries: &[pb::CacheEntry]) {
     table(&["KEY", "WORKSTREAM", "STEP", "RUN", "CREATED", "EXPIRES"], rows);
 }
 
+pub fn artifacts(format: Format, artifacts: &[pb::ArtifactInfo]) {
+    if format != Format::Text {
+        return print_list(format, artifacts);
+    }
+    let rows = artifacts
+        .iter()
+        .map(|a| {
+            vec![
+                a.step_id.clone(),
+                a.path.clone(),
+                a.size.to_string(),
+                a.sha256[..12.min(a.sha256.len())].to_string(),
+                time(ms(&a.created_at)),
+            ]
+        })
+        .collect();
+    table(&["STEP", "PATH", "BYTES", "SHA256", "STORED"], rows);
+}
+
 pub fn breakers(format: Format, breakers: &[pb::Breaker]) {
     if format != Format::Text {
         return print_list(format, breakers);

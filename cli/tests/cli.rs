@@ -1194,3 +1194,67 @@ async fn a_for_each_step_expands_at_run_time_across_a_restart_and_its_join_gets_
     let new = newest_run(&url, None).await;
     assert_eq!(shown(&url, &new).await["steps"].as_array().unwrap().len(), 6);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifacts_pass_between_agents_with_separate_work_dirs_and_download_checked() {
+    // make runs on agent-1 only, use on agent-2 only.
+    let router = r#"{"rules": [
+        {"match": {"kind": "make"}, "tool": "shell", "strategy": "fixed", "agents": ["agent-1"]},
+        {"match": {"kind": "use"}, "tool": "shell", "strategy": "fixed", "agents": ["agent-2"]}]}"#;
+    let sb = Sandbox::builder().agents(2).router(router).build().await;
+    let url = sb.url();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write(
+        dir.path(),
+        "a.yaml",
+        "name: art\nsteps:\n  - {id: build, kind: make, artifacts: ['dist/**/*.tgz'], with: {run: 'mkdir -p dist/sub && echo hello > dist/app.tgz && printf x > dist/sub/b.tgz && echo no > build.log'}}\n  - {id: use, kind: use, needs: build, inputs: {from: build, artifacts: ['dist/*.tgz']}, with: {run: 'cat dist/app.tgz; test ! -e dist/sub/b.tgz && test ! -e build.log && echo only-what-was-asked'}}\n",
+    );
+    let out = baton(&url, &["submit", &spec, "--watch"]).await;
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let id = newest_run(&url, None).await;
+    let run = shown(&url, &id).await;
+    let agents: Vec<&str> = run["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["attempts"][0]["agent_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(agents, ["agent-1", "agent-2"], "{run}");
+    let logs = baton(&url, &["runs", "logs", &id, "use"]).await;
+    assert_eq!(logs.stdout, "hello\nonly-what-was-asked\n");
+
+    let list = baton(&url, &["runs", "artifacts", &id]).await;
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    assert!(
+        list.stdout.contains("dist/app.tgz") && list.stdout.contains("dist/sub/b.tgz"),
+        "{}",
+        list.stdout
+    );
+    assert!(!list.stdout.contains("build.log"), "{}", list.stdout);
+    let into = dir.path().join("got");
+    let got = baton(&url, &["runs", "artifacts", &id, "--download", &into.display().to_string()]).await;
+    assert_eq!(got.code, 0, "{}", got.stderr);
+    assert_eq!(std::fs::read_to_string(into.join("build/dist/app.tgz")).unwrap(), "hello\n");
+    assert_eq!(std::fs::read_to_string(into.join("build/dist/sub/b.tgz")).unwrap(), "x");
+
+    // What is not there, or too big, fails the step with the reason.
+    let bad = write(
+        dir.path(),
+        "b.yaml",
+        "name: bad\non_failure: continue\nsteps:\n  - {id: none, kind: make, artifacts: ['*.zip'], with: {run: 'true'}}\n  - {id: big, kind: make, artifacts: [big.bin], with: {run: 'head -c 2097152 /dev/zero > big.bin'}}\n  - {id: build, kind: make, artifacts: ['*.txt'], with: {run: 'echo a > a.txt'}}\n  - {id: want, kind: use, needs: build, inputs: {from: build, artifacts: ['*.whl']}, with: {run: 'true'}}\n",
+    );
+    let out = baton(&url, &["submit", &bad, "--watch"]).await;
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    let id = newest_run(&url, None).await;
+    let run = shown(&url, &id).await;
+    let reason = |i: usize| run["steps"][i]["reason"].as_str().unwrap_or_default().to_string();
+    assert!(reason(0).contains(r#"artifacts: "*.zip" matched no file"#), "{run}");
+    assert!(
+        reason(1).contains("big.bin: artifact \"big.bin\" is 2097152 bytes; the limit is 1048576"),
+        "{run}"
+    );
+    assert!(
+        reason(3).contains(r#"inputs: no artifact of step "build" matches "*.whl" (it left: a.txt)"#),
+        "{run}"
+    );
+}

@@ -123,6 +123,22 @@ pub struct StepSpec {
     pub item: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub index: Option<u32>,
+    /// `artifacts:`: globs over the working directory; on success the matching files
+    /// are kept by the controller.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<String>,
+    /// `inputs:`: artifacts of upstream steps placed in the working directory first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<StepInput>,
+}
+
+/// Artifacts a step takes from an upstream one (`inputs: {from: build, artifacts: [...]}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepInput {
+    /// The step (or matrix or for_each step: its expansions) that left them.
+    pub from: String,
+    /// Globs over their paths; each must match one at least.
+    pub artifacts: Vec<String>,
 }
 
 impl StepSpec {
@@ -319,6 +335,9 @@ struct RawStep {
     /// `true`, or `{key: ..., ttl: ...}`.
     cache: Option<Value>,
     for_each: Option<String>,
+    artifacts: Option<Vec<String>>,
+    /// `{from: STEP, artifacts: [...]}` or a list of them.
+    inputs: Option<Value>,
 }
 
 /// `needs: a` or `needs: [a, b]`.
@@ -806,6 +825,22 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
             expanded: None,
             item: None,
             index: None,
+            artifacts: match rs.artifacts {
+                Some(globs) => {
+                    if let Err(e) = check_globs(&globs) {
+                        c.push(here, format!("artifacts: {e}"));
+                    }
+                    globs
+                }
+                None => Vec::new(),
+            },
+            inputs: match rs.inputs.map(step_inputs).transpose() {
+                Ok(i) => i.unwrap_or_default(),
+                Err(e) => {
+                    c.push(here, format!("inputs: {e}"));
+                    Vec::new()
+                }
+            },
         };
         if rs.max_parallel == Some(0) {
             c.push(here, "max_parallel must be at least 1");
@@ -888,6 +923,7 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
         }
         if cycles.is_empty() {
             check_refs(&mut c, &steps, params.as_ref(), &groups);
+            check_inputs(&mut c, &steps, &groups);
         }
     }
 
@@ -992,6 +1028,57 @@ fn check_refs(
             c.push(Some(&s.id), format!("for_each: ${{{{ {r} }}}}: {why}"));
         }
     }
+}
+
+/// A step's `inputs` must come from upstream steps (or matrix steps whose expansions
+/// are all upstream).
+fn check_inputs(c: &mut Collector<'_>, steps: &[StepSpec], groups: &HashMap<String, Vec<String>>) {
+    let index: HashMap<&str, usize> = steps.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
+    for s in steps.iter().filter(|s| !s.inputs.is_empty()) {
+        let ancestors = ancestors_of(steps, &index, &s.id);
+        for input in &s.inputs {
+            let from = input.from.as_str();
+            let upstream = ancestors.contains(from)
+                || groups.get(from).is_some_and(|m| m.iter().all(|e| ancestors.contains(e.as_str())));
+            if !upstream {
+                let what = if index.contains_key(from) || groups.contains_key(from) {
+                    "is not upstream of it"
+                } else {
+                    "does not exist"
+                };
+                c.push(Some(&s.id), format!("inputs: step {from:?} {what} (list it in needs)"));
+            }
+        }
+    }
+}
+
+/// Checks a step's list of artifact globs.
+fn check_globs(globs: &[String]) -> Result<(), String> {
+    if globs.is_empty() {
+        return Err("an empty list (leave it out)".into());
+    }
+    if globs.len() > crate::artifacts::MAX_PATTERNS {
+        return Err(format!("{} globs; the limit is {}", globs.len(), crate::artifacts::MAX_PATTERNS));
+    }
+    globs.iter().try_for_each(|g| crate::artifacts::check_pattern(g))
+}
+
+/// `inputs:` as written: one `{from, artifacts}` mapping or a list of them.
+fn step_inputs(v: Value) -> Result<Vec<StepInput>, String> {
+    let items = match v {
+        Value::Array(items) => items,
+        one @ Value::Object(_) => vec![one],
+        _ => return Err("expected {from: STEP, artifacts: [GLOB, ...]} or a list of them".into()),
+    };
+    items
+        .into_iter()
+        .map(|item| {
+            let input: StepInput = serde_json::from_value(item.clone())
+                .map_err(|e| format!("{item}: {e} (expected {{from: STEP, artifacts: [GLOB, ...]}})"))?;
+            check_globs(&input.artifacts).map_err(|e| format!("from {}: artifacts: {e}", input.from))?;
+            Ok(input)
+        })
+        .collect()
 }
 
 /// The combinations a `matrix:` makes, as GitHub Actions does: the product of its
@@ -1877,5 +1964,39 @@ mod for_each_tests {
         ws.steps[1].expanded = Some(1);
         ws.unexpand("fan");
         assert_eq!(ws, before);
+    }
+}
+
+#[cfg(test)]
+mod artifact_tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        parse("a.yaml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn artifacts_and_inputs_are_kept_and_checked_naming_the_step() {
+        let ws = parse(
+            "a.yaml",
+            "name: a\nsteps:\n  - {id: b, tool: noop, artifacts: ['dist/*.tgz']}\n  - {id: u, needs: b, tool: noop, inputs: {from: b, artifacts: ['dist/*']}}\n  - {id: v, needs: b, tool: noop, inputs: [{from: b, artifacts: ['x']}, {from: b, artifacts: ['y']}]}\n",
+        )
+        .unwrap();
+        assert_eq!(ws.steps[0].artifacts, ["dist/*.tgz"]);
+        assert_eq!(ws.steps[1].inputs, [StepInput { from: "b".into(), artifacts: vec!["dist/*".into()] }]);
+        assert_eq!(ws.steps[2].inputs.len(), 2);
+        let e = err("name: a\nsteps:\n  - {id: b, tool: noop, artifacts: ['../x']}\n");
+        assert!(
+            e.contains(r#"step "b": artifacts: "../x" must not reach outside the working directory"#),
+            "{e}"
+        );
+        let e = err(
+            "name: a\nsteps:\n  - {id: b, tool: noop}\n  - {id: u, tool: noop, inputs: {from: b, artifacts: [x]}}\n",
+        );
+        assert!(e.contains(r#"step "u": inputs: step "b" is not upstream of it (list it in needs)"#), "{e}");
+        let e = err("name: a\nsteps:\n  - {id: u, tool: noop, inputs: {from: b}}\n");
+        assert!(e.contains(r#"step "u": inputs: "#) && e.contains("missing field `artifacts`"), "{e}");
+        let e = err("name: a\nsteps:\n  - {id: u, tool: noop, inputs: x}\n");
+        assert!(e.contains("inputs: expected {from: STEP, artifacts: [GLOB, ...]}"), "{e}");
     }
 }

@@ -2,6 +2,7 @@
 //! over gRPC streams and serves the public API.
 
 pub mod api;
+pub mod artifacts;
 pub mod auth;
 pub mod engine;
 pub mod leader;
@@ -52,6 +53,12 @@ pub struct Config {
     pub retention: Retention,
     /// Where to send OpenTelemetry traces (OTLP/gRPC, `http://collector:4317`).
     pub otlp: Option<String>,
+    /// Where artifacts are kept: a directory or `s3://BUCKET/PREFIX`. Default with
+    /// SQLite: beside the database file; with Postgres there is none and steps with
+    /// `artifacts:` or `inputs:` fail.
+    pub artifacts: Option<String>,
+    /// Largest artifact accepted, in bytes.
+    pub artifact_max_bytes: u64,
 }
 
 /// Pruning of finished runs (see [`store::Store::prune`]).
@@ -88,6 +95,8 @@ impl Config {
             secrets_key: None,
             retention: Retention::default(),
             otlp: None,
+            artifacts: None,
+            artifact_max_bytes: artifacts::DEFAULT_MAX_BYTES,
         }
     }
 }
@@ -150,6 +159,16 @@ pub async fn run(
         );
     }
     let store = store::Store::open(&config.db).await?;
+    let artifact_store = match config.artifacts.clone().or_else(|| default_artifacts(&config.db)) {
+        Some(at) => Some(
+            artifacts::Artifacts::open(&at, config.artifact_max_bytes)
+                .map_err(|e| ControllerError::Config(e.to_string()))?,
+        ),
+        None => {
+            info!("no --artifacts: steps with artifacts: or inputs: fail");
+            None
+        }
+    };
     // `stop` ends everything: a shutdown request, or (SQLite) the engine failing.
     let stop = shutdown.child_token();
     // Every task that outlives a call is tracked: the controller waits for them before
@@ -178,7 +197,7 @@ pub async fn run(
     tasks.spawn(prune(
         config.retention.clone(),
         leadership.clone(),
-        store.clone(),
+        (store.clone(), artifact_store.clone()),
         metrics.clone(),
         stop.clone(),
     ));
@@ -224,6 +243,7 @@ pub async fn run(
         secrets: config.engine.secrets.clone(),
         shutdown: stop.clone(),
         tasks: tasks.clone(),
+        artifacts: artifact_store.clone(),
     });
     // grpc.health.v1 and server reflection, so that any gRPC client can find its way.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -351,7 +371,7 @@ impl Reload {
 async fn prune(
     retention: Retention,
     leadership: leader::Leadership,
-    store: store::Store,
+    (store, artifacts): (store::Store, Option<artifacts::Artifacts>),
     metrics: std::sync::Arc<metrics::Metrics>,
     stop: CancellationToken,
 ) {
@@ -368,6 +388,13 @@ async fn prune(
         }
         match store.prune(baton_common::time::now_ms(), keep, i64::from(retention.batch)).await {
             Ok(p) if p.runs > 0 => {
+                if let Some(a) = &artifacts {
+                    for id in &p.ids {
+                        if let Err(e) = a.delete_run(id).await {
+                            warn!(run_id = %id, error = %e, "deleting a pruned run's artifacts failed");
+                        }
+                    }
+                }
                 metrics.pruned_runs.add(&[], p.runs as f64);
                 metrics.pruned_rows.add(&[], p.rows as f64);
                 info!(runs = p.runs, rows = p.rows, "finished runs past their retention pruned");
@@ -442,6 +469,11 @@ fn readiness(leadership: leader::Leadership, store: store::Store) -> baton_commo
             }
         })
     })
+}
+
+/// Where artifacts are kept by default: beside a SQLite database file.
+pub fn default_artifacts(db: &str) -> Option<String> {
+    default_secrets_key(db).map(|p| p.display().to_string().replace(".secrets-key", ".artifacts"))
 }
 
 /// Where the secrets key lives by default: beside a SQLite database file.

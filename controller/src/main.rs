@@ -114,6 +114,15 @@ struct Args {
     /// e.g. http://otel-collector:4317.
     #[arg(long, env = "BATON_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    /// Where the files steps leave (`artifacts:`) are kept: a directory, or
+    /// s3://BUCKET/PREFIX (credentials, region and endpoint from the AWS_* variables).
+    /// Default with SQLite: the database path with `.artifacts` appended; with
+    /// Postgres, none (several controllers need a place they share).
+    #[arg(long, env = "BATON_ARTIFACTS")]
+    artifacts: Option<String>,
+    /// Largest artifact accepted, in bytes.
+    #[arg(long, env = "BATON_ARTIFACT_MAX_BYTES", default_value_t = baton_controller::artifacts::DEFAULT_MAX_BYTES)]
+    artifact_max_bytes: u64,
     /// Log format: text or json. RUST_LOG sets the filter (default info).
     #[arg(long, env = "BATON_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -202,6 +211,8 @@ async fn run() -> anyhow::Result<()> {
         tls,
         secrets_key: args.secrets_key,
         otlp: args.otlp_endpoint,
+        artifacts: args.artifacts,
+        artifact_max_bytes: args.artifact_max_bytes,
         retention: baton_controller::Retention {
             keep: args.retain,
             every: args.prune_every,

@@ -414,6 +414,8 @@ impl Sandbox {
             secrets_key: Some(self.dir.path().join("secrets.key")),
             retention: self.retention.clone(),
             otlp: self.otlp.clone(),
+            artifacts: Some(self.dir.path().join("artifacts").display().to_string()),
+            artifact_max_bytes: 1 << 20,
         };
         let s = stop.clone();
         let task = tokio::spawn(async move {

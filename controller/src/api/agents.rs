@@ -22,11 +22,17 @@ pub struct AgentApi {
     leadership: Leadership,
     store: Store,
     tasks: tokio_util::task::TaskTracker,
+    artifacts: Option<crate::artifacts::Artifacts>,
 }
 
 impl AgentApi {
-    pub fn new(leadership: Leadership, store: Store, tasks: tokio_util::task::TaskTracker) -> AgentApi {
-        AgentApi { leadership, store, tasks }
+    pub fn new(
+        leadership: Leadership,
+        store: Store,
+        tasks: tokio_util::task::TaskTracker,
+        artifacts: Option<crate::artifacts::Artifacts>,
+    ) -> AgentApi {
+        AgentApi { leadership, store, tasks, artifacts }
     }
 }
 
@@ -71,6 +77,27 @@ fn binding(identity: &Identity, hello: &pb::Hello) -> Result<Binding, Status> {
 #[tonic::async_trait]
 impl pb::agent_service_server::AgentService for AgentApi {
     type ConnectStream = Outbound;
+    type FetchInputsStream = super::artifacts::ChunkStream;
+
+    async fn upload_artifact(
+        &self,
+        req: Request<Streaming<pb::ArtifactUpload>>,
+    ) -> Result<Response<pb::ArtifactInfo>, Status> {
+        let identity = Identity::of(&req);
+        let artifacts = super::artifacts::store_of(&self.artifacts)?;
+        let info = super::artifacts::upload(&self.store, artifacts, &identity, req.into_inner()).await?;
+        Ok(Response::new(info))
+    }
+
+    async fn fetch_inputs(
+        &self,
+        req: Request<pb::FetchInputsRequest>,
+    ) -> Result<Response<Self::FetchInputsStream>, Status> {
+        let identity = Identity::of(&req);
+        let artifacts = super::artifacts::store_of(&self.artifacts)?.clone();
+        let rows = super::artifacts::inputs(&self.store, &identity, req.get_ref()).await?;
+        Ok(Response::new(super::artifacts::stream(artifacts, rows)))
+    }
 
     async fn connect(&self, req: Request<Streaming<pb::AgentMessage>>) -> Result<Response<Outbound>, Status> {
         let identity = Identity::of(&req);

@@ -2,6 +2,7 @@
 
 mod admin;
 mod agents;
+mod artifacts;
 pub(crate) mod convert;
 mod error;
 mod logs;
@@ -44,23 +45,18 @@ pub struct Context {
     pub secrets: Option<std::sync::Arc<crate::secrets::SecretBox>>,
     pub shutdown: CancellationToken,
     pub tasks: tokio_util::task::TaskTracker,
+    /// Where artifacts are kept; `None`: they are refused.
+    pub artifacts: Option<crate::artifacts::Artifacts>,
 }
 
 pub fn services(cx: Context) -> Services {
-    let runs = pb::baton_service_server::BatonServiceServer::new(RunApi::new(
-        cx.leadership.clone(),
-        cx.router,
-        cx.store.clone(),
-        cx.logs,
-        cx.router_path,
-        cx.shutdown,
-        cx.tasks.clone(),
-    ))
-    .max_decoding_message_size(MAX_API_MESSAGE_BYTES);
+    let runs = pb::baton_service_server::BatonServiceServer::new(RunApi::new(&cx))
+        .max_decoding_message_size(MAX_API_MESSAGE_BYTES);
     let agents = pb::agent_service_server::AgentServiceServer::new(AgentApi::new(
         cx.leadership.clone(),
         cx.store.clone(),
         cx.tasks,
+        cx.artifacts,
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let admin = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(

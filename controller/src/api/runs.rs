@@ -30,6 +30,7 @@ pub struct RunApi {
     /// Watches and follows run on tasks the controller waits for before it stops.
     tasks: tokio_util::task::TaskTracker,
     estimates: EstimateCache,
+    artifacts: Option<crate::artifacts::Artifacts>,
 }
 
 /// Duration estimates per workstream, read from the history at most once per
@@ -64,24 +65,18 @@ impl EstimateCache {
 }
 
 impl RunApi {
-    pub fn new(
-        leadership: Leadership,
-        router: crate::router::Rules,
-        store: Store,
-        logs: crate::logs::Logs,
-        router_path: Option<std::path::PathBuf>,
-        shutdown: CancellationToken,
-        tasks: tokio_util::task::TaskTracker,
-    ) -> RunApi {
+    /// The service over what the API port's services share.
+    pub fn new(cx: &super::Context) -> RunApi {
         RunApi {
-            leadership,
-            router,
-            store,
-            logs,
-            router_path,
-            shutdown,
-            tasks,
+            leadership: cx.leadership.clone(),
+            router: cx.router.clone(),
+            store: cx.store.clone(),
+            logs: cx.logs.clone(),
+            router_path: cx.router_path.clone(),
+            shutdown: cx.shutdown.clone(),
+            tasks: cx.tasks.clone(),
             estimates: EstimateCache::default(),
+            artifacts: cx.artifacts.clone(),
         }
     }
 
@@ -334,6 +329,40 @@ impl pb::baton_service_server::BatonService for RunApi {
         Ok(Response::new(pb::RerunRunResponse { run_id, reused: n }))
     }
 
+    async fn list_artifacts(
+        &self,
+        req: Request<pb::ListArtifactsRequest>,
+    ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
+        let run_id = self.store.resolve_run_id(&req.into_inner().run_id).await?;
+        let rows = self.store.list_artifacts(&run_id).await?;
+        let artifacts = rows.iter().map(super::artifacts::info).collect();
+        Ok(Response::new(pb::ListArtifactsResponse { run_id, artifacts }))
+    }
+
+    type GetArtifactStream = super::artifacts::ChunkStream;
+
+    async fn get_artifact(
+        &self,
+        req: Request<pb::GetArtifactRequest>,
+    ) -> Result<Response<Self::GetArtifactStream>, Status> {
+        let req = req.into_inner();
+        let artifacts = super::artifacts::store_of(&self.artifacts)?.clone();
+        let run_id = self.store.resolve_run_id(&req.run_id).await?;
+        let row = self
+            .store
+            .list_artifacts(&run_id)
+            .await?
+            .into_iter()
+            .find(|r| r.step_id == req.step_id && r.path == req.path)
+            .ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "run {run_id} has no artifact {:?} of step {:?}",
+                    req.path, req.step_id
+                ))
+            })?;
+        Ok(Response::new(super::artifacts::stream(artifacts, vec![row])))
+    }
+
     async fn list_cache(
         &self,
         req: Request<pb::ListCacheRequest>,
@@ -379,6 +408,11 @@ impl pb::baton_service_server::BatonService for RunApi {
         // engine's memory, so the store alone holds what is deleted.
         self.writer()?;
         let rows = self.store.delete_finished_run(&id).await?;
+        if let Some(a) = &self.artifacts
+            && let Err(e) = a.delete_run(&id).await
+        {
+            tracing::warn!(run_id = %id, error = %e, "deleting a deleted run's artifacts failed");
+        }
         tracing::info!(run_id = %id, rows, by = %actor, "run deleted");
         Ok(Response::new(pb::DeleteRunResponse { run_id: id, rows }))
     }

@@ -407,6 +407,19 @@ impl Model {
         match class {
             None => {
                 self.breakers_on_result(&tool, &agent_id, None, &run_id);
+                // The files it left, stored before it reported: kept with its success.
+                if let Some(run) = self.runs.get(&run_id) {
+                    let step_id = run.step_id(idx);
+                    self.pending.artifacts.extend(f.artifacts.iter().map(|i| crate::store::ArtifactRow {
+                        run_id: run_id.clone(),
+                        step_id: step_id.to_string(),
+                        path: i.path.clone(),
+                        attempt_id: attempt_id.to_string(),
+                        size: i.size.min(i64::MAX as u64) as i64,
+                        sha256: i.sha256.clone(),
+                        created_at: self.pending.now,
+                    }));
+                }
                 self.step_succeeded(&run_id, idx, result);
             }
             Some(class) => {

@@ -359,6 +359,12 @@ impl Model {
                 .unwrap_or_default(),
             render: values.is_some(),
             values: values.map(proto::structure),
+            inputs: spec
+                .inputs
+                .iter()
+                .map(|i| pb::StepInputs { from_step: i.from.clone(), patterns: i.artifacts.clone() })
+                .collect(),
+            artifacts: spec.artifacts.clone(),
         };
         // Work for a free slot goes out at once, and so does a pipelined attempt (it
         // must be there before its predecessors end); a queue top-up for a busy agent

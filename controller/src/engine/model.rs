@@ -165,6 +165,9 @@ pub(crate) enum Answer {
 }
 
 /// Something for the driver to do.
+// Most effects are `Send`s (the large variant): boxing its message would add an
+// allocation to the common case to save space in the rare ones.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Effect {
     /// A message on an agent's stream (dropped when the session has closed).
@@ -232,6 +235,8 @@ pub(super) struct Pending {
     pub violations: Vec<String>,
     /// Cache entries made by steps that succeeded.
     pub cache: Vec<crate::store::CacheRow>,
+    /// Artifacts of attempts whose success was accepted.
+    pub artifacts: Vec<crate::store::ArtifactRow>,
     /// Steps made ready where the model could not queue them (see `skip_downstream`);
     /// queued before the input is done.
     pub newly_ready: Vec<(String, usize)>,
@@ -251,6 +256,8 @@ impl Pending {
             + self.agents.len()
             + self.breakers.len()
             + self.events.len()
+            + self.cache.len()
+            + self.artifacts.len()
     }
 
     /// A message sent once the commit is durable.
@@ -716,6 +723,7 @@ impl Model {
             }
         }
         b.cache = std::mem::take(&mut p.cache);
+        b.artifacts = std::mem::take(&mut p.artifacts);
         b
     }
 

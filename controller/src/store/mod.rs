@@ -21,7 +21,8 @@ use thiserror::Error;
 
 pub use auth::{AgentCredentialRow, Enrollment, JoinTokenRow, SecretRow, TokenRow};
 pub use rows::{
-    AgentRow, AttemptRow, BreakerRow, CacheRow, EventRow, OutputRow, RunRow, RunSpecRow, RunStateRow, StepRow,
+    AgentRow, ArtifactRow, AttemptRow, BreakerRow, CacheRow, EventRow, OutputRow, RunRow, RunSpecRow,
+    RunStateRow, StepRow,
 };
 
 #[derive(Debug, Error)]
@@ -57,11 +58,13 @@ pub enum StoreError {
 const BIG_BATCH_ROWS: usize = 4096;
 
 /// What [`Store::prune`] deleted.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Pruned {
     pub runs: u64,
-    /// Rows of every table: runs, steps, attempts, events and output chunks.
+    /// Rows of every table: runs, steps, attempts, events, output chunks and artifacts.
     pub rows: u64,
+    /// The runs deleted (their stored artifacts go too).
+    pub ids: Vec<String>,
 }
 
 /// Proof of leadership for a write: the controller's id and its leader epoch. A commit
@@ -112,6 +115,8 @@ pub struct Batch {
     pub breakers: Vec<BreakerRow>,
     /// Results of steps with `cache:` that succeeded.
     pub cache: Vec<CacheRow>,
+    /// Artifacts of steps that succeeded.
+    pub artifacts: Vec<ArtifactRow>,
 }
 
 impl Batch {
@@ -130,6 +135,7 @@ impl Batch {
             + self.agents.len()
             + self.breakers.len()
             + self.cache.len()
+            + self.artifacts.len()
     }
 
     pub fn clear(&mut self) {
@@ -142,6 +148,7 @@ impl Batch {
         self.agents.clear();
         self.breakers.clear();
         self.cache.clear();
+        self.artifacts.clear();
     }
 }
 
@@ -398,6 +405,7 @@ impl Store {
                     serde_json::to_string(&batch.agents).map_err(json)?,
                     serde_json::to_string(&batch.breakers).map_err(json)?,
                     serde_json::to_string(&batch.cache).map_err(json)?,
+                    serde_json::to_string(&batch.artifacts).map_err(json)?,
                 ];
                 if !after.await {
                     return Err(StoreError::Aborted);
@@ -412,11 +420,11 @@ impl Store {
     /// buffer keeps the size of the biggest message it sent, here the whole batch's rows.
     async fn commit_postgres(
         writer: &AnyPool,
-        arrays: &[String; 9],
+        arrays: &[String; 10],
         fence: Option<&Fence>,
         big: bool,
     ) -> Result<(), StoreError> {
-        static STATEMENTS: std::sync::LazyLock<[String; 9]> = std::sync::LazyLock::new(|| {
+        static STATEMENTS: std::sync::LazyLock<[String; 10]> = std::sync::LazyLock::new(|| {
             [
                 json_write_sql::<RunRow>(),
                 json_write_sql::<RunStateRow>(),
@@ -427,6 +435,7 @@ impl Store {
                 json_write_sql::<AgentRow>(),
                 json_write_sql::<BreakerRow>(),
                 json_write_sql::<CacheRow>(),
+                json_write_sql::<ArtifactRow>(),
             ]
         });
         use sqlx::Connection;
@@ -470,6 +479,32 @@ impl Store {
         snap.cache =
             fetch(&self.pool, &format!("SELECT {} FROM step_cache", CacheRow::column_list())).await?;
         Ok(snap)
+    }
+
+    /// A run's artifacts, by step and path.
+    pub async fn list_artifacts(&self, run_id: &str) -> Result<Vec<ArtifactRow>, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM artifacts WHERE run_id = $1 ORDER BY step_id, path",
+            ArtifactRow::column_list()
+        );
+        fetch_bound(&self.pool, &sql, run_id).await
+    }
+
+    /// One attempt's row, if it exists.
+    pub async fn attempt(&self, attempt_id: &str) -> Result<Option<AttemptRow>, StoreError> {
+        let sql = format!("SELECT {} FROM step_attempts WHERE id = $1", AttemptRow::column_list());
+        Ok(fetch_bound(&self.pool, &sql, attempt_id).await?.pop())
+    }
+
+    /// The run `run_id` reruns (empty for a submitted run); `None` when there is no
+    /// such run.
+    pub async fn rerun_of(&self, run_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query("SELECT rerun_of FROM runs WHERE id = $1")
+            .bind(run_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| r.try_get::<String, _>("rerun_of"))
+            .transpose()?)
     }
 
     /// The step cache, newest first (of one workstream, when given).
@@ -848,6 +883,7 @@ impl Store {
         for id in ids {
             pruned.rows += self.delete_finished_run(&id).await?;
             pruned.runs += 1;
+            pruned.ids.push(id);
         }
         Ok(pruned)
     }
@@ -879,6 +915,7 @@ impl Store {
             }
             let mut rows = 0;
             for sql in [
+                "DELETE FROM artifacts WHERE run_id = $1",
                 "DELETE FROM attempt_output WHERE attempt_id IN (SELECT id FROM step_attempts WHERE run_id = $1)",
                 "DELETE FROM run_events WHERE run_id = $1",
                 "DELETE FROM step_attempts WHERE run_id = $1",

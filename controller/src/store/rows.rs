@@ -318,3 +318,16 @@ record! {
         pub expires_at: i64,
     }
 }
+
+record! {
+    /// A file a step left (`artifacts:`), stored at `runs/RUN/STEP/PATH`.
+    pub struct ArtifactRow in "artifacts", key (run_id, step_id, path), Upsert {
+        pub run_id: String,
+        pub step_id: String,
+        pub path: String,
+        pub attempt_id: String,
+        pub size: i64,
+        pub sha256: String,
+        pub created_at: i64,
+    }
+}

@@ -128,6 +128,7 @@ fn write(conn: &mut Connection, b: &Batch, fence: Option<&Fence>) -> Result<(), 
     rows(&tx, &b.agents)?;
     rows(&tx, &b.breakers)?;
     rows(&tx, &b.cache)?;
+    rows(&tx, &b.artifacts)?;
     tx.commit()?;
     Ok(())
 }

@@ -428,11 +428,13 @@ async fn finished_runs_are_pruned_by_their_retention_with_all_their_rows(store: 
     finished_run(store, active, "quarantined", None, Some(1)).await;
     let now = 10_000;
     // Without a default, only the run with a retention of its own goes.
-    assert_eq!(store.prune(now, None, 100).await.unwrap(), Pruned { runs: 1, rows: 5 });
+    let p = store.prune(now, None, 100).await.unwrap();
+    assert_eq!((p.runs, p.rows), (1, 5));
     assert!(matches!(store.get_run(own).await, Err(StoreError::RunNotFound(_))));
     assert!(store.output(&format!("{own}-att"), 1).await.unwrap().is_empty());
     // With one, runs finished before it, in bounded batches; the rest stay.
-    assert_eq!(store.prune(now, Some(5_000), 100).await.unwrap(), Pruned { runs: 1, rows: 5 });
+    let p = store.prune(now, Some(5_000), 100).await.unwrap();
+    assert_eq!((p.runs, p.rows), (1, 5));
     assert!(matches!(store.get_run(old).await, Err(StoreError::RunNotFound(_))));
     assert!(store.events(old, 1, 10).await.unwrap().is_empty());
     for id in [recent, active] {

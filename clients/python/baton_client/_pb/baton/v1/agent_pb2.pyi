@@ -11,6 +11,42 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ArtifactUpload(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: ArtifactHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ArtifactHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ArtifactHeader(_message.Message):
+    __slots__ = ("attempt", "path", "size")
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    attempt: AttemptRef
+    path: str
+    size: int
+    def __init__(self, attempt: _Optional[_Union[AttemptRef, _Mapping]] = ..., path: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class FetchInputsRequest(_message.Message):
+    __slots__ = ("attempt", "from_step", "patterns")
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    FROM_STEP_FIELD_NUMBER: _ClassVar[int]
+    PATTERNS_FIELD_NUMBER: _ClassVar[int]
+    attempt: AttemptRef
+    from_step: str
+    patterns: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, attempt: _Optional[_Union[AttemptRef, _Mapping]] = ..., from_step: _Optional[str] = ..., patterns: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StepInputs(_message.Message):
+    __slots__ = ("from_step", "patterns")
+    FROM_STEP_FIELD_NUMBER: _ClassVar[int]
+    PATTERNS_FIELD_NUMBER: _ClassVar[int]
+    from_step: str
+    patterns: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, from_step: _Optional[str] = ..., patterns: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class EnrollRequest(_message.Message):
     __slots__ = ("agent_id", "name")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -134,7 +170,7 @@ class AttemptOutput(_message.Message):
     def __init__(self, attempt: _Optional[_Union[AttemptRef, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class AttemptFinished(_message.Message):
-    __slots__ = ("attempt", "outcome", "exit_code", "failure_class", "error", "result", "output_tail", "duration", "output_bytes")
+    __slots__ = ("attempt", "outcome", "exit_code", "failure_class", "error", "result", "output_tail", "duration", "output_bytes", "artifacts")
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +180,7 @@ class AttemptFinished(_message.Message):
     OUTPUT_TAIL_FIELD_NUMBER: _ClassVar[int]
     DURATION_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     attempt: AttemptRef
     outcome: _api_pb2.Outcome
     exit_code: int
@@ -153,7 +190,8 @@ class AttemptFinished(_message.Message):
     output_tail: str
     duration: _duration_pb2.Duration
     output_bytes: int
-    def __init__(self, attempt: _Optional[_Union[AttemptRef, _Mapping]] = ..., outcome: _Optional[_Union[_api_pb2.Outcome, str]] = ..., exit_code: _Optional[int] = ..., failure_class: _Optional[_Union[_api_pb2.FailureClass, str]] = ..., error: _Optional[str] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., output_tail: _Optional[str] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., output_bytes: _Optional[int] = ...) -> None: ...
+    artifacts: _containers.RepeatedCompositeFieldContainer[_api_pb2.ArtifactInfo]
+    def __init__(self, attempt: _Optional[_Union[AttemptRef, _Mapping]] = ..., outcome: _Optional[_Union[_api_pb2.Outcome, str]] = ..., exit_code: _Optional[int] = ..., failure_class: _Optional[_Union[_api_pb2.FailureClass, str]] = ..., error: _Optional[str] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., output_tail: _Optional[str] = ..., duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., output_bytes: _Optional[int] = ..., artifacts: _Optional[_Iterable[_Union[_api_pb2.ArtifactInfo, _Mapping]]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("session_id", "heartbeat_interval", "lease_timeout", "adopted", "abandon", "stop_after", "fence_grace", "idle_heartbeat_interval")
@@ -176,7 +214,7 @@ class Welcome(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., adopted: _Optional[_Iterable[str]] = ..., abandon: _Optional[_Iterable[str]] = ..., stop_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., fence_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., idle_heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ExecutionRequest(_message.Message):
-    __slots__ = ("tool", "input", "env", "timeout", "kill_grace", "max_output_bytes", "redact", "traceparent", "render", "values")
+    __slots__ = ("tool", "input", "env", "timeout", "kill_grace", "max_output_bytes", "redact", "traceparent", "render", "values", "inputs", "artifacts")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +232,8 @@ class ExecutionRequest(_message.Message):
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     RENDER_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     tool: str
     input: _struct_pb2.Struct
     env: _containers.ScalarMap[str, str]
@@ -204,7 +244,9 @@ class ExecutionRequest(_message.Message):
     traceparent: str
     render: bool
     values: _struct_pb2.Struct
-    def __init__(self, tool: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., kill_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_output_bytes: _Optional[int] = ..., redact: _Optional[_Iterable[str]] = ..., traceparent: _Optional[str] = ..., render: _Optional[bool] = ..., values: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    inputs: _containers.RepeatedCompositeFieldContainer[StepInputs]
+    artifacts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tool: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., kill_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_output_bytes: _Optional[int] = ..., redact: _Optional[_Iterable[str]] = ..., traceparent: _Optional[str] = ..., render: _Optional[bool] = ..., values: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[StepInputs, _Mapping]]] = ..., artifacts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Assign(_message.Message):
     __slots__ = ("attempt", "number", "request", "after")

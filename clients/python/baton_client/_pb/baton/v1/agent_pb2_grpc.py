@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from baton_client._pb.baton.v1 import agent_pb2 as baton_dot_v1_dot_agent__pb2
+from baton_client._pb.baton.v1 import api_pb2 as baton_dot_v1_dot_api__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -45,6 +46,16 @@ class AgentServiceStub:
                 request_serializer=baton_dot_v1_dot_agent__pb2.EnrollRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_agent__pb2.EnrollResponse.FromString,
                 _registered_method=True)
+        self.UploadArtifact = channel.stream_unary(
+                '/baton.v1.AgentService/UploadArtifact',
+                request_serializer=baton_dot_v1_dot_agent__pb2.ArtifactUpload.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_api__pb2.ArtifactInfo.FromString,
+                _registered_method=True)
+        self.FetchInputs = channel.unary_stream(
+                '/baton.v1.AgentService/FetchInputs',
+                request_serializer=baton_dot_v1_dot_agent__pb2.FetchInputsRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_api__pb2.ArtifactChunk.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -67,6 +78,23 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadArtifact(self, request_iterator, context):
+        """Stores a file a successful attempt left (its step's `artifacts:`), before the
+        attempt's result is sent: a header, then the bytes. Only for a live attempt of the
+        calling agent, under its lease.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchInputs(self, request, context):
+        """The artifacts of an earlier step of the same run that a live attempt of the
+        calling agent takes as inputs, in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +107,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Enroll,
                     request_deserializer=baton_dot_v1_dot_agent__pb2.EnrollRequest.FromString,
                     response_serializer=baton_dot_v1_dot_agent__pb2.EnrollResponse.SerializeToString,
+            ),
+            'UploadArtifact': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadArtifact,
+                    request_deserializer=baton_dot_v1_dot_agent__pb2.ArtifactUpload.FromString,
+                    response_serializer=baton_dot_v1_dot_api__pb2.ArtifactInfo.SerializeToString,
+            ),
+            'FetchInputs': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchInputs,
+                    request_deserializer=baton_dot_v1_dot_agent__pb2.FetchInputsRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_api__pb2.ArtifactChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +174,60 @@ class AgentService:
             '/baton.v1.AgentService/Enroll',
             baton_dot_v1_dot_agent__pb2.EnrollRequest.SerializeToString,
             baton_dot_v1_dot_agent__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadArtifact(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/baton.v1.AgentService/UploadArtifact',
+            baton_dot_v1_dot_agent__pb2.ArtifactUpload.SerializeToString,
+            baton_dot_v1_dot_api__pb2.ArtifactInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchInputs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/baton.v1.AgentService/FetchInputs',
+            baton_dot_v1_dot_agent__pb2.FetchInputsRequest.SerializeToString,
+            baton_dot_v1_dot_api__pb2.ArtifactChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -81,6 +81,16 @@ class BatonServiceStub:
                 request_serializer=baton_dot_v1_dot_api__pb2.PurgeCacheRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_api__pb2.PurgeCacheResponse.FromString,
                 _registered_method=True)
+        self.ListArtifacts = channel.unary_unary(
+                '/baton.v1.BatonService/ListArtifacts',
+                request_serializer=baton_dot_v1_dot_api__pb2.ListArtifactsRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_api__pb2.ListArtifactsResponse.FromString,
+                _registered_method=True)
+        self.GetArtifact = channel.unary_stream(
+                '/baton.v1.BatonService/GetArtifact',
+                request_serializer=baton_dot_v1_dot_api__pb2.GetArtifactRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_api__pb2.ArtifactChunk.FromString,
+                _registered_method=True)
         self.DeleteRun = channel.unary_unary(
                 '/baton.v1.BatonService/DeleteRun',
                 request_serializer=baton_dot_v1_dot_api__pb2.DeleteRunRequest.SerializeToString,
@@ -212,6 +222,20 @@ class BatonServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListArtifacts(self, request, context):
+        """The artifacts the steps of a run left (`artifacts:` in the spec).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetArtifact(self, request, context):
+        """One artifact's bytes, in chunks; the first carries its description.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteRun(self, request, context):
         """Deletes a finished run (succeeded, failed or canceled) with its steps, attempts,
         events and output. FAILED_PRECONDITION for a run that has not finished: cancel it
@@ -337,6 +361,16 @@ def add_BatonServiceServicer_to_server(servicer, server):
                     servicer.PurgeCache,
                     request_deserializer=baton_dot_v1_dot_api__pb2.PurgeCacheRequest.FromString,
                     response_serializer=baton_dot_v1_dot_api__pb2.PurgeCacheResponse.SerializeToString,
+            ),
+            'ListArtifacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListArtifacts,
+                    request_deserializer=baton_dot_v1_dot_api__pb2.ListArtifactsRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_api__pb2.ListArtifactsResponse.SerializeToString,
+            ),
+            'GetArtifact': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetArtifact,
+                    request_deserializer=baton_dot_v1_dot_api__pb2.GetArtifactRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_api__pb2.ArtifactChunk.SerializeToString,
             ),
             'DeleteRun': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteRun,
@@ -634,6 +668,60 @@ class BatonService:
             '/baton.v1.BatonService/PurgeCache',
             baton_dot_v1_dot_api__pb2.PurgeCacheRequest.SerializeToString,
             baton_dot_v1_dot_api__pb2.PurgeCacheResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListArtifacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.BatonService/ListArtifacts',
+            baton_dot_v1_dot_api__pb2.ListArtifactsRequest.SerializeToString,
+            baton_dot_v1_dot_api__pb2.ListArtifactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/baton.v1.BatonService/GetArtifact',
+            baton_dot_v1_dot_api__pb2.GetArtifactRequest.SerializeToString,
+            baton_dot_v1_dot_api__pb2.ArtifactChunk.FromString,
             options,
             channel_credentials,
             insecure,
