@@ -44,14 +44,24 @@ impl std::fmt::Debug for Artifacts {
 }
 
 impl Artifacts {
-    /// Opens `location`: `s3://BUCKET[/PREFIX]`, or a directory (created when missing).
+    /// Opens `location`: `s3://BUCKET[/PREFIX]` (configured by the `AWS_*` variables),
+    /// or a directory (created when missing).
     pub fn open(location: &str, max_bytes: u64) -> Result<Artifacts, ArtifactError> {
+        let env =
+            std::env::vars().filter(|(k, _)| k.starts_with("AWS_")).map(|(k, v)| (k.to_ascii_lowercase(), v));
+        Self::open_with(location, max_bytes, env)
+    }
+
+    /// [`Artifacts::open`] with the bucket's settings given (`aws_endpoint`,
+    /// `aws_region`, ...) instead of read from the environment.
+    pub fn open_with(
+        location: &str,
+        max_bytes: u64,
+        options: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Artifacts, ArtifactError> {
         let open = |e: String| ArtifactError::Open(location.to_string(), e);
         let store: Arc<dyn ObjectStore> = if location.starts_with("s3://") {
             let url = url::Url::parse(location).map_err(|e| open(e.to_string()))?;
-            let options = std::env::vars()
-                .filter(|(k, _)| k.starts_with("AWS_"))
-                .map(|(k, v)| (k.to_ascii_lowercase(), v));
             let (store, prefix) =
                 object_store::parse_url_opts(&url, options).map_err(|e| open(e.to_string()))?;
             Arc::new(object_store::prefix::PrefixStore::new(store, prefix))
@@ -153,6 +163,60 @@ mod tests {
     async fn a_file_is_stored_whole_checked_and_deleted_with_its_run() {
         let dir = tempfile::tempdir().unwrap();
         let a = Artifacts::open(&dir.path().join("store").display().to_string(), 10).unwrap();
+        stores_checks_and_deletes(&a).await;
+    }
+
+    /// The same against an S3-compatible server: `BATON_TEST_S3_SERVER` names a
+    /// `moto_server` executable (`.ci/run` installs it; a real S3 needs credentials this
+    /// machine does not have). Skipped without it unless `BATON_REQUIRE_S3=1`.
+    #[tokio::test]
+    async fn an_s3_bucket_keeps_artifacts_as_a_directory_does() {
+        let Some(server) = std::env::var_os("BATON_TEST_S3_SERVER") else {
+            assert!(
+                std::env::var("BATON_REQUIRE_S3").is_err(),
+                "BATON_REQUIRE_S3=1 but no BATON_TEST_S3_SERVER"
+            );
+            eprintln!("skipped: no BATON_TEST_S3_SERVER");
+            return;
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = tokio::process::Command::new(server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        // The bucket, made over plain HTTP once the server answers.
+        let made = loop {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                let req = format!(
+                    "PUT /baton HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                s.write_all(req.as_bytes()).await.unwrap();
+                let mut answer = String::new();
+                s.read_to_string(&mut answer).await.unwrap();
+                break answer;
+            }
+            assert!(child.try_wait().unwrap().is_none(), "moto_server exited");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        assert!(made.starts_with("HTTP/1.1 200"), "{made}");
+        let options = [
+            ("aws_endpoint", format!("http://127.0.0.1:{port}")),
+            ("aws_allow_http", "true".into()),
+            ("aws_access_key_id", "test".into()),
+            ("aws_secret_access_key", "test".into()),
+            ("aws_region", "us-east-1".into()),
+        ]
+        .map(|(k, v)| (k.to_string(), v));
+        let a = Artifacts::open_with("s3://baton/artifacts", 10, options).unwrap();
+        stores_checks_and_deletes(&a).await;
+        child.kill().await.unwrap();
+    }
+
+    async fn stores_checks_and_deletes(a: &Artifacts) {
         let at = ("run-1", "build[os=debian]", "att-1");
         let sum = a.put(at, "dist/app.tgz", 6, chunks(&[b"abc", b"def"])).await.unwrap();
         assert_eq!(sum, "bef57ec7f53a6d40beb640a780a639c83bc29ac8a9816f1fc6c5c6dcd93c4721");

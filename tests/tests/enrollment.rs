@@ -182,6 +182,23 @@ async fn an_agent_cannot_pose_as_another_nor_report_on_its_attempts() {
     .await;
     let run = get_run(&mut c, &id).await;
     assert_eq!(run.steps[0].state_name(), "running", "B's reports changed nothing");
+    // Nor may B store artifacts for A's attempt, or fetch inputs under its lease.
+    let mut files = proto::agent_service_client::AgentServiceClient::new(sb.channel_as(Some(&b_cred)).await);
+    let header = proto::ArtifactHeader { attempt: Some(stolen.clone()), path: "forged.txt".into(), size: 1 };
+    let parts = vec![
+        proto::ArtifactUpload { part: Some(proto::artifact_upload::Part::Header(header)) },
+        proto::ArtifactUpload { part: Some(proto::artifact_upload::Part::Data(b"x".to_vec())) },
+    ];
+    let e = files.upload_artifact(tokio_stream::iter(parts)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+    assert!(e.message().contains("it runs on agent agent-1"), "{}", e.message());
+    let fetch = proto::FetchInputsRequest {
+        attempt: Some(stolen.clone()),
+        from_step: "work".into(),
+        patterns: vec!["*".into()],
+    };
+    let e = files.fetch_inputs(fetch).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
     // A finishes for real, and its result is the one accepted.
     std::fs::write(format!("{}.go", out.display()), "\n").unwrap();
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
