@@ -223,6 +223,15 @@ pub fn run(format: Format, run: &pb::Run) {
             }
         }
     }
+    let files: Vec<(&str, &pb::ArtifactInfo)> =
+        run.steps.iter().flat_map(|s| s.artifacts.iter().map(move |a| (s.id.as_str(), a))).collect();
+    if !files.is_empty() {
+        out!();
+        out!("Artifacts:");
+        for (step, a) in files {
+            out!("  {step}: {} ({} bytes, sha256 {})", a.path, a.size, &a.sha256[..12.min(a.sha256.len())]);
+        }
+    }
 }
 
 /// A JSON value on one line: strings bare (cut at 200 characters), the rest as JSON.

@@ -1236,6 +1236,14 @@ async fn artifacts_pass_between_agents_with_separate_work_dirs_and_download_chec
     assert_eq!(got.code, 0, "{}", got.stderr);
     assert_eq!(std::fs::read_to_string(into.join("build/dist/app.tgz")).unwrap(), "hello\n");
     assert_eq!(std::fs::read_to_string(into.join("build/dist/sub/b.tgz")).unwrap(), "x");
+    let text = baton(&url, &["runs", "show", &id]).await;
+    assert!(text.stdout.contains("Artifacts:\n  build: dist/app.tgz (6 bytes, sha256 "), "{}", text.stdout);
+    let report = baton(&url, &["runs", "report", &id]).await;
+    assert!(
+        report.stdout.contains("## Artifacts") && report.stdout.contains("| build | dist/sub/b.tgz | 1 |"),
+        "{}",
+        report.stdout
+    );
 
     // What is not there, or too big, fails the step with the reason.
     let bad = write(

@@ -845,6 +845,9 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
         if rs.max_parallel == Some(0) {
             c.push(here, "max_parallel must be at least 1");
         }
+        if step.cache.is_some() && !step.artifacts.is_empty() {
+            c.push(here, "cache: a step taken from the cache leaves no files: it cannot have artifacts: too");
+        }
         match (&rs.matrix, rs.max_parallel) {
             (Some(_), _) if step.for_each.is_some() => {
                 c.push(here, "a step expands by matrix or by for_each, not both")
@@ -1996,6 +1999,8 @@ mod artifact_tests {
         assert!(e.contains(r#"step "u": inputs: step "b" is not upstream of it (list it in needs)"#), "{e}");
         let e = err("name: a\nsteps:\n  - {id: u, tool: noop, inputs: {from: b}}\n");
         assert!(e.contains(r#"step "u": inputs: "#) && e.contains("missing field `artifacts`"), "{e}");
+        let e = err("name: a\nsteps:\n  - {id: b, tool: noop, cache: true, artifacts: [x]}\n");
+        assert!(e.contains(r#"step "b": cache: a step taken from the cache leaves no files"#), "{e}");
         let e = err("name: a\nsteps:\n  - {id: u, tool: noop, inputs: x}\n");
         assert!(e.contains("inputs: expected {from: STEP, artifacts: [GLOB, ...]}"), "{e}");
     }

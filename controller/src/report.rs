@@ -82,6 +82,15 @@ pub struct StepReport {
     pub reason: String,
     pub attempts: Vec<AttemptReport>,
     pub on_critical_path: bool,
+    /// The files it left (`artifacts:`).
+    pub artifacts: Vec<ArtifactReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ArtifactReport {
+    pub path: String,
+    pub size: i64,
+    pub sha256: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -182,6 +191,12 @@ pub fn build(rec: &RunRecord, events: &[EventRow]) -> Report {
             reason: s.reason.clone(),
             attempts: attempts.remove(s.step_id.as_str()).unwrap_or_default(),
             on_critical_path: critical.contains(&s.step_id),
+            artifacts: rec
+                .artifacts
+                .iter()
+                .filter(|a| a.step_id == s.step_id)
+                .map(|a| ArtifactReport { path: a.path.clone(), size: a.size, sha256: a.sha256.clone() })
+                .collect(),
         })
         .collect();
     steps.sort_by_key(|s| (s.started_at_ms.unwrap_or(i64::MAX), s.id.clone()));
@@ -372,6 +387,16 @@ pub fn to_markdown(r: &Report) -> String {
             );
         }
     }
+    if r.steps.iter().any(|s| !s.artifacts.is_empty()) {
+        let _ = writeln!(o, "\n## Artifacts\n");
+        let _ = writeln!(o, "| step | path | bytes | sha256 |");
+        let _ = writeln!(o, "|---|---|---|---|");
+        for s in &r.steps {
+            for a in &s.artifacts {
+                let _ = writeln!(o, "| {} | {} | {} | {} |", md(&s.id), md(&a.path), a.size, a.sha256);
+            }
+        }
+    }
     for (title, notes) in r.note_sections() {
         if notes.is_empty() {
             continue;
@@ -476,6 +501,25 @@ th{{background:#f1f4f8}}.state-succeeded,.state-reused{{color:#17803d}}.state-fa
         }
     }
     let _ = writeln!(o, "</table>");
+    if r.steps.iter().any(|s| !s.artifacts.is_empty()) {
+        let _ = writeln!(
+            o,
+            "<h2>Artifacts</h2>\n<table><tr><th>step</th><th>path</th><th>bytes</th><th>sha256</th></tr>"
+        );
+        for s in &r.steps {
+            for a in &s.artifacts {
+                let _ = writeln!(
+                    o,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    esc(&s.id),
+                    esc(&a.path),
+                    a.size,
+                    esc(&a.sha256)
+                );
+            }
+        }
+        let _ = writeln!(o, "</table>");
+    }
     for (title, notes) in r.note_sections() {
         if notes.is_empty() {
             continue;

@@ -16,6 +16,7 @@ are ``BatonError`` and its subclasses, each carrying the controller's message.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -397,6 +398,34 @@ class Run:
         skipped steps; succeeded ones keep their outputs); returns the sequence number
         of its ``run_retried`` event, to ``watch`` the retry from."""
         return self._client._call("RetryRun", pb.RetryRunRequest(run_id=self.id)).seq
+
+    def artifacts(self) -> List[pb.ArtifactInfo]:
+        """The files the run's steps left (``artifacts:`` in the spec)."""
+        return list(self._client._call("ListArtifacts", pb.ListArtifactsRequest(run_id=self.id)).artifacts)
+
+    def download_artifacts(self, directory: str) -> List[str]:
+        """Fetches every artifact of the run into ``directory/STEP/PATH``, each checked
+        against its size and SHA-256; returns the paths written."""
+        written = []
+        for a in self.artifacts():
+            path = os.path.join(directory, a.step_id, *a.path.split("/"))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            digest, size = hashlib.sha256(), 0
+            req = pb.GetArtifactRequest(run_id=self.id, step_id=a.step_id, path=a.path)
+            with open(path + ".part", "wb") as f:
+                try:
+                    for chunk in self._client._stub.GetArtifact(req, metadata=self._client._metadata):
+                        digest.update(chunk.data)
+                        size += len(chunk.data)
+                        f.write(chunk.data)
+                except grpc.RpcError as e:
+                    raise _error(e) from None
+            if size != a.size or digest.hexdigest() != a.sha256:
+                os.remove(path + ".part")
+                raise BatonError(f"{a.path} of step {a.step_id} arrived damaged: {size} bytes, sha256 {digest.hexdigest()}")
+            os.replace(path + ".part", path)
+            written.append(path)
+        return written
 
     def report(self, fmt: str = "json") -> Union[str, Dict[str, Any]]:
         """The run's report: ``json`` (as a dict), ``md`` or ``html`` (as text)."""

@@ -238,3 +238,19 @@ def test_bare_addresses_and_bad_urls():
     assert baton_client._url("http://ctl:7070/", True) == ("ctl:7070", False)
     with pytest.raises(ValueError):
         Client("ftp://ctl:7070")
+
+
+def test_artifacts_are_listed_and_downloaded_checked(cluster, tmp_path):
+    c = cluster["client"]
+    spec = (
+        "name: files\nsteps:\n"
+        "  - {id: make, tool: shell, artifacts: ['out/*.txt'], with: {run: 'mkdir out && printf hi > out/a.txt'}}\n"
+        "  - {id: read, needs: make, tool: shell, inputs: {from: make, artifacts: ['out/a.txt']}, with: {run: 'cat out/a.txt'}}\n"
+    )
+    run = c.submit(spec, wait=True)
+    assert run.state == "succeeded", [(s.id, s.reason) for s in run.get().steps]
+    [a] = run.artifacts()
+    assert (a.step_id, a.path, a.size) == ("make", "out/a.txt", 2)
+    [path] = run.download_artifacts(str(tmp_path))
+    assert open(path).read() == "hi"
+    assert path == str(tmp_path / "make" / "out" / "a.txt")

@@ -141,7 +141,7 @@ pub async fn inputs(
             .collect();
         let left = if left.is_empty() { "none".to_string() } else { left.join(", ") };
         return Err(ApiError::conflict(format!(
-            "inputs: no artifact of step {from:?} matches {p:?} (it left: {left})"
+            "no artifact of step {from:?} matches {p:?} (it left: {left})"
         ))
         .into());
     }
@@ -149,7 +149,7 @@ pub async fn inputs(
     for r in &rows {
         if let Some(other) = seen.insert(r.path.as_str(), r.step_id.as_str()) {
             return Err(ApiError::conflict(format!(
-                "inputs: steps {other:?} and {:?} both left {:?}; take them with globs that tell them apart",
+                "steps {other:?} and {:?} both left {:?}; take them with globs that tell them apart",
                 r.step_id, r.path
             ))
             .into());

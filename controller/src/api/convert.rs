@@ -22,6 +22,10 @@ pub fn run(rec: RunRecord, summary: bool) -> pb::Run {
     for a in &rec.attempts {
         attempts.entry(a.step_id.clone()).or_default().push(attempt(a));
     }
+    let mut files: HashMap<String, Vec<pb::ArtifactInfo>> = HashMap::new();
+    for a in &rec.artifacts {
+        files.entry(a.step_id.clone()).or_default().push(super::artifacts::info(a));
+    }
     let mut counts = StateCounts::new();
     let steps = rec
         .steps
@@ -41,6 +45,7 @@ pub fn run(rec: RunRecord, summary: bool) -> pb::Run {
                 result: proto::value_of_text(s.result.as_deref()),
                 attempts: attempts.remove(&s.step_id).unwrap_or_default(),
                 kind: s.kind.clone(),
+                artifacts: files.remove(&s.step_id).unwrap_or_default(),
             }
         })
         .collect();

@@ -58,13 +58,15 @@ impl Model {
         let Some(agent) = self.agents.get(agent_id) else { return false };
         // An expansion under a max_parallel starts only when dispatched, which counts;
         // a step with a condition, or that runs whatever happened upstream, is decided
-        // when it is ready; a for_each step makes no attempt.
+        // when it is ready; a for_each step makes no attempt; a step's inputs are there
+        // only once its predecessors' results (with their artifacts) are accepted.
         let spec = &run.spec.steps[idx];
         if spec.max_parallel.is_some()
             || spec.condition.is_some()
             || !spec.when.is_default()
             || spec.cache.is_some()
             || spec.for_each.is_some()
+            || !spec.inputs.is_empty()
         {
             return false;
         }
@@ -290,6 +292,24 @@ mod tests {
         assert_eq!(k.model.metrics.pipelined.get(&[]), 1.0);
         let row = k.commits.iter().flat_map(|c| &c.attempts).find(|r| r.id == b.attempt_id).unwrap();
         assert_eq!(row.follows, format!("[\"{}\"]", a.attempt_id), "stored with its predecessors");
+    }
+
+    #[test]
+    fn a_successor_that_takes_artifacts_waits_for_its_predecessors_result() {
+        let mut k = Kit::new(config());
+        k.connect("x", 1, 1);
+        let run = k.submit(
+            "name: w\nsteps:\n  - {id: a, tool: shell, artifacts: [out], with: {run: 'true'}}\n  - {id: b, needs: a, tool: shell, inputs: {from: a, artifacts: [out]}, with: {run: 'true'}}\n",
+        );
+        let sent = assigns(&mut k, 1);
+        assert_eq!(sent.len(), 1, "b is not pipelined: its inputs are stored with a's accepted result");
+        let a = sent[0].attempt.clone().unwrap();
+        k.finished("x", 1, &a, "succeeded", "");
+        let sent = assigns(&mut k, 1);
+        assert_eq!(sent[0].attempt.as_ref().map(|r| r.step_id.as_str()), Some("b"));
+        let inputs = &sent[0].request.as_ref().unwrap().inputs;
+        assert_eq!(inputs[0].from_step, "a");
+        assert_eq!(k.step(&run, "b"), "running");
     }
 
     #[test]

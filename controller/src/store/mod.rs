@@ -174,6 +174,8 @@ pub struct RunRecord {
     pub last_seq: i64,
     /// The runs that rerun this one, oldest first.
     pub reruns: Vec<String>,
+    /// The files its steps left, by step and path.
+    pub artifacts: Vec<ArtifactRow>,
 }
 
 /// Step counts by state for one run.
@@ -662,7 +664,8 @@ impl Store {
                 .iter()
                 .map(|r| r.try_get("id"))
                 .collect::<Result<_, _>>()?;
-        Ok(RunRecord { run, steps, attempts, last_seq, reruns })
+        let artifacts = self.list_artifacts(run_id).await?;
+        Ok(RunRecord { run, steps, attempts, last_seq, reruns, artifacts })
     }
 
     pub async fn last_seq(&self, run_id: &str) -> Result<i64, StoreError> {

@@ -611,7 +611,7 @@ class Progress(_message.Message):
     def __init__(self, total: _Optional[int] = ..., done: _Optional[int] = ..., steps_by_state: _Optional[_Mapping[str, int]] = ..., percent: _Optional[float] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., eta: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("id", "state", "tool", "needs", "attempt_count", "reason", "started_at", "finished_at", "next_attempt_at", "result", "attempts", "kind")
+    __slots__ = ("id", "state", "tool", "needs", "attempt_count", "reason", "started_at", "finished_at", "next_attempt_at", "result", "attempts", "kind", "artifacts")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TOOL_FIELD_NUMBER: _ClassVar[int]
@@ -624,6 +624,7 @@ class Step(_message.Message):
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: StepState
     tool: str
@@ -636,7 +637,8 @@ class Step(_message.Message):
     result: _struct_pb2.Value
     attempts: _containers.RepeatedCompositeFieldContainer[Attempt]
     kind: str
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[StepState, str]] = ..., tool: _Optional[str] = ..., needs: _Optional[_Iterable[str]] = ..., attempt_count: _Optional[int] = ..., reason: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., kind: _Optional[str] = ...) -> None: ...
+    artifacts: _containers.RepeatedCompositeFieldContainer[ArtifactInfo]
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[StepState, str]] = ..., tool: _Optional[str] = ..., needs: _Optional[_Iterable[str]] = ..., attempt_count: _Optional[int] = ..., reason: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., kind: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[ArtifactInfo, _Mapping]]] = ...) -> None: ...
 
 class Attempt(_message.Message):
     __slots__ = ("id", "number", "agent_id", "agent_name", "state", "exit_code", "failure_class", "error", "assigned_at", "started_at", "finished_at", "output_tail", "result", "after")
