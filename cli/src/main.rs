@@ -114,6 +114,9 @@ enum Command {
     /// The step cache: results of steps with `cache:`.
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Workstreams started at the times of a cron expression, or at an interval.
+    #[command(subcommand)]
+    Schedules(SchedulesCommand),
     /// Manage the controller's routing rules.
     #[command(subcommand)]
     Router(RouterCommand),
@@ -318,6 +321,75 @@ enum RunsCommand {
         /// Follow the retried run until it ends; exit 0 only if it succeeded.
         #[arg(long)]
         watch: bool,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SchedulesCommand {
+    /// Start FILE's workstream at the times of --cron (in --timezone) or every
+    /// --every; prints the schedule's id. Its runs carry the label schedule=ID.
+    #[command(group(clap::ArgGroup::new("when").required(true).args(["cron", "every"])))]
+    Create {
+        /// The spec (YAML or JSON); - reads stdin.
+        file: PathBuf,
+        /// A cron expression: 5 fields (minute hour day month weekday), or 6 with
+        /// seconds first.
+        #[arg(long)]
+        cron: Option<String>,
+        /// An interval instead: 30s, 10m, 1h (at least 1s).
+        #[arg(long, value_parser = duration)]
+        every: Option<std::time::Duration>,
+        /// The cron expression's time zone (IANA name).
+        #[arg(long, default_value = "UTC")]
+        timezone: String,
+        /// Run parameter KEY=VALUE; repeatable.
+        #[arg(long = "param", value_parser = key_value)]
+        params: Vec<(String, String)>,
+        /// When a time comes and the previous run is still going: skip it, queue it
+        /// until that run ends, cancel_previous, or allow both.
+        #[arg(long, default_value = "skip", value_parser = ["skip", "queue", "cancel_previous", "allow"])]
+        overlap: String,
+        /// Which times missed while no controller led start: none, the last, or all.
+        #[arg(long, default_value = "none", value_parser = ["none", "last", "all"])]
+        catchup: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Every schedule.
+    List {
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// One schedule, with its next times.
+    Show {
+        /// The schedule's id (or a unique prefix).
+        id: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Start nothing more until resumed.
+    Pause {
+        id: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Start again from the next time after now.
+    Resume {
+        id: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Delete a schedule (its runs stay).
+    Delete {
+        id: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Start a run of the schedule now; prints its id.
+    Trigger {
+        id: String,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -898,6 +970,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             out!("router reloaded: {} rules", r.rules);
             Ok(0)
         }
+        Command::Schedules(cmd) => schedules(&target, cmd).await,
         Command::Cache(CacheCommand::List { workstream, out }) => {
             let mut c = client::connect(&target).await?;
             let req = pb::ListCacheRequest { workstream: workstream.unwrap_or_default() };
@@ -1335,6 +1408,52 @@ fn validate(file: &Path, format: Format) -> Result<u8, Failure> {
             Err(Failure::Invalid(e.to_string()))
         }
     }
+}
+
+/// `baton schedules ...`.
+async fn schedules(target: &client::Target, cmd: SchedulesCommand) -> Result<u8, Failure> {
+    let mut c = client::connect(target).await?;
+    let by_id = |id: String| pb::ScheduleRequest { schedule_id: id };
+    let (schedule, out) = match cmd {
+        SchedulesCommand::Create { file, cron, every, timezone, params, overlap, catchup, out } => {
+            let (source, spec) = read_spec(&file)?;
+            let req = pb::CreateScheduleRequest {
+                spec,
+                source,
+                cron: cron.unwrap_or_default(),
+                every: every.map(|d| baton_common::proto::duration(d.as_millis() as i64)),
+                timezone,
+                params: Some(client::params(params)),
+                overlap,
+                catchup,
+            };
+            let s = c.create_schedule(req).await?.into_inner();
+            match out.format() {
+                Format::Text => out!("{}", s.id),
+                f => output::print_json(f, &s),
+            }
+            return Ok(0);
+        }
+        SchedulesCommand::List { out } => {
+            let list = c.list_schedules(pb::ListSchedulesRequest {}).await?.into_inner().schedules;
+            output::schedules(out.format(), &list);
+            return Ok(0);
+        }
+        SchedulesCommand::Show { id, out } => (c.get_schedule(by_id(id)).await?.into_inner(), out),
+        SchedulesCommand::Pause { id, out } => (c.pause_schedule(by_id(id)).await?.into_inner(), out),
+        SchedulesCommand::Resume { id, out } => (c.resume_schedule(by_id(id)).await?.into_inner(), out),
+        SchedulesCommand::Delete { id, out } => (c.delete_schedule(by_id(id)).await?.into_inner(), out),
+        SchedulesCommand::Trigger { id, out } => {
+            let run_id = c.trigger_schedule(by_id(id)).await?.into_inner().run_id;
+            match out.format() {
+                Format::Text => out!("{run_id}"),
+                f => output::print_json(f, &serde_json::json!({ "run_id": run_id })),
+            }
+            return Ok(0);
+        }
+    };
+    output::schedule(out.format(), &schedule);
+    Ok(0)
 }
 
 /// Fetches one artifact into `dir/STEP/PATH`, checked against its size and SHA-256;

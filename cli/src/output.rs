@@ -368,6 +368,65 @@ pub fn cache(format: Format, entries: &[pb::CacheEntry]) {
     table(&["KEY", "WORKSTREAM", "STEP", "RUN", "CREATED", "EXPIRES"], rows);
 }
 
+/// When a schedule fires, in words.
+fn schedule_when(s: &pb::Schedule) -> String {
+    match &s.every {
+        Some(d) => format!(
+            "every {}",
+            baton_common::time::format_duration(std::time::Duration::from_millis(
+                proto::duration_millis(d).max(0) as u64
+            ))
+        ),
+        None => format!("{} ({})", s.cron, s.timezone),
+    }
+}
+
+pub fn schedules(format: Format, list: &[pb::Schedule]) {
+    if format != Format::Text {
+        return print_list(format, list);
+    }
+    let rows = list
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.clone(),
+                s.workstream.clone(),
+                schedule_when(s),
+                if s.paused { "paused".into() } else { time(ms(&s.next_at)) },
+                s.overlap.clone(),
+                s.catchup.clone(),
+                if s.last_run_id.is_empty() { "-".into() } else { s.last_run_id.clone() },
+            ]
+        })
+        .collect();
+    table(&["ID", "WORKSTREAM", "WHEN", "NEXT", "OVERLAP", "CATCHUP", "LAST RUN"], rows);
+}
+
+pub fn schedule(format: Format, s: &pb::Schedule) {
+    if format != Format::Text {
+        return print_json(format, s);
+    }
+    out!("Schedule:   {}", s.id);
+    out!("Workstream: {}", s.workstream);
+    out!("When:       {}", schedule_when(s));
+    out!("State:      {}", if s.paused { "paused" } else { "active" });
+    out!("Overlap:    {}", s.overlap);
+    out!("Catch-up:   {}", s.catchup);
+    if !s.last_run_id.is_empty() {
+        out!("Last run:   {}", s.last_run_id);
+    }
+    let params = s.params.as_ref().map(proto::json_object).unwrap_or_default();
+    for (k, v) in &params {
+        out!("Param:      {k} = {}", scalar(v));
+    }
+    if !s.upcoming.is_empty() {
+        out!("Next:");
+        for t in &s.upcoming {
+            out!("  {}", time(ms(&Some(*t))));
+        }
+    }
+}
+
 pub fn artifacts(format: Format, artifacts: &[pb::ArtifactInfo]) {
     if format != Format::Text {
         return print_list(format, artifacts);

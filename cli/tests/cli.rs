@@ -1266,3 +1266,100 @@ async fn artifacts_pass_between_agents_with_separate_work_dirs_and_download_chec
         "{run}"
     );
 }
+
+/// The runs a schedule started, by scheduled time: (time ms, run id, state).
+async fn scheduled_runs(url: &str, schedule: &str) -> Vec<(i64, String, String)> {
+    let out = baton(url, &["runs", "list", "--label", &format!("schedule={schedule}"), "-o", "json"]).await;
+    let list: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let mut runs: Vec<(i64, String, String)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let at = r["labels"]["schedule_at"].as_str().unwrap().parse().unwrap();
+            (at, r["id"].as_str().unwrap().to_string(), r["state"].as_str().unwrap().to_string())
+        })
+        .collect();
+    runs.sort();
+    runs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_second_schedule_starts_each_time_exactly_once_across_a_restart() {
+    let mut sb = Sandbox::builder().agents(1).build().await;
+    let url = sb.url();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write(dir.path(), "s.yaml", "name: tick\nsteps:\n  - {id: t, tool: noop}\n");
+    let out = baton(
+        &url,
+        &["schedules", "create", &spec, "--every", "1s", "--catchup", "all", "--overlap", "allow"],
+    )
+    .await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let id = out.stdout.trim().to_string();
+    eventually(Duration::from_secs(20), "three scheduled runs", || async {
+        (scheduled_runs(&url, &id).await.len() >= 3).then_some(())
+    })
+    .await;
+    // Down for a while: the times it missed start when it is back (catchup all).
+    sb.stop_controller().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    sb.restart_controller().await;
+    let before = scheduled_runs(&url, &id).await.len();
+    eventually(Duration::from_secs(20), "runs after the restart", || async {
+        (scheduled_runs(&url, &id).await.len() >= before + 5).then_some(())
+    })
+    .await;
+    assert_eq!(baton(&url, &["schedules", "pause", &id]).await.code, 0);
+    let runs = scheduled_runs(&url, &id).await;
+    let times: Vec<i64> = runs.iter().map(|r| r.0).collect();
+    // Every second from the first to the last, each once.
+    let expected: Vec<i64> = (0..times.len() as i64).map(|i| times[0] + i * 1000).collect();
+    assert_eq!(times, expected, "{runs:?}");
+    let show = baton(&url, &["schedules", "show", &id]).await;
+    assert!(
+        show.stdout.contains("State:      paused") && show.stdout.contains("When:       every 1s"),
+        "{}",
+        show.stdout
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlap_policies_decide_what_a_time_does_while_the_previous_run_goes() {
+    let sb = Sandbox::builder().agents(1).slots(4).build().await;
+    let url = sb.url();
+    let dir = tempfile::tempdir().unwrap();
+    // Each run takes longer than the interval.
+    let spec = write(
+        dir.path(),
+        "s.yaml",
+        "name: slow\nsteps:\n  - {id: s, tool: sleep, with: {duration: 2500ms}}\n",
+    );
+    let create = |policy: &'static str| {
+        let (url, spec) = (url.clone(), spec.clone());
+        async move {
+            let out =
+                baton(&url, &["schedules", "create", &spec, "--every", "1s", "--overlap", policy]).await;
+            assert_eq!(out.code, 0, "{}", out.stderr);
+            out.stdout.trim().to_string()
+        }
+    };
+    let skip = create("skip").await;
+    let cancel = create("cancel_previous").await;
+    eventually(Duration::from_secs(30), "runs of both", || async {
+        let (s, c) = (scheduled_runs(&url, &skip).await, scheduled_runs(&url, &cancel).await);
+        (s.len() >= 2 && c.len() >= 3).then_some(())
+    })
+    .await;
+    for id in [&skip, &cancel] {
+        assert_eq!(baton(&url, &["schedules", "delete", id]).await.code, 0);
+    }
+    // skip: one run at a time, so the times between were not started.
+    let s = scheduled_runs(&url, &skip).await;
+    assert!(s.windows(2).all(|w| w[1].0 - w[0].0 >= 2000), "{s:?}");
+    assert!(s[..s.len() - 1].iter().all(|r| r.2 == "RUN_STATE_SUCCEEDED"), "{s:?}");
+    // cancel_previous: each new time canceled the run before it.
+    let c = scheduled_runs(&url, &cancel).await;
+    assert!(c.windows(2).all(|w| w[1].0 - w[0].0 == 1000), "{c:?}");
+    assert!(c[..c.len() - 1].iter().all(|r| r.2 == "RUN_STATE_CANCELED"), "{c:?}");
+}

@@ -10,6 +10,7 @@ pub mod logs;
 pub mod metrics;
 pub mod report;
 pub mod router;
+pub mod schedules;
 pub mod secrets;
 pub mod store;
 pub mod tls;
@@ -194,6 +195,7 @@ pub async fn run(
         ),
         store::Backend::Postgres => None,
     };
+    tasks.spawn(schedules::run(leadership.clone(), store.clone(), router.clone(), stop.clone()));
     tasks.spawn(prune(
         config.retention.clone(),
         leadership.clone(),

@@ -7,6 +7,7 @@ pub(crate) mod convert;
 mod error;
 mod logs;
 mod runs;
+mod schedules;
 
 use baton_common::pb;
 use tokio_util::sync::CancellationToken;

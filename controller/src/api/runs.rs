@@ -329,6 +329,109 @@ impl pb::baton_service_server::BatonService for RunApi {
         Ok(Response::new(pb::RerunRunResponse { run_id, reused: n }))
     }
 
+    async fn create_schedule(
+        &self,
+        req: Request<pb::CreateScheduleRequest>,
+    ) -> Result<Response<pb::Schedule>, Status> {
+        let actor = Identity::of(&req).actor();
+        let req = req.into_inner();
+        let source = if req.source.is_empty() { "<request>" } else { req.source.as_str() }.to_string();
+        if req.spec.len() > MAX_SPEC_BYTES {
+            return Err(ApiError::invalid(format!(
+                "{source}: spec is {} bytes; the limit is {MAX_SPEC_BYTES}",
+                req.spec.len()
+            ))
+            .into());
+        }
+        let params = params_of(req.params.as_ref())?;
+        self.writer()?;
+        let (src, text) = (source.clone(), req.spec.clone());
+        let ws = tokio::task::spawn_blocking(move || spec::parse(&src, &text))
+            .await
+            .map_err(|e| ApiError::internal(format!("parsing the spec: {e}")))?
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
+        let row = super::schedules::new_row(&req, &ws, &params, actor)?;
+        // Its runs must be admissible: the checks a submit makes, made now.
+        let (probe, rules) = (Submission { params, ..Submission::new(ws) }, self.router.current());
+        tokio::task::spawn_blocking(move || probe.admit(&rules))
+            .await
+            .map_err(|e| ApiError::internal(format!("checking the spec: {e}")))?
+            .map_err(|e| match e {
+                EngineError::Invalid(m) => ApiError::invalid(format!("{source}: {m}")),
+                other => other.into(),
+            })?;
+        self.store.put_schedule(&row).await?;
+        tracing::info!(schedule_id = %row.id, workstream = %row.workstream, cron = %row.cron, every_ms = ?row.every_ms, "schedule created");
+        Ok(Response::new(super::schedules::to_pb(&row, true)))
+    }
+
+    async fn list_schedules(
+        &self,
+        _req: Request<pb::ListSchedulesRequest>,
+    ) -> Result<Response<pb::ListSchedulesResponse>, Status> {
+        let rows = self.store.list_schedules().await?;
+        let schedules = rows.iter().map(|r| super::schedules::to_pb(r, false)).collect();
+        Ok(Response::new(pb::ListSchedulesResponse { schedules }))
+    }
+
+    async fn get_schedule(
+        &self,
+        req: Request<pb::ScheduleRequest>,
+    ) -> Result<Response<pb::Schedule>, Status> {
+        let row = self.store.get_schedule(&req.into_inner().schedule_id).await?;
+        Ok(Response::new(super::schedules::to_pb(&row, true)))
+    }
+
+    async fn pause_schedule(
+        &self,
+        req: Request<pb::ScheduleRequest>,
+    ) -> Result<Response<pb::Schedule>, Status> {
+        self.writer()?;
+        let mut row = self.store.get_schedule(&req.into_inner().schedule_id).await?;
+        self.store.pause_schedule(&row.id, true, row.next_at).await?;
+        row.paused = true;
+        Ok(Response::new(super::schedules::to_pb(&row, false)))
+    }
+
+    async fn resume_schedule(
+        &self,
+        req: Request<pb::ScheduleRequest>,
+    ) -> Result<Response<pb::Schedule>, Status> {
+        self.writer()?;
+        let mut row = self.store.get_schedule(&req.into_inner().schedule_id).await?;
+        if row.paused {
+            row.next_at = super::schedules::resume_at(&row)?;
+            self.store.pause_schedule(&row.id, false, row.next_at).await?;
+            row.paused = false;
+        }
+        Ok(Response::new(super::schedules::to_pb(&row, true)))
+    }
+
+    async fn delete_schedule(
+        &self,
+        req: Request<pb::ScheduleRequest>,
+    ) -> Result<Response<pb::Schedule>, Status> {
+        self.writer()?;
+        let row = self.store.get_schedule(&req.into_inner().schedule_id).await?;
+        self.store.delete_schedule(&row.id).await?;
+        tracing::info!(schedule_id = %row.id, "schedule deleted");
+        Ok(Response::new(super::schedules::to_pb(&row, false)))
+    }
+
+    async fn trigger_schedule(
+        &self,
+        req: Request<pb::ScheduleRequest>,
+    ) -> Result<Response<pb::SubmitRunResponse>, Status> {
+        let engine = self.writer()?;
+        let row = self.store.get_schedule(&req.into_inner().schedule_id).await?;
+        let at = baton_common::time::now_ms();
+        let run_id = crate::schedules::start_run(&engine, &self.store, &self.router, &row, at)
+            .await
+            .map_err(ApiError::invalid)?;
+        self.store.schedule_progress(&row.id, row.next_at, &run_id).await?;
+        Ok(Response::new(pb::SubmitRunResponse { run_id }))
+    }
+
     async fn list_artifacts(
         &self,
         req: Request<pb::ListArtifactsRequest>,

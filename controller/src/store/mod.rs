@@ -22,7 +22,7 @@ use thiserror::Error;
 pub use auth::{AgentCredentialRow, Enrollment, JoinTokenRow, SecretRow, TokenRow};
 pub use rows::{
     AgentRow, ArtifactRow, AttemptRow, BreakerRow, CacheRow, EventRow, OutputRow, RunRow, RunSpecRow,
-    RunStateRow, StepRow,
+    RunStateRow, ScheduleRow, StepRow,
 };
 
 #[derive(Debug, Error)]
@@ -490,6 +490,84 @@ impl Store {
             ArtifactRow::column_list()
         );
         fetch_bound(&self.pool, &sql, run_id).await
+    }
+
+    /// Writes a schedule whole (a new one).
+    pub async fn put_schedule(&self, row: &ScheduleRow) -> Result<(), StoreError> {
+        let q = row.bind(sqlx::query(AssertSqlSafe(ScheduleRow::row_sql())));
+        q.execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Every schedule, oldest first.
+    pub async fn list_schedules(&self) -> Result<Vec<ScheduleRow>, StoreError> {
+        fetch(
+            &self.pool,
+            &format!("SELECT {} FROM schedules ORDER BY created_at, id", ScheduleRow::column_list()),
+        )
+        .await
+    }
+
+    /// The schedule whose id is `prefix` or starts with it.
+    pub async fn get_schedule(&self, prefix: &str) -> Result<ScheduleRow, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM schedules WHERE id LIKE $1 ORDER BY id LIMIT 2",
+            ScheduleRow::column_list()
+        );
+        let pattern = format!("{}%", prefix.trim().replace(['%', '_'], ""));
+        let mut rows: Vec<ScheduleRow> = fetch_bound(&self.pool, &sql, &pattern).await?;
+        match rows.len() {
+            1 => Ok(rows.remove(0)),
+            0 => Err(StoreError::NotFound(format!("no schedule {prefix:?}"))),
+            _ => Err(StoreError::Conflict(format!("schedule id {prefix:?} is ambiguous: give more of it"))),
+        }
+    }
+
+    /// Schedules not paused whose next time has come.
+    pub async fn due_schedules(&self, now_ms: i64) -> Result<Vec<ScheduleRow>, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM schedules WHERE paused = 0 AND next_at <= $1 ORDER BY next_at",
+            ScheduleRow::column_list()
+        );
+        decode_all(sqlx::query(AssertSqlSafe(sql)).bind(now_ms).fetch_all(&self.pool).await?)
+    }
+
+    /// Records that a schedule's times before `next_at` are handled, and its last run.
+    pub async fn schedule_progress(
+        &self,
+        id: &str,
+        next_at: i64,
+        last_run_id: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE schedules SET next_at = $1, last_run_id = $2 WHERE id = $3")
+            .bind(next_at)
+            .bind(last_run_id)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Pauses a schedule, or resumes it from `next_at`.
+    pub async fn pause_schedule(&self, id: &str, paused: bool, next_at: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE schedules SET paused = $1, next_at = $2 WHERE id = $3")
+            .bind(i64::from(paused))
+            .bind(next_at)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn delete_schedule(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM schedules WHERE id = $1").bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Whether a run exists and has not ended.
+    pub async fn run_is_active(&self, run_id: &str) -> Result<bool, StoreError> {
+        let sql = format!("SELECT 1 AS x FROM runs WHERE id = $1 AND state IN {ACTIVE}");
+        Ok(sqlx::query(AssertSqlSafe(sql)).bind(run_id).fetch_optional(&self.pool).await?.is_some())
     }
 
     /// One attempt's row, if it exists.

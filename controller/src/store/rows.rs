@@ -331,3 +331,25 @@ record! {
         pub created_at: i64,
     }
 }
+
+record! {
+    /// A schedule: its workstream (`spec`, validated JSON), params (JSON object), when it
+    /// fires (`cron` in `timezone`, or `every_ms`), its policies, and `next_at`, the
+    /// earliest scheduled time not handled yet.
+    pub struct ScheduleRow in "schedules", key (id), Upsert {
+        pub id: String,
+        pub workstream: String,
+        pub spec: String,
+        pub params: String,
+        pub cron: String,
+        pub every_ms: Option<i64>,
+        pub timezone: String,
+        pub overlap: String,
+        pub catchup: String,
+        pub paused: bool,
+        pub next_at: i64,
+        pub last_run_id: String,
+        pub created_at: i64,
+        pub created_by: String,
+    }
+}

@@ -81,6 +81,41 @@ class BatonServiceStub:
                 request_serializer=baton_dot_v1_dot_api__pb2.PurgeCacheRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_api__pb2.PurgeCacheResponse.FromString,
                 _registered_method=True)
+        self.CreateSchedule = channel.unary_unary(
+                '/baton.v1.BatonService/CreateSchedule',
+                request_serializer=baton_dot_v1_dot_api__pb2.CreateScheduleRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_api__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.ListSchedules = channel.unary_unary(
+                '/baton.v1.BatonService/ListSchedules',
+                request_serializer=baton_dot_v1_dot_api__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_api__pb2.ListSchedulesResponse.FromString,
+                _registered_method=True)
+        self.GetSchedule = channel.unary_unary(
+                '/baton.v1.BatonService/GetSchedule',
+                request_serializer=baton_dot_v1_dot_api__pb2.ScheduleRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_api__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.PauseSchedule = channel.unary_unary(
+                '/baton.v1.BatonService/PauseSchedule',
+                request_serializer=baton_dot_v1_dot_api__pb2.ScheduleRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_api__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.ResumeSchedule = channel.unary_unary(
+                '/baton.v1.BatonService/ResumeSchedule',
+                request_serializer=baton_dot_v1_dot_api__pb2.ScheduleRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_api__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.DeleteSchedule = channel.unary_unary(
+                '/baton.v1.BatonService/DeleteSchedule',
+                request_serializer=baton_dot_v1_dot_api__pb2.ScheduleRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_api__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.TriggerSchedule = channel.unary_unary(
+                '/baton.v1.BatonService/TriggerSchedule',
+                request_serializer=baton_dot_v1_dot_api__pb2.ScheduleRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_api__pb2.SubmitRunResponse.FromString,
+                _registered_method=True)
         self.ListArtifacts = channel.unary_unary(
                 '/baton.v1.BatonService/ListArtifacts',
                 request_serializer=baton_dot_v1_dot_api__pb2.ListArtifactsRequest.SerializeToString,
@@ -217,6 +252,55 @@ class BatonServiceServicer:
     def PurgeCache(self, request, context):
         """Forgets cached results (all, or of a workstream, or by key prefix): those steps run
         again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSchedule(self, request, context):
+        """Starts a workstream at the times of a cron expression or at an interval.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSchedules(self, request, context):
+        """Every schedule.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSchedule(self, request, context):
+        """One schedule, with its next times.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseSchedule(self, request, context):
+        """Starts nothing more until resumed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSchedule(self, request, context):
+        """Starts again from the next time after now (times while paused are not caught up).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSchedule(self, request, context):
+        """Deletes a schedule; its runs stay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TriggerSchedule(self, request, context):
+        """Starts a run of the schedule now, outside its times.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -361,6 +445,41 @@ def add_BatonServiceServicer_to_server(servicer, server):
                     servicer.PurgeCache,
                     request_deserializer=baton_dot_v1_dot_api__pb2.PurgeCacheRequest.FromString,
                     response_serializer=baton_dot_v1_dot_api__pb2.PurgeCacheResponse.SerializeToString,
+            ),
+            'CreateSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSchedule,
+                    request_deserializer=baton_dot_v1_dot_api__pb2.CreateScheduleRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_api__pb2.Schedule.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=baton_dot_v1_dot_api__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_api__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'GetSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSchedule,
+                    request_deserializer=baton_dot_v1_dot_api__pb2.ScheduleRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_api__pb2.Schedule.SerializeToString,
+            ),
+            'PauseSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSchedule,
+                    request_deserializer=baton_dot_v1_dot_api__pb2.ScheduleRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_api__pb2.Schedule.SerializeToString,
+            ),
+            'ResumeSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSchedule,
+                    request_deserializer=baton_dot_v1_dot_api__pb2.ScheduleRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_api__pb2.Schedule.SerializeToString,
+            ),
+            'DeleteSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSchedule,
+                    request_deserializer=baton_dot_v1_dot_api__pb2.ScheduleRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_api__pb2.Schedule.SerializeToString,
+            ),
+            'TriggerSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.TriggerSchedule,
+                    request_deserializer=baton_dot_v1_dot_api__pb2.ScheduleRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_api__pb2.SubmitRunResponse.SerializeToString,
             ),
             'ListArtifacts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListArtifacts,
@@ -668,6 +787,195 @@ class BatonService:
             '/baton.v1.BatonService/PurgeCache',
             baton_dot_v1_dot_api__pb2.PurgeCacheRequest.SerializeToString,
             baton_dot_v1_dot_api__pb2.PurgeCacheResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.BatonService/CreateSchedule',
+            baton_dot_v1_dot_api__pb2.CreateScheduleRequest.SerializeToString,
+            baton_dot_v1_dot_api__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.BatonService/ListSchedules',
+            baton_dot_v1_dot_api__pb2.ListSchedulesRequest.SerializeToString,
+            baton_dot_v1_dot_api__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.BatonService/GetSchedule',
+            baton_dot_v1_dot_api__pb2.ScheduleRequest.SerializeToString,
+            baton_dot_v1_dot_api__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.BatonService/PauseSchedule',
+            baton_dot_v1_dot_api__pb2.ScheduleRequest.SerializeToString,
+            baton_dot_v1_dot_api__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.BatonService/ResumeSchedule',
+            baton_dot_v1_dot_api__pb2.ScheduleRequest.SerializeToString,
+            baton_dot_v1_dot_api__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.BatonService/DeleteSchedule',
+            baton_dot_v1_dot_api__pb2.ScheduleRequest.SerializeToString,
+            baton_dot_v1_dot_api__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TriggerSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.BatonService/TriggerSchedule',
+            baton_dot_v1_dot_api__pb2.ScheduleRequest.SerializeToString,
+            baton_dot_v1_dot_api__pb2.SubmitRunResponse.FromString,
             options,
             channel_credentials,
             insecure,
