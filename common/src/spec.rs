@@ -130,6 +130,25 @@ pub struct StepSpec {
     /// `inputs:`: artifacts of upstream steps placed in the working directory first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inputs: Vec<StepInput>,
+    /// `concurrency:`: at most `limit` steps with the same (rendered) key run at once,
+    /// across every run of the controller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
+}
+
+/// A step's `concurrency: {key: "deploy-${{ params.env }}", limit: 1}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Concurrency {
+    /// Steps with the same key, once rendered, share the limit.
+    pub key: String,
+    /// How many of them may run at once (default 1).
+    #[serde(default = "one")]
+    pub limit: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Artifacts a step takes from an upstream one (`inputs: {from: build, artifacts: [...]}`).
@@ -338,6 +357,7 @@ struct RawStep {
     artifacts: Option<Vec<String>>,
     /// `{from: STEP, artifacts: [...]}` or a list of them.
     inputs: Option<Value>,
+    concurrency: Option<Value>,
 }
 
 /// `needs: a` or `needs: [a, b]`.
@@ -841,6 +861,21 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
                     Vec::new()
                 }
             },
+            concurrency: match rs.concurrency.map(serde_json::from_value::<Concurrency>).transpose() {
+                Ok(Some(k)) if k.key.trim().is_empty() => {
+                    c.push(here, "concurrency.key must not be empty");
+                    None
+                }
+                Ok(Some(k)) if k.limit == 0 => {
+                    c.push(here, "concurrency.limit must be at least 1");
+                    None
+                }
+                Ok(k) => k,
+                Err(e) => {
+                    c.push(here, format!("concurrency: {e} (expected {{key: TEXT, limit: N}})"));
+                    None
+                }
+            },
         };
         if rs.max_parallel == Some(0) {
             c.push(here, "max_parallel must be at least 1");
@@ -978,6 +1013,16 @@ fn check_refs(
             match template::refs(&Value::String(key)) {
                 Ok(r) => refs.extend(r),
                 Err(e) => c.push(Some(&s.id), format!("cache.key: {e}")),
+            }
+        }
+        if let Some(k) = &s.concurrency {
+            match template::refs(&Value::String(k.key.clone())) {
+                Ok(r) if r.iter().any(|r| matches!(r, Ref::Secret(_))) => c.push(
+                    Some(&s.id),
+                    "concurrency.key: a key may not read secrets (it is shown in wait reasons)",
+                ),
+                Ok(r) => refs.extend(r),
+                Err(e) => c.push(Some(&s.id), format!("concurrency.key: {e}")),
             }
         }
         let source = s.for_each_source();
@@ -2003,5 +2048,33 @@ mod artifact_tests {
         assert!(e.contains(r#"step "b": cache: a step taken from the cache leaves no files"#), "{e}");
         let e = err("name: a\nsteps:\n  - {id: u, tool: noop, inputs: x}\n");
         assert!(e.contains("inputs: expected {from: STEP, artifacts: [GLOB, ...]}"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod concurrency_tests {
+    use super::*;
+
+    #[test]
+    fn a_concurrency_key_is_kept_and_checked_naming_the_step() {
+        let ws = parse(
+            "c.yaml",
+            "name: c\nparams: {env: prod}\nsteps:\n  - {id: d, tool: noop, concurrency: {key: 'deploy-${{ params.env }}'}}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            ws.steps[0].concurrency,
+            Some(Concurrency { key: "deploy-${{ params.env }}".into(), limit: 1 })
+        );
+        let err = |c: &str| {
+            parse("c.yaml", &format!("name: c\nsteps:\n  - {{id: d, tool: noop, concurrency: {c}}}\n"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("{key: x, limit: 0}").contains(r#"step "d": concurrency.limit must be at least 1"#));
+        assert!(err("{key: ''}").contains("concurrency.key must not be empty"));
+        assert!(err("{limit: 2}").contains("missing field `key`"));
+        assert!(err("{key: x, lmit: 2}").contains("unknown field `lmit`"));
+        assert!(err("{key: '${{ secrets.t }}'}").contains("concurrency.key: a key may not read secrets"));
     }
 }

@@ -454,6 +454,14 @@ impl Model {
         a.state = to;
         a.finished_at = Some(self.pending.now);
         a.error_class = class;
+        if let Some(key) = a.concurrency.take()
+            && let Some(held) = self.holders.get_mut(&key)
+        {
+            held.remove(attempt_id);
+            if held.is_empty() {
+                self.holders.remove(&key);
+            }
+        }
         a.error = error.to_string();
         if a.redactor.is_some() || a.output_bytes > 0 {
             // The output has ended: nothing more is held back for masking, and what

@@ -31,6 +31,8 @@ pub(super) struct Input {
     values: Option<Map<String, Value>>,
     /// For a step with `cache:`, what its key hashes.
     cache_source: Option<String>,
+    /// The concurrency key its attempt holds (set at dispatch).
+    concurrency: Option<String>,
 }
 
 impl Input {
@@ -110,11 +112,35 @@ impl Model {
                     }
                     continue;
                 }
+                // A concurrency key whose slots are all held: it waits for one.
+                let key = match self.concurrency_block(&run_id, idx) {
+                    Ok((Some(_), _)) => {
+                        passed.push_back((run_id, idx));
+                        if passed.len() >= SCAN {
+                            break;
+                        }
+                        continue;
+                    }
+                    Ok((None, key)) => key,
+                    Err(e) => {
+                        self.fail_unstarted(&run_id, idx, &format!("concurrency.key: {e}"));
+                        continue;
+                    }
+                };
                 match self.place(&run_id, idx) {
                     Some(agent_id) => match self.render_input(&run_id, idx, &[]) {
                         Ok(input) => match self.cached(&run_id, &input) {
                             Some(entry) => self.step_cached(&run_id, idx, &entry),
-                            None => self.assign(&run_id, idx, &agent_id, input, Vec::new()),
+                            None => {
+                                let held = (!key.is_empty()).then_some(key);
+                                self.assign(
+                                    &run_id,
+                                    idx,
+                                    &agent_id,
+                                    Input { concurrency: held, ..input },
+                                    Vec::new(),
+                                )
+                            }
                         },
                         Err(e) => self.fail_unstarted(&run_id, idx, &format!("input: {e}")),
                     },
@@ -159,23 +185,33 @@ impl Model {
         }
         let Some(text) = &spec.condition else { return Ok(None) };
         let cond = baton_common::expr::parse(text)?;
-        let lookup = |r: &Ref| -> Result<Value, String> {
-            match r {
-                Ref::Param(p) => {
-                    run.params.get(p).map(|v| Value::String(v.clone())).ok_or(format!("{r} is not set"))
-                }
-                Ref::Matrix(m) => {
-                    spec.matrix.get(m).map(|v| Value::String(v.clone())).ok_or(format!("{r} is not set"))
-                }
-                Ref::Secret(_) => Err(format!("{r}: a condition may not read secrets")),
-                Ref::Item(name) => template::item_value(r, name, spec.item.as_ref()),
-                Ref::Index => {
-                    spec.index.map(Value::from).ok_or(format!("{r} is only set in a for_each step"))
-                }
-                Ref::Output { step, name } => output_of(run, idx, r, step, name, &[]),
-            }
-        };
+        let lookup = |r: &Ref| plain_value(run, idx, r, "a condition");
         Ok((!cond.holds(&lookup)?).then(|| format!("skipped: condition false ({})", text.trim())))
+    }
+
+    /// Why ready step `idx` may not start now for its `concurrency:` (every slot of its
+    /// key is held), and its key.
+    pub(super) fn concurrency_block(
+        &self,
+        run_id: &str,
+        idx: usize,
+    ) -> Result<(Option<String>, String), String> {
+        let Some(run) = self.runs.get(run_id) else { return Ok((None, String::new())) };
+        let Some(c) = &run.spec.steps[idx].concurrency else { return Ok((None, String::new())) };
+        let key = template::render_text(&c.key, &|r| plain_value(run, idx, r, "a concurrency key"))?;
+        let Some(held) = self.holders.get(&key).filter(|h| h.len() >= c.limit as usize) else {
+            return Ok((None, key));
+        };
+        let by: Vec<String> = held
+            .iter()
+            .filter_map(|a| self.attempts.get(a))
+            .take(3)
+            .map(|a| format!("run {} step {}", a.run_id, a.step_id))
+            .collect();
+        Ok((
+            Some(format!("concurrency key {key}: {}/{} in use by {}", held.len(), c.limit, by.join(", "))),
+            key,
+        ))
     }
 
     /// Skips ready step `idx` (its condition is false): the steps that need it follow
@@ -199,7 +235,14 @@ impl Model {
         if !run.templated[idx] && spec.cache.as_ref().is_none_or(|c| c.key.is_none()) {
             let (with, env) = (spec.with.clone(), spec.env.clone());
             let cache_source = spec.cache.as_ref().map(|_| cache_source(tool, &with, &env, &[]));
-            return Ok(Input { with, env, redact: Vec::new(), values: None, cache_source });
+            return Ok(Input {
+                with,
+                env,
+                redact: Vec::new(),
+                values: None,
+                cache_source,
+                concurrency: None,
+            });
         }
         let secret = std::cell::RefCell::new(Vec::new());
         let values = std::cell::RefCell::new(Map::new());
@@ -248,13 +291,20 @@ impl Model {
         let redact = secret.into_inner();
         if deferred.get() {
             let (with, env) = (spec.with.clone(), spec.env.clone());
-            return Ok(Input { with, env, redact, values: Some(values.into_inner()), cache_source: None });
+            return Ok(Input {
+                with,
+                env,
+                redact,
+                values: Some(values.into_inner()),
+                cache_source: None,
+                concurrency: None,
+            });
         }
         let cache_source = spec.cache.as_ref().map(|_| match &own_key {
             Some(k) => format!("{tool}\0key\0{k}"),
             None => cache_source(tool, &with, &env, &redact),
         });
-        Ok(Input { with, env, redact, values: None, cache_source })
+        Ok(Input { with, env, redact, values: None, cache_source, concurrency: None })
     }
 
     /// Creates attempt N+1 of a step on `agent_id` and queues its Assign: a ready step
@@ -268,7 +318,7 @@ impl Model {
         input: Input,
         after: Vec<String>,
     ) {
-        let Input { with, env, mut redact, values, .. } = input;
+        let Input { with, env, mut redact, values, concurrency, .. } = input;
         let pipelined = !after.is_empty();
         let now = self.now();
         // Env values whose names look secret are masked like secrets; the agent masks
@@ -340,7 +390,11 @@ impl Model {
             ready_at,
             redactor,
             after,
+            concurrency,
         };
+        if let Some(key) = &attempt.concurrency {
+            self.holders.entry(key.clone()).or_default().insert(attempt.id.clone());
+        }
         step.attempt_ids.push(attempt.id.clone());
         step.current = Some(attempt.id.clone());
         let step_tool = step.tool.clone();
@@ -600,10 +654,11 @@ impl Model {
                     }
                 }
                 StepState::Ready if run.state == RunState::Quarantined => "run is quarantined".to_string(),
-                StepState::Ready => match run.group_running(idx) {
-                    Some((n, limit)) if n >= limit => {
+                StepState::Ready => match (run.group_running(idx), self.concurrency_block(run_id, idx)) {
+                    (Some((n, limit)), _) if n >= limit => {
                         format!("{n} of its group's expansions are running (max_parallel {limit})")
                     }
+                    (_, Ok((Some(why), _))) => format!("waiting: {why}"),
                     _ => self.ready_reason(run, idx),
                 },
                 StepState::RetryWait => {
@@ -641,6 +696,22 @@ fn cache_source(
         text = text.replace(s.as_str(), "***");
     }
     text
+}
+
+/// The value of reference `r` for step `idx` in what is not a step's input (a
+/// condition, a concurrency key: `what`): anything but secrets.
+fn plain_value(run: &super::state::Run, idx: usize, r: &Ref, what: &str) -> Result<Value, String> {
+    let spec = &run.spec.steps[idx];
+    match r {
+        Ref::Param(p) => run.params.get(p).map(|v| Value::String(v.clone())).ok_or(format!("{r} is not set")),
+        Ref::Matrix(m) => {
+            spec.matrix.get(m).map(|v| Value::String(v.clone())).ok_or(format!("{r} is not set"))
+        }
+        Ref::Secret(_) => Err(format!("{r}: {what} may not read secrets")),
+        Ref::Item(name) => template::item_value(r, name, spec.item.as_ref()),
+        Ref::Index => spec.index.map(Value::from).ok_or(format!("{r} is only set in a for_each step")),
+        Ref::Output { step, name } => output_of(run, idx, r, step, name, &[]),
+    }
 }
 
 /// The value of output reference `r` for step `idx`: of the upstream step `step`, or

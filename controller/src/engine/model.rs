@@ -409,6 +409,8 @@ pub(crate) struct Model {
     pub(super) held: BTreeSet<String>,
     /// The step cache (`cache:`) by key, as stored: expired entries are not used.
     pub(super) cache: HashMap<String, crate::store::CacheRow>,
+    /// Live attempts by the concurrency key they hold (`concurrency:`).
+    pub(super) holders: HashMap<String, BTreeSet<String>, Fixed>,
 }
 
 impl Model {
@@ -439,6 +441,7 @@ impl Model {
             violations: Vec::new(),
             followers: IdMap::default(),
             cache: HashMap::new(),
+            holders: HashMap::default(),
             pipe_agents: BTreeSet::new(),
             held: BTreeSet::new(),
         }
@@ -872,6 +875,23 @@ impl Model {
             self.agents.insert(agent.id.clone(), agent);
         }
         self.insert_runs(&snap, estimates, now)?;
+        // Live attempts hold their steps' concurrency keys again.
+        let live: Vec<(String, String, usize)> = self
+            .attempts
+            .values()
+            .filter(|a| !a.state.is_terminal())
+            .map(|a| (a.id.clone(), a.run_id.clone(), a.step_idx))
+            .collect();
+        for (attempt_id, run_id, idx) in live {
+            if let Ok((_, key)) = self.concurrency_block(&run_id, idx)
+                && !key.is_empty()
+            {
+                self.holders.entry(key.clone()).or_default().insert(attempt_id.clone());
+                if let Some(a) = self.attempts.get_mut(&attempt_id) {
+                    a.concurrency = Some(key);
+                }
+            }
+        }
         let attempts = &self.attempts;
         self.followers.retain(|before, _| attempts.get(before).is_some_and(|a| !a.state.is_terminal()));
         self.load_breakers(&snap.breakers);
@@ -1124,6 +1144,11 @@ impl Model {
         }
         for a in self.agents.values().filter(|a| !a.running.is_empty()) {
             out.push(format!("agent {} runs {:?}", a.id, a.running));
+        }
+        let mut keys: Vec<(&String, &BTreeSet<String>)> = self.holders.iter().collect();
+        keys.sort();
+        for (key, held) in keys {
+            out.push(format!("concurrency {key} held by {held:?}"));
         }
         out
     }

@@ -67,6 +67,7 @@ impl Model {
             || spec.cache.is_some()
             || spec.for_each.is_some()
             || !spec.inputs.is_empty()
+            || spec.concurrency.is_some()
         {
             return false;
         }

@@ -1200,6 +1200,15 @@ impl Sim {
         if let Some(v) = m.violations.first() {
             return Err(format!("the model saw an illegal transition: {v}"));
         }
+        // A concurrency key is never held by more live attempts than its limit (limits
+        // here are 1 or 2: a key held three times is over either).
+        for (key, held) in &m.holders {
+            let live =
+                held.iter().filter(|a| m.attempts.get(*a).is_some_and(|a| !a.state.is_terminal())).count();
+            if live != held.len() || held.len() > 2 {
+                return Err(format!("concurrency key {key}: held by {held:?}, {live} of them live"));
+            }
+        }
         // The runs the event changed; every run now and then.
         self.events_seen += 1;
         let dirty = std::mem::take(&mut self.dirty);
@@ -1371,7 +1380,7 @@ fn behaviour(v: &serde_json::Value) -> (f64, i64) {
 }
 
 /// A random workstream: a DAG of up to 10 steps with random retry, timeout and
-/// failure policies, conditions, `when:` and `for_each:`.
+/// failure policies, conditions, `when:`, `for_each:` and `concurrency:`.
 fn random_spec(rng: &mut StdRng, n: usize) -> String {
     let steps = rng.random_range(1..=10);
     let on_failure = ["fail", "continue", "quarantine"][rng.random_range(0..3)];
@@ -1413,6 +1422,13 @@ fn random_spec(rng: &mut StdRng, n: usize) -> String {
         }
         if rng.random_bool(0.2) {
             s.push_str(&format!("    timeout: {}ms\n", rng.random_range(50..600)));
+        }
+        if rng.random_bool(0.15) {
+            s.push_str(&format!(
+                "    concurrency: {{key: 'k{}', limit: {}}}\n",
+                rng.random_range(0..2),
+                rng.random_range(1..=2)
+            ));
         }
     }
     s

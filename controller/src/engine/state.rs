@@ -404,6 +404,8 @@ pub(crate) struct Attempt {
     /// A pipelined attempt's predecessors: the upstream attempts on the same agent it
     /// starts after. Empty for an attempt dispatched when its step was ready.
     pub after: Vec<String>,
+    /// The concurrency key it holds while live (its step's `concurrency:`).
+    pub concurrency: Option<String>,
 }
 
 impl Attempt {
@@ -468,6 +470,7 @@ impl Attempt {
             ready_at: None,
             redactor: None,
             after,
+            concurrency: None,
         })
     }
 
