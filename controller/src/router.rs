@@ -111,6 +111,11 @@ pub struct Placement {
     /// For `fixed`: agent names in order of preference.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub agents: Vec<String>,
+    /// At most this many of its tool's steps placed by this rule's kind run at once
+    /// (their concurrency key is `tool TOOL`): for tools that call a rate-limited
+    /// service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
 }
 
 fn is_auto(s: &Strategy) -> bool {
@@ -212,6 +217,7 @@ struct RawRule {
     #[serde(default)]
     env: BTreeMap<String, String>,
     timeout: Option<String>,
+    max_concurrent: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -271,6 +277,9 @@ impl Router {
                     "an empty match catches every step, so the rules after it never apply".into()
                 ));
             }
+            if r.max_concurrent == Some(0) {
+                return Err(bad("max_concurrent must be at least 1".into()));
+            }
             let timeout_ms = match &r.timeout {
                 None => None,
                 Some(t) => Some(
@@ -291,6 +300,7 @@ impl Router {
                     labels: pats(&r.labels),
                     strategy: r.strategy,
                     agents: r.agents,
+                    max_concurrent: r.max_concurrent,
                 },
                 with: r.with,
                 env: r.env,
@@ -446,6 +456,10 @@ mod tests {
         assert!(
             e(r#"{"rules": [{"match": {"kind": "a"}, "timeout": "soon"}]}"#)
                 .starts_with("rule 0: timeout: bad duration")
+        );
+        assert_eq!(
+            e(r#"{"rules": [{"match": {"kind": "a"}, "max_concurrent": 0}]}"#),
+            "rule 0: max_concurrent must be at least 1"
         );
         assert!(e("{").starts_with("invalid router config"));
     }

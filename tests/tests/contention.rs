@@ -66,3 +66,45 @@ async fn a_concurrency_key_is_never_exceeded_across_runs_and_agents() {
     let staging = wait_run(&mut c, &staging, Duration::from_secs(60)).await;
     assert_eq!(most_at_once(std::slice::from_ref(&staging)), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_rules_max_concurrent_caps_its_tool_across_runs() {
+    // Steps of kind `llm` call a rate-limited service: at most two at once over all runs
+    // and agents, whatever the free slots.
+    let router = r#"{"rules": [
+        {"match": {"kind": "llm"}, "tool": "sleep", "max_concurrent": 2, "with": {"duration": "300ms"}},
+        {"match": {"kind": "fast"}, "tool": "noop"}
+    ]}"#;
+    let sb = Sandbox::builder().agents(3).slots(3).router(router).build().await;
+    let mut c = sb.client().await;
+    let mut spec = String::from("name: ask\nsteps:\n  - {id: first, kind: fast}\n");
+    for i in 0..6 {
+        spec.push_str(&format!("  - {{id: q{i}, kind: llm}}\n"));
+    }
+    let runs = [submit(&mut c, &spec).await, submit(&mut c, &spec).await];
+    let waiting = eventually(Duration::from_secs(20), "a step waiting for the tool's limit", || {
+        let mut c = c.clone();
+        let ids = runs.clone();
+        async move {
+            for id in &ids {
+                let run = get_run(&mut c, id).await;
+                if let Some(r) = run.steps.iter().map(|s| s.reason.clone()).find(|r| r.contains("tool sleep"))
+                {
+                    return Some(r);
+                }
+            }
+            None
+        }
+    })
+    .await;
+    assert!(waiting.contains("concurrency key tool sleep: 2/2 in use by run"), "{waiting}");
+    let mut done = Vec::new();
+    for id in &runs {
+        let run = wait_run(&mut c, id, Duration::from_secs(60)).await;
+        assert_eq!(run.state_name(), "succeeded");
+        let mut run = run;
+        run.steps.retain(|s| s.id != "first");
+        done.push(run);
+    }
+    assert_eq!(most_at_once(&done), 2, "at most two sleep steps at once over nine free slots");
+}

@@ -454,12 +454,12 @@ impl Model {
         a.state = to;
         a.finished_at = Some(self.pending.now);
         a.error_class = class;
-        if let Some(key) = a.concurrency.take()
-            && let Some(held) = self.holders.get_mut(&key)
-        {
-            held.remove(attempt_id);
-            if held.is_empty() {
-                self.holders.remove(&key);
+        for key in std::mem::take(&mut a.concurrency) {
+            if let Some(held) = self.holders.get_mut(&key) {
+                held.remove(attempt_id);
+                if held.is_empty() {
+                    self.holders.remove(&key);
+                }
             }
         }
         a.error = error.to_string();

@@ -19,6 +19,11 @@ use super::state::{Agent, Attempt};
 use crate::router::Strategy;
 use baton_common::spec::When;
 
+/// The concurrency key a router rule's `max_concurrent` counts its tool's attempts by.
+pub(super) fn tool_key(tool: &str) -> String {
+    format!("tool {tool}")
+}
+
 /// A step's rendered `with` and `env`, and the secret values (secrets, secret
 /// parameters) rendered into them. For a pipelined attempt whose input reads outputs
 /// its predecessors have not reported yet, `with` and `env` are the step's templates
@@ -31,8 +36,8 @@ pub(super) struct Input {
     values: Option<Map<String, Value>>,
     /// For a step with `cache:`, what its key hashes.
     cache_source: Option<String>,
-    /// The concurrency key its attempt holds (set at dispatch).
-    concurrency: Option<String>,
+    /// The concurrency keys its attempt holds (set at dispatch).
+    concurrency: Vec<String>,
 }
 
 impl Input {
@@ -113,7 +118,7 @@ impl Model {
                     continue;
                 }
                 // A concurrency key whose slots are all held: it waits for one.
-                let key = match self.concurrency_block(&run_id, idx) {
+                let keys = match self.concurrency_block(&run_id, idx) {
                     Ok((Some(_), _)) => {
                         passed.push_back((run_id, idx));
                         if passed.len() >= SCAN {
@@ -121,7 +126,7 @@ impl Model {
                         }
                         continue;
                     }
-                    Ok((None, key)) => key,
+                    Ok((None, keys)) => keys,
                     Err(e) => {
                         self.fail_unstarted(&run_id, idx, &format!("concurrency.key: {e}"));
                         continue;
@@ -131,16 +136,13 @@ impl Model {
                     Some(agent_id) => match self.render_input(&run_id, idx, &[]) {
                         Ok(input) => match self.cached(&run_id, &input) {
                             Some(entry) => self.step_cached(&run_id, idx, &entry),
-                            None => {
-                                let held = (!key.is_empty()).then_some(key);
-                                self.assign(
-                                    &run_id,
-                                    idx,
-                                    &agent_id,
-                                    Input { concurrency: held, ..input },
-                                    Vec::new(),
-                                )
-                            }
+                            None => self.assign(
+                                &run_id,
+                                idx,
+                                &agent_id,
+                                Input { concurrency: keys, ..input },
+                                Vec::new(),
+                            ),
                         },
                         Err(e) => self.fail_unstarted(&run_id, idx, &format!("input: {e}")),
                     },
@@ -189,29 +191,37 @@ impl Model {
         Ok((!cond.holds(&lookup)?).then(|| format!("skipped: condition false ({})", text.trim())))
     }
 
-    /// Why ready step `idx` may not start now for its `concurrency:` (every slot of its
-    /// key is held), and its key.
+    /// Why ready step `idx` may not start now for a concurrency key (every slot of its
+    /// step's `concurrency:` key, or of its tool's `max_concurrent`, is held), and the
+    /// keys its attempt would hold.
     pub(super) fn concurrency_block(
         &self,
         run_id: &str,
         idx: usize,
-    ) -> Result<(Option<String>, String), String> {
-        let Some(run) = self.runs.get(run_id) else { return Ok((None, String::new())) };
-        let Some(c) = &run.spec.steps[idx].concurrency else { return Ok((None, String::new())) };
-        let key = template::render_text(&c.key, &|r| plain_value(run, idx, r, "a concurrency key"))?;
-        let Some(held) = self.holders.get(&key).filter(|h| h.len() >= c.limit as usize) else {
-            return Ok((None, key));
-        };
-        let by: Vec<String> = held
-            .iter()
-            .filter_map(|a| self.attempts.get(a))
-            .take(3)
-            .map(|a| format!("run {} step {}", a.run_id, a.step_id))
-            .collect();
-        Ok((
-            Some(format!("concurrency key {key}: {}/{} in use by {}", held.len(), c.limit, by.join(", "))),
-            key,
-        ))
+    ) -> Result<(Option<String>, Vec<String>), String> {
+        let Some(run) = self.runs.get(run_id) else { return Ok((None, Vec::new())) };
+        let mut keys = Vec::new();
+        if let Some(c) = &run.spec.steps[idx].concurrency {
+            let key = template::render_text(&c.key, &|r| plain_value(run, idx, r, "a concurrency key"))?;
+            keys.push((key, c.limit));
+        }
+        let step = &run.steps[idx];
+        if let Some(limit) = step.placement.max_concurrent {
+            keys.push((tool_key(&step.tool), limit));
+        }
+        let mut why = None;
+        for (key, limit) in &keys {
+            let Some(held) = self.holders.get(key).filter(|h| h.len() >= *limit as usize) else { continue };
+            let by: Vec<String> = held
+                .iter()
+                .filter_map(|a| self.attempts.get(a))
+                .take(3)
+                .map(|a| format!("run {} step {}", a.run_id, a.step_id))
+                .collect();
+            why = Some(format!("concurrency key {key}: {}/{limit} in use by {}", held.len(), by.join(", ")));
+            break;
+        }
+        Ok((why, keys.into_iter().map(|(k, _)| k).collect()))
     }
 
     /// Skips ready step `idx` (its condition is false): the steps that need it follow
@@ -241,7 +251,7 @@ impl Model {
                 redact: Vec::new(),
                 values: None,
                 cache_source,
-                concurrency: None,
+                concurrency: Vec::new(),
             });
         }
         let secret = std::cell::RefCell::new(Vec::new());
@@ -297,14 +307,14 @@ impl Model {
                 redact,
                 values: Some(values.into_inner()),
                 cache_source: None,
-                concurrency: None,
+                concurrency: Vec::new(),
             });
         }
         let cache_source = spec.cache.as_ref().map(|_| match &own_key {
             Some(k) => format!("{tool}\0key\0{k}"),
             None => cache_source(tool, &with, &env, &redact),
         });
-        Ok(Input { with, env, redact, values: None, cache_source, concurrency: None })
+        Ok(Input { with, env, redact, values: None, cache_source, concurrency: Vec::new() })
     }
 
     /// Creates attempt N+1 of a step on `agent_id` and queues its Assign: a ready step
@@ -392,7 +402,7 @@ impl Model {
             after,
             concurrency,
         };
-        if let Some(key) = &attempt.concurrency {
+        for key in &attempt.concurrency {
             self.holders.entry(key.clone()).or_default().insert(attempt.id.clone());
         }
         step.attempt_ids.push(attempt.id.clone());

@@ -883,12 +883,12 @@ impl Model {
             .map(|a| (a.id.clone(), a.run_id.clone(), a.step_idx))
             .collect();
         for (attempt_id, run_id, idx) in live {
-            if let Ok((_, key)) = self.concurrency_block(&run_id, idx)
-                && !key.is_empty()
-            {
-                self.holders.entry(key.clone()).or_default().insert(attempt_id.clone());
+            if let Ok((_, keys)) = self.concurrency_block(&run_id, idx) {
+                for key in &keys {
+                    self.holders.entry(key.clone()).or_default().insert(attempt_id.clone());
+                }
                 if let Some(a) = self.attempts.get_mut(&attempt_id) {
-                    a.concurrency = Some(key);
+                    a.concurrency = keys;
                 }
             }
         }

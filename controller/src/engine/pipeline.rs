@@ -59,7 +59,8 @@ impl Model {
         // An expansion under a max_parallel starts only when dispatched, which counts;
         // a step with a condition, or that runs whatever happened upstream, is decided
         // when it is ready; a for_each step makes no attempt; a step's inputs are there
-        // only once its predecessors' results (with their artifacts) are accepted.
+        // only once its predecessors' results (with their artifacts) are accepted; a
+        // concurrency key is counted at dispatch.
         let spec = &run.spec.steps[idx];
         if spec.max_parallel.is_some()
             || spec.condition.is_some()
@@ -68,6 +69,7 @@ impl Model {
             || spec.for_each.is_some()
             || !spec.inputs.is_empty()
             || spec.concurrency.is_some()
+            || step.placement.max_concurrent.is_some()
         {
             return false;
         }

@@ -404,8 +404,9 @@ pub(crate) struct Attempt {
     /// A pipelined attempt's predecessors: the upstream attempts on the same agent it
     /// starts after. Empty for an attempt dispatched when its step was ready.
     pub after: Vec<String>,
-    /// The concurrency key it holds while live (its step's `concurrency:`).
-    pub concurrency: Option<String>,
+    /// The concurrency keys it holds while live (its step's `concurrency:`, its tool's
+    /// `max_concurrent`).
+    pub concurrency: Vec<String>,
 }
 
 impl Attempt {
@@ -470,7 +471,7 @@ impl Attempt {
             ready_at: None,
             redactor: None,
             after,
-            concurrency: None,
+            concurrency: Vec::new(),
         })
     }
 
