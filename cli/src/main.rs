@@ -99,6 +99,9 @@ enum Command {
         /// Run every step, also those whose result the step cache holds.
         #[arg(long)]
         no_cache: bool,
+        /// When agents' slots are scarce, higher priorities go first (-1000 to 1000).
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -874,7 +877,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
     let target = target(&cli)?;
     match cli.command {
         Command::Validate { file, out } => validate(&file, out.format()),
-        Command::Submit { file, watch, params, name, labels, no_cache, out } => {
+        Command::Submit { file, watch, params, name, labels, no_cache, priority, out } => {
             let (source, text) = read_spec(&file)?;
             // One request id for every try: a submit whose answer was lost is not
             // made twice.
@@ -886,6 +889,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 name,
                 labels: labels.into_iter().collect(),
                 no_cache,
+                priority,
             };
             let (mut c, run_id) = client::submit(&target, req).await?;
             if watch {

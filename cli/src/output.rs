@@ -187,6 +187,9 @@ pub fn run(format: Format, run: &pb::Run) {
         labels.sort();
         out!("Labels:     {}", labels.join(", "));
     }
+    if run.priority != 0 {
+        out!("Priority:   {}", run.priority);
+    }
     if !run.rerun_of.is_empty() {
         out!("Rerun of:   {}", run.rerun_of);
     }

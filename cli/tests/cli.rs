@@ -1363,3 +1363,20 @@ async fn overlap_policies_decide_what_a_time_does_while_the_previous_run_goes() 
     assert!(c.windows(2).all(|w| w[1].0 - w[0].0 == 1000), "{c:?}");
     assert!(c[..c.len() - 1].iter().all(|r| r.2 == "RUN_STATE_CANCELED"), "{c:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_takes_a_priority_and_runs_show_prints_it() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let url = sb.url();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write(dir.path(), "p.yaml", "name: p\nsteps:\n  - {id: a, tool: noop}\n");
+    let out = baton(&url, &["submit", &spec, "--priority", "-3", "-o", "json"]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    let run = v["run_id"].as_str().unwrap().to_string();
+    let show = baton(&url, &["runs", "show", &run]).await;
+    assert!(show.stdout.contains("Priority:   -3"), "{}", show.stdout);
+    let bad = baton(&url, &["submit", &spec, "--priority", "5000"]).await;
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("priority 5000 is out of range: -1000 to 1000"), "{}", bad.stderr);
+}

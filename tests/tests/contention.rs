@@ -108,3 +108,57 @@ async fn a_router_rules_max_concurrent_caps_its_tool_across_runs() {
     }
     assert_eq!(most_at_once(&done), 2, "at most two sleep steps at once over nine free slots");
 }
+
+/// When each of the run's attempts was assigned (controller time, ms).
+fn assigned(run: &proto::Run) -> Vec<i64> {
+    run.steps.iter().flat_map(|s| s.attempts.iter().map(|a| ms(&a.assigned_at))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_higher_priority_goes_first_and_a_small_run_is_not_starved_by_a_big_one() {
+    // Three runs queue up while there is no agent: 10,000 steps, then 10, then 10 at
+    // priority 5. Then one agent with two slots comes.
+    let mut sb = Sandbox::builder().agents(0).build().await;
+    let mut c = sb.client().await;
+    let spec = |name: &str, n: usize| {
+        let mut s = format!("name: {name}\nsteps:\n");
+        for i in 0..n {
+            s.push_str(&format!("  - {{id: s{i}, tool: sleep, with: {{duration: 5ms}}}}\n"));
+        }
+        s
+    };
+    let big = submit(&mut c, &spec("big", 10_000)).await;
+    let small = submit(&mut c, &spec("small", 10)).await;
+    let req = proto::SubmitRunRequest { spec: spec("urgent", 10), priority: 5, ..Default::default() };
+    let urgent = c.submit_run(req).await.unwrap().into_inner().run_id;
+    let out_of_range = proto::SubmitRunRequest { spec: spec("x", 1), priority: 1001, ..Default::default() };
+    let err = c.submit_run(out_of_range).await.unwrap_err();
+    assert!(err.message().contains("priority 1001 is out of range: -1000 to 1000"), "{}", err.message());
+
+    let start = std::time::Instant::now();
+    sb.add_agent("only", 2);
+    let urgent = wait_run(&mut c, &urgent, Duration::from_secs(120)).await;
+    let small = wait_run(&mut c, &small, Duration::from_secs(120)).await;
+    let took = start.elapsed();
+    assert_eq!((urgent.state_name(), small.state_name()), ("succeeded", "succeeded"));
+    assert_eq!(urgent.priority, 5);
+    let big_run = get_run(&mut c, &big).await;
+    c.cancel_run(proto::CancelRunRequest { run_id: big.clone(), ..Default::default() }).await.unwrap();
+
+    // Every urgent step was assigned before any step of the other two runs.
+    let last_urgent = assigned(&urgent).into_iter().max().unwrap();
+    let first_other =
+        assigned(&small).into_iter().chain(assigned(&big_run)).filter(|&t| t > 0).min().unwrap();
+    assert!(
+        last_urgent <= first_other,
+        "urgent's last assignment at {last_urgent}, another run's first at {first_other}"
+    );
+    // The small run took turns with the big one: by its last assignment, the big run
+    // had had about as many, not its 10,000 first.
+    let last_small = assigned(&small).into_iter().max().unwrap();
+    let big_before = assigned(&big_run).into_iter().filter(|&t| t > 0 && t < last_small).count();
+    eprintln!(
+        "fairness: the 10-step run was done {took:?} after the agent came, with {big_before} of the 10,000-step run's steps assigned before its last"
+    );
+    assert!(big_before <= 12, "{big_before} steps of the big run were assigned before the small run's last");
+}

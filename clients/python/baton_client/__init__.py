@@ -204,6 +204,8 @@ class Client:
         labels: Optional[Mapping[str, str]] = None,
         source: str = "<python>",
         request_id: Optional[str] = None,
+        priority: int = 0,
+        no_cache: bool = False,
     ) -> "Run":
         """Starts a run of ``spec`` (YAML or JSON text, or a dict) and returns it.
 
@@ -211,6 +213,8 @@ class Client:
         a request id (a new UUID unless given) and is retried while no controller answers:
         a retry whose first try did reach the controller returns that run, so no run is
         made twice. With ``wait``, returns once the run has ended (or is quarantined).
+        ``priority`` (-1000 to 1000) puts its steps before lower ones' when agents' slots
+        are scarce; ``no_cache`` runs every step whatever the step cache holds.
         """
         text = spec if isinstance(spec, str) else json.dumps(dict(spec))
         req = pb.SubmitRunRequest(
@@ -219,6 +223,8 @@ class Client:
             request_id=request_id or str(uuid.uuid4()),
             name=name,
             labels=dict(labels or {}),
+            priority=priority,
+            no_cache=no_cache,
         )
         if params:
             req.params.update(dict(params))

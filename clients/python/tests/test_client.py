@@ -113,9 +113,10 @@ steps:
 
 def test_submit_yaml_with_params_and_wait(cluster):
     c = cluster["client"]
-    run = c.submit(SPEC, params={"who": "ann"}, wait=True, labels={"suite": "py"})
+    run = c.submit(SPEC, params={"who": "ann"}, wait=True, labels={"suite": "py"}, priority=7)
     got = run.get()
     assert got.state == pb.RUN_STATE_SUCCEEDED
+    assert got.priority == 7
     assert [s.id for s in got.steps] == ["hello", "after"]
     assert run.outputs()["hello"] == {"greeting": "hi ann"}
     assert run.state == "succeeded"

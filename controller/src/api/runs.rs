@@ -20,6 +20,9 @@ use crate::leader::Leadership;
 use crate::store::{Estimates, RunFilter, Store, StoreError};
 use baton_common::spec::MAX_SPEC_BYTES;
 
+/// The range of a run's priority, either way from 0.
+const MAX_PRIORITY: i32 = 1000;
+
 pub struct RunApi {
     leadership: Leadership,
     router: crate::router::Rules,
@@ -120,6 +123,13 @@ impl pb::baton_service_server::BatonService for RunApi {
         }
         check_name(&req.name)?;
         check_labels(&req.labels, "labels")?;
+        if !(-MAX_PRIORITY..=MAX_PRIORITY).contains(&req.priority) {
+            return Err(ApiError::invalid(format!(
+                "priority {} is out of range: -{MAX_PRIORITY} to {MAX_PRIORITY}",
+                req.priority
+            ))
+            .into());
+        }
         let params = params_of(req.params.as_ref())?;
         let engine = self.writer()?;
         let (name, labels) = (req.name, req.labels.into_iter().collect());
@@ -139,6 +149,7 @@ impl pb::baton_service_server::BatonService for RunApi {
             labels,
             estimates,
             no_cache: req.no_cache,
+            priority: req.priority,
             ..Submission::new(ws)
         };
         let refused = |e: EngineError| match e {
@@ -319,6 +330,8 @@ impl pb::baton_service_server::BatonService for RunApi {
             estimates,
             rerun: Some(crate::engine::Rerun { of: old.clone(), reused }),
             no_cache: req.no_cache,
+            // A rerun goes with the priority of the run it repeats.
+            priority: rec.run.priority.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32,
             ..Submission::new(ws)
         };
         let rules = self.router.current();

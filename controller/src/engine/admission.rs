@@ -27,6 +27,8 @@ pub struct Submission {
     pub rerun: Option<Rerun>,
     /// Run every step, whatever the step cache holds.
     pub no_cache: bool,
+    /// Higher first when slots are scarce (default 0).
+    pub priority: i32,
 }
 
 /// What a rerun takes over from the run it repeats.
@@ -61,6 +63,7 @@ impl Submission {
             estimates: Default::default(),
             rerun: None,
             no_cache: false,
+            priority: 0,
         }
     }
 

@@ -79,19 +79,26 @@ impl Model {
             return self.fan_out(run_id, idx);
         }
         let tool = run.steps[idx].tool.clone();
-        self.ready.entry(tool).or_default().push_back((run_id.to_string(), idx));
+        let entry = (run_id.to_string(), run.priority, idx);
+        self.ready.entry(tool).or_default().push_back(entry);
     }
 
-    /// Assigns ready steps to agents with free slots, oldest first per tool. A step no
-    /// agent may take now (labels, fixed agents) is passed over, not waited on, so it
-    /// does not hold up the steps behind it.
+    /// Assigns ready steps to agents with free slots: per tool, higher run priority
+    /// first, and runs of a priority in turn, each its oldest ready step (see
+    /// [`super::queue::ReadyQueue`]); the tool whose queue holds the highest priority
+    /// goes first. A step no agent may take now (labels, fixed agents) is passed over,
+    /// not waited on, so it does not hold up the steps behind it.
     pub(super) fn dispatch(&mut self) {
         /// Steps passed over in a row before the rest of a queue waits for next time.
         const SCAN: usize = 256;
         let mut ready = std::mem::take(&mut self.ready);
-        for (tool, queue) in ready.iter_mut() {
+        let mut tools: Vec<(i32, String)> =
+            ready.iter().map(|(tool, q)| (q.top_priority().unwrap_or(0), tool.clone())).collect();
+        tools.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        for (_, tool) in &tools {
+            let Some(queue) = ready.get_mut(tool) else { continue };
             let mut passed = VecDeque::new();
-            while let Some((run_id, idx)) = queue.pop_front() {
+            while let Some((run_id, priority, idx)) = queue.pop_front() {
                 let dispatchable = self.runs.get(&run_id).is_some_and(|r| {
                     r.steps[idx].state == StepState::Ready
                         && (r.failing.is_none() || r.spec.steps[idx].when != When::OnSuccess)
@@ -101,7 +108,7 @@ impl Model {
                     continue;
                 }
                 if !self.agents.values().any(|a| a.can_take(tool) || self.can_prefetch(a, tool)) {
-                    queue.push_front((run_id, idx));
+                    queue.push_front((run_id, priority, idx));
                     break;
                 }
                 // A matrix step's max_parallel: its next expansion waits for one to end.
@@ -111,7 +118,7 @@ impl Model {
                     .and_then(|r| r.group_running(idx))
                     .is_some_and(|(n, limit)| n >= limit)
                 {
-                    passed.push_back((run_id, idx));
+                    passed.push_back((run_id, priority, idx));
                     if passed.len() >= SCAN {
                         break;
                     }
@@ -120,7 +127,7 @@ impl Model {
                 // A concurrency key whose slots are all held: it waits for one.
                 let keys = match self.concurrency_block(&run_id, idx) {
                     Ok((Some(_), _)) => {
-                        passed.push_back((run_id, idx));
+                        passed.push_back((run_id, priority, idx));
                         if passed.len() >= SCAN {
                             break;
                         }
@@ -147,7 +154,7 @@ impl Model {
                         Err(e) => self.fail_unstarted(&run_id, idx, &format!("input: {e}")),
                     },
                     None => {
-                        passed.push_back((run_id, idx));
+                        passed.push_back((run_id, priority, idx));
                         if passed.len() >= SCAN {
                             break;
                         }
@@ -161,8 +168,8 @@ impl Model {
         }
         ready.retain(|_, q| !q.is_empty());
         // Steps queued while dispatching go after the older ones.
-        for (tool, mut q) in std::mem::take(&mut self.ready) {
-            ready.entry(tool).or_default().append(&mut q);
+        for (tool, q) in std::mem::take(&mut self.ready) {
+            ready.entry(tool).or_default().append(q);
         }
         self.ready = ready;
     }

@@ -16,6 +16,7 @@ mod fanout;
 mod model;
 mod pipeline;
 mod progress;
+mod queue;
 mod runs;
 #[cfg(test)]
 mod sim;

@@ -385,8 +385,8 @@ pub(crate) struct Model {
     pub(super) round_robin: HashMap<usize, String>,
     /// Recent outcomes per (agent id, tool), for the `auto` strategy.
     pub(super) stats: HashMap<(String, String), Stats>,
-    /// Ready steps per tool, in the order they became ready.
-    pub(super) ready: BTreeMap<String, VecDeque<(String, usize)>>,
+    /// Ready steps per tool, in the order they are offered to agents.
+    pub(super) ready: BTreeMap<String, super::queue::ReadyQueue>,
     pub(super) timers: BinaryHeap<Reverse<(i64, Timer)>>,
     pub(super) pending: Pending,
     /// Immediate effects of the input being applied.
@@ -1016,6 +1016,7 @@ impl Model {
                 redactor: None,
                 rerun_of: row.rerun_of.clone(),
                 no_cache: row.no_cache != 0,
+                priority: row.priority.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32,
             };
             run.templated = super::state::templated_of(&run.spec);
             run.counts = super::state::counts_of(&run.steps.iter().map(|s| s.state).collect::<Vec<_>>());
@@ -1112,7 +1113,7 @@ impl Model {
             let dispatchable =
                 run.failing.is_none() && matches!(run.state, RunState::Pending | RunState::Running);
             for (idx, s) in run.steps.iter().enumerate() {
-                let queued = self.ready.get(&s.tool).is_some_and(|q| q.contains(&(id.clone(), idx)));
+                let queued = self.ready.get(&s.tool).is_some_and(|q| q.contains(id, idx));
                 out.push(format!(
                     "run {id} step {idx} {} attempts={} failures={} lost={} streak={} waiting_on={} current={:?} next={:?} result={:?} queued={}",
                     s.state,

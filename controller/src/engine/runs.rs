@@ -86,8 +86,17 @@ impl Model {
     /// agents of a pool), then its rows and its ready steps queued.
     pub(super) fn submit(&mut self, run: Admitted) -> Result<String, EngineError> {
         let Admitted { run, routes, secrets } = run;
-        let Submission { spec, mut params, request_id, name, labels, estimates: history, rerun, no_cache } =
-            run;
+        let Submission {
+            spec,
+            mut params,
+            request_id,
+            name,
+            labels,
+            estimates: history,
+            rerun,
+            no_cache,
+            priority,
+        } = run;
         let history = &history;
         if let Some((step, r, name)) = secrets.iter().find(|(_, _, name)| !self.secrets.contains_key(name)) {
             return Err(EngineError::Invalid(format!(
@@ -206,6 +215,7 @@ impl Model {
             redactor: None,
             rerun_of,
             no_cache,
+            priority,
         };
         let p = &mut self.pending;
         p.runs.insert(id.clone());
@@ -733,15 +743,15 @@ impl Model {
         let mut blocked: Vec<(String, usize, String)> = Vec::new();
         for (tool, queue) in &self.ready {
             let Some(why) = self.breaker_block(tool) else { continue };
-            for (run_id, idx) in queue {
+            for (run_id, idx) in queue.iter() {
                 let Some(run) = self.runs.get(run_id) else { continue };
-                let step = &run.steps[*idx];
-                let max_wait = run.spec.steps[*idx].max_wait_ms as i64;
+                let step = &run.steps[idx];
+                let max_wait = run.spec.steps[idx].max_wait_ms as i64;
                 if step.state == StepState::Ready
                     && run.state == RunState::Running
                     && step.ready_since.is_some_and(|t| now - t >= max_wait)
                 {
-                    blocked.push((run_id.clone(), *idx, why.clone()));
+                    blocked.push((run_id.to_string(), idx, why.clone()));
                 }
             }
         }

@@ -1081,9 +1081,12 @@ impl Sim {
         let spec = baton_common::spec::parse("sim.yaml", &text)
             .map_err(|e| format!("generated spec: {e}\n{text}"))?;
         let reply = self.waiter(Waiter::Submit);
-        let request_id = format!("req-{}", self.rng.random::<u32>());
-        self.log(format!("submit {} steps", spec.steps.len()));
-        let run = Submission { request_id, ..Submission::new(spec) }
+        let draw = self.rng.random::<u32>();
+        let request_id = format!("req-{draw}");
+        // Priorities -1, 0 and 1, from the same draw (the seeds' other choices stay).
+        let priority = (draw % 3) as i32 - 1;
+        self.log(format!("submit {} steps at priority {priority}", spec.steps.len()));
+        let run = Submission { request_id, priority, ..Submission::new(spec) }
             .admit(&crate::router::Router::default())
             .map_err(|e| format!("generated spec refused: {e}\n{text}"))?;
         let run = Box::new(run);
@@ -1267,7 +1270,7 @@ impl Sim {
                 }
                 if step.state == StepState::Ready
                     && dispatchable
-                    && !m.ready.get(&step.tool).is_some_and(|q| q.contains(&(run.id.clone(), idx)))
+                    && !m.ready.get(&step.tool).is_some_and(|q| q.contains(&run.id, idx))
                 {
                     return Err(format!("run {} step {idx} is ready but not queued for dispatch", run.id));
                 }

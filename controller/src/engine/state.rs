@@ -70,6 +70,8 @@ pub(crate) struct Run {
     pub rerun_of: String,
     /// Submitted with `--no-cache`: every step runs.
     pub no_cache: bool,
+    /// Its steps go before those of runs with a lower priority when slots are scarce.
+    pub priority: i32,
 }
 
 impl Run {
@@ -97,6 +99,7 @@ impl Run {
             rerun_of: self.rerun_of.clone(),
             deadline_at: self.deadline_at,
             no_cache: i64::from(self.no_cache),
+            priority: i64::from(self.priority),
         }
     }
 

@@ -156,6 +156,8 @@ record! {
         pub deadline_at: Option<i64>,
         /// 1: submitted with `--no-cache` (every step runs).
         pub no_cache: i64,
+        /// Higher first when slots are scarce.
+        pub priority: i64,
     }
 }
 

@@ -89,6 +89,7 @@ fn run_row(id: &str, state: &str, created_at: i64) -> RunRow {
         rerun_of: String::new(),
         deadline_at: None,
         no_cache: 0,
+        priority: 0,
     }
 }
 

@@ -142,7 +142,7 @@ REPORT_FORMAT_JSON: ReportFormat
 REPORT_FORMAT_HTML: ReportFormat
 
 class SubmitRunRequest(_message.Message):
-    __slots__ = ("spec", "source", "params", "request_id", "name", "labels", "no_cache")
+    __slots__ = ("spec", "source", "params", "request_id", "name", "labels", "no_cache", "priority")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +157,7 @@ class SubmitRunRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     NO_CACHE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     spec: str
     source: str
     params: _struct_pb2.Struct
@@ -164,7 +165,8 @@ class SubmitRunRequest(_message.Message):
     name: str
     labels: _containers.ScalarMap[str, str]
     no_cache: bool
-    def __init__(self, spec: _Optional[str] = ..., source: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., request_id: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., no_cache: _Optional[bool] = ...) -> None: ...
+    priority: int
+    def __init__(self, spec: _Optional[str] = ..., source: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., request_id: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., no_cache: _Optional[bool] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class SubmitRunResponse(_message.Message):
     __slots__ = ("run_id",)
@@ -615,7 +617,7 @@ class RunSummary(_message.Message):
     def __init__(self, id: _Optional[str] = ..., workstream: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., reason: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "workstream", "state", "reason", "created_at", "started_at", "finished_at", "steps", "progress", "last_seq", "params", "name", "labels", "rerun_of", "reruns")
+    __slots__ = ("id", "workstream", "state", "reason", "created_at", "started_at", "finished_at", "steps", "progress", "last_seq", "params", "name", "labels", "rerun_of", "reruns", "priority")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -638,6 +640,7 @@ class Run(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     RERUN_OF_FIELD_NUMBER: _ClassVar[int]
     RERUNS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     id: str
     workstream: str
     state: RunState
@@ -653,7 +656,8 @@ class Run(_message.Message):
     labels: _containers.ScalarMap[str, str]
     rerun_of: str
     reruns: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., workstream: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., reason: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., last_seq: _Optional[int] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., rerun_of: _Optional[str] = ..., reruns: _Optional[_Iterable[str]] = ...) -> None: ...
+    priority: int
+    def __init__(self, id: _Optional[str] = ..., workstream: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., reason: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., last_seq: _Optional[int] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., rerun_of: _Optional[str] = ..., reruns: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("total", "done", "steps_by_state", "percent", "elapsed", "eta")
