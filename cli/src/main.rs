@@ -291,6 +291,34 @@ enum RunsCommand {
         #[command(flatten)]
         out: OutputArg,
     },
+    /// Approve a step awaiting approval (tool `approval`): it succeeds, with the
+    /// inputs given as its outputs, and the steps after it go on.
+    Approve {
+        /// The run's id.
+        run: String,
+        /// The approval step's id.
+        step: String,
+        /// Recorded with your identity in the run's events and the step's outputs.
+        #[arg(long, default_value = "")]
+        comment: String,
+        /// A value the step asks for (`with.inputs`), NAME=VALUE; repeatable.
+        #[arg(long = "input", value_parser = key_value)]
+        inputs: Vec<(String, String)>,
+        #[command(flatten)]
+        out: OutputArg,
+    },
+    /// Reject a step awaiting approval: it fails, as a failed step would.
+    Reject {
+        /// The run's id.
+        run: String,
+        /// The approval step's id.
+        step: String,
+        /// Recorded with your identity in the run's events.
+        #[arg(long, default_value = "")]
+        comment: String,
+        #[command(flatten)]
+        out: OutputArg,
+    },
     /// Start a new run that repeats RUN from one step: that step and the steps
     /// downstream of it run again; every other step that succeeded is reused with its
     /// outputs. Prints the new run's id.
@@ -1321,6 +1349,12 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
                 f => output::print_json(f, &resp),
             }
         }
+        RunsCommand::Approve { run, step, comment, inputs, out } => {
+            decide(&mut c, run, step, true, comment, inputs, out.format()).await?;
+        }
+        RunsCommand::Reject { run, step, comment, out } => {
+            decide(&mut c, run, step, false, comment, Vec::new(), out.format()).await?;
+        }
         RunsCommand::Release { run, out } => {
             let resp = c.release_run(pb::ReleaseRunRequest { run_id: run }).await?.into_inner();
             match out.format() {
@@ -1335,6 +1369,34 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
 }
 
 /// Follows a run; Ctrl-C stops following (the run goes on) and says how to resume.
+/// Approves or rejects an approval step.
+async fn decide(
+    c: &mut client::Client,
+    run: String,
+    step: String,
+    approve: bool,
+    comment: String,
+    inputs: Vec<(String, String)>,
+    format: Format,
+) -> Result<(), Failure> {
+    let req = pb::DecideApprovalRequest {
+        run_id: run,
+        step_id: step.clone(),
+        approve,
+        comment,
+        inputs: Some(client::params(inputs)),
+    };
+    let resp = c.decide_approval(req).await?.into_inner();
+    match format {
+        Format::Text => {
+            let how = if approve { "approved" } else { "rejected" };
+            out!("step {step} of run {} {how}; the run is {}", resp.run_id, output::run_state(resp.state));
+        }
+        f => output::print_json(f, &resp),
+    }
+    Ok(())
+}
+
 async fn watch_until_interrupted(
     c: &mut client::Client,
     target: &client::Target,

@@ -50,7 +50,7 @@ fn code(state: &str) -> Option<&'static str> {
     Some(match state {
         "succeeded" | "reused" => "32",
         "failed" | "timed_out" | "lost" => "31",
-        "quarantined" | "retry_wait" => "33",
+        "quarantined" | "retry_wait" | "awaiting_approval" => "33",
         "running" | "assigned" => "34",
         "skipped" | "canceled" => "2",
         _ => return None,

@@ -1380,3 +1380,57 @@ async fn submit_takes_a_priority_and_runs_show_prints_it() {
     assert_ne!(bad.code, 0);
     assert!(bad.stderr.contains("priority 5000 is out of range: -1000 to 1000"), "{}", bad.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_approve_and_reject_decide_approval_steps() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let url = sb.url();
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write(
+        dir.path(),
+        "a.yaml",
+        "name: gated\nsteps:\n  - {id: gate, tool: approval, with: {message: go?, inputs: {version: string}}}\n  - {id: after, needs: gate, tool: shell, with: {run: 'echo v=${{ steps.gate.outputs.version }}'}}\n",
+    );
+    let submit = || async {
+        let out = baton(&url, &["submit", &spec, "-o", "json"]).await;
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        v["run_id"].as_str().unwrap().to_string()
+    };
+    let first = submit().await;
+    let shown = eventually(Duration::from_secs(20), "the step to await approval", || {
+        let url = url.clone();
+        let first = first.clone();
+        async move {
+            let show = baton(&url, &["runs", "show", &first]).await;
+            show.stdout.contains("awaiting_approval").then_some(show.stdout)
+        }
+    })
+    .await;
+    assert!(shown.contains("awaiting approval by the operator role or above: go?"), "{shown}");
+    let bad = baton(&url, &["runs", "approve", &first, "gate"]).await;
+    assert_eq!(bad.code, 2, "a missing input is bad input: {}", bad.stderr);
+    assert!(bad.stderr.contains("input \"version\" (string) is required"), "{}", bad.stderr);
+    let ok =
+        baton(&url, &["runs", "approve", &first, "gate", "--input", "version=2.0", "--comment", "ok"]).await;
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    assert!(ok.stdout.starts_with("step gate of run"), "{}", ok.stdout);
+    assert_eq!(baton(&url, &["runs", "watch", &first]).await.code, 0);
+    assert_eq!(baton(&url, &["runs", "logs", &first, "after"]).await.stdout, "v=2.0\n");
+
+    let second = submit().await;
+    eventually(Duration::from_secs(20), "the step to await approval", || {
+        let url = url.clone();
+        let second = second.clone();
+        async move {
+            baton(&url, &["runs", "show", &second]).await.stdout.contains("awaiting_approval").then_some(())
+        }
+    })
+    .await;
+    let no = baton(&url, &["runs", "reject", &second, "gate", "--comment", "not now"]).await;
+    assert_eq!(no.code, 0, "{}", no.stderr);
+    let watch = baton(&url, &["runs", "watch", &second]).await;
+    assert_ne!(watch.code, 0, "a rejected run fails");
+    let show = baton(&url, &["runs", "show", &second]).await;
+    assert!(show.stdout.contains("rejected by anonymous: not now"), "{}", show.stdout);
+}

@@ -1,6 +1,7 @@
 //! Baton's shared contract: the generated gRPC API, the workstream spec and the pure
 //! state machines and policies that the controller applies.
 
+pub mod approval;
 pub mod artifacts;
 pub mod auth;
 pub mod breaker;

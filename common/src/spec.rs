@@ -880,6 +880,11 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
         if rs.max_parallel == Some(0) {
             c.push(here, "max_parallel must be at least 1");
         }
+        if step.tool.as_deref() == Some(crate::approval::TOOL)
+            && (step.cache.is_some() || !step.artifacts.is_empty() || !step.inputs.is_empty())
+        {
+            c.push(here, "an approval step runs no tool: it takes no cache:, artifacts: or inputs:");
+        }
         if step.cache.is_some() && !step.artifacts.is_empty() {
             c.push(here, "cache: a step taken from the cache leaves no files: it cannot have artifacts: too");
         }
@@ -2044,6 +2049,13 @@ mod artifact_tests {
         assert!(e.contains(r#"step "u": inputs: step "b" is not upstream of it (list it in needs)"#), "{e}");
         let e = err("name: a\nsteps:\n  - {id: u, tool: noop, inputs: {from: b}}\n");
         assert!(e.contains(r#"step "u": inputs: "#) && e.contains("missing field `artifacts`"), "{e}");
+        let e = err("name: a\nsteps:\n  - {id: g, tool: approval, cache: true}\n");
+        assert!(
+            e.contains("an approval step runs no tool: it takes no cache:, artifacts: or inputs:"),
+            "{e}"
+        );
+        let e = err("name: a\nsteps:\n  - {id: g, tool: approval, with: {on_timeout: approve}}\n");
+        assert!(e.contains("with.on_timeout needs with.timeout"), "{e}");
         let e = err("name: a\nsteps:\n  - {id: b, tool: noop, cache: true, artifacts: [x]}\n");
         assert!(e.contains(r#"step "b": cache: a step taken from the cache leaves no files"#), "{e}");
         let e = err("name: a\nsteps:\n  - {id: u, tool: noop, inputs: x}\n");

@@ -144,7 +144,9 @@ state_enum!(
     /// `reused` (taken over from the run a rerun repeats) is where a step starts and
     /// stays; `ready → cached` when an earlier attempt with the same cache key stands.
     /// A `for_each` step makes no attempt: `ready → waiting` when it expands (it waits
-    /// for its expansions), `ready → succeeded` when they have all succeeded.
+    /// for its expansions), `ready → succeeded` when they have all succeeded. An
+    /// `approval` step makes no attempt: `ready → awaiting_approval → succeeded`
+    /// (approved) `| failed` (rejected) `| canceled`.
     StepState, "step state", {
         Waiting => "waiting",
         Ready => "ready",
@@ -156,11 +158,12 @@ state_enum!(
         Canceled => "canceled",
         Reused => "reused",
         Cached => "cached",
+        AwaitingApproval => "awaiting_approval",
     }
 );
 
 /// How many step states there are (for counts indexed by state).
-pub const STEP_STATES: usize = 10;
+pub const STEP_STATES: usize = 11;
 
 impl StepState {
     /// Final for the run as it stands (a release or a retry may still revive it).
@@ -188,7 +191,8 @@ impl StepState {
                 | (RetryWait, Ready | Failed | Canceled)
                 | (Failed, Ready)
                 | (Failed | Canceled | Skipped, Waiting)
-                | (Ready, Cached | Waiting | Succeeded)
+                | (Ready, Cached | Waiting | Succeeded | AwaitingApproval)
+                | (AwaitingApproval, Succeeded | Failed | Canceled)
         )
     }
 }

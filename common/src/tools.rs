@@ -9,7 +9,8 @@ use serde_json::{Map, Value};
 use crate::outcome::FailureClass;
 
 /// Every tool a step may name.
-pub const KNOWN_TOOLS: &[&str] = &["shell", "python", "aider", "noop", "echo", "sleep", "fail", "wait_for"];
+pub const KNOWN_TOOLS: &[&str] =
+    &["shell", "python", "aider", "noop", "echo", "sleep", "fail", "wait_for", crate::approval::TOOL];
 
 pub fn is_known(tool: &str) -> bool {
     KNOWN_TOOLS.contains(&tool)
@@ -104,6 +105,7 @@ pub fn check_input(tool: &str, with: &Map<String, Value>) -> Result<(), String> 
                 Some(_) => Err("with.timeout must be a string such as \"30s\"".into()),
             }
         }
+        crate::approval::TOOL => crate::approval::Approval::from_with(with).map(|_| ()),
         other => Err(format!("unknown tool {other:?}")),
     }
 }

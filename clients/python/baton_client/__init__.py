@@ -379,6 +379,19 @@ class Run:
         """Resumes a quarantined run; returns its state after it."""
         return self._client._call("ReleaseRun", pb.ReleaseRunRequest(run_id=self.id)).state
 
+    def approve(self, step: str, comment: str = "", inputs: Optional[Mapping[str, Any]] = None) -> int:
+        """Approves approval step ``step`` with the values its ``with.inputs`` asks for;
+        returns the run's state after it."""
+        req = pb.DecideApprovalRequest(run_id=self.id, step_id=step, approve=True, comment=comment)
+        if inputs:
+            req.inputs.update(dict(inputs))
+        return self._client._call("DecideApproval", req).state
+
+    def reject(self, step: str, comment: str = "") -> int:
+        """Rejects approval step ``step`` (it fails); returns the run's state after it."""
+        req = pb.DecideApprovalRequest(run_id=self.id, step_id=step, approve=False, comment=comment)
+        return self._client._call("DecideApproval", req).state
+
     def rerun(
         self,
         from_step: Optional[str] = None,

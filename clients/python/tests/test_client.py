@@ -211,6 +211,21 @@ def test_a_rerun_reuses_upstream_outputs_and_links_back(cluster):
         old.rerun("nope")
 
 
+def test_an_approval_step_is_approved_with_its_inputs(cluster):
+    c = cluster["client"]
+    run = c.submit(
+        "name: gated\nsteps:\n  - {id: gate, tool: approval, with: {inputs: {n: number}}}\n"
+        "  - {id: after, needs: gate, tool: noop}\n"
+    )
+    deadline = time.monotonic() + 20
+    while run.get().steps[0].state != pb.STEP_STATE_AWAITING_APPROVAL:
+        assert time.monotonic() < deadline, "the step never awaited approval"
+        time.sleep(0.05)
+    run.approve("gate", comment="fine", inputs={"n": 3})
+    assert run.wait().state == pb.RUN_STATE_SUCCEEDED
+    assert run.outputs()["gate"] == {"n": 3, "approved_by": "token bootstrap", "comment": "fine"}
+
+
 def test_watch_resumes_across_a_controller_restart(cluster):
     c, ctl = cluster["client"], cluster["controller"]
     gate = cluster["dir"] / "gate"

@@ -23,6 +23,9 @@ use baton_common::spec::MAX_SPEC_BYTES;
 /// The range of a run's priority, either way from 0.
 const MAX_PRIORITY: i32 = 1000;
 
+/// The longest comment on an approval.
+const MAX_COMMENT_BYTES: usize = 4096;
+
 pub struct RunApi {
     leadership: Leadership,
     router: crate::router::Rules,
@@ -252,6 +255,44 @@ impl pb::baton_service_server::BatonService for RunApi {
                 } else {
                     Err(ApiError::conflict(format!("run {id} already {}", rec.run.state)).into())
                 }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn decide_approval(
+        &self,
+        req: Request<pb::DecideApprovalRequest>,
+    ) -> Result<Response<pb::DecideApprovalResponse>, Status> {
+        let who = Identity::of(&req);
+        // Anonymous callers get here only when authentication is off.
+        let role = if matches!(who.via, crate::auth::Via::Anonymous) { None } else { who.role };
+        let req = req.into_inner();
+        let id = self.store.resolve_run_id(&req.run_id).await?;
+        if req.comment.len() > MAX_COMMENT_BYTES {
+            return Err(ApiError::invalid(format!(
+                "comment is {} bytes; the limit is {MAX_COMMENT_BYTES}",
+                req.comment.len()
+            ))
+            .into());
+        }
+        let inputs = req.inputs.as_ref().map(baton_common::proto::json_object).unwrap_or_default();
+        let decision = crate::engine::Decision { approve: req.approve, comment: req.comment, inputs, role };
+        let step_id = req.step_id;
+        match self.writer()?.decide(id.clone(), step_id.clone(), decision, who.actor()).await {
+            Ok(state) => Ok(Response::new(pb::DecideApprovalResponse { run_id: id, state: state.to_pb() })),
+            // Not in the engine: the run has ended.
+            Err(EngineError::RunNotFound(_)) => {
+                let rec = self.store.get_run(&id).await?;
+                let step = rec.steps.iter().find(|s| s.step_id == step_id);
+                Err(match step {
+                    None => ApiError::NotFound(format!("run {id} has no step {step_id:?}")),
+                    Some(s) => ApiError::conflict(format!(
+                        "step {step_id:?} is {}, not awaiting approval (run {id} has {})",
+                        s.state, rec.run.state
+                    )),
+                }
+                .into())
             }
             Err(e) => Err(e.into()),
         }

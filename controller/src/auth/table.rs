@@ -27,6 +27,8 @@ pub const RPCS: &[(&str, &str, Need)] = &[
     (BATON, "ListRuns", Need::Role(Role::Reader)),
     (BATON, "CancelRun", Need::Role(Role::Operator)),
     (BATON, "ReleaseRun", Need::Role(Role::Operator)),
+    // The engine checks the step's own role (operator unless the step names another).
+    (BATON, "DecideApproval", Need::Role(Role::Reader)),
     (BATON, "RetryRun", Need::Role(Role::Operator)),
     (BATON, "RerunRun", Need::Role(Role::Submitter)),
     (BATON, "ListCache", Need::Role(Role::Reader)),

@@ -78,6 +78,9 @@ impl Model {
         if run.spec.steps[idx].for_each.is_some() {
             return self.fan_out(run_id, idx);
         }
+        if run.steps[idx].tool == baton_common::approval::TOOL {
+            return self.await_approval(run_id, idx);
+        }
         let tool = run.steps[idx].tool.clone();
         let entry = (run_id.to_string(), run.priority, idx);
         self.ready.entry(tool).or_default().push_back(entry);
@@ -678,6 +681,7 @@ impl Model {
                     (_, Ok((Some(why), _))) => format!("waiting: {why}"),
                     _ => self.ready_reason(run, idx),
                 },
+                StepState::AwaitingApproval => step.reason.clone(),
                 StepState::RetryWait => {
                     let left = (step.next_attempt_at.unwrap_or(0) - self.now()).max(0) as u64;
                     format!("retry in {}", format_duration(std::time::Duration::from_millis(left)))
@@ -717,7 +721,7 @@ fn cache_source(
 
 /// The value of reference `r` for step `idx` in what is not a step's input (a
 /// condition, a concurrency key: `what`): anything but secrets.
-fn plain_value(run: &super::state::Run, idx: usize, r: &Ref, what: &str) -> Result<Value, String> {
+pub(super) fn plain_value(run: &super::state::Run, idx: usize, r: &Ref, what: &str) -> Result<Value, String> {
     let spec = &run.spec.steps[idx];
     match r {
         Ref::Param(p) => run.params.get(p).map(|v| Value::String(v.clone())).ok_or(format!("{r} is not set")),

@@ -9,6 +9,7 @@
 
 mod admission;
 mod agents;
+mod approvals;
 mod breakers;
 mod dispatch;
 mod driver;
@@ -25,6 +26,7 @@ mod state;
 mod testkit;
 
 pub use admission::{Admitted, Rerun, Submission};
+pub use approvals::Decision;
 pub use breakers::BreakerConfig;
 pub(crate) use progress::percent;
 pub(crate) use state::dependents_of;
@@ -260,6 +262,20 @@ impl EngineHandle {
     pub async fn submit(&self, run: Admitted, actor: String) -> Result<String, EngineError> {
         match self.ask(Input::Submit { run: Box::new(run), actor, reply: 0 }).await? {
             Answer::Run(r) => r,
+            a => Err(unexpected(a)),
+        }
+    }
+
+    /// Approves or rejects an approval step for `actor`.
+    pub async fn decide(
+        &self,
+        run_id: String,
+        step_id: String,
+        decision: Decision,
+        actor: String,
+    ) -> Result<RunState, EngineError> {
+        match self.ask(Input::Decide { run_id, step_id, decision, actor, reply: 0 }).await? {
+            Answer::RunState(r) => r,
             a => Err(unexpected(a)),
         }
     }

@@ -48,6 +48,14 @@ pub(crate) enum Input {
         actor: String,
         reply: ReplyTo,
     },
+    /// Approve or reject an approval step.
+    Decide {
+        run_id: String,
+        step_id: String,
+        decision: super::approvals::Decision,
+        actor: String,
+        reply: ReplyTo,
+    },
     /// Forget cached results (of a workstream, by key prefix; all when both are empty).
     PurgeCache {
         workstream: String,
@@ -131,6 +139,7 @@ impl Input {
             Submit { reply, .. }
             | Cancel { reply, .. }
             | Release { reply, .. }
+            | Decide { reply, .. }
             | Retry { reply, .. }
             | PurgeCache { reply, .. }
             | ResetBreaker { reply, .. }
@@ -340,6 +349,8 @@ pub(super) enum Timer {
     RunDeadline(String),
     /// An open breaker's cooldown ends: (tool, agent id).
     Breaker(String, String),
+    /// An approval step's timeout.
+    Approval(String, usize),
 }
 
 /// A bounded map that forgets its oldest entries: final states of attempts of runs
@@ -542,6 +553,11 @@ impl Model {
                 };
                 self.pending.reply(reply, Answer::RunState(result));
             }
+            Input::Decide { run_id, step_id, decision, actor, reply } => {
+                self.pending.actor.clone_from(&actor);
+                let result = self.decide(&run_id, &step_id, decision, &actor);
+                self.pending.reply(reply, Answer::RunState(result));
+            }
             Input::Release { run_id, actor, reply } => {
                 self.pending.actor = actor;
                 let result = self.release(&run_id);
@@ -645,6 +661,7 @@ impl Model {
                 Timer::Deadline(attempt_id) => self.deadline_due(&attempt_id, now),
                 Timer::RunDeadline(run_id) => self.run_deadline_due(&run_id, now),
                 Timer::Breaker(tool, agent_id) => self.breaker_due((tool, agent_id), now),
+                Timer::Approval(run_id, idx) => self.approval_due(&run_id, idx, now),
             }
         }
     }

@@ -25,6 +25,8 @@ pub(super) enum Done {
     Cached(String),
     /// It is a `for_each` step whose expansions all succeeded (how many).
     Joined(String),
+    /// It is an approval step, approved (by whom).
+    Approved(String),
 }
 
 /// Moves step `idx` of `run` to `to` if the step machine allows it, keeping the run's
@@ -573,6 +575,10 @@ impl Model {
                 step.reason.clone_from(&why);
                 p.event(run, "step_succeeded", Some(idx), None, why);
             }
+            Done::Approved(why) => {
+                step.reason.clone_from(&why);
+                p.event(run, "step_approved", Some(idx), None, why);
+            }
             Done::Ran => {
                 step.reason.clear();
                 let attempt = step.attempt_ids.last().and_then(|id| self.attempts.get(id));
@@ -777,7 +783,7 @@ impl Model {
     pub(super) fn resume_run(&mut self, run_id: &str) {
         let Some(run) = self.runs.get_mut(run_id) else { return };
         let now = self.pending.now;
-        let mut ready = Vec::new();
+        let (mut ready, mut approvals) = (Vec::new(), Vec::new());
         for idx in 0..run.steps.len() {
             let step = &mut run.steps[idx];
             match step.state {
@@ -790,9 +796,14 @@ impl Model {
                     let at = step.next_attempt_at.unwrap_or(0);
                     self.timers.push(Reverse((at, Timer::Retry(run_id.to_string(), idx))));
                 }
+                StepState::AwaitingApproval => approvals.push(idx),
                 _ => {}
             }
         }
+        for idx in approvals {
+            self.rearm_approval(run_id, idx);
+        }
+        let Some(run) = self.runs.get_mut(run_id) else { return };
         if let Some(d) = run.deadline_at {
             self.timers.push(Reverse((d, Timer::RunDeadline(run_id.to_string()))));
         }
@@ -847,7 +858,7 @@ fn step_failed_for_good(p: &mut Pending, run: &mut Run, idx: usize) {
                         end_step(p, run, i, StepState::Skipped, "step_skipped", &why);
                         skip_downstream(p, run, i, &why);
                     }
-                    StepState::RetryWait => {
+                    StepState::RetryWait | StepState::AwaitingApproval => {
                         end_step(p, run, i, StepState::Canceled, "step_canceled", &why);
                         skip_downstream(p, run, i, &why);
                     }

@@ -35,6 +35,7 @@ class StepState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STEP_STATE_CANCELED: _ClassVar[StepState]
     STEP_STATE_REUSED: _ClassVar[StepState]
     STEP_STATE_CACHED: _ClassVar[StepState]
+    STEP_STATE_AWAITING_APPROVAL: _ClassVar[StepState]
 
 class AttemptState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -107,6 +108,7 @@ STEP_STATE_SKIPPED: StepState
 STEP_STATE_CANCELED: StepState
 STEP_STATE_REUSED: StepState
 STEP_STATE_CACHED: StepState
+STEP_STATE_AWAITING_APPROVAL: StepState
 ATTEMPT_STATE_UNSPECIFIED: AttemptState
 ATTEMPT_STATE_ASSIGNED: AttemptState
 ATTEMPT_STATE_RUNNING: AttemptState
@@ -216,6 +218,28 @@ class ListRunsResponse(_message.Message):
     runs: _containers.RepeatedCompositeFieldContainer[RunSummary]
     next_page_token: str
     def __init__(self, runs: _Optional[_Iterable[_Union[RunSummary, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DecideApprovalRequest(_message.Message):
+    __slots__ = ("run_id", "step_id", "approve", "comment", "inputs")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    APPROVE_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    step_id: str
+    approve: bool
+    comment: str
+    inputs: _struct_pb2.Struct
+    def __init__(self, run_id: _Optional[str] = ..., step_id: _Optional[str] = ..., approve: _Optional[bool] = ..., comment: _Optional[str] = ..., inputs: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class DecideApprovalResponse(_message.Message):
+    __slots__ = ("run_id", "state")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    state: RunState
+    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ...) -> None: ...
 
 class CancelRunRequest(_message.Message):
     __slots__ = ("run_id", "reason", "step_id")

@@ -61,6 +61,11 @@ class BatonServiceStub:
                 request_serializer=baton_dot_v1_dot_api__pb2.ReleaseRunRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_api__pb2.ReleaseRunResponse.FromString,
                 _registered_method=True)
+        self.DecideApproval = channel.unary_unary(
+                '/baton.v1.BatonService/DecideApproval',
+                request_serializer=baton_dot_v1_dot_api__pb2.DecideApprovalRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_api__pb2.DecideApprovalResponse.FromString,
+                _registered_method=True)
         self.RetryRun = channel.unary_unary(
                 '/baton.v1.BatonService/RetryRun',
                 request_serializer=baton_dot_v1_dot_api__pb2.RetryRunRequest.SerializeToString,
@@ -216,6 +221,14 @@ class BatonServiceServicer:
 
     def ReleaseRun(self, request, context):
         """Resumes a quarantined run; its failed steps get a fresh retry budget.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecideApproval(self, request, context):
+        """Approves or rejects a step of the built-in `approval` tool that is awaiting
+        approval. The caller needs the step's role (`with.role`, operator by default).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -425,6 +438,11 @@ def add_BatonServiceServicer_to_server(servicer, server):
                     servicer.ReleaseRun,
                     request_deserializer=baton_dot_v1_dot_api__pb2.ReleaseRunRequest.FromString,
                     response_serializer=baton_dot_v1_dot_api__pb2.ReleaseRunResponse.SerializeToString,
+            ),
+            'DecideApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecideApproval,
+                    request_deserializer=baton_dot_v1_dot_api__pb2.DecideApprovalRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_api__pb2.DecideApprovalResponse.SerializeToString,
             ),
             'RetryRun': grpc.unary_unary_rpc_method_handler(
                     servicer.RetryRun,
@@ -679,6 +697,33 @@ class BatonService:
             '/baton.v1.BatonService/ReleaseRun',
             baton_dot_v1_dot_api__pb2.ReleaseRunRequest.SerializeToString,
             baton_dot_v1_dot_api__pb2.ReleaseRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.v1.BatonService/DecideApproval',
+            baton_dot_v1_dot_api__pb2.DecideApprovalRequest.SerializeToString,
+            baton_dot_v1_dot_api__pb2.DecideApprovalResponse.FromString,
             options,
             channel_credentials,
             insecure,
