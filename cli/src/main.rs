@@ -402,24 +402,28 @@ enum SchedulesCommand {
     },
     /// Start nothing more until resumed.
     Pause {
+        /// The schedule's id (or a unique prefix).
         id: String,
         #[command(flatten)]
         out: OutputArg,
     },
     /// Start again from the next time after now.
     Resume {
+        /// The schedule's id (or a unique prefix).
         id: String,
         #[command(flatten)]
         out: OutputArg,
     },
     /// Delete a schedule (its runs stay).
     Delete {
+        /// The schedule's id (or a unique prefix).
         id: String,
         #[command(flatten)]
         out: OutputArg,
     },
     /// Start a run of the schedule now; prints its id.
     Trigger {
+        /// The schedule's id (or a unique prefix).
         id: String,
         #[command(flatten)]
         out: OutputArg,

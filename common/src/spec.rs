@@ -40,6 +40,35 @@ pub struct Workstream {
     pub secret_params: std::collections::BTreeSet<String>,
     /// Steps in spec order; `needs` only name steps that exist, with no cycle.
     pub steps: Vec<StepSpec>,
+    /// `concurrency:` of the whole workstream: at most `limit` runs with the same key
+    /// (it may read params only) are active at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<RunConcurrency>,
+}
+
+/// A workstream's `concurrency: {key: "deploy-${{ params.env }}", limit: 1,
+/// on_conflict: queue}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConcurrency {
+    pub key: String,
+    #[serde(default = "one")]
+    pub limit: u32,
+    #[serde(default)]
+    pub on_conflict: OnConflict,
+}
+
+/// What a run does when its key's slots are all held at submit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnConflict {
+    /// It waits, pending, until a run holding the key ends (oldest first).
+    #[default]
+    Queue,
+    /// It is canceled at once.
+    CancelNew,
+    /// The oldest run holding the key is canceled, and it takes its place.
+    CancelOld,
 }
 
 /// What a step that failed for good does to its run.
@@ -295,6 +324,7 @@ struct RawWorkstream {
     deadline: Option<Value>,
     retain: Option<Value>,
     params: Option<BTreeMap<String, Value>>,
+    concurrency: Option<Value>,
     steps: Option<Vec<RawStep>>,
 }
 
@@ -659,6 +689,39 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
         },
     };
 
+    let concurrency = match raw.concurrency.clone().map(serde_json::from_value::<RunConcurrency>).transpose()
+    {
+        Ok(Some(k)) if k.key.trim().is_empty() => {
+            c.push(None, "concurrency.key must not be empty");
+            None
+        }
+        Ok(Some(k)) if k.limit == 0 => {
+            c.push(None, "concurrency.limit must be at least 1");
+            None
+        }
+        Ok(Some(k)) => match template::refs(&Value::String(k.key.clone())) {
+            Ok(r) if r.iter().all(|r| matches!(r, Ref::Param(_))) => Some(k),
+            Ok(_) => {
+                c.push(None, "concurrency.key: a run's key may read params only (it is decided at submit)");
+                None
+            }
+            Err(e) => {
+                c.push(None, format!("concurrency.key: {e}"));
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            c.push(
+                None,
+                format!(
+                    "concurrency: {e} (expected {{key: TEXT, limit: N, on_conflict: queue|cancel_new|cancel_old}})"
+                ),
+            );
+            None
+        }
+    };
+
     let mut secret_params = std::collections::BTreeSet::new();
     let params: Option<BTreeMap<String, Option<String>>> = raw.params.as_ref().map(|p| {
         p.iter()
@@ -980,6 +1043,7 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
             params: params.unwrap_or_default(),
             secret_params,
             steps,
+            concurrency,
         })
     } else {
         Err(SpecError { origin: source.to_string(), problems: c.problems })
@@ -2088,5 +2152,30 @@ mod concurrency_tests {
         assert!(err("{limit: 2}").contains("missing field `key`"));
         assert!(err("{key: x, lmit: 2}").contains("unknown field `lmit`"));
         assert!(err("{key: '${{ secrets.t }}'}").contains("concurrency.key: a key may not read secrets"));
+    }
+
+    #[test]
+    fn a_workstream_key_is_kept_and_checked() {
+        let ws = parse(
+            "c.yaml",
+            "name: c\nparams: {env: prod}\nconcurrency: {key: 'd-${{ params.env }}', on_conflict: cancel_old}\nsteps:\n  - {id: d, tool: noop}\n",
+        )
+        .unwrap();
+        let c = ws.concurrency.unwrap();
+        assert_eq!(
+            (c.key.as_str(), c.limit, c.on_conflict),
+            ("d-${{ params.env }}", 1, OnConflict::CancelOld)
+        );
+        let err = |c: &str| {
+            parse("c.yaml", &format!("name: c\nconcurrency: {c}\nsteps:\n  - {{id: d, tool: noop}}\n"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("{key: x, limit: 0}").contains("concurrency.limit must be at least 1"));
+        assert!(err("{key: x, on_conflict: later}").contains("unknown variant `later`"));
+        assert!(
+            err("{key: '${{ steps.d.outputs.x }}'}")
+                .contains("concurrency.key: a run's key may read params only")
+        );
     }
 }

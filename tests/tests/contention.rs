@@ -162,3 +162,98 @@ async fn a_higher_priority_goes_first_and_a_small_run_is_not_starved_by_a_big_on
     );
     assert!(big_before <= 12, "{big_before} steps of the big run were assigned before the small run's last");
 }
+
+/// A workstream with a run-level key; its one step waits for the file `go-GATE`.
+fn keyed(dir: &std::path::Path, on_conflict: &str) -> String {
+    format!(
+        "name: deploy\nparams: {{env: prod, gate: a}}\nconcurrency: {{key: 'deploy-${{{{ params.env }}}}', on_conflict: {on_conflict}}}\nsteps:\n  - {{id: hold, tool: shell, with: {{run: 'while [ ! -e {}/go-${{{{ params.gate }}}} ]; do sleep 0.05; done'}}}}\n",
+        dir.display()
+    )
+}
+
+async fn submit_with(c: &mut Client, spec: &str, kv: &[(&str, &str)]) -> String {
+    let req = proto::SubmitRunRequest { spec: spec.to_string(), params: params(kv), ..Default::default() };
+    c.submit_run(req).await.unwrap().into_inner().run_id
+}
+
+async fn until_running(c: &mut Client, run_id: &str) {
+    eventually(Duration::from_secs(20), "the run's step to run", || {
+        let mut c = c.clone();
+        let id = run_id.to_string();
+        async move { (get_run(&mut c, &id).await.steps[0].state_name() == "running").then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workstream_key_queues_runs_oldest_first_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sb = Sandbox::builder().agents(2).slots(2).build().await;
+    let mut c = sb.client().await;
+    let spec = keyed(dir.path(), "queue");
+    let first = submit_with(&mut c, &spec, &[("gate", "1")]).await;
+    until_running(&mut c, &first).await;
+    let second = submit_with(&mut c, &spec, &[("gate", "2")]).await;
+    let third = submit_with(&mut c, &spec, &[("gate", "2")]).await;
+    let staging = submit_with(&mut c, &spec, &[("env", "staging"), ("gate", "s")]).await;
+    // Another key is not held up.
+    until_running(&mut c, &staging).await;
+    let waiting = get_run(&mut c, &second).await;
+    assert_eq!(waiting.state_name(), "pending");
+    assert_eq!(waiting.reason, format!("waiting: concurrency key deploy-prod: 1/1 in use by run {first}"));
+    assert_eq!(waiting.steps[0].reason, waiting.reason);
+
+    // Queued runs stay queued across a restart, behind the run that holds the key.
+    sb.restart_controller().await;
+    let mut c = sb.client().await;
+    assert_eq!(get_run(&mut c, &second).await.state_name(), "pending");
+    assert_eq!(get_run(&mut c, &third).await.state_name(), "pending");
+    std::fs::write(dir.path().join("go-1"), "").unwrap();
+    std::fs::write(dir.path().join("go-2"), "").unwrap();
+    std::fs::write(dir.path().join("go-s"), "").unwrap();
+    let mut done = Vec::new();
+    for id in [&first, &second, &third, &staging] {
+        let run = wait_run(&mut c, id, Duration::from_secs(60)).await;
+        assert_eq!(run.state_name(), "succeeded", "{id}");
+        done.push(run);
+    }
+    // One prod run at a time, in the order they were submitted: each starts after the
+    // one before it ended.
+    for pair in done[..3].windows(2) {
+        assert!(ms(&pair[1].started_at) >= ms(&pair[0].finished_at), "runs overlapped");
+    }
+    let events = all_events(&mut c, &second).await;
+    assert!(events.iter().any(|e| e.kind == "run_queued") && events.iter().any(|e| e.kind == "run_admitted"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_conflict_cancel_new_and_cancel_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let sb = Sandbox::builder().agents(1).slots(2).build().await;
+    let mut c = sb.client().await;
+    let new = keyed(dir.path(), "cancel_new");
+    let holder = submit_with(&mut c, &new, &[("env", "n")]).await;
+    until_running(&mut c, &holder).await;
+    let refused = submit_with(&mut c, &new, &[("env", "n")]).await;
+    let run = wait_run(&mut c, &refused, Duration::from_secs(20)).await;
+    assert_eq!(run.state_name(), "canceled");
+    assert_eq!(
+        run.reason,
+        format!("concurrency key deploy-n: 1/1 in use by run {holder} (on_conflict: cancel_new)")
+    );
+    assert!(never_ran(&run.steps[0]));
+
+    let old = keyed(dir.path(), "cancel_old");
+    let superseded = submit_with(&mut c, &old, &[("env", "o")]).await;
+    until_running(&mut c, &superseded).await;
+    let newer = submit_with(&mut c, &old, &[("env", "o")]).await;
+    let run = wait_run(&mut c, &superseded, Duration::from_secs(20)).await;
+    assert_eq!(run.state_name(), "canceled");
+    assert_eq!(
+        run.reason,
+        format!("superseded by run {newer} (concurrency key deploy-o, on_conflict: cancel_old)")
+    );
+    std::fs::write(dir.path().join("go-a"), "").unwrap();
+    assert_eq!(wait_run(&mut c, &newer, Duration::from_secs(30)).await.state_name(), "succeeded");
+    assert_eq!(wait_run(&mut c, &holder, Duration::from_secs(30)).await.state_name(), "succeeded");
+}

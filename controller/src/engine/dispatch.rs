@@ -59,8 +59,9 @@ impl Model {
     /// ends with its expansions.
     pub(super) fn enqueue(&mut self, run_id: &str, idx: usize) {
         let Some(run) = self.runs.get(run_id) else { return };
-        // Made ready earlier in the same input, and ended since (its run was stopped).
-        if run.steps[idx].state != StepState::Ready {
+        // Made ready earlier in the same input, and ended since (its run was stopped);
+        // or its run waits for its key (its ready steps are queued when it starts).
+        if run.steps[idx].state != StepState::Ready || run.queued {
             return;
         }
         let spec = &run.spec.steps[idx];
@@ -674,6 +675,7 @@ impl Model {
                     }
                 }
                 StepState::Ready if run.state == RunState::Quarantined => "run is quarantined".to_string(),
+                StepState::Ready if run.queued => run.reason.clone(),
                 StepState::Ready => match (run.group_running(idx), self.concurrency_block(run_id, idx)) {
                     (Some((n, limit)), _) if n >= limit => {
                         format!("{n} of its group's expansions are running (max_parallel {limit})")

@@ -18,6 +18,7 @@ mod model;
 mod pipeline;
 mod progress;
 mod queue;
+mod run_keys;
 mod runs;
 #[cfg(test)]
 mod sim;

@@ -422,6 +422,11 @@ pub(crate) struct Model {
     pub(super) cache: HashMap<String, crate::store::CacheRow>,
     /// Live attempts by the concurrency key they hold (`concurrency:`).
     pub(super) holders: HashMap<String, BTreeSet<String>, Fixed>,
+    /// Active and waiting runs by their workstream's key (`concurrency:` of a
+    /// workstream).
+    pub(super) run_keys: BTreeMap<String, super::run_keys::RunKey>,
+    /// How many of the pending commit's finished runs have let go of their keys.
+    finished_seen: usize,
 }
 
 impl Model {
@@ -453,6 +458,8 @@ impl Model {
             followers: IdMap::default(),
             cache: HashMap::new(),
             holders: HashMap::default(),
+            run_keys: BTreeMap::new(),
+            finished_seen: 0,
             pipe_agents: BTreeSet::new(),
             held: BTreeSet::new(),
         }
@@ -478,6 +485,12 @@ impl Model {
     pub fn apply(&mut self, input: Input, now_us: i64) -> Vec<Effect> {
         self.set_clock(now_us);
         self.handle(input);
+        // Runs that ended let go of their workstreams' keys; waiting runs start.
+        while self.finished_seen < self.pending.finished_runs.len() {
+            let run_id = self.pending.finished_runs[self.finished_seen].clone();
+            self.finished_seen += 1;
+            self.release_run_key(&run_id);
+        }
         while let Some((run_id, idx)) = self.pending.newly_ready.pop() {
             self.enqueue(&run_id, idx);
         }
@@ -523,6 +536,7 @@ impl Model {
         }
         let fresh = Pending { now: self.pending.now, now_us: self.pending.now_us, ..Pending::default() };
         let mut pending = std::mem::replace(&mut self.pending, fresh);
+        self.finished_seen = 0;
         let batch = self.build_batch(&mut pending);
         let batch = Batch { events: pending.events, ..batch };
         Some(Commit {
@@ -931,6 +945,7 @@ impl Model {
                 a.redactor = r;
             }
         }
+        self.rebuild_run_keys();
         let mut run_ids: Vec<(i64, String)> =
             self.runs.values().map(|r| (r.created_at, r.id.clone())).collect();
         run_ids.sort();
@@ -1034,6 +1049,8 @@ impl Model {
                 rerun_of: row.rerun_of.clone(),
                 no_cache: row.no_cache != 0,
                 priority: row.priority.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32,
+                key: None,
+                queued: false,
             };
             run.templated = super::state::templated_of(&run.spec);
             run.counts = super::state::counts_of(&run.steps.iter().map(|s| s.state).collect::<Vec<_>>());

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use super::EngineError;
 use super::admission::{Admitted, Submission};
 use super::model::{Model, Pending, Timer};
+use super::run_keys::Admission;
 use super::state::{self, Run, Step};
 use crate::store::Snapshot;
 
@@ -128,6 +129,7 @@ impl Model {
                 })?;
             }
         }
+        let key = super::run_keys::render_key(&spec, &params)?;
         let id = self.random_id();
         let spec_json = serde_json::to_string(&spec).map_err(|e| EngineError::Invalid(e.to_string()))?;
         // Secret parameters are kept sealed; only the engine's memory holds them open.
@@ -218,6 +220,8 @@ impl Model {
             rerun_of,
             no_cache,
             priority,
+            key: key.clone(),
+            queued: false,
         };
         let p = &mut self.pending;
         p.runs.insert(id.clone());
@@ -246,7 +250,31 @@ impl Model {
         if !request_id.is_empty() {
             self.requests.insert(request_id, id.clone());
         }
+        let admission = match &key {
+            Some(key) => self.admit_key(&id, &run.spec.clone(), key),
+            None => Admission::Go,
+        };
+        if let Admission::Queue(why) = &admission {
+            run.queued = true;
+            run.reason.clone_from(why);
+            self.pending.event(&mut run, "run_queued", None, None, why.clone());
+        }
         self.runs.insert(id.clone(), run);
+        match admission {
+            Admission::Go => {}
+            Admission::Queue(_) => return Ok(id),
+            Admission::Cancel(why) => {
+                self.stop_run(&id, RunState::Canceled, &why)?;
+                return Ok(id);
+            }
+            Admission::Supersede(old, why) => {
+                // The old run no longer holds the key: its end admits no one.
+                if let Some(r) = self.runs.get_mut(&old) {
+                    r.key = None;
+                }
+                let _ = self.cancel_run(&old, &why);
+            }
+        }
         for i in ready {
             self.enqueue(&id, i);
         }

@@ -72,6 +72,10 @@ pub(crate) struct Run {
     pub no_cache: bool,
     /// Its steps go before those of runs with a lower priority when slots are scarce.
     pub priority: i32,
+    /// Its workstream's concurrency key, rendered.
+    pub key: Option<String>,
+    /// Waiting for a slot of its key: none of its steps is queued for dispatch.
+    pub queued: bool,
 }
 
 impl Run {
