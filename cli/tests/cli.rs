@@ -1346,12 +1346,15 @@ async fn overlap_policies_decide_what_a_time_does_while_the_previous_run_goes() 
     };
     let skip = create("skip").await;
     let cancel = create("cancel_previous").await;
-    eventually(Duration::from_secs(30), "runs of both", || async {
+    let queue = create("queue").await;
+    eventually(Duration::from_secs(30), "runs of all three", || async {
         let (s, c) = (scheduled_runs(&url, &skip).await, scheduled_runs(&url, &cancel).await);
-        (s.len() >= 2 && c.len() >= 3).then_some(())
+        let q = scheduled_runs(&url, &queue).await;
+        let q_done = q.iter().filter(|r| r.2 == "RUN_STATE_SUCCEEDED").count();
+        (s.len() >= 2 && c.len() >= 3 && q_done >= 2).then_some(())
     })
     .await;
-    for id in [&skip, &cancel] {
+    for id in [&skip, &cancel, &queue] {
         assert_eq!(baton(&url, &["schedules", "delete", id]).await.code, 0);
     }
     // skip: one run at a time, so the times between were not started.
@@ -1362,6 +1365,17 @@ async fn overlap_policies_decide_what_a_time_does_while_the_previous_run_goes() 
     let c = scheduled_runs(&url, &cancel).await;
     assert!(c.windows(2).all(|w| w[1].0 - w[0].0 == 1000), "{c:?}");
     assert!(c[..c.len() - 1].iter().all(|r| r.2 == "RUN_STATE_CANCELED"), "{c:?}");
+    // queue: every time has its run, and they run one after another, in order.
+    let q = scheduled_runs(&url, &queue).await;
+    assert!(q.windows(2).all(|w| w[1].0 - w[0].0 == 1000), "{q:?}");
+    assert!(q.iter().any(|r| r.2 == "RUN_STATE_PENDING"), "later times wait: {q:?}");
+    let mut c = sb.client().await;
+    let mut spans = Vec::new();
+    for (_, id, _) in q.iter().filter(|r| r.2 == "RUN_STATE_SUCCEEDED") {
+        let run = get_run(&mut c, id).await;
+        spans.push((ms(&run.started_at), ms(&run.finished_at)));
+    }
+    assert!(spans.windows(2).all(|w| w[1].0 >= w[0].1), "queued runs overlapped: {spans:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,7 +33,7 @@ const MAX_PER_PASS: usize = 1_000;
 pub enum Overlap {
     /// Start nothing for this time.
     Skip,
-    /// Start it once the previous run has ended.
+    /// Submit it now; it waits pending until the runs before it have ended.
     Queue,
     /// Cancel the previous run, then start.
     CancelPrevious,
@@ -189,7 +189,7 @@ async fn fire(
     let overlap: Overlap = row.overlap.parse()?;
     let catchup: Catchup = row.catchup.parse()?;
     let (start, after) = due(&when, row.next_at, now, catchup);
-    let mut next_at = after.unwrap_or(i64::MAX);
+    let next_at = after.unwrap_or(i64::MAX);
     for at in start {
         let previous_active = !row.last_run_id.is_empty()
             && store.run_is_active(&row.last_run_id).await.map_err(|e| e.to_string())?;
@@ -199,11 +199,9 @@ async fn fire(
                     info!(schedule_id = %row.id, at, previous = %row.last_run_id, "scheduled time skipped: the previous run is still going");
                     continue;
                 }
-                Overlap::Queue => {
-                    // Kept pending: it starts on a pass after the previous run ends.
-                    next_at = at;
-                    break;
-                }
+                // Started now, it waits pending for the runs before it (see
+                // `start_run`).
+                Overlap::Queue => {}
                 Overlap::CancelPrevious => {
                     let why = format!("canceled by schedule {}: the run for a newer time starts", row.id);
                     if let Err(e) = engine
@@ -233,8 +231,17 @@ pub async fn start_run(
     if let Some(id) = store.run_by_request_id(&request_id).await.map_err(|e| e.to_string())? {
         return Ok(id);
     }
-    let ws: baton_common::spec::Workstream =
+    let mut ws: baton_common::spec::Workstream =
         serde_json::from_str(&row.spec).map_err(|e| format!("stored spec: {e}"))?;
+    // overlap: queue: the schedule's runs share a key of one slot, so each waits pending
+    // for the one before it and they start oldest first (a workstream's own key stays).
+    if row.overlap.parse::<Overlap>() == Ok(Overlap::Queue) && ws.concurrency.is_none() {
+        ws.concurrency = Some(baton_common::spec::RunConcurrency {
+            key: format!("schedule {}", row.id),
+            limit: 1,
+            on_conflict: baton_common::spec::OnConflict::Queue,
+        });
+    }
     let params: BTreeMap<String, String> = serde_json::from_str(&row.params).unwrap_or_default();
     let labels = BTreeMap::from([
         ("schedule".to_string(), row.id.clone()),

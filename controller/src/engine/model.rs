@@ -1050,7 +1050,7 @@ impl Model {
                 no_cache: row.no_cache != 0,
                 priority: row.priority.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32,
                 key: None,
-                queued: false,
+                queued: row.queued != 0,
             };
             run.templated = super::state::templated_of(&run.spec);
             run.counts = super::state::counts_of(&run.steps.iter().map(|s| s.state).collect::<Vec<_>>());

@@ -139,36 +139,25 @@ impl Model {
         }
     }
 
-    /// After a load (before the runs resume): the runs that have started hold their
-    /// keys; the others take the free slots oldest first, and the rest wait.
+    /// After a load (before the runs resume): the runs that were waiting for their
+    /// keys wait again, oldest first; the other active runs hold theirs.
     pub(super) fn rebuild_run_keys(&mut self) {
-        let mut keyed: Vec<(bool, i64, String, String, u32)> = Vec::new();
+        let mut keyed: Vec<(i64, String, String, bool)> = Vec::new();
         for run in self.runs.values_mut() {
-            let Some(limit) = run.spec.concurrency.as_ref().map(|c| c.limit) else { continue };
-            if run.state.is_terminal() {
+            if run.spec.concurrency.is_none() || run.state.is_terminal() {
                 continue;
             }
             let Ok(Some(key)) = render_key(&run.spec, &run.params) else { continue };
             run.key = Some(key.clone());
-            let started = run.state != RunState::Pending
-                || run.steps.iter().any(|s| !matches!(s.state, StepState::Waiting | StepState::Ready));
-            // Started runs first, then the others oldest first.
-            keyed.push((!started, run.created_at, run.id.clone(), key, limit));
+            keyed.push((run.created_at, run.id.clone(), key, run.queued));
         }
         keyed.sort();
-        for (not_started, _, id, key, limit) in keyed {
-            let entry = self.run_keys.entry(key.clone()).or_default();
-            if !not_started || entry.holders.len() < limit as usize {
+        for (_, id, key, queued) in keyed {
+            let entry = self.run_keys.entry(key).or_default();
+            if queued {
+                entry.waiting.push_back(id);
+            } else {
                 entry.holders.insert(id);
-                continue;
-            }
-            entry.waiting.push_back(id.clone());
-            let by: Vec<String> = entry.holders.iter().take(3).cloned().collect();
-            let held = entry.holders.len();
-            if let Some(run) = self.runs.get_mut(&id) {
-                run.queued = true;
-                run.reason =
-                    format!("waiting: concurrency key {key}: {held}/{limit} in use by run {}", by.join(", "));
             }
         }
     }

@@ -609,9 +609,21 @@ impl Sim {
             && self.runs.iter().all(|id| {
                 self.rows.runs.get(id).is_some_and(|r| {
                     let s = state::<RunState>(&r.state);
-                    s.is_terminal() || s == RunState::Quarantined
+                    s.is_terminal() || s == RunState::Quarantined || self.behind_quarantined(id)
                 })
             })
+    }
+
+    /// Whether run `id` waits for a run concurrency key that only quarantined runs
+    /// hold: it starts when an operator releases or cancels one of them.
+    fn behind_quarantined(&self, id: &str) -> bool {
+        let Some(m) = self.model.as_ref() else { return false };
+        let Some(key) = m.runs.get(id).filter(|r| r.queued).and_then(|r| r.key.as_ref()) else {
+            return false;
+        };
+        m.run_keys.get(key).is_some_and(|k| {
+            k.holders.iter().all(|h| m.runs.get(h).is_some_and(|r| r.state == RunState::Quarantined))
+        })
     }
 
     fn open_runs(&self) -> String {
@@ -1078,14 +1090,29 @@ impl Sim {
 
     fn submit(&mut self) -> Result<(), String> {
         let text = random_spec(&mut self.rng, self.runs.len() + self.waiters.len());
-        let spec = baton_common::spec::parse("sim.yaml", &text)
+        let mut spec = baton_common::spec::parse("sim.yaml", &text)
             .map_err(|e| format!("generated spec: {e}\n{text}"))?;
         let reply = self.waiter(Waiter::Submit);
         let draw = self.rng.random::<u32>();
         let request_id = format!("req-{draw}");
-        // Priorities -1, 0 and 1, from the same draw (the seeds' other choices stay).
+        // Priorities -1, 0 and 1, and for three runs in eight a run concurrency key
+        // (rk0 of one slot or rk1 of two, each on_conflict), from the same draw: the
+        // seeds' other choices stay.
         let priority = (draw % 3) as i32 - 1;
-        self.log(format!("submit {} steps at priority {priority}", spec.steps.len()));
+        let pick = (draw / 3) % 8;
+        if pick < 3 {
+            use baton_common::spec::{OnConflict, RunConcurrency};
+            let on_conflict =
+                [OnConflict::Queue, OnConflict::CancelNew, OnConflict::CancelOld][pick as usize];
+            let k = (draw / 24) % 2;
+            let (key, limit) = (format!("rk{k}"), 1 + k);
+            spec.concurrency = Some(RunConcurrency { key, limit, on_conflict });
+        }
+        self.log(format!(
+            "submit {} steps at priority {priority}, key {:?}",
+            spec.steps.len(),
+            spec.concurrency.as_ref().map(|c| (&c.key, c.limit, c.on_conflict))
+        ));
         let run = Submission { request_id, priority, ..Submission::new(spec) }
             .admit(&crate::router::Router::default())
             .map_err(|e| format!("generated spec refused: {e}\n{text}"))?;
@@ -1212,6 +1239,37 @@ impl Sim {
                 return Err(format!("concurrency key {key}: held by {held:?}, {live} of them live"));
             }
         }
+        // A run concurrency key is held by active runs only, at most its limit (rk0: 1,
+        // rk1: 2); runs waiting for one are pending, queued, and run nothing.
+        for (key, rk) in &m.run_keys {
+            if rk.holders.len() > if key == "rk0" { 1 } else { 2 } {
+                return Err(format!("run key {key}: held by {:?}", rk.holders));
+            }
+            for id in &rk.holders {
+                match m.runs.get(id) {
+                    Some(r) if !r.state.is_terminal() && !r.queued => {}
+                    Some(r) => {
+                        return Err(format!(
+                            "run key {key}: held by run {id}, {} queued={}",
+                            r.state, r.queued
+                        ));
+                    }
+                    None => return Err(format!("run key {key}: held by run {id}, which is gone")),
+                }
+            }
+            for id in &rk.waiting {
+                let Some(r) = m.runs.get(id) else {
+                    return Err(format!("run key {key}: run {id} waits, and is gone"));
+                };
+                let live = r.steps.iter().any(|s| s.current.is_some());
+                if !r.queued || r.state != RunState::Pending || live {
+                    return Err(format!(
+                        "run key {key}: run {id} waits, {} queued={} live={live}",
+                        r.state, r.queued
+                    ));
+                }
+            }
+        }
         // The runs the event changed; every run now and then.
         self.events_seen += 1;
         let dirty = std::mem::take(&mut self.dirty);
@@ -1229,8 +1287,10 @@ impl Sim {
             if run.open != states.iter().filter(|s| !s.is_terminal()).count() {
                 return Err(format!("run {}: open count {} is wrong", run.id, run.open));
             }
-            let dispatchable =
-                run.failing.is_none() && matches!(run.state, RunState::Pending | RunState::Running);
+            // A run waiting for its key queues its ready steps when it starts.
+            let dispatchable = run.failing.is_none()
+                && !run.queued
+                && matches!(run.state, RunState::Pending | RunState::Running);
             for (idx, step) in run.steps.iter().enumerate() {
                 let here: Vec<&str> = step
                     .attempt_ids

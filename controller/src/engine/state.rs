@@ -104,6 +104,7 @@ impl Run {
             deadline_at: self.deadline_at,
             no_cache: i64::from(self.no_cache),
             priority: i64::from(self.priority),
+            queued: i64::from(self.queued),
         }
     }
 
@@ -116,6 +117,7 @@ impl Run {
             started_at: self.started_at,
             finished_at: self.finished_at,
             deadline_at: self.deadline_at,
+            queued: i64::from(self.queued),
         }
     }
 

@@ -158,6 +158,8 @@ record! {
         pub no_cache: i64,
         /// Higher first when slots are scarce.
         pub priority: i64,
+        /// 1: waiting for a slot of its workstream's concurrency key.
+        pub queued: i64,
     }
 }
 
@@ -170,6 +172,7 @@ record! {
         pub started_at: Option<i64>,
         pub finished_at: Option<i64>,
         pub deadline_at: Option<i64>,
+        pub queued: i64,
     }
 }
 
@@ -181,6 +184,7 @@ impl RunRow {
         self.started_at = s.started_at;
         self.finished_at = s.finished_at;
         self.deadline_at = s.deadline_at;
+        self.queued = s.queued;
     }
 }
 

@@ -90,6 +90,7 @@ fn run_row(id: &str, state: &str, created_at: i64) -> RunRow {
         deadline_at: None,
         no_cache: 0,
         priority: 0,
+        queued: 0,
     }
 }
 
@@ -101,6 +102,7 @@ fn state_of(r: &RunRow) -> RunStateRow {
         started_at: r.started_at,
         finished_at: r.finished_at,
         deadline_at: r.deadline_at,
+        queued: r.queued,
     }
 }
 
