@@ -1,12 +1,13 @@
 //! A workstream's `concurrency:`: at most `limit` active runs hold the same rendered
 //! key. A run submitted when every slot of its key is held waits `pending` (on_conflict
 //! `queue`, oldest first), is canceled (`cancel_new`), or cancels the oldest holder
-//! (`cancel_old`). Held keys are rebuilt from the runs at a restart.
+//! (`cancel_old`). A run waiting for its key is stored as such (`runs.queued`), so a
+//! restart rebuilds the same queues.
 
 use std::collections::{BTreeSet, VecDeque};
 
 use baton_common::spec::OnConflict;
-use baton_common::state::{RunState, StepState};
+use baton_common::state::StepState;
 use baton_common::template::{self, Ref};
 use serde_json::Value;
 use tracing::info;
