@@ -3,7 +3,7 @@
 //! `controller` and `agent` roles) on loopback, on a fresh database.
 //!
 //! ```text
-//! cargo run --release -p baton-bench -- [b1 b2 b3 b4 b8 b9 b5 b6 idle] [--backend sqlite|postgres]
+//! cargo run --release -p baton-bench -- [b1 b2 b3 b4 b8 b9 b10 b5 b6 idle] [--backend sqlite|postgres]
 //! ```
 
 mod cluster;
@@ -23,7 +23,7 @@ use cluster::Backend;
 struct Args {
     #[command(subcommand)]
     role: Option<Role>,
-    /// Scenarios to run (default: all): b1 b2 b3 b4 b8 b9 b5 b6 idle.
+    /// Scenarios to run (default: all): b1 b2 b3 b4 b8 b9 b10 b5 b6 idle.
     scenarios: Vec<String>,
     #[arg(long, default_value = "sqlite")]
     backend: String,
@@ -122,7 +122,7 @@ fn main() -> anyhow::Result<()> {
                     "postgres" => Backend::Postgres,
                     other => anyhow::bail!("--backend must be sqlite or postgres, not {other:?}"),
                 };
-                let all = ["b1", "b2", "b3", "b4", "b8", "b9", "b5", "b6", "idle"];
+                let all = ["b1", "b2", "b3", "b4", "b8", "b9", "b10", "b5", "b6", "idle"];
                 let chosen: Vec<String> = if args.scenarios.is_empty() {
                     all.iter().map(|s| s.to_string()).collect()
                 } else {

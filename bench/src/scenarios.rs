@@ -69,6 +69,7 @@ pub async fn run_all(chosen: &[String], o: &Options) -> anyhow::Result<()> {
             "b4" => b4(o).await?,
             "b8" => b8(o).await?,
             "b9" => b9(o).await?,
+            "b10" => b10(o).await?,
             "b5" => b5(o).await?,
             "b6" => b6(o).await?,
             "idle" => idle(o).await?,
@@ -472,6 +473,67 @@ async fn b9(o: &Options) -> anyhow::Result<Row> {
             (rss1 - rss0).max(0.0) * 1024.0 * 1024.0 / n as f64,
             per_step(took, n),
             per_step(ten.as_secs_f64(), 10_000),
+        ),
+        ..Default::default()
+    })
+}
+
+/// B10: a run of 10,000 `sleep 20ms` steps fills every slot of 2 agents × 4 slots; a
+/// run of 10 such steps submitted while it goes: its makespan (and `baton submit
+/// --watch`'s), and how many of the big run's steps ended meanwhile.
+async fn b10(o: &Options) -> anyhow::Result<Row> {
+    let cluster =
+        Cluster::start(o.backend, o.postgres_url.as_deref(), &[4, 4], Duration::from_secs(1), o.pipeline)
+            .await?;
+    let mut c = cluster.client().await?;
+    let sleepy = |name: &str, n: usize| {
+        let steps: Vec<serde_json::Value> = (0..n)
+            .map(|i| json!({"id": format!("s{i}"), "tool": "sleep", "with": {"duration": "20ms"}}))
+            .collect();
+        json!({"name": name, "steps": steps}).to_string()
+    };
+    let req = pb::SubmitRunRequest {
+        spec: sleepy("b10-big", 10_000),
+        source: "bench".into(),
+        ..Default::default()
+    };
+    let big = c.submit_run(req).await?.into_inner().run_id;
+    let done = |c: &mut Client| {
+        let mut c = c.clone();
+        let id = big.clone();
+        async move {
+            let req = pb::GetRunRequest { run_id: id, view: pb::RunView::Summary as i32 };
+            let run = c.get_run(req).await?.into_inner();
+            anyhow::Ok(run.run.and_then(|r| r.progress).map_or(0, |p| p.done))
+        }
+    };
+    // Until it has every slot.
+    while done(&mut c).await? < 8 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = done(&mut c).await?;
+    let cpu0 = cluster.cpu();
+    let (small, _) = run_to_end(&mut c, sleepy("b10-small", 10)).await?;
+    let cpu1 = cluster.cpu();
+    let during = done(&mut c).await? - before;
+    let cli = match &o.baton {
+        Some(baton) => Some(cli_run(baton, &cluster, sleepy("b10-cli", 10))?),
+        None => None,
+    };
+    let left = 10_000 - done(&mut c).await?;
+    c.cancel_run(pb::CancelRunRequest { run_id: big, ..Default::default() }).await?;
+    let (ctl_rss, agent_rss) = cluster.peak_rss();
+    Ok(Row {
+        name: "B10 10 sleep steps beside a run of 10000".into(),
+        steps: 10,
+        makespan: Some(small.as_secs_f64()),
+        cli,
+        ctl_cpu: cpu1.0 - cpu0.0,
+        agent_cpu: cpu1.1 - cpu0.1,
+        ctl_rss,
+        agent_rss,
+        note: format!(
+            "2 agents x 4 slots, steps of 20ms; {during} of the big run's steps ended meanwhile; {left} still to go after the CLI's run"
         ),
         ..Default::default()
     })
