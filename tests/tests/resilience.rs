@@ -529,14 +529,13 @@ async fn canceling_one_step_kills_it_skips_its_dependents_and_lets_the_rest_fini
         async move { std::fs::read_to_string(p).ok()?.trim().parse().ok() }
     })
     .await;
-    let t0 = std::time::Instant::now();
     let req = proto::CancelRunRequest { run_id: id.clone(), step_id: "a".into(), reason: String::new() };
     c.cancel_run(req).await.unwrap();
-    eventually(Duration::from_secs(2), "the step's process to die", || async move {
+    // Killed, not left to its 60 s sleep (a bound well under it, for a loaded machine).
+    eventually(Duration::from_secs(20), "the step's process to die", || async move {
         (!process_alive(pid)).then_some(())
     })
     .await;
-    assert!(t0.elapsed() < Duration::from_secs(1), "killed within a second: {:?}", t0.elapsed());
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
     assert_eq!(run.state_name(), "failed");
     assert_eq!(run.reason, "step \"a\" canceled");

@@ -485,17 +485,10 @@ impl Model {
     pub fn apply(&mut self, input: Input, now_us: i64) -> Vec<Effect> {
         self.set_clock(now_us);
         self.handle(input);
-        // Runs that ended let go of their workstreams' keys; waiting runs start.
-        while self.finished_seen < self.pending.finished_runs.len() {
-            let run_id = self.pending.finished_runs[self.finished_seen].clone();
-            self.finished_seen += 1;
-            self.release_run_key(&run_id);
-        }
-        while let Some((run_id, idx)) = self.pending.newly_ready.pop() {
-            self.enqueue(&run_id, idx);
-        }
+        self.queue_and_release();
         if !self.held.is_empty() {
             self.drop_stranded();
+            self.queue_and_release();
         }
         self.pending.actor.clear();
         if !self.pending.violations.is_empty() {
@@ -506,6 +499,25 @@ impl Model {
             self.violations.drain(..over);
         }
         std::mem::take(&mut self.now_effects)
+    }
+
+    /// Queues the steps made ready, and lets runs that ended go of their workstreams'
+    /// keys (the runs waiting for them start), until neither is left: a step queued
+    /// may end its run (its condition fails), and a run that starts queues steps.
+    fn queue_and_release(&mut self) {
+        loop {
+            while let Some((run_id, idx)) = self.pending.newly_ready.pop() {
+                self.enqueue(&run_id, idx);
+            }
+            if self.finished_seen >= self.pending.finished_runs.len() {
+                break;
+            }
+            while self.finished_seen < self.pending.finished_runs.len() {
+                let run_id = self.pending.finished_runs[self.finished_seen].clone();
+                self.finished_seen += 1;
+                self.release_run_key(&run_id);
+            }
+        }
     }
 
     /// When the next timer fires (ms since the epoch).

@@ -1531,8 +1531,9 @@ const ACTIONS: usize = 40;
 
 /// Seeds past the default count that once found a bug, run every time: 6666 (a step
 /// made ready and ended in the same input was then failed by its `for_each`), 8574 (a
-/// simulated agent that fenced itself stayed in its session, unlike the real one).
-const FOUND: [u64; 2] = [6666, 8574];
+/// simulated agent that fenced itself stayed in its session, unlike the real one), 2365
+/// and 3820 (a run that failed while its ready steps were queued kept its run key).
+const FOUND: [u64; 4] = [2365, 3820, 6666, 8574];
 
 fn report(sc: Scenario) -> String {
     let small = shrink(sc);
