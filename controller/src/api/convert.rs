@@ -71,7 +71,7 @@ pub fn run(rec: RunRecord, summary: bool) -> pb::Run {
         labels: labels(&rec.run.labels),
         rerun_of: rec.run.rerun_of.clone(),
         reruns: rec.reruns.clone(),
-        priority: rec.run.priority.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32,
+        priority: rec.run.priority(),
     }
 }
 

@@ -372,7 +372,7 @@ impl pb::baton_service_server::BatonService for RunApi {
             rerun: Some(crate::engine::Rerun { of: old.clone(), reused }),
             no_cache: req.no_cache,
             // A rerun goes with the priority of the run it repeats.
-            priority: rec.run.priority.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32,
+            priority: rec.run.priority(),
             ..Submission::new(ws)
         };
         let rules = self.router.current();

@@ -1060,7 +1060,7 @@ impl Model {
                 redactor: None,
                 rerun_of: row.rerun_of.clone(),
                 no_cache: row.no_cache != 0,
-                priority: row.priority.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32,
+                priority: row.priority(),
                 key: None,
                 queued: row.queued != 0,
             };

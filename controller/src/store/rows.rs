@@ -177,6 +177,11 @@ record! {
 }
 
 impl RunRow {
+    /// Its priority (stored wider than the API's `int32`).
+    pub fn priority(&self) -> i32 {
+        self.priority.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32
+    }
+
     /// The row with `s` applied.
     pub fn apply(&mut self, s: &RunStateRow) {
         self.state.clone_from(&s.state);
