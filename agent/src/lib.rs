@@ -317,7 +317,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> Result<(), AgentEr
             let up = m.connected.get(&[]) > 0.0;
             Box::pin(async move { if up { Ok(()) } else { Err("no controller session".to_string()) } })
         });
-        tokio::spawn(baton_common::metrics::serve(listener, render, ready, None, shutdown.clone()));
+        let probes = baton_common::metrics::Probes { render, ready, authorize: None };
+        tokio::spawn(baton_common::metrics::serve(listener, probes, shutdown.clone()));
     }
     let mut agent = Agent {
         cfg,

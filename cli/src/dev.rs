@@ -38,11 +38,15 @@ pub async fn run(
         tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot listen on 127.0.0.1")?;
     let addr = listener.local_addr().context("no local address")?;
     let url = format!("http://{addr}");
+    let http = std::net::TcpListener::bind("127.0.0.1:0").context("cannot listen on 127.0.0.1")?;
+    http.set_nonblocking(true).context("cannot listen on 127.0.0.1")?;
+    let dashboard = format!("http://{}", http.local_addr().context("no local address")?);
     let shutdown = CancellationToken::new();
     let config = baton_controller::Config {
         router,
         reload_on_sighup: false,
         metrics: None,
+        http: Some(http),
         lease: Duration::from_secs(5),
         advertise: None,
         auth: baton_controller::auth::AuthMode::Off,
@@ -70,7 +74,7 @@ pub async fn run(
         cfg.slots = slots;
         tasks.push(tokio::spawn(baton_agent::run(cfg, shutdown.clone())));
     }
-    let result = drive(&url, source, text, params, agents, format).await;
+    let result = drive(&url, &dashboard, source, text, params, agents, format).await;
     if let Err(Failure::Interrupted(running)) = &result {
         // The agents stop their tools (SIGTERM, then SIGKILL after the kill grace)
         // before they end; say what that was.
@@ -93,6 +97,7 @@ pub async fn run(
 
 async fn drive(
     url: &str,
+    dashboard: &str,
     source: String,
     text: String,
     params: BTreeMap<String, String>,
@@ -117,6 +122,7 @@ async fn drive(
     let (mut c, run_id) = client::submit(&target, req).await?;
     if format == Format::Text {
         eprintln!("run {run_id} started on {agents} local agents");
+        eprintln!("dashboard: {dashboard}/runs/{run_id}");
     }
     let mut watching = c.clone();
     tokio::select! {

@@ -1230,6 +1230,7 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
                 step_id: step.unwrap_or_default(),
                 attempt: attempt.unwrap_or(0),
                 follow,
+                from_seq: 0,
             };
             let mut printer = output::LogPrinter::new(whole, out.format());
             // Bytes printed per (step, attempt): a stream opened again after a lost

@@ -301,15 +301,66 @@ pub type ReadyFn = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String
 pub type AuthorizeFn =
     Arc<dyn Fn(Option<String>) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
 
-/// Serves `/metrics`, `/healthz` (up) and `/readyz` (ready to work) until `shutdown`.
-/// With `authorize`, `/metrics` answers 401 to a request it refuses (probes stay open).
-pub async fn serve(
-    listener: TcpListener,
-    render: RenderFn,
-    ready: ReadyFn,
-    authorize: Option<AuthorizeFn>,
-    shutdown: CancellationToken,
-) {
+/// What answers `/metrics`, `/healthz` (up) and `/readyz` (ready to work), on the
+/// metrics port or on another HTTP port that shares them.
+#[derive(Clone)]
+pub struct Probes {
+    pub render: RenderFn,
+    pub ready: ReadyFn,
+    /// With it, `/metrics` answers 401 to a request it refuses (probes stay open).
+    pub authorize: Option<AuthorizeFn>,
+}
+
+impl Probes {
+    /// Whether `path` is one of the probes' paths.
+    pub fn serves(path: &str) -> bool {
+        matches!(path, "/metrics" | "/healthz" | "/readyz")
+    }
+
+    /// The answer to a request for one of [`Probes::serves`]' paths (404 otherwise).
+    pub async fn respond(&self, path: &str, authorization: Option<String>) -> Response<Full<Bytes>> {
+        let reply = |status: StatusCode, ctype: &str, body: String| {
+            Response::builder()
+                .status(status)
+                .header("content-type", ctype)
+                .body(Full::new(Bytes::from(body)))
+                .unwrap_or_default()
+        };
+        if path == "/metrics"
+            && let Some(authorize) = &self.authorize
+            && !authorize(authorization).await
+        {
+            return Response::builder()
+                .status(StatusCode::UNAUTHORIZED)
+                .header("www-authenticate", "Bearer")
+                .header("content-type", "text/plain")
+                .body(Full::new(Bytes::from("a token with role reader is needed for /metrics\n")))
+                .unwrap_or_default();
+        }
+        match path {
+            "/metrics" => reply(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                (self.render)().await,
+            ),
+            "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+            "/readyz" => match (self.ready)().await {
+                Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+                Err(why) => {
+                    reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n"))
+                }
+            },
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found: try /metrics, /healthz, /readyz\n".into(),
+            ),
+        }
+    }
+}
+
+/// Serves the probes on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, probes: Probes, shutdown: CancellationToken) {
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -321,60 +372,22 @@ pub async fn serve(
                 }
             },
         };
-        let (render, ready, authorize) = (render.clone(), ready.clone(), authorize.clone());
+        let probes = probes.clone();
         let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-            let (render, ready, authorize) = (render.clone(), ready.clone(), authorize.clone());
+            let probes = probes.clone();
             async move {
-                if req.uri().path() == "/metrics"
-                    && let Some(authorize) = authorize
-                {
-                    let header = req
-                        .headers()
-                        .get(hyper::header::AUTHORIZATION)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string);
-                    if !authorize(header).await {
-                        let refused = Response::builder()
-                            .status(StatusCode::UNAUTHORIZED)
-                            .header("www-authenticate", "Bearer")
-                            .header("content-type", "text/plain")
-                            .body(Full::new(Bytes::from("a token with role reader is needed for /metrics\n")))
-                            .unwrap_or_default();
-                        return Ok::<_, Infallible>(refused);
-                    }
-                }
-                Ok::<_, Infallible>(route(req.uri().path(), render, ready).await)
+                let header = req
+                    .headers()
+                    .get(hyper::header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                Ok::<_, Infallible>(probes.respond(req.uri().path(), header).await)
             }
         });
         tokio::spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
         });
-    }
-}
-
-async fn route(path: &str, render: RenderFn, ready: ReadyFn) -> Response<Full<Bytes>> {
-    let reply = |status: StatusCode, ctype: &str, body: String| {
-        Response::builder()
-            .status(status)
-            .header("content-type", ctype)
-            .body(Full::new(Bytes::from(body)))
-            .unwrap_or_default()
-    };
-    match path {
-        "/metrics" => reply(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            render().await,
-        ),
-        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" => match ready().await {
-            Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n".into()),
-            Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("not ready: {why}\n")),
-        },
-        _ => {
-            reply(StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics, /healthz, /readyz\n".into())
-        }
     }
 }
 

@@ -15,6 +15,7 @@ pub mod secrets;
 pub mod store;
 pub mod tls;
 pub mod traces;
+pub mod web;
 
 use std::time::Duration;
 
@@ -38,6 +39,9 @@ pub struct Config {
     pub reload_on_sighup: bool,
     /// Where to serve `/metrics`, `/healthz` and `/readyz` (plain HTTP).
     pub metrics: Option<std::net::TcpListener>,
+    /// Where to serve the dashboard (with `/metrics`, `/healthz` and `/readyz`), over
+    /// TLS when the API port has it.
+    pub http: Option<std::net::TcpListener>,
     /// With Postgres: a leader that does not renew its lease for this long is replaced.
     pub lease: Duration,
     /// The address clients and agents should use for this controller (default:
@@ -89,6 +93,7 @@ impl Config {
             router: None,
             reload_on_sighup: false,
             metrics: None,
+            http: None,
             lease: Duration::from_secs(5),
             advertise: None,
             auth: auth::AuthMode::Off,
@@ -110,8 +115,8 @@ pub enum ControllerError {
     Transport(#[from] tonic::transport::Error),
     #[error("the engine stopped: {0}")]
     Engine(String),
-    #[error("metrics listener: {0}")]
-    Metrics(String),
+    #[error("{0}")]
+    Listener(String),
     #[error("router config {path}: {error}")]
     Router { path: String, error: router::RouterError },
     #[error("{0}")]
@@ -210,17 +215,16 @@ pub async fn run(
         tasks.spawn(traces::follow(leadership.clone(), std::sync::Arc::new(exporter), stop.clone()));
     }
     let authenticator = auth::Authenticator::new(config.auth, store.clone());
+    let probes = baton_common::metrics::Probes {
+        render: render_metrics(metrics.clone(), leadership.clone(), store.clone()),
+        ready: readiness(leadership.clone(), store.clone()),
+        authorize: authenticator.metrics_gate(),
+    };
     if let Some(listener) = config.metrics {
-        let listener =
-            TcpListener::from_std(listener).map_err(|e| ControllerError::Metrics(e.to_string()))?;
+        let listener = TcpListener::from_std(listener)
+            .map_err(|e| ControllerError::Listener(format!("metrics listener: {e}")))?;
         info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "metrics listening");
-        tasks.spawn(baton_common::metrics::serve(
-            listener,
-            render_metrics(metrics.clone(), leadership.clone(), store.clone()),
-            readiness(leadership.clone(), store.clone()),
-            authenticator.metrics_gate(),
-            stop.clone(),
-        ));
+        tasks.spawn(baton_common::metrics::serve(listener, probes.clone(), stop.clone()));
     }
     if config.reload_on_sighup && (config.router.is_some() || tls.is_some()) {
         // Registered before the controller says it is up, so an early SIGHUP reloads
@@ -247,6 +251,20 @@ pub async fn run(
         tasks: tasks.clone(),
         artifacts: artifact_store.clone(),
     });
+    if let Some(listener) = config.http {
+        let listener = TcpListener::from_std(listener)
+            .map_err(|e| ControllerError::Listener(format!("dashboard listener: {e}")))?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let at = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        info!(url = %format!("{scheme}://{at}/"), "dashboard listening");
+        let web = web::Web {
+            runs: services.run_api.clone(),
+            admin: services.admin_api.clone(),
+            auth: authenticator.clone(),
+            probes: Some(probes),
+        };
+        tasks.spawn(web::serve(listener, tls.clone(), std::sync::Arc::new(web), stop.clone()));
+    }
     // grpc.health.v1 and server reflection, so that any gRPC client can find its way.
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<pb::baton_service_server::BatonServiceServer<api::RunApi>>().await;

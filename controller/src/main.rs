@@ -74,6 +74,11 @@ struct Args {
     /// Serve Prometheus metrics, /healthz and /readyz over HTTP on this address.
     #[arg(long, env = "BATON_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Serve the web dashboard on this address, with /metrics, /healthz and /readyz (it
+    /// may replace --metrics-listen). Same TLS and tokens as the API; off loopback it
+    /// needs TLS (or --insecure).
+    #[arg(long, env = "BATON_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
     /// With Postgres and several controllers: a leader that does not renew its lease for
     /// this long is replaced by a standby.
     #[arg(long, env = "BATON_LEASE", default_value = "5s", value_parser = duration)]
@@ -166,11 +171,22 @@ async fn run() -> anyhow::Result<()> {
     let tls = args.tls_cert.clone().zip(args.tls_key.clone()).map(|(cert, key)| {
         baton_controller::tls::TlsFiles { cert, key, client_ca: args.tls_client_ca.clone() }
     });
-    let (auth, warning) =
+    let (mut auth, warning) =
         baton_controller::auth::decide(args.listen, tls.is_some(), args.insecure, auth_flag)
             .map_err(|e| anyhow::anyhow!(e))?;
+    let mut warnings: Vec<String> = warning.into_iter().collect();
+    // The dashboard's port is held to the same rule: off loopback, TLS (or --insecure)
+    // and authentication, whatever the API port's address.
+    if let Some(http) = args.http_listen {
+        let (mode, warning) = baton_controller::auth::decide(http, tls.is_some(), args.insecure, auth_flag)
+            .map_err(|e| anyhow::anyhow!("--http-listen: {e}"))?;
+        if mode == baton_controller::auth::AuthMode::Required {
+            auth = mode;
+        }
+        warnings.extend(warning);
+    }
     baton_common::process::init_tracing(&args.log_format, "info")?;
-    if let Some(w) = warning {
+    for w in warnings {
         tracing::warn!("{w}");
         eprintln!("WARNING: {w}");
     }
@@ -217,6 +233,15 @@ async fn run() -> anyhow::Result<()> {
             keep: args.retain,
             every: args.prune_every,
             ..Default::default()
+        },
+        http: match args.http_listen {
+            None => None,
+            Some(addr) => {
+                let l =
+                    std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            }
         },
         metrics: match args.metrics_listen {
             None => None,

@@ -87,7 +87,8 @@ fn server_config(files: &TlsFiles) -> Result<ServerConfig, String> {
     let mut config = builder.with_single_cert(certs, key).map_err(|e| {
         format!("--tls-cert {} and --tls-key {}: {e}", files.cert.display(), files.key.display())
     })?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // HTTP/1.1 too, for browsers on the dashboard's port (gRPC clients ask for h2).
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
 

@@ -2,6 +2,8 @@
 //! ports in a temporary directory, either in this process or as real processes, with
 //! helpers that await events and states with a deadline instead of sleeping.
 
+pub mod browser;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -295,6 +297,7 @@ impl SandboxBuilder {
             path
         });
         let metrics_addr = free_addr();
+        let http_addr = free_addr();
         let certs = self.tls.then(|| {
             let certs = dir.path().join("certs");
             baton_common::certs::create_ca(&certs).expect("CA");
@@ -315,6 +318,7 @@ impl SandboxBuilder {
             _test_db: test_db,
             router,
             metrics_addr,
+            http_addr,
             engine: self.engine,
             retention: self.retention,
             otlp: self.otlp,
@@ -339,6 +343,14 @@ impl SandboxBuilder {
     }
 }
 
+/// A listener on `addr` for a controller's HTTP port (the port may be taken for a
+/// moment after a restart: then there is none).
+fn listen_on(addr: SocketAddr) -> Option<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr).ok()?;
+    l.set_nonblocking(true).ok()?;
+    Some(l)
+}
+
 struct InProcess {
     stop: CancellationToken,
     task: JoinHandle<()>,
@@ -356,6 +368,8 @@ pub struct Sandbox {
     pub router: Option<PathBuf>,
     /// Where the controller serves /metrics, /healthz and /readyz.
     pub metrics_addr: SocketAddr,
+    /// Where the controller serves the dashboard.
+    pub http_addr: SocketAddr,
     pub auth: AuthMode,
     /// With authentication: an admin token, made by bootstrapping the database.
     pub admin_token: Option<String>,
@@ -390,9 +404,13 @@ impl Sandbox {
     }
 
     fn metrics_listener(&self) -> Option<std::net::TcpListener> {
-        let l = std::net::TcpListener::bind(self.metrics_addr).ok()?;
-        l.set_nonblocking(true).ok()?;
-        Some(l)
+        listen_on(self.metrics_addr)
+    }
+
+    /// The dashboard's address, as a browser opens it.
+    pub fn dashboard_url(&self) -> String {
+        let scheme = if self.certs.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.http_addr)
     }
 
     fn start_controller_on(&mut self, listener: tokio::net::TcpListener) {
@@ -403,6 +421,7 @@ impl Sandbox {
             router: self.router.clone(),
             reload_on_sighup: false,
             metrics: self.metrics_listener(),
+            http: listen_on(self.http_addr),
             lease: Duration::from_secs(2),
             advertise: None,
             auth: self.auth,
@@ -719,7 +738,8 @@ where
 /// A run's output chunks (one step's, or every step's with `step` empty; `attempt` 0
 /// for the latest), following live with `follow`.
 pub async fn logs(c: &mut Client, run_id: &str, step: &str, attempt: u32, follow: bool) -> Vec<pb::LogChunk> {
-    let req = pb::GetLogsRequest { run_id: run_id.into(), step_id: step.into(), attempt, follow };
+    let req =
+        pb::GetLogsRequest { run_id: run_id.into(), step_id: step.into(), attempt, follow, from_seq: 0 };
     let mut s = c.get_logs(req).await.expect("get logs").into_inner();
     let mut out = Vec::new();
     while let Some(chunk) = tokio::time::timeout(Duration::from_secs(20), s.message())
@@ -1133,4 +1153,29 @@ async fn pump(
             return;
         }
     }
+}
+
+/// One plain HTTP/1.1 request (as a browser's script makes them) to `addr`, with a
+/// bearer token when given: the answer's status and body.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to the HTTP port");
+    let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("send the request");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.expect("read the answer");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
 }

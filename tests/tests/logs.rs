@@ -60,7 +60,13 @@ async fn following_a_step_streams_output_as_it_is_written(backend: Backend) {
         g = gate.display()
     );
     let id = sb.submit(&spec).await;
-    let req = proto::GetLogsRequest { run_id: id.clone(), step_id: "s".into(), attempt: 0, follow: true };
+    let req = proto::GetLogsRequest {
+        run_id: id.clone(),
+        step_id: "s".into(),
+        attempt: 0,
+        follow: true,
+        from_seq: 0,
+    };
     let mut s = c.get_logs(req).await.unwrap().into_inner();
     let mut seen = String::new();
     while !seen.contains("before") {
@@ -77,7 +83,90 @@ async fn following_a_step_streams_output_as_it_is_written(backend: Backend) {
     assert_eq!(seen, "before\nafter\n", "the stream ends after the step did, with everything in it");
 }
 
+/// A follower that reconnects with the seq after the last chunk it saw gets the rest
+/// of the output: nothing missed, nothing twice. Resuming needs one attempt.
+async fn a_log_follower_resumes_from_a_chunk(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(1).build().await;
+    let mut c = sb.client().await;
+    let gate = sb.dir.path().join("gate");
+    let spec = format!(
+        "name: f\nsteps:\n  - {{id: s, tool: shell, with: {{run: 'for i in 1 2 3; do echo line $i; sleep 0.05; done; while [ ! -e {g} ]; do sleep 0.05; done; echo line 4'}}}}\n",
+        g = gate.display()
+    );
+    let id = sb.submit(&spec).await;
+    let req = |from_seq| proto::GetLogsRequest {
+        run_id: id.clone(),
+        step_id: "s".into(),
+        attempt: 1,
+        follow: true,
+        from_seq,
+    };
+    let mut s = c.get_logs(req(0)).await.unwrap().into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(20), s.message()).await.unwrap().unwrap().unwrap();
+    assert_eq!(first.seq, 1);
+    drop(s);
+    std::fs::write(&gate, "").unwrap();
+    let mut s = c.get_logs(req(first.seq + 1)).await.unwrap().into_inner();
+    let mut rest = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(20), s.message()).await.unwrap().unwrap()
+    {
+        rest.push(chunk);
+    }
+    let seqs: Vec<i64> = rest.iter().map(|c| c.seq).collect();
+    assert_eq!(seqs, (2..2 + rest.len() as i64).collect::<Vec<_>>(), "chunks follow on without gaps");
+    let text = format!("{}{}", String::from_utf8_lossy(&first.data), log_text(&rest));
+    assert_eq!(text, "line 1\nline 2\nline 3\nline 4\n");
+    let err = c
+        .get_logs(proto::GetLogsRequest {
+            run_id: id.clone(),
+            step_id: "s".into(),
+            from_seq: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("give step_id and attempt"), "{}", err.message());
+}
+
+/// WatchRuns streams the events of every run from the moment of the call.
+async fn watching_all_runs_streams_each_runs_events(backend: Backend) {
+    let sb = Sandbox::builder().backend(backend).agents(1).build().await;
+    let mut c = sb.client().await;
+    let mut all =
+        c.watch_runs(proto::WatchRunsRequest { run_events_only: false }).await.unwrap().into_inner();
+    let mut only_runs =
+        c.watch_runs(proto::WatchRunsRequest { run_events_only: true }).await.unwrap().into_inner();
+    let a = sb.submit("name: a\nsteps:\n  - {id: s, tool: noop}\n").await;
+    let b = sb.submit("name: b\nsteps:\n  - {id: s, tool: noop}\n").await;
+    let mut ended = std::collections::BTreeSet::new();
+    let mut steps = 0;
+    while ended.len() < 2 {
+        let e = tokio::time::timeout(Duration::from_secs(20), all.message()).await.unwrap().unwrap().unwrap();
+        assert!(e.run_id == a || e.run_id == b, "an event of another run: {e:?}");
+        if !e.step_id.is_empty() {
+            steps += 1;
+        }
+        if e.kind == "run_succeeded" {
+            ended.insert(e.run_id.clone());
+        }
+    }
+    assert!(steps >= 2, "step events are streamed too");
+    let mut kinds = Vec::new();
+    while kinds.iter().filter(|k: &&String| *k == "run_succeeded").count() < 2 {
+        let e = tokio::time::timeout(Duration::from_secs(20), only_runs.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(e.kind.starts_with("run_"), "{}", e.kind);
+        kinds.push(e.kind);
+    }
+}
+
 on_both!(
+    a_log_follower_resumes_from_a_chunk,
+    watching_all_runs_streams_each_runs_events,
     output_is_kept_per_attempt_and_read_back_by_step_and_attempt,
     output_past_the_cap_is_truncated_with_a_marker,
     following_a_step_streams_output_as_it_is_written,

@@ -20,6 +20,8 @@ pub struct Follow {
     /// 0 for the latest attempt of each step.
     pub attempt: u32,
     pub follow: bool,
+    /// The first chunk to send of the one attempt asked for.
+    pub from_seq: i64,
 }
 
 impl Follow {
@@ -41,7 +43,7 @@ impl Follow {
                 }
             };
             for a in &targets {
-                let from = next.entry(a.id.clone()).or_insert(1);
+                let from = next.entry(a.id.clone()).or_insert(self.from_seq);
                 loop {
                     let rows = match self.store.output(&a.id, *from).await {
                         Ok(r) => r,
@@ -57,6 +59,7 @@ impl Follow {
                             step_id: a.step_id.clone(),
                             attempt: a.number as u32,
                             data: r.data,
+                            seq: r.seq,
                         };
                         if tx.send(Ok(chunk)).await.is_err() {
                             return;

@@ -33,6 +33,9 @@ pub struct Services {
     pub runs: pb::baton_service_server::BatonServiceServer<RunApi>,
     pub agents: pb::agent_service_server::AgentServiceServer<AgentApi>,
     pub admin: pb::admin_service_server::AdminServiceServer<AdminApi>,
+    /// The services themselves, for the dashboard's calls.
+    pub run_api: std::sync::Arc<RunApi>,
+    pub admin_api: std::sync::Arc<AdminApi>,
 }
 
 /// What the services of the API port share.
@@ -51,7 +54,8 @@ pub struct Context {
 }
 
 pub fn services(cx: Context) -> Services {
-    let runs = pb::baton_service_server::BatonServiceServer::new(RunApi::new(&cx))
+    let run_api = std::sync::Arc::new(RunApi::new(&cx));
+    let runs = pb::baton_service_server::BatonServiceServer::from_arc(run_api.clone())
         .max_decoding_message_size(MAX_API_MESSAGE_BYTES);
     let agents = pb::agent_service_server::AgentServiceServer::new(AgentApi::new(
         cx.leadership.clone(),
@@ -60,13 +64,9 @@ pub fn services(cx: Context) -> Services {
         cx.artifacts,
     ))
     .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let admin = pb::admin_service_server::AdminServiceServer::new(AdminApi::new(
-        cx.store,
-        cx.auth,
-        cx.leadership,
-        cx.secrets,
-    ));
-    Services { runs, agents, admin }
+    let admin_api = std::sync::Arc::new(AdminApi::new(cx.store, cx.auth, cx.leadership, cx.secrets));
+    let admin = pb::admin_service_server::AdminServiceServer::from_arc(admin_api.clone());
+    Services { runs, agents, admin, run_api, admin_api }
 }
 
 /// UNAVAILABLE with the reason while the database refuses the engine's writes; the

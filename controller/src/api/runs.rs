@@ -612,6 +612,54 @@ impl pb::baton_service_server::BatonService for RunApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    type WatchRunsStream = EventStream;
+
+    async fn watch_runs(
+        &self,
+        req: Request<pb::WatchRunsRequest>,
+    ) -> Result<Response<Self::WatchRunsStream>, Status> {
+        let run_events_only = req.into_inner().run_events_only;
+        let (engine, term) = self.leadership.engine()?;
+        let mut live = engine.subscribe();
+        let (tx, rx) = mpsc::channel(1024);
+        self.tasks.spawn(async move {
+            loop {
+                let e = tokio::select! {
+                    _ = term.cancelled() => {
+                        let _ = tx.send(Err(ApiError::unavailable("the controller is shutting down").into())).await;
+                        return;
+                    }
+                    _ = tx.closed() => return,
+                    e = live.recv() => e,
+                };
+                match e {
+                    Ok(p) if run_events_only && !p.event.kind.starts_with("run_") => {}
+                    Ok(p) => {
+                        let mut ev = convert::event(&p.event);
+                        if let Some(progress) = p.progress.as_deref() {
+                            ev.progress = Some(progress.clone());
+                        }
+                        if tx.send(Ok(ev)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let m = format!("this watcher fell {n} events behind; list the runs again and watch anew");
+                        let _ = tx.send(Err(ApiError::unavailable(m).into())).await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        let _ = tx
+                            .send(Err(ApiError::unavailable("the controller is shutting down").into()))
+                            .await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
     type GetLogsStream = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send>>;
 
     async fn get_logs(
@@ -634,8 +682,15 @@ impl pb::baton_service_server::BatonService for RunApi {
             ))
             .into());
         }
+        if req.from_seq > 1 && (req.step_id.is_empty() || req.attempt == 0) {
+            return Err(ApiError::invalid(
+                "from_seq: resuming needs one attempt's output: give step_id and attempt too",
+            )
+            .into());
+        }
         let (tx, rx) = mpsc::channel(64);
         let follow = super::logs::Follow {
+            from_seq: req.from_seq.max(1),
             store: self.store.clone(),
             run_id,
             step_id: req.step_id,

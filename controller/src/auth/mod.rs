@@ -342,9 +342,19 @@ impl Authenticator {
 
     /// Decides a request: its identity (to put on it), or the status that refuses it.
     async fn admit(&self, req: &http::request::Parts) -> Result<Option<Identity>, Status> {
-        let path = req.uri.path();
+        self.admit_call(req.uri.path(), &req.headers, req.extensions.get::<Peer>()).await
+    }
+
+    /// Decides a call of the RPC at `path` (`/baton.v1.BatonService/GetRun`) made with
+    /// these headers: on the API port, and by the dashboard's calls on the HTTP port.
+    pub async fn admit_call(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        peer: Option<&Peer>,
+    ) -> Result<Option<Identity>, Status> {
         let need = table::need_of(path);
-        let found = self.identify(&req.headers, req.extensions.get::<Peer>()).await;
+        let found = self.identify(headers, peer).await;
         if self.mode == AuthMode::Off {
             return Ok(Some(found.ok().flatten().unwrap_or_else(Identity::anonymous)));
         }

@@ -44,6 +44,7 @@ pub const RPCS: &[(&str, &str, Need)] = &[
     (BATON, "GetArtifact", Need::Role(Role::Reader)),
     (BATON, "DeleteRun", Need::Role(Role::Operator)),
     (BATON, "WatchRun", Need::Role(Role::Reader)),
+    (BATON, "WatchRuns", Need::Role(Role::Reader)),
     (BATON, "GetLogs", Need::Role(Role::Reader)),
     (BATON, "GetReport", Need::Role(Role::Reader)),
     (BATON, "ListAgents", Need::Role(Role::Reader)),

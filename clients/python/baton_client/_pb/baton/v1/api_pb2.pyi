@@ -532,26 +532,36 @@ class WatchRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., from_seq: _Optional[int] = ..., run_events_only: _Optional[bool] = ...) -> None: ...
 
 class GetLogsRequest(_message.Message):
-    __slots__ = ("run_id", "step_id", "attempt", "follow")
+    __slots__ = ("run_id", "step_id", "attempt", "follow", "from_seq")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    FROM_SEQ_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step_id: str
     attempt: int
     follow: bool
-    def __init__(self, run_id: _Optional[str] = ..., step_id: _Optional[str] = ..., attempt: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...
+    from_seq: int
+    def __init__(self, run_id: _Optional[str] = ..., step_id: _Optional[str] = ..., attempt: _Optional[int] = ..., follow: _Optional[bool] = ..., from_seq: _Optional[int] = ...) -> None: ...
+
+class WatchRunsRequest(_message.Message):
+    __slots__ = ("run_events_only",)
+    RUN_EVENTS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    run_events_only: bool
+    def __init__(self, run_events_only: _Optional[bool] = ...) -> None: ...
 
 class LogChunk(_message.Message):
-    __slots__ = ("step_id", "attempt", "data")
+    __slots__ = ("step_id", "attempt", "data", "seq")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     step_id: str
     attempt: int
     data: bytes
-    def __init__(self, step_id: _Optional[str] = ..., attempt: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    seq: int
+    def __init__(self, step_id: _Optional[str] = ..., attempt: _Optional[int] = ..., data: _Optional[bytes] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class GetReportRequest(_message.Message):
     __slots__ = ("run_id", "format")

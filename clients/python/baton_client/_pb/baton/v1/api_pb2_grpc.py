@@ -141,6 +141,11 @@ class BatonServiceStub:
                 request_serializer=baton_dot_v1_dot_api__pb2.WatchRunRequest.SerializeToString,
                 response_deserializer=baton_dot_v1_dot_api__pb2.RunEvent.FromString,
                 _registered_method=True)
+        self.WatchRuns = channel.unary_stream(
+                '/baton.v1.BatonService/WatchRuns',
+                request_serializer=baton_dot_v1_dot_api__pb2.WatchRunsRequest.SerializeToString,
+                response_deserializer=baton_dot_v1_dot_api__pb2.RunEvent.FromString,
+                _registered_method=True)
         self.GetLogs = channel.unary_stream(
                 '/baton.v1.BatonService/GetLogs',
                 request_serializer=baton_dot_v1_dot_api__pb2.GetLogsRequest.SerializeToString,
@@ -351,6 +356,15 @@ class BatonServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRuns(self, request, context):
+        """Streams the events of every run as they are committed, from the moment of the
+        call (nothing from before it): for live lists of runs. A client that reconnects
+        lists the runs again (ListRuns), then follows from there.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetLogs(self, request, context):
         """Streams attempt output: one step's (latest or given attempt), or the whole run's.
         With `follow`, keeps streaming until the step or run has ended.
@@ -517,6 +531,11 @@ def add_BatonServiceServicer_to_server(servicer, server):
             'WatchRun': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchRun,
                     request_deserializer=baton_dot_v1_dot_api__pb2.WatchRunRequest.FromString,
+                    response_serializer=baton_dot_v1_dot_api__pb2.RunEvent.SerializeToString,
+            ),
+            'WatchRuns': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRuns,
+                    request_deserializer=baton_dot_v1_dot_api__pb2.WatchRunsRequest.FromString,
                     response_serializer=baton_dot_v1_dot_api__pb2.RunEvent.SerializeToString,
             ),
             'GetLogs': grpc.unary_stream_rpc_method_handler(
@@ -1128,6 +1147,33 @@ class BatonService:
             target,
             '/baton.v1.BatonService/WatchRun',
             baton_dot_v1_dot_api__pb2.WatchRunRequest.SerializeToString,
+            baton_dot_v1_dot_api__pb2.RunEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/baton.v1.BatonService/WatchRuns',
+            baton_dot_v1_dot_api__pb2.WatchRunsRequest.SerializeToString,
             baton_dot_v1_dot_api__pb2.RunEvent.FromString,
             options,
             channel_credentials,
