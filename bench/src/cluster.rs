@@ -24,6 +24,8 @@ pub struct Cluster {
     pub url: String,
     pub addr: SocketAddr,
     pub metrics: SocketAddr,
+    /// The dashboard's address.
+    pub http: SocketAddr,
     pub db: String,
     pub controller: Child,
     pub agents: Vec<Child>,
@@ -57,11 +59,13 @@ impl Cluster {
         };
         let addr = free_addr()?;
         let metrics = free_addr()?;
-        let controller = spawn_controller(addr, metrics, &db, heartbeat, pipeline, dir.path())?;
+        let http = free_addr()?;
+        let controller = spawn_controller(addr, [metrics, http], &db, heartbeat, pipeline, dir.path())?;
         let mut c = Cluster {
             url: format!("http://{addr}"),
             addr,
             metrics,
+            http,
             db,
             controller,
             agents: Vec::new(),
@@ -108,7 +112,7 @@ impl Cluster {
         let t0 = std::time::Instant::now();
         self.controller = spawn_controller(
             self.addr,
-            self.metrics,
+            [self.metrics, self.http],
             &self.db,
             self.heartbeat,
             self.pipeline,
@@ -205,9 +209,10 @@ fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
     Ok(std::fs::File::create(dir.join(format!("{name}.log")))?)
 }
 
+/// A controller process; `http`: its metrics port and its dashboard's.
 fn spawn_controller(
     addr: SocketAddr,
-    metrics: SocketAddr,
+    [metrics, http]: [SocketAddr; 2],
     db: &str,
     heartbeat: Duration,
     pipeline: bool,
@@ -221,6 +226,8 @@ fn spawn_controller(
             &addr.to_string(),
             "--metrics-listen",
             &metrics.to_string(),
+            "--http-listen",
+            &http.to_string(),
             "--db",
             db,
         ])

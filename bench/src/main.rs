@@ -4,10 +4,12 @@
 //!
 //! ```text
 //! cargo run --release -p baton-bench -- [b1 b2 b3 b4 b8 b9 b10 b5 b6 idle] [--backend sqlite|postgres]
+//! cargo run --release -p baton-bench -- --dashboard
 //! ```
 
 mod cluster;
 mod compare;
+mod dashboard;
 mod scale;
 mod scenarios;
 
@@ -46,6 +48,10 @@ struct Args {
     /// steps, as a table and a PNG chart at this path.
     #[arg(long)]
     scale: Option<std::path::PathBuf>,
+    /// Instead of the scenarios, B11: the dashboard in headless Chromium (drawing runs of
+    /// 2,000 and 10,000 steps; output reaching the open page).
+    #[arg(long)]
+    dashboard: bool,
     /// The `baton` CLI for the end-to-end times of B1–B3 (`baton submit FILE --watch`);
     /// default: `baton` next to this binary (`cargo build --release -p baton`).
     #[arg(long)]
@@ -61,6 +67,8 @@ enum Role {
         listen: std::net::SocketAddr,
         #[arg(long)]
         metrics_listen: std::net::SocketAddr,
+        #[arg(long)]
+        http_listen: std::net::SocketAddr,
         #[arg(long)]
         db: String,
         #[arg(long, value_parser = baton_common::time::parse_duration)]
@@ -99,12 +107,22 @@ fn main() -> anyhow::Result<()> {
     };
     rt.block_on(async move {
         match args.role {
-            Some(Role::Controller { listen, metrics_listen, db, heartbeat_interval, no_pipeline }) => {
+            Some(Role::Controller {
+                listen,
+                metrics_listen,
+                http_listen,
+                db,
+                heartbeat_interval,
+                no_pipeline,
+            }) => {
                 let listener = tokio::net::TcpListener::bind(listen).await?;
                 let metrics = std::net::TcpListener::bind(metrics_listen)?;
                 metrics.set_nonblocking(true)?;
+                let http = std::net::TcpListener::bind(http_listen)?;
+                http.set_nonblocking(true)?;
                 let mut config = baton_controller::Config::new(db);
                 config.metrics = Some(metrics);
+                config.http = Some(http);
                 config.engine.heartbeat_interval = heartbeat_interval;
                 config.engine.pipeline = !no_pipeline;
                 baton_controller::run(listener, config, CancellationToken::new()).await?;
@@ -150,6 +168,7 @@ fn main() -> anyhow::Result<()> {
                     baton,
                 };
                 match &args.scale {
+                    _ if args.dashboard => dashboard::run(&opts).await,
                     Some(chart) => scale::run(&opts, chart).await,
                     None => scenarios::run_all(&chosen, &opts).await,
                 }

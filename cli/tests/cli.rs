@@ -204,6 +204,13 @@ async fn dev_runs_the_example_and_prints_a_summary() {
         assert!(line.contains("succeeded"), "{line}");
     }
     assert!(out.stdout.contains("succeeded in"), "{}", out.stdout);
+    // It says where the run's page is on the dashboard.
+    let url = out
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("dashboard: http://127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no dashboard URL:\n{}", out.stderr));
+    assert!(url.contains("/runs/"), "{url}");
 
     let dir = tempfile::tempdir().unwrap();
     let failing = write(

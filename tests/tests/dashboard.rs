@@ -174,6 +174,13 @@ async fn roles_are_enforced_by_the_server() {
     assert_eq!(status, 404, "the dashboard's API has no SubmitRun: {body}");
     let (status, _) = http_request(sb.http_addr, "GET", "/", None, "").await;
     assert_eq!(status, 200, "the page itself holds no data and loads for anyone");
+    // The port shares the probes and the metrics, on the same terms as --metrics-listen.
+    let (status, _) = http_request(sb.http_addr, "GET", "/readyz", None, "").await;
+    assert_eq!(status, 200);
+    let (status, _) = http_request(sb.http_addr, "GET", "/metrics", None, "").await;
+    assert_eq!(status, 401);
+    let (status, body) = http_request(sb.http_addr, "GET", "/metrics", Some(&reader), "").await;
+    assert!(status == 200 && body.contains("baton_runs"), "{status} {body}");
 
     let Some(b) = Browser::start().await else { return };
     b.goto(&format!("{}/runs/{run_id}", sb.dashboard_url())).await;
@@ -295,4 +302,78 @@ steps:
     b.find("tr[data-breaker^='shell/']").await;
     b.screenshot("breakers").await;
     b.close().await;
+}
+
+/// The run's page follows the run across a restart of the controller: its event stream
+/// reconnects from the last sequence number it saw and the page reaches the run's end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_resumes_its_streams_after_the_controller_restarts() {
+    let mut sb = Sandbox::builder().agents(1).build().await;
+    let Some(b) = Browser::start().await else { return };
+    let mut c = sb.client().await;
+    let gate = sb.dir.path().join("gate");
+    let run_id = sb.submit(&gated(&gate)).await;
+    wait_event(&mut c, &run_id, LONG, |e| e.kind == "attempt_started" && e.step_id == "talk").await;
+    b.goto(&format!("{}/runs/{run_id}", sb.dashboard_url())).await;
+    b.until("the page to be live", "return document.getElementById('live').textContent === 'live'").await;
+    b.eval("window.__sameLoad = true; return true").await;
+    b.click("[data-node='talk']").await;
+    b.until(
+        "the output so far",
+        "const l = document.getElementById('log'); return !!l && l.textContent.includes('second')",
+    )
+    .await;
+
+    sb.stop_controller().await;
+    b.until(
+        "the page to see the drop",
+        "return document.getElementById('live').textContent === 'reconnecting'",
+    )
+    .await;
+    sb.restart_controller().await;
+    // Printed once the controller is back: the page's streams must have reconnected
+    // to show it.
+    std::fs::write(&gate, "open").unwrap();
+    b.until(
+        "every node to show succeeded",
+        "return [...document.querySelectorAll('#graph [data-node]')].every(n => n.dataset.state === 'succeeded')",
+    )
+    .await;
+    b.until(
+        "the rest of the output, once",
+        "return document.getElementById('log').textContent === 'first line\\nsecond  line\\nafter the gate\\n'",
+    )
+    .await;
+    assert_eq!(
+        b.eval("return window.__sameLoad === true").await,
+        serde_json::json!(true),
+        "the page reloaded"
+    );
+    b.close().await;
+}
+
+/// With TLS on the API port, the dashboard's port serves HTTPS with the same
+/// certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_port_speaks_tls_when_the_api_does() {
+    let sb = Sandbox::builder().agents(0).tls().build().await;
+    let certs = sb.certs.clone().unwrap();
+    let Ok(out) = std::process::Command::new("curl")
+        .args(["-sS", "--http1.1", "--cacert"])
+        .arg(certs.join("ca.pem"))
+        .arg(format!("{}/healthz", sb.dashboard_url()))
+        .output()
+    else {
+        eprintln!("SKIPPED: curl is not installed");
+        return;
+    };
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
+    // Plain HTTP gets no page: the port wants a TLS handshake.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(sb.http_addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut answer)).await;
+    assert!(!answer.starts_with(b"HTTP/1.1 200"), "plain HTTP was answered on a TLS port");
 }

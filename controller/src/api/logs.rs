@@ -8,6 +8,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+use crate::api::ApiError;
 use crate::logs::FOLLOW_POLL;
 use crate::store::{AttemptRow, Store, StoreError};
 
@@ -77,7 +78,11 @@ impl Follow {
             // on its way to the store.
             last_round = done;
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                // Not the end of the output: a follower must be told to come back.
+                _ = shutdown.cancelled() => {
+                    let _ = tx.send(Err(ApiError::unavailable("the controller is shutting down").into())).await;
+                    return;
+                }
                 _ = tx.closed() => return,
                 _ = tokio::time::sleep(FOLLOW_POLL) => {}
                 r = live.recv() => {

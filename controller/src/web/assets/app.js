@@ -570,8 +570,15 @@ function runView(main, runId) {
     runId = run.id;
     state.run = run;
     state.steps = new Map(run.steps.map((s) => [s.id, s]));
-    if (!state.lastSeq) state.lastSeq = Number(run.last_seq || 0);
+    const first = !state.lastSeq;
+    if (first) state.lastSeq = Number(run.last_seq || 0);
     renderAll();
+    // A user timing mark once the first drawing is on screen (the frame after it was
+    // laid out and painted), with how long fetching the run took.
+    if (first) {
+      const fetchMs = state.fetchMs;
+      requestAnimationFrame(() => setTimeout(() => performance.mark('baton:run-drawn', { detail: { fetchMs } })));
+    }
     return true;
   }
   // A refetch for what events do not carry (attempts, timings): at most once a second,
@@ -584,7 +591,7 @@ function runView(main, runId) {
     renderGraph();
     renderGantt();
     renderPanel();
-    document.body.dataset.rendered = String(Math.round(performance.now() - t0));
+    performance.measure('baton:render', { start: t0 });
   }
 
   function renderHead() {
@@ -778,7 +785,13 @@ function runView(main, runId) {
     put(legend, 
       ...Object.entries(counts).map(([k, v]) => el('span', {}, badge(k), ' ', String(v))),
       state.openGroups.size ? el('button', { type: 'button', onclick: () => { state.openGroups.clear(); renderGraph(); } }, 'Collapse groups') : null,
-      folded ? el('span', { class: 'muted' }, `${state.run.steps.length} steps: shown by layer; click a layer to open it`) : null);
+      folded ? el('span', { class: 'muted' }, `${state.run.steps.length} steps: shown by layer; click a layer to open it`) : null,
+      folded && state.openLayer !== null ? el('button', { type: 'button', onclick: () => { state.openLayer = null; renderGraph(); } }, `Close layer ${state.openLayer + 1}`) : null);
+    if (folded && state.openLayer !== null) {
+      // Bring the opened layer into view.
+      const first = nodes.find((n) => n.id !== 'layer:' + state.openLayer && depth.has(n.id) && !n.id.startsWith('layer:'));
+      if (first) graphBox.scrollLeft = Math.max(0, xy(first.id)[0] - 40);
+    }
   }
 
   function renderGantt() {
