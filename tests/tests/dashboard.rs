@@ -120,11 +120,35 @@ async fn a_submitted_run_appears_live_its_graph_has_every_step_and_its_output_fo
         "return document.querySelectorAll('#gantt rect.att').length === 3",
     )
     .await;
+    // A chain: every step is on the critical path.
+    b.until(
+        "the critical path to be marked",
+        "return document.querySelectorAll('#graph .node.critical').length === 3",
+    )
+    .await;
     b.screenshot("run").await;
 
     b.goto(&format!("{}/agents", sb.dashboard_url())).await;
     b.find("tr[data-agent='agent-1']").await;
     b.screenshot("agents").await;
+    b.click("tr[data-agent='agent-2'] [data-action='drain']").await;
+    b.click("#confirm-ok").await;
+    let c = sb.client().await;
+    eventually(LONG, "agent-2 to drain", || {
+        let mut c = c.clone();
+        async move {
+            let agents =
+                c.list_agents(baton_common::pb::ListAgentsRequest {}).await.ok()?.into_inner().agents;
+            agents.iter().any(|a| a.name == "agent-2" && a.draining).then_some(())
+        }
+    })
+    .await;
+    b.until(
+        "the page to show it draining",
+        "return !!document.querySelector(\"tr[data-agent='agent-2'] [data-action='undrain']\")",
+    )
+    .await;
+
     b.close().await;
 }
 
