@@ -368,6 +368,7 @@ function runsView(main) {
       el('thead', {}, el('tr', {}, ['Run', 'Workstream', 'State', 'Submitted', 'Duration', 'Progress'].map((h) => el('th', {}, h)))),
       body));
   const rows = new Map(); // run id → { run, tr }
+  const dirty = new Set();
 
   function rowOf(run) {
     const tr = el('tr', { class: 'clickable', 'data-run': run.id, onclick: (e) => {
@@ -454,7 +455,15 @@ function runsView(main) {
       reload();
       return;
     }
-    fillRow(row.tr, row.run);
+    // Rows are redrawn once per frame, however many events arrived: a run of thousands
+    // of steps sends thousands of events.
+    dirty.add(row);
+    if (dirty.size === 1) {
+      requestAnimationFrame(() => {
+        for (const r of dirty) fillRow(r.tr, r.run);
+        dirty.clear();
+      });
+    }
   }, { onOpen: load });
   return { stop: () => feed.stop() };
 }
