@@ -1039,7 +1039,8 @@ impl Agent {
         }
         let agent_name = self.cfg.name.clone();
         let link = self.transfer.subscribe();
-        let (inputs, globs) = (req.inputs.clone(), req.artifacts.clone());
+        let (inputs, mut globs) = (req.inputs.clone(), req.artifacts.clone());
+        let optional = req.optional_artifacts.clone();
         let events = self.events_tx.clone();
         let stream_to = self.events_tx.clone();
         let stream_ref = r.clone();
@@ -1118,6 +1119,8 @@ impl Agent {
                             }
                             Ok(_) => {
                                 let mut outcome = adapter.run(ctx).await;
+                                // The files the controller wants if the tool made them.
+                                globs.extend(optional.iter().filter(|f| work.join(f).is_file()).cloned());
                                 if outcome.succeeded && !globs.is_empty() {
                                     match artifacts::upload(&link, &stop_, &ref_, &globs, &work).await {
                                         Ok(infos) => stored = infos,

@@ -22,13 +22,24 @@ named_enum!(
         AgentLost => "agent_lost",
         ToolError => "tool_error",
         Canceled => "canceled",
+        MergeConflict => "merge_conflict",
     }
 );
 
 impl FailureClass {
     /// The classes a tool's failure can have, which policies may name (`canceled` is
     /// the controller's own doing, never retried nor counted).
-    pub const REPORTED: &'static [FailureClass] =
+    pub const REPORTED: &'static [FailureClass] = &[
+        FailureClass::NonzeroExit,
+        FailureClass::Timeout,
+        FailureClass::AgentLost,
+        FailureClass::ToolError,
+        FailureClass::MergeConflict,
+    ];
+
+    /// The classes retried by default: all a tool reports but a merge conflict, which
+    /// the same merge would meet again.
+    pub const RETRIED: &'static [FailureClass] =
         &[FailureClass::NonzeroExit, FailureClass::Timeout, FailureClass::AgentLost, FailureClass::ToolError];
 
     /// `REPORTED` as a list for messages: `nonzero_exit, timeout, ...`.

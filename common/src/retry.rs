@@ -32,7 +32,7 @@ impl Default for RetryPolicy {
             max_ms: 60_000,
             multiplier: 2.0,
             jitter: 0.2,
-            retry_on: FailureClass::REPORTED.to_vec(),
+            retry_on: FailureClass::RETRIED.to_vec(),
             fail_fast_exit_codes: Vec::new(),
             max_agent_lost: 3,
         }

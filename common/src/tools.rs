@@ -9,8 +9,18 @@ use serde_json::{Map, Value};
 use crate::outcome::FailureClass;
 
 /// Every tool a step may name.
-pub const KNOWN_TOOLS: &[&str] =
-    &["shell", "python", "aider", "noop", "echo", "sleep", "fail", "wait_for", crate::approval::TOOL];
+pub const KNOWN_TOOLS: &[&str] = &[
+    "shell",
+    "python",
+    "aider",
+    "git_merge",
+    "noop",
+    "echo",
+    "sleep",
+    "fail",
+    "wait_for",
+    crate::approval::TOOL,
+];
 
 pub fn is_known(tool: &str) -> bool {
     KNOWN_TOOLS.contains(&tool)
@@ -52,15 +62,34 @@ pub fn check_input(tool: &str, with: &Map<String, Value>) -> Result<(), String> 
             }
         }
         "aider" => {
-            only_keys(with, &["prompt", "files", "model", "repo", "extra_args"])?;
+            only_keys(with, &["prompt", "files", "model", "repo", "base", "isolate", "extra_args"])?;
             if !with.contains_key("prompt") {
                 return Err("aider needs with.prompt".into());
             }
             string(with, "prompt", true)?;
             string(with, "model", true)?;
             string(with, "repo", true)?;
+            string(with, "base", true)?;
+            match with.get("isolate") {
+                None => {}
+                Some(Value::String(s)) if s == "worktree" || s == "none" || is_expr(s) => {}
+                Some(_) => return Err("with.isolate must be worktree or none".into()),
+            }
             string_list(with, "files", false)?;
             string_list(with, "extra_args", false)
+        }
+        "git_merge" => {
+            only_keys(with, &["repo", "target", "base", "commits", "message"])?;
+            for key in ["repo", "target", "commits"] {
+                if !with.contains_key(key) {
+                    return Err(format!("git_merge needs with.{key}"));
+                }
+            }
+            string(with, "repo", true)?;
+            string(with, "target", true)?;
+            string(with, "base", true)?;
+            string(with, "message", true)?;
+            string_list(with, "commits", true)
         }
         "noop" => only_keys(with, &[]),
         "echo" => Ok(()),

@@ -175,6 +175,7 @@ pub async fn run(
             None
         }
     };
+    config.engine.keeps_artifacts = artifact_store.is_some();
     // `stop` ends everything: a shutdown request, or (SQLite) the engine failing.
     let stop = shutdown.child_token();
     // Every task that outlives a call is tracked: the controller waits for them before

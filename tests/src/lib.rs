@@ -959,11 +959,13 @@ pub fn agent_process_with_env(
     extra: &[&str],
     envs: &[(&str, &str)],
 ) -> Process {
-    let mut args: Vec<String> = ["--controller", url, "--name", name, "--slots", "1", "--work-dir"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let mut args: Vec<String> =
+        ["--controller", url, "--name", name, "--work-dir"].iter().map(|s| s.to_string()).collect();
     args.push(dir.join(name).display().to_string());
+    // One slot unless `extra` says how many.
+    if !extra.contains(&"--slots") {
+        args.extend(["--slots".to_string(), "1".to_string()]);
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut all = vec![("RUST_LOG", "info")];
     all.extend_from_slice(envs);

@@ -586,20 +586,28 @@ async fn a_controller_back_within_stop_after_adopts_what_its_agents_run(backend:
     // a controller that restarts sooner adopts them, and no attempt is added. (One that
     // takes longer finds them stopped: see an_agent_cut_off_from_the_controller_stops_its_tools.)
     let mut engine = fast_engine();
-    // On Postgres the new controller first waits out the old one's lease (2s).
-    engine.stop_after = Duration::from_secs(4);
-    engine.lost_after = Duration::from_secs(5);
-    engine.failover_grace = Duration::from_secs(8);
+    // On Postgres the new controller first waits out the old one's lease (2s); the
+    // restart must fit in stop_after, with room for a loaded machine.
+    engine.stop_after = Duration::from_secs(10);
+    engine.lost_after = Duration::from_secs(11);
+    engine.failover_grace = Duration::from_secs(15);
     let mut sb = Sandbox::builder().backend(backend).agents(0).engine(engine).build().await;
     let _agent = agent_process(&sb.url(), "comes-back", sb.dir.path(), &[]);
     sb.wait_agents(1).await;
     let mut c = sb.client().await;
-    let id = sb.submit("name: g\nsteps:\n  - {id: s, tool: shell, with: {run: 'sleep 6'}}\n").await;
+    // The tool runs until the test opens its gate, however long the restart takes.
+    let gate = sb.dir.path().join("gate");
+    let spec = format!(
+        "name: g\nsteps:\n  - {{id: s, tool: shell, with: {{run: 'while [ ! -e {g} ]; do sleep 0.05; done'}}}}\n",
+        g = gate.display()
+    );
+    let id = sb.submit(&spec).await;
     wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "attempt_started").await;
     sb.stop_controller().await;
     sb.restart_controller().await;
     let mut c = sb.client().await;
-    wait_event(&mut c, &id, Duration::from_secs(10), |e| e.kind == "attempt_adopted").await;
+    wait_event(&mut c, &id, Duration::from_secs(30), |e| e.kind == "attempt_adopted").await;
+    std::fs::write(&gate, "").unwrap();
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
     assert_eq!(run.state_name(), "succeeded");
     let s = step(&run, "s");

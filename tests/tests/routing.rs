@@ -299,8 +299,17 @@ steps:
     let edit: serde_json::Value = serde_json::from_str(&result_text(&step(&run, "edit").result)).unwrap();
     assert_eq!(edit["changed_files"], serde_json::json!(["app.py"]), "other.py was not touched");
     assert_eq!(edit["exit_code"], 0);
-    let app = std::fs::read_to_string(repo.join("app.py")).unwrap();
+    // The edit is on the attempt's branch, committed; the repository's files are as
+    // they were.
+    let commit = edit["commit"].as_str().expect("a commit");
+    let shown = std::process::Command::new("git")
+        .args(["show", &format!("{commit}:app.py")])
+        .current_dir(&repo)
+        .output()
+        .unwrap();
+    let app = String::from_utf8_lossy(&shown.stdout);
     assert!(app.ends_with("# aider (default): set VERSION to 1.1.0\n"), "{app}");
+    assert_eq!(std::fs::read_to_string(repo.join("app.py")).unwrap(), "VERSION = '1.0.0'\n");
     let tail = &step(&run, "edit").attempts[0].output_tail;
     assert!(
         tail.contains("--message=set VERSION to 1.1.0 --yes-always --no-auto-commits -- app.py"),

@@ -3,6 +3,8 @@
 
 mod aider;
 mod builtin;
+mod git;
+mod git_merge;
 mod process;
 mod python;
 mod shell;
@@ -21,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use aider::Aider;
 pub use builtin::{Echo, Fail, Noop, Sleep};
+pub use git_merge::GitMerge;
 pub use python::Python;
 pub use shell::Shell;
 pub use wait_for::WaitFor;
@@ -116,6 +119,7 @@ pub fn all() -> Vec<Arc<dyn Adapter>> {
         Arc::new(Shell),
         Arc::new(Python),
         Arc::new(Aider),
+        Arc::new(GitMerge),
         Arc::new(Noop),
         Arc::new(Echo),
         Arc::new(Sleep),

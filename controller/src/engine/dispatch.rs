@@ -440,6 +440,7 @@ impl Model {
                 .map(|i| pb::StepInputs { from_step: i.from.clone(), patterns: i.artifacts.clone() })
                 .collect(),
             artifacts: spec.artifacts.clone(),
+            optional_artifacts: optional_artifacts(&step_tool, spec, self.cfg.keeps_artifacts),
         };
         // Work for a free slot goes out at once, and so does a pipelined attempt (it
         // must be there before its predecessors end); a queue top-up for a busy agent
@@ -777,6 +778,17 @@ pub(super) fn output_of(
         .map(|&j| template::output_value(r, run.step_id(j), name, run.steps[j].result.as_deref()))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Value::Array(values))
+}
+
+/// The files an attempt uploads if it made them: an isolated aider attempt's patch,
+/// when this controller keeps artifacts.
+fn optional_artifacts(tool: &str, spec: &baton_common::spec::StepSpec, keeps: bool) -> Vec<String> {
+    let isolated = spec.with.get("isolate").and_then(|v| v.as_str()) != Some("none");
+    if keeps && tool == "aider" && isolated && spec.with.contains_key("repo") {
+        vec!["baton.patch".to_string()]
+    } else {
+        Vec::new()
+    }
 }
 
 #[cfg(test)]

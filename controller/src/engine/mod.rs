@@ -83,6 +83,9 @@ pub struct EngineConfig {
     /// Assign a step ahead of time to the agent that runs all its unfinished
     /// dependencies, to start there when they succeed (see `pipeline`).
     pub pipeline: bool,
+    /// Whether this controller keeps artifacts (then an isolated aider attempt's patch
+    /// is kept as one).
+    pub keeps_artifacts: bool,
 }
 
 impl Default for EngineConfig {
@@ -102,6 +105,7 @@ impl Default for EngineConfig {
             secrets: None,
             redact_env: baton_common::redact::DEFAULT_ENV_PATTERNS.iter().map(|p| p.to_string()).collect(),
             pipeline: true,
+            keeps_artifacts: false,
         }
     }
 }

@@ -249,12 +249,12 @@ enum Packet {
     Up {
         agent: usize,
         session: u64,
-        msg: Up,
+        msg: Box<Up>,
     },
     Down {
         agent: usize,
         session: u64,
-        msg: Down,
+        msg: Box<Down>,
     },
     /// The controller sees a stream end.
     Closed {
@@ -478,7 +478,7 @@ impl Sim {
                 Effect::Send { session, msg } => {
                     self.check_sent(&msg)?;
                     if let Some(&agent) = self.sessions.get(&session) {
-                        self.send(Packet::Down { agent, session, msg });
+                        self.send(Packet::Down { agent, session, msg: Box::new(msg) });
                     }
                 }
                 Effect::Close { session } => {
@@ -569,7 +569,7 @@ impl Sim {
         if let Some(session) = a.session
             && a.alive
         {
-            self.send(Packet::Up { agent, session, msg });
+            self.send(Packet::Up { agent, session, msg: Box::new(msg) });
         }
     }
 
@@ -734,7 +734,7 @@ impl Sim {
                     return Ok(());
                 }
                 let agent_id = self.agents[agent].id.clone();
-                self.input(Input::Agent { agent_id, session, msg })
+                self.input(Input::Agent { agent_id, session, msg: *msg })
             }
             Packet::Closed { agent, session } => {
                 if self.sessions.remove(&session).is_some() {
@@ -748,7 +748,7 @@ impl Sim {
                 if !a.alive || a.session != Some(session) {
                     return Ok(());
                 }
-                self.on_down(agent, msg);
+                self.on_down(agent, *msg);
                 Ok(())
             }
         }

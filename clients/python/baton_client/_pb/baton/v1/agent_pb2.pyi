@@ -214,7 +214,7 @@ class Welcome(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., adopted: _Optional[_Iterable[str]] = ..., abandon: _Optional[_Iterable[str]] = ..., stop_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., fence_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., idle_heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ExecutionRequest(_message.Message):
-    __slots__ = ("tool", "input", "env", "timeout", "kill_grace", "max_output_bytes", "redact", "traceparent", "render", "values", "inputs", "artifacts")
+    __slots__ = ("tool", "input", "env", "timeout", "kill_grace", "max_output_bytes", "redact", "traceparent", "render", "values", "inputs", "artifacts", "optional_artifacts")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +234,7 @@ class ExecutionRequest(_message.Message):
     VALUES_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONAL_ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     tool: str
     input: _struct_pb2.Struct
     env: _containers.ScalarMap[str, str]
@@ -246,7 +247,8 @@ class ExecutionRequest(_message.Message):
     values: _struct_pb2.Struct
     inputs: _containers.RepeatedCompositeFieldContainer[StepInputs]
     artifacts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, tool: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., kill_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_output_bytes: _Optional[int] = ..., redact: _Optional[_Iterable[str]] = ..., traceparent: _Optional[str] = ..., render: _Optional[bool] = ..., values: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[StepInputs, _Mapping]]] = ..., artifacts: _Optional[_Iterable[str]] = ...) -> None: ...
+    optional_artifacts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tool: _Optional[str] = ..., input: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., kill_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_output_bytes: _Optional[int] = ..., redact: _Optional[_Iterable[str]] = ..., traceparent: _Optional[str] = ..., render: _Optional[bool] = ..., values: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[StepInputs, _Mapping]]] = ..., artifacts: _Optional[_Iterable[str]] = ..., optional_artifacts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Assign(_message.Message):
     __slots__ = ("attempt", "number", "request", "after")

@@ -64,6 +64,7 @@ class FailureClass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FAILURE_CLASS_AGENT_LOST: _ClassVar[FailureClass]
     FAILURE_CLASS_TOOL_ERROR: _ClassVar[FailureClass]
     FAILURE_CLASS_CANCELED: _ClassVar[FailureClass]
+    FAILURE_CLASS_MERGE_CONFLICT: _ClassVar[FailureClass]
 
 class AgentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -128,6 +129,7 @@ FAILURE_CLASS_TIMEOUT: FailureClass
 FAILURE_CLASS_AGENT_LOST: FailureClass
 FAILURE_CLASS_TOOL_ERROR: FailureClass
 FAILURE_CLASS_CANCELED: FailureClass
+FAILURE_CLASS_MERGE_CONFLICT: FailureClass
 AGENT_STATE_UNSPECIFIED: AgentState
 AGENT_STATE_CONNECTED: AgentState
 AGENT_STATE_DISCONNECTED: AgentState

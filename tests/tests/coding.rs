@@ -1,0 +1,206 @@
+//! Coding workstreams: aider steps in worktrees of their own on branches of their own,
+//! their commits and patches, a retry from a clean base, and merges that meet
+//! conflicts. `aider` is the stand-in in tests/fixtures/bin (no LLM is reachable).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use baton_tests::*;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(["-c", "user.email=t@t", "-c", "user.name=t"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A repository with two files on `main`, and a clean work tree.
+fn repo(dir: &Path) -> std::path::PathBuf {
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("a.py"), "A = 1\n").unwrap();
+    std::fs::write(repo.join("b.py"), "B = 1\n").unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "."]);
+    git(&repo, &["commit", "-qm", "init"]);
+    repo
+}
+
+fn step<'a>(run: &'a proto::Run, id: &str) -> &'a proto::Step {
+    run.steps.iter().find(|s| s.id == id).unwrap_or_else(|| panic!("no step {id}"))
+}
+
+fn result(run: &proto::Run, id: &str) -> serde_json::Value {
+    serde_json::from_str(&result_text(&step(run, id).result)).unwrap()
+}
+
+async fn coder(sb: &Sandbox) -> Process {
+    let path = path_with_fixtures();
+    let p = agent_process_with_env(&sb.url(), "coder", sb.dir.path(), &["--slots", "4"], &[("PATH", &path)]);
+    sb.wait_agents(1).await;
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_coding_steps_work_in_worktrees_of_their_own_and_leave_commits() {
+    let sb = Sandbox::builder().agents(0).build().await;
+    let _coder = coder(&sb).await;
+    let repo = repo(sb.dir.path());
+    let head = git(&repo, &["rev-parse", "HEAD"]);
+    let spec = format!(
+        r#"name: code
+steps:
+  - {{id: left, tool: aider, with: {{prompt: "edit a", files: [a.py], repo: "{r}", base: main}}}}
+  - {{id: right, tool: aider, with: {{prompt: "edit b", files: [b.py], repo: "{r}"}}, env: {{STANDIN_COST: "0.25"}}}}
+"#,
+        r = repo.display()
+    );
+    let mut c = sb.client().await;
+    let run_id = sb.submit(&spec).await;
+    let run = wait_run(&mut c, &run_id, LONG).await;
+    assert_eq!(run.state_name(), "succeeded", "{run:#?}");
+    // Both ran at once, each in its own worktree.
+    let (l, r) = (&step(&run, "left").attempts[0], &step(&run, "right").attempts[0]);
+    let overlap = |a: &proto::Attempt, b: &proto::Attempt| {
+        ms(&a.started_at) < ms(&b.finished_at) && ms(&b.started_at) < ms(&a.finished_at)
+    };
+    assert!(overlap(l, r), "the two steps did not run at the same time");
+
+    let left = result(&run, "left");
+    assert_eq!(left["branch"], format!("baton/{run_id}/left/1"));
+    assert_eq!(left["base_commit"], head.trim());
+    assert_eq!(left["changed_files"], serde_json::json!(["a.py"]));
+    assert_eq!(left["changes"], serde_json::json!([{"path": "a.py", "added": 1, "removed": 0}]));
+    assert_eq!(left["baton_tokens"], 2450);
+    assert_eq!(result(&run, "right")["baton_cost_usd"], 0.25);
+    // The commits are on their branches, each with only its own file changed.
+    for (id, file, other) in [("left", "a.py", "b.py"), ("right", "b.py", "a.py")] {
+        let res = result(&run, id);
+        let commit = res["commit"].as_str().unwrap();
+        let branch = res["branch"].as_str().unwrap();
+        assert_eq!(git(&repo, &["rev-parse", branch]).trim(), commit);
+        let shown = git(&repo, &["show", &format!("{commit}:{file}")]);
+        assert!(shown.ends_with(&format!("# aider (default): edit {}\n", &file[..1])), "{shown}");
+        assert_eq!(git(&repo, &["diff", "--name-only", head.trim(), commit]).trim(), file);
+        assert!(!git(&repo, &["show", &format!("{commit}:{other}")]).contains("aider"));
+        let message = git(&repo, &["log", "-1", "--format=%an %s", commit]);
+        assert_eq!(message.trim(), format!("Baton baton: run {run_id} step {id} attempt 1"));
+        // The patch is kept as an artifact of the step.
+        assert!(
+            step(&run, id).artifacts.iter().any(|a| a.path == "baton.patch"),
+            "{:?}",
+            step(&run, id).artifacts
+        );
+    }
+    // The repository's own work tree is as it was, and no worktree is left behind.
+    assert_eq!(git(&repo, &["status", "--porcelain"]), "");
+    assert_eq!(git(&repo, &["rev-parse", "HEAD"]), head);
+    assert_eq!(git(&repo, &["worktree", "list"]).lines().count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_starts_from_the_base_not_from_the_failed_attempts_edits() {
+    let sb = Sandbox::builder().agents(0).build().await;
+    let _coder = coder(&sb).await;
+    let repo = repo(sb.dir.path());
+    let mark = sb.dir.path().join("mark");
+    let spec = format!(
+        r#"name: retry
+steps:
+  - id: edit
+    tool: aider
+    retry: {{max_attempts: 2, backoff: {{initial: 10ms}}}}
+    env: {{STANDIN_MARK: "{m}"}}
+    with: {{prompt: "edit a", files: [a.py], model: flaky, repo: "{r}"}}
+"#,
+        r = repo.display(),
+        m = mark.display()
+    );
+    let mut c = sb.client().await;
+    let run_id = sb.submit(&spec).await;
+    let run = wait_run(&mut c, &run_id, LONG).await;
+    assert_eq!(run.state_name(), "succeeded", "{run:#?}");
+    let edit = step(&run, "edit");
+    assert_eq!(edit.attempts.len(), 2);
+    assert_eq!(edit.attempts[0].state_name(), "failed");
+    let res = result(&run, "edit");
+    assert_eq!(res["branch"], format!("baton/{run_id}/edit/2"));
+    let a = git(&repo, &["show", &format!("{}:a.py", res["commit"].as_str().unwrap())]);
+    assert_eq!(a, "A = 1\n# aider (flaky): edit a\n", "one edit: the failed attempt's is gone");
+    // The failed attempt's branch is gone with its edits.
+    assert!(!git(&repo, &["branch", "--list"]).contains(&format!("baton/{run_id}/edit/1")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merges_go_onto_the_target_in_order_and_a_conflict_fails_with_its_paths() {
+    let sb = Sandbox::builder().agents(0).build().await;
+    let _coder = coder(&sb).await;
+    let repo = repo(sb.dir.path());
+    let main = git(&repo, &["rev-parse", "main"]);
+    let spec = format!(
+        r#"name: integrate
+on_failure: continue
+steps:
+  - {{id: one, tool: aider, with: {{prompt: "one", files: [a.py], repo: "{r}"}}}}
+  - {{id: two, tool: aider, with: {{prompt: "two", files: [b.py], repo: "{r}"}}}}
+  - {{id: clash, tool: aider, with: {{prompt: "clash", files: [a.py], repo: "{r}"}}}}
+  - id: merge
+    tool: git_merge
+    needs: [one, two]
+    with: {{repo: "{r}", target: integration, base: main, commits: ["${{{{ steps.one.outputs.commit }}}}", "${{{{ steps.two.outputs.commit }}}}"]}}
+  - id: conflict
+    tool: git_merge
+    needs: [merge, clash]
+    with: {{repo: "{r}", target: integration, commits: ["${{{{ steps.clash.outputs.commit }}}}"]}}
+"#,
+        r = repo.display()
+    );
+    let mut c = sb.client().await;
+    let run_id = sb.submit(&spec).await;
+    let run = wait_run(&mut c, &run_id, LONG).await;
+    assert_eq!(run.state_name(), "failed");
+    let merge = step(&run, "merge");
+    assert_eq!(merge.state_name(), "succeeded", "{:?} {:?}", merge.reason, merge.attempts);
+
+    let merged = result(&run, "merge");
+    let tip = merged["commit"].as_str().unwrap();
+    assert_eq!(git(&repo, &["rev-parse", "integration"]).trim(), tip);
+    let a = git(&repo, &["show", "integration:a.py"]);
+    let b = git(&repo, &["show", "integration:b.py"]);
+    assert!(a.ends_with("# aider (default): one\n") && b.ends_with("# aider (default): two\n"), "{a}{b}");
+    assert_eq!(git(&repo, &["rev-parse", "main"]), main, "main did not move");
+
+    let conflict = step(&run, "conflict");
+    assert_eq!(conflict.state_name(), "failed");
+    assert_eq!(conflict.attempts.len(), 1, "a merge conflict is not retried by default");
+    assert_eq!(class_name(&conflict.attempts[0]), "merge_conflict");
+    assert!(
+        conflict.attempts[0].error.contains("merge conflict") && conflict.attempts[0].error.contains("a.py")
+    );
+    // The failed attempt's result names the paths.
+    let res: serde_json::Value = serde_json::from_str(&result_text(&conflict.attempts[0].result)).unwrap();
+    assert_eq!(res["conflicts"], serde_json::json!(["a.py"]));
+    assert_eq!(
+        git(&repo, &["rev-parse", "integration"]).trim(),
+        tip,
+        "a conflict leaves the target as it was"
+    );
+    assert_eq!(git(&repo, &["status", "--porcelain"]), "");
+
+    // A target checked out in a work tree is refused rather than moved under it.
+    let spec = format!(
+        "name: m\nsteps:\n  - {{id: m, tool: git_merge, with: {{repo: \"{r}\", target: main, commits: [\"{tip}\"]}}}}\n",
+        r = repo.display()
+    );
+    let run = wait_run(&mut c, &sb.submit(&spec).await, LONG).await;
+    let m = &step(&run, "m").attempts[0];
+    assert_eq!(class_name(m), "tool_error");
+    assert!(m.error.contains("main is checked out at"), "{}", m.error);
+}
