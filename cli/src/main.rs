@@ -288,6 +288,13 @@ enum RunsCommand {
     Release {
         /// The run's id.
         run: String,
+        /// A new cost budget in dollars (a run held for passing its budget needs one
+        /// above what it has cost).
+        #[arg(long, value_name = "USD")]
+        raise_budget: Option<f64>,
+        /// A new token budget.
+        #[arg(long, value_name = "N")]
+        raise_tokens: Option<u64>,
         #[command(flatten)]
         out: OutputArg,
     },
@@ -1360,8 +1367,10 @@ async fn runs(target: &client::Target, cmd: RunsCommand) -> Result<u8, Failure> 
         RunsCommand::Reject { run, step, comment, out } => {
             decide(&mut c, run, step, false, comment, Vec::new(), out.format()).await?;
         }
-        RunsCommand::Release { run, out } => {
-            let resp = c.release_run(pb::ReleaseRunRequest { run_id: run }).await?.into_inner();
+        RunsCommand::Release { run, raise_budget, raise_tokens, out } => {
+            let req =
+                pb::ReleaseRunRequest { run_id: run, max_cost_usd: raise_budget, max_tokens: raise_tokens };
+            let resp = c.release_run(req).await?.into_inner();
             match out.format() {
                 Format::Text => {
                     out!("run {} released; it is {}", resp.run_id, output::run_state(resp.state))

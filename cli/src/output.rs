@@ -190,6 +190,9 @@ pub fn run(format: Format, run: &pb::Run) {
     if run.priority != 0 {
         out!("Priority:   {}", run.priority);
     }
+    if let Some(cost) = cost_line(run) {
+        out!("Cost:       {cost}");
+    }
     if !run.rerun_of.is_empty() {
         out!("Rerun of:   {}", run.rerun_of);
     }
@@ -536,6 +539,24 @@ pub fn tokens(format: Format, tokens: &[pb::TokenInfo]) {
         })
         .collect();
     table(&["NAME", "ROLE", "STATE", "CREATED", "EXPIRES", "CREATED BY", "ID"], rows);
+}
+
+/// "$3.10 of $5.00, 4900 tokens": what a run's attempts reported and its budget; `None`
+/// when it reported nothing and has no budget.
+pub fn cost_line(run: &pb::Run) -> Option<String> {
+    let b = run.budget.as_ref();
+    if run.cost_usd == 0.0 && run.tokens == 0 && b.is_none() {
+        return None;
+    }
+    let mut text = format!("${:.2}", run.cost_usd);
+    if let Some(max) = b.and_then(|b| b.max_cost_usd) {
+        text.push_str(&format!(" of ${max:.2}"));
+    }
+    text.push_str(&format!(", {} tokens", run.tokens));
+    if let Some(max) = b.and_then(|b| b.max_tokens) {
+        text.push_str(&format!(" of {max}"));
+    }
+    Some(text)
 }
 
 #[cfg(test)]

@@ -44,6 +44,54 @@ pub struct Workstream {
     /// (it may read params only) are active at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<RunConcurrency>,
+    /// `budget:` of the whole run: what its attempts may report in cost and tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
+}
+
+/// `budget: {max_cost_usd: 5, max_tokens: 2000000}`: limits on the cost and tokens
+/// attempts report (their `baton_cost_usd` and `baton_tokens` outputs, which the aider
+/// adapter fills from aider's usage). Past one, the run is quarantined.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_usd: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+}
+
+impl Budget {
+    /// A `budget:` value, checked: numbers, positive, at least one limit.
+    pub fn parse(v: Value) -> Result<Budget, String> {
+        let b: Budget = serde_json::from_value(v)
+            .map_err(|e| format!("budget: {e} (expected {{max_cost_usd: N, max_tokens: N}})"))?;
+        if b.max_cost_usd.is_none() && b.max_tokens.is_none() {
+            return Err("budget: give max_cost_usd, max_tokens or both".into());
+        }
+        if b.max_cost_usd.is_some_and(|c| !c.is_finite() || c <= 0.0) {
+            return Err("budget.max_cost_usd must be a positive number".into());
+        }
+        if b.max_tokens == Some(0) {
+            return Err("budget.max_tokens must be at least 1".into());
+        }
+        Ok(b)
+    }
+
+    /// What passes the budget, in words ("$5.02 of $5.00"), if anything does.
+    pub fn exceeded(&self, cost_usd: f64, tokens: u64) -> Option<String> {
+        if let Some(max) = self.max_cost_usd
+            && cost_usd > max
+        {
+            return Some(format!("${cost_usd:.2} of ${max:.2}"));
+        }
+        if let Some(max) = self.max_tokens
+            && tokens > max
+        {
+            return Some(format!("{tokens} tokens of {max}"));
+        }
+        None
+    }
 }
 
 /// A workstream's `concurrency: {key: "deploy-${{ params.env }}", limit: 1,
@@ -163,6 +211,9 @@ pub struct StepSpec {
     /// across every run of the controller.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<Concurrency>,
+    /// `budget:` of the step: what its attempts together may report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
 }
 
 /// A step's `concurrency: {key: "deploy-${{ params.env }}", limit: 1}`.
@@ -325,6 +376,7 @@ struct RawWorkstream {
     retain: Option<Value>,
     params: Option<BTreeMap<String, Value>>,
     concurrency: Option<Value>,
+    budget: Option<Value>,
     steps: Option<Vec<RawStep>>,
 }
 
@@ -388,6 +440,7 @@ struct RawStep {
     /// `{from: STEP, artifacts: [...]}` or a list of them.
     inputs: Option<Value>,
     concurrency: Option<Value>,
+    budget: Option<Value>,
 }
 
 /// `needs: a` or `needs: [a, b]`.
@@ -722,6 +775,14 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
         }
     };
 
+    let budget = match raw.budget.clone().map(Budget::parse).transpose() {
+        Ok(b) => b,
+        Err(e) => {
+            c.push(None, e);
+            None
+        }
+    };
+
     let mut secret_params = std::collections::BTreeSet::new();
     let params: Option<BTreeMap<String, Option<String>>> = raw.params.as_ref().map(|p| {
         p.iter()
@@ -939,6 +1000,13 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
                     None
                 }
             },
+            budget: match rs.budget.map(Budget::parse).transpose() {
+                Ok(b) => b,
+                Err(e) => {
+                    c.push(here, e);
+                    None
+                }
+            },
         };
         if rs.max_parallel == Some(0) {
             c.push(here, "max_parallel must be at least 1");
@@ -1044,6 +1112,7 @@ fn validate(source: &str, text: &str, raw: RawWorkstream) -> Result<Workstream, 
             secret_params,
             steps,
             concurrency,
+            budget,
         })
     } else {
         Err(SpecError { origin: source.to_string(), problems: c.problems })
@@ -2152,6 +2221,32 @@ mod concurrency_tests {
         assert!(err("{limit: 2}").contains("missing field `key`"));
         assert!(err("{key: x, lmit: 2}").contains("unknown field `lmit`"));
         assert!(err("{key: '${{ secrets.t }}'}").contains("concurrency.key: a key may not read secrets"));
+    }
+
+    #[test]
+    fn budgets_are_kept_and_checked_naming_the_step() {
+        let ws = parse(
+            "b.yaml",
+            "name: b\nbudget: {max_cost_usd: 5, max_tokens: 2000000}\nsteps:\n  - {id: d, tool: noop, budget: {max_cost_usd: 0.5}}\n",
+        )
+        .unwrap();
+        assert_eq!(ws.budget, Some(Budget { max_cost_usd: Some(5.0), max_tokens: Some(2_000_000) }));
+        assert_eq!(ws.steps[0].budget, Some(Budget { max_cost_usd: Some(0.5), max_tokens: None }));
+        let err = |b: &str| {
+            parse("b.yaml", &format!("name: b\nsteps:\n  - {{id: d, tool: noop, budget: {b}}}\n"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            err("{max_cost_usd: -1}").contains(r#"step "d": budget.max_cost_usd must be a positive number"#)
+        );
+        assert!(err("{max_tokens: 0}").contains("budget.max_tokens must be at least 1"));
+        assert!(err("{}").contains("budget: give max_cost_usd, max_tokens or both"));
+        assert!(err("{max_usd: 1}").contains("unknown field `max_usd`"));
+        let b = Budget { max_cost_usd: Some(5.0), max_tokens: Some(100) };
+        assert_eq!(b.exceeded(5.02, 0).as_deref(), Some("$5.02 of $5.00"));
+        assert_eq!(b.exceeded(5.0, 101).as_deref(), Some("101 tokens of 100"));
+        assert_eq!(b.exceeded(5.0, 100), None);
     }
 
     #[test]

@@ -52,6 +52,11 @@ pub struct RunInfo {
     pub params: BTreeMap<String, String>,
     /// Who submitted the run.
     pub submitted_by: String,
+    /// What its attempts reported in cost (dollars) and tokens, and its budget.
+    pub cost_usd: f64,
+    pub tokens: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<baton_common::spec::Budget>,
 }
 
 #[derive(Debug, Serialize)]
@@ -243,6 +248,9 @@ pub fn build(rec: &RunRecord, events: &[EventRow]) -> Report {
             duration_ms: start.zip(rec.run.finished_at).map(|(a, b)| b - a),
             params: crate::api::convert::shown_params(&rec.run.params),
             submitted_by,
+            cost_usd: rec.run.cost_micros as f64 / 1e6,
+            tokens: rec.run.tokens.max(0) as u64,
+            budget: crate::api::convert::budget(&rec.run),
         },
         summary: Summary {
             steps: rec.steps.len(),
@@ -319,6 +327,18 @@ pub fn to_json(r: &Report) -> String {
     serde_json::to_string_pretty(r).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
+/// "$3.10 of $5.00, 4900 tokens", or `None` for a run that reported nothing and has no
+/// budget.
+fn cost_text(run: &RunInfo) -> Option<String> {
+    if run.cost_usd == 0.0 && run.tokens == 0 && run.budget.is_none() {
+        return None;
+    }
+    let b = run.budget.unwrap_or_default();
+    let of_cost = b.max_cost_usd.map(|m| format!(" of ${m:.2}")).unwrap_or_default();
+    let of_tokens = b.max_tokens.map(|m| format!(" of {m}")).unwrap_or_default();
+    Some(format!("${:.2}{of_cost}, {} tokens{of_tokens}", run.cost_usd, run.tokens))
+}
+
 pub fn to_markdown(r: &Report) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "# Run {} — {}\n", r.run.id, r.run.workstream);
@@ -341,6 +361,9 @@ pub fn to_markdown(r: &Report) -> String {
         r.summary.quarantines,
         r.summary.rejected_reports
     );
+    if let Some(cost) = cost_text(&r.run) {
+        let _ = writeln!(o, "- **Cost:** {cost}");
+    }
     if !r.run.params.is_empty() {
         let p: Vec<String> = r.run.params.iter().map(|(k, v)| format!("`{k}={v}`")).collect();
         let _ = writeln!(o, "- **Parameters:** {}", p.join(" "));
@@ -447,6 +470,9 @@ th{{background:#f1f4f8}}.state-succeeded,.state-reused{{color:#17803d}}.state-fa
         r.summary.breaker_trips,
         r.summary.quarantines
     );
+    if let Some(cost) = cost_text(&r.run) {
+        let _ = writeln!(o, "<p>Cost: <b>{}</b></p>", esc(&cost));
+    }
     if !r.run.reason.is_empty() {
         let _ = writeln!(o, "<p><b>Reason:</b> {}</p>", esc(&r.run.reason));
     }

@@ -116,6 +116,11 @@ pub struct Placement {
     /// service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<u32>,
+    /// A key of the step's `with` (`model`) whose value splits `max_concurrent`: each
+    /// value gets its own count (key `tool TOOL model VALUE`), as each model of an LLM
+    /// API has its own rate limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_per: Option<String>,
 }
 
 fn is_auto(s: &Strategy) -> bool {
@@ -218,6 +223,7 @@ struct RawRule {
     env: BTreeMap<String, String>,
     timeout: Option<String>,
     max_concurrent: Option<u32>,
+    max_concurrent_per: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -280,6 +286,14 @@ impl Router {
             if r.max_concurrent == Some(0) {
                 return Err(bad("max_concurrent must be at least 1".into()));
             }
+            if let Some(per) = &r.max_concurrent_per {
+                if r.max_concurrent.is_none() {
+                    return Err(bad("max_concurrent_per needs max_concurrent".into()));
+                }
+                if per.is_empty() || !per.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(bad(format!("max_concurrent_per must name a key of with, not {per:?}")));
+                }
+            }
             let timeout_ms = match &r.timeout {
                 None => None,
                 Some(t) => Some(
@@ -301,6 +315,7 @@ impl Router {
                     strategy: r.strategy,
                     agents: r.agents,
                     max_concurrent: r.max_concurrent,
+                    max_concurrent_per: r.max_concurrent_per,
                 },
                 with: r.with,
                 env: r.env,
@@ -460,6 +475,14 @@ mod tests {
         assert_eq!(
             e(r#"{"rules": [{"match": {"kind": "a"}, "max_concurrent": 0}]}"#),
             "rule 0: max_concurrent must be at least 1"
+        );
+        assert_eq!(
+            e(r#"{"rules": [{"match": {"kind": "a"}, "max_concurrent_per": "model"}]}"#),
+            "rule 0: max_concurrent_per needs max_concurrent"
+        );
+        assert_eq!(
+            e(r#"{"rules": [{"match": {"kind": "a"}, "max_concurrent": 1, "max_concurrent_per": "a.b"}]}"#),
+            "rule 0: max_concurrent_per must name a key of with, not \"a.b\""
         );
         assert!(e("{").starts_with("invalid router config"));
     }

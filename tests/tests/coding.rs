@@ -41,6 +41,19 @@ fn result(run: &proto::Run, id: &str) -> serde_json::Value {
     serde_json::from_str(&result_text(&step(run, id).result)).unwrap()
 }
 
+/// `baton ARGS` against the sandbox's controller: its stdout (it must succeed).
+async fn run_cli(sb: &Sandbox, args: &[&str]) -> String {
+    let out = tokio::process::Command::new(binary("baton"))
+        .arg("--controller")
+        .arg(sb.url())
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "baton {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 async fn coder(sb: &Sandbox) -> Process {
     let path = path_with_fixtures();
     let p = agent_process_with_env(&sb.url(), "coder", sb.dir.path(), &["--slots", "4"], &[("PATH", &path)]);
@@ -99,6 +112,14 @@ steps:
             step(&run, id).artifacts
         );
     }
+    // The controller counts what the attempts reported.
+    let (_, metrics) = http_request(sb.metrics_addr, "GET", "/metrics", None, "").await;
+    let value = |name: &str| {
+        metrics.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    assert_eq!(value("baton_tokens_total{tool=\"aider\"}"), Some(4900.0), "{metrics}");
+    let cost = value("baton_cost_usd_total{tool=\"aider\"}").unwrap();
+    assert!((cost - 0.26).abs() < 1e-9, "{cost}");
     // The repository's own work tree is as it was, and no worktree is left behind.
     assert_eq!(git(&repo, &["status", "--porcelain"]), "");
     assert_eq!(git(&repo, &["rev-parse", "HEAD"]), head);
@@ -203,4 +224,109 @@ steps:
     let m = &step(&run, "m").attempts[0];
     assert_eq!(class_name(m), "tool_error");
     assert!(m.error.contains("main is checked out at"), "{}", m.error);
+}
+
+/// A router rule caps concurrent aider steps per model: each model's steps take turns,
+/// while steps of another model run beside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_rule_caps_aider_steps_per_model() {
+    let router =
+        r#"{"rules": [{"match": {"tool": "aider"}, "max_concurrent": 1, "max_concurrent_per": "model"}]}"#;
+    let sb = Sandbox::builder().agents(0).router(router).build().await;
+    let _coder = coder(&sb).await;
+    let mut spec = String::from("name: models\nsteps:\n");
+    for (i, model) in ["alpha", "alpha", "beta", "beta"].iter().enumerate() {
+        spec.push_str(&format!(
+            "  - {{id: s{i}, tool: aider, env: {{STANDIN_SLEEP: '0.5'}}, with: {{prompt: p, model: {model}}}}}\n"
+        ));
+    }
+    let mut c = sb.client().await;
+    let run_id = sb.submit(&spec).await;
+    let waiting = eventually(LONG, "a step waiting for its model's turn", || {
+        let mut c = c.clone();
+        let id = run_id.clone();
+        async move {
+            get_run(&mut c, &id).await.steps.iter().map(|s| s.reason.clone()).find(|r| r.contains("model"))
+        }
+    })
+    .await;
+    assert!(waiting.contains("concurrency key tool aider model "), "{waiting}");
+    let run = wait_run(&mut c, &run_id, LONG).await;
+    assert_eq!(run.state_name(), "succeeded", "{run:#?}");
+    let span = |id: &str| {
+        let a = &step(&run, id).attempts[0];
+        (ms(&a.started_at), ms(&a.finished_at))
+    };
+    let overlap = |x: (i64, i64), y: (i64, i64)| x.0 < y.1 && y.0 < x.1;
+    assert!(!overlap(span("s0"), span("s1")), "two alpha steps ran at once");
+    assert!(!overlap(span("s2"), span("s3")), "two beta steps ran at once");
+    let across = [("s0", "s2"), ("s0", "s3"), ("s1", "s2"), ("s1", "s3")];
+    assert!(across.iter().any(|(a, b)| overlap(span(a), span(b))), "alpha and beta never ran side by side");
+}
+
+/// Steps report $3 and $3 against a budget of $5: the run is held with the reason, its
+/// running coding step is stopped, and a release with a raised budget finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_past_its_budget_is_quarantined_and_resumes_with_a_raised_budget() {
+    let mut sb = Sandbox::builder().agents(0).build().await;
+    let _coder = coder(&sb).await;
+    let gate = sb.dir.path().join("gate");
+    let spec = format!(
+        r#"name: spend
+budget: {{max_cost_usd: 5}}
+steps:
+  - {{id: slow, tool: aider, env: {{STANDIN_GATE: "{g}"}}, with: {{prompt: p}}}}
+  - {{id: a, tool: echo, with: {{baton_cost_usd: 3, baton_tokens: 1000}}}}
+  - {{id: b, needs: a, tool: echo, with: {{baton_cost_usd: 3}}}}
+  - {{id: c, needs: [b, slow], tool: noop}}
+"#,
+        g = gate.display()
+    );
+    let mut c = sb.client().await;
+    let run_id = sb.submit(&spec).await;
+    let held = wait_event(&mut c, &run_id, LONG, |e| e.kind == "run_quarantined").await;
+    assert_eq!(held.message, "budget exceeded: $6.00 of $5.00");
+    let run = get_run(&mut c, &run_id).await;
+    assert_eq!(run.state_name(), "quarantined");
+    assert_eq!((run.cost_usd, run.tokens), (6.0, 1000));
+    assert_eq!(run.budget.as_ref().and_then(|b| b.max_cost_usd), Some(5.0));
+    assert_eq!(step(&run, "b").cost_usd, 3.0);
+    // The coding step that was running is stopped, and nothing new started.
+    let slow = step(&run, "slow");
+    assert_eq!(slow.state_name(), "failed");
+    assert_eq!(slow.attempts[0].state_name(), "canceled");
+    assert_eq!(step(&run, "c").state_name(), "waiting");
+    let shown = run_cli(&sb, &["runs", "show", &run_id]).await;
+    assert!(shown.contains("Cost:       $6.00 of $5.00, 1000 tokens"), "{shown}");
+    // Kept with the run: a restarted controller knows what it cost.
+    sb.restart_controller().await;
+    let mut c = sb.client().await;
+    let run = get_run(&mut c, &run_id).await;
+    assert_eq!((run.state_name(), run.cost_usd, run.tokens), ("quarantined", 6.0, 1000));
+
+    // Released as it is, it would go over again at once: refused.
+    let err = c
+        .release_run(proto::ReleaseRunRequest { run_id: run_id.clone(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("is over its budget ($6.00 of $5.00)"), "{}", err.message());
+    std::fs::write(&gate, "").unwrap();
+    let released = run_cli(&sb, &["runs", "release", &run_id, "--raise-budget", "10"]).await;
+    assert!(released.contains("released"), "{released}");
+    let run = wait_run(&mut c, &run_id, LONG).await;
+    assert_eq!(run.state_name(), "succeeded", "{run:#?}");
+    assert_eq!(step(&run, "slow").attempts.len(), 2, "the stopped coding step ran again");
+    assert_eq!(run.budget.as_ref().and_then(|b| b.max_cost_usd), Some(10.0));
+    assert!((run.cost_usd - 6.01).abs() < 1e-9, "{}", run.cost_usd);
+    let report = c
+        .get_report(proto::GetReportRequest {
+            run_id: run_id.clone(),
+            format: proto::ReportFormat::Markdown as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .content;
+    assert!(report.contains("- **Cost:** $6.01 of $10.00, 3450 tokens"), "{report}");
 }

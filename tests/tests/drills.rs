@@ -1021,7 +1021,9 @@ async fn seeded_partitions_and_agent_kills_lose_nothing_and_run_nothing_twice_at
         match get_run(&mut c, &run).await.state_name() {
             "succeeded" | "failed" | "canceled" => break,
             "quarantined" => {
-                c.release_run(proto::ReleaseRunRequest { run_id: run.clone() }).await.expect("release");
+                c.release_run(proto::ReleaseRunRequest { run_id: run.clone(), ..Default::default() })
+                    .await
+                    .expect("release");
                 releases.fetch_add(1, Ordering::SeqCst);
             }
             _ => {}
@@ -1063,7 +1065,7 @@ async fn seeded_partitions_and_agent_kills_lose_nothing_and_run_nothing_twice_at
         async move {
             let r = get_run(&mut c, &run).await;
             if r.state_name() == "quarantined" {
-                c.release_run(proto::ReleaseRunRequest { run_id: run }).await.ok()?;
+                c.release_run(proto::ReleaseRunRequest { run_id: run, ..Default::default() }).await.ok()?;
                 releases.fetch_add(1, Ordering::SeqCst);
                 return None;
             }

@@ -451,12 +451,19 @@ steps:
     assert_eq!(step(&run, "after").state_name(), "waiting", "kept as it was, not skipped");
     assert_eq!(step(&run, "after").reason, "waiting for x");
     // Release: the failed step gets a fresh budget and succeeds on its second attempt.
-    let resp = c.release_run(proto::ReleaseRunRequest { run_id: id.clone() }).await.unwrap().into_inner();
+    let resp = c
+        .release_run(proto::ReleaseRunRequest { run_id: id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(resp.state_name(), "running");
     let run = wait_run(&mut c, &id, Duration::from_secs(20)).await;
     assert_eq!(run.state_name(), "succeeded");
     assert_eq!(step(&run, "x").attempts.len(), 2);
-    let err = c.release_run(proto::ReleaseRunRequest { run_id: id.clone() }).await.unwrap_err();
+    let err = c
+        .release_run(proto::ReleaseRunRequest { run_id: id.clone(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
 }
 

@@ -135,10 +135,13 @@ async fn who_released_a_quarantined_run_is_in_its_events() {
     let mut c = sb.client_as(Some(&submitter)).await;
     let id = submit(&mut c, "name: q\non_failure: quarantine\nsteps:\n  - {id: a, tool: fail}\n").await;
     wait_event(&mut c, &id, Duration::from_secs(20), |e| e.kind == "run_quarantined").await;
-    let err = c.release_run(proto::ReleaseRunRequest { run_id: id.clone() }).await.unwrap_err();
+    let err = c
+        .release_run(proto::ReleaseRunRequest { run_id: id.clone(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "a submitter may not release");
     let mut ops = sb.client_as(Some(&operator)).await;
-    ops.release_run(proto::ReleaseRunRequest { run_id: id.clone() }).await.unwrap();
+    ops.release_run(proto::ReleaseRunRequest { run_id: id.clone(), ..Default::default() }).await.unwrap();
     let released = wait_event(&mut ops, &id, Duration::from_secs(20), |e| e.kind == "run_released").await;
     assert_eq!(released.actor, "token ops");
     // The controller's own decisions name no actor.

@@ -375,9 +375,16 @@ class Run:
         returns the number of rows deleted."""
         return self._client._call("DeleteRun", pb.DeleteRunRequest(run_id=self.id)).rows
 
-    def release(self) -> int:
-        """Resumes a quarantined run; returns its state after it."""
-        return self._client._call("ReleaseRun", pb.ReleaseRunRequest(run_id=self.id)).state
+    def release(self, raise_budget: Optional[float] = None, raise_tokens: Optional[int] = None) -> int:
+        """Resumes a quarantined run, with a new cost budget in dollars and a new token
+        budget where given (a run held for passing its budget needs one above what it
+        has cost); returns its state after it."""
+        req = pb.ReleaseRunRequest(run_id=self.id)
+        if raise_budget is not None:
+            req.max_cost_usd = raise_budget
+        if raise_tokens is not None:
+            req.max_tokens = raise_tokens
+        return self._client._call("ReleaseRun", req).state
 
     def approve(self, step: str, comment: str = "", inputs: Optional[Mapping[str, Any]] = None) -> int:
         """Approves approval step ``step`` with the values its ``with.inputs`` asks for;

@@ -46,6 +46,8 @@ pub fn run(rec: RunRecord, summary: bool) -> pb::Run {
                 attempts: attempts.remove(&s.step_id).unwrap_or_default(),
                 kind: s.kind.clone(),
                 artifacts: files.remove(&s.step_id).unwrap_or_default(),
+                cost_usd: s.cost_micros as f64 / 1e6,
+                tokens: s.tokens.max(0) as u64,
             }
         })
         .collect();
@@ -72,7 +74,27 @@ pub fn run(rec: RunRecord, summary: bool) -> pb::Run {
         rerun_of: rec.run.rerun_of.clone(),
         reruns: rec.reruns.clone(),
         priority: rec.run.priority(),
+        cost_usd: rec.run.cost_micros as f64 / 1e6,
+        tokens: rec.run.tokens.max(0) as u64,
+        budget: budget(&rec.run)
+            .map(|b| pb::Budget { max_cost_usd: b.max_cost_usd, max_tokens: b.max_tokens }),
     }
+}
+
+/// A stored run's budget: its spec's, as raised by releases.
+pub fn budget(run: &RunRow) -> Option<baton_common::spec::Budget> {
+    /// The spec's `budget:` alone (the rest of a big spec is skipped, not built).
+    #[derive(serde::Deserialize)]
+    struct Only {
+        #[serde(default)]
+        budget: Option<baton_common::spec::Budget>,
+    }
+    let spec = if run.spec.contains("\"budget\"") {
+        serde_json::from_str::<Only>(&run.spec).ok().and_then(|o| o.budget)
+    } else {
+        None
+    };
+    crate::engine::budget_of(spec, run.budget_micros, run.budget_tokens)
 }
 
 pub fn attempt(a: &AttemptRow) -> pb::Attempt {

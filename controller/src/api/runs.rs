@@ -303,8 +303,24 @@ impl pb::baton_service_server::BatonService for RunApi {
         req: Request<pb::ReleaseRunRequest>,
     ) -> Result<Response<pb::ReleaseRunResponse>, Status> {
         let actor = Identity::of(&req).actor();
-        let id = self.store.resolve_run_id(&req.into_inner().run_id).await?;
-        let state = self.writer()?.release(id.clone(), actor).await?;
+        let req = req.into_inner();
+        let micros = match req.max_cost_usd {
+            None => None,
+            Some(c) if c.is_finite() && c > 0.0 && c < 1e12 => Some((c * 1e6).round() as i64),
+            Some(c) => {
+                return Err(ApiError::invalid(format!(
+                    "max_cost_usd must be a positive number of dollars, not {c}"
+                ))
+                .into());
+            }
+        };
+        let tokens = match req.max_tokens {
+            None => None,
+            Some(0) => return Err(ApiError::invalid("max_tokens must be at least 1").into()),
+            Some(t) => Some(t.min(i64::MAX as u64) as i64),
+        };
+        let id = self.store.resolve_run_id(&req.run_id).await?;
+        let state = self.writer()?.release(id.clone(), (micros, tokens), actor).await?;
         Ok(Response::new(pb::ReleaseRunResponse { run_id: id, state: state.to_pb() }))
     }
 

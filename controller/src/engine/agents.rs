@@ -404,6 +404,12 @@ impl Model {
         if outcome != AttemptState::Lost {
             self.metrics.step_duration.observe(&[&tool], duration_ms as f64 / 1000.0);
         }
+        let usage = result.as_deref().and_then(super::budgets::usage);
+        if let Some((cost, tokens)) = usage {
+            self.metrics.cost.add(&[&tool], cost);
+            self.metrics.tokens.add(&[&tool], tokens);
+            self.add_usage(&run_id, idx, cost, tokens);
+        }
         match class {
             None => {
                 self.breakers_on_result(&tool, &agent_id, None, &run_id);
@@ -426,6 +432,9 @@ impl Model {
                 self.breakers_on_result(&tool, &agent_id, Some(class), &run_id);
                 self.attempt_failed(&run_id, idx, class, &error, f.exit_code);
             }
+        }
+        if usage.is_some() {
+            self.check_budget(&run_id, idx);
         }
     }
 

@@ -218,7 +218,20 @@ impl Model {
         }
         let step = &run.steps[idx];
         if let Some(limit) = step.placement.max_concurrent {
-            keys.push((tool_key(&step.tool), limit));
+            let key = match &step.placement.max_concurrent_per {
+                None => tool_key(&step.tool),
+                Some(per) => {
+                    let value = match run.spec.steps[idx].with.get(per) {
+                        None | Some(Value::Null) => "(unset)".to_string(),
+                        Some(Value::String(s)) => {
+                            template::render_text(s, &|r| plain_value(run, idx, r, "a concurrency key"))?
+                        }
+                        Some(v) => v.to_string(),
+                    };
+                    format!("{} {per} {value}", tool_key(&step.tool))
+                }
+            };
+            keys.push((key, limit));
         }
         let mut why = None;
         for (key, limit) in &keys {

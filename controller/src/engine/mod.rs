@@ -11,6 +11,7 @@ mod admission;
 mod agents;
 mod approvals;
 mod breakers;
+mod budgets;
 mod dispatch;
 mod driver;
 mod fanout;
@@ -23,6 +24,7 @@ mod runs;
 #[cfg(test)]
 mod sim;
 mod state;
+pub use state::budget_of;
 #[cfg(test)]
 mod testkit;
 
@@ -299,8 +301,15 @@ impl EngineHandle {
         }
     }
 
-    pub async fn release(&self, run_id: String, actor: String) -> Result<RunState, EngineError> {
-        match self.ask(Input::Release { run_id, actor, reply: 0 }).await? {
+    /// Resumes a quarantined run; `budget` (millionths of a dollar, tokens) raises its
+    /// budget where given.
+    pub async fn release(
+        &self,
+        run_id: String,
+        budget: (Option<i64>, Option<i64>),
+        actor: String,
+    ) -> Result<RunState, EngineError> {
+        match self.ask(Input::Release { run_id, budget, actor, reply: 0 }).await? {
             Answer::RunState(r) => r,
             a => Err(unexpected(a)),
         }

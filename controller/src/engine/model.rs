@@ -43,8 +43,11 @@ pub(crate) enum Input {
         actor: String,
         reply: ReplyTo,
     },
+    /// Resume a quarantined run, with a new budget (millionths of a dollar, tokens)
+    /// where given.
     Release {
         run_id: String,
+        budget: (Option<i64>, Option<i64>),
         actor: String,
         reply: ReplyTo,
     },
@@ -584,9 +587,10 @@ impl Model {
                 let result = self.decide(&run_id, &step_id, decision, &actor);
                 self.pending.reply(reply, Answer::RunState(result));
             }
-            Input::Release { run_id, actor, reply } => {
+            Input::Release { run_id, budget, actor, reply } => {
                 self.pending.actor = actor;
-                let result = self.release(&run_id);
+                let result =
+                    self.raise_budget(&run_id, budget.0, budget.1).and_then(|()| self.release(&run_id));
                 self.pending.reply(reply, Answer::RunState(result));
             }
             Input::PurgeCache { workstream, key_prefix, reply } => {
@@ -1063,6 +1067,10 @@ impl Model {
                 priority: row.priority(),
                 key: None,
                 queued: row.queued != 0,
+                cost_micros: row.cost_micros,
+                tokens: row.tokens,
+                budget_micros: row.budget_micros,
+                budget_tokens: row.budget_tokens,
             };
             run.templated = super::state::templated_of(&run.spec);
             run.counts = super::state::counts_of(&run.steps.iter().map(|s| s.state).collect::<Vec<_>>());

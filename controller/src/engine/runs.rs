@@ -222,6 +222,10 @@ impl Model {
             priority,
             key: key.clone(),
             queued: false,
+            cost_micros: 0,
+            tokens: 0,
+            budget_micros: None,
+            budget_tokens: None,
         };
         let p = &mut self.pending;
         p.runs.insert(id.clone());
@@ -926,7 +930,7 @@ pub(super) fn skip_downstream(p: &mut Pending, run: &mut Run, idx: usize, why: &
 }
 
 /// Holds the run: nothing new is dispatched until an operator releases or cancels it.
-fn quarantine(p: &mut Pending, run: &mut Run, reason: &str) {
+pub(super) fn quarantine(p: &mut Pending, run: &mut Run, reason: &str) {
     if !matches!(run.state, RunState::Running | RunState::Pending) {
         return;
     }
@@ -1036,7 +1040,12 @@ mod tests {
         assert_eq!(k.run_state(&run), "quarantined");
         assert!(k.assigns(1).is_empty());
         let reply = 999;
-        k.apply(super::super::model::Input::Release { run_id: run.clone(), actor: "op".into(), reply });
+        k.apply(super::super::model::Input::Release {
+            run_id: run.clone(),
+            budget: (None, None),
+            actor: "op".into(),
+            reply,
+        });
         k.settle();
         let again = k.assigns(1);
         assert_eq!(again.len(), 1);
@@ -1326,7 +1335,7 @@ mod release_tests {
         // Rebuilt from its rows (as after a restart), it is the same held run.
         k.settle();
         assert_eq!(k.rebuilt_from(k.snapshot()).fingerprint(), k.model.fingerprint());
-        k.apply(Input::Release { run_id: run.clone(), actor: "op".into(), reply: 2 });
+        k.apply(Input::Release { run_id: run.clone(), budget: (None, None), actor: "op".into(), reply: 2 });
         k.settle();
         assert_eq!(k.assigns(4).len(), 2, "released, both steps run again: {:?}", k.events(&run));
     }

@@ -1163,7 +1163,7 @@ impl Sim {
         }
         self.log(format!("release run {run_id}"));
         let reply = self.waiter(Waiter::Other);
-        self.input(Input::Release { run_id, actor: "sim".into(), reply })
+        self.input(Input::Release { run_id, budget: (None, None), actor: "sim".into(), reply })
     }
 
     /// The controller dies: commits in flight land or not (in order), nothing else of

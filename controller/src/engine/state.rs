@@ -76,6 +76,12 @@ pub(crate) struct Run {
     pub key: Option<String>,
     /// Waiting for a slot of its key: none of its steps is queued for dispatch.
     pub queued: bool,
+    /// What its attempts reported: cost in millionths of a dollar, and tokens.
+    pub cost_micros: i64,
+    pub tokens: i64,
+    /// Its budget as raised at a release (`None`: its spec's).
+    pub budget_micros: Option<i64>,
+    pub budget_tokens: Option<i64>,
 }
 
 impl Run {
@@ -105,6 +111,10 @@ impl Run {
             no_cache: i64::from(self.no_cache),
             priority: i64::from(self.priority),
             queued: i64::from(self.queued),
+            cost_micros: self.cost_micros,
+            tokens: self.tokens,
+            budget_micros: self.budget_micros,
+            budget_tokens: self.budget_tokens,
         }
     }
 
@@ -118,7 +128,16 @@ impl Run {
             finished_at: self.finished_at,
             deadline_at: self.deadline_at,
             queued: i64::from(self.queued),
+            cost_micros: self.cost_micros,
+            tokens: self.tokens,
+            budget_micros: self.budget_micros,
+            budget_tokens: self.budget_tokens,
         }
+    }
+
+    /// Its budget: the spec's, with what a release raised.
+    pub fn budget(&self) -> Option<baton_common::spec::Budget> {
+        budget_of(self.spec.budget, self.budget_micros, self.budget_tokens)
     }
 
     /// The step named `id` among those `idx` needs, directly or not, nearest first (a
@@ -206,6 +225,8 @@ impl Run {
             needs: serde_json::to_string(&self.spec.steps[idx].needs).unwrap_or_else(|_| "[]".into()),
             kind: self.spec.steps[idx].kind.clone().unwrap_or_default(),
             route: serde_json::to_string(&*s.placement).unwrap_or_else(|_| "{}".into()),
+            cost_micros: s.cost_micros,
+            tokens: s.tokens,
         }
     }
 }
@@ -314,6 +335,28 @@ pub(crate) struct Step {
     pub attempt_ids: Vec<String>,
     /// The attempt that is live now, if any.
     pub current: Option<String>,
+    /// What its attempts reported: cost in millionths of a dollar, and tokens.
+    pub cost_micros: i64,
+    pub tokens: i64,
+}
+
+/// A spec's budget with what releases raised (millionths of a dollar, tokens).
+pub fn budget_of(
+    spec: Option<baton_common::spec::Budget>,
+    micros: Option<i64>,
+    tokens: Option<i64>,
+) -> Option<baton_common::spec::Budget> {
+    if micros.is_none() && tokens.is_none() {
+        return spec;
+    }
+    let mut b = spec.unwrap_or_default();
+    if let Some(m) = micros {
+        b.max_cost_usd = Some(m as f64 / 1e6);
+    }
+    if let Some(t) = tokens {
+        b.max_tokens = Some(t.max(0) as u64);
+    }
+    Some(b)
 }
 
 impl Step {
@@ -338,6 +381,8 @@ impl Step {
             result: None,
             attempt_ids: Vec::new(),
             current: None,
+            cost_micros: 0,
+            tokens: 0,
         }
     }
 
@@ -375,6 +420,8 @@ impl Step {
             result: row.result.clone(),
             attempt_ids: Vec::new(),
             current: None,
+            cost_micros: row.cost_micros,
+            tokens: row.tokens,
         })
     }
 }

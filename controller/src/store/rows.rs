@@ -160,6 +160,12 @@ record! {
         pub priority: i64,
         /// 1: waiting for a slot of its workstream's concurrency key.
         pub queued: i64,
+        /// What its attempts reported: cost in millionths of a dollar, and tokens.
+        pub cost_micros: i64,
+        pub tokens: i64,
+        /// Its budget as raised at a release; NULL: its spec's.
+        pub budget_micros: Option<i64>,
+        pub budget_tokens: Option<i64>,
     }
 }
 
@@ -173,6 +179,10 @@ record! {
         pub finished_at: Option<i64>,
         pub deadline_at: Option<i64>,
         pub queued: i64,
+        pub cost_micros: i64,
+        pub tokens: i64,
+        pub budget_micros: Option<i64>,
+        pub budget_tokens: Option<i64>,
     }
 }
 
@@ -190,6 +200,10 @@ impl RunRow {
         self.finished_at = s.finished_at;
         self.deadline_at = s.deadline_at;
         self.queued = s.queued;
+        self.cost_micros = s.cost_micros;
+        self.tokens = s.tokens;
+        self.budget_micros = s.budget_micros;
+        self.budget_tokens = s.budget_tokens;
     }
 }
 
@@ -222,6 +236,9 @@ record! {
         pub needs: String,
         pub kind: String,
         pub route: String,
+        /// What its attempts reported: cost in millionths of a dollar, and tokens.
+        pub cost_micros: i64,
+        pub tokens: i64,
     }
 }
 

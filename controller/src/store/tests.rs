@@ -91,6 +91,10 @@ fn run_row(id: &str, state: &str, created_at: i64) -> RunRow {
         no_cache: 0,
         priority: 0,
         queued: 0,
+        cost_micros: 0,
+        tokens: 0,
+        budget_micros: None,
+        budget_tokens: None,
     }
 }
 
@@ -103,6 +107,10 @@ fn state_of(r: &RunRow) -> RunStateRow {
         finished_at: r.finished_at,
         deadline_at: r.deadline_at,
         queued: r.queued,
+        cost_micros: r.cost_micros,
+        tokens: r.tokens,
+        budget_micros: r.budget_micros,
+        budget_tokens: r.budget_tokens,
     }
 }
 
@@ -124,6 +132,8 @@ fn step_row(run: &str, id: &str, idx: i64, state: &str) -> StepRow {
         needs: "[]".into(),
         kind: String::new(),
         route: String::new(),
+        cost_micros: 0,
+        tokens: 0,
     }
 }
 

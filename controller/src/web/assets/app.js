@@ -631,7 +631,8 @@ function runView(main, runId) {
         el('dl', {},
           el('dt', {}, 'Run'), el('dd', { id: 'run-id' }, run.id),
           el('dt', {}, 'Workstream'), el('dd', {}, run.workstream),
-          el('dt', {}, 'Priority'), el('dd', {}, String(run.priority || 0))),
+          el('dt', {}, 'Priority'), el('dd', {}, String(run.priority || 0)),
+          costText(run) ? [el('dt', {}, 'Cost'), el('dd', { id: 'run-cost' }, costText(run))] : null),
         el('dl', {},
           el('dt', {}, 'Submitted'), el('dd', {}, fmtTime(run.created_at)),
           el('dt', {}, 'Started'), el('dd', {}, fmtTime(run.started_at)),
@@ -1016,6 +1017,19 @@ function runView(main, runId) {
       if (state.logFeed) state.logFeed.stop();
     },
   };
+}
+
+/** "$3.10 of $5.00, 4900 tokens", or '' for a run that reported nothing and has no budget. */
+function costText(run) {
+  const cost = Number(run.cost_usd || 0);
+  const tokens = Number(run.tokens || 0);
+  const b = run.budget;
+  if (!cost && !tokens && !b) return '';
+  let t = '$' + cost.toFixed(2);
+  if (b && b.max_cost_usd !== undefined && b.max_cost_usd !== null) t += ' of $' + Number(b.max_cost_usd).toFixed(2);
+  t += `, ${tokens} tokens`;
+  if (b && b.max_tokens !== undefined && b.max_tokens !== null) t += ` of ${b.max_tokens}`;
+  return t;
 }
 
 function short(s, n) {

@@ -262,10 +262,14 @@ class CancelRunResponse(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ...) -> None: ...
 
 class ReleaseRunRequest(_message.Message):
-    __slots__ = ("run_id",)
+    __slots__ = ("run_id", "max_cost_usd", "max_tokens")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
-    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+    max_cost_usd: float
+    max_tokens: int
+    def __init__(self, run_id: _Optional[str] = ..., max_cost_usd: _Optional[float] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class ReleaseRunResponse(_message.Message):
     __slots__ = ("run_id", "state")
@@ -653,7 +657,7 @@ class RunSummary(_message.Message):
     def __init__(self, id: _Optional[str] = ..., workstream: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., reason: _Optional[str] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "workstream", "state", "reason", "created_at", "started_at", "finished_at", "steps", "progress", "last_seq", "params", "name", "labels", "rerun_of", "reruns", "priority")
+    __slots__ = ("id", "workstream", "state", "reason", "created_at", "started_at", "finished_at", "steps", "progress", "last_seq", "params", "name", "labels", "rerun_of", "reruns", "priority", "cost_usd", "tokens", "budget")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -677,6 +681,9 @@ class Run(_message.Message):
     RERUN_OF_FIELD_NUMBER: _ClassVar[int]
     RERUNS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
     id: str
     workstream: str
     state: RunState
@@ -693,7 +700,18 @@ class Run(_message.Message):
     rerun_of: str
     reruns: _containers.RepeatedScalarFieldContainer[str]
     priority: int
-    def __init__(self, id: _Optional[str] = ..., workstream: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., reason: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., last_seq: _Optional[int] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., rerun_of: _Optional[str] = ..., reruns: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ...) -> None: ...
+    cost_usd: float
+    tokens: int
+    budget: Budget
+    def __init__(self, id: _Optional[str] = ..., workstream: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., reason: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., last_seq: _Optional[int] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., rerun_of: _Optional[str] = ..., reruns: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ..., cost_usd: _Optional[float] = ..., tokens: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
+
+class Budget(_message.Message):
+    __slots__ = ("max_cost_usd", "max_tokens")
+    MAX_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    max_cost_usd: float
+    max_tokens: int
+    def __init__(self, max_cost_usd: _Optional[float] = ..., max_tokens: _Optional[int] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("total", "done", "steps_by_state", "percent", "elapsed", "eta")
@@ -719,7 +737,7 @@ class Progress(_message.Message):
     def __init__(self, total: _Optional[int] = ..., done: _Optional[int] = ..., steps_by_state: _Optional[_Mapping[str, int]] = ..., percent: _Optional[float] = ..., elapsed: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., eta: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("id", "state", "tool", "needs", "attempt_count", "reason", "started_at", "finished_at", "next_attempt_at", "result", "attempts", "kind", "artifacts")
+    __slots__ = ("id", "state", "tool", "needs", "attempt_count", "reason", "started_at", "finished_at", "next_attempt_at", "result", "attempts", "kind", "artifacts", "cost_usd", "tokens")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TOOL_FIELD_NUMBER: _ClassVar[int]
@@ -733,6 +751,8 @@ class Step(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: StepState
     tool: str
@@ -746,7 +766,9 @@ class Step(_message.Message):
     attempts: _containers.RepeatedCompositeFieldContainer[Attempt]
     kind: str
     artifacts: _containers.RepeatedCompositeFieldContainer[ArtifactInfo]
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[StepState, str]] = ..., tool: _Optional[str] = ..., needs: _Optional[_Iterable[str]] = ..., attempt_count: _Optional[int] = ..., reason: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., kind: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[ArtifactInfo, _Mapping]]] = ...) -> None: ...
+    cost_usd: float
+    tokens: int
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[StepState, str]] = ..., tool: _Optional[str] = ..., needs: _Optional[_Iterable[str]] = ..., attempt_count: _Optional[int] = ..., reason: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., attempts: _Optional[_Iterable[_Union[Attempt, _Mapping]]] = ..., kind: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[ArtifactInfo, _Mapping]]] = ..., cost_usd: _Optional[float] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class Attempt(_message.Message):
     __slots__ = ("id", "number", "agent_id", "agent_name", "state", "exit_code", "failure_class", "error", "assigned_at", "started_at", "finished_at", "output_tail", "result", "after")
