@@ -238,6 +238,37 @@ pub fn run(format: Format, run: &pb::Run) {
             out!("  {step}: {} ({} bytes, sha256 {})", a.path, a.size, &a.sha256[..12.min(a.sha256.len())]);
         }
     }
+    // An approval step waiting for its decision shows what it approves: the changes of
+    // the coding steps above it.
+    let waiting = StepState::AwaitingApproval.to_pb();
+    for gate in run.steps.iter().filter(|s| s.state == waiting) {
+        let diff = review(run, &gate.id);
+        if !diff.is_empty() {
+            out!();
+            out!("Review for {}:", gate.id);
+            for line in diff.lines() {
+                out!("  {line}");
+            }
+        }
+    }
+}
+
+/// The combined diff approval step `gate` of `run` shows (see `approval::review_diff`).
+pub fn review(run: &pb::Run, gate: &str) -> String {
+    let outputs: Vec<Option<serde_json::Value>> =
+        run.steps.iter().map(|s| s.result.as_ref().map(proto::json)).collect();
+    let steps: Vec<baton_common::approval::Reviewed> = run
+        .steps
+        .iter()
+        .zip(&outputs)
+        .map(|(s, o)| baton_common::approval::Reviewed {
+            id: &s.id,
+            tool: &s.tool,
+            needs: &s.needs,
+            outputs: o.as_ref(),
+        })
+        .collect();
+    baton_common::approval::review_diff(&steps, gate)
 }
 
 /// A JSON value on one line: strings bare (cut at 200 characters), the rest as JSON.

@@ -184,8 +184,73 @@ impl Approval {
     }
 }
 
+/// A step as a review reads it: its id, tool, needs and outputs.
+pub struct Reviewed<'a> {
+    pub id: &'a str,
+    pub tool: &'a str,
+    pub needs: &'a [String],
+    pub outputs: Option<&'a Value>,
+}
+
+/// What an approval step puts in front of its approver: the patches (`patch` outputs)
+/// of the coding (`aider`) steps upstream of it, in the order of `steps`, each under a
+/// line naming its step and commit. Empty when none is upstream.
+pub fn review_diff(steps: &[Reviewed], gate: &str) -> String {
+    let by_id: BTreeMap<&str, &Reviewed> = steps.iter().map(|s| (s.id, s)).collect();
+    let mut upstream = std::collections::BTreeSet::new();
+    let mut todo: Vec<&str> =
+        by_id.get(gate).map(|g| g.needs.iter().map(String::as_str).collect()).unwrap_or_default();
+    while let Some(id) = todo.pop() {
+        if upstream.insert(id)
+            && let Some(s) = by_id.get(id)
+        {
+            todo.extend(s.needs.iter().map(String::as_str));
+        }
+    }
+    let mut out = String::new();
+    for s in steps.iter().filter(|s| s.tool == "aider" && upstream.contains(s.id)) {
+        let Some(o) = s.outputs else { continue };
+        let Some(patch) = o.get("patch").and_then(Value::as_str).filter(|p| !p.is_empty()) else { continue };
+        let commit = o.get("commit").and_then(Value::as_str).unwrap_or("");
+        out.push_str(&format!("# step {} (commit {commit})\n", s.id));
+        out.push_str(patch);
+        if !patch.ends_with('\n') {
+            out.push('\n');
+        }
+        if o.get("patch_truncated").and_then(Value::as_bool) == Some(true) {
+            out.push_str("# ... the patch is cut here; the whole of it is the step's baton.patch artifact\n");
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_review_shows_the_patches_of_the_coding_steps_upstream() {
+        let (a, b, other) = (
+            serde_json::json!({"patch": "--- a/x\n+++ b/x\n+1\n", "commit": "c1"}),
+            serde_json::json!({"patch": "--- a/y\n", "commit": "c2", "patch_truncated": true}),
+            serde_json::json!({"patch": "not shown"}),
+        );
+        let none: Vec<String> = Vec::new();
+        let needs_ab = vec!["merge".to_string()];
+        let merge_needs = vec!["a".to_string(), "b".to_string()];
+        let steps = [
+            Reviewed { id: "a", tool: "aider", needs: &none, outputs: Some(&a) },
+            Reviewed { id: "b", tool: "aider", needs: &none, outputs: Some(&b) },
+            Reviewed { id: "c", tool: "aider", needs: &none, outputs: Some(&other) },
+            Reviewed { id: "merge", tool: "git_merge", needs: &merge_needs, outputs: None },
+            Reviewed { id: "gate", tool: TOOL, needs: &needs_ab, outputs: None },
+        ];
+        let d = review_diff(&steps, "gate");
+        assert_eq!(
+            d,
+            "# step a (commit c1)\n--- a/x\n+++ b/x\n+1\n# step b (commit c2)\n--- a/y\n# ... the patch is cut here; the whole of it is the step's baton.patch artifact\n"
+        );
+        assert_eq!(review_diff(&steps, "a"), "");
+    }
+
     use super::*;
 
     fn with(yaml: &str) -> Map<String, Value> {

@@ -89,6 +89,9 @@ pub struct StepReport {
     pub on_critical_path: bool,
     /// The files it left (`artifacts:`).
     pub artifacts: Vec<ArtifactReport>,
+    /// For an approval step: the combined diff of the coding steps above it.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub review: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -182,6 +185,20 @@ pub fn build(rec: &RunRecord, events: &[EventRow]) -> Report {
         });
     }
     let critical = critical_path(rec, &needs);
+    let outputs: Vec<Option<serde_json::Value>> =
+        rec.steps.iter().map(|s| s.result.as_deref().and_then(|r| serde_json::from_str(r).ok())).collect();
+    let no_needs = Vec::new();
+    let reviewed: Vec<baton_common::approval::Reviewed> = rec
+        .steps
+        .iter()
+        .zip(&outputs)
+        .map(|(s, o)| baton_common::approval::Reviewed {
+            id: &s.step_id,
+            tool: &s.tool,
+            needs: needs.get(s.step_id.as_str()).unwrap_or(&no_needs),
+            outputs: o.as_ref(),
+        })
+        .collect();
     let mut steps: Vec<StepReport> = rec
         .steps
         .iter()
@@ -202,6 +219,11 @@ pub fn build(rec: &RunRecord, events: &[EventRow]) -> Report {
                 .filter(|a| a.step_id == s.step_id)
                 .map(|a| ArtifactReport { path: a.path.clone(), size: a.size, sha256: a.sha256.clone() })
                 .collect(),
+            review: if s.tool == baton_common::approval::TOOL {
+                baton_common::approval::review_diff(&reviewed, &s.step_id)
+            } else {
+                String::new()
+            },
         })
         .collect();
     steps.sort_by_key(|s| (s.started_at_ms.unwrap_or(i64::MAX), s.id.clone()));
@@ -390,6 +412,9 @@ pub fn to_markdown(r: &Report) -> String {
             md(&s.reason)
         );
     }
+    for s in r.steps.iter().filter(|s| !s.review.is_empty()) {
+        let _ = writeln!(o, "\n## Review: {}\n\n```diff\n{}```", md(&s.id), s.review.replace("```", "` ` `"));
+    }
     let _ = writeln!(o, "\n## Attempts\n");
     let _ = writeln!(o, "| step | # | agent | start | outcome | exit | class | duration | error |");
     let _ = writeln!(o, "|---|---|---|---|---|---|---|---|---|");
@@ -504,9 +529,13 @@ th{{background:#f1f4f8}}.state-succeeded,.state-reused{{color:#17803d}}.state-fa
             esc(&s.reason)
         );
     }
+    let _ = writeln!(o, "</table>");
+    for s in r.steps.iter().filter(|s| !s.review.is_empty()) {
+        let _ = writeln!(o, "<h2>Review: {}</h2>\n<pre>{}</pre>", esc(&s.id), esc(&s.review));
+    }
     let _ = writeln!(
         o,
-        "</table>\n<h2>Attempts</h2>\n<table><tr><th>step</th><th>#</th><th>agent</th><th>start</th><th>outcome</th><th>exit</th><th>class</th><th>duration</th><th>error</th></tr>"
+        "<h2>Attempts</h2>\n<table><tr><th>step</th><th>#</th><th>agent</th><th>start</th><th>outcome</th><th>exit</th><th>class</th><th>duration</th><th>error</th></tr>"
     );
     for s in &r.steps {
         for a in &s.attempts {

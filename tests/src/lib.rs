@@ -1181,3 +1181,15 @@ pub async fn http_request(
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
 }
+
+/// A run's report in Markdown.
+pub async fn report_md(c: &mut Client, run_id: &str) -> String {
+    c.get_report(pb::GetReportRequest {
+        run_id: run_id.to_string(),
+        format: pb::ReportFormat::Markdown as i32,
+    })
+    .await
+    .expect("report")
+    .into_inner()
+    .content
+}

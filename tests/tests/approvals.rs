@@ -127,15 +127,7 @@ async fn an_approval_blocks_without_a_slot_and_records_who_approved_and_with_wha
         ("token ops", "approved by token ops: ship it")
     );
     assert!(events.iter().any(|e| e.kind == "approval_requested" && e.step_id == "gate"));
-    let report = c
-        .get_report(proto::GetReportRequest {
-            run_id: run_id.clone(),
-            format: proto::ReportFormat::Markdown as i32,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .content;
+    let report = report_md(&mut c, &run_id).await;
     assert!(report.contains("approved by token ops: ship it"), "{report}");
 
     // Deciding twice is refused.

@@ -319,14 +319,60 @@ steps:
     assert_eq!(step(&run, "slow").attempts.len(), 2, "the stopped coding step ran again");
     assert_eq!(run.budget.as_ref().and_then(|b| b.max_cost_usd), Some(10.0));
     assert!((run.cost_usd - 6.01).abs() < 1e-9, "{}", run.cost_usd);
-    let report = c
-        .get_report(proto::GetReportRequest {
-            run_id: run_id.clone(),
-            format: proto::ReportFormat::Markdown as i32,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .content;
+    let report = report_md(&mut c, &run_id).await;
     assert!(report.contains("- **Cost:** $6.01 of $10.00, 3450 tokens"), "{report}");
+}
+
+/// An approval step after coding steps is a review gate: `runs show`, the report and
+/// the dashboard show the combined diff of the coding steps above it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_review_gate_shows_the_combined_diff_of_the_coding_steps_above_it() {
+    let sb = Sandbox::builder().agents(0).build().await;
+    let _coder = coder(&sb).await;
+    let repo = repo(sb.dir.path());
+    let spec = format!(
+        r#"name: review
+steps:
+  - {{id: left, tool: aider, with: {{prompt: "edit a", files: [a.py], repo: "{r}"}}}}
+  - {{id: right, tool: aider, with: {{prompt: "edit b", files: [b.py], repo: "{r}"}}}}
+  - {{id: gate, tool: approval, needs: [left, right], with: {{message: "merge these?"}}}}
+"#,
+        r = repo.display()
+    );
+    let mut c = sb.client().await;
+    let run_id = sb.submit(&spec).await;
+    wait_event(&mut c, &run_id, LONG, |e| e.kind == "approval_requested").await;
+    let run = get_run(&mut c, &run_id).await;
+    let commit = |id: &str| result(&run, id)["commit"].as_str().unwrap().to_string();
+    let shown = run_cli(&sb, &["runs", "show", &run_id]).await;
+    let review = shown.split("Review for gate:\n").nth(1).unwrap_or_else(|| panic!("no review:\n{shown}"));
+    assert!(review.contains(&format!("  # step left (commit {})", commit("left"))), "{review}");
+    assert!(review.contains(&format!("  # step right (commit {})", commit("right"))), "{review}");
+    assert!(
+        review.contains("  +# aider (default): edit a") && review.contains("  +# aider (default): edit b"),
+        "{review}"
+    );
+    let report = report_md(&mut c, &run_id).await;
+    assert!(report.contains("## Review: gate\n\n```diff\n# step left"), "{report}");
+
+    if let Some(b) = baton_tests::browser::Browser::start().await {
+        b.goto(&format!("{}/runs/{run_id}", sb.dashboard_url())).await;
+        b.click("[data-node='gate']").await;
+        b.until(
+            "the diff to review",
+            "const r = document.getElementById('review'); return !!r && r.textContent.includes('+# aider (default): edit b')",
+        )
+        .await;
+        b.screenshot("review").await;
+        b.close().await;
+    }
+    c.decide_approval(proto::DecideApprovalRequest {
+        run_id: run_id.clone(),
+        step_id: "gate".into(),
+        approve: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(wait_run(&mut c, &run_id, LONG).await.state_name(), "succeeded");
 }

@@ -24,6 +24,9 @@ use super::{Adapter, AttemptContext, BoxFuture, Outcome, process};
 /// The file the patch of an isolated attempt is written to, in its directory.
 pub const PATCH_FILE: &str = "baton.patch";
 
+/// Most bytes of the patch kept in the step's result (`patch`) for review gates.
+const MAX_PATCH_IN_RESULT: usize = 256 * 1024;
+
 pub struct Aider;
 
 impl Adapter for Aider {
@@ -165,6 +168,18 @@ async fn isolated(ctx: AttemptContext, repo: &Path, prompt: String) -> Outcome {
     result["commit"] = json!(commit);
     result["changed_files"] = json!(names);
     result["changes"] = json!(changes);
+    // The text patch, for a review gate to show: cut at a bound (the artifact is whole).
+    if let Ok(mut text) = git::git(repo, &["diff", base_commit.as_str(), commit.as_str(), "--"]).await {
+        if text.len() > MAX_PATCH_IN_RESULT {
+            let mut cut = MAX_PATCH_IN_RESULT;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            result["patch_truncated"] = json!(true);
+        }
+        result["patch"] = json!(text);
+    }
     Outcome { exit_code, ..Outcome::success(Some(result.to_string())) }
 }
 

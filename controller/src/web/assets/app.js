@@ -912,6 +912,7 @@ function runView(main, runId) {
       actions,
       el('h2', {}, 'Attempts'),
       (s.attempts || []).length ? attempts : el('p', { class: 'muted' }, 'None yet.'),
+      s.tool === 'approval' ? reviewView(run, s.id) : null,
       s.result !== undefined && s.result !== null ? [el('h2', {}, 'Outputs'), el('pre', { class: 'json', id: 'step-outputs' }, JSON.stringify(s.result, null, 2))] : null,
       keepLog || logView(s));
   }
@@ -1017,6 +1018,42 @@ function runView(main, runId) {
       if (state.logFeed) state.logFeed.stop();
     },
   };
+}
+
+/**
+ * What an approval step puts before its approver: the patches of the coding (aider)
+ * steps above it, each under a line naming its step and commit (as `runs show` and
+ * the report show it).
+ */
+function reviewDiff(run, gateId) {
+  const byId = new Map(run.steps.map((s) => [s.id, s]));
+  const seen = new Set();
+  const todo = [...(byId.get(gateId)?.needs || [])];
+  while (todo.length) {
+    const id = todo.pop();
+    if (seen.has(id)) continue;
+    seen.add(id);
+    todo.push(...(byId.get(id)?.needs || []));
+  }
+  let out = '';
+  for (const s of run.steps) {
+    const o = s.result;
+    if (s.tool !== 'aider' || !seen.has(s.id) || !o || typeof o.patch !== 'string' || !o.patch) continue;
+    out += `# step ${s.id} (commit ${o.commit || ''})\n${o.patch}${o.patch.endsWith('\n') ? '' : '\n'}`;
+    if (o.patch_truncated) out += "# ... the patch is cut here; the whole of it is the step's baton.patch artifact\n";
+  }
+  return out;
+}
+
+function reviewView(run, gateId) {
+  const diff = reviewDiff(run, gateId);
+  if (!diff) return null;
+  const pre = el('pre', { class: 'diff', id: 'review' });
+  for (const line of diff.replace(/\n$/, '').split('\n')) {
+    const kind = line.startsWith('+') && !line.startsWith('+++') ? 'add' : line.startsWith('-') && !line.startsWith('---') ? 'del' : line.startsWith('# step') ? 'head' : '';
+    pre.append(el('span', { class: kind }, line), '\n');
+  }
+  return [el('h2', {}, 'Changes to review'), pre];
 }
 
 /** "$3.10 of $5.00, 4900 tokens", or '' for a run that reported nothing and has no budget. */
