@@ -376,3 +376,51 @@ steps:
     .unwrap();
     assert_eq!(wait_run(&mut c, &run_id, LONG).await.state_name(), "succeeded");
 }
+
+/// A repository given by URL is cloned into the agent's work dir; the branch of the
+/// coding step and the merged target are pushed back to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_given_by_url_gets_the_branches_pushed_back() {
+    let sb = Sandbox::builder().agents(0).build().await;
+    let _coder = coder(&sb).await;
+    let origin = repo(sb.dir.path());
+    let url = format!("file://{}", origin.display());
+    let spec = format!(
+        r#"name: remote
+steps:
+  - {{id: edit, tool: aider, with: {{prompt: "edit a", files: [a.py], repo: "{url}", base: main}}}}
+  - id: merge
+    tool: git_merge
+    needs: [edit]
+    with: {{repo: "{url}", target: integration, base: main, commits: ["${{{{ steps.edit.outputs.commit }}}}"]}}
+"#
+    );
+    let mut c = sb.client().await;
+    let run_id = sb.submit(&spec).await;
+    let run = wait_run(&mut c, &run_id, LONG).await;
+    assert_eq!(run.state_name(), "succeeded", "{run:#?}");
+    let edit = result(&run, "edit");
+    let branch = edit["branch"].as_str().unwrap();
+    assert_eq!(git(&origin, &["rev-parse", branch]).trim(), edit["commit"].as_str().unwrap());
+    assert_eq!(
+        git(&origin, &["rev-parse", "integration"]).trim(),
+        result(&run, "merge")["commit"].as_str().unwrap()
+    );
+    assert_eq!(git(&origin, &["status", "--porcelain"]), "", "the origin's work tree is untouched");
+    assert!(sb.dir.path().join("coder/repos").is_dir(), "the clone is kept in the agent's work dir");
+}
+
+/// A step's own budget holds the run when that step's attempts pass it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_past_its_own_budget_holds_the_run() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let mut c = sb.client().await;
+    let run_id = sb
+        .submit("name: s\nsteps:\n  - {id: a, tool: echo, budget: {max_tokens: 100}, with: {baton_tokens: 150}}\n  - {id: b, needs: a, tool: noop}\n")
+        .await;
+    let held = wait_event(&mut c, &run_id, LONG, |e| e.kind == "run_quarantined").await;
+    assert_eq!(held.message, "budget exceeded: step \"a\" 150 tokens of 100");
+    // Ready, and held: nothing more starts.
+    let b = step(&get_run(&mut c, &run_id).await, "b").clone();
+    assert_eq!((b.state_name(), b.attempts.len()), ("ready", 0), "{b:?}");
+}

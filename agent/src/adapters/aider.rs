@@ -59,16 +59,16 @@ async fn run(ctx: AttemptContext) -> Outcome {
             Ok(p) => p,
             Err(e) => return Outcome::failure(FailureClass::ToolError, e),
         },
-        None => ctx.dir.clone(),
+        None => git::Repo { dir: ctx.dir.clone(), url: None },
     };
-    let is_repo = git::is_repo(&repo).await;
+    let is_repo = git::is_repo(&repo.dir).await;
     let isolate = match ctx.input.get("isolate").and_then(Value::as_str) {
         Some("worktree") if !is_repo => {
             return Outcome::failure(
                 FailureClass::ToolError,
                 format!(
                     "with.repo {} is not a git repository: isolate: worktree needs one (or isolate: none)",
-                    repo.display()
+                    repo.dir.display()
                 ),
             );
         }
@@ -83,7 +83,7 @@ async fn run(ctx: AttemptContext) -> Outcome {
         // The default: isolated wherever git can isolate.
         None => is_repo && ctx.input.contains_key("repo"),
     };
-    if isolate { isolated(ctx, &repo, prompt).await } else { in_place(ctx, &repo, prompt).await }
+    if isolate { isolated(ctx, &repo, prompt).await } else { in_place(ctx, &repo.dir, prompt).await }
 }
 
 /// The aider command for this attempt.
@@ -114,7 +114,8 @@ async fn aider_in(ctx: AttemptContext, dir: &Path, prompt: &str) -> (Option<Outc
     }
 }
 
-async fn isolated(ctx: AttemptContext, repo: &Path, prompt: String) -> Outcome {
+async fn isolated(ctx: AttemptContext, remote: &git::Repo, prompt: String) -> Outcome {
+    let repo = remote.dir.as_path();
     let base = ctx.input.get("base").and_then(Value::as_str).unwrap_or("HEAD").to_string();
     let base_commit = match git::commit_of(repo, &base).await {
         Ok(c) => c,
@@ -155,6 +156,9 @@ async fn isolated(ctx: AttemptContext, repo: &Path, prompt: String) -> Outcome {
             return Outcome::failure(FailureClass::ToolError, format!("cannot commit aider's changes: {e}"));
         }
     };
+    if let Err(e) = remote.publish(&branch).await {
+        return Outcome::failure(FailureClass::ToolError, e);
+    }
     let changes = git::changes(repo, &base_commit, &commit).await.unwrap_or_default();
     let names: Vec<Value> = changes.iter().filter_map(|c| c.get("path").cloned()).collect();
     match git::git(repo, &["diff", "--binary", &base_commit, &commit, "--"]).await {

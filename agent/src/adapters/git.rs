@@ -56,15 +56,36 @@ fn is_url(repo: &str) -> bool {
     repo.contains("://") || (repo.contains(':') && !repo.starts_with('/') && !repo.starts_with('.'))
 }
 
-/// The repository `with.repo` names, as a directory: a path as it is; a URL as a bare
-/// clone kept in the agent's work dir (`WORK_DIR/repos`), fetched again each time.
-pub async fn open(repo: &str, attempt_dir: &Path) -> Result<PathBuf, String> {
+/// A repository a step works on.
+pub struct Repo {
+    pub dir: PathBuf,
+    /// The URL it was cloned from; `None` for a repository given by its path.
+    pub url: Option<String>,
+}
+
+impl Repo {
+    /// Makes `branch` (as it is here) the remote's too, for a repository given by URL:
+    /// the commits made in the agent's clone reach the repository the step named. A
+    /// push the remote refuses (it moved meanwhile) is an error.
+    pub async fn publish(&self, branch: &str) -> Result<(), String> {
+        let Some(url) = &self.url else { return Ok(()) };
+        let refspec = format!("refs/heads/{branch}:refs/heads/{branch}");
+        git(&self.dir, &["push", "--quiet", "origin", &refspec])
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("cannot push {branch} to {url}: {e}"))
+    }
+}
+
+/// The repository `with.repo` names: a path as it is; a URL as a bare clone kept in
+/// the agent's work dir (`WORK_DIR/repos`), fetched again each time.
+pub async fn open(repo: &str, attempt_dir: &Path) -> Result<Repo, String> {
     if !is_url(repo) {
         let path = PathBuf::from(repo);
         if !tokio::fs::metadata(&path).await.is_ok_and(|m| m.is_dir()) {
             return Err(format!("with.repo {repo} is not a directory"));
         }
-        return Ok(path);
+        return Ok(Repo { dir: path, url: None });
     }
     let root = attempt_dir.parent().and_then(Path::parent).unwrap_or(attempt_dir).join("repos");
     tokio::fs::create_dir_all(&root).await.map_err(|e| format!("{}: {e}", root.display()))?;
@@ -80,7 +101,7 @@ pub async fn open(repo: &str, attempt_dir: &Path) -> Result<PathBuf, String> {
             .await
             .map_err(|e| format!("with.repo {repo}: {e}"))?;
     }
-    Ok(clone)
+    Ok(Repo { dir: clone, url: Some(repo.to_string()) })
 }
 
 /// The commit `rev` names in `repo`.

@@ -52,10 +52,11 @@ async fn run(ctx: AttemptContext) -> Outcome {
                 .collect()
         })
         .unwrap_or_default();
-    let repo = match git::open(&repo, &ctx.dir).await {
+    let remote = match git::open(&repo, &ctx.dir).await {
         Ok(r) => r,
         Err(e) => return fail(e),
     };
+    let repo = remote.dir.clone();
     let target_ref = format!("refs/heads/{target}");
     if git::git(&repo, &["check-ref-format", &target_ref]).await.is_err() {
         return fail(format!("with.target {target:?} is not a valid branch name"));
@@ -129,6 +130,10 @@ async fn run(ctx: AttemptContext) -> Outcome {
     if let Err(e) = git::git(&repo, &["update-ref", "-m", "baton git_merge", &target_ref, &head, &old]).await
     {
         return fail(format!("cannot move {target}: {e}"));
+    }
+    drop(_guard);
+    if let Err(e) = remote.publish(&target).await {
+        return fail(e);
     }
     let result =
         json!({"target": target, "commit": head, "previous": existed.then_some(start), "merged": merged});

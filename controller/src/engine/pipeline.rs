@@ -60,9 +60,12 @@ impl Model {
         // a step with a condition, or that runs whatever happened upstream, is decided
         // when it is ready; a for_each step makes no attempt; a step's inputs are there
         // only once its predecessors' results (with their artifacts) are accepted; a
-        // concurrency key is counted at dispatch.
+        // concurrency key is counted at dispatch; a budget is checked on results, and
+        // a run held for it must start nothing more.
         let spec = &run.spec.steps[idx];
         if spec.max_parallel.is_some()
+            || run.spec.budget.is_some()
+            || run.needs[idx].iter().any(|&j| run.spec.steps[j].budget.is_some())
             || spec.condition.is_some()
             || !spec.when.is_default()
             || spec.cache.is_some()
