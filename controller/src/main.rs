@@ -234,29 +234,20 @@ async fn run() -> anyhow::Result<()> {
             every: args.prune_every,
             ..Default::default()
         },
-        http: match args.http_listen {
-            None => None,
-            Some(addr) => {
-                let l =
-                    std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
-                l.set_nonblocking(true)?;
-                Some(l)
-            }
-        },
-        metrics: match args.metrics_listen {
-            None => None,
-            Some(addr) => {
-                let l =
-                    std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
-                l.set_nonblocking(true)?;
-                Some(l)
-            }
-        },
+        http: args.http_listen.map(listen).transpose()?,
+        metrics: args.metrics_listen.map(listen).transpose()?,
     };
     let shutdown = CancellationToken::new();
     baton_common::process::cancel_on_signal(shutdown.clone());
     baton_controller::run(listener, config, shutdown).await?;
     Ok(())
+}
+
+/// A listener for a plain HTTP port (metrics, the dashboard), served by the runtime.
+fn listen(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
 }
 
 /// `baton-controller backup FILE`.

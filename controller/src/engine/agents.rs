@@ -438,6 +438,16 @@ impl Model {
         }
     }
 
+    /// Stops an attempt the controller ends (a cancel, a deadline, a budget): canceled,
+    /// its tool killed. One that has ended already is left as it is (a pipelined
+    /// attempt ends with the attempts it was to start after).
+    pub(super) fn cancel_attempt(&mut self, attempt_id: &str, reason: &str) {
+        if self.attempts.get(attempt_id).is_none_or(|a| a.state.is_terminal()) {
+            return;
+        }
+        self.close_attempt(attempt_id, AttemptState::Canceled, Some(FailureClass::Canceled), reason, true);
+    }
+
     /// Ends a live attempt: its agent slot is freed and its step has no live attempt.
     /// With `kill`, the agent is told to stop the tool.
     pub(super) fn close_attempt(

@@ -3,8 +3,7 @@
 //! (quarantined) when they pass its budget or a step's. Its running coding (`aider`)
 //! steps are stopped then, as failed: a release with a raised budget runs them again.
 
-use baton_common::outcome::FailureClass;
-use baton_common::state::{AttemptState, RunState, StepState};
+use baton_common::state::{RunState, StepState};
 
 use super::EngineError;
 use super::model::Model;
@@ -71,13 +70,7 @@ impl Model {
             if self.attempts.get(&attempt_id).is_none_or(|a| a.state.is_terminal()) {
                 continue;
             }
-            self.close_attempt(
-                &attempt_id,
-                AttemptState::Canceled,
-                Some(FailureClass::Canceled),
-                &reason,
-                true,
-            );
+            self.cancel_attempt(&attempt_id, &reason);
             if let Some(run) = self.runs.get_mut(run_id) {
                 end_step(&mut self.pending, run, i, StepState::Failed, "step_failed", &reason);
             }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use baton_common::outcome::FailureClass;
 use baton_common::retry::{Decision, Failure};
 use baton_common::spec::{OnFailure, When};
-use baton_common::state::{AttemptState, RunState, StepState};
+use baton_common::state::{RunState, StepState};
 use baton_common::time::format_duration;
 use tracing::{info, warn};
 
@@ -344,17 +344,7 @@ impl Model {
         }
         let live: Vec<String> = run.steps.iter().filter_map(|s| s.current.clone()).collect();
         for attempt_id in live {
-            // Pipelined attempts end with the attempts they were to start after.
-            if self.attempts.get(&attempt_id).is_none_or(|a| a.state.is_terminal()) {
-                continue;
-            }
-            self.close_attempt(
-                &attempt_id,
-                AttemptState::Canceled,
-                Some(FailureClass::Canceled),
-                reason,
-                true,
-            );
+            self.cancel_attempt(&attempt_id, reason);
         }
         let Some(run) = self.runs.get_mut(run_id) else {
             return Err(EngineError::RunNotFound(run_id.to_string()));
@@ -406,16 +396,7 @@ impl Model {
         let live: Vec<String> =
             expansions.iter().chain([&idx]).filter_map(|&j| run.steps[j].current.clone()).collect();
         for attempt_id in live {
-            if self.attempts.get(&attempt_id).is_none_or(|a| a.state.is_terminal()) {
-                continue;
-            }
-            self.close_attempt(
-                &attempt_id,
-                AttemptState::Canceled,
-                Some(FailureClass::Canceled),
-                &reason,
-                true,
-            );
+            self.cancel_attempt(&attempt_id, &reason);
         }
         let Some(run) = self.runs.get_mut(run_id) else {
             return Err(EngineError::RunNotFound(run_id.to_string()));
