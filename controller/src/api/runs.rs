@@ -640,14 +640,7 @@ impl pb::baton_service_server::BatonService for RunApi {
         let (tx, rx) = mpsc::channel(1024);
         self.tasks.spawn(async move {
             loop {
-                let e = tokio::select! {
-                    _ = term.cancelled() => {
-                        let _ = tx.send(Err(ApiError::unavailable("the controller is shutting down").into())).await;
-                        return;
-                    }
-                    _ = tx.closed() => return,
-                    e = live.recv() => e,
-                };
+                let Some(e) = next_live(&mut live, &term, &tx).await else { return };
                 match e {
                     Ok(p) if run_events_only && !p.event.kind.starts_with("run_") => {}
                     Ok(p) => {
@@ -660,7 +653,9 @@ impl pb::baton_service_server::BatonService for RunApi {
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
-                        let m = format!("this watcher fell {n} events behind; list the runs again and watch anew");
+                        let m = format!(
+                            "this watcher fell {n} events behind; list the runs again and watch anew"
+                        );
                         let _ = tx.send(Err(ApiError::unavailable(m).into())).await;
                         return;
                     }
@@ -855,14 +850,7 @@ impl Watch {
             }
             // Follow live until the feed skips something.
             loop {
-                let e = tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        let _ = tx.send(Err(ApiError::unavailable("the controller is shutting down").into())).await;
-                        return;
-                    }
-                    _ = tx.closed() => return,
-                    e = live.recv() => e,
-                };
+                let Some(e) = next_live(&mut live, &shutdown, &tx).await else { return };
                 match e {
                     Ok(p) if p.event.run_id != run_id || p.event.seq < next => continue,
                     Ok(p) if p.event.seq > next => break,
@@ -895,6 +883,23 @@ impl Watch {
                 }
             }
         }
+    }
+}
+
+/// The next committed event, for a stream to a client: `None` once the client has
+/// gone, or the controller is shutting down (the client is told so, to come back).
+async fn next_live<T>(
+    live: &mut broadcast::Receiver<std::sync::Arc<crate::engine::Published>>,
+    stop: &CancellationToken,
+    tx: &mpsc::Sender<Result<T, Status>>,
+) -> Option<Result<std::sync::Arc<crate::engine::Published>, broadcast::error::RecvError>> {
+    tokio::select! {
+        _ = stop.cancelled() => {
+            let _ = tx.send(Err(ApiError::unavailable("the controller is shutting down").into())).await;
+            None
+        }
+        _ = tx.closed() => None,
+        e = live.recv() => Some(e),
     }
 }
 
