@@ -707,6 +707,11 @@ pub async fn wait_event(
     }
 }
 
+/// The run's step `id`; panics naming it when the run has none.
+pub fn step<'a>(run: &'a pb::Run, id: &str) -> &'a pb::Step {
+    run.steps.iter().find(|s| s.id == id).unwrap_or_else(|| panic!("no step {id}"))
+}
+
 /// Waits until the run is final and returns it.
 pub async fn wait_run(c: &mut Client, run_id: &str, within: Duration) -> pb::Run {
     wait_event(c, run_id, within, |e| {

@@ -14,10 +14,6 @@ fn engine_with(breakers: &str) -> baton_controller::EngineConfig {
     e
 }
 
-fn step<'a>(run: &'a proto::Run, id: &str) -> &'a proto::Step {
-    run.steps.iter().find(|s| s.id == id).unwrap_or_else(|| panic!("no step {id}"))
-}
-
 async fn breakers(c: &mut Client) -> Vec<proto::Breaker> {
     c.list_breakers(proto::ListBreakersRequest {}).await.unwrap().into_inner().breakers
 }

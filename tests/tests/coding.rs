@@ -33,10 +33,6 @@ fn repo(dir: &Path) -> std::path::PathBuf {
     repo
 }
 
-fn step<'a>(run: &'a proto::Run, id: &str) -> &'a proto::Step {
-    run.steps.iter().find(|s| s.id == id).unwrap_or_else(|| panic!("no step {id}"))
-}
-
 fn result(run: &proto::Run, id: &str) -> serde_json::Value {
     serde_json::from_str(&result_text(&step(run, id).result)).unwrap()
 }

@@ -7,10 +7,6 @@ use baton_tests::*;
 
 const HELLO: &str = include_str!("../../examples/hello.yaml");
 
-fn step<'a>(run: &'a proto::Run, id: &str) -> &'a proto::Step {
-    run.steps.iter().find(|s| s.id == id).unwrap_or_else(|| panic!("no step {id}"))
-}
-
 async fn fan_out_and_join_runs_in_dependency_order_across_agents(backend: Backend) {
     let sb = Sandbox::builder().backend(backend).agents(2).slots(2).build().await;
     let mut c = sb.client().await;

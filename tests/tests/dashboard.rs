@@ -328,6 +328,54 @@ steps:
     b.close().await;
 }
 
+/// A run held for its budget is released from its page, and a failed run retried from
+/// its page: each button asks first, says what the server answered, and the run goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_and_retry_from_the_page() {
+    let sb = Sandbox::builder().agents(1).build().await;
+    let Some(b) = Browser::start().await else { return };
+    let mut c = sb.client().await;
+    let toast_says = |text: &str| {
+        format!("const t = document.getElementById('toast'); return !t.hidden && t.textContent === {text:?}")
+    };
+
+    let held = sb
+        .submit("name: held\nsteps:\n  - {id: a, tool: echo, budget: {max_tokens: 100}, with: {baton_tokens: 150}}\n  - {id: b, needs: a, tool: noop}\n")
+        .await;
+    wait_event(&mut c, &held, LONG, |e| e.kind == "run_quarantined").await;
+    b.goto(&format!("{}/runs/{held}", sb.dashboard_url())).await;
+    b.click("[data-action='release']").await;
+    b.find("#confirm[open]").await;
+    b.click("#confirm-ok").await;
+    b.until("the release to be reported done", &toast_says("Release: done")).await;
+    let run = wait_run(&mut c, &held, LONG).await;
+    assert_eq!(run.state_name(), "succeeded", "b ran after the release");
+    b.until(
+        "the page to show the run succeeded",
+        "return !!document.querySelector('.runhead [data-state=succeeded]')",
+    )
+    .await;
+
+    let gate = sb.dir.path().join("retry-gate");
+    let spec = format!(
+        "name: flaky\nsteps:\n  - {{id: f, tool: shell, with: {{run: 'test -e {}'}}}}\n",
+        gate.display()
+    );
+    let failed = sb.submit(&spec).await;
+    assert_eq!(wait_run(&mut c, &failed, LONG).await.state_name(), "failed");
+    std::fs::write(&gate, "").unwrap();
+    b.goto(&format!("{}/runs/{failed}", sb.dashboard_url())).await;
+    b.click("[data-action='retry']").await;
+    b.find("#confirm[open]").await;
+    b.click("#confirm-ok").await;
+    b.until("the retry to be reported done", &toast_says("Retry: done")).await;
+    wait_event(&mut c, &failed, LONG, |e| e.kind == "run_retried").await;
+    let run = wait_run(&mut c, &failed, LONG).await;
+    assert_eq!(run.state_name(), "succeeded");
+    assert_eq!(step(&run, "f").attempts.len(), 2, "the retry ran f again");
+    b.close().await;
+}
+
 /// The run's page follows the run across a restart of the controller: its event stream
 /// reconnects from the last sequence number it saw and the page reaches the run's end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,10 +7,6 @@ use baton_tests::on_both;
 use baton_tests::*;
 use nix::sys::signal::Signal;
 
-fn step<'a>(run: &'a proto::Run, id: &str) -> &'a proto::Step {
-    run.steps.iter().find(|s| s.id == id).unwrap_or_else(|| panic!("no step {id}"))
-}
-
 /// A shell script that fails until it has run `n` times (counted in `file`).
 fn flaky(file: &std::path::Path, n: u32) -> String {
     format!(

@@ -8,10 +8,6 @@ use std::time::Duration;
 use baton_tests::on_both;
 use baton_tests::*;
 
-fn step<'a>(run: &'a proto::Run, id: &str) -> &'a proto::Step {
-    run.steps.iter().find(|s| s.id == id).unwrap_or_else(|| panic!("no step {id}"))
-}
-
 /// How many steps of the run each agent ran.
 fn per_agent(run: &proto::Run) -> HashMap<String, usize> {
     let mut m = HashMap::new();
