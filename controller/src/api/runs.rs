@@ -644,11 +644,7 @@ impl pb::baton_service_server::BatonService for RunApi {
                 match e {
                     Ok(p) if run_events_only && !p.event.kind.starts_with("run_") => {}
                     Ok(p) => {
-                        let mut ev = convert::event(&p.event);
-                        if let Some(progress) = p.progress.as_deref() {
-                            ev.progress = Some(progress.clone());
-                        }
-                        if tx.send(Ok(ev)).await.is_err() {
+                        if tx.send(Ok(live_event(&p))).await.is_err() {
                             return;
                         }
                     }
@@ -861,11 +857,7 @@ impl Watch {
                         }
                     }
                     Ok(p) => {
-                        let mut ev = convert::event(&p.event);
-                        if let Some(progress) = p.progress.as_deref() {
-                            ev.progress = Some(progress.clone());
-                        }
-                        if tx.send(Ok(ev)).await.is_err() {
+                        if tx.send(Ok(live_event(&p))).await.is_err() {
                             return;
                         }
                         next += 1;
@@ -884,6 +876,16 @@ impl Watch {
             }
         }
     }
+}
+
+/// A committed event as a stream sends it: with its run's progress at the end of its
+/// batch when the engine published one.
+fn live_event(p: &crate::engine::Published) -> pb::RunEvent {
+    let mut ev = convert::event(&p.event);
+    if let Some(progress) = p.progress.as_deref() {
+        ev.progress = Some(progress.clone());
+    }
+    ev
 }
 
 /// The next committed event, for a stream to a client: `None` once the client has
